@@ -1,0 +1,204 @@
+"""One typed config for every stage.
+
+The pydantic models below are the single source of truth: each key has a default and a one-line
+description, unknown keys are errors (with a did-you-mean), and `configs/default.yaml` is generated
+from them (`python -m pipeline config --defaults`; a test keeps it in sync). An experiment YAML holds
+only its differences from the defaults; dotted command-line overrides (`train.epochs=3`) come last.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PipelineError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CompetitionConfig(Section):
+    name: str | None = Field(None, description="competition name; default: the DATA folder's name (names WORK and the submission)")
+    train_csv: str = Field("train.csv", description="training table inside DATA")
+    test_csv: str = Field("test.csv", description="test table inside DATA")
+    sample_submission_csv: str = Field("sample_submission.csv", description="optional; fixes submission columns and row order")
+    id_column: str | None = Field(None, description="image id/path column; null: detected (image, id, filename, ...)")
+    label_column: str | None = Field(None, description="label column of train.csv; null: the one column test.csv lacks")
+    image_dir: str = Field("", description="folder inside DATA prefixed to every id (for CSVs that hold bare ids)")
+    image_suffix: str = Field("", description="extension appended to every id, e.g. '.jpg' (for CSVs that hold bare ids)")
+    metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field("accuracy", description="competition metric used for best checkpoints and CV scores")
+    channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when every image is grayscale, else rgb")
+
+
+class CleanConfig(Section):
+    drop_exact_duplicates: bool = Field(True, description="keep one image of each group of pixel-identical training images")
+    conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
+
+
+class FoldsConfig(Section):
+    n_splits: int = Field(5, ge=2, description="number of cross-validation folds (StratifiedGroupKFold)")
+    seed: int = Field(42, description="seed of the fold shuffle; same seed, same folds")
+
+
+class ModelConfig(Section):
+    backbones: list[str] = Field(["resnet18", "efficientnet_b0"], min_length=1, description="timm model names; each is trained on every fold")
+    pretrained: bool = Field(False, description="load ImageNet weights from the hub (needs internet)")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
+
+
+class TrainConfig(Section):
+    image_size: int = Field(224, ge=8, description="images are decoded once and resized to image_size x image_size")
+    epochs: int = Field(10, ge=1, description="training epochs per fold")
+    batch_size: int = Field(64, ge=1, description="images per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup before the cosine decay, in epochs")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine schedule")
+    augment: Literal["none", "light"] = Field("light", description="training augmentation preset (light: small shifts, scales, rotations)")
+    hflip: bool = Field(True, description="random horizontal flips in training; turn off when mirror images mean something else")
+    folds: list[int] | None = Field(None, description="folds to train; null: all (other folds get no OOF rows)")
+    seed: int = Field(42, description="seed of weights init and batch order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
+    amp: bool = Field(True, description="mixed precision on cuda (ignored on cpu)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+
+
+class PredictConfig(Section):
+    tta: list[Literal["identity", "hflip"]] = Field(["identity", "hflip"], min_length=1, description="test-time views, averaged on probabilities in one batched pass")
+    batch_size: int = Field(256, ge=1, description="images per forward pass (each carries every TTA view)")
+
+
+class EnsembleConfig(Section):
+    method: Literal["mean"] = Field("mean", description="how backbones are blended on OOF predictions")
+    output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: as sample_submission shows")
+
+
+class Config(Section):
+    competition: CompetitionConfig = CompetitionConfig()
+    clean: CleanConfig = CleanConfig()
+    folds: FoldsConfig = FoldsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _one_line(err: ValidationError, source: str) -> PipelineError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return PipelineError(f"{source}: unknown config key '{key}'{_did_you_mean(key)}")
+    return PipelineError(f"{source}: config key '{key}': {first['msg']} (got {first.get('input')!r})")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"{source}: '{dotted}' goes inside a value that is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ["train.epochs=3", "model.backbones=[a,b]"] into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"override '{item}': expected KEY=VALUE, e.g. train.epochs=3")
+        if key not in _known_keys(Config):
+            raise PipelineError(f"override '{item}': unknown config key '{key}'{_did_you_mean(key)}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise PipelineError(f"override '{item}': value is not valid YAML") from None
+        _set_dotted(tree, key, value, f"override '{item}'")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"config file {path} not found; pass an existing CONFIG=configs/<name>.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise PipelineError(f"{path}: expected a mapping of config sections at the top level")
+    return tree
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the experiment YAML, then dotted overrides; validated as a whole."""
+    tree: dict = read_yaml(Path(path)) if path else {}
+    source = str(path) if path else "config"
+    try:
+        Config.model_validate(tree)
+    except ValidationError as err:
+        raise _one_line(err, source) from None
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _one_line(err, "overrides") from None
+
+
+def config_hash(*sections: BaseModel) -> str:
+    """Short stable hash of config sections: artifacts record it and later stages compare it."""
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def defaults_yaml() -> str:
+    """configs/default.yaml: every key with its default and its one-line explanation."""
+    lines = ["# Every config key with its default. Generated by `python -m pipeline config --defaults`;",
+             "# experiment configs hold only their differences from these values.", ""]
+    for section_name, section_field in Config.model_fields.items():
+        section = section_field.annotation
+        lines.append(f"{section_name}:")
+        for name, field in section.model_fields.items():
+            value = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {name}: {value}  # {field.description}")
+        lines.append("")
+    return "\n".join(lines)
