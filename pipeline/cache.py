@@ -41,7 +41,7 @@ def decoded_images(ctx: Context, paths: list[str], size: int, channels: int, des
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         job = partial(_decode, size=size, channels=channels)
-        arrays = list(tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img"))
+        arrays = list(tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img", disable=None))
     stack = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
     atomic_write(file, lambda tmp: np.save(open(tmp, "wb"), stack))
     return np.load(file, mmap_mode="r")

@@ -40,7 +40,7 @@ def _pixel_hash(path: str) -> tuple[str | None, bool, str | None]:
 def hash_images(paths: list[str], desc: str) -> list[tuple[str | None, bool, str | None]]:
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_pixel_hash, paths, chunksize=16), total=len(paths), desc=desc, unit="img"))
+        return list(tqdm(pool.map(_pixel_hash, paths, chunksize=16), total=len(paths), desc=desc, unit="img", disable=None))
 
 
 def _inputs_fingerprint(ctx: Context) -> str:

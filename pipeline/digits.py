@@ -39,7 +39,7 @@ def build_digits(out: Path, seed: int = 0, limit: int | None = None, test_size: 
     ids = []
     for i in index:
         rel = f"images/{names[i]:04d}.png"
-        Image.fromarray(images[i], mode="L").save(out / rel)
+        Image.fromarray(images[i]).save(out / rel)
         ids.append(rel)
     frame = pd.DataFrame({"image": ids, "label": labels[index]})
     train, test = train_test_split(frame, test_size=test_size, stratify=frame["label"], random_state=seed)

@@ -35,7 +35,7 @@ def tta_proba(model, images: np.ndarray, views: list[str], norm: dict, device, b
     """(n_views, N, n_classes) probabilities; every view of a batch in one forward pass."""
     model.eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
         x = train_stage.to_input(x, norm, device)
         stacked = torch.cat([VIEWS[v](x) for v in views])

@@ -89,7 +89,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, device
 def _train_epoch(model, loader, opt, sched, norm, device, amp, updates, desc) -> tuple[float, float, int]:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
     t0 = time.perf_counter()
     for x, y in bar:
         x, y = to_input(x, norm, device), y.to(device)

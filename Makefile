@@ -1,0 +1,66 @@
+# Thin targets: each calls one stage of `python -m pipeline`; stages skip finished work and run
+# their missing upstream stages, so `make ensemble` alone also works and an interrupted chain resumes.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+DIGITS := data/digits
+DATA ?= $(DIGITS)
+# The embedded competition gets its CPU-sized experiment; other folders start from the defaults.
+CONFIG ?= $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),configs/digits.yaml,)
+WORK ?=
+OVERRIDES ?=
+SUBMISSIONS ?= submissions
+PYTEST_ARGS ?=
+
+PIPE = $(PY) -m pipeline
+ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+# The embedded competition is built on demand; any other DATA must already exist.
+DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
+
+.PHONY: help install data demo clean-data folds train predict ensemble test lint
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\""
+
+$(INSTALLED): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $@
+
+install: $(INSTALLED) ## create .venv and install the pinned dependencies (constraints.txt)
+
+$(DIGITS)/train.csv: | $(INSTALLED)
+	$(PIPE) make-digits --out $(DIGITS)
+
+data: $(DIGITS)/train.csv ## build the embedded "digits" competition from scikit-learn's bundled images
+
+demo: $(INSTALLED) $(DIGITS)/train.csv ## the whole chain on digits: CV score, hidden-solution score, submission
+	$(PIPE) ensemble --data $(DIGITS) --config configs/digits.yaml $(OVERRIDES)
+	$(PIPE) score submissions/digits.csv $(DIGITS)_solution.csv
+
+clean-data: $(INSTALLED) $(DATA_DEP) ## clean stage: unreadable files, exact duplicates, label conflicts
+	$(PIPE) clean $(ARGS)
+
+folds: $(INSTALLED) $(DATA_DEP) ## folds stage: StratifiedGroupKFold, duplicate groups kept in one fold
+	$(PIPE) folds $(ARGS)
+
+train: $(INSTALLED) $(DATA_DEP) ## train every backbone on every fold
+	$(PIPE) train $(ARGS)
+
+predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA
+	$(PIPE) predict $(ARGS)
+
+ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
+	$(PIPE) ensemble $(ARGS)
+
+test: $(INSTALLED) ## the test suite (what .ci/run calls)
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+lint: $(INSTALLED) ## ruff
+	$(PY) -m ruff check pipeline tests benchmarks

@@ -1,0 +1,86 @@
+"""`python -m pipeline STAGE`: a thin wrapper that turns arguments into a Context and runs one stage.
+
+Each stage runs its upstream stages first; they skip when their outputs are complete, so any stage
+can be asked for directly and an interrupted chain resumes. User-fixable problems end with one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import clean, digits, ensemble, folds, predict, submission, train
+from .config import defaults_yaml, load_config, to_yaml
+from .context import Context
+from .errors import PipelineError
+
+STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run}
+
+
+def _stage_parser(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--data", type=Path, default=Path("data/digits"), help="competition folder (train.csv, test.csv, images)")
+    p.add_argument("--config", type=Path, default=None, help="experiment YAML (differences from configs/default.yaml)")
+    p.add_argument("--work", type=Path, default=None, help="artifact folder (default work/<competition>)")
+    p.add_argument("--submissions", type=Path, default=Path("submissions"), help="where submission CSVs go")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.backbones=[resnet18]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in STAGES.items():
+        _stage_parser(sub, name, (fn.__module__.rsplit(".", 1)[-1] + " stage"))
+    p = sub.add_parser("make-digits", help="build the embedded default competition from scikit-learn's digits")
+    p.add_argument("--out", type=Path, default=Path("data/digits"))
+    p.add_argument("--limit", type=int, default=None, help="keep a stratified subset of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("score", help="score a label submission against a hidden solution file")
+    p.add_argument("submission", type=Path)
+    p.add_argument("solution", type=Path)
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
+    p = sub.add_parser("validate-submission", help="check a submission file against a competition folder")
+    p.add_argument("file", type=Path)
+    p.add_argument("--data", type=Path, default=Path("data/digits"))
+    p.add_argument("--config", type=Path, default=None)
+    p = sub.add_parser("config", help="print the resolved config (or the documented defaults)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--defaults", action="store_true", help="print configs/default.yaml")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    if args.command in STAGES:
+        ctx = Context(load_config(args.config, args.overrides), args.data, args.work, args.submissions)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        ctx.save_config()
+        STAGES[args.command](ctx)
+    elif args.command == "make-digits":
+        out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)
+        print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")
+    elif args.command == "score":
+        value = submission.score_file(args.submission, args.solution, args.metric)
+        print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")
+    elif args.command == "validate-submission":
+        ctx = Context(load_config(args.config), args.data)
+        frame = submission.pd.read_csv(args.file, dtype=str, keep_default_na=False)
+        submission.validate(frame, ctx.competition, str(args.file))
+        print(f"{args.file}: valid submission for {ctx.name} ({len(frame)} rows)")
+    elif args.command == "config":
+        print(defaults_yaml() if args.defaults else to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

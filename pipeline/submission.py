@@ -1,0 +1,116 @@
+"""Build, validate and write submissions; also score one against a hidden solution.
+
+A submission has the columns and row order of sample_submission.csv (or id + label when there is
+none). It is validated before it is written: same ids, no missing, extra or duplicate ids, labels
+from the class set, probabilities finite and summing to 1. Written atomically, with a manifest
+beside it and a timestamped copy so earlier submissions are never overwritten.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import write_csv, write_json
+from .competition import Competition
+from .errors import PipelineError
+from .metrics import score
+
+
+def output_kind(comp: Competition, requested: str) -> str:
+    """'probabilities' when sample_submission has one column per class, else 'labels'."""
+    if requested != "auto":
+        return requested
+    if comp.sample_submission is not None:
+        value_cols = [c for c in comp.sample_submission.columns if c != comp.id_column]
+        if sorted(value_cols) == sorted(comp.classes) and len(value_cols) > 1:
+            return "probabilities"
+    return "labels"
+
+
+def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str) -> pd.DataFrame:
+    """Submission frame in sample_submission's row order and columns."""
+    by_id = pd.DataFrame(proba, index=pd.Index(test_ids, name=comp.id_column), columns=comp.classes)
+    order = comp.sample_submission[comp.id_column] if comp.sample_submission is not None else comp.test["id"]
+    missing = set(order) - set(by_id.index)
+    if missing:
+        raise PipelineError(f"sample_submission.csv: ids not in test.csv, e.g. '{sorted(missing)[0]}'; the two files must list the same ids")
+    rows = by_id.loc[order.to_numpy()]
+    if kind == "probabilities":
+        cols = [c for c in comp.sample_submission.columns if c != comp.id_column] if comp.sample_submission is not None else comp.classes
+        return rows[cols].reset_index()
+    label_col = comp.label_column
+    if comp.sample_submission is not None:
+        label_col = next(c for c in comp.sample_submission.columns if c != comp.id_column)
+    labels = np.asarray(comp.classes, dtype=object)[rows.to_numpy().argmax(1)]
+    return pd.DataFrame({comp.id_column: rows.index.to_numpy(), label_col: labels})
+
+
+def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission") -> None:
+    """Raise a one-line PipelineError for the first problem found."""
+    id_col = comp.id_column
+    expected = list(comp.sample_submission.columns) if comp.sample_submission is not None else None
+    if expected is not None and list(frame.columns) != expected:
+        raise PipelineError(f"{source}: columns {list(frame.columns)} differ from sample_submission.csv {expected}")
+    if id_col not in frame.columns:
+        raise PipelineError(f"{source}: id column '{id_col}' missing")
+    ids = frame[id_col].astype(str)
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise PipelineError(f"{source}: duplicate id '{dup.iloc[0]}'")
+    want = set(comp.test["id"])
+    if set(ids) != want:
+        extra, missing = sorted(set(ids) - want), sorted(want - set(ids))
+        raise PipelineError(f"{source}: ids differ from test.csv ({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} extra, e.g. {extra[:1]})")
+    if comp.sample_submission is not None and list(ids) != list(comp.sample_submission[id_col].astype(str)):
+        raise PipelineError(f"{source}: rows are not in sample_submission.csv's order")
+    values = frame.drop(columns=[id_col])
+    if set(values.columns) == set(comp.classes) and len(comp.classes) > 1:
+        proba = values.to_numpy(dtype=float)
+        if not np.isfinite(proba).all() or (proba < 0).any():
+            raise PipelineError(f"{source}: probabilities must be finite and non-negative")
+        if not np.allclose(proba.sum(1), 1.0, atol=1e-4):
+            raise PipelineError(f"{source}: probabilities of a row must sum to 1 (row of id '{ids.iloc[int(np.argmax(np.abs(proba.sum(1) - 1)))]}')")
+        return
+    bad = ~values.iloc[:, 0].astype(str).isin(comp.classes)
+    if bad.any():
+        raise PipelineError(f"{source}: label '{values.iloc[:, 0][bad].iloc[0]}' (id '{ids[bad].iloc[0]}') is not a class of train.csv")
+
+
+def write(frame: pd.DataFrame, comp: Competition, out_dir: Path, manifest: dict) -> Path:
+    """Validate, then write <name>.csv atomically plus a timestamped copy and a manifest."""
+    validate(frame, comp)
+    out_dir = Path(out_dir)
+    path = write_csv(out_dir / f"{comp.name}.csv", frame)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    history = out_dir / "history"
+    history.mkdir(parents=True, exist_ok=True)
+    copy, n = history / f"{comp.name}-{stamp}.csv", 1
+    while copy.exists():
+        copy, n = history / f"{comp.name}-{stamp}-{n}.csv", n + 1
+    shutil.copyfile(path, copy)
+    write_json(out_dir / f"{comp.name}.manifest.json", {**manifest, "written": stamp, "rows": len(frame)})
+    return path
+
+
+def _read(path: Path, what: str) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: {what} not found")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> float:
+    """Score a label submission against a solution file with the same id column (the demo's private LB)."""
+    sub, sol = _read(submission, "submission"), _read(solution, "solution")
+    id_col, label_col = sol.columns[0], sol.columns[1]
+    merged = sol.merge(sub, on=id_col, how="left", suffixes=("_true", ""))
+    if merged[label_col].isna().any() or len(sub) != len(sol):
+        raise PipelineError(f"{submission}: ids do not match {solution}")
+    classes = sorted(set(sol[label_col]) | set(sub[label_col]))
+    index = {c: i for i, c in enumerate(classes)}
+    onehot = np.eye(len(classes))[merged[label_col].map(index)]
+    return score(metric, merged[f"{label_col}_true"].map(index).to_numpy(), onehot)

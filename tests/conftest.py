@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny competitions made on the fly (generated images or scikit-learn's digits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.digits import build_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_competition(root: Path, n_per_class: int = 4, classes=("cat", "dog"), n_test: int = 3, seed: int = 0) -> Path:
+    """A valid competition of random RGB PNGs: train.csv, test.csv, sample_submission.csv."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in classes:
+        for i in range(n_per_class):
+            name = f"img/{c}_{i}.png"
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / name)
+            rows.append((name, c))
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
+    test = []
+    for i in range(n_test):
+        name = f"img/test_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / name)
+        test.append(name)
+    pd.DataFrame({"image": test}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"image": test, "label": classes[0]}).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def comp_dir(tmp_path: Path) -> Path:
+    return write_competition(tmp_path / "comp")
+
+
+@pytest.fixture(scope="session")
+def small_digits(tmp_path_factory) -> Path:
+    """400 real digits images as a competition folder (hidden solution beside it)."""
+    return build_digits(tmp_path_factory.mktemp("digits") / "digits", limit=400)

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, config_hash, defaults_yaml, load_config, parse_overrides
+from pipeline.errors import PipelineError
+
+from .conftest import REPO
+
+
+def test_defaults_have_a_description_for_every_key():
+    for section in Config.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, f"{name} has no one-line explanation"
+
+
+def test_default_yaml_is_in_sync_with_the_models():
+    assert (REPO / "configs" / "default.yaml").read_text() == defaults_yaml(), "run: python -m pipeline config --defaults > configs/default.yaml"
+
+
+def test_default_yaml_loads_to_the_defaults():
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    load_config(REPO / "configs" / name)
+
+
+def test_experiment_yaml_merges_over_defaults(tmp_path: Path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(path)
+    assert cfg.train.epochs == 3 and cfg.train.lr == Config().train.lr
+
+
+def test_unknown_yaml_key_names_the_key_and_suggests(tmp_path: Path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(PipelineError, match=r"unknown config key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
+        load_config(path)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.epochs=3", "model.backbones=[resnet18,efficientnet_b0]", "train.folds=null"])
+    assert cfg.train.epochs == 3 and cfg.model.backbones == ["resnet18", "efficientnet_b0"] and cfg.train.folds is None
+
+
+def test_unknown_override_suggests_the_right_key():
+    with pytest.raises(PipelineError, match=r"did you mean 'folds.n_splits'"):
+        parse_overrides(["folds.nsplits=3"])
+
+
+def test_override_of_the_wrong_type_is_one_line():
+    with pytest.raises(PipelineError) as err:
+        load_config(None, ["train.epochs=many"])
+    assert "train.epochs" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(PipelineError, match="expected KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(PipelineError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(PipelineError, match="not found"):
+        load_config(Path("configs/nope.yaml"))
+
+
+def test_config_hash_changes_with_values():
+    a, b = Config(), load_config(None, ["train.lr=0.1"])
+    assert config_hash(a.train) != config_hash(b.train)
+    assert config_hash(a.folds) == config_hash(b.folds)
