@@ -73,6 +73,7 @@ class TrainConfig(Section):
 
 class PredictConfig(Section):
     tta: list[Literal["identity", "hflip"]] = Field(["identity", "hflip"], min_length=1, description="test-time views, averaged on probabilities in one batched pass")
+    tta_policy: Literal["all", "auto"] = Field("auto", description="all: average every view; auto: keep the views that improve the OOF score")
     batch_size: int = Field(256, ge=1, description="images per forward pass (each carries every TTA view)")
 
 

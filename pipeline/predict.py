@@ -24,7 +24,7 @@ from .artifacts import atomic_write, fingerprint, is_done, read_json, write_stam
 from .cache import decoded_images
 from .context import Context
 from .errors import PipelineError
-from .metrics import score
+from .metrics import GREATER_IS_BETTER, is_better, score
 from .models import build_model
 
 VIEWS = {"identity": lambda x: x, "hflip": lambda x: x.flip(-1)}
@@ -36,7 +36,7 @@ def tta_proba(model, images: np.ndarray, views: list[str], norm: dict, device, b
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
         x = train_stage.to_input(x, norm, device)
         stacked = torch.cat([VIEWS[v](x) for v in views])
         proba = model(stacked).float().softmax(1).view(len(views), len(x), -1)
@@ -73,6 +73,24 @@ def prob_columns(classes: list[str]) -> list[str]:
     return [f"p_{c}" for c in classes]
 
 
+def choose_views(per_view: np.ndarray, y: np.ndarray, metric: str, policy: str) -> list[int]:
+    """Indices of the views to average, decided on OOF only.
+
+    auto: start from the best single view and add a view only when the merged OOF score improves
+    (greedy forward selection); all: every view.
+    """
+    if policy == "all":
+        return list(range(len(per_view)))
+    scores = [score(metric, y, p) for p in per_view]
+    order = sorted(range(len(per_view)), key=lambda i: scores[i], reverse=GREATER_IS_BETTER[metric])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        candidate = score(metric, y, per_view[chosen + [i]].mean(0))
+        if is_better(metric, candidate, best):
+            chosen, best = chosen + [i], candidate
+    return sorted(chosen)
+
+
 def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str]) -> dict:
     cfg = ctx.cfg.predict
     out_dir = ctx.work_dir / "runs" / backbone
@@ -92,23 +110,26 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
         proba = tta_proba(model, data["images"][held], views, meta["norm"], device, cfg.batch_size)
         oof_parts.append((frame[held], proba))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        fold_test = tta_proba(model, test_images, views, meta["norm"], device, cfg.batch_size).mean(0)
+        fold_test = tta_proba(model, test_images, views, meta["norm"], device, cfg.batch_size)
         test_sum = fold_test if test_sum is None else test_sum + fold_test
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
-    merged = per_view.mean(0)
-    metric = ctx.cfg.competition.metric
-    table = {v: score(metric, rows["y"].to_numpy(), per_view[i]) for i, v in enumerate(views)}
-    table["tta mean"] = score(metric, rows["y"].to_numpy(), merged)
+    metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
+    chosen = choose_views(per_view, y, metric, cfg.tta_policy)
+    merged = per_view[chosen].mean(0)
+    table = {v: score(metric, y, per_view[i]) for i, v in enumerate(views)}
+    table["mean of all views"] = score(metric, y, per_view.mean(0))
+    table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merged)
     print(f"predict: {backbone} OOF {metric} by TTA view: " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
-    meta = {"backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": views,
-            "metric": metric, "oof_score": table["tta mean"], "view_scores": table}
+    test_proba = test_sum[chosen].mean(0) / len(folds)
+    meta = {"backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": [views[i] for i in chosen],
+            "tta_candidates": views, "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())
     oof.insert(2, "label", rows["label"].to_numpy())
     oof.insert(3, "y", rows["y"].to_numpy())
-    test = pd.DataFrame(test_sum / len(folds), columns=prob_columns(classes))
+    test = pd.DataFrame(test_proba, columns=prob_columns(classes))
     test.insert(0, "id", ctx.competition.test["id"].to_numpy())
     write_parquet(out_dir / "oof.parquet", oof, meta)
     write_parquet(out_dir / "test.parquet", test, meta)

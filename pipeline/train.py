@@ -50,7 +50,7 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        img = np.asarray(self.images[i])
+        img = np.array(self.images[i])
         if self.transform is not None:
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
@@ -81,7 +81,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, device
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
         out.append(model(to_input(x, norm, device)).float().softmax(1).cpu())
     return torch.cat(out).numpy()
 

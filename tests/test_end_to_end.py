@@ -1,0 +1,53 @@
+"""The whole chain through make, on a competition folder outside the repo, as a user would run it."""
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.digits import solution_path
+from pipeline.submission import score_file
+
+from .conftest import REPO
+
+OVERRIDES = "folds.n_splits=2 train.epochs=3 train.batch_size=16 train.warmup_epochs=0.5 train.image_size=16 model.backbones=[resnet10t,resnet18] predict.tta=[identity,hflip]"
+
+
+def _make(*targets: str, data: Path, work: Path, subs: Path) -> str:
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), *targets, f"DATA={data}", "CONFIG=configs/digits.yaml",
+           f"WORK={work}", f"SUBMISSIONS={subs}", f"OVERRIDES={OVERRIDES}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_digits: Path, tmp_path: Path):
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    start = time.perf_counter()
+    out = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
+    assert time.perf_counter() - start < 120
+    assert "CV accuracy" in out and "epoch 3" in out
+    sub = pd.read_csv(subs / "digits.csv", dtype=str)
+    sample = pd.read_csv(small_digits / "sample_submission.csv", dtype=str)
+    assert list(sub.columns) == list(sample.columns) and list(sub["image"]) == list(sample["image"])
+    # chance is 0.1: a submission in the wrong row order or with shuffled labels scores near it
+    assert score_file(subs / "digits.csv", solution_path(small_digits)) > 0.3
+    for backbone in ("resnet10t", "resnet18"):
+        run = work / "runs" / backbone
+        assert (run / "oof.parquet").exists() and (run / "test.parquet").exists()
+        for fold in (0, 1):
+            assert load_file(str(run / f"fold{fold}" / "best.safetensors"))
+            assert (run / f"fold{fold}" / "curves.png").stat().st_size > 0
+    assert (work / "config.yaml").exists() and (work / "ensemble" / "leaderboard.csv").exists()
+    oof = pd.read_parquet(work / "runs" / "resnet18" / "oof.parquet")
+    assert len(oof) == len(pd.read_csv(work / "folds.csv")) and oof.filter(like="p_").sum(axis=1).round(4).eq(1).all()
+
+    mtime = (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns
+    again = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
+    assert not re.search(r"epoch \d+:", again) and "train: resnet18 fold 1 up to date" in again
+    assert (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns == mtime
