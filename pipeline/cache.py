@@ -38,10 +38,19 @@ def decoded_images(ctx: Context, paths: list[str], size: int, channels: int, des
     file = ctx.work_dir / "cache" / f"{desc}-{size}px-{channels}ch-{key}.npy"
     if file.exists():
         return np.load(file, mmap_mode="r")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(file, lambda tmp: _fill(tmp, paths, size, channels, desc))
+    return np.load(file, mmap_mode="r")
+
+
+def _fill(tmp, paths: list[str], size: int, channels: int, desc: str) -> None:
+    """Decode into a preallocated .npy memmap, so memory holds one batch of decodes, not the dataset twice."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, channels))
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         job = partial(_decode, size=size, channels=channels)
-        arrays = list(tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img", disable=None))
-    stack = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
-    atomic_write(file, lambda tmp: np.save(open(tmp, "wb"), stack))
-    return np.load(file, mmap_mode="r")
+        bar = tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img", disable=None)
+        for i, arr in enumerate(bar):
+            out[i] = arr
+    out.flush()
+    del out

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .artifacts import file_digest, fingerprint, is_done, write_csv, write_stamp
+from .artifacts import file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
 from .images import is_gray, load_image
@@ -113,6 +113,7 @@ def run(ctx: Context) -> dict:
         "train_test_pairs": int(((pairs.split_a == "train") != (pairs.split_b == "train")).sum()),
         "all_gray": bool(np.all([h[1] for h in train_h + test_h if h[0] is not None])),
     }
+    write_json(ctx.work_dir / "classes.json", {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
     write_stamp(stamp, fp, classes=comp.classes, **summary)
     print("clean: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

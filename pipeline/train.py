@@ -71,9 +71,15 @@ def to_input(x: torch.Tensor, norm: dict, device: torch.device) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else out
 
 
-def dataset_norm(images: np.ndarray) -> dict:
-    flat = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
-    return {"mean": flat.mean(0).round(6).tolist(), "std": np.maximum(flat.std(0), 1e-3).round(6).tolist()}
+def dataset_norm(images: np.ndarray, chunk: int = 1024) -> dict:
+    """Per-channel mean and std of the training images, in chunks so a large memmap never becomes float64."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+        total, total_sq, count = total + block.sum(0), total_sq + (block**2).sum(0), count + len(block)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"mean": mean.round(6).tolist(), "std": np.maximum(std, 1e-3).round(6).tolist()}
 
 
 @torch.no_grad()

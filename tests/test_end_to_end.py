@@ -51,3 +51,18 @@ def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_d
     again = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
     assert not re.search(r"epoch \d+:", again) and "train: resnet18 fold 1 up to date" in again
     assert (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_same_seed_same_config_gives_the_same_oof_predictions(small_digits: Path, tmp_path: Path):
+    from pipeline import predict
+    from pipeline.config import load_config
+    from pipeline.context import Context
+
+    overrides = ["folds.n_splits=2", "train.epochs=1", "train.batch_size=32", "train.image_size=16", "model.backbones=[resnet10t]"]
+    frames = []
+    for name in ("a", "b"):
+        ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / name, tmp_path / f"subs{name}")
+        predict.run(ctx)
+        frames.append(pd.read_parquet(ctx.work_dir / "runs" / "resnet10t" / "oof.parquet"))
+    pd.testing.assert_frame_equal(frames[0], frames[1])
