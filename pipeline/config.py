@@ -11,13 +11,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PipelineError
+
+VIEW_NAME = re.compile(r"^(identity|hflip|vflip|rot90|rot180|rot270|scale\d+(\.\d+)?|random\d+)$")
 
 
 class Section(BaseModel):
@@ -72,13 +75,29 @@ class TrainConfig(Section):
 
 
 class PredictConfig(Section):
-    tta: list[Literal["identity", "hflip"]] = Field(["identity", "hflip"], min_length=1, description="test-time views, averaged on probabilities in one batched pass")
-    tta_policy: Literal["all", "auto"] = Field("auto", description="all: average every view; auto: keep the views that improve the OOF score")
+    tta: list[str] = Field(["identity", "hflip"], min_length=1, description="test-time views: identity hflip vflip rot90 rot180 rot270 scale<f> random<k>")
+    tta_policy: Literal["all", "auto"] = Field("auto", description="all: merge every view; auto: keep the views that improve the OOF score")
+    tta_merge: Literal["mean", "geometric", "logits"] = Field("mean", description="merge views by mean of probabilities, geometric mean, or mean of logits")
+    tta_seed: int = Field(0, description="seed of the random<k> views")
     batch_size: int = Field(256, ge=1, description="images per forward pass (each carries every TTA view)")
 
 
+    @field_validator("tta")
+    @classmethod
+    def _known_views(cls, views: list[str]) -> list[str]:
+        bad = [v for v in views if not VIEW_NAME.match(v)]
+        if bad:
+            raise ValueError(f"unknown TTA view {bad[0]!r}; use identity, hflip, vflip, rot90, rot180, rot270, scale<f>, random<k>")
+        if len(set(views)) != len(views):
+            raise ValueError("a TTA view is listed twice")
+        return views
+
+
 class EnsembleConfig(Section):
-    method: Literal["mean"] = Field("mean", description="how backbones are blended on OOF predictions")
+    method: str = Field("auto", description="auto: the best honest score; or a blend (mean, geometric, rank, weights, caruana) or model name")
+    objective: Literal["log_loss", "metric"] = Field("log_loss", description="what fitted blends (weights, caruana) optimise on OOF")
+    caruana_rounds: int = Field(25, ge=1, description="greedy selection steps of the Caruana blend")
+    include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: as sample_submission shows")
 
 

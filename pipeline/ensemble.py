@@ -1,76 +1,111 @@
-"""Ensemble stage: blend backbones on their out-of-fold predictions and write the submission.
+"""Ensemble stage: blend every model's out-of-fold predictions, score honestly, write the submission.
 
-Reads only the per-backbone OOF/test parquet files (same schema for every model), refuses files
-made on another split or class list, scores each model and the blend on OOF (the CV score), writes
-WORK/ensemble/{leaderboard.csv, weights.json} and submissions/<competition>.csv.
+Reads only prediction files of one schema: WORK/runs/<backbone>/{oof,test}.parquet and any other
+pair of such files under WORK (an AutoGluon baseline, a model trained elsewhere). Files made on
+another split or class list are skipped with a message. Every single model and every blend
+(pipeline/blend.py) goes on the leaderboard with its in-sample and honest (nested-CV) score; the
+chosen blend is the best honest one unless `ensemble.method` names another. Writes
+WORK/ensemble/{leaderboard.csv, weights.json, oof.parquet, test.parquet} and
+submissions/<competition>.csv.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
+from . import blend, submission
 from . import predict as predict_stage
-from . import submission
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .context import Context
 from .errors import PipelineError
-from .metrics import score
 
 
-def load_predictions(ctx: Context, backbones: list[str]) -> tuple[pd.DataFrame, dict, dict]:
-    """OOF frame (ids, folds, labels), {backbone: oof proba}, {backbone: test proba}; all aligned."""
-    base, oof, test, ref = None, {}, {}, None
-    for name in backbones:
-        run_dir = ctx.work_dir / "runs" / name
-        meta = predict_stage.read_parquet_meta(run_dir / "oof.parquet")
-        if ref is None:
-            ref = meta
-        elif (meta["folds_hash"], meta["classes"]) != (ref["folds_hash"], ref["classes"]):
-            raise PipelineError(f"{run_dir}/oof.parquet: made on another split or class list than {backbones[0]}; rerun `make predict`")
-        cols = predict_stage.prob_columns(meta["classes"])
-        frame = pd.read_parquet(run_dir / "oof.parquet").sort_values("id", kind="stable").reset_index(drop=True)
-        if base is None:
-            base = frame[["id", "fold", "label", "y"]]
-        elif not frame["id"].equals(base["id"]):
-            raise PipelineError(f"{run_dir}/oof.parquet: OOF rows differ from {backbones[0]}'s; train both on the same folds")
-        oof[name] = frame[cols].to_numpy()
-        test_frame = pd.read_parquet(run_dir / "test.parquet")
-        test[name] = test_frame[cols].to_numpy()
-        test_ids = test_frame["id"].to_numpy()
-    return base, oof, {"proba": test, "ids": test_ids, "classes": ref["classes"]}
+def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
+    """name -> (oof frame sorted by id, test frame), for every usable pair of files under WORK."""
+    configured = [f"runs/{b}" for b in ctx.cfg.model.backbones]
+    found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
+                   if "ensemble" not in p.relative_to(ctx.work_dir).parts)
+    if not ctx.cfg.ensemble.include_other:
+        found = [f for f in found if f in configured]
+    models, reference = {}, None
+    for rel in configured + [f for f in found if f not in configured]:
+        folder = ctx.work_dir / rel
+        meta = predict_stage.read_parquet_meta(folder / "oof.parquet")
+        name = rel.removeprefix("runs/")
+        if meta.get("folds_hash") != folds_hash or meta.get("classes") != classes or not (folder / "test.parquet").exists():
+            if rel in configured:
+                raise PipelineError(f"{folder}/oof.parquet: made on another split or class list; rerun `make predict`")
+            print(f"ensemble: skipped {rel}: made on another split or class list (or no test.parquet)")
+            continue
+        oof = pd.read_parquet(folder / "oof.parquet").sort_values("id", kind="stable").reset_index(drop=True)
+        if reference is not None and not oof["id"].equals(reference):
+            print(f"ensemble: skipped {rel}: its OOF rows differ from {configured[0]}'s (trained on other folds?)")
+            continue
+        reference = oof["id"] if reference is None else reference
+        models[name] = (oof, pd.read_parquet(folder / "test.parquet"), folder)
+    return models
+
+
+def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cols = predict_stage.prob_columns(classes)
+    first_test = next(iter(models.values()))[1]
+    P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
+    T = np.stack([m[1].set_index("id").loc[first_test["id"], cols].to_numpy(np.float64) for m in models.values()])
+    return P, T, first_test["id"].to_numpy()
+
+
+def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
+    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds (honest = fitted blends scored by nested CV)")
+    shown = board.assign(chosen=np.where(board["model"] == chosen, "<-", ""))
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 def run(ctx: Context) -> dict:
     predict_stage.run(ctx)
-    backbones = ctx.cfg.model.backbones
-    comp = ctx.competition
-    stamps = [read_json(ctx.work_dir / "runs" / b / "predict.json")["fingerprint"] for b in backbones]
+    comp, cfg = ctx.competition, ctx.cfg.ensemble
+    folds_meta = read_json(ctx.work_dir / "folds.json")
+    models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
     sample = ctx.data_dir / ctx.cfg.competition.sample_submission_csv
-    fp = fingerprint("ensemble", stamps, ctx.cfg.ensemble.model_dump(), file_digest(sample) if sample.is_file() else None)
-    stamp = ctx.work_dir / "ensemble" / "weights.json"
-    sub_path = ctx.submissions_dir / f"{comp.name}.csv"
+    fp = fingerprint("ensemble", sorted((n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()),
+                     cfg.model_dump(), ctx.cfg.competition.metric, file_digest(sample) if sample.is_file() else None)
+    stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
     if is_done(stamp, fp) and sub_path.exists():
         meta = read_json(stamp)
-        print(f"ensemble: up to date; CV {meta['metric']} {meta['cv_score']:.4f}; submission {sub_path}")
+        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; submission {sub_path}")
         return meta
-    rows, oof, test = load_predictions(ctx, backbones)
-    metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
-    weights = {b: 1.0 / len(backbones) for b in backbones}
-    blend_oof = sum(w * oof[b] for b, w in weights.items())
-    board = [{"model": b, "kind": "single", "cv_score": score(metric, y, oof[b])} for b in backbones]
-    board.append({"model": "+".join(backbones), "kind": "mean", "cv_score": score(metric, y, blend_oof)})
-    leaderboard = pd.DataFrame(board)
-    write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", leaderboard)
-    print(f"ensemble: OOF {metric} ({len(y)} rows, {rows['fold'].nunique()} folds)")
-    print(leaderboard.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    blend_test = sum(w * test["proba"][b] for b, w in weights.items())
-    kind = submission.output_kind(comp, ctx.cfg.ensemble.output)
-    frame = submission.build(comp, test["ids"], np.asarray(blend_test), kind)
-    cv = float(leaderboard["cv_score"].iloc[-1])
-    manifest = {"models": backbones, "weights": weights, "metric": metric, "cv_score": cv, "method": ctx.cfg.ensemble.method,
-                "folds_hash": read_json(ctx.work_dir / "folds.json")["folds_hash"], "config_fingerprint": fp}
+    names, metric = list(models), ctx.cfg.competition.metric
+    P, T, test_ids = _stack(models, folds_meta["classes"])
+    rows = next(iter(models.values()))[0]
+    y, folds = rows["y"].to_numpy(), rows["fold"].to_numpy()
+    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds)
+    try:
+        chosen = blend.pick(board_rows, metric, cfg.method)
+    except KeyError:
+        raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; choose from {[r['model'] for r in board_rows]}") from None
+    board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items() if k != "oof"} for r in board_rows])
+    write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
+    _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
+    weights = np.array([chosen["weights"][n] for n in names])
+    test_proba = blend.combine(T, weights, chosen["how"])
+    _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
+    frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
+    manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"], "metric": metric,
+                "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], "folds_hash": folds_meta["folds_hash"],
+                "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
-    print(f"ensemble: CV {metric} {cv:.4f}; submission written to {path}")
+    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; submission written to {path}")
     return {**manifest, "submission": str(path)}
+
+
+def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:
+    """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
+    cols = predict_stage.prob_columns(folds_meta["classes"])
+    meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
+    oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen["oof"], columns=cols)], axis=1)
+    test = pd.concat([pd.DataFrame({"id": test_ids}), pd.DataFrame(test_proba, columns=cols)], axis=1)
+    predict_stage.write_parquet(ctx.work_dir / "ensemble" / "oof.parquet", oof, meta)
+    predict_stage.write_parquet(ctx.work_dir / "ensemble" / "test.parquet", test, meta)

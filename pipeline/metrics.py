@@ -16,7 +16,8 @@ def score(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
     if metric == "macro_f1":
         return float(f1_score(y_true, proba.argmax(1), average="macro", labels=labels))
     if metric == "log_loss":
-        return float(log_loss(y_true, np.clip(proba, 1e-15, 1), labels=labels))
+        clipped = np.clip(np.asarray(proba, dtype=np.float64), 1e-15, 1)
+        return float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels))
     if metric == "roc_auc":
         if proba.shape[1] == 2:
             return float(roc_auc_score(y_true, proba[:, 1]))

@@ -1,15 +1,16 @@
 """Predict stage: out-of-fold and test probabilities per backbone, with batched test-time augmentation.
 
-All TTA views of a batch go through the network in one forward pass (stacked along the batch
-axis) and are merged by the mean of probabilities. Each view and the merge are scored on the
-out-of-fold rows and printed, so the user sees whether a view helps; the test set is only
-predicted. Writes WORK/runs/<backbone>/{oof,test}.parquet with metadata (classes, folds hash, TTA)
+TTA views (pipeline/tta.py) of a batch go through the network together. Each view, all views
+merged and the kept views merged are scored on the out-of-fold rows and printed, so the user sees
+whether a view helps; `predict.tta_policy=auto` keeps the views that improve OOF. The test set is
+only predicted, never used to choose. Writes WORK/runs/<backbone>/{oof,test}.parquet with metadata (classes, folds hash, TTA)
 and the stamp predict.json.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -17,31 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from . import train as train_stage
 from .artifacts import atomic_write, fingerprint, is_done, read_json, write_stamp
 from .cache import decoded_images
 from .context import Context
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER, is_better, score
+from .metrics import score
 from .models import build_model
-
-VIEWS = {"identity": lambda x: x, "hflip": lambda x: x.flip(-1)}
-
-
-@torch.no_grad()
-def tta_proba(model, images: np.ndarray, views: list[str], norm: dict, device, batch_size: int) -> np.ndarray:
-    """(n_views, N, n_classes) probabilities; every view of a batch in one forward pass."""
-    model.eval()
-    chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
-        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        x = train_stage.to_input(x, norm, device)
-        stacked = torch.cat([VIEWS[v](x) for v in views])
-        proba = model(stacked).float().softmax(1).view(len(views), len(x), -1)
-        chunks.append(proba.cpu())
-    return torch.cat(chunks, dim=1).numpy()
+from .tta import choose_views, merge, tta_logits
 
 
 def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
@@ -73,22 +58,12 @@ def prob_columns(classes: list[str]) -> list[str]:
     return [f"p_{c}" for c in classes]
 
 
-def choose_views(per_view: np.ndarray, y: np.ndarray, metric: str, policy: str) -> list[int]:
-    """Indices of the views to average, decided on OOF only.
-
-    auto: start from the best single view and add a view only when the merged OOF score improves
-    (greedy forward selection); all: every view.
-    """
-    if policy == "all":
-        return list(range(len(per_view)))
-    scores = [score(metric, y, p) for p in per_view]
-    order = sorted(range(len(per_view)), key=lambda i: scores[i], reverse=GREATER_IS_BETTER[metric])
-    chosen, best = [order[0]], scores[order[0]]
-    for i in order[1:]:
-        candidate = score(metric, y, per_view[chosen + [i]].mean(0))
-        if is_better(metric, candidate, best):
-            chosen, best = chosen + [i], candidate
-    return sorted(chosen)
+def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str) -> dict:
+    """OOF score of each view alone, of all views merged, and of the kept views merged."""
+    table = {v: score(metric, y, merge(per_view[i:i + 1], how)) for i, v in enumerate(views)}
+    table["all views"] = score(metric, y, merge(per_view, how))
+    table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merge(per_view[chosen], how))
+    return table
 
 
 def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str]) -> dict:
@@ -102,28 +77,25 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
         return read_json(out_dir / "predict.json")
     device = train_stage.pick_device(ctx.cfg.train.device)
     frame, classes, views = data["frame"], data["classes"], cfg.tta
-    oof_parts, test_sum = [], None
+    oof_parts, test_logits = [], []
     for k in folds:
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
         model.to(device)
         held = (frame["fold"] == k).to_numpy()
-        proba = tta_proba(model, data["images"][held], views, meta["norm"], device, cfg.batch_size)
-        oof_parts.append((frame[held], proba))
+        to_input = partial(train_stage.to_input, norm=meta["norm"], device=device)
+        oof_parts.append((frame[held], tta_logits(model, data["images"][held], views, to_input, cfg.batch_size, cfg.tta_seed)))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        fold_test = tta_proba(model, test_images, views, meta["norm"], device, cfg.batch_size)
-        test_sum = fold_test if test_sum is None else test_sum + fold_test
+        test_logits.append(tta_logits(model, test_images, views, to_input, cfg.batch_size, cfg.tta_seed))
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
-    chosen = choose_views(per_view, y, metric, cfg.tta_policy)
-    merged = per_view[chosen].mean(0)
-    table = {v: score(metric, y, per_view[i]) for i, v in enumerate(views)}
-    table["mean of all views"] = score(metric, y, per_view.mean(0))
-    table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merged)
-    print(f"predict: {backbone} OOF {metric} by TTA view: " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
-    test_proba = test_sum[chosen].mean(0) / len(folds)
+    chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge)
+    merged = merge(per_view[chosen], cfg.tta_merge)
+    table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge)
+    print(f"predict: {backbone} OOF {metric} by TTA view ({cfg.tta_merge} merge): " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
+    test_proba = np.mean([merge(lg[chosen], cfg.tta_merge) for lg in test_logits], axis=0)  # mean over fold models
     meta = {"backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": [views[i] for i in chosen],
-            "tta_candidates": views, "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table}
+            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())

@@ -31,7 +31,7 @@ def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_d
     start = time.perf_counter()
     out = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
     assert time.perf_counter() - start < 120
-    assert "CV accuracy" in out and "epoch 3" in out
+    assert "honest CV accuracy" in out and "epoch 3" in out and "by TTA view" in out
     sub = pd.read_csv(subs / "digits.csv", dtype=str)
     sample = pd.read_csv(small_digits / "sample_submission.csv", dtype=str)
     assert list(sub.columns) == list(sample.columns) and list(sub["image"]) == list(sample["image"])
@@ -47,10 +47,31 @@ def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_d
     oof = pd.read_parquet(work / "runs" / "resnet18" / "oof.parquet")
     assert len(oof) == len(pd.read_csv(work / "folds.csv")) and oof.filter(like="p_").sum(axis=1).round(4).eq(1).all()
 
+    board = pd.read_csv(work / "ensemble" / "leaderboard.csv")
+    assert {"resnet10t", "resnet18", "mean", "weights", "caruana"} <= set(board["model"]) and board["honest_score"].notna().all()
+    _run_results_notebook(work)
+
     mtime = (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns
     again = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
     assert not re.search(r"epoch \d+:", again) and "train: resnet18 fold 1 up to date" in again
     assert (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns == mtime
+
+
+def _run_results_notebook(work: Path) -> None:
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    os.environ["PIPELINE_WORK"] = str(work)
+    try:
+        nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        del os.environ["PIPELINE_WORK"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert "chosen blend" in "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
 
 
 @pytest.mark.slow

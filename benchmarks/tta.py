@@ -1,0 +1,61 @@
+"""Batched TTA (all views of a batch in one forward pass) vs a view-by-view loop, same run.
+
+Both paths compute the same logits (tests/test_tta.py checks equality); the batched one stacks the
+views along the batch axis, so the network runs once per batch instead of once per view per batch.
+Prints both times and the ratio. Not a test: run it by hand.
+
+    .venv/bin/python benchmarks/tta.py [--model resnet18] [--size 32] [--images 512] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from pipeline.models import build_model
+from pipeline.train import to_input
+from pipeline.tta import tta_logits
+
+VIEWS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "random0", "random1"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32, help="images per batch (the batched path runs batch x views)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(args.model, 10, 3).eval()
+    images = np.random.default_rng(0).integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
+    prep = partial(to_input, norm={"mean": [0.5] * 3, "std": [0.25] * 3}, device=torch.device("cpu"))
+    tta_logits(model, images[: args.batch], VIEWS, prep, args.batch)  # warm-up
+
+    def batched():
+        return tta_logits(model, images, VIEWS, prep, args.batch)
+
+    def one_view_at_a_time():
+        return np.stack([tta_logits(model, images, [v], prep, args.batch)[0] for v in VIEWS])
+
+    times = {}
+    for name, fn in (("view-by-view loop", one_view_at_a_time), ("batched", batched)):
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = (best, out)
+    np.testing.assert_allclose(times["batched"][1], times["view-by-view loop"][1], atol=1e-4)
+    loop, batch = times["view-by-view loop"][0], times["batched"][0]
+    print(f"{args.model} {args.size}px, {args.images} images, {len(VIEWS)} views, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads: view-by-view {loop:.3f} s, batched {batch:.3f} s, ratio {loop / batch:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Test-time augmentation: views of a batch, run through the network together, merged on probabilities.
+
+Views: identity, hflip, vflip, rot90/rot180/rot270, `scale<f>` (the batch resized by f, e.g.
+scale1.15; the network's global pooling takes any size) and `random<k>` (the k-th random weak
+augmentation: a small rotation, scale and shift per image, drawn from a seed and the image's index,
+so results do not depend on the batch size). All same-size views of a batch are stacked into one
+forward pass; each scale view is one more pass. Written here rather than taken from `ttach`
+because that library loops over views one forward at a time, which is what this module avoids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .metrics import GREATER_IS_BETTER, is_better, score
+
+FIXED = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, (2, 3)),
+    "rot180": lambda x: x.rot90(2, (2, 3)),
+    "rot270": lambda x: x.rot90(3, (2, 3)),
+}
+
+
+def random_affine(n: int, seed: int, k: int, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.06) -> torch.Tensor:
+    """(n, 2, 3) affine matrices for affine_grid: rotation ±degrees, zoom 1±scale, shift ±shift (fraction)."""
+    gen = torch.Generator().manual_seed(seed * 1009 + k)
+    u = torch.rand(n, 4, generator=gen) * 2 - 1
+    angle, zoom = u[:, 0] * math.radians(degrees), 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = u[:, 2] * shift * 2, u[:, 3] * shift * 2  # affine_grid coordinates span [-1, 1]
+    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def apply_view(name: str, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+    if name in FIXED:
+        return FIXED[name](x)
+    if name.startswith("scale"):
+        return F.interpolate(x, scale_factor=float(name[5:]), mode="bilinear", align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def tta_logits(model, images: np.ndarray, views: list[str], to_input, batch_size: int, seed: int = 0) -> np.ndarray:
+    """(n_views, N, n_classes) logits. `to_input` turns a uint8 NCHW batch into the model's input."""
+    model.eval()
+    thetas = {v: random_affine(len(images), seed, int(v[6:])) for v in views if v.startswith("random")}
+    stacked_views = [v for v in views if not v.startswith("scale")]
+    out = [[] for _ in views]
+    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
+        x = to_input(torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2))
+        end = start + len(x)
+        if stacked_views:
+            batch = torch.cat([apply_view(v, x, thetas[v][start:end] if v in thetas else None) for v in stacked_views])
+            logits = model(batch).float().view(len(stacked_views), len(x), -1).cpu()
+            for v, part in zip(stacked_views, logits, strict=True):
+                out[views.index(v)].append(part)
+        for v in views:
+            if v.startswith("scale"):
+                out[views.index(v)].append(model(apply_view(v, x)).float().cpu())
+    return torch.stack([torch.cat(parts) for parts in out]).numpy()
+
+
+def merge(logits: np.ndarray, how: str = "mean") -> np.ndarray:
+    """(n_views, N, C) logits -> (N, C) probabilities: mean of probabilities, geometric mean, or mean of logits."""
+    t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    if how == "mean":
+        return t.softmax(-1).mean(0).numpy()
+    if how == "geometric":
+        return t.log_softmax(-1).mean(0).softmax(-1).numpy()
+    if how == "logits":
+        return t.mean(0).softmax(-1).numpy()
+    raise ValueError(f"unknown TTA merge {how}")
+
+
+def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, how: str = "mean") -> list[int]:
+    """Indices of the views to merge, decided on out-of-fold rows only.
+
+    auto: start from the best single view and add a view only when the merged OOF score improves
+    (greedy forward selection); all: every view.
+    """
+    if policy == "all":
+        return list(range(len(logits)))
+    scores = [score(metric, y, merge(lg[None], how)) for lg in logits]
+    order = sorted(range(len(logits)), key=lambda i: scores[i], reverse=GREATER_IS_BETTER[metric])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        candidate = score(metric, y, merge(logits[chosen + [i]], how))
+        if is_better(metric, candidate, best):
+            chosen, best = chosen + [i], candidate
+    return sorted(chosen)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from pipeline import blend
+from pipeline.metrics import score
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _noisy_models(n=600, c=3, noise=(0.6, 1.2, 3.0), seed=0):
+    """Models = true one-hot logits + independent noise of growing size."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    truth = np.eye(c)[y] * 2.0
+    P = np.stack([_softmax(truth + rng.normal(0, s, (n, c))) for s in noise])
+    return P, y, np.arange(n) % 5
+
+
+def test_fixed_blends_on_hand_computed_case():
+    P = np.array([[[0.2, 0.8], [0.6, 0.4]], [[0.4, 0.6], [0.2, 0.8]]])  # 2 models, 2 rows
+    np.testing.assert_allclose(blend.combine(P, [0.5, 0.5]), [[0.3, 0.7], [0.4, 0.6]])
+    geo = np.sqrt(P[0] * P[1])
+    np.testing.assert_allclose(blend.combine(P, [0.5, 0.5], "geometric"), geo / geo.sum(1, keepdims=True))
+    # ranks within each (model, class) column: model 0 -> [[1,2],[2,1]], model 1 -> [[2,1],[1,2]]; mean 1.5 everywhere
+    np.testing.assert_allclose(blend.combine(P, [0.5, 0.5], "rank"), [[0.5, 0.5], [0.5, 0.5]])
+
+
+def test_fitted_weights_recover_a_known_optimum():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 4000)
+    good = _softmax(np.eye(2)[y] * 2 + rng.normal(0, 0.8, (4000, 2)))
+    useless = _softmax(rng.normal(0, 1, (4000, 2)))
+    w = blend.fit_weights(np.stack([useless, good]), y, "accuracy", "log_loss")
+    assert w[1] > 0.9 and abs(w.sum() - 1) < 1e-9
+
+
+def test_weights_match_the_data_generating_mixture():
+    """Labels drawn from 0.7*A + 0.3*B: the log-loss optimum is w=(0.7, 0.3)."""
+    rng = np.random.default_rng(2)
+    A, B = _softmax(rng.normal(0, 2, (20000, 3))), _softmax(rng.normal(0, 2, (20000, 3)))
+    mix = 0.7 * A + 0.3 * B
+    y = (rng.random(20000)[:, None] > mix.cumsum(1)).sum(1)
+    w = blend.fit_weights(np.stack([A, B]), y, "log_loss", "log_loss")
+    np.testing.assert_allclose(w, [0.7, 0.3], atol=0.03)
+
+
+def test_caruana_prefers_the_better_model_and_counts_sum_to_one():
+    P, y, _ = _noisy_models()
+    w = blend.caruana(P, y, "accuracy", "log_loss", rounds=20)
+    assert w[0] == w.max() and w[2] <= w[1] and abs(w.sum() - 1) < 1e-9
+    assert np.allclose(w * 20, np.round(w * 20))
+
+
+def test_complementary_models_blend_beats_each():
+    P, y, folds = _noisy_models(noise=(1.0, 1.0, 1.0))
+    rows = blend.evaluate(P, y, folds, ["a", "b", "c"], "accuracy")
+    best_single = max(r["honest_score"] for r in rows if r["kind"] == "single")
+    assert rows[3]["model"] == "mean" and rows[3]["honest_score"] > best_single
+    chosen = blend.pick(rows, "accuracy")
+    assert chosen["kind"] != "single" and chosen["honest_score"] >= best_single
+
+
+def test_nested_cv_is_not_above_in_sample_on_noise():
+    """Pure-noise models: fitted weights look better in-sample than they are; nested CV says so."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    P = np.stack([_softmax(rng.normal(0, 1, (300, 2))) for _ in range(8)])
+    rows = blend.evaluate(P, y, np.arange(300) % 5, [f"m{i}" for i in range(8)], "log_loss")
+    for row in rows:
+        if row["kind"] == "fitted blend":
+            assert row["honest_score"] >= row["cv_score"]  # log-loss: higher is worse
+
+
+def test_nested_oof_uses_only_other_folds():
+    P, y, folds = _noisy_models()
+    seen = []
+
+    def fit(P_train, y_train):
+        seen.append(len(y_train))
+        return np.full(len(P_train), 1 / len(P_train))
+
+    out = blend.nested_oof(P, y, folds, fit)
+    assert seen == [len(y) - (folds == k).sum() for k in range(5)]
+    np.testing.assert_allclose(out, P.mean(0))
+
+
+def test_pick_by_name_and_unknown():
+    P, y, folds = _noisy_models()
+    rows = blend.evaluate(P, y, folds, ["a", "b", "c"], "accuracy")
+    assert blend.pick(rows, "accuracy", "rank")["model"] == "rank"
+    with pytest.raises(KeyError):
+        blend.pick(rows, "accuracy", "stacking")
+
+
+def test_single_model_has_no_blends():
+    P, y, folds = _noisy_models(noise=(1.0,))
+    rows = blend.evaluate(P, y, folds, ["only"], "accuracy")
+    assert [r["model"] for r in rows] == ["only"] and rows[0]["honest_score"] == score("accuracy", y, P[0])

@@ -1,0 +1,94 @@
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.train import to_input
+from pipeline.tta import apply_view, choose_views, merge, tta_logits
+
+NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
+TO_INPUT = partial(to_input, norm=NORM, device=torch.device("cpu"))
+VIEWS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "scale1.25", "random0", "random1"]
+
+
+class _Tiny(torch.nn.Module):
+    """Position-sensitive toy network with global pooling, so views give other outputs and any size works."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 2).flatten(1))
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).integers(0, 255, (10, 8, 8, 3), dtype=np.uint8)
+
+
+def test_batched_views_equal_view_by_view(images):
+    model = _Tiny()
+    together = tta_logits(model, images, VIEWS, TO_INPUT, batch_size=4)
+    assert together.shape == (len(VIEWS), 10, 4)
+    for i, view in enumerate(VIEWS):
+        alone = tta_logits(model, images, [view], TO_INPUT, batch_size=3)  # other batch size too
+        np.testing.assert_allclose(together[i], alone[0], atol=1e-5, err_msg=view)
+    assert not np.allclose(together[0], together[1])
+
+
+def test_fixed_views_are_the_geometric_transforms(images):
+    x = TO_INPUT(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(apply_view("hflip", x), x.flip(3))
+    assert torch.equal(apply_view("rot180", x), x.flip(2).flip(3))
+    assert torch.equal(apply_view("rot90", apply_view("rot270", x)), x)
+    assert apply_view("scale1.25", x).shape[-1] == 10
+
+
+def test_random_views_are_seeded_and_differ():
+    model, images = _Tiny(), np.random.default_rng(1).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    a = tta_logits(model, images, ["random0", "random1"], TO_INPUT, 6, seed=3)
+    b = tta_logits(model, images, ["random0", "random1"], TO_INPUT, 2, seed=3)
+    c = tta_logits(model, images, ["random0"], TO_INPUT, 6, seed=4)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(a[0], a[1]) and not np.allclose(a[0], c[0])
+
+
+def test_merges_on_hand_computed_case():
+    logits = np.log(np.array([[[0.5, 0.5]], [[0.9, 0.1]]], dtype=np.float32))  # two views, one row
+    np.testing.assert_allclose(merge(logits, "mean"), [[0.7, 0.3]], atol=1e-6)
+    geo = np.sqrt([0.45, 0.05])
+    np.testing.assert_allclose(merge(logits, "geometric"), [geo / geo.sum()], atol=1e-6)
+    np.testing.assert_allclose(merge(logits, "logits"), [geo / geo.sum()], atol=1e-6)  # same for 2-class log-probs
+
+
+def _as_logits(proba):
+    return np.log(np.asarray(proba, dtype=np.float32))
+
+
+def test_auto_policy_drops_a_view_that_hurts_oof():
+    y = np.array([0, 1, 0, 1, 1, 0])
+    good = np.eye(2)[y] * 0.8 + 0.1
+    bad = np.eye(2)[1 - y] * 0.9 + 0.05
+    per_view = _as_logits(np.stack([good, bad]))
+    assert choose_views(per_view, y, "accuracy", "auto") == [0]
+    assert choose_views(per_view, y, "accuracy", "all") == [0, 1]
+    assert choose_views(per_view[::-1], y, "log_loss", "auto") == [1]
+
+
+def test_auto_policy_keeps_a_view_that_helps():
+    y = np.array([0, 0, 1, 1])
+    a = np.array([[0.9, 0.1], [0.45, 0.55], [0.2, 0.8], [0.2, 0.8]])   # weakly wrong on row 1
+    b = np.array([[0.45, 0.55], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])   # weakly wrong on row 0
+    assert choose_views(_as_logits(np.stack([a, b])), y, "accuracy", "auto") == [0, 1]
+
+
+def test_unknown_view_is_a_config_error():
+    with pytest.raises(PipelineError, match="unknown TTA view 'flip'"):
+        load_config(None, ["predict.tta=[identity,flip]"])
+    assert load_config(None, ["predict.tta=[identity,scale0.9,random3]"]).predict.tta[-1] == "random3"
