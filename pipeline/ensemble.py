@@ -19,6 +19,7 @@ import pandas as pd
 from . import blend, submission
 from . import predict as predict_stage
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
+from .config import config_hash
 from .context import Context
 from .errors import PipelineError
 
@@ -94,7 +95,7 @@ def run(ctx: Context) -> dict:
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"], "metric": metric,
                 "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], "folds_hash": folds_meta["folds_hash"],
-                "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
+                "config_hash": config_hash(ctx.cfg), "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
     print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; submission written to {path}")
