@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .artifacts import atomic_write, fingerprint, read_json
 from .context import Context

@@ -1,119 +1,147 @@
-"""Clean stage: unreadable files and exact duplicates (same decoded pixels, not just same bytes).
+"""Clean stage: unreadable and flat images, exact and near duplicates, label conflicts.
 
-Every image is decoded once (worker threads, progress bar), normalised (gray RGB counts as gray) and
-hashed. Training rows that cannot be decoded are dropped with the reason; an undecodable test image
-is an error, since the submission needs a prediction for it. Identical training images form a
-group: groups whose labels disagree are dropped (or resolved by majority), and by default one image
-of each group is kept. Train/test duplicates are reported. Writes clean.csv, duplicates.csv,
-dropped.csv and the stamp clean.json (which also records whether every image is grayscale).
+Every image (train and test) is decoded once in worker processes (pipeline/dedup.py computes its
+fingerprints). Undecodable or single-colour training images are dropped with the reason; an
+undecodable test image is an error, since the submission needs a prediction for it. Exact and near
+duplicates become groups (union-find over the pairs); groups whose training labels disagree are
+dropped or resolved by majority; one copy of each pixel-identical training group is kept. The
+raw folder is never touched. Writes clean.csv (kept rows with their group), duplicates.csv (every
+pair), dropped.csv (id, reason), report/clean.html, optionally test_label_overrides.csv, and the
+stamp clean.json.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from . import dedup, report
 from .artifacts import file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
-from .images import is_gray, load_image
 
 
-def _pixel_hash(path: str) -> tuple[str | None, bool, str | None]:
-    """(hash, is_gray, error) of the decoded pixels."""
-    try:
-        arr = load_image(path)
-    except PipelineError as exc:
-        return None, False, str(exc)
-    gray = is_gray(arr)
-    if gray and arr.ndim == 3:
-        arr = arr[..., 0]
-    digest = hashlib.sha1(str(arr.shape).encode() + arr.tobytes()).hexdigest()
-    return digest, gray, None
-
-
-def hash_images(paths: list[str], desc: str) -> list[tuple[str | None, bool, str | None]]:
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_pixel_hash, paths, chunksize=16), total=len(paths), desc=desc, unit="img", disable=None))
+def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str) -> list[dict]:
+    """dedup.image_features for every path, in worker processes, with a progress bar."""
+    job = partial(dedup.image_features, near_min_size=near_min_size)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(paths) < 64:
+        return [job(p) for p in tqdm(paths, desc=desc, unit="img", disable=None)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(job, paths, chunksize=32), total=len(paths), desc=desc, unit="img", disable=None))
 
 
 def _inputs_fingerprint(ctx: Context) -> str:
     comp = ctx.competition
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in pd.concat([comp.train.path, comp.test.path])]
     csvs = [file_digest(ctx.data_dir / f) for f in (ctx.cfg.competition.train_csv, ctx.cfg.competition.test_csv)]
-    return fingerprint("clean", csvs, stats, ctx.cfg.competition.model_dump(), ctx.cfg.clean.model_dump())
+    clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
+    return fingerprint("clean", csvs, stats, ctx.cfg.competition.model_dump(), clean_cfg)
 
 
-def _resolve_conflicts(train: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def find_pairs(frame: pd.DataFrame, threshold: int, near: bool) -> pd.DataFrame:
+    """Duplicate pairs among the rows of `frame` (positional indices a < b): exact first, then near."""
+    first = frame.groupby("pixel").cumcount() > 0
+    anchor = frame.reset_index(drop=True).groupby("pixel").ngroup()
+    first_pos = pd.Series(np.arange(len(frame))).groupby(anchor.to_numpy()).transform("first").to_numpy()
+    exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0, "kind": "exact"})
+    hashed = np.nonzero(frame["phash"].notna().to_numpy())[0]
+    if not near or len(hashed) < 2:
+        return exact
+    codes = frame["phash"].iloc[hashed].tolist(), frame["dhash"].iloc[hashed].tolist()
+    i, j, dist = dedup.near_pairs(np.array(codes[0], dtype=np.uint64), np.array(codes[1], dtype=np.uint64), threshold)
+    near_pairs = pd.DataFrame({"a": hashed[i], "b": hashed[j], "distance": dist, "kind": "near"})
+    same_pixels = frame["pixel"].to_numpy()[near_pairs["a"]] == frame["pixel"].to_numpy()[near_pairs["b"]]
+    return pd.concat([exact, near_pairs[~same_pixels]], ignore_index=True)
+
+
+def resolve_conflicts(train: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Drop (or majority-vote) duplicate groups whose labels disagree; return (kept, dropped)."""
-    n_labels = train.groupby("group")["label"].transform("nunique")
-    conflict = n_labels > 1
+    conflict = train.groupby("group")["label"].transform("nunique") > 1
     if policy == "majority":
-        counts = train[conflict].groupby(["group", "label"]).size().rename("votes").reset_index()
-        top = counts.sort_values("votes", ascending=False).groupby("group")
-        best = top.head(1).set_index("group")
-        tied = top["votes"].apply(lambda v: len(v) > 1 and v.iloc[0] == v.iloc[1])
-        winner = best["label"].where(~tied.reindex(best.index, fill_value=False))
+        votes = train[conflict].groupby(["group", "label"]).size().rename("votes").reset_index()
+        votes = votes.sort_values(["group", "votes"], ascending=[True, False])
+        top = votes.groupby("group").head(2).groupby("group")["votes"].agg(list)
+        tied = top.map(lambda v: len(v) > 1 and v[0] == v[1])
+        winner = votes.groupby("group").head(1).set_index("group")["label"][~tied]
         keep = conflict & (train["label"] == train["group"].map(winner))
-        drop_mask = conflict & ~keep
-        reason = "label conflict in duplicate group (lost the majority vote or tied)"
+        drop_mask, reason = conflict & ~keep, "label conflict in duplicate group (lost the majority vote or tied)"
     else:
-        drop_mask = conflict
-        reason = "label conflict in duplicate group"
-    dropped = train[drop_mask].assign(reason=reason)
-    return train[~drop_mask], dropped
+        drop_mask, reason = conflict, "label conflict in duplicate group"
+    return train[~drop_mask], train[drop_mask].assign(reason=reason)
 
 
-def _duplicate_pairs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each member of a group paired with the group's first member (one row per extra copy)."""
-    first = frame.drop_duplicates("group").set_index("group")
-    extra = frame[frame.duplicated("group", keep="first")]
-    return pd.DataFrame({
-        "id_a": extra["group"].map(first["id"]).to_numpy(), "split_a": extra["group"].map(first["split"]).to_numpy(),
-        "id_b": extra["id"].to_numpy(), "split_b": extra["split"].to_numpy(), "kind": "exact",
-    })
+def label_overrides(frame: pd.DataFrame, kept: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Known labels for test rows grouped with kept training rows that agree on one label."""
+    labels = kept.groupby("group")["label"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else None).dropna()
+    source = kept.drop_duplicates("group").set_index("group")["id"]
+    test = frame[(frame["split"] == "test") & frame["group"].isin(labels.index)]
+    return pd.DataFrame({"id": test["id"], "label": test["group"].map(labels), "train_id": test["group"].map(source)})
 
 
 def run(ctx: Context) -> dict:
     """Write clean.csv and its companions; skipped when the stamp matches the inputs."""
-    stamp = ctx.work_dir / "clean.json"
+    stamp, cfg = ctx.work_dir / "clean.json", ctx.cfg.clean
     fp = _inputs_fingerprint(ctx)
     if is_done(stamp, fp):
         print(f"clean: up to date ({stamp})")
         return {"skipped": True}
     comp = ctx.competition
-    train_h = hash_images(list(comp.train.path), "clean: decode train")
-    test_h = hash_images(list(comp.test.path), "clean: decode test")
-    for (digest, _, err), line in zip(test_h, range(2, len(test_h) + 2), strict=True):
-        if digest is None:
-            raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {err}; every test image must be readable")
-    train = comp.train.assign(hash=[h[0] for h in train_h], split="train")
-    test = comp.test.assign(hash=[h[0] for h in test_h], split="test", label="", y=-1)
-    unreadable = train[train.hash.isna()].assign(reason=[h[2] for h in train_h if h[0] is None])
-    frame = pd.concat([train[train.hash.notna()], test], ignore_index=True)
-    frame["group"] = pd.factorize(frame["hash"])[0]
-    pairs = _duplicate_pairs(frame)
-    kept, conflicts = _resolve_conflicts(frame[frame.split == "train"], ctx.cfg.clean.conflicts)
-    extra_copies = kept[kept.duplicated("group")] if ctx.cfg.clean.drop_exact_duplicates else kept.iloc[:0]
-    kept = kept.drop(extra_copies.index)
-    dropped = pd.concat([unreadable, conflicts, extra_copies.assign(reason="exact duplicate of a kept image")])
-    cols = ["id", "label", "y", "group", "path"]
-    write_csv(ctx.work_dir / "clean.csv", kept[cols])
-    write_csv(ctx.work_dir / "duplicates.csv", pairs)
-    write_csv(ctx.work_dir / "dropped.csv", dropped[["id", "label", "reason"]])
-    summary = {
-        "train_rows": len(train), "kept": len(kept), "unreadable": len(unreadable), "conflicts_dropped": len(conflicts),
-        "duplicates_dropped": len(extra_copies), "duplicate_pairs": len(pairs),
-        "train_test_pairs": int(((pairs.split_a == "train") != (pairs.split_b == "train")).sum()),
-        "all_gray": bool(np.all([h[1] for h in train_h + test_h if h[0] is not None])),
-    }
-    write_json(ctx.work_dir / "classes.json", {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
+    feats = compute_features(list(comp.train.path) + list(comp.test.path), cfg.near_min_size, cfg.workers, "clean: decode + hash")
+    frame = pd.concat([comp.train.assign(split="train"), comp.test.assign(split="test", label="", y=-1)], ignore_index=True)
+    frame = pd.concat([frame, pd.DataFrame(feats)], axis=1)
+    test_err = frame[(frame.split == "test") & frame.error.notna()]
+    if len(test_err):
+        line = int(test_err.index[0]) - len(comp.train) + 2
+        raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
+    bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split == "train") & cfg.drop_flat)
+    dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
+    frame = frame[~bad].reset_index(drop=True)
+    pairs = find_pairs(frame, cfg.near_threshold, cfg.near_duplicates)
+    frame["group"] = dedup.groups(len(frame), pairs["a"].to_numpy(), pairs["b"].to_numpy())
+    kept, conflicts = resolve_conflicts(frame[frame.split == "train"], cfg.conflicts)
+    copies = kept[kept.duplicated("pixel")] if cfg.drop_exact_duplicates else kept.iloc[:0]
+    kept = kept.drop(copies.index)
+    dropped += [conflicts, copies.assign(reason="exact duplicate of a kept image")]
+    summary = _write_outputs(ctx, frame, kept, pd.concat(dropped), pairs)
     write_stamp(stamp, fp, classes=comp.classes, **summary)
     print("clean: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
+
+
+def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    comp, cfg, work = ctx.competition, ctx.cfg.clean, ctx.work_dir
+    cols = ["id", "label", "y", "group", "path"] + (["user_group"] if "user_group" in kept.columns else [])
+    write_csv(work / "clean.csv", kept[cols])
+    a, b = frame.iloc[pairs["a"]].reset_index(drop=True), frame.iloc[pairs["b"]].reset_index(drop=True)
+    dup = pd.DataFrame({"id_a": a.id, "split_a": a.split, "label_a": a.label, "id_b": b.id, "split_b": b.split, "label_b": b.label,
+                        "kind": pairs["kind"], "distance": pairs["distance"], "group": a.group,
+                        "phash_a": a.phash.map(_hex), "phash_b": b.phash.map(_hex)})
+    write_csv(work / "duplicates.csv", dup)
+    write_csv(work / "dropped.csv", dropped[["id", "split", "label", "reason"]])
+    write_json(work / "classes.json", {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
+    overrides = label_overrides(frame, kept, pairs)
+    if cfg.transfer_test_labels:
+        write_csv(work / "test_label_overrides.csv", overrides)
+    elif (work / "test_label_overrides.csv").exists():
+        os.remove(work / "test_label_overrides.csv")  # our own artifact from an earlier opt-in run
+    cross = dup[(dup.split_a == "train") != (dup.split_b == "train")]
+    summary = {
+        "train_rows": len(comp.train), "kept": len(kept), "unreadable": int(dropped.reason.str.contains("cannot decode").sum()),
+        "flat": int((dropped.reason == "single flat colour").sum()), "conflicts_dropped": int(dropped.reason.str.startswith("label conflict").sum()),
+        "duplicates_dropped": int((dropped.reason == "exact duplicate of a kept image").sum()),
+        "exact_pairs": int((pairs.kind == "exact").sum()), "near_pairs": int((pairs.kind == "near").sum()),
+        "train_test_pairs": len(cross), "test_labels_known": len(overrides), "test_labels_transferred": len(overrides) if cfg.transfer_test_labels else 0,
+        "not_near_hashed": int(frame.phash.isna().sum()), "all_gray": bool(frame.gray.all()),
+    }
+    report.write_clean_report(work / "report" / "clean.html", frame, dup, dropped, summary, cfg.report_groups)
+    return summary
+
+
+def _hex(code) -> str:
+    return "" if not isinstance(code, list) else f"{code[0]:016x}"

@@ -69,7 +69,7 @@ def _detect_label(train: pd.DataFrame, test: pd.DataFrame, id_col: str, cfg: Com
         if cfg.label_column not in train.columns:
             raise PipelineError(f"{path}: column '{cfg.label_column}' (competition.label_column) missing; columns are {list(train.columns)}")
         return cfg.label_column
-    extra = [c for c in train.columns if c not in set(test.columns) and c != id_col]
+    extra = [c for c in train.columns if c not in set(test.columns) and c not in (id_col, cfg.group_column)]
     if len(extra) == 1:
         return extra[0]
     for cand in LABEL_CANDIDATES:
@@ -150,6 +150,10 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
         "label": train_raw[label_col],
     })
     train["y"] = train["label"].map(index).astype(int)
+    if cfg.group_column:
+        if cfg.group_column not in train_raw.columns:
+            raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; columns are {list(train_raw.columns)}")
+        train["user_group"] = train_raw[cfg.group_column]
     test = pd.DataFrame({"id": test_raw[id_col], "path": _resolve_paths(test_raw, id_col, root, cfg, test_csv)})
     sample_path = root / cfg.sample_submission_csv
     sample = _read_csv(sample_path) if sample_path.is_file() else None

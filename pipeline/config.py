@@ -34,6 +34,7 @@ class CompetitionConfig(Section):
     sample_submission_csv: str = Field("sample_submission.csv", description="optional; fixes submission columns and row order")
     id_column: str | None = Field(None, description="image id/path column; null: detected (image, id, filename, ...)")
     label_column: str | None = Field(None, description="label column of train.csv; null: the one column test.csv lacks")
+    group_column: str | None = Field(None, description="optional train.csv column of groups that must share a fold (e.g. patient id)")
     image_dir: str = Field("", description="folder inside DATA prefixed to every id (for CSVs that hold bare ids)")
     image_suffix: str = Field("", description="extension appended to every id, e.g. '.jpg' (for CSVs that hold bare ids)")
     metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field("accuracy", description="competition metric used for best checkpoints and CV scores")
@@ -42,7 +43,14 @@ class CompetitionConfig(Section):
 
 class CleanConfig(Section):
     drop_exact_duplicates: bool = Field(True, description="keep one image of each group of pixel-identical training images")
+    near_duplicates: bool = Field(True, description="also group near duplicates (re-encoded, resized, cropped <= 5%, recoloured)")
+    near_threshold: int = Field(14, ge=0, le=15, description="max pHash + dHash Hamming distance (of 128 bits) for a near-duplicate pair")
+    near_min_size: int = Field(32, ge=1, description="images with a side below this get exact checks only (too few pixels for perceptual hashes)")
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
+    drop_flat: bool = Field(True, description="drop training images of one flat colour")
+    transfer_test_labels: bool = Field(False, description="submit the known label for test images that duplicate training images (opt-in)")
+    workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
+    report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")
 
 
 class FoldsConfig(Section):

@@ -70,7 +70,8 @@ def run(ctx: Context) -> dict:
     folds_meta = read_json(ctx.work_dir / "folds.json")
     models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
     sample = ctx.data_dir / ctx.cfg.competition.sample_submission_csv
-    fp = fingerprint("ensemble", sorted((n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()),
+    overrides = ctx.work_dir / "test_label_overrides.csv"
+    fp = fingerprint("ensemble", file_digest(overrides) if ctx.cfg.clean.transfer_test_labels and overrides.exists() else None, sorted((n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()),
                      cfg.model_dump(), ctx.cfg.competition.metric, file_digest(sample) if sample.is_file() else None)
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
     if is_done(stamp, fp) and sub_path.exists():
@@ -93,6 +94,10 @@ def run(ctx: Context) -> dict:
     test_proba = blend.combine(T, weights, chosen["how"])
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
+    overrides = ctx.work_dir / "test_label_overrides.csv"
+    if ctx.cfg.clean.transfer_test_labels and overrides.exists():
+        frame, n = submission.apply_overrides(frame, comp, overrides)
+        print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate ({overrides})")
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"], "metric": metric,
                 "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], "folds_hash": folds_meta["folds_hash"],
                 "config_hash": config_hash(ctx.cfg), "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}

@@ -1,6 +1,8 @@
 """Folds stage: StratifiedGroupKFold with duplicate groups as groups, so no group spans two folds.
 
-Writes folds.csv (clean.csv plus a `fold` column) and the stamp folds.json, whose `folds_hash`
+Groups are the clean stage's duplicate groups, merged with `competition.group_column` (e.g. a
+patient id) when set. Writes folds.csv (clean.csv plus `split_group`, `fold` and `folds_hash`
+columns) and the stamp folds.json, whose `folds_hash`
 every later artifact records: training and ensembling refuse predictions made on another split.
 """
 
@@ -12,21 +14,31 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from . import clean
+from . import clean, dedup
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .context import Context
 from .errors import PipelineError
 
 
-def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
-    """Fold index per row; rows sharing a `group` always share a fold."""
-    if frame["group"].nunique() < n_splits:
-        raise PipelineError(f"folds.n_splits={n_splits} but only {frame['group'].nunique()} distinct images; lower folds.n_splits")
+def split_groups(frame: pd.DataFrame) -> np.ndarray:
+    """Duplicate groups merged with the user's group column (e.g. patient id): connected components."""
+    if "user_group" not in frame.columns:
+        return frame["group"].to_numpy()
+    pos = pd.Series(np.arange(len(frame)))
+    firsts = [pos.groupby(frame[col].to_numpy()).transform("first").to_numpy() for col in ("group", "user_group")]
+    return dedup.groups(len(frame), np.concatenate(firsts), np.concatenate([pos.to_numpy()] * 2))
+
+
+def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold index per row; rows sharing a group (default: the `group` column) always share a fold."""
+    groups = frame["group"].to_numpy() if groups is None else groups
+    if len(np.unique(groups)) < n_splits:
+        raise PipelineError(f"folds.n_splits={n_splits} but only {len(np.unique(groups))} independent groups of images; lower folds.n_splits")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fold = np.full(len(frame), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the small-class warning is ours to print (below)
-        for k, (_, held) in enumerate(splitter.split(frame, frame["y"], frame["group"])):
+        for k, (_, held) in enumerate(splitter.split(frame, frame["y"], groups)):
             fold[held] = k
     return fold
 
@@ -36,7 +48,7 @@ def fold_report(frame: pd.DataFrame) -> dict:
     overall = frame["y"].value_counts(normalize=True)
     share = frame.groupby("fold")["y"].value_counts(normalize=True).unstack(fill_value=0.0)
     deviation = float((share - overall.reindex(share.columns)).abs().to_numpy().max())
-    groups_per_fold = frame.groupby("group")["fold"].nunique()
+    groups_per_fold = frame.groupby("split_group" if "split_group" in frame else "group")["fold"].nunique()
     return {"sizes": frame["fold"].value_counts().sort_index().tolist(), "max_class_share_deviation": round(deviation, 4),
             "groups_spanning_folds": int((groups_per_fold > 1).sum())}
 
@@ -49,12 +61,14 @@ def run(ctx: Context) -> dict:
     if is_done(stamp, fp):
         print(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
-    frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str}, keep_default_na=False)
+    frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str}, keep_default_na=False)
     small = frame["label"].value_counts()
     small = small[small < cfg.n_splits]
     if len(small):
         print(f"folds: warning: classes with fewer samples than folds ({cfg.n_splits}): {dict(small)}; some folds will lack them")
-    frame["fold"] = assign_folds(frame, cfg.n_splits, cfg.seed)
+    frame["split_group"] = split_groups(frame)
+    frame["fold"] = assign_folds(frame, cfg.n_splits, cfg.seed, frame["split_group"].to_numpy())
+    frame["folds_hash"] = fp
     report = fold_report(frame)
     if report["groups_spanning_folds"]:
         raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; this is a bug, please report it")

@@ -50,6 +50,21 @@ def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str)
     return pd.DataFrame({comp.id_column: rows.index.to_numpy(), label_col: labels})
 
 
+def apply_overrides(frame: pd.DataFrame, comp: Competition, path: Path) -> tuple[pd.DataFrame, int]:
+    """Known test labels from train duplicates (clean.transfer_test_labels): label, or one-hot probabilities."""
+    overrides = pd.read_csv(path, dtype=str, keep_default_na=False).set_index("id")["label"]
+    hit = frame[comp.id_column].isin(overrides.index)
+    out = frame.copy()
+    known = frame.loc[hit, comp.id_column].map(overrides)
+    value_cols = [c for c in frame.columns if c != comp.id_column]
+    if set(value_cols) == set(comp.classes) and len(comp.classes) > 1:
+        for cls in value_cols:
+            out.loc[hit, cls] = (known == cls).astype(float)
+    else:
+        out.loc[hit, value_cols[0]] = known
+    return out, int(hit.sum())
+
+
 def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission") -> None:
     """Raise a one-line PipelineError for the first problem found."""
     id_col = comp.id_column

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import folds as folds_stage
 from .artifacts import atomic_write, fingerprint, is_done, read_json, write_csv, write_stamp, write_text

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .metrics import GREATER_IS_BETTER, is_better, score
 

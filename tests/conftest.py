@@ -35,6 +35,28 @@ def write_competition(root: Path, n_per_class: int = 4, classes=("cat", "dog"), 
     return root
 
 
+def natural_image(seed: int, size: int = 128) -> Image.Image:
+    """A natural-looking RGB picture: smooth colour background, 4-8 random shapes, mild noise."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(4, 9))):
+        x0, y0 = (int(v) for v in rng.integers(-size // 6, size, 2))
+        w, h = (int(v) for v in rng.integers(size // 12, size // 2, 2))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        shape = int(rng.integers(0, 3))
+        if shape == 0:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
+        elif shape == 1:
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
+        else:
+            draw.line([x0, y0, x0 + w, y0 + h], fill=colour, width=int(rng.integers(2, 8)))
+    noisy = np.asarray(im, dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
 @pytest.fixture
 def comp_dir(tmp_path: Path) -> Path:
     return write_competition(tmp_path / "comp")

@@ -41,7 +41,7 @@ def test_exact_duplicates_and_conflicts_are_found(tmp_path: Path):
     kept = pd.read_csv(ctx.work_dir / "clean.csv", dtype=str)
     dropped = pd.read_csv(ctx.work_dir / "dropped.csv", dtype=str)
     pairs = pd.read_csv(ctx.work_dir / "duplicates.csv", dtype=str)
-    assert summary["duplicate_pairs"] == 3 and summary["conflicts_dropped"] == 2
+    assert summary["exact_pairs"] == 3 and summary["conflicts_dropped"] == 2 and summary["near_pairs"] == 0
     assert not kept["id"].isin(["img/cat_1.png", "img/cat_1_as_dog.png"]).any()
     assert dropped.set_index("id").loc["img/cat_copy.png", "reason"].startswith("exact duplicate")
     assert set(pairs["id_b"]) == {"img/cat_copy.png", "img/cat_1_as_dog.png", "img/gray_as_rgb.png"}

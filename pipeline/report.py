@@ -1,0 +1,65 @@
+"""report/clean.html: the clean stage's counts and every duplicate group as thumbnails.
+
+One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose
+labels disagree come first, outlined in red.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from .artifacts import write_text
+from .errors import PipelineError
+from .images import load_image
+
+STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.group{display:flex;gap:8px;margin:8px 0;padding:6px;
+border:2px solid #ddd;border-radius:6px;align-items:flex-start}.conflict{border-color:#d33;background:#fff3f3}
+.item{font-size:11px;max-width:110px;word-break:break-all}.item img{display:block;image-rendering:pixelated;
+width:96px;height:96px;object-fit:contain;background:#eee}.tag{color:#d33;font-weight:bold}"""
+
+
+def thumbnail(path: str, size: int = 96) -> str:
+    """A data: URI of a small PNG of the image (or an empty string when it cannot be decoded)."""
+    try:
+        arr = load_image(path)
+    except PipelineError:
+        return ""
+    im = Image.fromarray(arr)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _group_html(members: pd.DataFrame, conflict: bool) -> str:
+    items = []
+    for row in members.itertuples():
+        label = f"label {html.escape(str(row.label))}" if row.split == "train" else "test"
+        items.append(f'<div class="item"><img src="{thumbnail(row.path)}" alt=""><b>{html.escape(str(row.id))}</b><br>{label}</div>')
+    tag = '<div class="tag">labels disagree</div>' if conflict else ""
+    return f'<div class="group{" conflict" if conflict else ""}">{tag}{"".join(items)}</div>'
+
+
+def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dropped: pd.DataFrame, summary: dict,
+                       max_groups: int) -> Path:
+    sizes = frame.groupby("group").size()
+    multi = frame[frame["group"].isin(sizes[sizes > 1].index)]
+    train_labels = multi[multi["split"] == "train"].groupby("group")["label"].nunique()
+    conflict = set(train_labels[train_labels > 1].index)
+    order = sorted(multi["group"].unique(), key=lambda g: (g not in conflict, -sizes[g], g))
+    counts = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in summary.items())
+    reasons = dropped["reason"].str.split(":").str[0].value_counts() if len(dropped) else pd.Series(dtype=int)
+    drop_rows = "".join(f"<tr><td>{html.escape(str(r))}</td><td>{n}</td></tr>" for r, n in reasons.items())
+    groups = "".join(_group_html(multi[multi["group"] == g], g in conflict) for g in order[:max_groups])
+    more = f"<p>{len(order) - max_groups} more groups not shown (clean.report_groups).</p>" if len(order) > max_groups else ""
+    body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2><table><tr><th>reason</th><th>rows</th></tr>{drop_rows}</table>"
+            f"<h2>Duplicate groups ({len(order)}; {len(conflict)} with disagreeing labels; {len(pairs)} pairs)</h2>{groups}{more}")
+    page = f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head><body>{body}</body></html>'
+    return write_text(path, page)
