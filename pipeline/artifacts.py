@@ -20,6 +20,15 @@ from typing import Any
 import pandas as pd
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files private (0600)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_path), then rename tmp_path to path (same folder, so the rename is atomic)."""
     path = Path(path)
@@ -28,6 +37,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -79,3 +79,16 @@ def test_score_file(tmp_path: Path):
     sub.iloc[:3].to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(PipelineError, match="ids do not match"):
         submission.score_file(tmp_path / "short.csv", tmp_path / "sol.csv")
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path: Path):
+    import os
+    import stat
+
+    from pipeline.artifacts import write_text
+
+    path = write_text(tmp_path / "x.txt", "hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask and path.read_text() == "hi"
+    assert not list(tmp_path.glob(".x.txt.*"))  # no temporary file left behind
