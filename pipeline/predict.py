@@ -39,7 +39,11 @@ def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch
     if meta["classes"] != classes:
         raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; rerun `make train`")
     model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
-    model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - truncated file, foreign tensors: the same fix
+        raise PipelineError(f"{run_dir}/best.safetensors: unreadable or not this model's weights ({type(exc).__name__}); "
+                            f"delete {run_dir} and rerun `make train`") from None
     return model, meta
 
 

@@ -65,7 +65,7 @@ def test_pretrained_offline_is_a_one_line_error_naming_the_key():
                           "from pipeline.errors import PipelineError\n"
                           f"try:\n    exec({code!r})\nexcept PipelineError as e:\n    print(e); sys.exit(2)"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "model.pretrained" in res.stdout and "set model.pretrained=false" in res.stdout
+    assert res.returncode == 2 and "model.pretrained" in res.stdout and "model.pretrained_path" in res.stdout
 
 
 def test_folds_to_train_checks_range():

@@ -1,0 +1,263 @@
+"""The training loop of one (backbone, fold): epochs, checkpoints and exact resume.
+
+Every epoch reseeds all randomness from (seed, epoch): torch, numpy (timm's Mixup), the
+albumentations pipeline and the batch order. An epoch's result therefore depends only on the
+weights and optimizer state it starts from, which `last` stores (weights, EMA weights, optimizer,
+scheduler, grad scaler, epoch, best metric, history). A run killed at any point restarts from the
+last finished epoch and ends with the same weights and metrics as an uninterrupted run (CPU).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .artifacts import atomic_write
+from .augment import mixer, train_transform
+from .config import TrainConfig
+from .metrics import is_better, score
+
+
+class ArrayDataset(Dataset):
+    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform=None):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = np.array(self.images[i])
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
+
+
+def to_input(x: torch.Tensor, norm: dict, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW -> normalised float on device (mean/std kept in the checkpoint metadata)."""
+    mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
+    out = (x.to(device, non_blocking=True).float().div_(255.0) - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else out
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, device: torch.device, batch_size: int) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        out.append(model(to_input(x, norm, device)).float().softmax(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy with probability targets (Mixup, label smoothing) and optional class weights,
+    normalised like torch's weighted cross-entropy (by the targets' total weight)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    if weight is None:
+        return -(target * logp).sum(1).mean()
+    return -(target * logp * weight).sum() / (target * weight).sum()
+
+
+def class_weights(spec, targets: np.ndarray, n_classes: int) -> torch.Tensor | None:
+    """None, sklearn-style 'balanced' weights (n / (k * count)), or the given list."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
+        return torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    if len(spec) != n_classes:
+        from .errors import PipelineError
+
+        raise PipelineError(f"train.class_weights: {len(spec)} weights for {n_classes} classes")
+    return torch.tensor(spec, dtype=torch.float32)
+
+
+@dataclass
+class FoldData:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    n_classes: int
+    norm: dict
+    metric: str
+
+
+@dataclass
+class Trainer:
+    """Owns the model, optimizer, schedule, EMA and the loop; `run_dir` holds last.* and best.*."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    data: FoldData
+    run_dir: Path
+    fingerprint: str
+    device: torch.device
+    seed: int
+    desc: str = ""
+    history: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.transform = train_transform(self.cfg, self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.loader = DataLoader(ArrayDataset(self.data.train_x, self.data.train_y, self.transform), batch_size=self.cfg.batch_size,
+                                 shuffle=True, drop_last=len(self.data.train_x) > self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                                 pin_memory=self.device.type == "cuda", generator=self.generator,
+                                 worker_init_fn=_seed_worker if self.cfg.num_workers else None)
+        self.updates_per_epoch = max(1, len(self.loader) // self.cfg.accumulate)
+        self.scheduler = self._scheduler()
+        self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema else None
+        fp16 = self.cfg.amp and self.device.type == "cuda" and self.cfg.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.amp = self.cfg.amp and self.device.type == "cuda"
+        self.weights = class_weights(self.cfg.class_weights, self.data.train_y, self.data.n_classes)
+        self.mix = mixer(self.cfg, self.data.n_classes)
+        self.epoch, self.updates, self.best, self.best_epoch, self.bad_epochs = 0, 0, None, 0, 0
+
+    def _scheduler(self):
+        steps, cfg = self.updates_per_epoch, self.cfg
+        if cfg.schedule == "plateau":
+            mode = "max" if is_better(self.data.metric, 1.0, 0.0) else "min"
+            return PlateauLRScheduler(self.optimizer, decay_rate=cfg.plateau_factor, patience_t=cfg.plateau_patience, mode=mode,
+                                      warmup_t=int(round(cfg.warmup_epochs)), warmup_lr_init=cfg.lr * 0.01, lr_min=cfg.min_lr)
+        return CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
+                                 warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save_last(self) -> None:
+        weights = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.module.state_dict().items()})
+        meta = {"epoch": str(self.epoch), "fingerprint": self.fingerprint}
+        atomic_write(self.run_dir / "last.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=meta))
+        state = {"epoch": self.epoch, "fingerprint": self.fingerprint, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "updates": self.updates,
+                 "best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "history": self.history}
+        atomic_write(self.run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+    def resume(self) -> bool:
+        """Continue from last.* when both files exist, belong to this config and agree on the epoch."""
+        try:
+            state = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=True)
+            weights = load_file(str(self.run_dir / "last.safetensors"))
+            from safetensors import safe_open
+
+            with safe_open(str(self.run_dir / "last.safetensors"), "pt") as fh:
+                meta = fh.metadata()
+        except (FileNotFoundError, RuntimeError, OSError, EOFError):
+            return False
+        if state.get("fingerprint") != self.fingerprint or meta.get("epoch") != str(state.get("epoch")):
+            return False
+        self.model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        if self.ema is not None:
+            self.ema.module.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key in ("epoch", "updates", "best", "best_epoch", "bad_epochs", "history"):
+            setattr(self, key, state[key])
+        return True
+
+    def save_best(self, model: torch.nn.Module) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(self.run_dir / "best.safetensors", lambda tmp: save_file(state, str(tmp)))
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _reseed(self, epoch: int) -> None:
+        epoch_seed = self.seed * 1000 + epoch
+        torch.manual_seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        random.seed(epoch_seed)
+        self.transform.set_random_seed(epoch_seed)
+        self.generator.manual_seed(epoch_seed)
+
+    def _step(self) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.updates)
+        if self.cfg.schedule == "cosine":
+            self.scheduler.step_update(self.updates)
+
+    def train_epoch(self) -> tuple[float, float]:
+        self.model.train()
+        mixing = self.mix is not None and (self.cfg.mix_off_epoch == 0 or self.epoch < self.cfg.mix_off_epoch)
+        weight = None if self.weights is None else self.weights.to(self.device)
+        total, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(self.loader, desc=f"{self.desc} epoch {self.epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(bar, 1):
+            x, y = to_input(x, self.data.norm, self.device), y.to(self.device)
+            if mixing:
+                x, target = self.mix(x, y)
+            else:
+                target = F.one_hot(y, self.data.n_classes).float()
+                target = target * (1 - self.cfg.label_smoothing) + self.cfg.label_smoothing / self.data.n_classes
+            with torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.amp_dtype), enabled=self.amp):
+                logits = self.model(x)
+            loss = soft_cross_entropy(logits, target, weight)
+            self.scaler.scale(loss / self.cfg.accumulate).backward()
+            if i % self.cfg.accumulate == 0 or i == len(self.loader):
+                self._step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == target.argmax(1)).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        return total / seen, correct / seen
+
+    def fit(self) -> dict:
+        """Train to the last epoch (or early stop), resuming when possible; returns the best epoch's summary."""
+        if self.resume():
+            print(f"train: {self.desc} resumes after epoch {self.epoch}")
+        metric = self.data.metric
+        while self.epoch < self.cfg.epochs and not (self.cfg.early_stopping and self.bad_epochs >= self.cfg.early_stopping):
+            self.epoch += 1
+            self._reseed(self.epoch)
+            t0 = time.perf_counter()
+            loss, acc = self.train_epoch()
+            evaluated = self.ema.module if self.ema is not None else self.model
+            proba = predict_proba(evaluated, self.data.val_x, self.data.norm, self.device, self.cfg.batch_size * 2)
+            val = score(metric, self.data.val_y, proba)
+            if self.cfg.schedule == "plateau":
+                self.scheduler.step(self.epoch, val)
+            self.history.append({"epoch": self.epoch, "train_loss": loss, "train_acc": acc, "val_acc": score("accuracy", self.data.val_y, proba),
+                                 f"val_{metric}": val, "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+            if is_better(metric, val, self.best):
+                self.best, self.best_epoch, self.bad_epochs = val, self.epoch, 0
+                self.save_best(evaluated)
+            else:
+                self.bad_epochs += 1
+            self.save_last()
+            print(f"train: {self.desc} epoch {self.epoch}: loss {loss:.4f} acc {acc:.4f} val {metric} {val:.4f}")
+        return {"epoch": self.best_epoch, "metric": self.best, "epochs_run": self.epoch, "history": self.history}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy, random and the augmentation pipeline follow torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(seed) if info.dataset.transform is not None else None

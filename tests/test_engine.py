@@ -1,0 +1,200 @@
+"""Training engine: resume, fine-tuning, frozen stages, head lr, Mixup/CutMix, class weights, course nets."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import train
+from pipeline.augment import mixer, train_transform
+from pipeline.classic import CLASSIC
+from pipeline.config import TrainConfig, load_config
+from pipeline.context import Context
+from pipeline.digits import build_digits
+from pipeline.engine import class_weights, soft_cross_entropy
+from pipeline.errors import PipelineError
+from pipeline.models import build_model, freeze, head_parameter_names, load_pretrained, make_optimizer, param_groups
+
+from .conftest import REPO
+
+TINY = ["folds.n_splits=2", "train.folds=[0]", "train.image_size=16", "train.batch_size=16", "model.backbones=[resnet10t]"]
+
+
+def _train_cmd(data: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--config", str(REPO / "configs" / "digits.yaml"),
+            "--work", str(work), *TINY, *extra]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(small_digits: Path, tmp_path: Path):
+    epochs = "train.epochs=5"
+    subprocess.run(_train_cmd(small_digits, tmp_path / "straight", epochs), check=True, capture_output=True, cwd=REPO, timeout=600)
+    run = tmp_path / "killed" / "runs" / "resnet10t" / "fold0"
+    proc = subprocess.Popen(_train_cmd(small_digits, tmp_path / "killed", epochs), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if torch.load(run / "last.pt", weights_only=True)["epoch"] >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    assert not (run / "best.json").exists()
+    out = subprocess.run(_train_cmd(small_digits, tmp_path / "killed", epochs), check=True, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert "resumes after epoch" in out.stdout
+    straight_dir = tmp_path / "straight" / "runs" / "resnet10t" / "fold0"
+    for name in ("best.safetensors", "last.safetensors"):
+        a, b = load_file(str(straight_dir / name)), load_file(str(run / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    cols = ["epoch", "train_loss", "train_acc", "val_accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(straight_dir / "history.csv")[cols], pd.read_csv(run / "history.csv")[cols])
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_file_trained_on_another_competition(tmp_path: Path):
+    """Train on digits 0-4 ("pretraining"), fine-tune on digits 5-9: body weights arrive, the head is new."""
+    full = build_digits(tmp_path / "all", limit=300)
+    frames = {name: pd.read_csv(full / name) for name in ("train.csv", "test.csv")}
+    solution = pd.read_csv(full.parent / "all_solution.csv")
+    for part, keep in (("low", lambda y: y < 5), ("high", lambda y: y >= 5)):
+        out = tmp_path / part
+        out.mkdir()
+        shutil.copytree(full / "images", out / "images")
+        frames["train.csv"][keep(frames["train.csv"].label)].to_csv(out / "train.csv", index=False)
+        solution[keep(solution.label)][["image"]].to_csv(out / "test.csv", index=False)
+    ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1"]), tmp_path / "low", tmp_path / "w1")
+    train.run(ctx)
+    source = tmp_path / "w1" / "runs" / "resnet10t" / "fold0" / "best.safetensors"
+    model = build_model("resnet10t", 5, 1)
+    report = load_pretrained(model, source)
+    before = load_file(str(source))
+    state = model.state_dict()
+    assert torch.equal(state["conv1.0.weight"], before["conv1.0.weight"]) and report["loaded"] > 10
+    assert set(report["new"]) == {"fc.weight", "fc.bias"}  # same shapes (5 classes), still not copied: a new head
+    ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1", f"model.pretrained_path={source}"]),
+                  tmp_path / "high", tmp_path / "w2")
+    meta = train.run(ctx)
+    best = pd.read_json(tmp_path / "w2" / "runs" / "resnet10t" / "fold0" / "best.json", typ="series")
+    assert best["fine_tuned"] and best["norm"]["mean"] == [pytest.approx(0.449)] and best["classes"] == ["5", "6", "7", "8", "9"]
+    assert list(meta.values())[0] > 0
+
+
+def test_pretrained_rgb_weights_adapt_to_one_channel(tmp_path: Path):
+    rgb = build_model("resnet10t", 10, 3)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "rgb.safetensors"))
+    gray = build_model("resnet10t", 4, 1)
+    load_pretrained(gray, tmp_path / "rgb.safetensors")
+    expected = rgb.state_dict()["conv1.0.weight"].sum(1, keepdim=True)
+    assert torch.allclose(gray.state_dict()["conv1.0.weight"], expected)
+
+
+def test_unreadable_or_foreign_pretrained_files_are_refused(tmp_path: Path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="not a readable safetensors/torch checkpoint"):
+        load_pretrained(build_model("resnet10t", 3, 3), tmp_path / "bad.safetensors")
+    save_file({"something.else": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PipelineError, match="none of the 1 tensors"):
+        load_pretrained(build_model("resnet10t", 3, 3), tmp_path / "other.safetensors")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "code": print}, tmp_path / "pickled.pth")
+    with pytest.raises(PipelineError, match="not a readable"):  # weights_only refuses the pickled function
+        load_pretrained(build_model("resnet10t", 3, 3), tmp_path / "pickled.pth")
+
+
+def test_head_learning_rate_multiplier_in_param_groups():
+    model = build_model("resnet10t", 5, 3)
+    groups = param_groups(model, lr=0.01, weight_decay=0.05, head_mult=10)
+    head = [g for g in groups if g["is_head"]]
+    assert {g["lr"] for g in head} == {0.1} and {g["lr"] for g in groups if not g["is_head"]} == {0.01}
+    head_params = {id(p) for g in head for p in g["params"]}
+    assert head_params == {id(p) for p in model.get_classifier().parameters()}
+    assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim <= 1 for p in g["params"]))
+    opt = make_optimizer("sgd", groups, 0.01, 0.9, True)
+    assert opt.param_groups[0]["nesterov"] and len(opt.param_groups) == len(groups)
+
+
+def test_frozen_parameters_do_not_change_after_a_step():
+    torch.manual_seed(0)
+    model = build_model("resnet10t", 3, 3)
+    assert freeze(model, ["conv1", "bn1"]) > 0
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("conv1", "bn1"))}
+    head_before = model.fc.weight.detach().clone()
+    opt = make_optimizer("adamw", param_groups(model, 0.1, 0.0, 1.0), 0.1, 0.9, False)
+    loss = model(torch.randn(4, 3, 16, 16)).sum()
+    loss.backward()
+    opt.step()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert not torch.equal(params["fc.weight"], head_before)  # the rest does learn
+    with pytest.raises(PipelineError, match="model.freeze"):
+        freeze(model, ["no_such_layer"])
+
+
+def test_mixup_and_cutmix_change_targets_as_specified():
+    cfg = TrainConfig(mixup_alpha=0.4, cutmix_alpha=0.0, label_smoothing=0.0)
+    np.random.seed(0)
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    mixed, target = mixer(cfg, 4)(x.clone(), y)
+    lam = target[0, y[0]].item()  # timm mixes each row with the batch reversed
+    assert torch.allclose(mixed, x * lam + x.flip(0) * (1 - lam), atol=1e-5)
+    assert torch.allclose(target.sum(1), torch.ones(8))
+    cut = TrainConfig(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1)
+    np.random.seed(1)
+    _, target = mixer(cut, 4)(torch.rand(8, 3, 16, 16), y)
+    assert (target > 0).sum(1).min() >= 2 and torch.allclose(target.sum(1), torch.ones(8))  # smoothing spreads mass
+    assert mixer(TrainConfig(), 4) is None
+
+
+def test_class_weights_and_weighted_soft_loss():
+    w = class_weights("balanced", np.array([0, 0, 0, 1]), 2)
+    assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    ours = soft_cross_entropy(logits, torch.nn.functional.one_hot(y, 3).float(), weight)
+    assert torch.allclose(ours, torch.nn.functional.cross_entropy(logits, y, weight=weight))
+    with pytest.raises(PipelineError, match="3 weights for 2 classes"):
+        class_weights([1, 2, 3], np.array([0, 1]), 2)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIC))
+def test_course_nets_follow_classes_channels_and_small_sizes(name):
+    model = build_model(name, 7, 1).eval()
+    for size in (16, 32):
+        assert model(torch.zeros(2, 1, size, size)).shape == (2, 7)
+    assert head_parameter_names(model)
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "medium", "heavy"])
+def test_augmentation_presets_keep_shape_and_dtype(preset):
+    cfg = TrainConfig(augment=preset, image_size=24, transforms=[{"CoarseDropout": {"p": 1.0}}])
+    image = np.random.default_rng(0).integers(0, 255, (24, 24, 1), dtype=np.uint8)
+    out = train_transform(cfg, seed=0)(image=image)["image"]
+    assert out.shape == (24, 24, 1) and out.dtype == np.uint8
+
+
+def test_unknown_transform_is_a_clear_error():
+    with pytest.raises(PipelineError, match="albumentations has no transform 'Blurr'"):
+        train_transform(TrainConfig(transforms=[{"Blurr": {}}]), 0)
+
+
+@pytest.mark.slow
+def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digits: Path, tmp_path: Path):
+    overrides = [*TINY, "model.backbones=[d2l_lenet]", "train.epochs=4", "train.optimizer=sgd", "train.lr=0.05", "train.schedule=plateau",
+                 "train.ema=true", "train.ema_decay=0.9", "train.accumulate=2", "train.grad_clip=1.0", "train.class_weights=balanced",
+                 "train.label_smoothing=0.1", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_off_epoch=3",
+                 "train.early_stopping=1", "train.augment=medium"]
+    ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / "w")
+    train.run(ctx)
+    meta = pd.read_json(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "best.json", typ="series")
+    history = pd.read_csv(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "history.csv")
+    assert meta["ema"] and 1 <= meta["epochs_run"] <= 4 and len(history) == meta["epochs_run"]
+    assert np.isfinite(history["train_loss"]).all()
