@@ -8,6 +8,7 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def dispatch(args: argparse.Namespace) -> None:
     if args.command in STAGES:
         ctx = Context(load_config(args.config, args.overrides), args.data, args.work, args.submissions)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        ctx.save_config()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+            ctx.save_config()
         STAGES[args.command](ctx)
     elif args.command == "make-digits":
         out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed
 from .artifacts import atomic_write
 from .augment import mixer, train_transform
 from .config import TrainConfig
@@ -101,7 +102,7 @@ class FoldData:
 class Trainer:
     """Owns the model, optimizer, schedule, EMA and the loop; `run_dir` holds last.* and best.*."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the plain module: its state_dict is what checkpoints hold
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig
     data: FoldData
@@ -110,15 +111,20 @@ class Trainer:
     device: torch.device
     seed: int
     desc: str = ""
+    net: torch.nn.Module | None = None  # what runs the forward pass: the model, or its DDP / compiled wrapper
     history: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.net = self.net or self.model
         self.transform = train_transform(self.cfg, self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.loader = DataLoader(ArrayDataset(self.data.train_x, self.data.train_y, self.transform), batch_size=self.cfg.batch_size,
-                                 shuffle=True, drop_last=len(self.data.train_x) > self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                                 pin_memory=self.device.type == "cuda", generator=self.generator,
-                                 worker_init_fn=_seed_worker if self.cfg.num_workers else None)
+        dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
+        drop_last = len(self.data.train_x) > self.cfg.batch_size * distributed.world_size()
+        self.sampler = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
+                        if distributed.world_size() > 1 else None)
+        self.loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+                                 drop_last=drop_last, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                 generator=self.generator, worker_init_fn=_seed_worker if self.cfg.num_workers else None)
         self.updates_per_epoch = max(1, len(self.loader) // self.cfg.accumulate)
         self.scheduler = self._scheduler()
         self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema else None
@@ -140,6 +146,8 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def save_last(self) -> None:
+        if not distributed.is_main():
+            return
         weights = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.module.state_dict().items()})
@@ -174,6 +182,8 @@ class Trainer:
         return True
 
     def save_best(self, model: torch.nn.Module) -> None:
+        if not distributed.is_main():
+            return
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(self.run_dir / "best.safetensors", lambda tmp: save_file(state, str(tmp)))
 
@@ -183,8 +193,10 @@ class Trainer:
         torch.manual_seed(epoch_seed)
         np.random.seed(epoch_seed % 2**32)
         random.seed(epoch_seed)
-        self.transform.set_random_seed(epoch_seed)
+        self.transform.set_random_seed(epoch_seed + 7919 * distributed.rank())
         self.generator.manual_seed(epoch_seed)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def _step(self) -> None:
         if self.scaler.is_enabled():
@@ -201,11 +213,12 @@ class Trainer:
             self.scheduler.step_update(self.updates)
 
     def train_epoch(self) -> tuple[float, float]:
-        self.model.train()
+        self.net.train()
         mixing = self.mix is not None and (self.cfg.mix_off_epoch == 0 or self.epoch < self.cfg.mix_off_epoch)
         weight = None if self.weights is None else self.weights.to(self.device)
         total, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(self.loader, desc=f"{self.desc} epoch {self.epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
+        bar = tqdm(self.loader, desc=f"{self.desc} epoch {self.epoch}/{self.cfg.epochs}", unit="batch", leave=False,
+                   disable=None if distributed.is_main() else True)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(bar, 1):
             x, y = to_input(x, self.data.norm, self.device), y.to(self.device)
@@ -215,7 +228,7 @@ class Trainer:
                 target = F.one_hot(y, self.data.n_classes).float()
                 target = target * (1 - self.cfg.label_smoothing) + self.cfg.label_smoothing / self.data.n_classes
             with torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.amp_dtype), enabled=self.amp):
-                logits = self.model(x)
+                logits = self.net(x)
             loss = soft_cross_entropy(logits, target, weight)
             self.scaler.scale(loss / self.cfg.accumulate).backward()
             if i % self.cfg.accumulate == 0 or i == len(self.loader):
@@ -225,11 +238,12 @@ class Trainer:
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        total, correct, seen = distributed.sum_across([total, correct, seen])
         return total / seen, correct / seen
 
     def fit(self) -> dict:
         """Train to the last epoch (or early stop), resuming when possible; returns the best epoch's summary."""
-        if self.resume():
+        if self.resume() and distributed.is_main():
             print(f"train: {self.desc} resumes after epoch {self.epoch}")
         metric = self.data.metric
         while self.epoch < self.cfg.epochs and not (self.cfg.early_stopping and self.bad_epochs >= self.cfg.early_stopping):
@@ -250,7 +264,8 @@ class Trainer:
             else:
                 self.bad_epochs += 1
             self.save_last()
-            print(f"train: {self.desc} epoch {self.epoch}: loss {loss:.4f} acc {acc:.4f} val {metric} {val:.4f}")
+            if distributed.is_main():
+                print(f"train: {self.desc} epoch {self.epoch}: loss {loss:.4f} acc {acc:.4f} val {metric} {val:.4f}")
         return {"epoch": self.best_epoch, "metric": self.best, "epochs_run": self.epoch, "history": self.history}
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from . import folds as folds_stage
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp, write_text
 from .cache import decoded_images, input_channels
@@ -30,7 +32,7 @@ from .plots import plot_curves
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+    return distributed.device_for(name)
 
 
 def dataset_norm(images: np.ndarray, chunk: int = 1024) -> dict:
@@ -64,10 +66,11 @@ def prepare_model(ctx: Context, backbone: str, n_classes: int, channels: int) ->
     if mcfg.pretrained_path:
         path = Path(mcfg.pretrained_path.replace("{backbone}", backbone))
         report = load_pretrained(model, path)
-        print(f"train: {backbone}: {report['loaded']} tensors from {path}, new: {len(report['new'])} (head)")
+        distributed.say(f"train: {backbone}: {report['loaded']} tensors from {path}, new: {len(report['new'])} (head)")
         fine_tuning = True
     if mcfg.freeze:
-        print(f"train: {backbone}: {freeze(model, mcfg.freeze)} parameter tensors frozen ({mcfg.freeze})")
+        frozen = freeze(model, mcfg.freeze)
+        distributed.say(f"train: {backbone}: {frozen} parameter tensors frozen ({mcfg.freeze})")
     return model, fine_tuning
 
 
@@ -80,7 +83,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict) -> dict:
                      file_digest(Path(cfg.model.pretrained_path.replace("{backbone}", backbone))) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json")
-        print(f"train: {backbone} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
+        distributed.say(f"train: {backbone} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
         return meta
     frame, images = data["frame"], data["images"]
     is_val = (frame["fold"] == fold).to_numpy()
@@ -91,14 +94,18 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict) -> dict:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.world_size() > 1 else model
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, cfg.model.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
     fold_data = FoldData(images[~is_val], frame["y"].to_numpy()[~is_val], images[is_val], frame["y"].to_numpy()[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
-    net = torch.compile(model) if tcfg.compile else model
-    trainer = Trainer(net, optimizer, tcfg, fold_data, run_dir, fp, device, seed, desc=f"{backbone} fold {fold}")
+    net = torch.compile(net) if tcfg.compile else net
+    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, device, seed, desc=f"{backbone} fold {fold}", net=net)
     result = trainer.fit()
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 writes the run's files; every rank then sees the same stamp
+        return {"metric": result["metric"]}
     history = pd.DataFrame(result["history"])
     write_csv(run_dir / "history.csv", history)
     plot_curves(history, run_dir / "curves.png", f"{backbone} fold {fold}")
@@ -109,6 +116,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict) -> dict:
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,
             "ema": tcfg.ema, "fine_tuned": fine_tuning}
     write_stamp(run_dir / "best.json", fp, **meta)
+    distributed.barrier()
     return meta
 
 
@@ -131,14 +139,22 @@ def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
 
 
 def run(ctx: Context) -> dict:
-    folds_stage.run(ctx)
+    _, world = distributed.setup()
+    if distributed.is_main():  # one process cleans, splits and fills the image cache; the others wait
+        folds_stage.run(ctx)
+        load_training_data(ctx)
+    distributed.barrier()
     if ctx.cfg.train.threads:
         torch.set_num_threads(ctx.cfg.train.threads)
+    if world > 1 and distributed.is_main():
+        print(f"train: distributed over {world} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})")
     data = load_training_data(ctx)
     results = {}
     for backbone in ctx.cfg.model.backbones:
         for fold in folds_to_train(ctx.cfg.train.folds, data["n_splits"]):
             results[(backbone, fold)] = train_fold(ctx, backbone, fold, data)["metric"]
+    if not distributed.is_main():
+        return results
     table = pd.Series(results).unstack()
     table.columns = [f"fold{k}" for k in table.columns]
     print(f"train: best val {ctx.cfg.competition.metric} per backbone and fold\n" + table.assign(mean=table.mean(1)).to_string(float_format=lambda v: f"{v:.4f}"))

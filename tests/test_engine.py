@@ -21,7 +21,14 @@ from pipeline.context import Context
 from pipeline.digits import build_digits
 from pipeline.engine import class_weights, soft_cross_entropy
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, freeze, head_parameter_names, load_pretrained, make_optimizer, param_groups
+from pipeline.models import (
+    build_model,
+    freeze,
+    head_parameter_names,
+    load_pretrained,
+    make_optimizer,
+    param_groups,
+)
 
 from .conftest import REPO
 
@@ -198,3 +205,17 @@ def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digi
     history = pd.read_csv(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "history.csv")
     assert meta["ema"] and 1 <= meta["epochs_run"] <= 4 and len(history) == meta["epochs_run"]
     assert np.isfinite(history["train_loss"]).all()
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_trains_and_rank0_alone_writes(small_digits: Path, tmp_path: Path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train", "--data", str(small_digits),
+           "--config", str(REPO / "configs" / "digits.yaml"), "--work", str(tmp_path / "w"), *TINY, "train.epochs=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "distributed over 2 processes (gloo)" in out.stdout
+    assert out.stdout.count("resnet10t fold 0 epoch 1:") == 1 and out.stdout.count("resnet10t fold 0 epoch 2:") == 1
+    run = tmp_path / "w" / "runs" / "resnet10t" / "fold0"
+    assert (run / "best.safetensors").exists() and (run / "best.json").exists() and len(pd.read_csv(run / "history.csv")) == 2
+    assert not list(run.glob(".*.tmp"))
