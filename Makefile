@@ -15,10 +15,13 @@ CONFIG ?= $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),configs/digits.yaml,)
 WORK ?=
 OVERRIDES ?=
 SUBMISSIONS ?= submissions
+BACKBONE ?=
+FOLD ?=
 PYTEST_ARGS ?=
 
 PIPE = $(PY) -m pipeline
-ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
+	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(FOLD),"train.folds=[$(FOLD)]")
 # The embedded competition is built on demand; any other DATA must already exist.
 DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
@@ -26,7 +29,7 @@ DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\""
+	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x FOLD=k"
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +53,7 @@ clean-data: $(INSTALLED) $(DATA_DEP) ## clean stage: unreadable files, exact dup
 folds: $(INSTALLED) $(DATA_DEP) ## folds stage: StratifiedGroupKFold, duplicate groups kept in one fold
 	$(PIPE) folds $(ARGS)
 
-train: $(INSTALLED) $(DATA_DEP) ## train every backbone on every fold
+train: $(INSTALLED) $(DATA_DEP) ## train every backbone on every fold (BACKBONE=x FOLD=k: just one)
 	$(PIPE) train $(ARGS)
 
 predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA

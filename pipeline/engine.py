@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from tqdm import tqdm
 
 from . import distributed
@@ -41,9 +41,24 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = np.array(self.images[i])
-        if self.transform is not None:
+        if self.transform is not None and self.transform.transforms:
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
+
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one read of the array (the DataLoader calls this instead of one item at a time)."""
+        if self.transform is not None and self.transform.transforms:
+            return collate([self[i] for i in indices])
+        idx = np.asarray(indices)
+        order = np.argsort(idx)  # sorted reads are sequential on a memmap
+        batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
+        batch[order] = self.images[idx[order]]
+        return torch.from_numpy(batch).permute(0, 3, 1, 2), torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long)
+
+
+def collate(batch):
+    """Batches from ArrayDataset.__getitems__ arrive ready; anything else goes through torch's default."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
 def to_input(x: torch.Tensor, norm: dict, device: torch.device) -> torch.Tensor:
@@ -124,7 +139,8 @@ class Trainer:
                         if distributed.world_size() > 1 else None)
         self.loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
                                  drop_last=drop_last, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                 generator=self.generator, worker_init_fn=_seed_worker if self.cfg.num_workers else None)
+                                 generator=self.generator, worker_init_fn=_seed_worker if self.cfg.num_workers else None,
+                                 collate_fn=collate)
         self.updates_per_epoch = max(1, len(self.loader) // self.cfg.accumulate)
         self.scheduler = self._scheduler()
         self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema else None

@@ -1,0 +1,127 @@
+"""Training throughput: the engine vs a bare PyTorch loop, and the decoded-image cache vs decoding
+every epoch. Both comparisons run in the same process, same model, data, batch size and threads.
+
+1. Engine (pipeline.engine.Trainer, augmentation off) vs a hand-written loop over the same uint8
+   array (normalise, forward, cross-entropy, backward, AdamW step). Prints images/s and the ratio.
+2. One training epoch of a small net over N small PNG files: from the decoded-image cache
+   (pipeline.cache's uint8 array) vs a Dataset that decodes and resizes each file when asked.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model resnet18] [--size 32] [--images 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.config import TrainConfig
+from pipeline.engine import ArrayDataset, FoldData, Trainer, collate, to_input
+from pipeline.images import load_image, resize, to_channels
+from pipeline.models import build_model, make_optimizer, param_groups
+
+NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def engine_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 3)
+    cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1])
+    opt = make_optimizer("adamw", param_groups(model, 1e-3, 0.05, 1.0), 1e-3, 0.9, False)
+    data = FoldData(images, labels, images[:0], labels[:0], 10, NORM, "accuracy")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", torch.device("cpu"), 0)
+        trainer.epoch = 1
+        trainer._reseed(1)
+        t0 = time.perf_counter()
+        trainer.train_epoch()
+        return len(images) / (time.perf_counter() - t0)
+
+
+def bare_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 3).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    order = np.random.default_rng(0).permutation(len(images))
+    t0 = time.perf_counter()
+    for start in range(0, len(order) - batch + 1, batch):
+        idx = order[start:start + batch]
+        x = to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM, torch.device("cpu"))
+        loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (len(order) // batch * batch) / (time.perf_counter() - t0)
+
+
+class DecodeEveryTime(Dataset):
+    """The plain baseline: open, decode and resize the file on every access."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, size: int):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = resize(to_channels(load_image(self.paths[i]), 3), self.size)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.labels[i])
+
+
+def loader_epoch(dataset: Dataset, model: torch.nn.Module, opt, batch: int) -> float:
+    t0 = time.perf_counter()
+    for x, y in DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate):
+        loss = F.cross_entropy(model(to_input(x, NORM, torch.device("cpu"))), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def cache_vs_decode(n: int, size: int, batch: int, source: int) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(n):
+            path = Path(tmp) / f"{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(rng.integers(0, 255, (source, source, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+        model = build_model("d2l_lenet", 10, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        decode = loader_epoch(DecodeEveryTime(paths, labels, size), model, opt, batch)
+        cache = np.stack([DecodeEveryTime(paths, labels, size)[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # built once
+        cached = loader_epoch(ArrayDataset(cache, labels), model, opt, batch)
+    return decode, cached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--source", type=int, default=28, help="side of the PNG/JPEG files of the cache comparison")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.images)
+    bare_epoch(args.model, images[: args.batch * 2], labels[: args.batch * 2], args.batch)  # warm-up
+    bare = bare_epoch(args.model, images, labels, args.batch)
+    engine = engine_epoch(args.model, images, labels, args.batch)
+    print(f"{args.model} {args.size}px batch {args.batch}, {torch.get_num_threads()} threads: bare loop {bare:.0f} img/s, "
+          f"engine {engine:.0f} img/s, ratio {engine / bare:.2f}")
+    decode, cached = cache_vs_decode(args.images, args.size, args.batch, args.source)
+    print(f"d2l_lenet epoch over {args.images} PNG/JPEG files of {args.source}px at {args.size}px: decode every epoch {decode:.2f} s, "
+          f"cached array {cached:.2f} s, ratio {decode / cached:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
