@@ -48,7 +48,7 @@ class ArrayDataset(Dataset):
     def __getitems__(self, indices: list[int]):
         """A whole batch in one read of the array (the DataLoader calls this instead of one item at a time)."""
         if self.transform is not None and self.transform.transforms:
-            return collate([self[i] for i in indices])
+            return tuple(default_collate([self[i] for i in indices]))
         idx = np.asarray(indices)
         order = np.argsort(idx)  # sorted reads are sequential on a memmap
         batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)

@@ -72,3 +72,20 @@ def test_folds_to_train_checks_range():
     assert folds_to_train(None, 3) == [0, 1, 2] and folds_to_train([2], 3) == [2]
     with pytest.raises(PipelineError, match=r"train.folds: folds \[5\] do not exist"):
         folds_to_train([5], 3)
+
+
+def test_cache_equals_direct_decoding_and_batched_reads_equal_single_reads(comp_dir: Path, tmp_path: Path):
+    import torch
+
+    from pipeline.engine import ArrayDataset
+    from pipeline.images import load_image, resize, to_channels
+
+    ctx = Context(load_config(), comp_dir, tmp_path / "work")
+    clean.run(ctx)
+    paths = list(ctx.competition.train["path"])
+    cache = decoded_images(ctx, paths, 12, 3, "train")
+    for i, path in enumerate(paths):
+        assert np.array_equal(cache[i], resize(to_channels(load_image(path), 3), 12))
+    data = ArrayDataset(cache, np.arange(len(paths)))
+    x, y = data.__getitems__([5, 1, 3])
+    assert torch.equal(x, torch.stack([data[i][0] for i in (5, 1, 3)])) and y.tolist() == [5, 1, 3]
