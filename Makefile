@@ -17,15 +17,18 @@ OVERRIDES ?=
 SUBMISSIONS ?= submissions
 BACKBONE ?=
 FOLD ?=
+USE_TUNED ?= 1
+JOBS ?= 1
+STORAGE ?=
 PYTEST_ARGS ?=
 
 PIPE = $(PY) -m pipeline
 ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
-	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(FOLD),"train.folds=[$(FOLD)]")
+	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(FOLD),"train.folds=[$(FOLD)]") $(if $(filter 0,$(USE_TUNED)),--no-tuned)
 # The embedded competition is built on demand; any other DATA must already exist.
 DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict ensemble test lint
+.PHONY: help install data demo clean-data folds train predict ensemble tune test lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -61,6 +64,12 @@ predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
 	$(PIPE) ensemble $(ARGS)
+
+tune: $(INSTALLED) $(DATA_DEP) ## Optuna study (JOBS=2 processes, STORAGE=url); best params feed later stages
+	$(PIPE) folds $(ARGS)
+	@pids=; for i in $$(seq $(JOBS)); do \
+		$(PIPE) tune $(ARGS) $(if $(STORAGE),"tune.storage=$(STORAGE)") & pids="$$pids $$!"; \
+	done; status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
 
 test: $(INSTALLED) ## the test suite (what .ci/run calls)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)

@@ -12,12 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import clean, digits, ensemble, folds, predict, submission, train
+from . import clean, digits, ensemble, folds, predict, submission, train, tune
 from .config import defaults_yaml, load_config, to_yaml
 from .context import Context
 from .errors import PipelineError
 
-STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run}
+STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
+          "tune": tune.run}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
@@ -26,6 +27,7 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("--config", type=Path, default=None, help="experiment YAML (differences from configs/default.yaml)")
     p.add_argument("--work", type=Path, default=None, help="artifact folder (default work/<competition>)")
     p.add_argument("--submissions", type=Path, default=Path("submissions"), help="where submission CSVs go")
+    p.add_argument("--no-tuned", action="store_true", help="ignore WORK/tune/best.yaml (make USE_TUNED=0)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.backbones=[resnet18]")
 
 
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def dispatch(args: argparse.Namespace) -> None:
     if args.command in STAGES:
         ctx = Context(load_config(args.config, args.overrides), args.data, args.work, args.submissions)
+        tuned = ctx.work_dir / "tune" / "best.yaml"
+        if args.command != "tune" and not args.no_tuned and tuned.exists():
+            print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
+            ctx = Context(load_config(args.config, args.overrides, tuned=tuned), args.data, args.work, args.submissions)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
             ctx.save_config()

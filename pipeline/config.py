@@ -134,6 +134,17 @@ class EnsembleConfig(Section):
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: as sample_submission shows")
 
 
+class TuneConfig(Section):
+    space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys with int/float/log/categorical ranges")
+    n_trials: int = Field(20, ge=1, description="trials in the study, all processes together (a rerun continues up to this)")
+    timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds; null: no limit")
+    folds: list[int] = Field([0], min_length=1, description="folds each trial trains and is scored on")
+    epochs: int = Field(3, ge=1, description="training epochs per trial (the score reported to the pruner each epoch)")
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = Field("median", description="Optuna pruner")
+    seed: int = Field(42, description="seed of the TPE sampler: same seed and budget, same trial parameters")
+    storage: str | None = Field(None, description="Optuna storage URL; null: sqlite in WORK/optuna.db (resumable)")
+
+
 class Config(Section):
     competition: CompetitionConfig = CompetitionConfig()
     clean: CleanConfig = CleanConfig()
@@ -142,6 +153,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -218,14 +230,21 @@ def read_yaml(path: Path) -> dict:
     return tree
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the experiment YAML, then dotted overrides; validated as a whole."""
+def load_config(path: Path | None = None, overrides: list[str] | None = None, tuned: Path | None = None) -> Config:
+    """Defaults, then the experiment YAML, then tuned parameters (if given), then dotted overrides."""
     tree: dict = read_yaml(Path(path)) if path else {}
     source = str(path) if path else "config"
     try:
         Config.model_validate(tree)
     except ValidationError as err:
         raise _one_line(err, source) from None
+    if tuned is not None:
+        extra = read_yaml(Path(tuned))
+        try:
+            Config.model_validate(extra)
+        except ValidationError as err:
+            raise _one_line(err, str(tuned)) from None
+        tree = _merge(tree, extra)
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
         return Config.model_validate(tree)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,7 @@ class Trainer:
     seed: int
     desc: str = ""
     net: torch.nn.Module | None = None  # what runs the forward pass: the model, or its DDP / compiled wrapper
+    on_epoch: Callable[[int, float], None] | None = None  # e.g. Optuna's report-and-prune
     history: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -270,6 +272,8 @@ class Trainer:
             evaluated = self.ema.module if self.ema is not None else self.model
             proba = predict_proba(evaluated, self.data.val_x, self.data.norm, self.device, self.cfg.batch_size * 2)
             val = score(metric, self.data.val_y, proba)
+            if self.on_epoch is not None:
+                self.on_epoch(self.epoch, val)
             if self.cfg.schedule == "plateau":
                 self.scheduler.step(self.epoch, val)
             self.history.append({"epoch": self.epoch, "train_loss": loss, "train_acc": acc, "val_acc": score("accuracy", self.data.val_y, proba),

@@ -74,10 +74,14 @@ def prepare_model(ctx: Context, backbone: str, n_classes: int, channels: int) ->
     return model, fine_tuning
 
 
-def train_fold(ctx: Context, backbone: str, fold: int, data: dict) -> dict:
-    """Train one backbone on one fold (resuming from its last epoch); skipped when its stamp matches."""
+def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None, runs_root: Path | None = None) -> dict:
+    """Train one backbone on one fold (resuming from its last epoch); skipped when its stamp matches.
+
+    on_epoch(epoch, val_metric) is called after each epoch (tuning reports there); runs_root
+    replaces WORK/runs (tuning trials train elsewhere).
+    """
     cfg, tcfg = ctx.cfg, ctx.cfg.train
-    run_dir = ctx.work_dir / "runs" / backbone / f"fold{fold}"
+    run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
     fp = fingerprint("train", data["folds_hash"], backbone, fold, data["channels"], cfg.model.model_dump(exclude={"backbones"}),
                      tcfg.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
                      file_digest(Path(cfg.model.pretrained_path.replace("{backbone}", backbone))) if cfg.model.pretrained_path else None)
@@ -101,7 +105,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict) -> dict:
     fold_data = FoldData(images[~is_val], frame["y"].to_numpy()[~is_val], images[is_val], frame["y"].to_numpy()[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
     net = torch.compile(net) if tcfg.compile else net
-    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, device, seed, desc=f"{backbone} fold {fold}", net=net)
+    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, device, seed, desc=f"{backbone} fold {fold}", net=net,
+                      on_epoch=on_epoch)
     result = trainer.fit()
     if not distributed.is_main():
         distributed.barrier()  # rank 0 writes the run's files; every rank then sees the same stamp

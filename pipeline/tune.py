@@ -1,0 +1,208 @@
+"""Tune stage: an Optuna study over any config keys, scored by short trainings on chosen folds.
+
+Each trial takes the resolved config, sets the sampled keys, trains `tune.epochs` epochs on each
+of `tune.folds` (under WORK/tune/trials/, not WORK/runs) and reports the val metric after every
+epoch, so the pruner can stop bad trials early. Trials that crash, go NaN or run out of memory are
+recorded as failed and the study goes on. The study lives in SQLite (WORK/optuna.db) by default:
+run it again and it continues; several processes on the same storage share it (`make tune
+JOBS=2`), and `tune.n_trials` bounds all of them together. Writes WORK/tune/best.yaml (the best
+parameters as a partial config, which later stages merge unless USE_TUNED=0), trials.csv and
+plots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+from pydantic import ValidationError
+
+from . import folds as folds_stage
+from . import train as train_stage
+from .artifacts import atomic_write, write_csv, write_text
+from .config import Config, _known_keys, read_yaml
+from .context import Context
+from .errors import PipelineError
+from .metrics import GREATER_IS_BETTER
+
+TYPES = {"float", "int", "categorical"}
+
+
+def load_space(path: Path) -> dict[str, dict]:
+    """The search space, checked: known keys, known types, the fields each type needs."""
+    space = read_yaml(Path(path))
+    known = set(_known_keys(Config))
+    for key, spec in space.items():
+        where = f"{path}: '{key}'"
+        if key not in known:
+            raise PipelineError(f"{where}: not a config key (see configs/default.yaml)")
+        if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+            raise PipelineError(f"{where}: needs type: float, int or categorical")
+        need = ("choices",) if spec["type"] == "categorical" else ("low", "high")
+        missing = [n for n in need if n not in spec]
+        if missing:
+            raise PipelineError(f"{where}: {spec['type']} needs {', '.join(missing)}")
+    if not space:
+        raise PipelineError(f"{path}: the search space is empty")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, object]:
+    params = {}
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
+        elif spec["type"] == "int":
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+        else:
+            params[key] = trial.suggest_categorical(key, spec["choices"])
+    return params
+
+
+def as_tree(params: dict[str, object]) -> dict:
+    """Dotted params -> nested partial config; a scalar for a list-valued key becomes a one-item list."""
+    tree: dict = {}
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        field = Config.model_fields[section].annotation.model_fields[name]
+        if "list" in str(field.annotation) and not isinstance(value, list):
+            value = [value]
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def trial_config(base: Config, params: dict[str, object], epochs: int) -> Config:
+    tree = base.model_dump(mode="json")
+    for section, values in as_tree(params).items():
+        tree[section].update(values)
+    tree["train"]["epochs"] = epochs
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise PipelineError(f"tune: sampled values are not a valid config: {err.errors()[0]['msg']}") from None
+
+
+TrainFn = Callable[[Config, Callable[[int, float], None]], float]
+
+
+def train_trial(ctx: Context, trial_dir: Path) -> TrainFn:
+    """The real objective: short trainings on tune.folds, reporting every epoch."""
+
+    def fn(cfg: Config, report: Callable[[int, float], None]) -> float:
+        trial_ctx = Context(cfg, ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
+        data = train_stage.load_training_data(trial_ctx)
+        scores = []
+        for i, fold in enumerate(ctx.cfg.tune.folds):
+            for backbone in cfg.model.backbones:
+                meta = train_stage.train_fold(trial_ctx, backbone, fold, data, runs_root=trial_dir,
+                                              on_epoch=lambda epoch, value, i=i: report(i * cfg.train.epochs + epoch, value))
+                scores.append(meta["metric"])
+        return float(sum(scores) / len(scores))
+
+    return fn
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(ctx: Context) -> optuna.Study:
+    cfg = ctx.cfg.tune
+    url = cfg.storage or f"sqlite:///{(ctx.work_dir / 'optuna.db').resolve()}"
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+    direction = "maximize" if GREATER_IS_BETTER[ctx.cfg.competition.metric] else "minimize"
+    return optuna.create_study(study_name=ctx.name, storage=storage, load_if_exists=True, direction=direction,
+                               sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=make_pruner(cfg.pruner))
+
+
+def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Callable[[optuna.Trial], float]:
+    def run_trial(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        cfg = trial_config(ctx.cfg, params, ctx.cfg.tune.epochs)
+        trial_dir = ctx.work_dir / "tune" / "trials" / str(trial.number)
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} ({value:.4f})")
+
+        try:
+            value = (train_fn or train_trial(ctx, trial_dir))(cfg, report)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(f"out of memory: {exc}") from None
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+        print(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
+        return value
+
+    return run_trial
+
+
+def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
+    """Run (or continue) the study up to tune.n_trials, then write best.yaml, trials.csv and plots."""
+    cfg = ctx.cfg.tune
+    space = load_space(Path(cfg.space))
+    folds_stage.run(ctx)
+    study = open_study(ctx)
+    done = len(study.trials)
+    print(f"tune: study '{study.study_name}' has {done} trials; running up to {cfg.n_trials} ({cfg.pruner} pruner, seed {cfg.seed})")
+    if done < cfg.n_trials:
+        study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(RuntimeError, ValueError, FloatingPointError, PipelineError),
+                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)])
+    return write_results(ctx, study)
+
+
+def write_results(ctx: Context, study: optuna.Study) -> dict:
+    out = ctx.work_dir / "tune"
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    write_csv(out / "trials.csv", frame)
+    states = frame["state"].value_counts().to_dict() if len(frame) else {}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        print(f"tune: no trial completed ({states}); best.yaml not written")
+        return {"states": states}
+    best = study.best_trial
+    header = f"# Best of {len(study.trials)} trials (trial {best.number}, {ctx.cfg.competition.metric} {best.value:.4f}).\n"
+    write_text(out / "best.yaml", header + "# Merged into later stages' config; USE_TUNED=0 ignores it.\n" +
+               yaml.safe_dump(as_tree(best.params), sort_keys=True))
+    plots = write_plots(study, out)
+    print(f"tune: trials by state {states}; best trial {best.number}: {best.value:.4f} {json.dumps(best.params)}")
+    print(f"tune: wrote {out / 'best.yaml'}, {out / 'trials.csv'} and {len(plots)} plots")
+    return {"states": states, "best_value": best.value, "best_params": best.params, "plots": plots}
+
+
+def write_plots(study: optuna.Study, out: Path) -> list[str]:
+    """Optuna's matplotlib plots as PNG; a plot that needs more trials is skipped with a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    written = []
+    for name, fn in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances),
+                     ("parallel", ovm.plot_parallel_coordinate)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(8, 5)
+            atomic_write(out / f"{name}.png", lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
+            plt.close(fig)
+            written.append(f"{name}.png")
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            print(f"tune: {name} plot skipped ({str(exc).splitlines()[0][:80]})")
+    return written
