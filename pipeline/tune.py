@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import torch
 import yaml
 from pydantic import ValidationError
@@ -118,10 +120,23 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """RDB storage; processes starting together race to create the schema, so the loser retries."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except sqlalchemy.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 def open_study(ctx: Context) -> optuna.Study:
     cfg = ctx.cfg.tune
     url = cfg.storage or f"sqlite:///{(ctx.work_dir / 'optuna.db').resolve()}"
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
+    storage = _storage(url)
     direction = "maximize" if GREATER_IS_BETTER[ctx.cfg.competition.metric] else "minimize"
     return optuna.create_study(study_name=ctx.name, storage=storage, load_if_exists=True, direction=direction,
                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=make_pruner(cfg.pruner))
