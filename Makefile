@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+AG_VENV := .venv-autogluon
+AG_INSTALLED := $(AG_VENV)/.installed
 
 DIGITS := data/digits
 DATA ?= $(DIGITS)
@@ -28,7 +30,7 @@ ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "
 # The embedded competition is built on demand; any other DATA must already exist.
 DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict ensemble tune test lint
+.PHONY: help install data demo clean-data folds train predict ensemble tune autogluon test lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -40,6 +42,15 @@ $(INSTALLED): pyproject.toml constraints.txt
 	@touch $@
 
 install: $(INSTALLED) ## create .venv and install the pinned dependencies (constraints.txt)
+
+# AutoGluon pins versions .venv cannot have, so it gets its own environment. PIP_FIND_LINKS points
+# at an empty folder so that a machine-wide wheel folder (a CPU-only torch) cannot replace PyPI's
+# torch, which must match PyPI's torchvision.
+$(AG_INSTALLED): requirements-autogluon.txt
+	@test -x $(AG_VENV)/bin/python || $(PYTHON) -m venv $(AG_VENV)
+	@mkdir -p $(AG_VENV)/no-find-links
+	PIP_FIND_LINKS=$(CURDIR)/$(AG_VENV)/no-find-links $(AG_VENV)/bin/python -m pip install --quiet -r requirements-autogluon.txt
+	@touch $@
 
 $(DIGITS)/train.csv: | $(INSTALLED)
 	$(PIPE) make-digits --out $(DIGITS)
@@ -71,7 +82,10 @@ tune: $(INSTALLED) $(DATA_DEP) ## Optuna study (JOBS=2 processes, STORAGE=url); 
 		$(PIPE) tune $(ARGS) $(if $(STORAGE),"tune.storage=$(STORAGE)") & pids="$$pids $$!"; \
 	done; status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
 
-test: $(INSTALLED) ## the test suite (what .ci/run calls)
+autogluon: $(INSTALLED) $(AG_INSTALLED) $(DATA_DEP) ## AutoGluon baseline on the same folds -> WORK/autogluon/{oof,test}.parquet
+	$(PIPE) autogluon $(ARGS)
+
+test: $(INSTALLED) $(AG_INSTALLED) ## the test suite (what .ci/run calls)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 lint: $(INSTALLED) ## ruff

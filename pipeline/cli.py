@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import clean, digits, ensemble, folds, predict, submission, train, tune
+from . import baseline, clean, digits, ensemble, folds, predict, submission, train, tune
 from .config import defaults_yaml, load_config, to_yaml
 from .context import Context
 from .errors import PipelineError
 
 STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
-          "tune": tune.run}
+          "tune": tune.run, "autogluon": baseline.run}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:

@@ -145,6 +145,19 @@ class TuneConfig(Section):
     storage: str | None = Field(None, description="Optuna storage URL; null: sqlite in WORK/optuna.db (resumable)")
 
 
+class AutoGluonConfig(Section):
+    python: str = Field(".venv-autogluon/bin/python", description="interpreter of AutoGluon's own environment (make autogluon creates it)")
+    backbone: str = Field("resnet18", description="timm image backbone of the MultiModalPredictor")
+    pretrained: bool = Field(False, description="true: hub weights by name (online); false: a local export of the timm model (offline)")
+    presets: str | None = Field(None, description="AutoGluon presets, e.g. medium_quality; null: AutoGluon's default")
+    epochs: int = Field(5, ge=1, description="optim.max_epochs per fold")
+    lr: float = Field(1e-3, gt=0, description="optim.lr (AutoGluon's own default, 1e-4, suits pretrained weights only)")
+    image_size: int = Field(64, ge=16, description="image side AutoGluon trains at")
+    batch_size: int = Field(32, ge=1, description="env.per_gpu_batch_size")
+    time_limit: int = Field(600, ge=10, description="seconds per fold")
+    folds: list[int] | None = Field(None, description="folds to fit; null: all (OOF rows only for these)")
+
+
 class Config(Section):
     competition: CompetitionConfig = CompetitionConfig()
     clean: CleanConfig = CleanConfig()
@@ -154,6 +167,7 @@ class Config(Section):
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     tune: TuneConfig = TuneConfig()
+    autogluon: AutoGluonConfig = AutoGluonConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
