@@ -1,0 +1,1 @@
+"""Detection track (issue: anchors, IoU, labelling, NMS, TinySSD). Box machinery so far: boxes.py."""

@@ -1,0 +1,116 @@
+"""Box machinery of the course's SSD chapter, vectorised and batched.
+
+Same semantics as "Dive into Deep Learning" (multibox_prior, assign_anchor_to_bbox, offset_boxes,
+multibox_target, offset_inverse, nms, multibox_detection), without Python loops over anchors or
+boxes: IoU and NMS come from torchvision.ops, anchor labelling runs for the whole batch at once (its
+greedy matching is a loop over the greedy steps, at most the number of ground-truth boxes of the
+fullest image, each step a batched argmax). Boxes are (x1, y1, x2, y2) in [0, 1] unless noted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+
+def corner_to_center(boxes: torch.Tensor) -> torch.Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), -1)
+
+
+def center_to_corner(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+
+
+def multibox_prior(height: int, width: int, sizes: list[float], ratios: list[float], device=None) -> torch.Tensor:
+    """(1, height * width * (len(sizes) + len(ratios) - 1), 4) anchors centred on every pixel."""
+    size, ratio = torch.tensor(sizes, device=device), torch.tensor(ratios, device=device)
+    cy = (torch.arange(height, device=device) + 0.5) / height
+    cx = (torch.arange(width, device=device) + 0.5) / width
+    sy, sx = torch.meshgrid(cy, cx, indexing="ij")
+    w = torch.cat((size * ratio[0].sqrt(), size[0] * ratio[1:].sqrt())) * height / width
+    h = torch.cat((size / ratio[0].sqrt(), size[0] / ratio[1:].sqrt()))
+    half = torch.stack((-w, -h, w, h), 1) / 2  # (k, 4)
+    centres = torch.stack((sx, sy, sx, sy), -1).reshape(-1, 1, 4)
+    return (centres + half).reshape(1, -1, 4)
+
+
+def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """Ground-truth index per anchor (-1: background) for a batch, with the course's rule.
+
+    anchors (A, 4); gt (B, G, 4); valid (B, G) marks real boxes (padding is ignored). First every
+    anchor takes its best box when IoU >= threshold; then, greedily, the globally best remaining
+    (anchor, box) pair is fixed and its row and column are discarded, until every box has one.
+    """
+    b, g = gt.shape[:2]
+    iou = box_iou(anchors, gt.reshape(-1, 4)).reshape(len(anchors), b, g).permute(1, 0, 2)  # (B, A, G)
+    iou = torch.where(valid[:, None, :], iou, torch.full_like(iou, -1.0))
+    best_iou, best_box = iou.max(dim=2)
+    assign = torch.where(best_iou >= iou_threshold, best_box, torch.full_like(best_box, -1))
+    work, rows = iou.clone(), torch.arange(b, device=anchors.device)
+    for _ in range(int(valid.sum(1).max().item()) if g else 0):  # one greedy step per box of the fullest image
+        flat = work.reshape(b, -1).argmax(1)
+        anchor, box = flat // g, flat % g
+        live = work[rows, anchor, box] >= 0  # images whose boxes are all matched already stop here
+        assign[rows[live], anchor[live]] = box[live]
+        work[rows[live], :, box[live]] = -1.0
+        work[rows[live], anchor[live], :] = -1.0
+    return assign
+
+
+def offset_boxes(anchors: torch.Tensor, assigned: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The course's offsets: 10 * centre shift / anchor size, 5 * log size ratio."""
+    ca, cb = corner_to_center(anchors), corner_to_center(assigned)
+    xy = 10 * (cb[..., :2] - ca[..., :2]) / ca[..., 2:]
+    wh = 5 * torch.log(eps + cb[..., 2:] / ca[..., 2:])
+    return torch.cat((xy, wh), -1)
+
+
+def offset_inverse(anchors: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    ca = corner_to_center(anchors)
+    xy = offsets[..., :2] * ca[..., 2:] / 10 + ca[..., :2]
+    wh = torch.exp(offsets[..., 2:] / 5) * ca[..., 2:]
+    return center_to_corner(torch.cat((xy, wh), -1))
+
+
+def multibox_target(anchors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training targets for a batch: (offsets (B, A*4), mask (B, A*4), classes (B, A), 0 = background).
+
+    anchors (1, A, 4) or (A, 4); labels (B, G, 5) rows [class, x1, y1, x2, y2], class < 0 for padding.
+    """
+    anchors = anchors.reshape(-1, 4)
+    valid = labels[..., 0] >= 0
+    assign = assign_anchors(anchors, labels[..., 1:], valid)  # (B, A)
+    matched = assign >= 0
+    idx = assign.clamp(min=0)
+    boxes = torch.gather(labels[..., 1:], 1, idx[..., None].expand(-1, -1, 4))
+    classes = torch.where(matched, torch.gather(labels[..., 0], 1, idx).long() + 1, torch.zeros_like(idx))
+    mask = matched[..., None].expand(-1, -1, 4).float()
+    offsets = offset_boxes(anchors.expand_as(boxes), boxes) * mask
+    return offsets.reshape(len(labels), -1), mask.reshape(len(labels), -1), classes
+
+
+def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anchors: torch.Tensor,
+                       nms_threshold: float = 0.5, pos_threshold: float = 0.009) -> torch.Tensor:
+    """(B, A, 6) rows [class, confidence, x1, y1, x2, y2]; class -1 for suppressed or background.
+
+    cls_probs (B, C + 1, A) with background first; offset_preds (B, A * 4). NMS is class-aware and
+    batched over images and classes (torchvision's batched_nms); kept rows come first, by score.
+    """
+    b, _, a = cls_probs.shape
+    anchors = anchors.reshape(-1, 4)
+    conf, cls = cls_probs[:, 1:, :].max(1)  # (B, A)
+    boxes = offset_inverse(anchors.expand(b, -1, -1), offset_preds.reshape(b, a, 4))
+    group = torch.arange(b, device=cls.device)[:, None] * cls_probs.shape[1] + cls  # (image, class) pairs
+    keep = batched_nms(boxes.reshape(-1, 4), conf.reshape(-1), group.reshape(-1), nms_threshold)
+    kept = torch.zeros(b * a, dtype=torch.bool, device=cls.device)
+    kept[keep] = True
+    kept = kept.reshape(b, a)
+    order = torch.argsort(torch.where(kept, conf + 2, conf), dim=1, descending=True, stable=True)  # kept first, by score
+    cls = torch.where(kept, cls, torch.full_like(cls, -1))
+    low = conf < pos_threshold
+    cls = torch.where(low, torch.full_like(cls, -1), cls)
+    conf = torch.where(low, 1 - conf, conf)
+    out = torch.cat((cls[..., None].float(), conf[..., None], boxes), -1)
+    return torch.gather(out, 1, order[..., None].expand(-1, -1, 6))

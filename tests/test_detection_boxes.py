@@ -1,0 +1,96 @@
+"""Vectorised box machinery against the course's loop implementations and its printed examples."""
+
+import torch
+
+from pipeline.detection.boxes import (
+    assign_anchors,
+    center_to_corner,
+    corner_to_center,
+    multibox_detection,
+    multibox_prior,
+    multibox_target,
+    offset_boxes,
+    offset_inverse,
+)
+from pipeline.detection.reference import assign_anchor_to_bbox as ref_assign
+from pipeline.detection.reference import nms as ref_nms
+
+
+def _random_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=gen) * 0.7
+    wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.02
+    return torch.cat((xy, xy + wh), 1)
+
+
+def test_prior_matches_the_course_shape_and_first_anchors():
+    anchors = multibox_prior(561, 728, sizes=[0.75, 0.5, 0.25], ratios=[1, 2, 0.5])
+    assert anchors.shape == (1, 2042040, 4)
+    boxes = anchors.reshape(561, 728, 5, 4)
+    expected = torch.tensor([0.06, 0.07, 0.63, 0.82])  # the course prints boxes[250, 250, 0, :]
+    assert torch.allclose(boxes[250, 250, 0], expected, atol=0.005)
+
+
+def test_corner_center_round_trip():
+    boxes = _random_boxes(50, torch.Generator().manual_seed(0))
+    assert torch.allclose(center_to_corner(corner_to_center(boxes)), boxes, atol=1e-6)
+    anchors = _random_boxes(50, torch.Generator().manual_seed(1))
+    assert torch.allclose(offset_inverse(anchors, offset_boxes(anchors, boxes, eps=0)), boxes, atol=1e-5)
+
+
+def test_the_course_labelling_example():
+    gt = torch.tensor([[0, 0.1, 0.08, 0.52, 0.92], [1, 0.55, 0.2, 0.9, 0.88]])
+    anchors = torch.tensor([[0, 0.1, 0.2, 0.3], [0.15, 0.2, 0.4, 0.4], [0.63, 0.05, 0.88, 0.98],
+                            [0.66, 0.45, 0.8, 0.8], [0.57, 0.3, 0.92, 0.9]])
+    offsets, mask, classes = multibox_target(anchors.unsqueeze(0), gt.unsqueeze(0))
+    assert classes.tolist() == [[0, 1, 2, 0, 2]]
+    assert mask.tolist() == [[0.0] * 4 + [1.0] * 8 + [0.0] * 4 + [1.0] * 4]
+    expected = torch.tensor([0, 0, 0, 0, 1.40, 10.0, 2.59, 7.18, -1.20, 0.269, 1.68, -1.57, 0, 0, 0, 0, -0.571, -1.00, 4.17e-6, 0.626])
+    assert torch.allclose(offsets[0], expected, atol=0.01)
+
+
+def test_batched_assignment_equals_the_course_loop_on_random_batches():
+    gen = torch.Generator().manual_seed(0)
+    anchors = multibox_prior(8, 8, [0.2, 0.35], [1, 2, 0.5]).reshape(-1, 4)
+    for _ in range(5):
+        counts = torch.randint(1, 6, (4,), generator=gen)
+        gt = torch.full((4, 6, 4), 0.0)
+        valid = torch.zeros(4, 6, dtype=torch.bool)
+        for i, c in enumerate(counts.tolist()):
+            gt[i, :c] = _random_boxes(c, gen)
+            valid[i, :c] = True
+        got = assign_anchors(anchors, gt, valid)
+        for i, c in enumerate(counts.tolist()):
+            assert torch.equal(got[i], ref_assign(gt[i, :c], anchors))
+
+
+def test_padding_rows_are_ignored():
+    anchors = multibox_prior(4, 4, [0.3], [1, 2]).reshape(1, -1, 4)
+    one = torch.tensor([[[0, 0.1, 0.1, 0.4, 0.4]]])
+    padded = torch.tensor([[[0, 0.1, 0.1, 0.4, 0.4], [-1, 0, 0, 0, 0], [-1, 0, 0, 0, 0]]])
+    for a, b in zip(multibox_target(anchors, one), multibox_target(anchors, padded), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_course_nms_example():
+    anchors = torch.tensor([[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95], [0.15, 0.3, 0.62, 0.91], [0.55, 0.2, 0.9, 0.88]])
+    cls_probs = torch.tensor([[0.0] * 4, [0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.9]])
+    out = multibox_detection(cls_probs.unsqueeze(0), torch.zeros(1, 16), anchors.unsqueeze(0), nms_threshold=0.5)
+    expected = torch.tensor([[0, 0.9, 0.1, 0.08, 0.52, 0.92], [1, 0.9, 0.55, 0.2, 0.9, 0.88],
+                             [-1, 0.8, 0.08, 0.2, 0.56, 0.95], [-1, 0.7, 0.15, 0.3, 0.62, 0.91]])
+    assert torch.allclose(out[0], expected, atol=1e-6)
+
+
+def test_batched_class_aware_nms_equals_per_class_loop_nms():
+    gen = torch.Generator().manual_seed(3)
+    b, a, c = 3, 60, 3
+    anchors = _random_boxes(a, gen)
+    probs = torch.rand(b, c + 1, a, generator=gen).softmax(1)
+    out = multibox_detection(probs, torch.zeros(b, a * 4), anchors, nms_threshold=0.4, pos_threshold=0.0)
+    for i in range(b):
+        conf, cls = probs[i, 1:].max(0)
+        expected = set()
+        for k in range(c):
+            idx = torch.nonzero(cls == k).reshape(-1)
+            expected |= {(k, round(conf[j].item(), 5)) for j in idx[ref_nms(anchors[idx], conf[idx], 0.4)].tolist()}
+        got = {(int(r[0]), round(r[1].item(), 5)) for r in out[i] if r[0] >= 0}
+        assert got == expected
