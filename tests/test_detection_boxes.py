@@ -94,3 +94,12 @@ def test_batched_class_aware_nms_equals_per_class_loop_nms():
             expected |= {(k, round(conf[j].item(), 5)) for j in idx[ref_nms(anchors[idx], conf[idx], 0.4)].tolist()}
         got = {(int(r[0]), round(r[1].item(), 5)) for r in out[i] if r[0] >= 0}
         assert got == expected
+
+
+def test_tinyssd_outputs_the_course_shapes():
+    from pipeline.detection.tinyssd import TinySSD
+
+    anchors, cls, bbox = TinySSD(num_classes=1).eval()(torch.zeros(2, 3, 256, 256))
+    assert anchors.shape == (1, 5444, 4) and cls.shape == (2, 5444, 2) and bbox.shape == (2, 21776)
+    offsets, mask, classes = multibox_target(anchors, torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.4, 0.3, 0.9, 0.8]]]))
+    assert offsets.shape == bbox.shape and classes.shape == cls.shape[:2] and classes.max() == 1

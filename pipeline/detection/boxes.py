@@ -45,7 +45,7 @@ def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
     """
     b, g = gt.shape[:2]
     iou = box_iou(anchors, gt.reshape(-1, 4)).reshape(len(anchors), b, g).permute(1, 0, 2)  # (B, A, G)
-    iou = torch.where(valid[:, None, :], iou, torch.full_like(iou, -1.0))
+    iou = torch.where(valid[:, None, :], iou, torch.full_like(iou, -1.0)).contiguous()
     best_iou, best_box = iou.max(dim=2)
     assign = torch.where(best_iou >= iou_threshold, best_box, torch.full_like(best_box, -1))
     work, rows = iou.clone(), torch.arange(b, device=anchors.device)

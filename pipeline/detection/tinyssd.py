@@ -1,0 +1,62 @@
+"""TinySSD as built in the course (section 14.7): a small base net, down-sampling blocks, five
+scales with anchors from multibox_prior, and per-scale class and box predictors.
+
+The number of classes follows the data; anchors are generated for the feature-map sizes the
+input gives (5,444 for 256x256 input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .boxes import multibox_prior
+
+SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+RATIOS = [1, 2, 0.5]
+ANCHORS_PER_PIXEL = len(SIZES[0]) + len(RATIOS) - 1
+
+
+def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU, then halve height and width."""
+    layers = []
+    for _ in range(2):
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+        in_channels = out_channels
+    return nn.Sequential(*layers, nn.MaxPool2d(2))
+
+
+def base_net() -> nn.Sequential:
+    channels = [3, 16, 32, 64]
+    return nn.Sequential(*[down_sample_blk(channels[i], channels[i + 1]) for i in range(3)])
+
+
+def _stage(i: int) -> nn.Module:
+    if i == 0:
+        return base_net()
+    if i == 1:
+        return down_sample_blk(64, 128)
+    if i == 4:
+        return nn.AdaptiveMaxPool2d((1, 1))
+    return down_sample_blk(128, 128)
+
+
+class TinySSD(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        in_channels = [64, 128, 128, 128, 128]
+        self.stages = nn.ModuleList(_stage(i) for i in range(5))
+        self.cls = nn.ModuleList(nn.Conv2d(c, ANCHORS_PER_PIXEL * (num_classes + 1), 3, padding=1) for c in in_channels)
+        self.bbox = nn.ModuleList(nn.Conv2d(c, ANCHORS_PER_PIXEL * 4, 3, padding=1) for c in in_channels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(anchors (1, A, 4), class logits (B, A, C + 1), box offsets (B, A * 4))."""
+        anchors, cls_preds, bbox_preds = [], [], []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            anchors.append(multibox_prior(x.shape[-2], x.shape[-1], SIZES[i], RATIOS, device=x.device))
+            cls_preds.append(self.cls[i](x).permute(0, 2, 3, 1).flatten(1))
+            bbox_preds.append(self.bbox[i](x).permute(0, 2, 3, 1).flatten(1))
+        cls = torch.cat(cls_preds, 1).reshape(len(x), -1, self.num_classes + 1)
+        return torch.cat(anchors, 1), cls, torch.cat(bbox_preds, 1)
