@@ -103,3 +103,25 @@ def test_tinyssd_outputs_the_course_shapes():
     assert anchors.shape == (1, 5444, 4) and cls.shape == (2, 5444, 2) and bbox.shape == (2, 21776)
     offsets, mask, classes = multibox_target(anchors, torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.4, 0.3, 0.9, 0.8]]]))
     assert offsets.shape == bbox.shape and classes.shape == cls.shape[:2] and classes.max() == 1
+
+
+def test_banana_competition_is_deterministic_and_boxes_are_tight(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.detection.bananas import SIZE, build_bananas
+
+    a = build_bananas(tmp_path / "a", n_train=6, n_val=2, n_test=2, seed=1)
+    b = build_bananas(tmp_path / "b", n_train=6, n_val=2, n_test=2, seed=1)
+    train = pd.read_csv(a / "train.csv")
+    assert train.equals(pd.read_csv(b / "train.csv")) and len(train) == 6 and set(train.label) == {"banana"}
+    assert (a / "images" / "train_0003.png").read_bytes() == (b / "images" / "train_0003.png").read_bytes()
+    assert ((train.xmin >= 0) & (train.ymin >= 0) & (train.xmax <= SIZE) & (train.ymax <= SIZE)).all()
+    assert ((train.xmax - train.xmin) >= 20).all() and list(pd.read_csv(a / "test.csv").columns) == ["image"]
+    row = train.iloc[0]
+    img = np.asarray(Image.open(a / row.image)).astype(int)
+    inside = img[row.ymin:row.ymax, row.xmin:row.xmax]
+    yellow = (inside[..., 0] > 150) & (inside[..., 1] > 120) & (inside[..., 2] < 140)
+    assert yellow[:, 0].any() or yellow[:, 1].any()  # the object reaches the box's left edge ...
+    assert yellow[0, :].any() or yellow[1, :].any()  # ... and its top edge: the box is tight
