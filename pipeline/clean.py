@@ -38,7 +38,7 @@ def compute_features(paths: list[str], near_min_size: int, workers: int | None, 
 
 def _inputs_fingerprint(ctx: Context) -> str:
     comp = ctx.competition
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in pd.concat([comp.train.path, comp.test.path])]
+    stats = [(p, st.st_size, st.st_mtime_ns) for p in pd.concat([comp.train.path, comp.test.path]) for st in [os.stat(p)]]
     csvs = [file_digest(ctx.data_dir / f) for f in (ctx.cfg.competition.train_csv, ctx.cfg.competition.test_csv)]
     clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
     return fingerprint("clean", csvs, stats, ctx.cfg.competition.model_dump(), clean_cfg)

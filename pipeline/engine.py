@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
@@ -28,6 +29,7 @@ from . import distributed
 from .artifacts import atomic_write
 from .augment import mixer, train_transform
 from .config import TrainConfig
+from .errors import PipelineError
 from .metrics import is_better, score
 
 
@@ -97,8 +99,6 @@ def class_weights(spec, targets: np.ndarray, n_classes: int) -> torch.Tensor | N
         counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
         return torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
     if len(spec) != n_classes:
-        from .errors import PipelineError
-
         raise PipelineError(f"train.class_weights: {len(spec)} weights for {n_classes} classes")
     return torch.tensor(spec, dtype=torch.float32)
 
@@ -180,11 +180,9 @@ class Trainer:
         """Continue from last.* when both files exist, belong to this config and agree on the epoch."""
         try:
             state = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=True)
-            weights = load_file(str(self.run_dir / "last.safetensors"))
-            from safetensors import safe_open
-
             with safe_open(str(self.run_dir / "last.safetensors"), "pt") as fh:
                 meta = fh.metadata()
+                weights = {k: fh.get_tensor(k) for k in fh.keys()}
         except (FileNotFoundError, RuntimeError, OSError, EOFError):
             return False
         if state.get("fingerprint") != self.fingerprint or meta.get("epoch") != str(state.get("epoch")):
@@ -294,5 +292,6 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(seed) if info.dataset.transform is not None else None
+    transform = torch.utils.data.get_worker_info().dataset.transform
+    if transform is not None:
+        transform.set_random_seed(seed)

@@ -94,7 +94,6 @@ def run(ctx: Context) -> dict:
     test_proba = blend.combine(T, weights, chosen["how"])
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
-    overrides = ctx.work_dir / "test_label_overrides.csv"
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
         print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate ({overrides})")

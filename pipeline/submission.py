@@ -21,13 +21,18 @@ from .errors import PipelineError
 from .metrics import score
 
 
+def is_probability_columns(columns, classes: list[str]) -> bool:
+    """One column per class (in any order): the submission holds probabilities, not labels."""
+    return len(classes) > 1 and set(columns) == set(classes)
+
+
 def output_kind(comp: Competition, requested: str) -> str:
     """'probabilities' when sample_submission has one column per class, else 'labels'."""
     if requested != "auto":
         return requested
     if comp.sample_submission is not None:
         value_cols = [c for c in comp.sample_submission.columns if c != comp.id_column]
-        if sorted(value_cols) == sorted(comp.classes) and len(value_cols) > 1:
+        if is_probability_columns(value_cols, comp.classes):
             return "probabilities"
     return "labels"
 
@@ -57,7 +62,7 @@ def apply_overrides(frame: pd.DataFrame, comp: Competition, path: Path) -> tuple
     out = frame.copy()
     known = frame.loc[hit, comp.id_column].map(overrides)
     value_cols = [c for c in frame.columns if c != comp.id_column]
-    if set(value_cols) == set(comp.classes) and len(comp.classes) > 1:
+    if is_probability_columns(value_cols, comp.classes):
         for cls in value_cols:
             out.loc[hit, cls] = (known == cls).astype(float)
     else:
@@ -84,7 +89,7 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
     if comp.sample_submission is not None and list(ids) != list(comp.sample_submission[id_col].astype(str)):
         raise PipelineError(f"{source}: rows are not in sample_submission.csv's order")
     values = frame.drop(columns=[id_col])
-    if set(values.columns) == set(comp.classes) and len(comp.classes) > 1:
+    if is_probability_columns(values.columns, comp.classes):
         proba = values.to_numpy(dtype=float)
         if not np.isfinite(proba).all() or (proba < 0).any():
             raise PipelineError(f"{source}: probabilities must be finite and non-negative")

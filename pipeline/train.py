@@ -99,6 +99,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.world_size() > 1 else model
+    if "norm" not in data:  # one pass over the images per stage run, and none when every fold is done
+        data["norm"] = dataset_norm(data["images"])
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, cfg.model.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
@@ -132,7 +134,7 @@ def load_training_data(ctx: Context) -> dict:
     channels = input_channels(ctx)
     images = decoded_images(ctx, list(frame["path"]), ctx.cfg.train.image_size, channels, "train")
     return {"frame": frame, "images": images, "channels": channels, "classes": stamp["classes"],
-            "folds_hash": stamp["folds_hash"], "n_splits": stamp["n_splits"], "norm": dataset_norm(images)}
+            "folds_hash": stamp["folds_hash"], "n_splits": stamp["n_splits"]}
 
 
 def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
