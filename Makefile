@@ -30,7 +30,13 @@ ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "
 # The embedded competition is built on demand; any other DATA must already exist.
 DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict ensemble tune autogluon test lint
+# The detection track defaults to its own embedded competition unless DATA is given.
+BANANAS := data/bananas
+DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(BANANAS))
+DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),)
+DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
+
+.PHONY: help install data demo clean-data folds train predict ensemble tune autogluon detect-data detect test lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -84,6 +90,16 @@ tune: $(INSTALLED) $(DATA_DEP) ## Optuna study (JOBS=2 processes, STORAGE=url); 
 
 autogluon: $(INSTALLED) $(AG_INSTALLED) $(DATA_DEP) ## AutoGluon baseline on the same folds -> WORK/autogluon/{oof,test}.parquet
 	$(PIPE) autogluon $(ARGS)
+
+$(BANANAS)/train.csv: | $(INSTALLED)
+	$(PIPE) make-bananas --out $(BANANAS)
+
+detect-data: $(BANANAS)/train.csv ## build the embedded detection competition (1,000 train / 100 val / 100 test, 256x256)
+
+detect: $(INSTALLED) $(DETECT_DEP) ## detection track: TinySSD train -> evaluate -> predict -> gallery + submission
+	$(PIPE) detect --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+	@if [ -f "$(DETECT_DATA)/test_solution.csv" ]; then \
+		$(PIPE) score-detection "$(SUBMISSIONS)/$$(basename "$(DETECT_DATA)").csv" "$(DETECT_DATA)/test_solution.csv"; fi
 
 test: $(INSTALLED) $(AG_INSTALLED) ## the test suite (what .ci/run calls)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)

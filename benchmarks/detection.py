@@ -5,11 +5,12 @@ images with 1 to 8 boxes each. Labelling: pipeline.detection.boxes.multibox_targ
 the course's per-image assign_anchor_to_bbox loop. NMS: torchvision's batched_nms over all images
 (class-aware) vs the course's Python-loop NMS per image and class. Both must agree; prints ratios.
 
-    .venv/bin/python benchmarks/detection.py
+    .venv/bin/python benchmarks/detection.py [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -38,23 +39,34 @@ def batch_boxes(b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
 def best_of(fn, repeats: int = 3) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    device = torch.device(parser.parse_args().device)
     gen = torch.Generator().manual_seed(0)
-    anchors, b = tinyssd_anchors(), 32
-    gt, valid = batch_boxes(b, gen)
+    anchors, b = tinyssd_anchors().to(device), 32
+    gt, valid = (t.to(device) for t in batch_boxes(b, gen))
+    assign_anchors(anchors, gt, valid)  # warm-up (cuda context, kernels)
     t_loop, ref = best_of(lambda: [reference.assign_anchor_to_bbox(gt[i, valid[i]], anchors) for i in range(b)])
     t_vec, got = best_of(lambda: assign_anchors(anchors, gt, valid))
     assert all(torch.equal(got[i], ref[i]) for i in range(b)), "labelling disagrees with the course"
     print(f"anchor labelling, {b} images x {len(anchors)} anchors: course loop {t_loop * 1000:.1f} ms, "
           f"batched {t_vec * 1000:.1f} ms, ratio {t_loop / t_vec:.1f}x")
-    probs = torch.rand(b, 2, len(anchors), generator=gen).softmax(1)  # one class + background, like the bananas
-    offsets = torch.randn(b, len(anchors) * 4, generator=gen) * 0.1
+    probs = torch.rand(b, 2, len(anchors), generator=gen).softmax(1).to(device)  # one class + background, like the bananas
+    offsets = (torch.randn(b, len(anchors) * 4, generator=gen) * 0.1).to(device)
 
     def loop_nms():
         out = []

@@ -28,36 +28,59 @@ from pipeline.images import load_image, resize, to_channels
 from pipeline.models import build_model, make_optimizer, param_groups
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
+CPU = torch.device("cpu")
 
 
-def engine_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def engine_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int, device=CPU, amp: str = "none",
+                 compile: bool = False, warm: bool = False) -> float:
+    """Engine with the settings train.py gives it: channels_last and pinned memory on cuda, AMP per `amp`."""
     torch.manual_seed(0)
-    model = build_model(model_name, 10, 3)
-    cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1])
+    model = build_model(model_name, 10, 3).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1],
+                      amp=amp != "none", amp_dtype="float16" if amp == "float16" else "bfloat16")
     opt = make_optimizer("adamw", param_groups(model, 1e-3, 0.05, 1.0), 1e-3, 0.9, False)
     data = FoldData(images, labels, images[:0], labels[:0], 10, NORM, "accuracy")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", torch.device("cpu"), 0)
+        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", device, 0, net=torch.compile(model) if compile else None)
+        if warm or compile:  # an untimed epoch first: compilation, cudnn autotuning, allocator warm-up
+            trainer.train_epoch()
         trainer.epoch = 1
         trainer._reseed(1)
+        _sync(device)
         t0 = time.perf_counter()
         trainer.train_epoch()
+        _sync(device)
         return len(images) / (time.perf_counter() - t0)
 
 
-def bare_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+def bare_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: int, device=CPU, amp: str = "none",
+               channels_last: bool = False) -> float:
+    """The plain loop; on cuda optionally with bf16 autocast and channels_last, to match the engine's settings."""
     torch.manual_seed(0)
-    model = build_model(model_name, 10, 3).train()
+    model = build_model(model_name, 10, 3).train().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     order = np.random.default_rng(0).permutation(len(images))
+    _sync(device)
     t0 = time.perf_counter()
     for start in range(0, len(order) - batch + 1, batch):
         idx = order[start:start + batch]
-        x = to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM, torch.device("cpu"))
-        loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]))
+        x = to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM, device)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with torch.autocast(device.type, dtype=getattr(torch, amp if amp != "none" else "float32"), enabled=amp != "none"):
+            loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
+    _sync(device)
     return (len(order) // batch * batch) / (time.perf_counter() - t0)
 
 

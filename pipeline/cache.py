@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -34,8 +35,13 @@ def _decode(path: str, size: int, channels: int) -> np.ndarray:
 def decoded_images(ctx: Context, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
     """(N, size, size, channels) uint8 for `paths`, from WORK/cache when already built."""
     stamp = read_json(ctx.work_dir / "clean.json") or {}
-    key = fingerprint(stamp.get("fingerprint"), list(paths), size, channels)
-    file = ctx.work_dir / "cache" / f"{desc}-{size}px-{channels}ch-{key}.npy"
+    return cached_decode(ctx.work_dir / "cache", stamp.get("fingerprint"), paths, size, channels, desc)
+
+
+def cached_decode(folder: Path, source_key: str | None, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
+    """The cache file for these paths at this size, built once; `source_key` names the files' content."""
+    key = fingerprint(source_key, list(paths), size, channels)
+    file = Path(folder) / f"{desc}-{size}px-{channels}ch-{key}.npy"
     if file.exists():
         return np.load(file, mmap_mode="r")
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from . import baseline, clean, digits, ensemble, folds, predict, submission, train, tune
+from . import baseline, clean, detect, digits, ensemble, folds, predict, submission, train, tune
 from .config import defaults_yaml, load_config, to_yaml
 from .context import Context
+from .detection.bananas import build_bananas
+from .detection.infer import score_submission
 from .errors import PipelineError
 
 STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
-          "tune": tune.run, "autogluon": baseline.run}
+          "tune": tune.run, "autogluon": baseline.run, "detect": detect.run}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
@@ -40,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/digits"))
     p.add_argument("--limit", type=int, default=None, help="keep a stratified subset of this many images")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-bananas", help="build the embedded detection competition (banana-style, 256x256)")
+    p.add_argument("--out", type=Path, default=Path("data/bananas"))
+    p.add_argument("--train", type=int, default=1000, help="training images (the course: 1000)")
+    p.add_argument("--val", type=int, default=100, help="validation images (the course: 100)")
+    p.add_argument("--test", type=int, default=100, help="test images (hidden boxes in test_solution.csv)")
+    p.add_argument("--max-rotation", type=float, default=20.0, help="bananas turn by up to this many degrees either way")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("score-detection", help="mAP of a detection submission against a hidden solution file")
+    p.add_argument("submission", type=Path)
+    p.add_argument("solution", type=Path)
     p = sub.add_parser("score", help="score a label submission against a hidden solution file")
     p.add_argument("submission", type=Path)
     p.add_argument("solution", type=Path)
@@ -69,6 +81,12 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "make-digits":
         out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)
         print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")
+    elif args.command == "make-bananas":
+        out = build_bananas(args.out, args.train, args.val, args.test, seed=args.seed, max_rotation=args.max_rotation)
+        print(f"bananas: detection competition written to {out} ({args.train} train, {args.val} val, {args.test} test images)")
+    elif args.command == "score-detection":
+        maps = score_submission(args.submission, args.solution)
+        print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, COCO mAP {maps['map']:.4f}")
     elif args.command == "score":
         value = submission.score_file(args.submission, args.solution, args.metric)
         print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")

@@ -158,6 +158,33 @@ class AutoGluonConfig(Section):
     folds: list[int] | None = Field(None, description="folds to fit; null: all (OOF rows only for these)")
 
 
+class DetectConfig(Section):
+    train_csv: str = Field("train.csv", description="one row per box: image, label, xmin, ymin, xmax, ymax (pixels); empty label and box: no objects")
+    val_csv: str | None = Field("val.csv", description="validation boxes in the same form; when DATA lacks it, val_fraction of the training images")
+    test_csv: str = Field("test.csv", description="images to detect objects in (column image)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images held out when there is no val_csv")
+    image_size: int = Field(256, ge=64, description="images are decoded once and resized to image_size x image_size (the course: 256)")
+    epochs: int = Field(20, ge=1, description="training epochs")
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+    lr: float = Field(0.05, gt=0, description="SGD learning rate (the course: 0.2 without momentum)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the course: none; 0.9 learns faster, see README)")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay (the course: 5e-4)")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant (the course) or cosine down to lr/100")
+    loss: Literal["course", "ssd"] = Field("course", description="course: mean CE over all anchors + mean masked L1; ssd: hard negatives, both terms per positive anchor")
+    negative_ratio: float = Field(3.0, gt=0, description="ssd loss: highest-loss background anchors kept per positive anchor (the SSD paper: 3)")
+    hflip: bool = Field(True, description="random horizontal flips of images and their boxes")
+    seed: int = Field(0, description="seed of weights init, batch order, flips and the validation split")
+    nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the lower-scored box of the same class")
+    score_threshold: float = Field(0.5, ge=0, lt=1, description="submission and gallery keep boxes scored at least this")
+    map_score_threshold: float = Field(0.01, ge=0, lt=1, description="boxes scored at least this enter mAP (low, so the precision-recall curve is complete)")
+    max_detections: int = Field(100, ge=1, description="boxes kept per image, best first")
+    gallery_images: int = Field(16, ge=0, description="images drawn in each of gallery_val.png and gallery_test.png")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
+    amp: bool = Field(True, description="bfloat16 autocast on cuda (ignored on cpu)")
+    channels_last: bool = Field(True, description="channels-last memory format (faster convolutions on CPU and GPU)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+
+
 class Config(Section):
     competition: CompetitionConfig = CompetitionConfig()
     clean: CleanConfig = CleanConfig()
@@ -168,6 +195,7 @@ class Config(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
+    detect: DetectConfig = DetectConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

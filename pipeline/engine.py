@@ -18,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from tqdm import tqdm
 
-from . import distributed
-from .artifacts import atomic_write
+from . import checkpoint, distributed
 from .augment import mixer, train_transform
+from .checkpoint import prefixed, unprefixed
 from .config import TrainConfig
 from .errors import PipelineError
 from .metrics import is_better, score
@@ -132,7 +130,7 @@ class Trainer:
     history: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.net = self.net or self.model
+        self.net = self.net if self.net is not None else self.model  # not `or`: a compiled module refuses bool()
         self.transform = train_transform(self.cfg, self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
@@ -166,30 +164,23 @@ class Trainer:
     def save_last(self) -> None:
         if not distributed.is_main():
             return
-        weights = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors = prefixed("model", self.model)
         if self.ema is not None:
-            weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.module.state_dict().items()})
-        meta = {"epoch": str(self.epoch), "fingerprint": self.fingerprint}
-        atomic_write(self.run_dir / "last.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=meta))
-        state = {"epoch": self.epoch, "fingerprint": self.fingerprint, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "updates": self.updates,
-                 "best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "history": self.history}
-        atomic_write(self.run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+            tensors.update(prefixed("ema", self.ema.module))
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "updates": self.updates, "best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                 "history": self.history}
+        checkpoint.save_last(self.run_dir, tensors, state, self.epoch, self.fingerprint)
 
     def resume(self) -> bool:
         """Continue from last.* when both files exist, belong to this config and agree on the epoch."""
-        try:
-            state = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=True)
-            with safe_open(str(self.run_dir / "last.safetensors"), "pt") as fh:
-                meta = fh.metadata()
-                weights = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (FileNotFoundError, RuntimeError, OSError, EOFError):
+        found = checkpoint.load_last(self.run_dir, self.fingerprint)
+        if found is None:
             return False
-        if state.get("fingerprint") != self.fingerprint or meta.get("epoch") != str(state.get("epoch")):
-            return False
-        self.model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        tensors, state = found
+        self.model.load_state_dict(unprefixed("model", tensors))
         if self.ema is not None:
-            self.ema.module.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+            self.ema.module.load_state_dict(unprefixed("ema", tensors))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -198,10 +189,8 @@ class Trainer:
         return True
 
     def save_best(self, model: torch.nn.Module) -> None:
-        if not distributed.is_main():
-            return
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(self.run_dir / "best.safetensors", lambda tmp: save_file(state, str(tmp)))
+        if distributed.is_main():
+            checkpoint.save_weights(self.run_dir / "best.safetensors", model)
 
     # --- the loop ---------------------------------------------------------------------------
     def _reseed(self, epoch: int) -> None:
@@ -249,12 +238,13 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.accumulate).backward()
             if i % self.cfg.accumulate == 0 or i == len(self.loader):
                 self._step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == target.argmax(1)).sum().item()
+            total = total + loss.detach().float() * len(y)  # device tensors: no host sync per batch
+            correct = correct + (logits.argmax(1) == target.argmax(1)).sum()
             seen += len(y)
-            bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        total, correct, seen = distributed.sum_across([total, correct, seen])
+            if i % 20 == 0 and not bar.disable:  # the bar's numbers need a sync; not every batch
+                bar.set_postfix(loss=f"{total.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        total, correct, seen = distributed.sum_across([float(total), float(correct), seen])
         return total / seen, correct / seen
 
     def fit(self) -> dict:

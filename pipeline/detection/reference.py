@@ -14,7 +14,7 @@ def assign_anchor_to_bbox(gt: torch.Tensor, anchors: torch.Tensor, iou_threshold
     """One image: ground-truth index per anchor (-1 background), as in the course."""
     jaccard = box_iou(anchors, gt)
     n_anchors, n_gt = jaccard.shape
-    out = torch.full((n_anchors,), -1, dtype=torch.long)
+    out = torch.full((n_anchors,), -1, dtype=torch.long, device=anchors.device)
     max_ious, indices = jaccard.max(1)
     keep = max_ious >= iou_threshold
     out[keep] = indices[keep]

@@ -60,3 +60,9 @@ class TinySSD(nn.Module):
             bbox_preds.append(self.bbox[i](x).permute(0, 2, 3, 1).flatten(1))
         cls = torch.cat(cls_preds, 1).reshape(len(x), -1, self.num_classes + 1)
         return torch.cat(anchors, 1), cls, torch.cat(bbox_preds, 1)
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float around zero; BatchNorm follows the first conv, so fixed scaling is enough."""
+    x = images.to(device, non_blocking=True).float().sub_(127.5).div_(64.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,52 @@
+"""Resume checkpoints shared by the classification engine and the detection trainer.
+
+`last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
+scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
+fingerprint; a pair that disagrees, belongs to another config or is half written is ignored, so a
+run killed at any moment restarts from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .artifacts import atomic_write
+
+
+def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoch: int, fingerprint: str) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"epoch": str(epoch), "fingerprint": fingerprint}
+    atomic_write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    state = {**state, "epoch": epoch, "fingerprint": fingerprint}
+    atomic_write(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_last(run_dir: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of a complete checkpoint of this run, or None."""
+    try:
+        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        with safe_open(str(run_dir / "last.safetensors"), "pt") as fh:
+            meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (FileNotFoundError, RuntimeError, OSError, EOFError):
+        return None
+    if state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
+        return None
+    return tensors, state
+
+
+def prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def save_weights(path: Path, module: torch.nn.Module) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))

@@ -1,0 +1,98 @@
+"""Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
+
+Writes under WORK/detect/: last.safetensors + last.pt (resume state), model.safetensors and
+model.json (stamp: inputs' content key, training keys, classes, final metrics), history.csv,
+curves.png, metrics.json (validation: class error, bbox MAE, mAP@0.5, COCO mAP), gallery_val.png
+(predictions red, truth green), gallery_test.png, test_predictions.csv; and the submission
+SUBMISSIONS/<competition>.csv (image, PredictionString). A finished model is not retrained unless
+its data or training keys change; changing only thresholds redoes the predictions.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from . import checkpoint
+from .artifacts import fingerprint, is_done, read_json, write_csv, write_json, write_stamp
+from .context import Context
+from .detection.data import box_targets, decoded, read_detection
+from .detection.fit import DetectionTrainer
+from .detection.infer import Detector, gallery, parse_prediction_strings, submission_frame
+from .detection.tinyssd import TinySSD
+from .plots import plot_panels
+from .train import pick_device
+
+TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss", "negative_ratio", "hflip", "seed")
+METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
+
+
+def _sizes(split) -> torch.Tensor:
+    return torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32)
+
+
+def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
+    """Train (or resume, or skip when model.json matches) and return the final validation metrics."""
+    cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
+    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS})
+    if is_done(out / "model.json", fp):
+        model.load_state_dict(load_file(str(out / "model.safetensors")))
+        print(f"detect: model up to date ({out / 'model.safetensors'})")
+        return read_json(out / "model.json")["metrics"]
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ctx.work_dir / "cache"
+    trainer = DetectionTrainer(model, cfg, decoded(data.train, cache, cfg.image_size, "detect-train"), box_targets(data.train, data.classes),
+                               decoded(data.val, cache, cfg.image_size, "detect-val"), box_targets(data.val, data.classes),
+                               _sizes(data.val), out, fp, device)
+    history = pd.DataFrame(trainer.fit())
+    checkpoint.save_weights(out / "model.safetensors", model)
+    write_csv(out / "history.csv", history)
+    plot_panels(history, {"loss": ["train_loss"], "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
+                          "validation mAP": ["map_50", "map"]}, out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
+    final = history.iloc[-1]
+    metrics = {k: float(final[k]) for k in METRICS} | {"train_class_err": float(final["train_class_err"]),
+                                                      "train_bbox_mae": float(final["train_bbox_mae"]),
+                                                      "train_seconds": float(history["seconds"].sum()), "device": str(device)}
+    write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, epochs=len(history), metrics=metrics)
+    return metrics
+
+
+def _predict(ctx: Context, data, model: TinySSD, device: torch.device) -> pd.DataFrame:
+    cfg, out, cache = ctx.cfg.detect, ctx.work_dir / "detect", ctx.work_dir / "cache"
+    detector = Detector(model, cfg, device)
+    test_x, test_sizes = decoded(data.test, cache, cfg.image_size, "detect-test"), _sizes(data.test)
+    detections = detector(test_x, test_sizes, cfg.score_threshold, cfg.batch_size * 2)
+    frame = submission_frame(data.test.images, detections, data.classes)
+    parse_prediction_strings(frame["PredictionString"].tolist(), data.classes, "submission")  # what we write must read back
+    write_csv(out / "test_predictions.csv", frame)
+    n = cfg.gallery_images
+    if n:
+        val_x, val_sizes = decoded(data.val, cache, cfg.image_size, "detect-val")[:n], _sizes(data.val)[:n]
+        shown = detector(val_x, val_sizes, cfg.score_threshold, cfg.batch_size)
+        gallery(val_x, shown, val_sizes, data.classes, out / "gallery_val.png", truth=box_targets(data.val, data.classes)[:n])
+        gallery(test_x[:n], detections[:n], test_sizes[:n], data.classes, out / "gallery_test.png")
+    return frame
+
+
+def run(ctx: Context) -> None:
+    cfg = ctx.cfg.detect
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition)
+    print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), {len(data.val.images)} val ({data.val_source}), "
+          f"{len(data.test.images)} test; classes {data.classes}")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = TinySSD(len(data.classes)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics = _train(ctx, data, model, device)
+    write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
+    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS) + f" (training {metrics['train_seconds']:.0f} s on {metrics['device']})")
+    frame = _predict(ctx, data, model, device)
+    path = ctx.submissions_dir / f"{ctx.name}.csv"
+    write_csv(path, frame)
+    boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])
+    print(f"detect: submission {path} ({len(frame)} images, {boxes} boxes at score >= {cfg.score_threshold}); "
+          f"pictures {ctx.work_dir / 'detect'}/gallery_val.png, gallery_test.png, curves.png")

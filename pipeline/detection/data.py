@@ -1,0 +1,202 @@
+"""Detection competition folder: train.csv (one row per box), optional val.csv, test.csv, images.
+
+Box rows are `image, label, xmin, ymin, xmax, ymax` in pixels of the image as stored (after its
+EXIF rotation); an image with no objects has one row with empty label and box. Every problem is
+one PipelineError naming the file, CSV line and fix. Images are decoded once at image_size into the
+shared cache; boxes become (class, x1, y1, x2, y2) rows in [0, 1], padded with class -1 to the
+fullest image, which is what the batched anchor labelling takes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..artifacts import fingerprint
+from ..cache import cached_decode
+from ..competition import ID_CANDIDATES, _read_csv, _resolve_paths, sort_classes
+from ..config import CompetitionConfig, DetectConfig
+from ..errors import PipelineError
+
+BOX = ["xmin", "ymin", "xmax", "ymax"]
+ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass
+class Split:
+    """Images of one split and their boxes in pixels (rows of `boxes` refer to `images` by position)."""
+
+    images: pd.DataFrame  # columns: image (as in the CSV), path (resolved), width, height
+    boxes: pd.DataFrame  # columns: item (row of images), label, xmin, ymin, xmax, ymax
+
+
+@dataclass
+class DetectionData:
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    val_source: str  # "val.csv" or "10% of train.csv"
+
+    def key(self) -> str:
+        """Content key of the inputs: CSV rows plus each image's size and mtime."""
+        parts = [(s.images["image"].tolist(), s.boxes.to_numpy().tolist()) for s in (self.train, self.val)]
+        stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for s in (self.train, self.val, self.test) for p in s.images["path"]]
+        return fingerprint(self.classes, parts, stats)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) as the pixels will be decoded (EXIF rotation applied), read from the header only."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    return (h, w) if orientation in ROTATED else (w, h)
+
+
+def _image_column(frame: pd.DataFrame, csv: Path) -> str:
+    for cand in ID_CANDIDATES:
+        if cand in frame.columns:
+            return cand
+    raise PipelineError(f"{csv}: no image column among {list(frame.columns)}; name it 'image'")
+
+
+def _images(ids: pd.Series, root: Path, comp: CompetitionConfig, csv: Path) -> pd.DataFrame:
+    frame = pd.DataFrame({"image": ids.to_numpy()})
+    frame["path"] = _resolve_paths(frame, "image", root, comp, csv)
+    sizes = np.array([image_size(p) for p in frame["path"]], dtype=np.int64).reshape(-1, 2)
+    frame["width"], frame["height"] = sizes[:, 0], sizes[:, 1]
+    return frame
+
+
+def _parse_boxes(frame: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """Numeric boxes; rows with an empty label must have an empty box (an image without objects)."""
+    missing = [c for c in ["label", *BOX] if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{csv}: missing column(s) {missing}; a detection train.csv needs image, label, xmin, ymin, xmax, ymax")
+    out = frame[["label"]].copy()
+    for col in BOX:
+        values = pd.to_numeric(frame[col].where(frame[col] != "", np.nan), errors="coerce")
+        bad = values.isna() & (frame[col] != "")
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise PipelineError(f"{csv} line {i + 2}: {col} '{frame[col].iloc[i]}' is not a number; boxes are pixel coordinates")
+        out[col] = values
+    empty_box = out[BOX].isna()
+    partial = empty_box.any(axis=1) & ~empty_box.all(axis=1)
+    label_box = (out["label"] == "") != empty_box.all(axis=1)
+    for mask, fix in ((partial, "give all four of xmin, ymin, xmax, ymax"),
+                      (label_box, "a box needs a label; leave label and box empty for an image without objects")):
+        if mask.any():
+            raise PipelineError(f"{csv} line {int(mask.to_numpy().nonzero()[0][0]) + 2}: incomplete box row; {fix}")
+    spaced = out["label"].str.contains(r"\s", regex=True)
+    if spaced.any():
+        i = int(spaced.to_numpy().nonzero()[0][0])
+        raise PipelineError(f"{csv} line {i + 2}: label '{out['label'].iloc[i]}' contains a space, which PredictionString cannot hold; rename it")
+    return out
+
+
+def _check_geometry(boxes: pd.DataFrame, images: pd.DataFrame, csv: Path) -> None:
+    """Every box has positive area and lies inside its image."""
+    w = images["width"].to_numpy()[boxes["item"].to_numpy()]
+    h = images["height"].to_numpy()[boxes["item"].to_numpy()]
+    b = boxes[BOX].to_numpy()
+    checks = ((b[:, 0] >= b[:, 2]) | (b[:, 1] >= b[:, 3]), "has xmin >= xmax or ymin >= ymax",
+              (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h), "lies outside its image")
+    for bad, what in zip(checks[::2], checks[1::2], strict=True):
+        bad = np.asarray(bad & ~np.isnan(b).any(1))
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
+            row = boxes.iloc[i]
+            raise PipelineError(f"{csv} line {int(row['line'])}: box {[float(v) for v in row[BOX]]} {what} "
+                                f"({int(w[i])}x{int(h[i])} pixels); fix or clip the box")
+
+
+def _read_split(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
+    frame = _read_csv(csv)
+    if frame.empty:
+        raise PipelineError(f"{csv}: has a header but no rows; it needs one row per box")
+    col = _image_column(frame, csv)
+    boxes = _parse_boxes(frame, csv)
+    ids = frame[col].drop_duplicates()
+    images = _images(ids, root, comp, csv)
+    boxes["item"] = pd.Index(images["image"]).get_indexer(frame[col])
+    boxes["line"] = np.arange(len(frame)) + 2
+    boxes = boxes[boxes["label"] != ""]
+    _check_geometry(boxes, images, csv)
+    return Split(images, boxes[["item", "label", *BOX]].reset_index(drop=True))
+
+
+def _read_test(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
+    frame = _read_csv(csv)
+    col = _image_column(frame, csv)
+    dup = frame[col].duplicated()
+    if dup.any():
+        i = int(dup.to_numpy().nonzero()[0][0])
+        raise PipelineError(f"{csv} line {i + 2}: duplicate image '{frame[col].iloc[i]}'; list each test image once")
+    if frame.empty:
+        raise PipelineError(f"{csv}: has a header but no rows; it needs one row per test image")
+    return Split(_images(frame[col], root, comp, csv), pd.DataFrame(columns=["item", "label", *BOX]))
+
+
+def _subset(split: Split, keep: np.ndarray) -> Split:
+    new_index = np.full(len(split.images), -1)
+    new_index[keep] = np.arange(len(keep))
+    boxes = split.boxes[np.isin(split.boxes["item"], keep)].copy()
+    boxes["item"] = new_index[boxes["item"]]
+    return Split(split.images.iloc[keep].reset_index(drop=True), boxes.reset_index(drop=True))
+
+
+def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> DetectionData:
+    root = Path(root)
+    train_csv = root / cfg.train_csv
+    if not train_csv.is_file():
+        raise PipelineError(f"{train_csv}: not found; a detection folder needs {cfg.train_csv} (one row per box) and {cfg.test_csv}")
+    train = _read_split(train_csv, root, comp)
+    if cfg.val_csv and (root / cfg.val_csv).is_file():
+        val, source = _read_split(root / cfg.val_csv, root, comp), cfg.val_csv
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(train.images))
+        n_val = max(1, int(round(cfg.val_fraction * len(order))))
+        if n_val >= len(order):
+            raise PipelineError(f"{train_csv}: {len(order)} image(s) are too few to hold out a validation split; add images or a {cfg.val_csv}")
+        train, val = _subset(train, np.sort(order[n_val:])), _subset(train, np.sort(order[:n_val]))
+        source = f"{cfg.val_fraction:.0%} of {cfg.train_csv}"
+    classes = sort_classes(sorted(set(train.boxes["label"])))
+    if not classes:
+        raise PipelineError(f"{train_csv}: no boxes at all; label at least one object")
+    unknown = sorted(set(val.boxes["label"]) - set(classes))
+    if unknown:
+        raise PipelineError(f"{root / (cfg.val_csv or cfg.train_csv)}: label '{unknown[0]}' never occurs in {cfg.train_csv}; the model cannot learn it")
+    return DetectionData(classes, train, val, _read_test(root / cfg.test_csv, root, comp), source)
+
+
+def decoded(split: Split, folder: Path, size: int, desc: str) -> torch.Tensor:
+    """(N, 3, size, size) uint8 images, decoded once into the cache folder."""
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in split.images["path"]]
+    array = cached_decode(folder, fingerprint(stats), split.images["path"].tolist(), size, 3, desc)
+    return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a writable copy in memory
+
+
+def box_targets(split: Split, classes: list[str]) -> torch.Tensor:
+    """(N, G, 5) rows [class, x1, y1, x2, y2] with coordinates in [0, 1]; class -1 pads (G >= 1)."""
+    counts = np.bincount(split.boxes["item"].to_numpy(dtype=np.int64), minlength=len(split.images))
+    out = torch.full((len(split.images), max(1, int(counts.max(initial=0))), 5), -1.0)
+    if len(split.boxes):
+        item = split.boxes["item"].to_numpy(dtype=np.int64)
+        order = np.argsort(item, kind="stable")
+        item = item[order]
+        slot = np.arange(len(item)) - np.searchsorted(item, item)  # position of each box within its image
+        scale = np.stack([split.images["width"], split.images["height"]] * 2, 1)[item]
+        coords = split.boxes[BOX].to_numpy(dtype=np.float64)[order] / scale
+        label = pd.Index(classes).get_indexer(split.boxes["label"].to_numpy()[order])
+        out[item, slot] = torch.from_numpy(np.column_stack([label, coords])).float()
+    return out

@@ -1,0 +1,156 @@
+"""From network outputs to boxes, scores, submissions, pictures and mAP.
+
+Decoding follows the course's multibox_detection (one class per anchor: its most likely non-
+background class; offsets inverted against the anchors; class-aware NMS) with one change in order:
+boxes under the score threshold are dropped before NMS instead of after. The kept set is the same,
+since NMS only lets higher-scored boxes suppress lower-scored ones, and NMS has far fewer boxes to
+sort. mAP comes from torchmetrics (pycocotools backend), in pixel coordinates of the original images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import batched_nms
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from ..artifacts import atomic_write
+from ..config import DetectConfig
+from ..errors import PipelineError
+from .boxes import offset_inverse
+from .tinyssd import to_input
+
+
+class Detector:
+    """Turns TinySSD outputs into per-image detections (boxes in pixels, scores, 0-based classes)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DetectConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+
+    def decode(self, anchors, cls_logits, bbox_preds, sizes: torch.Tensor, score_threshold: float) -> list[dict]:
+        b, a, _ = cls_logits.shape
+        conf, cls = cls_logits.float().softmax(-1)[..., 1:].max(-1)  # (B, A)
+        boxes = offset_inverse(anchors.reshape(1, a, 4), bbox_preds.float().reshape(b, a, 4)).clamp(0, 1)
+        image, anchor = (conf >= score_threshold).nonzero(as_tuple=True)
+        scores, labels = conf[image, anchor], cls[image, anchor]
+        keep = batched_nms(boxes[image, anchor], scores, image * cls_logits.shape[-1] + labels, self.cfg.nms_threshold)
+        keep = keep[torch.argsort(image[keep], stable=True)]  # batched_nms sorts by score; regroup by image, best first
+        first = torch.searchsorted(image[keep], image[keep])
+        keep = keep[torch.arange(len(keep), device=keep.device) - first < self.cfg.max_detections]
+        scale = sizes.to(boxes.device, torch.float32).repeat(1, 2)  # (B, 4): w, h, w, h
+        pixel = boxes[image[keep], anchor[keep]] * scale[image[keep]]
+        counts = torch.bincount(image[keep], minlength=b).tolist()
+        return [{"boxes": bx.cpu(), "scores": sc.cpu(), "labels": lb.cpu()}
+                for bx, sc, lb in zip(pixel.split(counts), scores[keep].split(counts), labels[keep].split(counts), strict=True)]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, score_threshold: float, batch_size: int) -> list[dict]:
+        self.model.eval()
+        out = []
+        for idx in torch.arange(len(images)).split(batch_size):
+            x = to_input(images[idx], self.device, self.cfg.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda"):
+                anchors, cls_logits, bbox_preds = self.model(x)
+            out += self.decode(anchors.float(), cls_logits, bbox_preds, sizes[idx], score_threshold)
+        return out
+
+
+def targets_in_pixels(labels: torch.Tensor, sizes: torch.Tensor) -> list[dict]:
+    """(N, G, 5) normalised, padded ground truth -> torchmetrics target dicts in pixels."""
+    scale = sizes.float().repeat(1, 2)[:, None, :]
+    boxes = labels[..., 1:] * scale
+    valid = labels[..., 0] >= 0
+    return [{"boxes": boxes[i][valid[i]], "labels": labels[i, valid[i], 0].long()} for i in range(len(labels))]
+
+
+def mean_average_precision(detections: list[dict], labels: torch.Tensor, sizes: torch.Tensor) -> dict:
+    """COCO mAP@[.5:.95] and mAP@0.5 (pycocotools through torchmetrics)."""
+    return map_of(detections, targets_in_pixels(labels, sizes))
+
+
+def map_of(detections: list[dict], targets: list[dict]) -> dict:
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    metric.update(detections, targets)
+    result = metric.compute()
+    return {"map_50": float(result["map_50"]), "map": float(result["map"])}
+
+
+def prediction_strings(detections: list[dict], classes: list[str]) -> list[str]:
+    """'label score xmin ymin xmax ymax ...' per image, best first (empty for an image without boxes)."""
+    out = []
+    for det in detections:
+        names = np.asarray(classes, dtype=object)[det["labels"].numpy()]
+        rows = zip(names, det["scores"].tolist(), det["boxes"].numpy().round(1).tolist(), strict=True)
+        out.append(" ".join(f"{n} {s:.4f} {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}" for n, s, b in rows))
+    return out
+
+
+def parse_prediction_strings(strings: list[str], classes: list[str], source: str) -> list[dict]:
+    """The inverse of prediction_strings, with a one-line error naming the bad row."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for row, text in enumerate(strings):
+        parts = text.split()
+        if len(parts) % 6:
+            raise PipelineError(f"{source} line {row + 2}: PredictionString needs groups of 6 values (label score xmin ymin xmax ymax)")
+        groups = np.asarray(parts, dtype=object).reshape(-1, 6)
+        unknown = [g for g in groups[:, 0] if g not in index]
+        if unknown:
+            raise PipelineError(f"{source} line {row + 2}: unknown label '{unknown[0]}'; expected one of {classes}")
+        numbers = groups[:, 1:].astype(np.float64)
+        out.append({"labels": torch.tensor([index[g] for g in groups[:, 0]], dtype=torch.long),
+                    "scores": torch.from_numpy(numbers[:, 0]).float(), "boxes": torch.from_numpy(numbers[:, 1:]).float().reshape(-1, 4)})
+    return out
+
+
+def gallery(images: torch.Tensor, detections: list[dict], sizes: torch.Tensor, classes: list[str], path: Path,
+            truth: torch.Tensor | None = None, columns: int = 4) -> Path:
+    """A grid of images (as decoded at image_size) with predicted boxes in red and ground truth in green."""
+    side = images.shape[-1]
+    tiles = []
+    for i, det in enumerate(detections):
+        img = images[i]
+        if truth is not None:
+            valid = truth[i, :, 0] >= 0
+            img = draw_bounding_boxes(img, truth[i, valid, 1:] * side, colors="lime", width=2)
+        boxes = det["boxes"] / sizes[i].float().repeat(2) * side
+        text = [f"{classes[c]} {s:.2f}" for c, s in zip(det["labels"].tolist(), det["scores"].tolist(), strict=True)]
+        tiles.append(draw_bounding_boxes(img, boxes, labels=text, colors="red", width=2))
+    grid = make_grid(torch.stack(tiles), nrow=columns, padding=4, pad_value=255)
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    return atomic_write(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def submission_frame(images: pd.DataFrame, detections: list[dict], classes: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"image": images["image"].to_numpy(), "PredictionString": prediction_strings(detections, classes)})
+
+
+def score_submission(submission_csv: Path, solution_csv: Path) -> dict:
+    """mAP of a detection submission against a hidden solution (one row per box, as train.csv)."""
+    from ..competition import _read_csv, sort_classes
+
+    sub, sol = _read_csv(Path(submission_csv)), _read_csv(Path(solution_csv))
+    for frame, cols, name in ((sub, ["image", "PredictionString"], submission_csv), (sol, ["image", "label", "xmin", "ymin", "xmax", "ymax"], solution_csv)):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{name}: missing column(s) {missing}")
+    images = sol["image"].drop_duplicates().tolist()
+    absent = sorted(set(images) - set(sub["image"]))
+    if absent:
+        raise PipelineError(f"{submission_csv}: no row for image '{absent[0]}' ({len(absent)} missing); predict every test image")
+    classes = sort_classes(sorted(set(sol["label"]) - {""}))
+    by_image = dict(zip(sub["image"], parse_prediction_strings(sub["PredictionString"].tolist(), classes, str(submission_csv)), strict=True))
+    boxes = sol[sol["label"] != ""]
+    grouped = {k: g for k, g in boxes.groupby("image", sort=False)}
+    index = {c: i for i, c in enumerate(classes)}
+    targets = []
+    for image in images:
+        g = grouped.get(image, boxes.iloc[:0])
+        targets.append({"boxes": torch.tensor(g[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float32)).reshape(-1, 4),
+                        "labels": torch.tensor([index[v] for v in g["label"]], dtype=torch.long)})
+    return map_of([by_image[i] for i in images], targets)
