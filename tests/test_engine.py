@@ -19,7 +19,7 @@ from pipeline.classic import CLASSIC
 from pipeline.config import TrainConfig, load_config
 from pipeline.context import Context
 from pipeline.digits import build_digits
-from pipeline.engine import class_weights, soft_cross_entropy
+from pipeline.engine import FoldData, Trainer, class_weights, soft_cross_entropy
 from pipeline.errors import PipelineError
 from pipeline.models import (
     build_model,
@@ -219,3 +219,27 @@ def test_ddp_with_two_cpu_processes_trains_and_rank0_alone_writes(small_digits: 
     run = tmp_path / "w" / "runs" / "resnet10t" / "fold0"
     assert (run / "best.safetensors").exists() and (run / "best.json").exists() and len(pd.read_csv(run / "history.csv")) == 2
     assert not list(run.glob(".*.tmp"))
+
+
+def test_a_wrapper_that_refuses_bool_is_used_as_the_forward_net(tmp_path: Path):
+    """torch.compile's wrapper raises on len()/bool(); the trainer must take it as given (train.compile=true)."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __len__(self):
+            raise TypeError("no len")
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    x, y = np.zeros((4, 2, 2, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
+    data = FoldData(x, y, x, y, 2, {"mean": [0.5] * 3, "std": [0.25] * 3}, "accuracy")
+    net = Wrapper(model)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TrainConfig(batch_size=2, augment="none", epochs=1),
+                      data, tmp_path, "fp", torch.device("cpu"), 0, net=net)
+    assert trainer.net is net
+    trainer.fit()
