@@ -52,10 +52,9 @@ def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, negativ
 
 def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> torch.Tensor:
     """[wrong anchor classes, anchors, summed masked |offset error|, offset entries], the course's cls_eval/bbox_eval."""
-    wrong = (cls_preds.argmax(-1) != cls_labels).sum()
-    l1 = ((bbox_labels - bbox_preds) * bbox_masks).abs().sum()
-    return torch.stack([wrong.double().cpu(), torch.tensor(cls_labels.numel(), dtype=torch.float64),
-                        l1.double().cpu(), torch.tensor(bbox_labels.numel(), dtype=torch.float64)])
+    wrong = (cls_preds.argmax(-1) != cls_labels).sum().double()
+    l1 = ((bbox_labels - bbox_preds) * bbox_masks).abs().sum().double()
+    return torch.stack([wrong, wrong.new_tensor(cls_labels.numel()), l1, l1.new_tensor(bbox_labels.numel())])
 
 
 @dataclass
@@ -109,7 +108,7 @@ class DetectionTrainer:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
         torch.manual_seed(self.cfg.seed * 1000 + self.epoch)
         order = torch.randperm(len(self.train_x), generator=gen)
-        total, counts, seen, t0 = 0.0, torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()
+        total, counts, seen, t0 = 0.0, 0.0, 0, time.perf_counter()
         bar = tqdm(order.split(self.cfg.batch_size), desc=f"detect: epoch {self.epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
         for idx in bar:
             images, labels = self.train_x[idx], self.train_y[idx]
@@ -123,10 +122,11 @@ class DetectionTrainer:
             self.optimizer.step()
             self.updates += 1
             self.scheduler.step_update(self.updates)
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-            counts += error_counts(cls_preds.detach(), cls_labels, bbox_preds.detach(), bbox_labels, bbox_masks).cpu()
-            bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        return total / seen, counts
+            total, seen = total + loss.detach() * len(idx), seen + len(idx)  # device tensors: no host sync per batch
+            counts = counts + error_counts(cls_preds.detach(), cls_labels, bbox_preds.detach(), bbox_labels, bbox_masks)
+            if not bar.disable and bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        return float(total) / seen, counts.cpu()
 
     @torch.no_grad()
     def validate(self) -> dict:
