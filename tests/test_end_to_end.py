@@ -2,7 +2,6 @@
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -28,9 +27,7 @@ def _make(*targets: str, data: Path, work: Path, subs: Path) -> str:
 @pytest.mark.slow
 def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_digits: Path, tmp_path: Path):
     work, subs = tmp_path / "work", tmp_path / "subs"
-    start = time.perf_counter()
     out = _make("folds", "train", "ensemble", data=small_digits, work=work, subs=subs)
-    assert time.perf_counter() - start < 120
     assert "honest CV accuracy" in out and "epoch 3" in out and "by TTA view" in out
     sub = pd.read_csv(subs / "digits.csv", dtype=str)
     sample = pd.read_csv(small_digits / "sample_submission.csv", dtype=str)
