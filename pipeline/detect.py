@@ -1,7 +1,7 @@
 """Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
 
 Writes under WORK/detect/: last.safetensors + last.pt (resume state), model.safetensors and
-model.json (stamp: inputs' content key, training keys, classes, final metrics), history.csv,
+model.json (stamp: inputs' content key, training keys, classes, training summary), history.csv,
 curves.png, metrics.json (validation: class error, bbox MAE, mAP@0.5, COCO mAP), gallery_val.png
 (predictions red, truth green), gallery_test.png, test_predictions.csv; and the submission
 SUBMISSIONS/<competition>.csv (image, PredictionString). A finished model is not retrained unless
@@ -18,7 +18,7 @@ from . import checkpoint
 from .artifacts import fingerprint, is_done, read_json, write_csv, write_json, write_stamp
 from .context import Context
 from .detection.data import box_targets, decoded, read_detection
-from .detection.fit import DetectionTrainer
+from .detection.fit import DetectionTrainer, evaluate
 from .detection.infer import Detector, gallery, parse_prediction_strings, submission_frame
 from .detection.tinyssd import TinySSD
 from .plots import plot_panels
@@ -33,13 +33,13 @@ def _sizes(split) -> torch.Tensor:
 
 
 def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
-    """Train (or resume, or skip when model.json matches) and return the final validation metrics."""
+    """Train (or resume, or load when model.json matches); returns the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
     fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS})
     if is_done(out / "model.json", fp):
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
-        return read_json(out / "model.json")["metrics"]
+        return read_json(out / "model.json")["summary"]
     out.mkdir(parents=True, exist_ok=True)
     cache = ctx.work_dir / "cache"
     trainer = DetectionTrainer(model, cfg, decoded(data.train, cache, cfg.image_size, "detect-train"), box_targets(data.train, data.classes),
@@ -51,10 +51,20 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
     plot_panels(history, {"loss": ["train_loss"], "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
                           "validation mAP": ["map_50", "map"]}, out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
     final = history.iloc[-1]
-    metrics = {k: float(final[k]) for k in METRICS} | {"train_class_err": float(final["train_class_err"]),
-                                                      "train_bbox_mae": float(final["train_bbox_mae"]),
-                                                      "train_seconds": float(history["seconds"].sum()), "device": str(device)}
-    write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, epochs=len(history), metrics=metrics)
+    summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
+               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(device)}
+    write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
+    return summary
+
+
+def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, summary: dict) -> dict:
+    """Validation metrics of the final model with the current decoding settings (NMS, thresholds)."""
+    cfg, cache = ctx.cfg.detect, ctx.work_dir / "cache"
+    val = evaluate(model, cfg, device, decoded(data.val, cache, cfg.image_size, "detect-val"), box_targets(data.val, data.classes), _sizes(data.val))
+    metrics = val | summary | {"nms_threshold": cfg.nms_threshold, "val_source": data.val_source}
+    write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
+    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
+          + f" (training {summary['train_seconds']:.0f} s on {summary['device']})")
     return metrics
 
 
@@ -87,9 +97,7 @@ def run(ctx: Context) -> None:
     model = TinySSD(len(data.classes)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    metrics = _train(ctx, data, model, device)
-    write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
-    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS) + f" (training {metrics['train_seconds']:.0f} s on {metrics['device']})")
+    _evaluate(ctx, data, model, device, _train(ctx, data, model, device))
     frame = _predict(ctx, data, model, device)
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     write_csv(path, frame)

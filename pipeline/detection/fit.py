@@ -57,6 +57,28 @@ def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> 
     return torch.stack([wrong, wrong.new_tensor(cls_labels.numel()), l1, l1.new_tensor(bbox_labels.numel())])
 
 
+def forward(model, x: torch.Tensor, labels: torch.Tensor, amp: bool):
+    """Network outputs in float32 and the course's training targets for them."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        anchors, cls_preds, bbox_preds = model(x)
+    return anchors.float(), cls_preds.float(), bbox_preds.float(), multibox_target(anchors.float(), labels)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> dict:
+    """Class error and bbox MAE (the course's definitions), mAP@0.5 and COCO mAP with the current decoding settings."""
+    model.eval()
+    detector, amp = Detector(model, cfg, device), cfg.amp and device.type == "cuda"
+    counts, detections = torch.zeros(4, dtype=torch.float64), []
+    for idx in torch.arange(len(images)).split(cfg.batch_size * 2):
+        x = to_input(images[idx], device, cfg.channels_last)
+        anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, x, labels[idx].to(device), amp)
+        counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
+        detections += detector.decode(anchors, cls_preds, bbox_preds, sizes[idx], cfg.map_score_threshold)
+    maps = mean_average_precision(detections, labels, sizes)
+    return {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3]), **maps}
+
+
 @dataclass
 class DetectionTrainer:
     model: torch.nn.Module
@@ -98,10 +120,7 @@ class DetectionTrainer:
         checkpoint.save_last(self.run_dir, checkpoint.prefixed("model", self.model), state, self.epoch, self.fingerprint)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            anchors, cls_preds, bbox_preds = self.model(x)
-        targets = multibox_target(anchors.float(), labels)
-        return anchors, cls_preds.float(), bbox_preds.float(), targets
+        return forward(self.model, x, labels, self.amp)
 
     def train_epoch(self) -> tuple[float, torch.Tensor]:
         self.model.train()
@@ -128,18 +147,8 @@ class DetectionTrainer:
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         return float(total) / seen, counts.cpu()
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        self.model.eval()
-        detector = Detector(self.model, self.cfg, self.device)
-        counts, detections = torch.zeros(4, dtype=torch.float64), []
-        for idx in torch.arange(len(self.val_x)).split(self.cfg.batch_size * 2):
-            x, labels = to_input(self.val_x[idx], self.device, self.cfg.channels_last), self.val_y[idx].to(self.device)
-            anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = self.forward(x, labels)
-            counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
-            detections += detector.decode(anchors, cls_preds, bbox_preds, self.val_sizes[idx], self.cfg.map_score_threshold)
-        maps = mean_average_precision(detections, self.val_y, self.val_sizes)
-        return {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3]), **maps}
+        return evaluate(self.model, self.cfg, self.device, self.val_x, self.val_y, self.val_sizes)
 
     def fit(self) -> list[dict]:
         if self.resume():
