@@ -165,7 +165,7 @@ class DetectConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images held out when there is no val_csv")
     image_size: int = Field(256, ge=64, description="images are decoded once and resized to image_size x image_size (the course: 256)")
     epochs: int = Field(20, ge=1, description="training epochs")
-    batch_size: int = Field(32, ge=1, description="images per forward pass")
+    batch_size: int = Field(16, ge=1, description="images per update (the course: 32; 16 learns faster here, see README)")
     lr: float = Field(0.05, gt=0, description="SGD learning rate (the course: 0.2 without momentum)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the course: none; 0.9 learns faster, see README)")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay (the course: 5e-4)")
