@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import checkpoint
-from .artifacts import fingerprint, is_done, read_json, write_csv, write_json, write_stamp
+from .artifacts import fingerprint, read_json, write_csv, write_json, write_stamp
 from .context import Context
 from .detection.data import box_targets, decoded, read_detection
 from .detection.fit import DetectionTrainer, evaluate
@@ -36,10 +36,11 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
     """Train (or resume, or load when model.json matches); returns the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
     fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS})
-    if is_done(out / "model.json", fp):
+    stamp = read_json(out / "model.json") or {}
+    if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
-        return read_json(out / "model.json")["summary"]
+        return stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     cache = ctx.work_dir / "cache"
     trainer = DetectionTrainer(model, cfg, decoded(data.train, cache, cfg.image_size, "detect-train"), box_targets(data.train, data.classes),
@@ -79,9 +80,9 @@ def _predict(ctx: Context, data, model: TinySSD, device: torch.device) -> pd.Dat
     n = cfg.gallery_images
     if n:
         val_x, val_sizes = decoded(data.val, cache, cfg.image_size, "detect-val")[:n], _sizes(data.val)[:n]
-        shown = detector(val_x, val_sizes, cfg.score_threshold, cfg.batch_size)
-        gallery(val_x, shown, val_sizes, data.classes, out / "gallery_val.png", truth=box_targets(data.val, data.classes)[:n])
-        gallery(test_x[:n], detections[:n], test_sizes[:n], data.classes, out / "gallery_test.png")
+        shown = detector(torch.cat((val_x, test_x[:n])), torch.cat((val_sizes, test_sizes[:n])), cfg.gallery_score_threshold, cfg.batch_size)
+        gallery(val_x, shown[:len(val_x)], val_sizes, data.classes, out / "gallery_val.png", truth=box_targets(data.val, data.classes)[:n])
+        gallery(test_x[:n], shown[len(val_x):], test_sizes[:n], data.classes, out / "gallery_test.png")
     return frame
 
 

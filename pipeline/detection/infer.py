@@ -117,10 +117,10 @@ def gallery(images: torch.Tensor, detections: list[dict], sizes: torch.Tensor, c
         img = images[i]
         if truth is not None:
             valid = truth[i, :, 0] >= 0
-            img = draw_bounding_boxes(img, truth[i, valid, 1:] * side, colors="lime", width=2)
+            img = draw_bounding_boxes(img, truth[i, valid, 1:] * side, colors="lime", width=2) if valid.any() else img
         boxes = det["boxes"] / sizes[i].float().repeat(2) * side
         text = [f"{classes[c]} {s:.2f}" for c, s in zip(det["labels"].tolist(), det["scores"].tolist(), strict=True)]
-        tiles.append(draw_bounding_boxes(img, boxes, labels=text, colors="red", width=2))
+        tiles.append(draw_bounding_boxes(img, boxes, labels=text, colors="red", width=2) if len(boxes) else img)
     grid = make_grid(torch.stack(tiles), nrow=columns, padding=4, pad_value=255)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     return atomic_write(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
