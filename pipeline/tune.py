@@ -126,7 +126,7 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # locked, or the other wrote the version row first
             if attempt == attempts - 1:
                 raise
             time.sleep(1.0 + attempt)
