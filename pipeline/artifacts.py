@@ -72,6 +72,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_stats(paths) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) per file: a cheap content key for inputs too big to hash every run."""
+    return [(str(p), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
+
+
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

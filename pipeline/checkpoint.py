@@ -17,8 +17,12 @@ from safetensors.torch import save_file
 from .artifacts import atomic_write
 
 
+def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
 def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoch: int, fingerprint: str) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = _on_host(tensors)
     meta = {"epoch": str(epoch), "fingerprint": fingerprint}
     atomic_write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     state = {**state, "epoch": epoch, "fingerprint": fingerprint}
@@ -48,5 +52,5 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = _on_host(module.state_dict())
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))

@@ -21,7 +21,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import dedup, report
-from .artifacts import file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
+from .artifacts import file_digest, file_stats, fingerprint, is_done, write_csv, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
 
@@ -38,7 +38,7 @@ def compute_features(paths: list[str], near_min_size: int, workers: int | None, 
 
 def _inputs_fingerprint(ctx: Context) -> str:
     comp = ctx.competition
-    stats = [(p, st.st_size, st.st_mtime_ns) for p in pd.concat([comp.train.path, comp.test.path]) for st in [os.stat(p)]]
+    stats = file_stats(pd.concat([comp.train.path, comp.test.path]))
     csvs = [file_digest(ctx.data_dir / f) for f in (ctx.cfg.competition.train_csv, ctx.cfg.competition.test_csv)]
     clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
     return fingerprint("clean", csvs, stats, ctx.cfg.competition.model_dump(), clean_cfg)

@@ -10,6 +10,8 @@ its data or training keys change; changing only thresholds redoes the prediction
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
 from safetensors.torch import load_file
@@ -28,11 +30,22 @@ TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_de
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
 
 
-def _sizes(split) -> torch.Tensor:
-    return torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32)
+@dataclass
+class Arrays:
+    """One split as the network sees it, decoded once per stage run."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    targets: torch.Tensor  # (N, G, 5) normalised boxes, class -1 pads
+    sizes: torch.Tensor  # (N, 2) width, height in pixels
 
 
-def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
+def _arrays(ctx: Context, split, classes: list[str], name: str) -> Arrays:
+    size = ctx.cfg.detect.image_size
+    return Arrays(decoded(split, ctx.work_dir / "cache", size, f"detect-{name}"), box_targets(split, classes),
+                  torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32))
+
+
+def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays) -> dict:
     """Train (or resume, or load when model.json matches); returns the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
     fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS})
@@ -42,10 +55,8 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
         print(f"detect: model up to date ({out / 'model.safetensors'})")
         return stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
-    cache = ctx.work_dir / "cache"
-    trainer = DetectionTrainer(model, cfg, decoded(data.train, cache, cfg.image_size, "detect-train"), box_targets(data.train, data.classes),
-                               decoded(data.val, cache, cfg.image_size, "detect-val"), box_targets(data.val, data.classes),
-                               _sizes(data.val), out, fp, device)
+    train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
+    trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, device)
     history = pd.DataFrame(trainer.fit())
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
@@ -58,31 +69,31 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device) -> dict:
     return summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, summary: dict) -> dict:
+def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds)."""
-    cfg, cache = ctx.cfg.detect, ctx.work_dir / "cache"
-    val = evaluate(model, cfg, device, decoded(data.val, cache, cfg.image_size, "detect-val"), box_targets(data.val, data.classes), _sizes(data.val))
-    metrics = val | summary | {"nms_threshold": cfg.nms_threshold, "val_source": data.val_source}
+    cfg = ctx.cfg.detect
+    metrics = evaluate(model, cfg, device, val.images, val.targets, val.sizes) | summary | {
+        "nms_threshold": cfg.nms_threshold, "val_source": data.val_source}
     write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
     print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']})")
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, device: torch.device) -> pd.DataFrame:
-    cfg, out, cache = ctx.cfg.detect, ctx.work_dir / "detect", ctx.work_dir / "cache"
+def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, test: Arrays) -> pd.DataFrame:
+    cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
     detector = Detector(model, cfg, device)
-    test_x, test_sizes = decoded(data.test, cache, cfg.image_size, "detect-test"), _sizes(data.test)
-    detections = detector(test_x, test_sizes, cfg.score_threshold, cfg.batch_size * 2)
+    detections = detector(test.images, test.sizes, cfg.score_threshold, cfg.batch_size * 2)
     frame = submission_frame(data.test.images, detections, data.classes)
     parse_prediction_strings(frame["PredictionString"].tolist(), data.classes, "submission")  # what we write must read back
     write_csv(out / "test_predictions.csv", frame)
     n = cfg.gallery_images
     if n:
-        val_x, val_sizes = decoded(data.val, cache, cfg.image_size, "detect-val")[:n], _sizes(data.val)[:n]
-        shown = detector(torch.cat((val_x, test_x[:n])), torch.cat((val_sizes, test_sizes[:n])), cfg.gallery_score_threshold, cfg.batch_size)
-        gallery(val_x, shown[:len(val_x)], val_sizes, data.classes, out / "gallery_val.png", truth=box_targets(data.val, data.classes)[:n])
-        gallery(test_x[:n], shown[len(val_x):], test_sizes[:n], data.classes, out / "gallery_test.png")
+        shown = detector(torch.cat((val.images[:n], test.images[:n])), torch.cat((val.sizes[:n], test.sizes[:n])),
+                         cfg.gallery_score_threshold, cfg.batch_size)
+        k = len(val.images[:n])
+        gallery(val.images[:n], shown[:k], val.sizes[:n], data.classes, out / "gallery_val.png", truth=val.targets[:n])
+        gallery(test.images[:n], shown[k:], test.sizes[:n], data.classes, out / "gallery_test.png")
     return frame
 
 
@@ -98,8 +109,9 @@ def run(ctx: Context) -> None:
     model = TinySSD(len(data.classes)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    _evaluate(ctx, data, model, device, _train(ctx, data, model, device))
-    frame = _predict(ctx, data, model, device)
+    val, test = _arrays(ctx, data.val, data.classes, "val"), _arrays(ctx, data.test, data.classes, "test")
+    _evaluate(ctx, data, model, device, val, _train(ctx, data, model, device, val))
+    frame = _predict(ctx, data, model, device, val, test)
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     write_csv(path, frame)
     boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])

@@ -9,7 +9,6 @@ fullest image, which is what the batched anchor labelling takes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..artifacts import fingerprint
+from ..artifacts import file_stats, fingerprint
 from ..cache import cached_decode
 from ..competition import ID_CANDIDATES, _read_csv, _resolve_paths, sort_classes
 from ..config import CompetitionConfig, DetectConfig
@@ -47,7 +46,7 @@ class DetectionData:
     def key(self) -> str:
         """Content key of the inputs: CSV rows plus each image's size and mtime."""
         parts = [(s.images["image"].tolist(), s.boxes.to_numpy().tolist()) for s in (self.train, self.val)]
-        stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for s in (self.train, self.val, self.test) for p in s.images["path"]]
+        stats = file_stats([p for s in (self.train, self.val, self.test) for p in s.images["path"]])
         return fingerprint(self.classes, parts, stats)
 
 
@@ -181,8 +180,7 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
 
 def decoded(split: Split, folder: Path, size: int, desc: str) -> torch.Tensor:
     """(N, 3, size, size) uint8 images, decoded once into the cache folder."""
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in split.images["path"]]
-    array = cached_decode(folder, fingerprint(stats), split.images["path"].tolist(), size, 3, desc)
+    array = cached_decode(folder, fingerprint(file_stats(split.images["path"])), split.images["path"].tolist(), size, 3, desc)
     return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a writable copy in memory
 
 

@@ -22,7 +22,7 @@ from .. import checkpoint
 from ..config import DetectConfig
 from .boxes import multibox_target
 from .infer import Detector, mean_average_precision
-from .tinyssd import to_input
+from .tinyssd import outputs
 
 
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,22 +57,20 @@ def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> 
     return torch.stack([wrong, wrong.new_tensor(cls_labels.numel()), l1, l1.new_tensor(bbox_labels.numel())])
 
 
-def forward(model, x: torch.Tensor, labels: torch.Tensor, amp: bool):
+def forward(model, images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DetectConfig):
     """Network outputs in float32 and the course's training targets for them."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        anchors, cls_preds, bbox_preds = model(x)
-    return anchors.float(), cls_preds.float(), bbox_preds.float(), multibox_target(anchors.float(), labels)
+    anchors, cls_preds, bbox_preds = outputs(model, images, device, cfg.channels_last, cfg.amp and device.type == "cuda")
+    return anchors, cls_preds, bbox_preds, multibox_target(anchors, labels.to(device))
 
 
 @torch.no_grad()
 def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> dict:
     """Class error and bbox MAE (the course's definitions), mAP@0.5 and COCO mAP with the current decoding settings."""
     model.eval()
-    detector, amp = Detector(model, cfg, device), cfg.amp and device.type == "cuda"
+    detector = Detector(model, cfg, device)
     counts, detections = torch.zeros(4, dtype=torch.float64), []
     for idx in torch.arange(len(images)).split(cfg.batch_size * 2):
-        x = to_input(images[idx], device, cfg.channels_last)
-        anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, x, labels[idx].to(device), amp)
+        anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, images[idx], labels[idx], device, cfg)
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
         detections += detector.decode(anchors, cls_preds, bbox_preds, sizes[idx], cfg.map_score_threshold)
     maps = mean_average_precision(detections, labels, sizes)
@@ -99,7 +97,6 @@ class DetectionTrainer:
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
-        self.amp = cfg.amp and self.device.type == "cuda"
         self.negative_ratio = cfg.negative_ratio if cfg.loss == "ssd" else None
         self.epoch, self.updates = 0, 0
 
@@ -119,9 +116,6 @@ class DetectionTrainer:
                  "updates": self.updates, "history": self.history}
         checkpoint.save_last(self.run_dir, checkpoint.prefixed("model", self.model), state, self.epoch, self.fingerprint)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor):
-        return forward(self.model, x, labels, self.amp)
-
     def train_epoch(self) -> tuple[float, torch.Tensor]:
         self.model.train()
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
@@ -133,8 +127,7 @@ class DetectionTrainer:
             images, labels = self.train_x[idx], self.train_y[idx]
             if self.cfg.hflip:
                 images, labels = hflip(images, labels, torch.rand(len(idx), generator=gen) < 0.5)
-            x, labels = to_input(images, self.device, self.cfg.channels_last), labels.to(self.device)
-            _, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = self.forward(x, labels)
+            _, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(self.model, images, labels, self.device, self.cfg)
             loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,10 +20,11 @@ from torchvision.ops import batched_nms
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..artifacts import atomic_write
+from ..competition import _read_csv, sort_classes
 from ..config import DetectConfig
 from ..errors import PipelineError
 from .boxes import offset_inverse
-from .tinyssd import to_input
+from .tinyssd import outputs
 
 
 class Detector:
@@ -51,12 +52,9 @@ class Detector:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor, score_threshold: float, batch_size: int) -> list[dict]:
         self.model.eval()
-        out = []
+        amp, out = self.cfg.amp and self.device.type == "cuda", []
         for idx in torch.arange(len(images)).split(batch_size):
-            x = to_input(images[idx], self.device, self.cfg.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda"):
-                anchors, cls_logits, bbox_preds = self.model(x)
-            out += self.decode(anchors.float(), cls_logits, bbox_preds, sizes[idx], score_threshold)
+            out += self.decode(*outputs(self.model, images[idx], self.device, self.cfg.channels_last, amp), sizes[idx], score_threshold)
         return out
 
 
@@ -132,8 +130,6 @@ def submission_frame(images: pd.DataFrame, detections: list[dict], classes: list
 
 def score_submission(submission_csv: Path, solution_csv: Path) -> dict:
     """mAP of a detection submission against a hidden solution (one row per box, as train.csv)."""
-    from ..competition import _read_csv, sort_classes
-
     sub, sol = _read_csv(Path(submission_csv)), _read_csv(Path(solution_csv))
     for frame, cols, name in ((sub, ["image", "PredictionString"], submission_csv), (sol, ["image", "label", "xmin", "ymin", "xmax", "ymax"], solution_csv)):
         missing = [c for c in cols if c not in frame.columns]

@@ -66,3 +66,10 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     """uint8 (B, 3, H, W) -> float around zero; BatchNorm follows the first conv, so fixed scaling is enough."""
     x = images.to(device, non_blocking=True).float().sub_(127.5).div_(64.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def outputs(model: nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool, amp: bool):
+    """(anchors, class logits, box offsets) in float32 for a uint8 batch; bf16 autocast when `amp` (cuda)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        anchors, cls_preds, bbox_preds = model(to_input(images, device, channels_last))
+    return anchors.float(), cls_preds.float(), bbox_preds.float()
