@@ -175,6 +175,8 @@ class DetectConfig(Section):
     hflip: bool = Field(True, description="random horizontal flips of images and their boxes")
     seed: int = Field(0, description="seed of weights init, batch order, flips and the validation split")
     nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the lower-scored box of the same class")
+    box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean of the same-class boxes overlapping it at IoU >= this (tighter boxes); null: NMS boxes as they are")
+    tta: Literal["auto", "none", "hflip"] = Field("auto", description="test-time augmentation: hflip averages each anchor's predictions with its mirror image's; auto: hflip when it scores a higher validation mAP@0.5")
     score_threshold: float = Field(0.05, ge=0, lt=1, description="submission keeps boxes scored at least this (mAP metrics reward a low threshold)")
     gallery_score_threshold: float = Field(0.5, ge=0, lt=1, description="the galleries draw boxes scored at least this")
     map_score_threshold: float = Field(0.01, ge=0, lt=1, description="boxes scored at least this enter mAP (low, so the precision-recall curve is complete)")

@@ -21,7 +21,7 @@ from .artifacts import fingerprint, read_json, write_csv, write_json, write_stam
 from .context import Context
 from .detection.data import box_targets, decoded, read_detection
 from .detection.fit import DetectionTrainer, evaluate
-from .detection.infer import Detector, gallery, parse_prediction_strings, submission_frame
+from .detection.infer import TTA, Detector, gallery, parse_prediction_strings, submission_frame
 from .detection.tinyssd import TinySSD
 from .plots import plot_panels
 from .train import pick_device
@@ -70,19 +70,25 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays
 
 
 def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, summary: dict) -> dict:
-    """Validation metrics of the final model with the current decoding settings (NMS, thresholds)."""
+    """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
+    tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
     cfg = ctx.cfg.detect
-    metrics = evaluate(model, cfg, device, val.images, val.targets, val.sizes) | summary | {
-        "nms_threshold": cfg.nms_threshold, "val_source": data.val_source}
+    options = TTA if cfg.tta == "auto" else (cfg.tta,)
+    scored = {t: evaluate(model, cfg, device, val.images, val.targets, val.sizes, t) for t in options}
+    tta = max(options, key=lambda t: (scored[t]["map_50"], t == "none"))  # ties: the cheaper plain view
+    metrics = scored[tta] | summary | {"tta": tta, "map_50_by_tta": {t: scored[t]["map_50"] for t in options},
+                                       "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting, "val_source": data.val_source}
     write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
+    if len(options) > 1:
+        print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options) + f"; kept {tta}")
     print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']})")
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, test: Arrays) -> pd.DataFrame:
+def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, test: Arrays, tta: str) -> pd.DataFrame:
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    detector = Detector(model, cfg, device)
+    detector = Detector(model, cfg, device, tta)
     detections = detector(test.images, test.sizes, cfg.score_threshold, cfg.batch_size * 2)
     frame = submission_frame(data.test.images, detections, data.classes)
     parse_prediction_strings(frame["PredictionString"].tolist(), data.classes, "submission")  # what we write must read back
@@ -110,8 +116,8 @@ def run(ctx: Context) -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     val, test = _arrays(ctx, data.val, data.classes, "val"), _arrays(ctx, data.test, data.classes, "test")
-    _evaluate(ctx, data, model, device, val, _train(ctx, data, model, device, val))
-    frame = _predict(ctx, data, model, device, val, test)
+    metrics = _evaluate(ctx, data, model, device, val, _train(ctx, data, model, device, val))
+    frame = _predict(ctx, data, model, device, val, test, metrics["tta"])
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     write_csv(path, frame)
     boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])

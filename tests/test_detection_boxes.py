@@ -1,11 +1,15 @@
 """Vectorised box machinery against the course's loop implementations and its printed examples."""
 
 import torch
+from torchvision.ops import batched_nms, box_iou
 
 from pipeline.detection.boxes import (
     assign_anchors,
+    box_voting,
     center_to_corner,
     corner_to_center,
+    mirror_boxes,
+    mirror_index,
     multibox_detection,
     multibox_prior,
     multibox_target,
@@ -14,6 +18,7 @@ from pipeline.detection.boxes import (
 )
 from pipeline.detection.reference import assign_anchor_to_bbox as ref_assign
 from pipeline.detection.reference import nms as ref_nms
+from pipeline.detection.tinyssd import ANCHORS_PER_PIXEL, TinySSD
 
 
 def _random_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -96,8 +101,29 @@ def test_batched_class_aware_nms_equals_per_class_loop_nms():
         assert got == expected
 
 
+def test_mirror_index_finds_every_anchor_mirror_image():
+    for side in (256, 200):  # 200 px: odd feature maps (25, 12, 6, 3, 1)
+        model = TinySSD(1).eval()
+        with torch.no_grad():
+            anchors = model(torch.zeros(1, 3, side, side))[0][0]
+        mirror = mirror_index(model.feature_shapes, ANCHORS_PER_PIXEL)
+        assert sorted(mirror.tolist()) == list(range(len(anchors)))
+        assert torch.allclose(anchors[mirror], mirror_boxes(anchors), atol=1e-6)
+
+
+def test_box_voting_equals_a_loop_over_kept_boxes():
+    gen = torch.Generator().manual_seed(5)
+    boxes, scores = _random_boxes(300, gen), torch.rand(300, generator=gen)
+    groups = torch.randint(0, 4, (300,), generator=gen)
+    keep = batched_nms(boxes, scores, groups, 0.5)
+    voted = box_voting(boxes, scores, groups, keep, 0.6, chunk=7)
+    for row, k in zip(voted, keep.tolist(), strict=True):
+        near = [j for j in range(300) if groups[j] == groups[k] and box_iou(boxes[k:k + 1], boxes[j:j + 1]).item() >= 0.6]
+        expected = (scores[near, None] * boxes[near]).sum(0) / scores[near].sum()
+        assert torch.allclose(row, expected, atol=1e-6)
+
+
 def test_tinyssd_outputs_the_course_shapes():
-    from pipeline.detection.tinyssd import TinySSD
 
     anchors, cls, bbox = TinySSD(num_classes=1).eval()(torch.zeros(2, 3, 256, 256))
     assert anchors.shape == (1, 5444, 4) and cls.shape == (2, 5444, 2) and bbox.shape == (2, 21776)

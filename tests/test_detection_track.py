@@ -8,7 +8,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import DetectConfig
 from pipeline.detection.bananas import build_bananas
-from pipeline.detection.boxes import multibox_detection
+from pipeline.detection.boxes import mirror_boxes, multibox_detection
 from pipeline.detection.fit import DetectionTrainer, hflip, ssd_loss
 from pipeline.detection.infer import (
     Detector,
@@ -29,7 +29,7 @@ def test_decoding_equals_the_course_multibox_detection_then_threshold():
     anchors = torch.cat((xy, xy + torch.rand(a, 2, generator=gen) * 0.2 + 0.02), 1)[None]
     logits = torch.randn(b, a, c + 1, generator=gen) * 3
     offsets = torch.randn(b, a * 4, generator=gen) * 0.5
-    cfg = DetectConfig(nms_threshold=0.3, max_detections=1000)
+    cfg = DetectConfig(nms_threshold=0.3, max_detections=1000, box_voting=None)
     sizes = torch.tensor([[1.0, 1.0]] * b)
     ours = Detector(None, cfg, torch.device("cpu")).decode(anchors, logits, offsets, sizes, score_threshold=0.4)
     course = multibox_detection(logits.softmax(-1).permute(0, 2, 1), offsets, anchors, nms_threshold=0.3, pos_threshold=0.0)
@@ -44,12 +44,45 @@ def test_max_detections_keeps_the_best_per_image():
     gen = torch.Generator().manual_seed(1)
     anchors = torch.rand(1, 50, 2, generator=gen).repeat(1, 1, 2) + torch.tensor([0, 0, 0.05, 0.05])
     logits = torch.randn(2, 50, 2, generator=gen)
-    det = Detector(None, DetectConfig(max_detections=3, nms_threshold=1.0), torch.device("cpu"))
+    det = Detector(None, DetectConfig(max_detections=3, nms_threshold=1.0, box_voting=None), torch.device("cpu"))
     out = det.decode(anchors, logits, torch.zeros(2, 200), torch.tensor([[100.0, 50.0]] * 2), 0.0)
     for i in range(2):
         assert len(out[i]["scores"]) == 3
         assert torch.equal(out[i]["scores"], logits[i].softmax(-1)[:, 1].sort(descending=True).values[:3])
         assert out[i]["boxes"][:, [0, 2]].max() <= 100 and out[i]["boxes"][:, [1, 3]].max() <= 50
+
+
+def test_box_voting_averages_the_boxes_each_kept_box_suppressed():
+    """Two boxes overlap the best one in its image; a box of another image and one of another class do not count."""
+    anchors = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.1, 0.14, 0.5, 0.54], [0.6, 0.6, 0.9, 0.9]]])
+    logits = torch.tensor([[[0.0, 3.0, -9], [0.0, 2.0, -9], [0.0, 1.0, -9], [0.0, 2.5, -9]],
+                           [[0.0, 3.0, -9], [0.0, -9, 2.0], [0.0, -9, -9], [0.0, -9, -9]]])
+    probs = logits.softmax(-1)
+    det = Detector(None, DetectConfig(box_voting=0.5), torch.device("cpu")).decode(anchors, logits, torch.zeros(2, 16), torch.ones(2, 2), 0.05)
+    w = probs[0, :3, 1]
+    assert torch.allclose(det[0]["boxes"][0], (w[:, None] * anchors[0, :3]).sum(0) / w.sum())
+    assert torch.allclose(det[0]["boxes"][1], anchors[0, 3])  # overlaps nothing: unchanged
+    assert torch.allclose(det[1]["boxes"], anchors[0, :2]) and det[1]["labels"].tolist() == [0, 1]  # classes vote apart
+    plain = Detector(None, DetectConfig(box_voting=None), torch.device("cpu")).decode(anchors, logits, torch.zeros(2, 16), torch.ones(2, 2), 0.05)
+    assert [len(d["scores"]) for d in plain] == [2, 2] and torch.equal(plain[0]["scores"], det[0]["scores"])
+
+
+def test_hflip_tta_gives_mirrored_detections_for_a_mirrored_image():
+    """With hflip TTA an image and its mirror image see the same two views: their detections must mirror."""
+    torch.manual_seed(0)
+    model = TinySSD(2).eval()
+    images = torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8)
+    detector = Detector(model, DetectConfig(), torch.device("cpu"), tta="hflip")
+    with torch.no_grad():
+        probs, boxes = detector.run(images)
+        probs_m, boxes_m = detector.run(images.flip(-1))
+        anchors = model(images.float())[0][0]
+    mirror = torch.cdist(mirror_boxes(anchors), anchors).argmin(1)  # found by position, not by mirror_index
+    assert torch.allclose(probs_m[:, mirror], probs, atol=1e-5)
+    assert torch.allclose(mirror_boxes(boxes_m[:, mirror]), boxes, atol=1e-5)
+    plain = Detector(model, DetectConfig(), torch.device("cpu"))
+    with torch.no_grad():
+        assert not torch.allclose(plain.run(images.flip(-1))[0][:, mirror], plain.run(images)[0], atol=1e-5)
 
 
 def test_hflip_mirrors_images_and_their_boxes_but_not_padding():
@@ -152,6 +185,7 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     metrics = pd.read_json(out / "metrics.json", typ="series")
     # 10 short epochs: far from the full run's numbers, far above an untrained net's (mAP@0.5 ~0.005)
     assert metrics["map_50"] > 0.1 and metrics["map_50"] > 10 * history["map_50"].iloc[0], metrics.to_dict()
+    assert metrics["tta"] in ("none", "hflip") and metrics["map_50"] == max(metrics["map_50_by_tta"].values())
     assert metrics["val_class_err"] < 0.01 and metrics["val_bbox_mae"] < history["val_bbox_mae"].iloc[0]
     for name in ("curves.png", "gallery_val.png", "gallery_test.png"):
         with Image.open(out / name) as im:

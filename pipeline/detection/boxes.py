@@ -114,3 +114,41 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
     conf = torch.where(low, 1 - conf, conf)
     out = torch.cat((cls[..., None].float(), conf[..., None], boxes), -1)
     return torch.gather(out, 1, order[..., None].expand(-1, -1, 6))
+
+
+def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Left-right mirror of (..., 4) corner boxes in [0, 1]: x1, x2 -> 1 - x2, 1 - x1."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((1 - x2, y1, 1 - x1, y2), -1)
+
+
+def mirror_index(shapes: list[tuple[int, int]], per_pixel: int) -> torch.Tensor:
+    """For anchors laid out as multibox_prior makes them (scales concatenated, each in (row, column,
+    anchor) order), the index of each anchor's mirror image: same row and anchor, column w - 1 - j.
+    Grids of pixel-centred anchors are mirror-symmetric, so a mirrored input's predictions can be
+    brought back anchor by anchor."""
+    parts, start = [], 0
+    for h, w in shapes:
+        parts.append(torch.arange(h * w * per_pixel).reshape(h, w, per_pixel).flip(1).reshape(-1) + start)
+        start += h * w * per_pixel
+    return torch.cat(parts)
+
+
+def box_voting(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, keep: torch.Tensor,
+               iou_threshold: float, chunk: int = 1024) -> torch.Tensor:
+    """The kept boxes (indices `keep`) replaced by the score-weighted mean of the candidates of their
+    group (image, class) that overlap them at IoU >= iou_threshold, themselves included.
+
+    Box voting (Gidaris & Komodakis, 2015): NMS keeps the highest-scored box, which is often not the
+    best placed one; the mean of its overlapping neighbours is tighter. Neither torchvision nor
+    timm has it, and the ensemble-boxes package loops over boxes in Python, hence this version:
+    one IoU matrix per chunk of kept boxes, groups separated by shifting their boxes apart (the
+    trick batched_nms uses). Boxes in [0, 1]; a kept box that overlaps nothing (zero area) stays.
+    """
+    shifted = boxes + groups.to(boxes.dtype)[:, None] * 2
+    out = []
+    for part in keep.split(chunk):
+        weight = (box_iou(shifted[part], shifted) >= iou_threshold) * scores
+        total = weight.sum(1, keepdim=True)
+        out.append(torch.where(total > 0, weight @ boxes / total.clamp(min=1e-12), boxes[part]))
+    return torch.cat(out) if out else boxes[:0]

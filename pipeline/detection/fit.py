@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import checkpoint
 from ..config import DetectConfig
-from .boxes import multibox_target
+from .boxes import mirror_boxes, multibox_target
 from .infer import Detector, mean_average_precision
 from .tinyssd import outputs
 
@@ -28,7 +28,7 @@ from .tinyssd import outputs
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror the images where `flip` (B,) is true, with their boxes (x1, x2 -> 1 - x2, 1 - x1)."""
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    mirrored = torch.stack((labels[..., 0], 1 - labels[..., 3], labels[..., 2], 1 - labels[..., 1], labels[..., 4]), -1)
+    mirrored = torch.cat((labels[..., :1], mirror_boxes(labels[..., 1:])), -1)
     keep = ~flip[:, None, None] | (labels[..., :1] < 0)  # padding rows stay as they are
     return images, torch.where(keep, labels, mirrored)
 
@@ -64,15 +64,18 @@ def forward(model, images: torch.Tensor, labels: torch.Tensor, device: torch.dev
 
 
 @torch.no_grad()
-def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> dict:
-    """Class error and bbox MAE (the course's definitions), mAP@0.5 and COCO mAP with the current decoding settings."""
+def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
+             tta: str = "none") -> dict:
+    """Class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and COCO mAP with
+    the current decoding settings and the given TTA."""
     model.eval()
-    detector = Detector(model, cfg, device)
+    detector = Detector(model, cfg, device, tta)
     counts, detections = torch.zeros(4, dtype=torch.float64), []
     for idx in torch.arange(len(images)).split(cfg.batch_size * 2):
         anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, images[idx], labels[idx], device, cfg)
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
-        detections += detector.decode(anchors, cls_preds, bbox_preds, sizes[idx], cfg.map_score_threshold)
+        found = detector.run(images[idx], first=(anchors, cls_preds, bbox_preds))
+        detections += detector.select(*found, sizes[idx], cfg.map_score_threshold)
     maps = mean_average_precision(detections, labels, sizes)
     return {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3]), **maps}
 

@@ -52,9 +52,10 @@ class TinySSD(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(anchors (1, A, 4), class logits (B, A, C + 1), box offsets (B, A * 4))."""
-        anchors, cls_preds, bbox_preds = [], [], []
+        anchors, cls_preds, bbox_preds, self.feature_shapes = [], [], [], []
         for i, stage in enumerate(self.stages):
             x = stage(x)
+            self.feature_shapes.append(tuple(x.shape[-2:]))  # anchor layout of the last input, for mirror_index
             anchors.append(multibox_prior(x.shape[-2], x.shape[-1], SIZES[i], RATIOS, device=x.device))
             cls_preds.append(self.cls[i](x).permute(0, 2, 3, 1).flatten(1))
             bbox_preds.append(self.bbox[i](x).permute(0, 2, 3, 1).flatten(1))
