@@ -39,8 +39,8 @@ def multibox_prior(height: int, width: int, sizes: list[float], ratios: list[flo
 def batched_box_iou(anchors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(B, A, G) IoU of A anchors with each image's G boxes; the same arithmetic as torchvision's box_iou.
 
-    box_iou pairs two flat sets: batching images through it pairs every image's anchors with every
-    other image's boxes too, and its (N, M, 2) intermediates made it 6x slower than this on the CPU.
+    box_iou on the batch's flattened boxes gives the same pairs, but through (N, M, 2) intermediates
+    and a permute to (B, A, G): about 2x slower on the CPU for TinySSD's 5,444 anchors x 32 x 8 boxes.
     """
     ax1, ay1, ax2, ay2 = (anchors[None, :, None, i] for i in range(4))
     bx1, by1, bx2, by2 = (boxes[:, None, :, i] for i in range(4))
