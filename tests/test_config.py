@@ -78,3 +78,14 @@ def test_config_hash_changes_with_values():
     a, b = Config(), load_config(None, ["train.lr=0.1"])
     assert config_hash(a.train) != config_hash(b.train)
     assert config_hash(a.folds) == config_hash(b.folds)
+
+
+def test_readme_config_reference_lists_every_key():
+    rows = {}
+    for line in (REPO / "README.md").read_text().split("## Config reference", 1)[1].splitlines():
+        if line.startswith("| `"):
+            section, keys = line.split("|")[1:3]
+            rows[section.strip(" `")] = keys
+    for name, section in Config.model_fields.items():
+        missing = [k for k in section.annotation.model_fields if f"`{k}`" not in rows.get(name, "")]
+        assert not missing, f"README config reference, section {name}: add {missing}"

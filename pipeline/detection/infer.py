@@ -5,7 +5,8 @@ background class; offsets inverted against the anchors; class-aware NMS) with on
 boxes under the score threshold are dropped before NMS instead of after. The kept set is the same,
 since NMS only lets higher-scored boxes suppress lower-scored ones, and NMS has far fewer boxes to
 sort. Two additions, both on by default and measured in the README: box voting (each kept box
-becomes the score-weighted mean of the boxes NMS suppressed for it) and mirror-image TTA. mAP comes from torchmetrics (pycocotools backend), in pixel coordinates of the original images.
+becomes the score-weighted mean of the same-class boxes overlapping it) and mirror-image TTA. mAP
+comes from torchmetrics (pycocotools backend), in pixel coordinates of the original images.
 """
 
 from __future__ import annotations
