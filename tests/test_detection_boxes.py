@@ -68,6 +68,22 @@ def test_batched_assignment_equals_the_course_loop_on_random_batches():
             assert torch.equal(got[i], ref_assign(gt[i, :c], anchors))
 
 
+def test_assignment_breaks_ties_as_the_course_does():
+    """Boxes centred between anchors tie in IoU (and with each other): the course's argmax takes the
+    first anchor, then the first box; crowded images make the greedy steps go past the best pairs."""
+    anchors = multibox_prior(4, 4, [0.5], [1]).reshape(-1, 4)
+    centred = torch.tensor([0.25, 0.25, 0.75, 0.75])
+    cases = [centred[None].repeat(3, 1), torch.stack((centred, centred + 0.125, centred - 0.125, centred)),
+             torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.25, 0.0, 0.75, 0.5]])]
+    gt, valid = torch.zeros(len(cases), 4, 4), torch.zeros(len(cases), 4, dtype=torch.bool)
+    for i, boxes in enumerate(cases):
+        gt[i, :len(boxes)], valid[i, :len(boxes)] = boxes, True
+    got = assign_anchors(anchors, gt, valid)
+    for i, boxes in enumerate(cases):
+        assert torch.equal(got[i], ref_assign(boxes, anchors)), i
+        assert (got[i] >= 0).sum() >= len(boxes)
+
+
 def test_padding_rows_are_ignored():
     anchors = multibox_prior(4, 4, [0.3], [1, 2]).reshape(1, -1, 4)
     one = torch.tensor([[[0, 0.1, 0.1, 0.4, 0.4]]])
