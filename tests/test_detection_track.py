@@ -183,8 +183,8 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 10 and history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] / 2
     metrics = pd.read_json(out / "metrics.json", typ="series")
-    # 10 short epochs: far from the full run's numbers, far above an untrained net's (mAP@0.5 ~0.005)
-    assert metrics["map_50"] > 0.1 and metrics["map_50"] > 10 * history["map_50"].iloc[0], metrics.to_dict()
+    # 10 short epochs: far from the full run's numbers (here about 0.5), far above an untrained net's (~0.001)
+    assert metrics["map_50"] > 0.3 and metrics["map_50"] > 10 * history["map_50"].iloc[0], metrics.to_dict()
     assert metrics["tta"] in ("none", "hflip") and metrics["map_50"] == max(metrics["map_50_by_tta"].values())
     assert metrics["val_class_err"] < 0.01 and metrics["val_bbox_mae"] < history["val_bbox_mae"].iloc[0]
     for name in ("curves.png", "gallery_val.png", "gallery_test.png"):
@@ -193,7 +193,7 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     sub = pd.read_csv(subs / "bananas.csv", keep_default_na=False)
     assert sub["image"].tolist() == pd.read_csv(data / "test.csv")["image"].tolist()
     maps = score_submission(subs / "bananas.csv", data / "test_solution.csv")
-    assert maps["map_50"] > 0.05, maps
+    assert maps["map_50"] > 0.15, maps  # 16 test images; about 0.35 here
     capsys.readouterr()
     assert main(loose + ["detect.score_threshold=0.5"]) == 0  # a threshold only: predictions redone, no training
     assert "model up to date" in capsys.readouterr().out
