@@ -74,7 +74,7 @@ def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arr
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
     cfg = ctx.cfg.detect
     options = TTA if cfg.tta == "auto" else (cfg.tta,)
-    scored = {t: evaluate(model, cfg, device, val.images, val.targets, val.sizes, t) for t in options}
+    scored = evaluate(model, cfg, device, val.images, val.targets, val.sizes, options)
     tta = max(options, key=lambda t: (scored[t]["map_50"], t == "none"))  # ties: the cheaper plain view
     metrics = scored[tta] | summary | {"tta": tta, "map_50_by_tta": {t: scored[t]["map_50"] for t in options},
                                        "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting, "val_source": data.val_source}

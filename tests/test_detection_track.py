@@ -12,6 +12,7 @@ from pipeline.detection.boxes import mirror_boxes, multibox_detection
 from pipeline.detection.fit import DetectionTrainer, hflip, ssd_loss
 from pipeline.detection.infer import (
     Detector,
+    candidates,
     map_of,
     parse_prediction_strings,
     prediction_strings,
@@ -31,7 +32,7 @@ def test_decoding_equals_the_course_multibox_detection_then_threshold():
     offsets = torch.randn(b, a * 4, generator=gen) * 0.5
     cfg = DetectConfig(nms_threshold=0.3, max_detections=1000, box_voting=None)
     sizes = torch.tensor([[1.0, 1.0]] * b)
-    ours = Detector(None, cfg, torch.device("cpu")).decode(anchors, logits, offsets, sizes, score_threshold=0.4)
+    ours = Detector(None, cfg, torch.device("cpu")).select(*candidates(anchors, logits, offsets), sizes, score_threshold=0.4)
     course = multibox_detection(logits.softmax(-1).permute(0, 2, 1), offsets, anchors, nms_threshold=0.3, pos_threshold=0.0)
     for i in range(b):
         rows = course[i][(course[i, :, 0] >= 0) & (course[i, :, 1] >= 0.4)]
@@ -45,7 +46,7 @@ def test_max_detections_keeps_the_best_per_image():
     anchors = torch.rand(1, 50, 2, generator=gen).repeat(1, 1, 2) + torch.tensor([0, 0, 0.05, 0.05])
     logits = torch.randn(2, 50, 2, generator=gen)
     det = Detector(None, DetectConfig(max_detections=3, nms_threshold=1.0, box_voting=None), torch.device("cpu"))
-    out = det.decode(anchors, logits, torch.zeros(2, 200), torch.tensor([[100.0, 50.0]] * 2), 0.0)
+    out = det.select(*candidates(anchors, logits, torch.zeros(2, 200)), torch.tensor([[100.0, 50.0]] * 2), 0.0)
     for i in range(2):
         assert len(out[i]["scores"]) == 3
         assert torch.equal(out[i]["scores"], logits[i].softmax(-1)[:, 1].sort(descending=True).values[:3])
@@ -58,12 +59,12 @@ def test_box_voting_averages_the_boxes_each_kept_box_suppressed():
     logits = torch.tensor([[[0.0, 3.0, -9], [0.0, 2.0, -9], [0.0, 1.0, -9], [0.0, 2.5, -9]],
                            [[0.0, 3.0, -9], [0.0, -9, 2.0], [0.0, -9, -9], [0.0, -9, -9]]])
     probs = logits.softmax(-1)
-    det = Detector(None, DetectConfig(box_voting=0.5), torch.device("cpu")).decode(anchors, logits, torch.zeros(2, 16), torch.ones(2, 2), 0.05)
+    det = Detector(None, DetectConfig(box_voting=0.5), torch.device("cpu")).select(*candidates(anchors, logits, torch.zeros(2, 16)), torch.ones(2, 2), 0.05)
     w = probs[0, :3, 1]
     assert torch.allclose(det[0]["boxes"][0], (w[:, None] * anchors[0, :3]).sum(0) / w.sum())
     assert torch.allclose(det[0]["boxes"][1], anchors[0, 3])  # overlaps nothing: unchanged
     assert torch.allclose(det[1]["boxes"], anchors[0, :2]) and det[1]["labels"].tolist() == [0, 1]  # classes vote apart
-    plain = Detector(None, DetectConfig(box_voting=None), torch.device("cpu")).decode(anchors, logits, torch.zeros(2, 16), torch.ones(2, 2), 0.05)
+    plain = Detector(None, DetectConfig(box_voting=None), torch.device("cpu")).select(*candidates(anchors, logits, torch.zeros(2, 16)), torch.ones(2, 2), 0.05)
     assert [len(d["scores"]) for d in plain] == [2, 2] and torch.equal(plain[0]["scores"], det[0]["scores"])
 
 

@@ -59,25 +59,25 @@ def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> 
 
 def forward(model, images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DetectConfig):
     """Network outputs in float32 and the course's training targets for them."""
-    anchors, cls_preds, bbox_preds = outputs(model, images, device, cfg.channels_last, cfg.amp and device.type == "cuda")
+    anchors, cls_preds, bbox_preds = outputs(model, images, device, cfg)
     return anchors, cls_preds, bbox_preds, multibox_target(anchors, labels.to(device))
 
 
 @torch.no_grad()
 def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
-             tta: str = "none") -> dict:
-    """Class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and COCO mAP with
-    the current decoding settings and the given TTA."""
+             ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
+    """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and
+    COCO mAP with the current decoding settings. The plain forward pass is shared by all options."""
     model.eval()
-    detector = Detector(model, cfg, device, tta)
-    counts, detections = torch.zeros(4, dtype=torch.float64), []
+    detectors = {t: Detector(model, cfg, device, t) for t in ttas}
+    counts, detections = torch.zeros(4, dtype=torch.float64), {t: [] for t in ttas}
     for idx in torch.arange(len(images)).split(cfg.batch_size * 2):
         anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, images[idx], labels[idx], device, cfg)
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
-        found = detector.run(images[idx], first=(anchors, cls_preds, bbox_preds))
-        detections += detector.select(*found, sizes[idx], cfg.map_score_threshold)
-    maps = mean_average_precision(detections, labels, sizes)
-    return {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3]), **maps}
+        for t, detector in detectors.items():
+            detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)), sizes[idx], cfg.map_score_threshold)
+    course = {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3])}
+    return {t: course | mean_average_precision(detections[t], labels, sizes) for t in ttas}
 
 
 @dataclass
@@ -144,7 +144,7 @@ class DetectionTrainer:
         return float(total) / seen, counts.cpu()
 
     def validate(self) -> dict:
-        return evaluate(self.model, self.cfg, self.device, self.val_x, self.val_y, self.val_sizes)
+        return evaluate(self.model, self.cfg, self.device, self.val_x, self.val_y, self.val_sizes)["none"]
 
     def fit(self) -> list[dict]:
         if self.resume():

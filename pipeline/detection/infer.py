@@ -44,16 +44,12 @@ class Detector:
     def run(self, images: torch.Tensor, first: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class probabilities (B, A, C + 1), boxes (B, A, 4) in [0, 1]) for a uint8 batch; `first` reuses
         outputs() already computed for these images."""
-        amp = self.cfg.amp and self.device.type == "cuda"
-        probs, boxes = candidates(*(first or outputs(self.model, images, self.device, self.cfg.channels_last, amp)))
+        probs, boxes = candidates(*(first or outputs(self.model, images, self.device, self.cfg)))
         if self.tta == "hflip":
             mirror = mirror_index(self.model.feature_shapes, ANCHORS_PER_PIXEL).to(probs.device)
-            probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.device, self.cfg.channels_last, amp))
+            probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.device, self.cfg))
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
-
-    def decode(self, anchors, cls_logits, bbox_preds, sizes: torch.Tensor, score_threshold: float) -> list[dict]:
-        return self.select(*candidates(anchors, cls_logits, bbox_preds), sizes, score_threshold)
 
     def select(self, probs: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor, score_threshold: float) -> list[dict]:
         """Score filter, class-aware NMS, box voting, the best max_detections per image, pixels."""

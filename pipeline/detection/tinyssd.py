@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import DetectConfig
 from .boxes import multibox_prior
 
 SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
@@ -69,8 +70,8 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def outputs(model: nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool, amp: bool):
-    """(anchors, class logits, box offsets) in float32 for a uint8 batch; bf16 autocast when `amp` (cuda)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        anchors, cls_preds, bbox_preds = model(to_input(images, device, channels_last))
+def outputs(model: nn.Module, images: torch.Tensor, device: torch.device, cfg: DetectConfig):
+    """(anchors, class logits, box offsets) in float32 for a uint8 batch; bf16 autocast when cfg.amp on cuda."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        anchors, cls_preds, bbox_preds = model(to_input(images, device, cfg.channels_last))
     return anchors.float(), cls_preds.float(), bbox_preds.float()
