@@ -125,6 +125,6 @@ def near_pairs(phash: np.ndarray, dhash: np.ndarray, threshold: int) -> tuple[np
 
 
 def groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Connected components (union-find) of the pair graph: a group id per item."""
+    """Connected components of the pair graph (scipy's, so a chain of near pairs is one group): a group id per item."""
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
     return connected_components(graph, directed=False)[1]

@@ -1,3 +1,4 @@
-"""Detection track, in progress: box machinery (boxes.py, with the course's loops in reference.py
-as the yardstick) the TinySSD model (tinyssd.py) and a generated banana-style dataset (bananas.py). Training, mAP
-and `make detect` are to come."""
+"""Detection track: the folder reader (data.py), box machinery (boxes.py: anchors, IoU, labelling,
+offsets, NMS; the course's loops in reference.py as the yardstick), the TinySSD model (tinyssd.py),
+training (fit.py), decoding, mAP and galleries (infer.py) and a generated banana-style competition
+(bananas.py). The stage that chains them is pipeline/detect.py (`make detect`)."""
