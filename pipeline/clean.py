@@ -97,7 +97,7 @@ def run(ctx: Context) -> dict:
     frame = pd.concat([frame, pd.DataFrame(feats)], axis=1)
     test_err = frame[(frame.split == "test") & frame.error.notna()]
     if len(test_err):
-        line = int(test_err.index[0]) - len(comp.train) + 2
+        line = int(test_err.line.iloc[0])
         raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
     bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split == "train") & cfg.drop_flat)
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
