@@ -92,7 +92,7 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")
     elif args.command == "validate-submission":
         ctx = Context(load_config(args.config), args.data)
-        frame = submission.pd.read_csv(args.file, dtype=str, keep_default_na=False)
+        frame = submission.read_submission(args.file)
         submission.validate(frame, ctx.competition, str(args.file))
         print(f"{args.file}: valid submission for {ctx.name} ({len(frame)} rows)")
     elif args.command == "config":

@@ -1,0 +1,124 @@
+"""Hostile input and faults at every entry point: one `error: ...` line, exit status 2, DATA untouched.
+
+The tests call `pipeline.cli.main` in-process (as `python -m pipeline` does) and stop every stage before
+training: the fault is met by the reader, the config loader or the folder checks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file's bytes (links by target), to assert that a run left the competition folder byte-identical."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        out[key] = ("-> " + str(p.readlink())).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else b"<dir>"
+    return out
+
+
+def fails(capsys, argv: list, pattern: str) -> str:
+    """Run the CLI and assert one line on stderr, `error: ` first, matching pattern, and exit status 2."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+# --- validate-submission and score -------------------------------------------------------------
+
+def _probability_comp(comp_dir: Path) -> Path:
+    """comp_dir with a sample_submission of one probability column per class."""
+    sample = pd.read_csv(comp_dir / "sample_submission.csv", dtype=str)
+    sample[["image"]].assign(cat="0.5", dog="0.5").to_csv(comp_dir / "sample_submission.csv", index=False)
+    return comp_dir
+
+
+BAD_FILES = {
+    "missing": (None, r"sub.csv: submission not found"),
+    "empty": (b"", r"sub.csv: file is empty"),
+    "latin1": (b"image,label\nimg/test_0.png,caf\xe9\n", r"sub.csv line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+    "bad-quotes": (b'image,label\n"img/test_0.png,cat\nimg/test_1.png,cat\n', r"sub.csv line 2: badly quoted field"),
+    "folder": ("dir", r"sub.csv: is a folder, not a CSV file"),
+}
+
+
+def _bad_file(tmp_path: Path, content, name: str = "sub.csv") -> Path:
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_validate_submission_bad_files(comp_dir: Path, tmp_path: Path, capsys, case: str):
+    content, pattern = BAD_FILES[case]
+    before = snapshot(comp_dir)
+    fails(capsys, ["validate-submission", _bad_file(tmp_path, content), "--data", comp_dir], pattern)
+    assert snapshot(comp_dir) == before
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_score_bad_files(tmp_path: Path, capsys, case: str):
+    content, pattern = BAD_FILES[case]
+    solution = tmp_path / "solution.csv"
+    solution.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,dog\n")
+    fails(capsys, ["score", _bad_file(tmp_path, content), solution], pattern)
+    fails(capsys, ["score", solution, _bad_file(tmp_path, content, "sol.csv")],
+          pattern.replace("sub.csv", "sol.csv").replace("submission not found", "solution not found"))
+
+
+def test_validate_submission_non_numeric_probability(comp_dir: Path, tmp_path: Path, capsys):
+    _probability_comp(comp_dir)
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,abc\nimg/test_2.png,1,0\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 3: probability 'abc' in column 'dog' is not a number")
+    sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,0.8\n\nimg/test_2.png,,1\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 5: probability '' in column 'cat' is not a number")
+
+
+def test_validate_submission_duplicate_id_names_the_line(comp_dir: Path, tmp_path: Path, capsys):
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,cat\nimg/test_0.png,cat\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 4: duplicate id 'img/test_0.png'")
+
+
+def test_ids_with_leading_spaces_read_the_same_everywhere(comp_dir: Path, tmp_path: Path, capsys):
+    """test.csv and sample_submission.csv written with ', ' separators: the ids lose their leading space in the
+    reader, so the pipeline's submission has none; validate-submission reads a file the same way."""
+    for name in ("test.csv", "sample_submission.csv"):
+        text = (comp_dir / name).read_text().replace("\nimg/", "\n img/").replace(",", ", ")
+        (comp_dir / name).write_text(text)
+    assert main(["validate-submission", str(comp_dir / "sample_submission.csv"), "--data", str(comp_dir)]) == 0
+    stripped = tmp_path / "stripped.csv"
+    stripped.write_text((comp_dir / "sample_submission.csv").read_text().replace(" ", ""))
+    assert main(["validate-submission", str(stripped), "--data", str(comp_dir)]) == 0
+    assert "valid submission" in capsys.readouterr().out
+
+
+def test_score_column_and_id_problems(tmp_path: Path, capsys):
+    solution = tmp_path / "solution.csv"
+    solution.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,dog\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,cat,dog\nimg/test_0.png,1,0\nimg/test_1.png,0,1\n")
+    fails(capsys, ["score", sub, solution], r"sub.csv: column 'label' missing; a label submission has the solution's columns")
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_0.png,dog\n")
+    fails(capsys, ["score", sub, solution], r"sub.csv line 3: duplicate id 'img/test_0.png'")
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_9.png,dog\n")
+    fails(capsys, ["score", sub, solution], r"ids do not match .*solution.csv \(1 missing, e.g. \['img/test_1.png'\]; 1 extra")
+    (tmp_path / "one.csv").write_text("image\nimg/test_0.png\n")
+    fails(capsys, ["score", sub, tmp_path / "one.csv"], r"one.csv: needs an id column and a label column")
+    sub.write_text("image,label\n img/test_1.png,dog\nimg/test_0.png,dog\n")
+    assert main(["score", str(sub), str(solution)]) == 0
+    assert "accuracy of" in capsys.readouterr().out
