@@ -122,3 +122,52 @@ def test_score_column_and_id_problems(tmp_path: Path, capsys):
     sub.write_text("image,label\n img/test_1.png,dog\nimg/test_0.png,dog\n")
     assert main(["score", str(sub), str(solution)]) == 0
     assert "accuracy of" in capsys.readouterr().out
+
+
+# --- config files and overrides -----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ("train:\n  epochs: 3\n  augment: caf\u00e9\n".encode("latin-1"), r"x.yaml line 3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+        ("train:\n  epochs: 3\n".encode("utf-16-le"), r"x.yaml line 1: not UTF-8 text \(byte 0x00\)"),
+        (b"train:\n  epochs: true\n", r"x.yaml: config key 'train.epochs': Input should be a valid integer \(got True\)"),
+        (b"train:\n  amp: 1\n", r"x.yaml: config key 'train.amp': Input should be a valid boolean \(got 1\)"),
+        (b"train:\n  batch_size: '64'\n", r"x.yaml: config key 'train.batch_size': Input should be a valid integer \(got '64'\)"),
+    ],
+    ids=["latin1", "utf16-no-bom", "bool-for-int", "int-for-bool", "text-for-int"],
+)
+def test_bad_config_files(tmp_path: Path, capsys, raw: bytes, pattern: str):
+    (tmp_path / "x.yaml").write_bytes(raw)
+    fails(capsys, ["config", "--config", tmp_path / "x.yaml"], pattern)
+
+
+def test_config_file_that_is_a_folder(tmp_path: Path, capsys):
+    fails(capsys, ["config", "--config", tmp_path], r"config file .* is a folder; pass a YAML file")
+
+
+def test_utf16_config_with_a_bom_loads(tmp_path: Path, capsys):
+    (tmp_path / "x.yaml").write_bytes("train:\n  epochs: 3\n".encode("utf-16"))
+    assert main(["config", "--config", str(tmp_path / "x.yaml")]) == 0
+    assert "  epochs: 3\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, key", [("train.epochs=true", "train.epochs"), ("folds.n_splits=false", "folds.n_splits"),
+                                           ("train.hflip=0", "train.hflip"), ("train.epochs=2.0", "train.epochs")])
+def test_overrides_of_the_wrong_type(capsys, override: str, key: str):
+    fails(capsys, ["config", override], rf"overrides: config key '{re.escape(key)}': Input should be a valid")
+
+
+def test_int_for_a_float_key_is_exact_and_accepted(capsys):
+    assert main(["config", "train.lr=1", "train.grad_clip=2"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 1.0\n" in out and "  grad_clip: 2.0\n" in out
+
+
+def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
+    (tmp_path / "x.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert main(["config", "--config", str(tmp_path / "x.yaml"), "train.min_lr=1E-7", "train.weight_decay=-1e-2"]) == 2
+    assert "train.weight_decay" in capsys.readouterr().err  # parsed as a number, then refused by ge=0
+    assert main(["config", "--config", str(tmp_path / "x.yaml"), "train.min_lr=1E-7"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.0003\n" in out and "  min_lr: 1.0e-07\n" in out
