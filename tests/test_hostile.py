@@ -171,3 +171,38 @@ def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
     assert main(["config", "--config", str(tmp_path / "x.yaml"), "train.min_lr=1E-7"]) == 0
     out = capsys.readouterr().out
     assert "  lr: 0.0003\n" in out and "  min_lr: 1.0e-07\n" in out
+
+
+# --- train: settings met before the first epoch ---------------------------------------------------
+
+TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1", "train.device=cpu"]
+
+
+def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys):
+    before = snapshot(comp_dir)
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, "train.transforms=[{Affine: {rotation: 10}}]"],
+          r"train.transforms: Affine has no argument 'rotation'; did you mean 'rotate'\?")
+    assert snapshot(comp_dir) == before and not (tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ({"HorizontalFlip": {"prob": 0.5}}, r"HorizontalFlip has no argument 'prob'; it takes p"),
+    ({"CoarseDropout": {"p": 0.3, "fil": 1}}, r"CoarseDropout has no argument 'fil'; did you mean 'fill'\?"),
+    ({"HorizontalFlip": 0.5}, r"HorizontalFlip: arguments must be a mapping"),
+    ({"Compose": {}}, r"albumentations has no transform 'Compose'"),
+])
+def test_transform_entries_are_checked(spec: dict, pattern: str):
+    from pipeline.augment import train_transform
+    from pipeline.config import TrainConfig
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=pattern):
+        train_transform(TrainConfig(transforms=[spec]), 0)
+
+
+@pytest.mark.parametrize("where, pattern", [("missing", r"model.pretrained_path: .*nothing/d2l_lenet.safetensors not found; fix the path"),
+                                            ("folder", r"model.pretrained_path: .*weights is a folder; point it at the weights file")])
+def test_pretrained_path_missing_or_a_folder(comp_dir: Path, tmp_path: Path, capsys, where: str, pattern: str):
+    (tmp_path / "weights").mkdir()
+    path = tmp_path / "nothing" / "{backbone}.safetensors" if where == "missing" else tmp_path / "weights"
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"model.pretrained_path={path}"], pattern)
