@@ -60,6 +60,7 @@ class CleanConfig(Section):
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")
     transfer_test_labels: bool = Field(False, description="submit the known label for test images that duplicate training images (opt-in)")
+    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused from their header, before decoding (decompression bombs): a training image is dropped, a test image is an error; default: Pillow's limit")
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")
 

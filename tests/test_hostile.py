@@ -206,3 +206,99 @@ def test_pretrained_path_missing_or_a_folder(comp_dir: Path, tmp_path: Path, cap
     (tmp_path / "weights").mkdir()
     path = tmp_path / "nothing" / "{backbone}.safetensors" if where == "missing" else tmp_path / "weights"
     fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"model.pretrained_path={path}"], pattern)
+
+
+# --- clean and folds: images that cannot be used, competitions too small for the folds ------------
+
+def png_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 1-bit PNG of side x side black pixels: under 100 KB on disk, side**2 pixels once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes((1 + (side + 7) // 8) * side), 9)
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+BOMB = r"cannot decode image: 400,000,000 pixels, above clean.max_pixels=89,478,485 \(a decompression bomb\?\); raise clean.max_pixels"
+
+
+def test_decompression_bomb_in_train_is_dropped_and_listed(comp_dir: Path, tmp_path: Path, capsys):
+    png_bomb(comp_dir / "img" / "cat_1.png")
+    before = snapshot(comp_dir)
+    assert main(["clean", "--data", str(comp_dir), "--work", str(tmp_path / "w")]) == 0
+    assert "unreadable=1" in capsys.readouterr().out
+    dropped = pd.read_csv(tmp_path / "w" / "dropped.csv")
+    assert list(dropped["id"]) == ["img/cat_1.png"] and re.search(BOMB, dropped["reason"].iloc[0])
+    assert snapshot(comp_dir) == before
+
+
+def test_decompression_bomb_in_test_is_one_line(comp_dir: Path, tmp_path: Path, capsys):
+    png_bomb(comp_dir / "img" / "test_1.png")
+    lines = (comp_dir / "test.csv").read_text().splitlines()
+    (comp_dir / "test.csv").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # test_1 now on line 4
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], rf"test.csv line 4: .*test_1.png: {BOMB}.*; every test image must be readable")
+    assert snapshot(comp_dir) == before
+
+
+def test_max_pixels_is_configurable_both_ways(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.errors import PipelineError
+    from pipeline.images import load_image
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (12, 10)).save(path)
+    with pytest.raises(PipelineError, match=r"x.png: cannot decode image: 120 pixels, above clean.max_pixels=119 "):
+        load_image(path, max_pixels=119)
+    assert load_image(path, max_pixels=120).shape == (10, 12, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow refuses above twice its limit: 100 pixels here
+    assert load_image(path, max_pixels=1000).shape == (10, 12, 3)
+
+
+def test_max_pixels_drops_training_images(comp_dir: Path, tmp_path: Path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(comp_dir / "img" / "dog_2.png")
+    assert main(["clean", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "clean.max_pixels=1000"]) == 0
+    reason = pd.read_csv(tmp_path / "w" / "dropped.csv").set_index("id")["reason"]["img/dog_2.png"]
+    assert "cannot decode image: 1,200 pixels, above clean.max_pixels=1,000" in reason
+
+
+def test_class_without_a_readable_image(comp_dir: Path, tmp_path: Path, capsys):
+    for i in range(4):
+        (comp_dir / "img" / f"dog_{i}.png").write_bytes(b"not a png")
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"train.csv: class 'dog' has no training image left after cleaning \(4 unreadable\), e.g. line 6: .*dog_0.png: cannot decode "
+          r"image .*; fix its images or remove its rows \(all listed in .*dropped.csv\)")
+    assert len(pd.read_csv(tmp_path / "w" / "dropped.csv")) == 4 and not (tmp_path / "w" / "clean.json").exists()
+    assert snapshot(comp_dir) == before
+
+
+def test_no_readable_training_image(comp_dir: Path, tmp_path: Path, capsys):
+    for path in (comp_dir / "img").glob("[cd]*.png"):
+        path.write_bytes(b"")
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"train.csv: every training image was dropped \(8 unreadable\), e.g. line 2: .*cat_0.png: cannot decode image")
+
+
+def test_too_few_images_per_class_for_the_folds(comp_dir: Path, tmp_path: Path, capsys):
+    before = snapshot(comp_dir)
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"folds.n_splits=5 needs a class with at least 5 images, but the largest, '(cat|dog)', has 4 after cleaning: "
+          r"set folds.n_splits=4 or fewer")
+    assert snapshot(comp_dir) == before
+    assert main(["folds", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "folds.n_splits=4"]) == 0
+
+
+def test_unreadable_test_image_after_a_blank_line_names_its_line(comp_dir: Path, tmp_path: Path, capsys):
+    (comp_dir / "img" / "test_2.png").write_bytes(b"GIF89a truncated")
+    lines = (comp_dir / "test.csv").read_text().splitlines()
+    (comp_dir / "test.csv").write_text("\n".join(lines[:1] + ["", ""] + lines[1:]) + "\n")  # test_2 now on line 6
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"test.csv line 6: .*test_2.png: cannot decode image")
