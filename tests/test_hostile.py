@@ -302,3 +302,73 @@ def test_unreadable_test_image_after_a_blank_line_names_its_line(comp_dir: Path,
     lines = (comp_dir / "test.csv").read_text().splitlines()
     (comp_dir / "test.csv").write_text("\n".join(lines[:1] + ["", ""] + lines[1:]) + "\n")  # test_2 now on line 6
     fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"test.csv line 6: .*test_2.png: cannot decode image")
+
+
+# --- WORK and SUBMISSIONS that cannot take the outputs --------------------------------------------
+
+def test_work_that_is_a_file(comp_dir: Path, tmp_path: Path, capsys):
+    (tmp_path / "w").write_text("notes")
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"WORK folder .*/w: is a file, not a folder; pass another --work")
+    assert (tmp_path / "w").read_text() == "notes" and snapshot(comp_dir) == before
+
+
+def test_work_below_a_file(comp_dir: Path, tmp_path: Path, capsys):
+    (tmp_path / "f").write_text("notes")
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "f" / "w"], rf"WORK folder .*/f/w: lies below the file {tmp_path}/f; pass")
+
+
+def _refuse_writes_under(folder: Path, monkeypatch) -> None:
+    """A read-only folder, whoever runs the tests (root ignores permission bits): creating files there is refused."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_read_only_work(comp_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    (tmp_path / "w").mkdir()
+    _refuse_writes_under(tmp_path / "w", monkeypatch)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"WORK folder .*/w: not writable \(permission denied\); fix its permissions or pass another --work")
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", ["file", "below-file", "read-only"])
+def test_submissions_folder_checked_before_any_work(comp_dir: Path, tmp_path: Path, capsys, monkeypatch, problem: str):
+    subs = tmp_path / "subs"
+    if problem == "file":
+        subs.write_text("x")
+    elif problem == "below-file":
+        (tmp_path / "f").write_text("x")
+        subs = tmp_path / "f" / "subs"
+    else:
+        subs.mkdir()
+        _refuse_writes_under(subs, monkeypatch)
+    fails(capsys, ["ensemble", "--data", comp_dir, "--work", tmp_path / "w", "--submissions", subs, *TINY_TRAIN],
+          r"SUBMISSIONS folder .*subs: (is a file|lies below the file|not writable).*--submissions")
+    assert not (tmp_path / "w" / "clean.json").exists()
+
+
+def test_disk_full_during_a_stage_leaves_the_old_outputs(comp_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    import errno
+
+    work = tmp_path / "w"
+    assert main(["clean", "--data", str(comp_dir), "--work", str(work)]) == 0
+    outputs = lambda: {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and p.name != "config.yaml"}  # noqa: E731
+    old = outputs()
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=false"],
+          rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; free disk space .* run the same command again")
+    assert outputs() == old  # the old clean.csv and stamp, no partial or temporary file
