@@ -6,6 +6,7 @@ training: the fault is met by the reader, the config loader or the folder checks
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -372,3 +373,64 @@ def test_disk_full_during_a_stage_leaves_the_old_outputs(comp_dir: Path, tmp_pat
     fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=false"],
           rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; free disk space .* run the same command again")
     assert outputs() == old  # the old clean.csv and stamp, no partial or temporary file
+
+
+# --- a killed clean leaves no decoding workers behind --------------------------------------------
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (None when the pid is gone); 'Z' is a zombie, already dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_sigkill_of_clean_ends_its_decode_workers(tmp_path: Path):
+    """Workers busy on 2400x2400 images (a chunk of 32 takes them ~10 s) must die with the killed stage."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO, natural_image, write_competition
+
+    data = write_competition(tmp_path / "comp", n_per_class=35)
+    natural_image(0, 2400).save(tmp_path / "big.jpg", quality=90)
+    for path in (data / "img").glob("*.png"):
+        shutil.copyfile(tmp_path / "big.jpg", path)  # a JPEG under a .png name decodes all the same
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "clean", "--data", str(data), "--work", str(tmp_path / "w"),
+                             "clean.workers=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            workers = _children(proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2, "clean never started its 2 decode workers"
+        time.sleep(2.0)  # decoding the first chunk
+        assert all(_state(w) not in (None, "Z") for w in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 3.0
+        while any(_state(w) not in (None, "Z") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w for w in workers if _state(w) not in (None, "Z")] == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for w in workers:  # only our own leftovers (same command line), should the assertion have failed
+            if _state(w) not in (None, "Z") and b"pipeline" in Path(f"/proc/{w}/cmdline").read_bytes():
+                os.kill(w, signal.SIGKILL)
