@@ -222,10 +222,10 @@ def test_csv_text_problems_are_one_line_errors(comp_dir: Path, mutate, pattern):
     assert "\n" not in str(err.value)
 
 
-def test_utf16_and_bom_csvs_read_like_utf8(comp_dir: Path):
+def test_utf16_bom_and_crlf_csvs_read_like_utf8(comp_dir: Path):
     want = read_competition(comp_dir, CFG)
     text = (comp_dir / "train.csv").read_text()
-    (comp_dir / "train.csv").write_bytes(text.encode("utf-16"))  # Excel's "Unicode text" (with a BOM)
+    (comp_dir / "train.csv").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # Excel's "Unicode text": BOM, CRLF
     (comp_dir / "test.csv").write_bytes(b"\xef\xbb\xbf" + (comp_dir / "test.csv").read_bytes())
     got = read_competition(comp_dir, CFG)
     assert got.classes == want.classes and got.train.equals(want.train) and got.test.equals(want.test)
