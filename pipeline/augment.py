@@ -7,6 +7,9 @@ medium (+ bigger random resized crops, brightness/contrast), heavy (+ stronger g
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import albumentations as A
 from timm.data import Mixup
 
@@ -29,6 +32,21 @@ def _preset(name: str, size: int, hflip: bool) -> list:
                     A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.4)]
 
 
+def _arguments(name: str, cls: type, kwargs) -> dict:
+    """The transform's keyword arguments; albumentations only warns about unknown ones and drops them."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise PipelineError(f"train.transforms: {name}: arguments must be a mapping, e.g. {{{name}: {{p: 0.5}}}}; got {kwargs!r}")
+    known = list(inspect.signature(cls).parameters)
+    for arg in kwargs:
+        if arg not in known:
+            close = difflib.get_close_matches(str(arg), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(known)}"
+            raise PipelineError(f"train.transforms: {name} has no argument '{arg}'; {hint}")
+    return kwargs
+
+
 def _custom(specs: list[dict]) -> list:
     ops = []
     for spec in specs:
@@ -36,10 +54,11 @@ def _custom(specs: list[dict]) -> list:
             raise PipelineError(f"train.transforms: each entry is {{Name: {{arguments}}}}, got {spec!r}")
         (name, kwargs), = spec.items()
         cls = getattr(A, str(name), None)
-        if cls is None:
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
             raise PipelineError(f"train.transforms: albumentations has no transform '{name}'")
+        kwargs = _arguments(name, cls, kwargs)
         try:
-            ops.append(cls(**(kwargs or {})))
+            ops.append(cls(**kwargs))
         except Exception as exc:  # noqa: BLE001 - albumentations validates with its own exception types
             raise PipelineError(f"train.transforms: {name}{kwargs or ''}: {str(exc).splitlines()[0]}") from None
     return ops

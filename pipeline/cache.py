@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .artifacts import atomic_write, fingerprint, read_json
 from .context import Context
-from .images import load_image, resize, to_channels
+from .images import MAX_PIXELS, load_image, resize, to_channels
 
 
 def input_channels(ctx: Context) -> int:
@@ -28,33 +28,34 @@ def input_channels(ctx: Context) -> int:
     return 1 if mode == "gray" else 3
 
 
-def _decode(path: str, size: int, channels: int) -> np.ndarray:
-    return resize(to_channels(load_image(path), channels), size)
+def _decode(path: str, size: int, channels: int, max_pixels: int) -> np.ndarray:
+    return resize(to_channels(load_image(path, max_pixels), channels), size)
 
 
 def decoded_images(ctx: Context, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
     """(N, size, size, channels) uint8 for `paths`, from WORK/cache when already built."""
     stamp = read_json(ctx.work_dir / "clean.json") or {}
-    return cached_decode(ctx.work_dir / "cache", stamp.get("fingerprint"), paths, size, channels, desc)
+    return cached_decode(ctx.work_dir / "cache", stamp.get("fingerprint"), paths, size, channels, desc, ctx.cfg.clean.max_pixels)
 
 
-def cached_decode(folder: Path, source_key: str | None, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
+def cached_decode(folder: Path, source_key: str | None, paths: list[str], size: int, channels: int, desc: str,
+                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The cache file for these paths at this size, built once; `source_key` names the files' content."""
     key = fingerprint(source_key, list(paths), size, channels)
     file = Path(folder) / f"{desc}-{size}px-{channels}ch-{key}.npy"
     if file.exists():
         return np.load(file, mmap_mode="r")
     file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(file, lambda tmp: _fill(tmp, paths, size, channels, desc))
+    atomic_write(file, lambda tmp: _fill(tmp, paths, size, channels, desc, max_pixels))
     return np.load(file, mmap_mode="r")
 
 
-def _fill(tmp, paths: list[str], size: int, channels: int, desc: str) -> None:
+def _fill(tmp, paths: list[str], size: int, channels: int, desc: str, max_pixels: int) -> None:
     """Decode into a preallocated .npy memmap, so memory holds one batch of decodes, not the dataset twice."""
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, channels))
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        job = partial(_decode, size=size, channels=channels)
+        job = partial(_decode, size=size, channels=channels, max_pixels=max_pixels)
         bar = tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img", disable=None)
         for i, arr in enumerate(bar):
             out[i] = arr

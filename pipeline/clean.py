@@ -12,7 +12,12 @@ stamp clean.json.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
@@ -24,16 +29,53 @@ from . import dedup, report
 from .artifacts import file_digest, file_stats, fingerprint, is_done, write_csv, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
+from .images import MAX_PIXELS
 
 
-def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str) -> list[dict]:
+def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str,
+                     max_pixels: int = MAX_PIXELS) -> list[dict]:
     """dedup.image_features for every path, in worker processes, with a progress bar."""
-    job = partial(dedup.image_features, near_min_size=near_min_size)
+    job = partial(dedup.image_features, near_min_size=near_min_size, max_pixels=max_pixels)
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(paths) < 64:
         return [job(p) for p in tqdm(paths, desc=desc, unit="img", disable=None)]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(job, paths, chunksize=32), total=len(paths), desc=desc, unit="img", disable=None))
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_parent(parent: int) -> None:
+    """Pool initializer: the worker ends when the process that started it does, even by SIGKILL (no cleanup runs
+    then, and the pool's queue would keep it decoding for minutes). Linux: the kernel kills it (prctl
+    PR_SET_PDEATHSIG); on every POSIX system a daemon thread also polls for the parent's death (the worker
+    reparented away).
+    """
+    if os.name != "posix":
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    first = os.getppid()
+    if first != parent and not _alive(parent):  # the parent died before this worker ran
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(first,), name="end-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _watch_parent(first: int) -> None:
+    while os.getppid() == first:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _inputs_fingerprint(ctx: Context) -> str:
@@ -92,12 +134,13 @@ def run(ctx: Context) -> dict:
         print(f"clean: up to date ({stamp})")
         return {"skipped": True}
     comp = ctx.competition
-    feats = compute_features(list(comp.train.path) + list(comp.test.path), cfg.near_min_size, cfg.workers, "clean: decode + hash")
+    feats = compute_features(list(comp.train.path) + list(comp.test.path), cfg.near_min_size, cfg.workers, "clean: decode + hash",
+                             cfg.max_pixels)
     frame = pd.concat([comp.train.assign(split="train"), comp.test.assign(split="test", label="", y=-1)], ignore_index=True)
     frame = pd.concat([frame, pd.DataFrame(feats)], axis=1)
     test_err = frame[(frame.split == "test") & frame.error.notna()]
     if len(test_err):
-        line = int(test_err.index[0]) - len(comp.train) + 2
+        line = int(test_err.line.iloc[0])
         raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
     bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split == "train") & cfg.drop_flat)
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
@@ -108,10 +151,39 @@ def run(ctx: Context) -> dict:
     copies = kept[kept.duplicated("pixel")] if cfg.drop_exact_duplicates else kept.iloc[:0]
     kept = kept.drop(copies.index)
     dropped += [conflicts, copies.assign(reason="exact duplicate of a kept image")]
-    summary = _write_outputs(ctx, frame, kept, pd.concat(dropped), pairs)
+    dropped = pd.concat(dropped)
+    _check_classes_left(ctx, kept, dropped)
+    summary = _write_outputs(ctx, frame, kept, dropped, pairs)
     write_stamp(stamp, fp, classes=comp.classes, **summary)
     print("clean: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
+
+
+def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame) -> None:
+    """Every class keeps at least one training image, or the stage stops (with dropped.csv written to show why).
+
+    A class without training images cannot be learnt; keeping it would train a head that never sees it and
+    submit it by chance, and dropping it silently would change the submission's class set (sample_submission's
+    probability columns). So the user decides: fix the images or remove the class's rows.
+    """
+    empty = [c for c in ctx.competition.classes if c not in set(kept["label"])]
+    if not empty:
+        return
+    write_csv(ctx.work_dir / "dropped.csv", dropped[["id", "split", "label", "reason"]])
+    csv, see = ctx.data_dir / ctx.cfg.competition.train_csv, ctx.work_dir / "dropped.csv"
+    if kept.empty:
+        first = dropped[dropped.split == "train"].iloc[0]
+        raise PipelineError(f"{csv}: every training image was dropped ({_reasons(dropped)}), e.g. line {first.line}: {first.reason}; "
+                            f"fix the images (all listed in {see})")
+    first = dropped[dropped.label == empty[0]].iloc[0]
+    raise PipelineError(f"{csv}: class '{empty[0]}' has no training image left after cleaning "
+                        f"({_reasons(dropped[dropped.label == empty[0]])}), e.g. line {first.line}: {first.reason}; "
+                        f"fix its images or remove its rows (all listed in {see})")
+
+
+def _reasons(dropped: pd.DataFrame) -> str:
+    kinds = np.where(dropped.reason.str.contains("cannot decode"), "unreadable", dropped.reason)
+    return ", ".join(f"{n} {kind}" for kind, n in pd.Series(kinds).value_counts().items())
 
 
 def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame) -> dict:

@@ -8,8 +8,11 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import baseline, clean, detect, digits, ensemble, folds, predict, submission, train, tune
@@ -67,6 +70,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITES_SUBMISSIONS = {"ensemble", "detect"}
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def writable_folder(path: Path, name: str, option: str) -> None:
+    """Create the folder and write a probe file in it, so that a folder which cannot take a stage's outputs (a file in
+    its place or above it, no permission, a read-only or full disk) is one line before any work, not a traceback after."""
+    fix = f"pass another {option} (make {name}=...)"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise PipelineError(f"{name} folder {path}: is a file, not a folder; {fix}") from None
+    except NotADirectoryError:
+        above = next((p for p in path.parents if p.is_file()), path.parent)
+        raise PipelineError(f"{name} folder {path}: lies below the file {above}; {fix}") from None
+    except PermissionError:
+        raise PipelineError(f"{name} folder {path}: not writable (permission denied); fix its permissions or {fix}") from None
+    except OSError as exc:
+        raise PipelineError(f"{name} folder {path}: cannot be written ({exc.strerror}); {fix}") from None
+
+
+def check_folders(ctx: Context, command: str) -> None:
+    writable_folder(ctx.work_dir, "WORK", "--work")
+    if command in WRITES_SUBMISSIONS:
+        writable_folder(ctx.submissions_dir, "SUBMISSIONS", "--submissions")
+
+
+@contextlib.contextmanager
+def disk_errors(ctx: Context):
+    """The disk filled up (or went read-only) during a stage: one line; atomic writes left no partial file behind."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = exc.filename or f"under WORK {ctx.work_dir} or SUBMISSIONS {ctx.submissions_dir}"
+        raise PipelineError(f"{exc.strerror} writing {where}; free disk space or pass another --work/--submissions, then run "
+                            "the same command again (finished stages are kept)") from None
+
+
 def dispatch(args: argparse.Namespace) -> None:
     if args.command in STAGES:
         ctx = Context(load_config(args.config, args.overrides), args.data, args.work, args.submissions)
@@ -74,10 +120,11 @@ def dispatch(args: argparse.Namespace) -> None:
         if args.command != "tune" and not args.no_tuned and tuned.exists():
             print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
             ctx = Context(load_config(args.config, args.overrides, tuned=tuned), args.data, args.work, args.submissions)
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
-            ctx.save_config()
-        STAGES[args.command](ctx)
+        check_folders(ctx, args.command)
+        with disk_errors(ctx):
+            if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+                ctx.save_config()
+            STAGES[args.command](ctx)
     elif args.command == "make-digits":
         out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)
         print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")
@@ -92,7 +139,7 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")
     elif args.command == "validate-submission":
         ctx = Context(load_config(args.config), args.data)
-        frame = submission.pd.read_csv(args.file, dtype=str, keep_default_na=False)
+        frame = submission.read_submission(args.file)
         submission.validate(frame, ctx.competition, str(args.file))
         print(f"{args.file}: valid submission for {ctx.name} ({len(frame)} rows)")
     elif args.command == "config":

@@ -1,13 +1,18 @@
 """Read a competition folder (the input contract in DESIGN.md) without ever writing to it.
 
 Output: a `Competition` with train and test tables holding `id` (as written in the CSV), `path`
-(absolute, checked to stay inside DATA) and, for train, `label` (string, as written) and `y` (class
-index). Every contract violation is a one-line `PipelineError` naming the file, line and fix.
-Line numbers are the CSV's own (header = line 1).
+(absolute, checked to stay inside DATA), `line` (the row's line in its CSV) and, for train, `label`
+(string, as written) and `y` (class index). Every contract violation is a one-line `PipelineError`
+naming the file, line and fix. Line numbers are the ones an editor shows (header = line 1, blank
+lines and quoted line breaks counted). CSVs are read with the standard library's csv module, which
+reports where a record starts; pandas does not.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +42,90 @@ class Competition:
         return {c: i for i, c in enumerate(self.classes)}
 
 
+DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+# pandas, numpy and spreadsheets write a lost value as NaN/nan/<NA> when a table is saved again, so
+# a label spelled that way is a missing label, not a class (a class really named so must be renamed).
+# 'NA', 'None' and 'null' stay labels: real classes carry those names (a region, a severity).
+MISSING_LABELS = {"nan", "<na>"}
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """UTF-8 (with or without BOM) or UTF-16 with a BOM; anything else is a one-line error with the line."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise PipelineError(f"{path}: starts with a UTF-16 mark but is not UTF-16 text; save it as UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise PipelineError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8 "
+                            "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _rows(text: str, path: Path) -> tuple[list[list[str]], list[int]]:
+    """CSV records and the file line each starts on; blank lines are skipped, like pandas does."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, skipinitialspace=True)
+    rows, lines, end = [], [], 0
+    try:
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if row and row != [""]:
+                rows.append(row)
+                lines.append(start)
+    except csv.Error as exc:
+        raise PipelineError(f"{path} line {end + 1}: badly quoted field ({exc}); quote whole fields with \" "
+                            "and double any \" inside them") from None
+    return rows, lines
+
+
+def _header(row: list[str], path: Path, line: int) -> list[str]:
+    """Column names: a delimiter other than ',' and repeated names are errors; empty names as pandas gives them."""
+    if len(row) == 1:
+        for sep, name in DELIMITERS.items():
+            if sep in row[0]:
+                raise PipelineError(f"{path} line {line}: columns are separated by {name} ('{row[0]}'); "
+                                    "competition CSVs are comma-separated: save the file with commas")
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(row)]
+    seen = {n for n in names if names.count(n) > 1}
+    if seen:
+        raise PipelineError(f"{path} line {line}: column '{sorted(seen)[0]}' appears twice in the header; rename one")
+    return names
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
+    """All cells as strings (ids and labels are written back exactly as read); frame.attrs['lines'] holds each
+    row's line in the file (header = line 1), so errors name the line an editor shows, blank lines included."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
         raise PipelineError(f"{path}: file not found; the competition folder must contain it (see README 'competition folder')")
     try:
-        # Strings throughout: ids and labels are written back exactly as they were read.
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: file is empty; it needs a header row and one row per image") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
+    rows, lines = _rows(_decode(raw, path), path)
+    if not rows:
+        raise PipelineError(f"{path}: file is empty; it needs a header row and one row per image")
+    columns = _header(rows[0], path, lines[0])
+    body = []
+    for row, line in zip(rows[1:], lines[1:], strict=True):
+        if len(row) > len(columns):
+            raise PipelineError(f"{path} line {line}: {len(row)} fields but the header has {len(columns)}; "
+                                "quote values that contain commas")
+        body.append(row + [""] * (len(columns) - len(row)))  # short rows end in empty cells, as in pandas
+    frame = pd.DataFrame(body, columns=columns, dtype=str) if body else pd.DataFrame(columns=columns, dtype=str)
+    frame.attrs["lines"] = lines[1:]
+    return frame
+
+
+def line_of(frame: pd.DataFrame, i: int) -> int:
+    """The file line of row i of a frame read by _read_csv (header = line 1)."""
+    lines = frame.attrs.get("lines")
+    return int(lines[i]) if lines is not None else i + 2
 
 
 def _detect_id(train: pd.DataFrame, test: pd.DataFrame, cfg: CompetitionConfig, files: tuple[Path, Path]) -> str:
@@ -83,13 +162,17 @@ def _resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: Competitio
     real_root = root.resolve()
     out = []
     for i, ident in enumerate(frame[id_col]):
-        line = i + 2
+        line = line_of(frame, i)
         if ident == "":
             raise PipelineError(f"{csv} line {line}: empty '{id_col}'; every row needs an image id")
         rel = os.path.join(cfg.image_dir, ident + cfg.image_suffix) if (cfg.image_dir or cfg.image_suffix) else ident
         if os.path.isabs(rel) or rel.startswith(("\\", "~")):
             raise PipelineError(f"{csv} line {line}: image path '{rel}' is absolute; paths must be relative to {root}")
-        real = (real_root / rel).resolve()
+        try:
+            real = (real_root / rel).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 reports a link loop so
+            raise PipelineError(f"{csv} line {line}: image path '{rel}' runs into a loop of symbolic links in {root}; "
+                                "fix or remove the links") from None
         if not real.is_relative_to(real_root):
             raise PipelineError(f"{csv} line {line}: image path '{rel}' leads outside the competition folder {root}; keep images inside it")
         if not real.is_file():
@@ -105,7 +188,8 @@ def _check_ids(frame: pd.DataFrame, id_col: str, csv: Path) -> None:
     if dup.any():
         i = int(dup.to_numpy().nonzero()[0][0])
         first = int((frame[id_col] == frame[id_col].iloc[i]).to_numpy().nonzero()[0][0])
-        raise PipelineError(f"{csv} line {i + 2}: duplicate id '{frame[id_col].iloc[i]}' (first on line {first + 2}); ids must be unique")
+        raise PipelineError(f"{csv} line {line_of(frame, i)}: duplicate id '{frame[id_col].iloc[i]}' "
+                            f"(first on line {line_of(frame, first)}); ids must be unique")
 
 
 def sort_classes(labels: list[str]) -> list[str]:
@@ -117,18 +201,46 @@ def sort_classes(labels: list[str]) -> list[str]:
 
 
 def _check_labels(train: pd.DataFrame, label_col: str, csv: Path) -> list[str]:
-    empty = (train[label_col] == "").to_numpy().nonzero()[0]
+    labels = train[label_col]
+    empty = (labels == "").to_numpy().nonzero()[0]
     if len(empty):
-        raise PipelineError(f"{csv} line {empty[0] + 2}: empty label in column '{label_col}'; label every training row")
-    counts = train[label_col].value_counts()
+        raise PipelineError(f"{csv} line {line_of(train, empty[0])}: empty label in column '{label_col}'; label every training row")
+    lost = labels.str.lower().isin(MISSING_LABELS).to_numpy().nonzero()[0]
+    if len(lost):
+        raise PipelineError(f"{csv} line {line_of(train, lost[0])}: label '{labels.iloc[lost[0]]}' in column '{label_col}' "
+                            "is how a missing value is saved, not a class; label the row or remove it")
+    counts = labels.value_counts()
     single = counts[counts < 2]
     if len(single):
         cls = single.index[0]
-        line = int((train[label_col] == cls).to_numpy().nonzero()[0][0]) + 2
+        line = line_of(train, int((labels == cls).to_numpy().nonzero()[0][0]))
         raise PipelineError(
             f"{csv} line {line}: class '{cls}' has only 1 sample; folds need at least 2 per class; remove the row or merge the class"
         )
     return sort_classes(list(counts.index))
+
+
+def _check_sample(sample: pd.DataFrame, test: pd.DataFrame, id_col: str, classes: list[str], path: Path) -> None:
+    """sample_submission.csv fixes the submission: the test ids once each, and a label or per-class columns."""
+    if id_col not in sample.columns:
+        raise PipelineError(f"{path}: id column '{id_col}' missing; columns are {list(sample.columns)}")
+    values = [c for c in sample.columns if c != id_col]
+    if not values:
+        raise PipelineError(f"{path}: only the id column '{id_col}'; add the label column (or one probability column per class)")
+    if len(values) > 1 and set(values) != set(classes):
+        odd = [c for c in values if c not in classes] or sorted(set(classes) - set(values))
+        raise PipelineError(f"{path}: columns {values} are neither one label column nor one probability column per class "
+                            f"of train.csv ('{odd[0]}' does not fit); fix the header")
+    _check_ids(sample, id_col, path)
+    known = set(test["id"])
+    extra = (~sample[id_col].isin(known)).to_numpy().nonzero()[0]
+    if len(extra):
+        raise PipelineError(f"{path} line {line_of(sample, extra[0])}: id '{sample[id_col].iloc[extra[0]]}' is not in test.csv; "
+                            "the two files must list the same ids")
+    missing = test[~test["id"].isin(set(sample[id_col]))]
+    if len(missing):
+        raise PipelineError(f"{path}: no row for test.csv's id '{missing['id'].iloc[0]}' (test.csv line {missing['line'].iloc[0]}) "
+                            f"and {len(missing) - 1} more; the two files must list the same ids")
 
 
 def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
@@ -140,24 +252,26 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     train_raw, test_raw = _read_csv(train_csv), _read_csv(test_csv)
     id_col = _detect_id(train_raw, test_raw, cfg, (train_csv, test_csv))
     label_col = _detect_label(train_raw, test_raw, id_col, cfg, train_csv)
-    for frame, csv in ((train_raw, train_csv), (test_raw, test_csv)):
-        _check_ids(frame, id_col, csv)
+    for frame, path in ((train_raw, train_csv), (test_raw, test_csv)):
+        _check_ids(frame, id_col, path)
     classes = _check_labels(train_raw, label_col, train_csv)
     index = {c: i for i, c in enumerate(classes)}
     train = pd.DataFrame({
         "id": train_raw[id_col],
         "path": _resolve_paths(train_raw, id_col, root, cfg, train_csv),
         "label": train_raw[label_col],
+        "line": train_raw.attrs["lines"],
     })
     train["y"] = train["label"].map(index).astype(int)
     if cfg.group_column:
         if cfg.group_column not in train_raw.columns:
             raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; columns are {list(train_raw.columns)}")
         train["user_group"] = train_raw[cfg.group_column]
-    test = pd.DataFrame({"id": test_raw[id_col], "path": _resolve_paths(test_raw, id_col, root, cfg, test_csv)})
+    test = pd.DataFrame({"id": test_raw[id_col], "path": _resolve_paths(test_raw, id_col, root, cfg, test_csv),
+                         "line": test_raw.attrs["lines"]})
     sample_path = root / cfg.sample_submission_csv
     sample = _read_csv(sample_path) if sample_path.is_file() else None
-    if sample is not None and id_col not in sample.columns:
-        raise PipelineError(f"{sample_path}: id column '{id_col}' missing; columns are {list(sample.columns)}")
+    if sample is not None:
+        _check_sample(sample, test, id_col, classes, sample_path)
     name = cfg.name or root.resolve().name
     return Competition(root, name, train, test, classes, id_col, label_col, sample)

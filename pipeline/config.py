@@ -20,11 +20,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PipelineError
 
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading 1e-3 as a number as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-3, and the
+    strict config no longer turns the text '1e-3' into a float)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
 VIEW_NAME = re.compile(r"^(identity|hflip|vflip|rot90|rot180|rot270|scale\d+(\.\d+)?|random\d+)$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion, so `train.epochs=true` or `train.amp=1` is an error rather than 1 or True; an int
+    # still fills a float key (lr: 1), which is exact.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class CompetitionConfig(Section):
@@ -49,6 +60,7 @@ class CleanConfig(Section):
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")
     transfer_test_labels: bool = Field(False, description="submit the known label for test images that duplicate training images (opt-in)")
+    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused from their header, before decoding (decompression bombs): a training image is dropped, a test image is an error; default: Pillow's limit")
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")
 
@@ -244,7 +256,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if key not in _known_keys(Config):
             raise PipelineError(f"override '{item}': unknown config key '{key}'{_did_you_mean(key)}")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.load(raw, Loader=_Loader) if raw != "" else None
         except yaml.YAMLError:
             raise PipelineError(f"override '{item}': value is not valid YAML") from None
         _set_dotted(tree, key, value, f"override '{item}'")
@@ -261,11 +273,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _not_text(path: Path, exc: yaml.reader.ReaderError) -> PipelineError:
+    """PyYAML reads UTF-8 and, with a byte-order mark, UTF-16; anything else names its line and the fix."""
+    line = path.read_bytes()[:exc.position].count(b"\n") + 1
+    what = f"byte 0x{exc.character:02x}" if isinstance(exc.character, int) else f"character {exc.character!r}"
+    return PipelineError(f"{path} line {line}: not UTF-8 text ({what}); save the file as UTF-8")
+
+
 def read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise PipelineError(f"config file {path} is a folder; pass a YAML file, e.g. CONFIG=configs/<name>.yaml")
     if not path.is_file():
         raise PipelineError(f"config file {path} not found; pass an existing CONFIG=configs/<name>.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_bytes(), Loader=_Loader) or {}  # a SafeLoader; bytes: encoding from the BOM
+    except yaml.reader.ReaderError as exc:
+        raise _not_text(path, exc) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -26,7 +26,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .errors import PipelineError
-from .images import is_gray, load_image
+from .images import MAX_PIXELS, is_gray, load_image
 
 CROP = 0.95
 MAX_THRESHOLD = 15  # the pigeonhole argument above holds up to here
@@ -53,10 +53,10 @@ def perceptual_hashes(gray: Image.Image) -> tuple[list[int], list[int]]:
     return [_bits_to_int(imagehash.phash(v).hash) for v in views], [_bits_to_int(imagehash.dhash(v).hash) for v in views]
 
 
-def image_features(path: str, near_min_size: int) -> dict:
+def image_features(path: str, near_min_size: int, max_pixels: int = MAX_PIXELS) -> dict:
     """Everything the clean stage needs from one decoded image (runs in a worker process)."""
     try:
-        arr = load_image(path)
+        arr = load_image(path, max_pixels)
     except PipelineError as exc:
         return {"error": str(exc)}
     gray = is_gray(arr)

@@ -29,11 +29,23 @@ def split_groups(frame: pd.DataFrame) -> np.ndarray:
     return dedup.groups(len(frame), np.concatenate(firsts), np.concatenate([pos.to_numpy()] * 2))
 
 
+def check_class_sizes(counts: pd.Series, n_splits: int) -> None:
+    """StratifiedGroupKFold needs one class with at least n_splits images (scikit-learn's ValueError otherwise)."""
+    largest, n = str(counts.index[0]), int(counts.iloc[0])
+    if n < n_splits:
+        fix = f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"
+        raise PipelineError(f"folds.n_splits={n_splits} needs a class with at least {n_splits} images, but the largest, "
+                            f"'{largest}', has {n} after cleaning: {fix}")
+
+
 def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Fold index per row; rows sharing a group (default: the `group` column) always share a fold."""
     groups = frame["group"].to_numpy() if groups is None else groups
     if len(np.unique(groups)) < n_splits:
-        raise PipelineError(f"folds.n_splits={n_splits} but only {len(np.unique(groups))} independent groups of images; lower folds.n_splits")
+        n = len(np.unique(groups))
+        raise PipelineError(f"folds.n_splits={n_splits} but the images form only {n} independent groups (duplicates and "
+                            f"competition.group_column keep a group in one fold): "
+                            + (f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fold = np.full(len(frame), -1)
     with warnings.catch_warnings():
@@ -62,10 +74,12 @@ def run(ctx: Context) -> dict:
         print(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
     frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str}, keep_default_na=False)
-    small = frame["label"].value_counts()
-    small = small[small < cfg.n_splits]
+    counts = frame["label"].value_counts()
+    check_class_sizes(counts, cfg.n_splits)
+    small = counts[counts < cfg.n_splits]
     if len(small):
-        print(f"folds: warning: classes with fewer samples than folds ({cfg.n_splits}): {dict(small)}; some folds will lack them")
+        print(f"folds: warning: classes with fewer samples than folds ({cfg.n_splits}): "
+              f"{ {k: int(v) for k, v in small.items()} }; some folds will lack them")
     frame["split_group"] = split_groups(frame)
     frame["fold"] = assign_folds(frame, cfg.n_splits, cfg.seed, frame["split_group"].to_numpy())
     frame["folds_hash"] = fp

@@ -7,6 +7,7 @@ array or an (H, W, 3) RGB array, upright, 8-bit.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PipelineError
 
+MAX_PIXELS = 89_478_485  # Pillow's default limit (a 9459 x 9459 image); clean.max_pixels' default
 _HIGH_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -45,15 +47,31 @@ def _normalise(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Upright uint8 array, (H, W) for grayscale or (H, W, 3); PipelineError when undecodable."""
+def _too_large(path: Path, pixels: int, max_pixels: int) -> PipelineError:
+    return PipelineError(f"{path}: cannot decode image: {pixels:,} pixels, above clean.max_pixels={max_pixels:,} "
+                         "(a decompression bomb?); raise clean.max_pixels if the image is genuine")
+
+
+def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Upright uint8 array, (H, W) for grayscale or (H, W, 3); PipelineError when undecodable.
+
+    Images of more than max_pixels pixels are refused from their header, before any decoding: a small
+    file can claim a huge canvas (a decompression bomb) and fill the memory of the process decoding it.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = None  # Pillow refuses above twice its own limit before we see the size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                if im.size[0] * im.size[1] > max_pixels:
+                    raise _too_large(path, im.size[0] * im.size[1], max_pixels)
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 arr = _normalise(im)
+    except Image.DecompressionBombError as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0), max_pixels) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
     if arr.size == 0:

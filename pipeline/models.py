@@ -49,11 +49,28 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+def pretrained_file(template: str, backbone: str) -> Path:
+    """model.pretrained_path for one backbone ('{backbone}' replaced), checked to be a readable file: the
+    train stage hashes it into its key before loading it, so the check must come first."""
+    return _readable(Path(template.replace("{backbone}", backbone)))
+
+
+def _readable(path: Path) -> Path:
+    if path.is_dir():
+        raise PipelineError(f"model.pretrained_path: {path} is a folder; point it at the weights file (.safetensors or .pth)")
+    if not path.is_file():
+        raise PipelineError(f"model.pretrained_path: {path} not found; fix the path or leave model.pretrained_path unset")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise PipelineError(f"model.pretrained_path: {path} cannot be read ({exc.strerror}); check its permissions") from None
+    return path
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """State dict from a safetensors file or a torch/timm checkpoint, loaded without unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"model.pretrained_path: {path} not found")
+    path = _readable(Path(path))
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import write_csv, write_json
-from .competition import Competition
+from .competition import Competition, _read_csv, line_of
 from .errors import PipelineError
 from .metrics import score
 
@@ -70,6 +70,17 @@ def apply_overrides(frame: pd.DataFrame, comp: Competition, path: Path) -> tuple
     return out, int(hit.sum())
 
 
+def _probabilities(values: pd.DataFrame, frame: pd.DataFrame, source: str) -> np.ndarray:
+    """The probability cells as floats; a cell that is not a number is an error naming its line and column."""
+    numeric = values.apply(pd.to_numeric, errors="coerce")
+    bad = (numeric.isna() & values.notna()).to_numpy()
+    if bad.any():
+        i, j = (int(k[0]) for k in bad.nonzero())
+        raise PipelineError(f"{source} line {line_of(frame, i)}: probability {values.iat[i, j]!r} in column '{values.columns[j]}' "
+                            "is not a number")
+    return numeric.to_numpy(dtype=float)
+
+
 def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission") -> None:
     """Raise a one-line PipelineError for the first problem found."""
     id_col = comp.id_column
@@ -79,9 +90,9 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
     if id_col not in frame.columns:
         raise PipelineError(f"{source}: id column '{id_col}' missing")
     ids = frame[id_col].astype(str)
-    dup = ids[ids.duplicated()]
+    dup = ids.duplicated().to_numpy().nonzero()[0]
     if len(dup):
-        raise PipelineError(f"{source}: duplicate id '{dup.iloc[0]}'")
+        raise PipelineError(f"{source} line {line_of(frame, dup[0])}: duplicate id '{ids.iloc[dup[0]]}'")
     want = set(comp.test["id"])
     if set(ids) != want:
         extra, missing = sorted(set(ids) - want), sorted(want - set(ids))
@@ -90,7 +101,7 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
         raise PipelineError(f"{source}: rows are not in sample_submission.csv's order")
     values = frame.drop(columns=[id_col])
     if is_probability_columns(values.columns, comp.classes):
-        proba = values.to_numpy(dtype=float)
+        proba = _probabilities(values, frame, source)
         if not np.isfinite(proba).all() or (proba < 0).any():
             raise PipelineError(f"{source}: probabilities must be finite and non-negative")
         if not np.allclose(proba.sum(1), 1.0, atol=1e-4):
@@ -117,19 +128,33 @@ def write(frame: pd.DataFrame, comp: Competition, out_dir: Path, manifest: dict)
     return path
 
 
-def _read(path: Path, what: str) -> pd.DataFrame:
-    if not Path(path).is_file():
+def read_submission(path: Path, what: str = "submission") -> pd.DataFrame:
+    """A submission (or solution) CSV read exactly like the competition's CSVs: the same id treatment
+    (leading spaces skipped, as in test.csv), line numbers and one-line errors."""
+    path = Path(path)
+    if not path.exists():
         raise PipelineError(f"{path}: {what} not found")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return _read_csv(path)
 
 
 def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> float:
     """Score a label submission against a solution file with the same id column (the demo's private LB)."""
-    sub, sol = _read(submission, "submission"), _read(solution, "solution")
+    sub, sol = read_submission(submission, "submission"), read_submission(solution, "solution")
+    if len(sol.columns) < 2:
+        raise PipelineError(f"{solution}: needs an id column and a label column; columns are {list(sol.columns)}")
     id_col, label_col = sol.columns[0], sol.columns[1]
-    merged = sol.merge(sub, on=id_col, how="left", suffixes=("_true", ""))
-    if merged[label_col].isna().any() or len(sub) != len(sol):
-        raise PipelineError(f"{submission}: ids do not match {solution}")
+    absent = [c for c in (id_col, label_col) if c not in sub.columns]
+    if absent:
+        raise PipelineError(f"{submission}: column '{absent[0]}' missing; a label submission has the solution's columns "
+                            f"'{id_col}' and '{label_col}'")
+    dup = sub[id_col].duplicated().to_numpy().nonzero()[0]
+    if len(dup):
+        raise PipelineError(f"{submission} line {line_of(sub, dup[0])}: duplicate id '{sub[id_col].iloc[dup[0]]}'")
+    missing, extra = sorted(set(sol[id_col]) - set(sub[id_col])), sorted(set(sub[id_col]) - set(sol[id_col]))
+    if missing or extra:
+        raise PipelineError(f"{submission}: ids do not match {solution} ({len(missing)} missing, e.g. {missing[:1]}; "
+                            f"{len(extra)} extra, e.g. {extra[:1]})")
+    merged = sol[[id_col, label_col]].merge(sub[[id_col, label_col]], on=id_col, how="left", suffixes=("_true", ""))
     classes = sorted(set(sol[label_col]) | set(sub[label_col]))
     index = {c: i for i, c in enumerate(classes)}
     onehot = np.eye(len(classes))[merged[label_col].map(index)]

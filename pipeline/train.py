@@ -25,7 +25,7 @@ from .context import Context
 from .engine import FoldData, Trainer, predict_proba, to_input  # noqa: F401 - re-exported for predict and tests
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER
-from .models import build_model, freeze, load_pretrained, make_optimizer, param_groups
+from .models import build_model, freeze, load_pretrained, make_optimizer, param_groups, pretrained_file
 from .plots import plot_curves
 
 
@@ -84,7 +84,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
     fp = fingerprint("train", data["folds_hash"], backbone, fold, data["channels"], cfg.model.model_dump(exclude={"backbones"}),
                      tcfg.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
-                     file_digest(Path(cfg.model.pretrained_path.replace("{backbone}", backbone))) if cfg.model.pretrained_path else None)
+                     file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json")
         distributed.say(f"train: {backbone} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")

@@ -34,7 +34,7 @@ def test_never_writes_into_the_folder(comp_dir: Path):
 
 
 def test_bare_ids_with_image_dir_and_suffix(comp_dir: Path):
-    for name in ("train.csv", "test.csv"):
+    for name in ("train.csv", "test.csv", "sample_submission.csv"):
         _edit(comp_dir / name, lambda f: f.assign(image=f.image.str.slice(4, -4)))
     comp = read_competition(comp_dir, CompetitionConfig(image_dir="img", image_suffix=".png"))
     assert comp.train["id"].iloc[0] == "cat_0" and comp.train["path"].iloc[0].endswith("img/cat_0.png")
@@ -144,3 +144,109 @@ def test_channel_conversion():
     gray = np.full((2, 2), 7, np.uint8)
     assert to_channels(gray, 3).shape == (2, 2, 3)
     assert to_channels(np.dstack([gray] * 3), 1).shape == (2, 2, 1)
+
+
+# --- CSV text: encodings, delimiters, quoting, line numbers, missing labels, sample_submission ---------
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _write_lines(path: Path, lines: list[str], encoding: str = "utf-8") -> None:
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+
+
+def _blank_line_then_missing_image(d: Path) -> None:
+    lines = _lines(d / "train.csv")
+    _write_lines(d / "train.csv", lines[:3] + [""] + lines[3:])  # dog_1 now sits on line 8
+    os.remove(d / "img" / "dog_1.png")
+
+
+def _quoted_line_break_then_missing_image(d: Path) -> None:
+    (d / "img" / "cat\nx.png").write_bytes((d / "img" / "cat_0.png").read_bytes())
+    lines = _lines(d / "train.csv")
+    _write_lines(d / "train.csv", lines[:2] + ['"img/cat', 'x.png",cat'] + lines[2:])  # one record on lines 3-4
+    os.remove(d / "img" / "dog_1.png")  # dog_1 now sits on line 9
+
+
+def _latin1_label(d: Path) -> None:
+    lines = _lines(d / "train.csv")
+    lines[3] = "img/cat_2.png,caf\u00e9"
+    _write_lines(d / "train.csv", lines, "latin-1")
+
+
+def _sample_rows(d: Path, fn) -> None:
+    _edit(d / "sample_submission.csv", fn)
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (_blank_line_then_missing_image, r"train.csv line 8: image 'img/dog_1.png' not found"),
+        (_quoted_line_break_then_missing_image, r"train.csv line 9: image 'img/dog_1.png' not found"),
+        (_latin1_label, r"train.csv line 4: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+        (lambda d: _write_lines(d / "train.csv", [ln.replace(",", ";") for ln in _lines(d / "train.csv")]),
+         r"train.csv line 1: columns are separated by semicolons \('image;label'\); .* save the file with commas"),
+        (lambda d: _write_lines(d / "train.csv", [ln.replace(",", "\t") for ln in _lines(d / "train.csv")]),
+         r"train.csv line 1: columns are separated by tabs"),
+        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:4] + ['"img/cat_3.png,cat'] + _lines(d / "train.csv")[5:]),
+         r"train.csv line 5: badly quoted field"),
+        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:3] + ['"img/cat_2.png"x,cat'] + _lines(d / "train.csv")[4:]),
+         r"train.csv line 4: badly quoted field"),
+        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:6] + ["img/dog_1.png,dog,extra"] + _lines(d / "train.csv")[7:]),
+         r"train.csv line 7: 3 fields but the header has 2; quote values that contain commas"),
+        (lambda d: _write_lines(d / "train.csv", ["image,image"] + _lines(d / "train.csv")[1:]),
+         r"train.csv line 1: column 'image' appears twice"),
+        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=list(f.label[:5]) + ["NaN"] + list(f.label[6:]))),
+         r"train.csv line 7: label 'NaN' in column 'label' is how a missing value is saved, not a class; label the row"),
+        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=["nan"] + list(f.label[1:]))), r"train.csv line 2: label 'nan'"),
+        (lambda d: _sample_rows(d, lambda f: f.assign(image=["img/cat_0.png"] + list(f.image[1:]))),
+         r"sample_submission.csv line 2: id 'img/cat_0.png' is not in test.csv; the two files must list the same ids"),
+        (lambda d: _sample_rows(d, lambda f: f.iloc[:2]),
+         r"sample_submission.csv: no row for test.csv's id 'img/test_2.png' \(test.csv line 4\) and 0 more"),
+        (lambda d: _sample_rows(d, lambda f: f.assign(image=list(f.image[:2]) + [f.image[0]])),
+         r"sample_submission.csv line 4: duplicate id 'img/test_0.png' \(first on line 2\)"),
+        (lambda d: _sample_rows(d, lambda f: f[["image"]]), r"sample_submission.csv: only the id column 'image'"),
+        (lambda d: _sample_rows(d, lambda f: f.assign(cat=0.5, bird=0.5).drop(columns="label")),
+         r"sample_submission.csv: columns \['cat', 'bird'\] are neither one label column nor one probability column .*'bird'"),
+        (lambda d: _sample_rows(d, lambda f: f.rename(columns={"image": "file"})), r"sample_submission.csv: id column 'image' missing"),
+    ],
+    ids=["blank-line", "quoted-line-break", "latin1", "semicolons", "tabs", "unterminated-quote", "stray-quote", "extra-field",
+         "repeated-column", "NaN-label", "nan-label", "sample-extra-id", "sample-missing-id", "sample-dup-id", "sample-no-value",
+         "sample-odd-columns", "sample-no-id-column"],
+)
+def test_csv_text_problems_are_one_line_errors(comp_dir: Path, mutate, pattern):
+    mutate(comp_dir)
+    with pytest.raises(PipelineError, match=pattern) as err:
+        read_competition(comp_dir, CFG)
+    assert "\n" not in str(err.value)
+
+
+def test_utf16_bom_and_crlf_csvs_read_like_utf8(comp_dir: Path):
+    want = read_competition(comp_dir, CFG)
+    text = (comp_dir / "train.csv").read_text()
+    (comp_dir / "train.csv").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # Excel's "Unicode text": BOM, CRLF
+    (comp_dir / "test.csv").write_bytes(b"\xef\xbb\xbf" + (comp_dir / "test.csv").read_bytes())
+    got = read_competition(comp_dir, CFG)
+    assert got.classes == want.classes and got.train.equals(want.train) and got.test.equals(want.test)
+
+
+def test_short_rows_blank_lines_and_leading_spaces(comp_dir: Path):
+    lines = _lines(comp_dir / "test.csv")
+    _write_lines(comp_dir / "test.csv", [lines[0], "", " " + lines[1], "", lines[2], lines[3]])
+    comp = read_competition(comp_dir, CFG)
+    assert list(comp.test["id"]) == ["img/test_0.png", "img/test_1.png", "img/test_2.png"]
+    assert list(comp.test["line"]) == [3, 5, 6] and list(comp.train["line"]) == list(range(2, 10))
+
+
+def test_na_and_none_stay_labels(comp_dir: Path):
+    _edit(comp_dir / "train.csv", lambda f: f.assign(label=["NA"] * 4 + ["None"] * 4))
+    assert read_competition(comp_dir, CFG).classes == ["NA", "None"]
+
+
+def test_symlink_loop_is_one_line(comp_dir: Path):
+    (comp_dir / "img" / "a.png").symlink_to("b.png")
+    (comp_dir / "img" / "b.png").symlink_to("a.png")
+    _edit(comp_dir / "test.csv", lambda f: f.assign(image=list(f.image[:2]) + ["img/a.png"]))
+    with pytest.raises(PipelineError, match=r"test.csv line 4: image path 'img/a.png' runs into a loop of symbolic links"):
+        read_competition(comp_dir, CFG)

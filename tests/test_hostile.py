@@ -1,0 +1,436 @@
+"""Hostile input and faults at every entry point: one `error: ...` line, exit status 2, DATA untouched.
+
+The tests call `pipeline.cli.main` in-process (as `python -m pipeline` does) and stop every stage before
+training: the fault is met by the reader, the config loader or the folder checks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file's bytes (links by target), to assert that a run left the competition folder byte-identical."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        out[key] = ("-> " + str(p.readlink())).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else b"<dir>"
+    return out
+
+
+def fails(capsys, argv: list, pattern: str) -> str:
+    """Run the CLI and assert one line on stderr, `error: ` first, matching pattern, and exit status 2."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+# --- validate-submission and score -------------------------------------------------------------
+
+def _probability_comp(comp_dir: Path) -> Path:
+    """comp_dir with a sample_submission of one probability column per class."""
+    sample = pd.read_csv(comp_dir / "sample_submission.csv", dtype=str)
+    sample[["image"]].assign(cat="0.5", dog="0.5").to_csv(comp_dir / "sample_submission.csv", index=False)
+    return comp_dir
+
+
+BAD_FILES = {
+    "missing": (None, r"sub.csv: submission not found"),
+    "empty": (b"", r"sub.csv: file is empty"),
+    "latin1": (b"image,label\nimg/test_0.png,caf\xe9\n", r"sub.csv line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+    "bad-quotes": (b'image,label\n"img/test_0.png,cat\nimg/test_1.png,cat\n', r"sub.csv line 2: badly quoted field"),
+    "folder": ("dir", r"sub.csv: is a folder, not a CSV file"),
+}
+
+
+def _bad_file(tmp_path: Path, content, name: str = "sub.csv") -> Path:
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_validate_submission_bad_files(comp_dir: Path, tmp_path: Path, capsys, case: str):
+    content, pattern = BAD_FILES[case]
+    before = snapshot(comp_dir)
+    fails(capsys, ["validate-submission", _bad_file(tmp_path, content), "--data", comp_dir], pattern)
+    assert snapshot(comp_dir) == before
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_score_bad_files(tmp_path: Path, capsys, case: str):
+    content, pattern = BAD_FILES[case]
+    solution = tmp_path / "solution.csv"
+    solution.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,dog\n")
+    fails(capsys, ["score", _bad_file(tmp_path, content), solution], pattern)
+    fails(capsys, ["score", solution, _bad_file(tmp_path, content, "sol.csv")],
+          pattern.replace("sub.csv", "sol.csv").replace("submission not found", "solution not found"))
+
+
+def test_validate_submission_non_numeric_probability(comp_dir: Path, tmp_path: Path, capsys):
+    _probability_comp(comp_dir)
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,abc\nimg/test_2.png,1,0\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 3: probability 'abc' in column 'dog' is not a number")
+    sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,0.8\n\nimg/test_2.png,,1\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 5: probability '' in column 'cat' is not a number")
+
+
+def test_validate_submission_duplicate_id_names_the_line(comp_dir: Path, tmp_path: Path, capsys):
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,cat\nimg/test_0.png,cat\n")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 4: duplicate id 'img/test_0.png'")
+
+
+def test_ids_with_leading_spaces_read_the_same_everywhere(comp_dir: Path, tmp_path: Path, capsys):
+    """test.csv and sample_submission.csv written with ', ' separators: the ids lose their leading space in the
+    reader, so the pipeline's submission has none; validate-submission reads a file the same way."""
+    for name in ("test.csv", "sample_submission.csv"):
+        text = (comp_dir / name).read_text().replace("\nimg/", "\n img/").replace(",", ", ")
+        (comp_dir / name).write_text(text)
+    assert main(["validate-submission", str(comp_dir / "sample_submission.csv"), "--data", str(comp_dir)]) == 0
+    stripped = tmp_path / "stripped.csv"
+    stripped.write_text((comp_dir / "sample_submission.csv").read_text().replace(" ", ""))
+    assert main(["validate-submission", str(stripped), "--data", str(comp_dir)]) == 0
+    assert "valid submission" in capsys.readouterr().out
+
+
+def test_score_column_and_id_problems(tmp_path: Path, capsys):
+    solution = tmp_path / "solution.csv"
+    solution.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,dog\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image,cat,dog\nimg/test_0.png,1,0\nimg/test_1.png,0,1\n")
+    fails(capsys, ["score", sub, solution], r"sub.csv: column 'label' missing; a label submission has the solution's columns")
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_0.png,dog\n")
+    fails(capsys, ["score", sub, solution], r"sub.csv line 3: duplicate id 'img/test_0.png'")
+    sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_9.png,dog\n")
+    fails(capsys, ["score", sub, solution], r"ids do not match .*solution.csv \(1 missing, e.g. \['img/test_1.png'\]; 1 extra")
+    (tmp_path / "one.csv").write_text("image\nimg/test_0.png\n")
+    fails(capsys, ["score", sub, tmp_path / "one.csv"], r"one.csv: needs an id column and a label column")
+    sub.write_text("image,label\n img/test_1.png,dog\nimg/test_0.png,dog\n")
+    assert main(["score", str(sub), str(solution)]) == 0
+    assert "accuracy of" in capsys.readouterr().out
+
+
+# --- config files and overrides -----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ("train:\n  epochs: 3\n  augment: caf\u00e9\n".encode("latin-1"), r"x.yaml line 3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+        ("train:\n  epochs: 3\n".encode("utf-16-le"), r"x.yaml line 1: not UTF-8 text \(byte 0x00\)"),
+        (b"train:\n  epochs: true\n", r"x.yaml: config key 'train.epochs': Input should be a valid integer \(got True\)"),
+        (b"train:\n  amp: 1\n", r"x.yaml: config key 'train.amp': Input should be a valid boolean \(got 1\)"),
+        (b"train:\n  batch_size: '64'\n", r"x.yaml: config key 'train.batch_size': Input should be a valid integer \(got '64'\)"),
+    ],
+    ids=["latin1", "utf16-no-bom", "bool-for-int", "int-for-bool", "text-for-int"],
+)
+def test_bad_config_files(tmp_path: Path, capsys, raw: bytes, pattern: str):
+    (tmp_path / "x.yaml").write_bytes(raw)
+    fails(capsys, ["config", "--config", tmp_path / "x.yaml"], pattern)
+
+
+def test_config_file_that_is_a_folder(tmp_path: Path, capsys):
+    fails(capsys, ["config", "--config", tmp_path], r"config file .* is a folder; pass a YAML file")
+
+
+def test_utf16_config_with_a_bom_loads(tmp_path: Path, capsys):
+    (tmp_path / "x.yaml").write_bytes("train:\n  epochs: 3\n".encode("utf-16"))
+    assert main(["config", "--config", str(tmp_path / "x.yaml")]) == 0
+    assert "  epochs: 3\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, key", [("train.epochs=true", "train.epochs"), ("folds.n_splits=false", "folds.n_splits"),
+                                           ("train.hflip=0", "train.hflip"), ("train.epochs=2.0", "train.epochs")])
+def test_overrides_of_the_wrong_type(capsys, override: str, key: str):
+    fails(capsys, ["config", override], rf"overrides: config key '{re.escape(key)}': Input should be a valid")
+
+
+def test_int_for_a_float_key_is_exact_and_accepted(capsys):
+    assert main(["config", "train.lr=1", "train.grad_clip=2"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 1.0\n" in out and "  grad_clip: 2.0\n" in out
+
+
+def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
+    (tmp_path / "x.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert main(["config", "--config", str(tmp_path / "x.yaml"), "train.min_lr=1E-7", "train.weight_decay=-1e-2"]) == 2
+    assert "train.weight_decay" in capsys.readouterr().err  # parsed as a number, then refused by ge=0
+    assert main(["config", "--config", str(tmp_path / "x.yaml"), "train.min_lr=1E-7"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.0003\n" in out and "  min_lr: 1.0e-07\n" in out
+
+
+# --- train: settings met before the first epoch ---------------------------------------------------
+
+TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1", "train.device=cpu"]
+
+
+def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys):
+    before = snapshot(comp_dir)
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, "train.transforms=[{Affine: {rotation: 10}}]"],
+          r"train.transforms: Affine has no argument 'rotation'; did you mean 'rotate'\?")
+    assert snapshot(comp_dir) == before and not (tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ({"HorizontalFlip": {"prob": 0.5}}, r"HorizontalFlip has no argument 'prob'; it takes p"),
+    ({"CoarseDropout": {"p": 0.3, "fil": 1}}, r"CoarseDropout has no argument 'fil'; did you mean 'fill'\?"),
+    ({"HorizontalFlip": 0.5}, r"HorizontalFlip: arguments must be a mapping"),
+    ({"Compose": {}}, r"albumentations has no transform 'Compose'"),
+])
+def test_transform_entries_are_checked(spec: dict, pattern: str):
+    from pipeline.augment import train_transform
+    from pipeline.config import TrainConfig
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=pattern):
+        train_transform(TrainConfig(transforms=[spec]), 0)
+
+
+@pytest.mark.parametrize("where, pattern", [("missing", r"model.pretrained_path: .*nothing/d2l_lenet.safetensors not found; fix the path"),
+                                            ("folder", r"model.pretrained_path: .*weights is a folder; point it at the weights file")])
+def test_pretrained_path_missing_or_a_folder(comp_dir: Path, tmp_path: Path, capsys, where: str, pattern: str):
+    (tmp_path / "weights").mkdir()
+    path = tmp_path / "nothing" / "{backbone}.safetensors" if where == "missing" else tmp_path / "weights"
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"model.pretrained_path={path}"], pattern)
+
+
+# --- clean and folds: images that cannot be used, competitions too small for the folds ------------
+
+def png_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 1-bit PNG of side x side black pixels: under 100 KB on disk, side**2 pixels once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes((1 + (side + 7) // 8) * side), 9)
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+BOMB = r"cannot decode image: 400,000,000 pixels, above clean.max_pixels=89,478,485 \(a decompression bomb\?\); raise clean.max_pixels"
+
+
+def test_decompression_bomb_in_train_is_dropped_and_listed(comp_dir: Path, tmp_path: Path, capsys):
+    png_bomb(comp_dir / "img" / "cat_1.png")
+    before = snapshot(comp_dir)
+    assert main(["clean", "--data", str(comp_dir), "--work", str(tmp_path / "w")]) == 0
+    assert "unreadable=1" in capsys.readouterr().out
+    dropped = pd.read_csv(tmp_path / "w" / "dropped.csv")
+    assert list(dropped["id"]) == ["img/cat_1.png"] and re.search(BOMB, dropped["reason"].iloc[0])
+    assert snapshot(comp_dir) == before
+
+
+def test_decompression_bomb_in_test_is_one_line(comp_dir: Path, tmp_path: Path, capsys):
+    png_bomb(comp_dir / "img" / "test_1.png")
+    lines = (comp_dir / "test.csv").read_text().splitlines()
+    (comp_dir / "test.csv").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # test_1 now on line 4
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], rf"test.csv line 4: .*test_1.png: {BOMB}.*; every test image must be readable")
+    assert snapshot(comp_dir) == before
+
+
+def test_max_pixels_is_configurable_both_ways(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.errors import PipelineError
+    from pipeline.images import load_image
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (12, 10)).save(path)
+    with pytest.raises(PipelineError, match=r"x.png: cannot decode image: 120 pixels, above clean.max_pixels=119 "):
+        load_image(path, max_pixels=119)
+    assert load_image(path, max_pixels=120).shape == (10, 12, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow refuses above twice its limit: 100 pixels here
+    assert load_image(path, max_pixels=1000).shape == (10, 12, 3)
+
+
+def test_max_pixels_drops_training_images(comp_dir: Path, tmp_path: Path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(comp_dir / "img" / "dog_2.png")
+    assert main(["clean", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "clean.max_pixels=1000"]) == 0
+    reason = pd.read_csv(tmp_path / "w" / "dropped.csv").set_index("id")["reason"]["img/dog_2.png"]
+    assert "cannot decode image: 1,200 pixels, above clean.max_pixels=1,000" in reason
+
+
+def test_class_without_a_readable_image(comp_dir: Path, tmp_path: Path, capsys):
+    for i in range(4):
+        (comp_dir / "img" / f"dog_{i}.png").write_bytes(b"not a png")
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"train.csv: class 'dog' has no training image left after cleaning \(4 unreadable\), e.g. line 6: .*dog_0.png: cannot decode "
+          r"image .*; fix its images or remove its rows \(all listed in .*dropped.csv\)")
+    assert len(pd.read_csv(tmp_path / "w" / "dropped.csv")) == 4 and not (tmp_path / "w" / "clean.json").exists()
+    assert snapshot(comp_dir) == before
+
+
+def test_no_readable_training_image(comp_dir: Path, tmp_path: Path, capsys):
+    for path in (comp_dir / "img").glob("[cd]*.png"):
+        path.write_bytes(b"")
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"train.csv: every training image was dropped \(8 unreadable\), e.g. line 2: .*cat_0.png: cannot decode image")
+
+
+def test_too_few_images_per_class_for_the_folds(comp_dir: Path, tmp_path: Path, capsys):
+    before = snapshot(comp_dir)
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"folds.n_splits=5 needs a class with at least 5 images, but the largest, '(cat|dog)', has 4 after cleaning: "
+          r"set folds.n_splits=4 or fewer")
+    assert snapshot(comp_dir) == before
+    assert main(["folds", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "folds.n_splits=4"]) == 0
+
+
+def test_unreadable_test_image_after_a_blank_line_names_its_line(comp_dir: Path, tmp_path: Path, capsys):
+    (comp_dir / "img" / "test_2.png").write_bytes(b"GIF89a truncated")
+    lines = (comp_dir / "test.csv").read_text().splitlines()
+    (comp_dir / "test.csv").write_text("\n".join(lines[:1] + ["", ""] + lines[1:]) + "\n")  # test_2 now on line 6
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"test.csv line 6: .*test_2.png: cannot decode image")
+
+
+# --- WORK and SUBMISSIONS that cannot take the outputs --------------------------------------------
+
+def test_work_that_is_a_file(comp_dir: Path, tmp_path: Path, capsys):
+    (tmp_path / "w").write_text("notes")
+    before = snapshot(comp_dir)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"WORK folder .*/w: is a file, not a folder; pass another --work")
+    assert (tmp_path / "w").read_text() == "notes" and snapshot(comp_dir) == before
+
+
+def test_work_below_a_file(comp_dir: Path, tmp_path: Path, capsys):
+    (tmp_path / "f").write_text("notes")
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "f" / "w"], rf"WORK folder .*/f/w: lies below the file {tmp_path}/f; pass")
+
+
+def _refuse_writes_under(folder: Path, monkeypatch) -> None:
+    """A read-only folder, whoever runs the tests (root ignores permission bits): creating files there is refused."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_read_only_work(comp_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    (tmp_path / "w").mkdir()
+    _refuse_writes_under(tmp_path / "w", monkeypatch)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"WORK folder .*/w: not writable \(permission denied\); fix its permissions or pass another --work")
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", ["file", "below-file", "read-only"])
+def test_submissions_folder_checked_before_any_work(comp_dir: Path, tmp_path: Path, capsys, monkeypatch, problem: str):
+    subs = tmp_path / "subs"
+    if problem == "file":
+        subs.write_text("x")
+    elif problem == "below-file":
+        (tmp_path / "f").write_text("x")
+        subs = tmp_path / "f" / "subs"
+    else:
+        subs.mkdir()
+        _refuse_writes_under(subs, monkeypatch)
+    fails(capsys, ["ensemble", "--data", comp_dir, "--work", tmp_path / "w", "--submissions", subs, *TINY_TRAIN],
+          r"SUBMISSIONS folder .*subs: (is a file|lies below the file|not writable).*--submissions")
+    assert not (tmp_path / "w" / "clean.json").exists()
+
+
+def test_disk_full_during_a_stage_leaves_the_old_outputs(comp_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    import errno
+
+    work = tmp_path / "w"
+    assert main(["clean", "--data", str(comp_dir), "--work", str(work)]) == 0
+    outputs = lambda: {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and p.name != "config.yaml"}  # noqa: E731
+    old = outputs()
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=false"],
+          rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; free disk space .* run the same command again")
+    assert outputs() == old  # the old clean.csv and stamp, no partial or temporary file
+
+
+# --- a killed clean leaves no decoding workers behind --------------------------------------------
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (None when the pid is gone); 'Z' is a zombie, already dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_sigkill_of_clean_ends_its_decode_workers(tmp_path: Path):
+    """Workers busy on 2400x2400 images (a chunk of 32 takes them ~10 s) must die with the killed stage."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO, natural_image, write_competition
+
+    data = write_competition(tmp_path / "comp", n_per_class=35)
+    natural_image(0, 2400).save(tmp_path / "big.jpg", quality=90)
+    for path in (data / "img").glob("*.png"):
+        shutil.copyfile(tmp_path / "big.jpg", path)  # a JPEG under a .png name decodes all the same
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "clean", "--data", str(data), "--work", str(tmp_path / "w"),
+                             "clean.workers=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            workers = _children(proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2, "clean never started its 2 decode workers"
+        time.sleep(2.0)  # decoding the first chunk
+        assert all(_state(w) not in (None, "Z") for w in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 3.0
+        while any(_state(w) not in (None, "Z") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w for w in workers if _state(w) not in (None, "Z")] == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for w in workers:  # only our own leftovers (same command line), should the assertion have failed
+            if _state(w) not in (None, "Z") and b"pipeline" in Path(f"/proc/{w}/cmdline").read_bytes():
+                os.kill(w, signal.SIGKILL)
