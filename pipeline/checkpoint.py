@@ -2,16 +2,19 @@
 
 `last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
 scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
-fingerprint; a pair that disagrees, belongs to another config or is half written is ignored, so a
-run killed at any moment restarts from its last finished epoch.
+fingerprint; a pair that disagrees or belongs to another config is ignored, so a run killed at any
+moment restarts from its last finished epoch. A file that cannot be read (truncated, corrupted) is
+ignored too, with one line saying so: the run starts over and its first epoch overwrites it.
 """
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .artifacts import atomic_write
@@ -29,16 +32,29 @@ def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoc
     atomic_write(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_last(run_dir: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, state) of a complete checkpoint of this run, or None."""
-    try:
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        with safe_open(str(run_dir / "last.safetensors"), "pt") as fh:
-            meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (FileNotFoundError, RuntimeError, OSError, EOFError):
+# what torch.load and safe_open raise on truncated or corrupted files
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def load_last(run_dir: Path, fingerprint: str, say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of a complete checkpoint of this run, or None (nothing to resume from).
+
+    Missing files and a pair of another config or epoch are silently not used; an unreadable file
+    is reported through `say` in one line, and the run restarts instead of failing on every rerun.
+    """
+    pt, st = Path(run_dir) / "last.pt", Path(run_dir) / "last.safetensors"
+    if not (pt.exists() and st.exists()):
         return None
-    if state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+        with safe_open(str(st), "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except UNREADABLE as exc:
+        say(f"{run_dir}: resume state last.pt/last.safetensors unreadable ({type(exc).__name__}); "
+            "training restarts from epoch 1")
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
         return None
     return tensors, state
 

@@ -110,7 +110,7 @@ def run(ctx: Context) -> None:
     data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition)
     print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), {len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "detect.device")
     torch.manual_seed(cfg.seed)
     model = TinySSD(len(data.classes)).to(device)
     if cfg.channels_last:

@@ -141,7 +141,7 @@ class Trainer:
                                  drop_last=drop_last, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                                  generator=self.generator, worker_init_fn=_seed_worker if self.cfg.num_workers else None,
                                  collate_fn=collate)
-        self.updates_per_epoch = max(1, len(self.loader) // self.cfg.accumulate)
+        self.updates_per_epoch = max(1, -(-len(self.loader) // self.cfg.accumulate))  # ceil: the last partial group steps too
         self.scheduler = self._scheduler()
         self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema else None
         fp16 = self.cfg.amp and self.device.type == "cuda" and self.cfg.amp_dtype == "float16"

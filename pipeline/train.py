@@ -29,9 +29,10 @@ from .models import build_model, freeze, load_pretrained, make_optimizer, param_
 from .plots import plot_curves
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The device `name` asks for; `key` is the config key the user set, named in the error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise PipelineError(f"{key}=cuda but no CUDA device is visible; use {key}=auto or cpu")
     return distributed.device_for(name)
 
 

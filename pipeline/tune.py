@@ -156,7 +156,7 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
         try:
             value = (train_fn or train_trial(ctx, trial_dir))(cfg, report)
         except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"out of memory: {exc}") from None
+            raise RuntimeError(f"out of memory: {exc}") from exc  # the cause keeps its traceback
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)
         print(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
