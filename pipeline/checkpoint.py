@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from .artifacts import atomic_write
+from .artifacts import atomic_write, read_json
+from .errors import PipelineError
+from .models import build_model
 
 
 def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,3 +72,21 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 def save_weights(path: Path, module: torch.nn.Module) -> None:
     state = _on_host(module.state_dict())
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of a finished fold run, refused when made for another split or class list."""
+    meta = read_json(run_dir / "best.json")
+    if meta is None or not (run_dir / "best.safetensors").exists():
+        raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
+    if meta["folds_hash"] != folds_hash:
+        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != {folds_hash}); rerun `make train`")
+    if meta["classes"] != classes:
+        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; rerun `make train`")
+    model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
+    try:
+        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - truncated file, foreign tensors: the same fix
+        raise PipelineError(f"{run_dir}/best.safetensors: unreadable or not this model's weights ({type(exc).__name__}); "
+                            f"delete {run_dir} and rerun `make train`") from None
+    return model, meta

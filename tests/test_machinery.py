@@ -13,6 +13,7 @@ from pipeline.config import TrainConfig, load_config
 from pipeline.context import Context
 from pipeline.detection.bananas import build_bananas
 from pipeline.engine import FoldData, Trainer
+from pipeline.runtime import Runtime
 
 
 def _linear_trainer(run_dir: Path, n: int = 6, **cfg) -> Trainer:
@@ -23,7 +24,7 @@ def _linear_trainer(run_dir: Path, n: int = 6, **cfg) -> Trainer:
     y = np.arange(n) % 2
     data = FoldData(x, y, x, y, 2, {"mean": [0.5] * 3, "std": [0.25] * 3}, "accuracy")
     tcfg = TrainConfig(augment="none", **{"batch_size": 2, "epochs": 2, **cfg})
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=tcfg.lr), tcfg, data, run_dir, "fp", torch.device("cpu"), 0)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=tcfg.lr), tcfg, data, run_dir, "fp", Runtime(), 0)
 
 
 def test_sum_across_reduces_on_the_device_the_backend_needs(monkeypatch):
@@ -82,6 +83,6 @@ def test_out_of_memory_in_a_trial_keeps_its_traceback(comp_dir: Path, tmp_path: 
 def test_a_missing_cuda_device_names_the_key_the_user_set(tmp_path: Path, monkeypatch, capsys):
     data = build_bananas(tmp_path / "bananas", n_train=4, n_val=2, n_test=2, seed=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["detect", "--data", str(data), "--work", str(tmp_path / "w"), "detect.device=cuda"]) == 2
+    assert main(["detect", "--data", str(data), "--work", str(tmp_path / "w"), "runtime.device=cuda"]) == 2
     err = capsys.readouterr().err
-    assert "detect.device=cuda but no CUDA device" in err and "train.device" not in err
+    assert "runtime.device=cuda but no CUDA device" in err and "train.device" not in err
