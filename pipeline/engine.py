@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.schedule == "plateau":
             mode = "max" if GREATER_IS_BETTER[self.data.metric] else "min"
+            warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)  # loop.Updater saves
+            # the counters timm's deprecation note says are lost, so a resumed run lowers the lr when an uninterrupted one does
             return PlateauLRScheduler(self.optimizer, decay_rate=cfg.plateau_factor, patience_t=cfg.plateau_patience, mode=mode,
                                       warmup_t=int(round(cfg.warmup_epochs)), warmup_lr_init=cfg.lr * 0.01, lr_min=cfg.min_lr)
         return CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),

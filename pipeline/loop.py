@@ -90,8 +90,15 @@ class Updater:
             out.update(checkpoint.prefixed("ema", self.ema.module))
         return out
 
+    def _scheduler_state(self) -> dict:
+        """timm's PlateauLRScheduler saves only the best metric, not torch's counters of bad epochs and cooldown
+        (a resumed run would lower the lr later than an uninterrupted one): those are kept too."""
+        state = self.scheduler.state_dict()
+        plateau = getattr(self.scheduler, "lr_scheduler", None)
+        return state | {"plateau": plateau.state_dict()} if plateau is not None else state
+
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self._scheduler_state(),
                 "scaler": self.scaler.state_dict(), "updates": self.updates}
 
     def load(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -100,6 +107,8 @@ class Updater:
             self.ema.module.load_state_dict(checkpoint.unprefixed("ema", tensors))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "plateau" in state["scheduler"]:
+            self.scheduler.lr_scheduler.load_state_dict(state["scheduler"]["plateau"])
         self.scaler.load_state_dict(state["scaler"])
         self.updates = state["updates"]
 
