@@ -87,14 +87,19 @@ def _own(name: str, default: Any, description: str) -> Any:
 
 
 class RuntimeConfig(Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu (both tracks, training and prediction)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu "
+                                                   "(both tracks, training and prediction)")
     amp: bool = Field(True, description="autocast (mixed precision) on cuda in training and prediction; ignored on cpu")
-    amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="autocast dtype on cuda (float16 uses a grad scaler)")
-    channels_last: bool | None = Field(None, description="channels-last memory format; null: on cuda for classification, always for detection")
+    amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16",
+                                                      description="autocast dtype on cuda (float16 uses a grad scaler)")
+    channels_last: bool | None = Field(None, description="channels-last memory format; null: on cuda for "
+                                                         "classification, always for detection")
     compile: bool = Field(False, description="torch.compile the classification network for training")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of classification training (0: load in the main process)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of classification training "
+                                                  "(0: load in the main process)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
-    eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images (no gradients: more fit in memory)")
+    eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images "
+                                                        "(no gradients: more fit in memory)")
 
 
 class TrainConfig(FitConfig):
@@ -118,7 +123,8 @@ class TrainConfig(FitConfig):
     early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without a better val metric; null: never")
     augment: Literal["none", "light", "medium", "heavy"] = Field("light", description="augmentation preset (flips, shifts/rotations, bigger random crops, colour)")
     transforms: list[dict] = Field([], description="extra albumentations transforms, e.g. [{CoarseDropout: {p: 0.3}}]")
-    hflip: bool = _own("hflip", True, "random horizontal flips in the presets; off when mirror images mean something else")
+    hflip: bool = _own("hflip", True,
+                       "random horizontal flips in the presets; off when mirror images mean something else")
     normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet when fine-tuning, else the data's")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup alpha (0: off)")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
@@ -190,7 +196,8 @@ class DetectConfig(FitConfig):
     image_size: int = Field(256, ge=64, description="images are decoded once and resized to image_size x image_size (the course: 256)")
     epochs: int = _own("epochs", 20, "training epochs")
     batch_size: int = _own("batch_size", 16, "images per update (the course: 32; 16 learns faster here, see README)")
-    lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; the course: 0.2 without momentum)")
+    lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; "
+                                 "the course: 0.2 without momentum)")
     momentum: float = _own("momentum", 0.9, "SGD momentum (the course: none; 0.9 learns faster, see README)")
     weight_decay: float = _own("weight_decay", 5e-4, "SGD weight decay (the course: 5e-4)")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant (the course) or cosine down to lr/100")

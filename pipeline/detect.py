@@ -48,7 +48,8 @@ def _arrays(ctx: Context, split, classes: list[str], name: str) -> Arrays:
 def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> dict:
     """Train (or resume, or load when model.json matches); returns the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS}, runtime.result_keys(ctx.cfg.runtime))
+    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS},
+                     runtime.result_keys(ctx.cfg.runtime))
     stamp = read_json(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))

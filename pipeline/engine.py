@@ -63,7 +63,8 @@ def collate(batch):
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtime: Runtime, batch_size: int) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtime: Runtime,
+                  batch_size: int) -> np.ndarray:
     """Class probabilities of uint8 NHWC images, with the runtime's autocast and memory format."""
     model.eval()
     out = []
@@ -136,8 +137,9 @@ class Trainer:
                                  drop_last=drop_last, num_workers=rt.num_workers, pin_memory=rt.device.type == "cuda",
                                  generator=self.generator, worker_init_fn=_seed_worker if rt.num_workers else None,
                                  collate_fn=collate)
-        self.updater = loop.Updater(self.model, self.optimizer, self._scheduler(loop.Updater.per_epoch(len(self.loader), cfg.accumulate)),
-                                    per_update=cfg.schedule == "cosine", accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
+        scheduler = self._scheduler(loop.Updater.per_epoch(len(self.loader), cfg.accumulate))
+        self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
+                                    accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
                                     ema_decay=cfg.ema_decay if cfg.ema else None, grad_scaler=rt.grad_scaler)
         self.weights = class_weights(cfg.class_weights, self.data.train_y, self.data.n_classes)
         self.mix = mixer(cfg, self.data.n_classes)
@@ -147,8 +149,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.schedule == "plateau":
             mode = "max" if GREATER_IS_BETTER[self.data.metric] else "min"
-            warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)  # loop.Updater saves
-            # the counters timm's deprecation note says are lost, so a resumed run lowers the lr when an uninterrupted one does
+            # loop.Updater saves the counters timm's deprecation note says are lost: a resumed run lowers the lr
+            # when an uninterrupted one does
+            warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)
             return PlateauLRScheduler(self.optimizer, decay_rate=cfg.plateau_factor, patience_t=cfg.plateau_patience, mode=mode,
                                       warmup_t=int(round(cfg.warmup_epochs)), warmup_lr_init=cfg.lr * 0.01, lr_min=cfg.min_lr)
         return CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
@@ -208,7 +211,8 @@ class Trainer:
         batch = self.cfg.batch_size * self.runtime.eval_batch_factor
         proba = predict_proba(self.updater.evaluated, self.data.val_x, self.data.norm, self.runtime, batch)
         metric = self.data.metric
-        return {"val_acc": score("accuracy", self.data.val_y, proba), f"val_{metric}": score(metric, self.data.val_y, proba)}
+        y = self.data.val_y
+        return {"val_acc": score("accuracy", y, proba), f"val_{metric}": score(metric, y, proba)}
 
     def end_epoch(self, epoch: int, monitored: float | None) -> None:
         if self.cfg.schedule == "plateau":

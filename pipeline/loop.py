@@ -39,7 +39,8 @@ class Updater:
     STATE = ("optimizer", "scheduler", "scaler", "updates")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, per_update: bool = True,
-                 accumulate: int = 1, grad_clip: float | None = None, ema_decay: float | None = None, grad_scaler: bool = False):
+                 accumulate: int = 1, grad_clip: float | None = None, ema_decay: float | None = None,
+                 grad_scaler: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler  # a timm scheduler
         self.per_update = per_update  # stepped here after every update; else by the track (e.g. on plateau)
         self.accumulate, self.grad_clip = accumulate, grad_clip

@@ -123,7 +123,8 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, ne
 
 
 def prepare_model(backbone: str, n_classes: int, channels: int, *, pretrained: bool, pretrained_path: str | None,
-                  drop_rate: float, freeze_prefixes: list[str], say: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
+                  drop_rate: float, freeze_prefixes: list[str],
+                  say: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
     """Model with fine-tuning weights loaded and early stages frozen; (model, fine_tuning).
     '{backbone}' in pretrained_path is replaced by the backbone's name."""
     model = build_model(backbone, n_classes, channels, pretrained, drop_rate)

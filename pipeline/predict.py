@@ -59,7 +59,8 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
         model = rt.prepare(model)
         held = (frame["fold"] == k).to_numpy()
-        oof_parts.append((frame[held], view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed)))
+        oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed)
+        oof_parts.append((frame[held], oof))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
         test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed))
     rows = pd.concat([p[0] for p in oof_parts])
@@ -86,7 +87,7 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
 
 
 def run(ctx: Context) -> dict:
-    """OOF and test predictions of every backbone (the train stage must be done: pipeline/orchestrate.py runs it first)."""
+    """OOF and test predictions of every backbone (after the train stage: pipeline/orchestrate.py runs it first)."""
     data = train_stage.load_training_data(ctx)
     test_paths = list(ctx.competition.test["path"])
     return {b: predict_backbone(ctx, b, data, test_paths)["oof_score"] for b in ctx.cfg.model.backbones}

@@ -51,7 +51,8 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def to_input(self, x: torch.Tensor, norm: dict, divisor: float = 255.0) -> torch.Tensor:
-        """uint8 NCHW -> (x / divisor - mean) / std as float32 on the device, channels_last when the policy says so.
+        """uint8 NCHW -> (x / divisor - mean) / std as float32 on the device, channels_last when the policy says so
+        (else the layout as it comes: uint8 NHWC arrays permuted to NCHW are channels-last strided already).
 
         `norm` holds per-channel mean and std in the units of x / divisor (classification: [0, 1]
         with divisor 255; TinySSD: pixel values with divisor 1).
@@ -72,7 +73,8 @@ def pick_device(name: str, key: str = "runtime.device") -> torch.device:
     return distributed.device_for(name)
 
 
-def decide(device: torch.device, amp: bool, amp_dtype: str, channels_last: bool | None, track: Track) -> tuple[bool, torch.dtype, bool]:
+def decide(device: torch.device, amp: bool, amp_dtype: str, channels_last: bool | None,
+           track: Track) -> tuple[bool, torch.dtype, bool]:
     """(autocast on, its dtype, channels_last) for this device: autocast on CUDA only; channels_last as set,
     or by default on CUDA for classification and everywhere for detection (TinySSD's choice since its start)."""
     cuda = device.type == "cuda"

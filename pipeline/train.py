@@ -49,11 +49,13 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     rt = runtime.from_config(cfg.runtime, "classification")
     mcfg = cfg.model
     model, fine_tuning = prepare_model(backbone, len(data["classes"]), data["channels"], pretrained=mcfg.pretrained,
-                                       pretrained_path=mcfg.pretrained_path, drop_rate=mcfg.drop_rate, freeze_prefixes=mcfg.freeze,
-                                       say=distributed.say)
+                                       pretrained_path=mcfg.pretrained_path, drop_rate=mcfg.drop_rate,
+                                       freeze_prefixes=mcfg.freeze, say=distributed.say)
     model = rt.prepare(model)
     cuda = rt.device.type == "cuda"
-    net = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None) if distributed.world_size() > 1 else model
+    net = model
+    if distributed.world_size() > 1:
+        net = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
     if "norm" not in data:  # one pass over the images per stage run, and none when every fold is done
         data["norm"] = dataset_norm(data["images"])
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])

@@ -61,12 +61,13 @@ def test_box_voting_averages_the_boxes_each_kept_box_suppressed():
     logits = torch.tensor([[[0.0, 3.0, -9], [0.0, 2.0, -9], [0.0, 1.0, -9], [0.0, 2.5, -9]],
                            [[0.0, 3.0, -9], [0.0, -9, 2.0], [0.0, -9, -9], [0.0, -9, -9]]])
     probs = logits.softmax(-1)
-    det = Detector(None, DetectConfig(box_voting=0.5), Runtime()).select(*candidates(anchors, logits, torch.zeros(2, 16)), torch.ones(2, 2), 0.05)
+    found = candidates(anchors, logits, torch.zeros(2, 16))
+    det = Detector(None, DetectConfig(box_voting=0.5), Runtime()).select(*found, torch.ones(2, 2), 0.05)
     w = probs[0, :3, 1]
     assert torch.allclose(det[0]["boxes"][0], (w[:, None] * anchors[0, :3]).sum(0) / w.sum())
     assert torch.allclose(det[0]["boxes"][1], anchors[0, 3])  # overlaps nothing: unchanged
     assert torch.allclose(det[1]["boxes"], anchors[0, :2]) and det[1]["labels"].tolist() == [0, 1]  # classes vote apart
-    plain = Detector(None, DetectConfig(box_voting=None), Runtime()).select(*candidates(anchors, logits, torch.zeros(2, 16)), torch.ones(2, 2), 0.05)
+    plain = Detector(None, DetectConfig(box_voting=None), Runtime()).select(*found, torch.ones(2, 2), 0.05)
     assert [len(d["scores"]) for d in plain] == [2, 2] and torch.equal(plain[0]["scores"], det[0]["scores"])
 
 
@@ -145,7 +146,8 @@ def _tiny_trainer(tmp_path, epochs: int, fp: str = "fp") -> DetectionTrainer:
     y = torch.cat((torch.zeros(12, 1, 1), xy, xy + 0.3), -1)
     torch.manual_seed(0)
     cfg = DetectConfig(epochs=epochs, batch_size=5, image_size=64, lr=0.05)
-    return DetectionTrainer(TinySSD(1), cfg, x, y, x[:4], y[:4], torch.tensor([[64.0, 64.0]] * 4), tmp_path, fp, Runtime())
+    sizes = torch.tensor([[64.0, 64.0]] * 4)
+    return DetectionTrainer(TinySSD(1), cfg, x, y, x[:4], y[:4], sizes, tmp_path, fp, Runtime())
 
 
 def test_a_killed_run_resumes_to_the_same_weights_and_history(tmp_path, monkeypatch):
@@ -169,7 +171,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_history(tmp_path, monkeypa
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
-    assert CheckpointSaver(tmp_path / "b", "another config").load_last() is None  # a checkpoint of another config is not used
+    assert CheckpointSaver(tmp_path / "b", "another config").load_last() is None  # another config's: not used
 
 
 @pytest.mark.slow

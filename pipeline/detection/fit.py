@@ -66,15 +66,16 @@ def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime)
 
 
 @torch.no_grad()
-def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
-             ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
+def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
+             sizes: torch.Tensor, ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
     """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and
     COCO mAP with the current decoding settings. The plain forward pass is shared by all options."""
     model.eval()
     detectors = {t: Detector(model, cfg, runtime, t) for t in ttas}
     counts, detections = torch.zeros(4, dtype=torch.float64), {t: [] for t in ttas}
     for idx in torch.arange(len(images)).split(cfg.batch_size * runtime.eval_batch_factor):
-        anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, images[idx], labels[idx], runtime)
+        anchors, cls_preds, bbox_preds, targets = forward(model, images[idx], labels[idx], runtime)
+        bbox_labels, bbox_masks, cls_labels = targets
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
         for t, detector in detectors.items():
             detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)), sizes[idx], cfg.map_score_threshold)
@@ -99,7 +100,8 @@ class DetectionTrainer:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
@@ -130,7 +132,8 @@ class DetectionTrainer:
             images, labels = self.train_x[idx], self.train_y[idx]
             if self.cfg.hflip:
                 images, labels = hflip(images, labels, torch.rand(len(idx), generator=self.generator) < 0.5)
-            _, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(self.model, images, labels, self.runtime)
+            _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
+            bbox_labels, bbox_masks, cls_labels = targets
             loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)
             self.updater.backward(loss, i, len(batches))
             total, seen = total + loss.detach() * len(idx), seen + len(idx)  # device tensors: no host sync per batch
@@ -148,9 +151,10 @@ class DetectionTrainer:
         pass  # the schedule steps per update
 
     def describe(self, row: dict) -> str:
-        return (f"loss {row['train_loss']:.4f} class err {row['train_class_err']:.2e} bbox mae {row['train_bbox_mae']:.2e} | "
-                f"val class err {row['val_class_err']:.2e} bbox mae {row['val_bbox_mae']:.2e} mAP@0.5 {row['map_50']:.3f} "
-                f"mAP {row['map']:.3f} ({row['seconds']:.0f} s)")
+        return (f"loss {row['train_loss']:.4f} class err {row['train_class_err']:.2e} "
+                f"bbox mae {row['train_bbox_mae']:.2e} | val class err {row['val_class_err']:.2e} "
+                f"bbox mae {row['val_bbox_mae']:.2e} mAP@0.5 {row['map_50']:.3f} mAP {row['map']:.3f} "
+                f"({row['seconds']:.0f} s)")
 
     def fit(self) -> list[dict]:
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)

@@ -64,11 +64,13 @@ class TinySSD(nn.Module):
         return torch.cat(anchors, 1), cls, torch.cat(bbox_preds, 1)
 
 
-INPUT_NORM = {"mean": [127.5] * 3, "std": [64.0] * 3}  # pixel units: BatchNorm follows the first conv, fixed scaling is enough
+# pixel units (Runtime.to_input with divisor 1): BatchNorm follows the first conv, so fixed scaling is enough
+INPUT_NORM = {"mean": [127.5] * 3, "std": [64.0] * 3}
 
 
 def outputs(model: nn.Module, images: torch.Tensor, runtime: Runtime):
-    """(anchors, class logits, box offsets) in float32 for a uint8 batch, under the runtime's autocast and memory format."""
+    """(anchors, class logits, box offsets) in float32 for a uint8 batch, with the runtime's autocast and
+    memory format."""
     with runtime.autocasting():
         anchors, cls_preds, bbox_preds = model(runtime.to_input(images, INPUT_NORM, divisor=1.0))
     return anchors.float(), cls_preds.float(), bbox_preds.float()
