@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import loop
 from pipeline.config import TrainConfig
-from pipeline.engine import ArrayDataset, FoldData, Trainer, collate, to_input
+from pipeline.engine import ArrayDataset, FoldData, Trainer, collate
 from pipeline.images import load_image, resize, to_channels
 from pipeline.models import build_model, make_optimizer, param_groups
+from pipeline.runtime import Runtime
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 CPU = torch.device("cpu")
@@ -40,22 +42,22 @@ def engine_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch:
                  compile: bool = False, warm: bool = False) -> float:
     """Engine with the settings train.py gives it: channels_last and pinned memory on cuda, AMP per `amp`."""
     torch.manual_seed(0)
-    model = build_model(model_name, 10, 3).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1],
-                      amp=amp != "none", amp_dtype="float16" if amp == "float16" else "bfloat16")
+    cuda = device.type == "cuda"
+    rt = Runtime(device, autocast=amp != "none" and cuda, amp_dtype=torch.float16 if amp == "float16" else torch.bfloat16,
+                 channels_last=cuda)
+    model = rt.prepare(build_model(model_name, 10, 3))
+    cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1])
     opt = make_optimizer("adamw", param_groups(model, 1e-3, 0.05, 1.0), 1e-3, 0.9, False)
     data = FoldData(images, labels, images[:0], labels[:0], 10, NORM, "accuracy")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", device, 0, net=torch.compile(model) if compile else None)
+        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", rt, 0, net=torch.compile(model) if compile else None)
         if warm or compile:  # an untimed epoch first: compilation, cudnn autotuning, allocator warm-up
-            trainer.train_epoch()
-        trainer.epoch = 1
-        trainer._reseed(1)
+            trainer.train_epoch(1)
+        loop.reseed(1)
+        trainer.reseed(1, 1)
         _sync(device)
         t0 = time.perf_counter()
-        trainer.train_epoch()
+        trainer.train_epoch(1)
         _sync(device)
         return len(images) / (time.perf_counter() - t0)
 
@@ -73,8 +75,7 @@ def bare_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: i
     t0 = time.perf_counter()
     for start in range(0, len(order) - batch + 1, batch):
         idx = order[start:start + batch]
-        x = to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM, device)
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        x = Runtime(device, channels_last=channels_last).to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM)
         with torch.autocast(device.type, dtype=getattr(torch, amp if amp != "none" else "float32"), enabled=amp != "none"):
             loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]).to(device))
         opt.zero_grad()
@@ -101,7 +102,7 @@ class DecodeEveryTime(Dataset):
 def loader_epoch(dataset: Dataset, model: torch.nn.Module, opt, batch: int) -> float:
     t0 = time.perf_counter()
     for x, y in DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate):
-        loss = F.cross_entropy(model(to_input(x, NORM, torch.device("cpu"))), y)
+        loss = F.cross_entropy(model(Runtime().to_input(x, NORM)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

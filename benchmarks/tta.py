@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.models import build_model
-from pipeline.train import to_input
+from pipeline.runtime import Runtime
 from pipeline.tta import tta_logits
 
 VIEWS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "random0", "random1"]
@@ -34,11 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(args.model, 10, 3).eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    rt = Runtime(device, channels_last=device.type == "cuda")  # the memory format prediction uses (autocast off: fp32 views)
+    model = rt.prepare(build_model(args.model, 10, 3).eval())
     images = np.random.default_rng(0).integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
-    prep = partial(to_input, norm={"mean": [0.5] * 3, "std": [0.25] * 3}, device=device)
+    prep = partial(rt.to_input, norm={"mean": [0.5] * 3, "std": [0.25] * 3})
     tta_logits(model, images[: args.batch], VIEWS, prep, args.batch)  # warm-up
 
     def batched():

@@ -23,7 +23,7 @@ from .artifacts import file_digest, fingerprint, is_done, read_json, write_json,
 from .context import Context
 from .errors import PipelineError
 from .metrics import score
-from .predict import prob_columns, write_parquet
+from .predictions import prob_columns, write_parquet
 
 SCRIPT = Path(__file__).with_name("autogluon_fit.py")
 

@@ -2,19 +2,24 @@
 
 `last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
 scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
-fingerprint; a pair that disagrees, belongs to another config or is half written is ignored, so a
-run killed at any moment restarts from its last finished epoch.
+fingerprint; a pair that disagrees or belongs to another config is ignored, so a run killed at any
+moment restarts from its last finished epoch. A file that cannot be read (truncated, corrupted) is
+ignored too, with one line saying so: the run starts over and its first epoch overwrites it.
 """
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from .artifacts import atomic_write
+from .artifacts import atomic_write, read_json
+from .errors import PipelineError
+from .models import build_model
 
 
 def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -29,16 +34,29 @@ def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoc
     atomic_write(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_last(run_dir: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, state) of a complete checkpoint of this run, or None."""
-    try:
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        with safe_open(str(run_dir / "last.safetensors"), "pt") as fh:
-            meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (FileNotFoundError, RuntimeError, OSError, EOFError):
+# what torch.load and safe_open raise on truncated or corrupted files
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def load_last(run_dir: Path, fingerprint: str, say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of a complete checkpoint of this run, or None (nothing to resume from).
+
+    Missing files and a pair of another config or epoch are silently not used; an unreadable file
+    is reported through `say` in one line, and the run restarts instead of failing on every rerun.
+    """
+    pt, st = Path(run_dir) / "last.pt", Path(run_dir) / "last.safetensors"
+    if not (pt.exists() and st.exists()):
         return None
-    if state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+        with safe_open(str(st), "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except UNREADABLE as exc:
+        say(f"{run_dir}: resume state last.pt/last.safetensors unreadable ({type(exc).__name__}); "
+            "training restarts from epoch 1")
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
         return None
     return tensors, state
 
@@ -54,3 +72,21 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 def save_weights(path: Path, module: torch.nn.Module) -> None:
     state = _on_host(module.state_dict())
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of a finished fold run, refused when made for another split or class list."""
+    meta = read_json(run_dir / "best.json")
+    if meta is None or not (run_dir / "best.safetensors").exists():
+        raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
+    if meta["folds_hash"] != folds_hash:
+        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != {folds_hash}); rerun `make train`")
+    if meta["classes"] != classes:
+        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; rerun `make train`")
+    model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
+    try:
+        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - truncated file, foreign tensors: the same fix
+        raise PipelineError(f"{run_dir}/best.safetensors: unreadable or not this model's weights ({type(exc).__name__}); "
+                            f"delete {run_dir} and rerun `make train`") from None
+    return model, meta

@@ -1,8 +1,8 @@
-"""`python -m pipeline STAGE`: a thin wrapper that turns arguments into a Context and runs one stage.
+"""`python -m pipeline STAGE`: a thin wrapper over pipeline/orchestrate.py, plus data and scoring commands.
 
-Each stage runs its upstream stages first; they skip when their outputs are complete, so any stage
-can be asked for directly and an interrupted chain resumes. User-fixable problems end with one
-line on stderr and exit status 2.
+A stage runs after its upstream stages (orchestrate.chain); they skip when their outputs are
+complete, so any stage can be asked for directly and an interrupted chain resumes. User-fixable
+problems end with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import baseline, clean, detect, digits, ensemble, folds, predict, submission, train, tune
+from . import digits, orchestrate, submission
 from .config import defaults_yaml, load_config, to_yaml
 from .context import Context
 from .detection.bananas import build_bananas
 from .detection.infer import score_submission
 from .errors import PipelineError
-
-STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
-          "tune": tune.run, "autogluon": baseline.run, "detect": detect.run}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
@@ -39,7 +36,7 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in STAGES.items():
+    for name, fn in orchestrate.STAGES.items():
         _stage_parser(sub, name, (fn.__module__.rsplit(".", 1)[-1] + " stage"))
     p = sub.add_parser("make-digits", help="build the embedded default competition from scikit-learn's digits")
     p.add_argument("--out", type=Path, default=Path("data/digits"))
@@ -114,17 +111,12 @@ def disk_errors(ctx: Context):
 
 
 def dispatch(args: argparse.Namespace) -> None:
-    if args.command in STAGES:
-        ctx = Context(load_config(args.config, args.overrides), args.data, args.work, args.submissions)
-        tuned = ctx.work_dir / "tune" / "best.yaml"
-        if args.command != "tune" and not args.no_tuned and tuned.exists():
-            print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
-            ctx = Context(load_config(args.config, args.overrides, tuned=tuned), args.data, args.work, args.submissions)
+    if args.command in orchestrate.STAGES:
+        ctx = orchestrate.context(args.command, args.config, args.overrides, args.data, args.work, args.submissions,
+                                  use_tuned=not args.no_tuned)
         check_folders(ctx, args.command)
         with disk_errors(ctx):
-            if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
-                ctx.save_config()
-            STAGES[args.command](ctx)
+            orchestrate.run(args.command, ctx)
     elif args.command == "make-digits":
         out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)
         print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from .errors import PipelineError
 
@@ -79,16 +80,50 @@ class ModelConfig(Section):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
 
 
-class TrainConfig(Section):
-    image_size: int = Field(224, ge=8, description="images are decoded once and resized to image_size x image_size")
-    epochs: int = Field(10, ge=1, description="training epochs per fold")
+class FitConfig(Section):
+    """The training keys both tracks share (types and bounds here); each track's section gives them its own
+    defaults and descriptions with `_own`, so the two cannot drift apart in meaning."""
+
+    epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(64, ge=1, description="images per forward pass")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay")
+    hflip: bool = Field(True, description="random horizontal flips")
+    seed: int = Field(42, description="seed of weights init, batch order and augmentation")
+
+
+def _own(name: str, default: Any, description: str) -> Any:
+    """FitConfig's field `name` with this track's default and description (same type and bounds)."""
+    return FieldInfo.merge_field_infos(FitConfig.model_fields[name], default=default, description=description)
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu "
+                                                   "(both tracks, training and prediction)")
+    amp: bool = Field(True, description="autocast (mixed precision) on cuda in training and prediction; ignored on cpu")
+    amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16",
+                                                      description="autocast dtype on cuda (float16 uses a grad scaler)")
+    channels_last: bool | None = Field(None, description="channels-last memory format; null: on cuda for "
+                                                         "classification, always for detection")
+    compile: bool = Field(False, description="torch.compile the classification network for training")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of classification training "
+                                                  "(0: load in the main process)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+    eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images "
+                                                        "(no gradients: more fit in memory)")
+
+
+class TrainConfig(FitConfig):
+    image_size: int = Field(224, ge=8, description="images are decoded once and resized to image_size x image_size")
+    epochs: int = _own("epochs", 10, "training epochs per fold")
+    batch_size: int = _own("batch_size", 64, "images per forward pass")
     accumulate: int = Field(1, ge=1, description="forward passes per optimizer step (gradient accumulation)")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (of the body, when head_lr_mult applies)")
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    lr: float = _own("lr", 1e-3, "peak learning rate (of the body, when head_lr_mult applies)")
+    momentum: float = _own("momentum", 0.9, "sgd momentum")
     nesterov: bool = Field(True, description="sgd with Nesterov momentum")
-    weight_decay: float = Field(0.05, ge=0, description="weight decay (not applied to norms and biases)")
+    weight_decay: float = _own("weight_decay", 0.05, "weight decay (not applied to norms and biases)")
     schedule: Literal["cosine", "plateau"] = Field("cosine", description="cosine with warmup (per update), or lower on plateau of the val metric")
     warmup_epochs: float = Field(1.0, ge=0, description="linear warmup, in epochs")
     min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine schedule")
@@ -100,7 +135,8 @@ class TrainConfig(Section):
     early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without a better val metric; null: never")
     augment: Literal["none", "light", "medium", "heavy"] = Field("light", description="augmentation preset (flips, shifts/rotations, bigger random crops, colour)")
     transforms: list[dict] = Field([], description="extra albumentations transforms, e.g. [{CoarseDropout: {p: 0.3}}]")
-    hflip: bool = Field(True, description="random horizontal flips in the presets; off when mirror images mean something else")
+    hflip: bool = _own("hflip", True,
+                       "random horizontal flips in the presets; off when mirror images mean something else")
     normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet when fine-tuning, else the data's")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup alpha (0: off)")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
@@ -110,13 +146,7 @@ class TrainConfig(Section):
     ema: bool = Field(False, description="keep an EMA of the weights (timm ModelEmaV3); it is evaluated and checkpointed")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per update")
     folds: list[int] | None = Field(None, description="folds to train; null: all (other folds get no OOF rows)")
-    seed: int = Field(42, description="seed of weights init, batch order and augmentation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
-    amp: bool = Field(True, description="mixed precision on cuda (ignored on cpu)")
-    amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="autocast dtype on cuda (float16 uses a grad scaler)")
-    compile: bool = Field(False, description="torch.compile the model")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
+    seed: int = _own("seed", 42, "seed of weights init, batch order and augmentation")
 
 
 class PredictConfig(Section):
@@ -170,22 +200,23 @@ class AutoGluonConfig(Section):
     folds: list[int] | None = Field(None, description="folds to fit; null: all (OOF rows only for these)")
 
 
-class DetectConfig(Section):
+class DetectConfig(FitConfig):
     train_csv: str = Field("train.csv", description="one row per box: image, label, xmin, ymin, xmax, ymax (pixels); empty label and box: no objects")
     val_csv: str | None = Field("val.csv", description="validation boxes in the same form; when DATA lacks it, val_fraction of the training images")
     test_csv: str = Field("test.csv", description="images to detect objects in (column image)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images held out when there is no val_csv")
     image_size: int = Field(256, ge=64, description="images are decoded once and resized to image_size x image_size (the course: 256)")
-    epochs: int = Field(20, ge=1, description="training epochs")
-    batch_size: int = Field(16, ge=1, description="images per update (the course: 32; 16 learns faster here, see README)")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; the course: 0.2 without momentum)")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the course: none; 0.9 learns faster, see README)")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay (the course: 5e-4)")
+    epochs: int = _own("epochs", 20, "training epochs")
+    batch_size: int = _own("batch_size", 16, "images per update (the course: 32; 16 learns faster here, see README)")
+    lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; "
+                                 "the course: 0.2 without momentum)")
+    momentum: float = _own("momentum", 0.9, "SGD momentum (the course: none; 0.9 learns faster, see README)")
+    weight_decay: float = _own("weight_decay", 5e-4, "SGD weight decay (the course: 5e-4)")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant (the course) or cosine down to lr/100")
     loss: Literal["course", "ssd"] = Field("ssd", description="ssd (the SSD paper's): CE over positives + 3x as many hard negatives and masked L1, per positive anchor; course: mean CE over all anchors + mean masked L1")
     negative_ratio: float = Field(3.0, gt=0, description="ssd loss: highest-loss background anchors kept per positive anchor (the SSD paper: 3)")
-    hflip: bool = Field(True, description="random horizontal flips of images and their boxes")
-    seed: int = Field(0, description="seed of weights init, batch order, flips and the validation split")
+    hflip: bool = _own("hflip", True, "random horizontal flips of images and their boxes")
+    seed: int = _own("seed", 0, "seed of weights init, batch order, flips and the validation split")
     nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the lower-scored box of the same class")
     box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean of the same-class boxes overlapping it at IoU >= this (tighter boxes); null: NMS boxes as they are")
     tta: Literal["auto", "none", "hflip"] = Field("auto", description="test-time augmentation: hflip averages each anchor's predictions with its mirror image's; auto: hflip when it scores a higher validation mAP@0.5")
@@ -194,10 +225,6 @@ class DetectConfig(Section):
     map_score_threshold: float = Field(0.01, ge=0, lt=1, description="boxes scored at least this enter mAP (low, so the precision-recall curve is complete)")
     max_detections: int = Field(100, ge=1, description="boxes kept per image, best first")
     gallery_images: int = Field(16, ge=0, description="images drawn in each of gallery_val.png and gallery_test.png")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
-    amp: bool = Field(True, description="bfloat16 autocast on cuda (ignored on cpu)")
-    channels_last: bool = Field(True, description="channels-last memory format (faster convolutions on CPU and GPU)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
 
 
 class Config(Section):
@@ -211,6 +238,7 @@ class Config(Section):
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
     detect: DetectConfig = DetectConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -223,7 +251,13 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+MOVED = {f"{track}.{key}": f"runtime.{key}" for track in ("train", "detect")
+         for key in ("device", "amp", "amp_dtype", "channels_last", "compile", "num_workers", "threads")}
+
+
 def _did_you_mean(key: str) -> str:
+    if key in MOVED:
+        return f" (it moved to '{MOVED[key]}', shared by both tracks)"
     close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

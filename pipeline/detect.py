@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint
+from . import checkpoint, runtime
 from .artifacts import fingerprint, read_json, write_csv, write_json, write_stamp
 from .context import Context
 from .detection.data import box_targets, decoded, read_detection
@@ -24,7 +24,7 @@ from .detection.fit import DetectionTrainer, evaluate
 from .detection.infer import TTA, Detector, gallery, parse_prediction_strings, submission_frame
 from .detection.tinyssd import TinySSD
 from .plots import plot_panels
-from .train import pick_device
+from .runtime import Runtime
 
 TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss", "negative_ratio", "hflip", "seed")
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
@@ -45,10 +45,11 @@ def _arrays(ctx: Context, split, classes: list[str], name: str) -> Arrays:
                   torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32))
 
 
-def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays) -> dict:
+def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> dict:
     """Train (or resume, or load when model.json matches); returns the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS})
+    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS},
+                     runtime.result_keys(ctx.cfg.runtime))
     stamp = read_json(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))
@@ -56,7 +57,7 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays
         return stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
-    trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, device)
+    trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, rt)
     history = pd.DataFrame(trainer.fit())
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
@@ -64,17 +65,17 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays
                           "validation mAP": ["map_50", "map"]}, out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
     final = history.iloc[-1]
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
-               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(device)}
+               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
     write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
     return summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, summary: dict) -> dict:
+def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
     cfg = ctx.cfg.detect
     options = TTA if cfg.tta == "auto" else (cfg.tta,)
-    scored = evaluate(model, cfg, device, val.images, val.targets, val.sizes, options)
+    scored = evaluate(model, cfg, rt, val.images, val.targets, val.sizes, options)
     tta = max(options, key=lambda t: (scored[t]["map_50"], t == "none"))  # ties: the cheaper plain view
     metrics = scored[tta] | summary | {"tta": tta, "map_50_by_tta": {t: scored[t]["map_50"] for t in options},
                                        "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting, "val_source": data.val_source}
@@ -86,10 +87,10 @@ def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arr
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, test: Arrays, tta: str) -> pd.DataFrame:
+def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, test: Arrays, tta: str) -> pd.DataFrame:
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    detector = Detector(model, cfg, device, tta)
-    detections = detector(test.images, test.sizes, cfg.score_threshold, cfg.batch_size * 2)
+    detector = Detector(model, cfg, rt, tta)
+    detections = detector(test.images, test.sizes, cfg.score_threshold, cfg.batch_size * rt.eval_batch_factor)
     frame = submission_frame(data.test.images, detections, data.classes)
     parse_prediction_strings(frame["PredictionString"].tolist(), data.classes, "submission")  # what we write must read back
     write_csv(out / "test_predictions.csv", frame)
@@ -105,19 +106,16 @@ def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arra
 
 def run(ctx: Context) -> None:
     cfg = ctx.cfg.detect
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    runtime.set_threads(ctx.cfg.runtime.threads)
     data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition)
     print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), {len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
-    device = pick_device(cfg.device)
+    rt = runtime.from_config(ctx.cfg.runtime, "detection")
     torch.manual_seed(cfg.seed)
-    model = TinySSD(len(data.classes)).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = rt.prepare(TinySSD(len(data.classes)))
     val, test = _arrays(ctx, data.val, data.classes, "val"), _arrays(ctx, data.test, data.classes, "test")
-    metrics = _evaluate(ctx, data, model, device, val, _train(ctx, data, model, device, val))
-    frame = _predict(ctx, data, model, device, val, test, metrics["tta"])
+    metrics = _evaluate(ctx, data, model, rt, val, _train(ctx, data, model, rt, val))
+    frame = _predict(ctx, data, model, rt, val, test, metrics["tta"])
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     write_csv(path, frame)
     boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])

@@ -44,11 +44,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def reduction_device(backend: str) -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only (this rank's GPU), gloo CPU ones."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across(values: list[float]) -> list[float]:
     """Element-wise sum of a few numbers over all ranks (identity without a process group)."""
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=reduction_device(dist.get_backend()))
     dist.all_reduce(t)
     return t.tolist()
 

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from . import blend, submission
-from . import predict as predict_stage
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
 from .errors import PipelineError
+from .predictions import prob_columns, read_parquet_meta, write_parquet
 
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
@@ -34,7 +34,7 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     models, reference = {}, None
     for rel in configured + [f for f in found if f not in configured]:
         folder = ctx.work_dir / rel
-        meta = predict_stage.read_parquet_meta(folder / "oof.parquet")
+        meta = read_parquet_meta(folder / "oof.parquet")
         name = rel.removeprefix("runs/")
         if meta.get("folds_hash") != folds_hash or meta.get("classes") != classes or not (folder / "test.parquet").exists():
             if rel in configured:
@@ -51,7 +51,7 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
 
 
 def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cols = predict_stage.prob_columns(classes)
+    cols = prob_columns(classes)
     first_test = next(iter(models.values()))[1]
     P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
     T = np.stack([m[1].set_index("id").loc[first_test["id"], cols].to_numpy(np.float64) for m in models.values()])
@@ -65,7 +65,7 @@ def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, ch
 
 
 def run(ctx: Context) -> dict:
-    predict_stage.run(ctx)
+    """Blend every model's predictions and write the submission (pipeline/orchestrate.py runs predict first)."""
     comp, cfg = ctx.competition, ctx.cfg.ensemble
     folds_meta = read_json(ctx.work_dir / "folds.json")
     models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
@@ -108,9 +108,9 @@ def run(ctx: Context) -> dict:
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:
     """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
-    cols = predict_stage.prob_columns(folds_meta["classes"])
+    cols = prob_columns(folds_meta["classes"])
     meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
     oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen["oof"], columns=cols)], axis=1)
     test = pd.concat([pd.DataFrame({"id": test_ids}), pd.DataFrame(test_proba, columns=cols)], axis=1)
-    predict_stage.write_parquet(ctx.work_dir / "ensemble" / "oof.parquet", oof, meta)
-    predict_stage.write_parquet(ctx.work_dir / "ensemble" / "test.parquet", test, meta)
+    write_parquet(ctx.work_dir / "ensemble" / "oof.parquet", oof, meta)
+    write_parquet(ctx.work_dir / "ensemble" / "test.parquet", test, meta)

@@ -9,8 +9,10 @@ Local files are read with safetensors or `torch.load(weights_only=True)`, never 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -135,3 +137,44 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, ne
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr)
+
+
+def prepare_model(backbone: str, n_classes: int, channels: int, *, pretrained: bool, pretrained_path: str | None,
+                  drop_rate: float, freeze_prefixes: list[str],
+                  say: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
+    """Model with fine-tuning weights loaded and early stages frozen; (model, fine_tuning).
+    '{backbone}' in pretrained_path is replaced by the backbone's name."""
+    model = build_model(backbone, n_classes, channels, pretrained, drop_rate)
+    fine_tuning = pretrained
+    if pretrained_path:
+        path = Path(pretrained_path.replace("{backbone}", backbone))
+        report = load_pretrained(model, path)
+        say(f"train: {backbone}: {report['loaded']} tensors from {path}, new: {len(report['new'])} (head)")
+        fine_tuning = True
+    if freeze_prefixes:
+        frozen = freeze(model, freeze_prefixes)
+        say(f"train: {backbone}: {frozen} parameter tensors frozen ({freeze_prefixes})")
+    return model, fine_tuning
+
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def dataset_norm(images: np.ndarray, chunk: int = 1024) -> dict:
+    """Per-channel mean and std of the training images, in chunks so a large memmap never becomes float64."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+        total, total_sq, count = total + block.sum(0), total_sq + (block**2).sum(0), count + len(block)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"mean": mean.round(6).tolist(), "std": np.maximum(std, 1e-3).round(6).tolist()}
+
+
+def input_norm(mode: str, fine_tuning: bool, channels: int, dataset: dict) -> dict:
+    """Dataset statistics, or ImageNet's (averaged for one channel) when fine-tuning pretrained weights."""
+    if mode == "dataset" or (mode == "auto" and not fine_tuning):
+        return dataset
+    if channels == 1:
+        return {"mean": [float(np.mean(IMAGENET["mean"]))], "std": [float(np.mean(IMAGENET["std"]))]}
+    return IMAGENET

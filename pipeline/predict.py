@@ -9,57 +9,30 @@ and the stamp predict.json.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
+from . import runtime
 from . import train as train_stage
-from .artifacts import atomic_write, fingerprint, is_done, read_json, write_stamp
+from .artifacts import fingerprint, is_done, read_json, write_stamp
 from .cache import decoded_images
+from .checkpoint import load_checkpoint
 from .context import Context
-from .errors import PipelineError
 from .metrics import score
-from .models import build_model
+from .predictions import prob_columns, write_parquet
+from .runtime import Runtime
 from .tta import choose_views, merge, tta_logits
 
 
-def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
-    """Model and metadata of a finished fold run, refused when made for another split or class list."""
-    meta = read_json(run_dir / "best.json")
-    if meta is None or not (run_dir / "best.safetensors").exists():
-        raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
-    if meta["folds_hash"] != folds_hash:
-        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != {folds_hash}); rerun `make train`")
-    if meta["classes"] != classes:
-        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; rerun `make train`")
-    model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
-    try:
-        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
-    except Exception as exc:  # noqa: BLE001 - truncated file, foreign tensors: the same fix
-        raise PipelineError(f"{run_dir}/best.safetensors: unreadable or not this model's weights ({type(exc).__name__}); "
-                            f"delete {run_dir} and rerun `make train`") from None
-    return model, meta
-
-
-def write_parquet(path, frame: pd.DataFrame, meta: dict) -> None:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"pipeline": json.dumps(meta).encode()})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def read_parquet_meta(path) -> dict:
-    raw = pq.read_schema(path).metadata or {}
-    return json.loads(raw.get(b"pipeline", b"{}"))
-
-
-def prob_columns(classes: list[str]) -> list[str]:
-    return [f"p_{c}" for c in classes]
+def view_logits(model: torch.nn.Module, images: np.ndarray, views: list[str], rt: Runtime, norm: dict, batch_size: int,
+                seed: int) -> np.ndarray:
+    """tta_logits under the runtime policy training used (autocast, memory format), so a model trained in
+    bf16 channels_last on CUDA is also predicted that way."""
+    with rt.autocasting():
+        return tta_logits(model, images, views, partial(rt.to_input, norm=norm), batch_size, seed)
 
 
 def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str) -> dict:
@@ -79,17 +52,17 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     if is_done(out_dir / "predict.json", fp):
         print(f"predict: {backbone} up to date")
         return read_json(out_dir / "predict.json")
-    device = train_stage.pick_device(ctx.cfg.train.device)
+    rt = runtime.from_config(ctx.cfg.runtime, "classification")  # the policy training used
     frame, classes, views = data["frame"], data["classes"], cfg.tta
     oof_parts, test_logits = [], []
     for k in folds:
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
-        model.to(device)
+        model = rt.prepare(model)
         held = (frame["fold"] == k).to_numpy()
-        to_input = partial(train_stage.to_input, norm=meta["norm"], device=device)
-        oof_parts.append((frame[held], tta_logits(model, data["images"][held], views, to_input, cfg.batch_size, cfg.tta_seed)))
+        oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed)
+        oof_parts.append((frame[held], oof))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        test_logits.append(tta_logits(model, test_images, views, to_input, cfg.batch_size, cfg.tta_seed))
+        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed))
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
@@ -114,7 +87,7 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
 
 
 def run(ctx: Context) -> dict:
-    train_stage.run(ctx)
+    """OOF and test predictions of every backbone (after the train stage: pipeline/orchestrate.py runs it first)."""
     data = train_stage.load_training_data(ctx)
     test_paths = list(ctx.competition.test["path"])
     return {b: predict_backbone(ctx, b, data, test_paths)["oof_score"] for b in ctx.cfg.model.backbones}

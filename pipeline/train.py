@@ -11,67 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from . import folds as folds_stage
+from . import distributed, runtime
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp, write_text
 from .cache import decoded_images, input_channels
 from .config import config_hash, to_yaml
 from .context import Context
-from .engine import FoldData, Trainer, predict_proba, to_input  # noqa: F401 - re-exported for predict and tests
+from .engine import FoldData, Trainer
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER
-from .models import build_model, freeze, load_pretrained, make_optimizer, param_groups, pretrained_file
+from .models import dataset_norm, input_norm, make_optimizer, param_groups, prepare_model, pretrained_file
 from .plots import plot_curves
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return distributed.device_for(name)
-
-
-def dataset_norm(images: np.ndarray, chunk: int = 1024) -> dict:
-    """Per-channel mean and std of the training images, in chunks so a large memmap never becomes float64."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for start in range(0, len(images), chunk):
-        block = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
-        total, total_sq, count = total + block.sum(0), total_sq + (block**2).sum(0), count + len(block)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return {"mean": mean.round(6).tolist(), "std": np.maximum(std, 1e-3).round(6).tolist()}
-
-
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
-def input_norm(mode: str, fine_tuning: bool, channels: int, dataset: dict) -> dict:
-    """Dataset statistics, or ImageNet's (averaged for one channel) when fine-tuning pretrained weights."""
-    if mode == "dataset" or (mode == "auto" and not fine_tuning):
-        return dataset
-    if channels == 1:
-        return {"mean": [float(np.mean(IMAGENET["mean"]))], "std": [float(np.mean(IMAGENET["std"]))]}
-    return IMAGENET
-
-
-def prepare_model(ctx: Context, backbone: str, n_classes: int, channels: int) -> tuple[torch.nn.Module, bool]:
-    """Model with fine-tuning weights loaded and early stages frozen; (model, fine_tuning)."""
-    mcfg = ctx.cfg.model
-    model = build_model(backbone, n_classes, channels, mcfg.pretrained, mcfg.drop_rate)
-    fine_tuning = mcfg.pretrained
-    if mcfg.pretrained_path:
-        path = Path(mcfg.pretrained_path.replace("{backbone}", backbone))
-        report = load_pretrained(model, path)
-        distributed.say(f"train: {backbone}: {report['loaded']} tensors from {path}, new: {len(report['new'])} (head)")
-        fine_tuning = True
-    if mcfg.freeze:
-        frozen = freeze(model, mcfg.freeze)
-        distributed.say(f"train: {backbone}: {frozen} parameter tensors frozen ({mcfg.freeze})")
-    return model, fine_tuning
 
 
 def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None, runs_root: Path | None = None) -> dict:
@@ -83,7 +36,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     cfg, tcfg = ctx.cfg, ctx.cfg.train
     run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
     fp = fingerprint("train", data["folds_hash"], backbone, fold, data["channels"], cfg.model.model_dump(exclude={"backbones"}),
-                     tcfg.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
+                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime),
                      file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json")
@@ -93,12 +46,16 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     is_val = (frame["fold"] == fold).to_numpy()
     seed = tcfg.seed * 1000 + fold
     torch.manual_seed(seed)
-    device = pick_device(tcfg.device)
-    model, fine_tuning = prepare_model(ctx, backbone, len(data["classes"]), data["channels"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.world_size() > 1 else model
+    rt = runtime.from_config(cfg.runtime, "classification")
+    mcfg = cfg.model
+    model, fine_tuning = prepare_model(backbone, len(data["classes"]), data["channels"], pretrained=mcfg.pretrained,
+                                       pretrained_path=mcfg.pretrained_path, drop_rate=mcfg.drop_rate,
+                                       freeze_prefixes=mcfg.freeze, say=distributed.say)
+    model = rt.prepare(model)
+    cuda = rt.device.type == "cuda"
+    net = model
+    if distributed.world_size() > 1:
+        net = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
     if "norm" not in data:  # one pass over the images per stage run, and none when every fold is done
         data["norm"] = dataset_norm(data["images"])
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])
@@ -106,8 +63,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
     fold_data = FoldData(images[~is_val], frame["y"].to_numpy()[~is_val], images[is_val], frame["y"].to_numpy()[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
-    net = torch.compile(net) if tcfg.compile else net
-    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, device, seed, desc=f"{backbone} fold {fold}", net=net,
+    net = torch.compile(net) if rt.compile else net
+    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{backbone} fold {fold}", net=net,
                       on_epoch=on_epoch)
     result = trainer.fit()
     if not distributed.is_main():
@@ -146,13 +103,12 @@ def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
 
 
 def run(ctx: Context) -> dict:
+    """Every backbone on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first)."""
     _, world = distributed.setup()
-    if distributed.is_main():  # one process cleans, splits and fills the image cache; the others wait
-        folds_stage.run(ctx)
+    if distributed.is_main():  # one process fills the image cache; the others wait
         load_training_data(ctx)
     distributed.barrier()
-    if ctx.cfg.train.threads:
-        torch.set_num_threads(ctx.cfg.train.threads)
+    runtime.set_threads(ctx.cfg.runtime.threads)
     if world > 1 and distributed.is_main():
         print(f"train: distributed over {world} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})")
     data = load_training_data(ctx)

@@ -25,7 +25,6 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from . import folds as folds_stage
 from . import train as train_stage
 from .artifacts import atomic_write, write_csv, write_text
 from .config import Config, _known_keys, read_yaml
@@ -156,7 +155,7 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
         try:
             value = (train_fn or train_trial(ctx, trial_dir))(cfg, report)
         except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"out of memory: {exc}") from None
+            raise RuntimeError(f"out of memory: {exc}") from exc  # the cause keeps its traceback
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)
         print(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
@@ -169,7 +168,7 @@ def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
     """Run (or continue) the study up to tune.n_trials, then write best.yaml, trials.csv and plots."""
     cfg = ctx.cfg.tune
     space = load_space(Path(cfg.space))
-    folds_stage.run(ctx)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)  # the folds it trains on come first (pipeline/orchestrate.py)
     study = open_study(ctx)
     done = len(study.trials)
     print(f"tune: study '{study.study_name}' has {done} trials; running up to {cfg.n_trials} ({cfg.pruner} pruner, seed {cfg.seed})")

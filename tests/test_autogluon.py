@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.baseline import export_timm
-from pipeline.predict import read_parquet_meta
+from pipeline.predictions import read_parquet_meta
 
 from .conftest import REPO
 

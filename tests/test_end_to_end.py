@@ -73,7 +73,7 @@ def _run_results_notebook(work: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_config_gives_the_same_oof_predictions(small_digits: Path, tmp_path: Path):
-    from pipeline import predict
+    from pipeline import orchestrate
     from pipeline.config import load_config
     from pipeline.context import Context
 
@@ -81,6 +81,6 @@ def test_same_seed_same_config_gives_the_same_oof_predictions(small_digits: Path
     frames = []
     for name in ("a", "b"):
         ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / name, tmp_path / f"subs{name}")
-        predict.run(ctx)
+        orchestrate.run("predict", ctx)
         frames.append(pd.read_parquet(ctx.work_dir / "runs" / "resnet10t" / "oof.parquet"))
     pd.testing.assert_frame_equal(frames[0], frames[1])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import train
+from pipeline import orchestrate
 from pipeline.augment import mixer, train_transform
 from pipeline.classic import CLASSIC
 from pipeline.config import TrainConfig, load_config
@@ -29,6 +29,7 @@ from pipeline.models import (
     make_optimizer,
     param_groups,
 )
+from pipeline.runtime import Runtime
 
 from .conftest import REPO
 
@@ -80,7 +81,7 @@ def test_fine_tuning_from_a_file_trained_on_another_competition(tmp_path: Path):
         frames["train.csv"][keep(frames["train.csv"].label)].to_csv(out / "train.csv", index=False)
         solution[keep(solution.label)][["image"]].to_csv(out / "test.csv", index=False)
     ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1"]), tmp_path / "low", tmp_path / "w1")
-    train.run(ctx)
+    orchestrate.run("train", ctx)
     source = tmp_path / "w1" / "runs" / "resnet10t" / "fold0" / "best.safetensors"
     model = build_model("resnet10t", 5, 1)
     report = load_pretrained(model, source)
@@ -90,7 +91,7 @@ def test_fine_tuning_from_a_file_trained_on_another_competition(tmp_path: Path):
     assert set(report["new"]) == {"fc.weight", "fc.bias"}  # same shapes (5 classes), still not copied: a new head
     ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1", f"model.pretrained_path={source}"]),
                   tmp_path / "high", tmp_path / "w2")
-    meta = train.run(ctx)
+    meta = orchestrate.run("train", ctx)
     best = pd.read_json(tmp_path / "w2" / "runs" / "resnet10t" / "fold0" / "best.json", typ="series")
     assert best["fine_tuned"] and best["norm"]["mean"] == [pytest.approx(0.449)] and best["classes"] == ["5", "6", "7", "8", "9"]
     assert list(meta.values())[0] > 0
@@ -200,7 +201,7 @@ def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digi
                  "train.label_smoothing=0.1", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_off_epoch=3",
                  "train.early_stopping=1", "train.augment=medium"]
     ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / "w")
-    train.run(ctx)
+    orchestrate.run("train", ctx)
     meta = pd.read_json(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "best.json", typ="series")
     history = pd.read_csv(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "history.csv")
     assert meta["ema"] and 1 <= meta["epochs_run"] <= 4 and len(history) == meta["epochs_run"]
@@ -240,6 +241,6 @@ def test_a_wrapper_that_refuses_bool_is_used_as_the_forward_net(tmp_path: Path):
     data = FoldData(x, y, x, y, 2, {"mean": [0.5] * 3, "std": [0.25] * 3}, "accuracy")
     net = Wrapper(model)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TrainConfig(batch_size=2, augment="none", epochs=1),
-                      data, tmp_path, "fp", torch.device("cpu"), 0, net=net)
+                      data, tmp_path, "fp", Runtime(), 0, net=net)
     assert trainer.net is net
     trainer.fit()

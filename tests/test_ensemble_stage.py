@@ -8,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.context import Context
 from pipeline.ensemble import find_predictions
 from pipeline.errors import PipelineError
-from pipeline.predict import prob_columns, write_parquet
+from pipeline.predictions import prob_columns, write_parquet
 
 CLASSES = ["cat", "dog"]
 

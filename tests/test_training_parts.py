@@ -11,8 +11,8 @@ from pipeline.cache import decoded_images, input_channels
 from pipeline.config import load_config
 from pipeline.context import Context
 from pipeline.errors import PipelineError
-from pipeline.models import build_model
-from pipeline.train import dataset_norm, folds_to_train
+from pipeline.models import build_model, dataset_norm
+from pipeline.train import folds_to_train
 
 from .conftest import REPO
 

@@ -6,11 +6,11 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import to_input
+from pipeline.runtime import Runtime
 from pipeline.tta import apply_view, choose_views, merge, tta_logits
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
-TO_INPUT = partial(to_input, norm=NORM, device=torch.device("cpu"))
+TO_INPUT = partial(Runtime().to_input, norm=NORM)
 VIEWS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "scale1.25", "random0", "random1"]
 
 

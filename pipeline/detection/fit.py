@@ -2,15 +2,16 @@
 
 Per epoch it reports the course's training metrics (class error over all anchors, bbox MAE over
 all offset entries, masked ones counted as zero error) and the same two plus mAP@0.5 and COCO
-mAP@[.5:.95] on the validation images. Like the classification engine, every epoch reseeds its
-randomness from (seed, epoch) and `last.*` holds weights, optimizer, scheduler and history, so a
-killed run resumes from its last finished epoch with the same result.
+mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
+training loop (pipeline/loop.py), which owns reseeding, resume from `last.*`, history and printing,
+as it does for classification; this module plugs in the epoch over the in-memory images (seeded
+batch order and flips) and the evaluation.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from .. import checkpoint
+from .. import loop
 from ..config import DetectConfig
+from ..runtime import Runtime
 from .boxes import mirror_boxes, multibox_target
 from .infer import Detector, mean_average_precision
 from .tinyssd import outputs
@@ -57,22 +59,23 @@ def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> 
     return torch.stack([wrong, wrong.new_tensor(cls_labels.numel()), l1, l1.new_tensor(bbox_labels.numel())])
 
 
-def forward(model, images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DetectConfig):
+def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
     """Network outputs in float32 and the course's training targets for them."""
-    anchors, cls_preds, bbox_preds = outputs(model, images, device, cfg)
-    return anchors, cls_preds, bbox_preds, multibox_target(anchors, labels.to(device))
+    anchors, cls_preds, bbox_preds = outputs(model, images, runtime)
+    return anchors, cls_preds, bbox_preds, multibox_target(anchors, labels.to(runtime.device))
 
 
 @torch.no_grad()
-def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
-             ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
+def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
+             sizes: torch.Tensor, ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
     """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and
     COCO mAP with the current decoding settings. The plain forward pass is shared by all options."""
     model.eval()
-    detectors = {t: Detector(model, cfg, device, t) for t in ttas}
+    detectors = {t: Detector(model, cfg, runtime, t) for t in ttas}
     counts, detections = torch.zeros(4, dtype=torch.float64), {t: [] for t in ttas}
-    for idx in torch.arange(len(images)).split(cfg.batch_size * 2):
-        anchors, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(model, images[idx], labels[idx], device, cfg)
+    for idx in torch.arange(len(images)).split(cfg.batch_size * runtime.eval_batch_factor):
+        anchors, cls_preds, bbox_preds, targets = forward(model, images[idx], labels[idx], runtime)
+        bbox_labels, bbox_masks, cls_labels = targets
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
         for t, detector in detectors.items():
             detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)), sizes[idx], cfg.map_score_threshold)
@@ -82,6 +85,8 @@ def evaluate(model, cfg: DetectConfig, device: torch.device, images: torch.Tenso
 
 @dataclass
 class DetectionTrainer:
+    """TinySSD training on in-memory images; `fit()` runs the shared loop and returns the history."""
+
     model: torch.nn.Module
     cfg: DetectConfig
     train_x: torch.Tensor  # (N, 3, S, S) uint8
@@ -91,74 +96,67 @@ class DetectionTrainer:
     val_sizes: torch.Tensor  # (N, 2) width, height in pixels, for mAP in image coordinates
     run_dir: Path
     fingerprint: str
-    device: torch.device
-    history: list = field(default_factory=list)
+    runtime: Runtime
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
+        self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
         self.negative_ratio = cfg.negative_ratio if cfg.loss == "ssd" else None
-        self.epoch, self.updates = 0, 0
+        self.progress = loop.Progress()
+        self.generator = torch.Generator()
 
-    def resume(self) -> bool:
-        found = checkpoint.load_last(self.run_dir, self.fingerprint)
-        if found is None:
-            return False
-        tensors, state = found
-        self.model.load_state_dict(checkpoint.unprefixed("model", tensors))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.updates, self.history = state["epoch"], state["updates"], state["history"]
-        return True
+    @property
+    def history(self) -> list[dict]:
+        return self.progress.history
 
-    def save_last(self) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "updates": self.updates, "history": self.history}
-        checkpoint.save_last(self.run_dir, checkpoint.prefixed("model", self.model), state, self.epoch, self.fingerprint)
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
 
-    def train_epoch(self) -> tuple[float, torch.Tensor]:
+    def reseed(self, epoch: int, epoch_seed: int) -> None:
+        self.generator.manual_seed(epoch_seed)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
-        torch.manual_seed(self.cfg.seed * 1000 + self.epoch)
-        order = torch.randperm(len(self.train_x), generator=gen)
+        order = torch.randperm(len(self.train_x), generator=self.generator)
         total, counts, seen, t0 = 0.0, 0.0, 0, time.perf_counter()
-        bar = tqdm(order.split(self.cfg.batch_size), desc=f"detect: epoch {self.epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
-        for idx in bar:
+        batches = order.split(self.cfg.batch_size)
+        bar = tqdm(batches, desc=f"detect: epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
+        self.updater.start_epoch()
+        for i, idx in enumerate(bar, 1):
             images, labels = self.train_x[idx], self.train_y[idx]
             if self.cfg.hflip:
-                images, labels = hflip(images, labels, torch.rand(len(idx), generator=gen) < 0.5)
-            _, cls_preds, bbox_preds, (bbox_labels, bbox_masks, cls_labels) = forward(self.model, images, labels, self.device, self.cfg)
+                images, labels = hflip(images, labels, torch.rand(len(idx), generator=self.generator) < 0.5)
+            _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
+            bbox_labels, bbox_masks, cls_labels = targets
             loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.updates += 1
-            self.scheduler.step_update(self.updates)
+            self.updater.backward(loss, i, len(batches))
             total, seen = total + loss.detach() * len(idx), seen + len(idx)  # device tensors: no host sync per batch
             counts = counts + error_counts(cls_preds.detach(), cls_labels, bbox_preds.detach(), bbox_labels, bbox_masks)
             if not bar.disable and bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        return float(total) / seen, counts.cpu()
+        counts = counts.cpu()
+        return {"train_loss": float(total) / seen, "train_class_err": float(counts[0] / counts[1]),
+                "train_bbox_mae": float(counts[2] / counts[3])}
 
-    def validate(self) -> dict:
-        return evaluate(self.model, self.cfg, self.device, self.val_x, self.val_y, self.val_sizes)["none"]
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.cfg, self.runtime, self.val_x, self.val_y, self.val_sizes)["none"]
+
+    def end_epoch(self, epoch: int, monitored: float | None) -> None:
+        pass  # the schedule steps per update
+
+    def describe(self, row: dict) -> str:
+        return (f"loss {row['train_loss']:.4f} class err {row['train_class_err']:.2e} "
+                f"bbox mae {row['train_bbox_mae']:.2e} | val class err {row['val_class_err']:.2e} "
+                f"bbox mae {row['val_bbox_mae']:.2e} mAP@0.5 {row['map_50']:.3f} mAP {row['map']:.3f} "
+                f"({row['seconds']:.0f} s)")
 
     def fit(self) -> list[dict]:
-        if self.resume():
-            print(f"detect: resumes after epoch {self.epoch}")
-        while self.epoch < self.cfg.epochs:
-            self.epoch += 1
-            t0 = time.perf_counter()
-            loss, counts = self.train_epoch()
-            row = {"epoch": self.epoch, "train_loss": loss, "train_class_err": float(counts[0] / counts[1]),
-                   "train_bbox_mae": float(counts[2] / counts[3]), **self.validate(),
-                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            self.history.append(row)
-            self.save_last()
-            print(f"detect: epoch {self.epoch}: loss {loss:.4f} class err {row['train_class_err']:.2e} bbox mae {row['train_bbox_mae']:.2e} | "
-                  f"val class err {row['val_class_err']:.2e} bbox mae {row['val_bbox_mae']:.2e} mAP@0.5 {row['map_50']:.3f} "
-                  f"mAP {row['map']:.3f} ({row['seconds']:.0f} s)")
+        saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)
+        self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="detect:")
         return self.history

@@ -25,6 +25,7 @@ from ..artifacts import atomic_write
 from ..competition import _read_csv, sort_classes
 from ..config import DetectConfig
 from ..errors import PipelineError
+from ..runtime import Runtime
 from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
 from .tinyssd import ANCHORS_PER_PIXEL, outputs
 
@@ -38,16 +39,16 @@ class Detector:
     anchor with the original's (the anchor grid is mirror-symmetric), before any thresholding.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: DetectConfig, device: torch.device, tta: str = "none"):
-        self.model, self.cfg, self.device, self.tta = model, cfg, device, tta
+    def __init__(self, model: torch.nn.Module, cfg: DetectConfig, runtime: Runtime, tta: str = "none"):
+        self.model, self.cfg, self.runtime, self.tta = model, cfg, runtime, tta
 
     def run(self, images: torch.Tensor, first: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class probabilities (B, A, C + 1), boxes (B, A, 4) in [0, 1]) for a uint8 batch; `first` reuses
         outputs() already computed for these images."""
-        probs, boxes = candidates(*(first or outputs(self.model, images, self.device, self.cfg)))
+        probs, boxes = candidates(*(first or outputs(self.model, images, self.runtime)))
         if self.tta == "hflip":
             mirror = mirror_index(self.model.feature_shapes, ANCHORS_PER_PIXEL).to(probs.device)
-            probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.device, self.cfg))
+            probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.runtime))
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import DetectConfig
+from ..runtime import Runtime
 from .boxes import multibox_prior
 
 SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
@@ -64,14 +64,13 @@ class TinySSD(nn.Module):
         return torch.cat(anchors, 1), cls, torch.cat(bbox_preds, 1)
 
 
-def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float around zero; BatchNorm follows the first conv, so fixed scaling is enough."""
-    x = images.to(device, non_blocking=True).float().sub_(127.5).div_(64.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+# pixel units (Runtime.to_input with divisor 1): BatchNorm follows the first conv, so fixed scaling is enough
+INPUT_NORM = {"mean": [127.5] * 3, "std": [64.0] * 3}
 
 
-def outputs(model: nn.Module, images: torch.Tensor, device: torch.device, cfg: DetectConfig):
-    """(anchors, class logits, box offsets) in float32 for a uint8 batch; bf16 autocast when cfg.amp on cuda."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        anchors, cls_preds, bbox_preds = model(to_input(images, device, cfg.channels_last))
+def outputs(model: nn.Module, images: torch.Tensor, runtime: Runtime):
+    """(anchors, class logits, box offsets) in float32 for a uint8 batch, with the runtime's autocast and
+    memory format."""
+    with runtime.autocasting():
+        anchors, cls_preds, bbox_preds = model(runtime.to_input(images, INPUT_NORM, divisor=1.0))
     return anchors.float(), cls_preds.float(), bbox_preds.float()

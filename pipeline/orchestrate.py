@@ -1,0 +1,57 @@
+"""Which stages run before a stage, and with which config: the one place that chains stages.
+
+Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds ->
+train -> predict -> ensemble; tune and autogluon need folds; detect stands alone); they skip when
+their outputs are complete and match, so any stage can be asked for directly and an interrupted
+chain resumes. `context` builds the stage's Context and merges the tuned parameters of
+WORK/tune/best.yaml unless told not to. Under torchrun the upstream stages run on rank 0 while the
+other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over these two.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import baseline, clean, detect, distributed, ensemble, folds, predict, train, tune
+from .config import load_config
+from .context import Context
+
+STAGES: dict[str, Callable[[Context], object]] = {
+    "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
+    "tune": tune.run, "autogluon": baseline.run, "detect": detect.run}
+UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "ensemble": ("predict",),
+            "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
+
+
+def chain(stage: str) -> list[str]:
+    """The stages to run for `stage`, upstream first, each once."""
+    order: list[str] = []
+    for before in UPSTREAM[stage]:
+        order += [s for s in chain(before) if s not in order]
+    return order + [stage]
+
+
+def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
+            submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
+    """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
+    ctx = Context(load_config(config, overrides), data, work, submissions)
+    tuned = ctx.work_dir / "tune" / "best.yaml"
+    if stage != "tune" and use_tuned and tuned.exists():
+        print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
+        ctx = Context(load_config(config, overrides, tuned=tuned), data, work, submissions)
+    return ctx
+
+
+def run(stage: str, ctx: Context):
+    """Run `stage` after its upstream stages; returns the stage's own result."""
+    distributed.setup()  # under torchrun: join the group first, so only rank 0 runs the upstream stages
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        ctx.save_config()
+    if distributed.is_main():
+        for before in chain(stage)[:-1]:
+            STAGES[before](ctx)
+    distributed.barrier()
+    return STAGES[stage](ctx)

@@ -1,0 +1,102 @@
+"""The runtime policy of both tracks, for training and prediction alike: device, autocast, memory format,
+input scaling, torch.compile, CPU threads and loader workers.
+
+One `Runtime` is resolved from the `runtime` config section and handed to the training loop, the
+validation pass and the predict stages, so what runs on the GPU at prediction time is what ran in
+training (bf16 autocast and channels_last on CUDA by default). Autocast is used on CUDA only: on
+the CPU the config's `amp` is ignored, which keeps CPU runs exact and reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import distributed
+from .config import RuntimeConfig
+from .errors import PipelineError
+
+Track = Literal["classification", "detection"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved decisions; the defaults are a plain fp32 CPU run."""
+
+    device: torch.device = torch.device("cpu")
+    autocast: bool = False
+    amp_dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    eval_batch_factor: int = 2
+
+    @property
+    def grad_scaler(self) -> bool:
+        """float16 autocast needs loss scaling (bfloat16 has float32's range and does not)."""
+        return self.autocast and self.amp_dtype == torch.float16
+
+    def autocasting(self) -> contextlib.AbstractContextManager:
+        """The autocast region of every forward pass, training and prediction."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on the device, in the memory format its inputs will have."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def to_input(self, x: torch.Tensor, norm: dict, divisor: float = 255.0) -> torch.Tensor:
+        """uint8 NCHW -> (x / divisor - mean) / std as float32 on the device, channels_last when the policy says so
+        (else the layout as it comes: uint8 NHWC arrays permuted to NCHW are channels-last strided already).
+
+        `norm` holds per-channel mean and std in the units of x / divisor (classification: [0, 1]
+        with divisor 255; TinySSD: pixel values with divisor 1).
+        """
+        mean = torch.tensor(norm["mean"], device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(norm["std"], device=self.device).view(1, -1, 1, 1)
+        x = x.to(self.device, non_blocking=True).float()
+        if divisor != 1:
+            x = x.div_(divisor)
+        out = (x - mean) / std
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+def pick_device(name: str, key: str = "runtime.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda) asks for, this rank's GPU under torchrun; `key` is named in the error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{key}=cuda but no CUDA device is visible; use {key}=auto or cpu")
+    return distributed.device_for(name)
+
+
+def decide(device: torch.device, amp: bool, amp_dtype: str, channels_last: bool | None,
+           track: Track) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, its dtype, channels_last) for this device: autocast on CUDA only; channels_last as set,
+    or by default on CUDA for classification and everywhere for detection (TinySSD's choice since its start)."""
+    cuda = device.type == "cuda"
+    if channels_last is None:
+        channels_last = cuda or track == "detection"
+    return amp and cuda, getattr(torch, amp_dtype), channels_last
+
+
+def from_config(cfg: RuntimeConfig, track: Track) -> Runtime:
+    """The Runtime of one track (training and prediction) from the runtime config section."""
+    device = pick_device(cfg.device, "runtime.device")
+    autocast, dtype, channels_last = decide(device, cfg.amp, cfg.amp_dtype, cfg.channels_last, track)
+    return Runtime(device, autocast, dtype, channels_last, cfg.compile, cfg.num_workers, cfg.eval_batch_factor)
+
+
+def result_keys(cfg: RuntimeConfig) -> dict:
+    """The runtime keys that change what training produces, for the training fingerprints; device,
+    threads, workers and the evaluation batch size do not and stay out (a CPU rerun reuses a GPU model)."""
+    return cfg.model_dump(include={"amp", "amp_dtype", "channels_last", "compile"})
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads, when set (None keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
