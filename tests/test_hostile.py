@@ -133,7 +133,7 @@ def test_score_column_and_id_problems(tmp_path: Path, capsys):
         ("train:\n  epochs: 3\n  augment: caf\u00e9\n".encode("latin-1"), r"x.yaml line 3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
         ("train:\n  epochs: 3\n".encode("utf-16-le"), r"x.yaml line 1: not UTF-8 text \(byte 0x00\)"),
         (b"train:\n  epochs: true\n", r"x.yaml: config key 'train.epochs': Input should be a valid integer \(got True\)"),
-        (b"train:\n  amp: 1\n", r"x.yaml: config key 'train.amp': Input should be a valid boolean \(got 1\)"),
+        (b"runtime:\n  amp: 1\n", r"x.yaml: config key 'runtime.amp': Input should be a valid boolean \(got 1\)"),
         (b"train:\n  batch_size: '64'\n", r"x.yaml: config key 'train.batch_size': Input should be a valid integer \(got '64'\)"),
     ],
     ids=["latin1", "utf16-no-bom", "bool-for-int", "int-for-bool", "text-for-int"],
@@ -176,7 +176,7 @@ def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
 
 # --- train: settings met before the first epoch ---------------------------------------------------
 
-TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1", "train.device=cpu"]
+TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1", "runtime.device=cpu"]
 
 
 def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys):
