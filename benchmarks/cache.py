@@ -3,7 +3,8 @@
 Writes N generated JPEGs (default 2,000 at 256x256) to a temporary folder, then times one epoch of
 reading them at 64x64 two ways, in the same run: the plain baseline decodes and resizes every file
 (what a Dataset over file paths does each epoch); the cache reads the rows of the uint8 array that
-`pipeline.cache` builds once. Prints both times and the ratio. Not a test: run it by hand.
+`pipeline.cache` builds once. Prints the median times and the median ratio with its spread over
+interleaved rounds. Not a test: run it by hand.
 
     .venv/bin/python benchmarks/cache.py [N]
 """
@@ -12,16 +13,16 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from timing import interleaved, median, ratio_text
 
 from pipeline.images import load_image, resize, to_channels
 
 
-def main(n: int = 2000, size: int = 64) -> None:
+def main(n: int = 2000, size: int = 64, repeats: int = 5) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -31,16 +32,12 @@ def main(n: int = 2000, size: int = 64) -> None:
             path = Path(tmp) / f"{i}.jpg"
             im.save(path, quality=90)
             paths.append(path)
-        t0 = time.perf_counter()
-        epoch = [resize(to_channels(load_image(p), 3), size) for p in paths]
-        plain = time.perf_counter() - t0
-        cache = np.stack(epoch)  # what pipeline.cache stores once
-        t0 = time.perf_counter()
-        for i in rng.permutation(n):
-            np.ascontiguousarray(cache[i])
-        cached = time.perf_counter() - t0
-    print(f"{n} images, one epoch at {size}x{size}: decode every epoch {plain:.3f} s, cached array {cached:.4f} s, "
-          f"ratio {plain / cached:.0f}x")
+        cache = np.stack([resize(to_channels(load_image(p), 3), size) for p in paths])  # what pipeline.cache stores once
+        order = rng.permutation(n)
+        times = interleaved({"decode": lambda: [resize(to_channels(load_image(p), 3), size) for p in paths],
+                             "cached": lambda: [np.ascontiguousarray(cache[i]) for i in order]}, repeats)
+    print(f"{n} images, one epoch at {size}x{size}: decode every epoch {median(times['decode']):.3f} s, cached array "
+          f"{median(times['cached']):.4f} s (medians), ratio {ratio_text(times['decode'], times['cached'], 0)}")
 
 
 if __name__ == "__main__":

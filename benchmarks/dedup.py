@@ -7,7 +7,7 @@ random 64-bit codes) with planted near pairs, then times:
     same sample; both must find the same pairs. Prints the ratio on the sample and the naive loop's
     time extrapolated to N (it grows with N^2; the search grows about linearly).
 
-    .venv/bin/python benchmarks/dedup.py [N] [SAMPLE]
+    .venv/bin/python benchmarks/dedup.py [N] [SAMPLE] [REPEATS]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+from timing import interleaved, median, ratio_text
 
 from pipeline.config import CleanConfig
 from pipeline.dedup import near_pairs
@@ -46,23 +47,23 @@ def naive(P: np.ndarray, D: np.ndarray, threshold: int) -> set[tuple[int, int]]:
     return found
 
 
-def main(n: int = 100_000, sample: int = 1500) -> None:
+def main(n: int = 100_000, sample: int = 1500, repeats: int = 3) -> None:
     threshold = CleanConfig().near_threshold
     P, D = make_codes(n)
     t0 = time.perf_counter()
     i, j, _ = near_pairs(P, D, threshold)
     full = time.perf_counter() - t0
     print(f"near_pairs: {n:,} images x {VARIANTS} hashes, threshold {threshold}: {full:.2f} s, {len(i)} pairs")
-    t0 = time.perf_counter()
     slow = naive(P[:sample], D[:sample], threshold)
-    loop = time.perf_counter() - t0
-    t0 = time.perf_counter()
     si, sj, _ = near_pairs(P[:sample], D[:sample], threshold)
-    fast = time.perf_counter() - t0
     assert slow == set(zip(si.tolist(), sj.tolist(), strict=True)), "the two methods disagree"
-    print(f"sample of {sample:,}: naive loop {loop:.2f} s, near_pairs {fast:.3f} s, ratio {loop / fast:.0f}x")
+    t = interleaved({"naive": lambda: naive(P[:sample], D[:sample], threshold),
+                     "near_pairs": lambda: near_pairs(P[:sample], D[:sample], threshold)}, repeats)
+    loop = median(t["naive"])
+    print(f"sample of {sample:,}: naive loop {loop:.2f} s, near_pairs {median(t['near_pairs']):.3f} s (medians), "
+          f"ratio {ratio_text(t['naive'], t['near_pairs'], 0)}")
     print(f"naive loop extrapolated to {n:,}: {loop * (n / sample) ** 2 / 3600:.1f} h vs {full:.2f} s measured")
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:4]))

@@ -3,7 +3,7 @@
 TinySSD's 5,444 anchors (feature maps 32, 16, 8, 4, 1 with 4 anchors per pixel) and a batch of 32
 images with 1 to 8 boxes each (and with one each, like the bananas). Labelling: pipeline.detection.boxes.multibox_target for the batch vs
 the course's per-image assign_anchor_to_bbox loop. NMS: torchvision's batched_nms over all images
-(class-aware) vs the course's Python-loop NMS per image and class. Both must agree; prints ratios.
+(class-aware) vs the course's Python-loop NMS per image and class. Both must agree; prints median ratios and their spread over interleaved rounds.
 
     .venv/bin/python benchmarks/detection.py [--device cuda]
 """
@@ -11,9 +11,9 @@ the course's per-image assign_anchor_to_bbox loop. NMS: torchvision's batched_nm
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import interleaved, median, ratio_text, seconds
 
 from pipeline.detection import reference
 from pipeline.detection.boxes import assign_anchors, multibox_detection, multibox_prior
@@ -36,15 +36,10 @@ def batch_boxes(b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
     return gt, valid
 
 
-def best_of(fn, repeats: int = 3) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+def synced(fn) -> float:
+    """Seconds of fn() with the GPU's queue drained before and after."""
+    sync()
+    return seconds(lambda: (fn(), sync()))
 
 
 def sync() -> None:
@@ -52,25 +47,29 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def labelling(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor, what: str) -> None:
+def labelling(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor, what: str, repeats: int) -> None:
     b = len(boxes)
-    t_loop, ref = best_of(lambda: [reference.assign_anchor_to_bbox(boxes[i, real[i]], anchors) for i in range(b)], repeats=10)
-    t_vec, got = best_of(lambda: assign_anchors(anchors, boxes, real), repeats=10)
+    course = lambda: [reference.assign_anchor_to_bbox(boxes[i, real[i]], anchors) for i in range(b)]  # noqa: E731
+    batched = lambda: assign_anchors(anchors, boxes, real)  # noqa: E731
+    ref, got = course(), batched()
     assert all(torch.equal(got[i], ref[i]) for i in range(b)), "labelling disagrees with the course"
-    print(f"anchor labelling, {b} images x {len(anchors)} anchors, {what} each: course loop {t_loop * 1000:.1f} ms, "
-          f"batched {t_vec * 1000:.1f} ms, ratio {t_loop / t_vec:.1f}x")
+    t = interleaved({"loop": course, "batched": batched}, repeats, measure=synced)
+    print(f"anchor labelling, {b} images x {len(anchors)} anchors, {what} each: course loop {median(t['loop']) * 1000:.1f} ms, "
+          f"batched {median(t['batched']) * 1000:.1f} ms (medians), ratio {ratio_text(t['loop'], t['batched'], 1)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds of labelling (NMS: a third of them)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     anchors, b = tinyssd_anchors().to(device), 32
     gt, valid = (t.to(device) for t in batch_boxes(b, gen))
     assign_anchors(anchors, gt, valid)  # warm-up (cuda context, kernels)
     for what, g in (("1-8 boxes", gt.shape[1]), ("1 box (the bananas)", 1)):
-        labelling(anchors, gt[:, :g].contiguous(), valid[:, :g].contiguous(), what)
+        labelling(anchors, gt[:, :g].contiguous(), valid[:, :g].contiguous(), what, args.repeats)
     probs = torch.rand(b, 2, len(anchors), generator=gen).softmax(1).to(device)  # one class + background, like the bananas
     offsets = (torch.randn(b, len(anchors) * 4, generator=gen) * 0.1).to(device)
 
@@ -81,12 +80,14 @@ def main() -> None:
             out.append(len(reference.nms(boxes[:, 2:], boxes[:, 1], 0.5)))  # same decoded boxes, loop NMS
         return out
 
-    t_loop, ref_counts = best_of(loop_nms, repeats=1)
-    t_vec, det = best_of(lambda: multibox_detection(probs, offsets, anchors, nms_threshold=0.5, pos_threshold=0.0))
-    counts = (det[..., 0] >= 0).sum(1).tolist()
-    assert counts == ref_counts, "NMS keeps other boxes than the course's loop"
-    print(f"NMS + decoding, {b} images x {len(anchors)} boxes: course loop {t_loop:.2f} s, batched {t_vec * 1000:.1f} ms, "
-          f"ratio {t_loop / t_vec:.0f}x")
+    def batched_nms():
+        return multibox_detection(probs, offsets, anchors, nms_threshold=0.5, pos_threshold=0.0)
+
+    counts = (batched_nms()[..., 0] >= 0).sum(1).tolist()
+    assert counts == loop_nms(), "NMS keeps other boxes than the course's loop"
+    t = interleaved({"loop": loop_nms, "batched": batched_nms}, max(1, args.repeats // 3), measure=synced)
+    print(f"NMS + decoding, {b} images x {len(anchors)} boxes: course loop {median(t['loop']):.2f} s, batched "
+          f"{median(t['batched']) * 1000:.1f} ms (medians), ratio {ratio_text(t['loop'], t['batched'], 0)}")
 
 
 if __name__ == "__main__":

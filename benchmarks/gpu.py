@@ -4,7 +4,8 @@ precision and memory format, and torch.compile. All numbers come from the same p
 Rows: the plain baseline (a bare fp32 NCHW loop), the bare loop with bf16 autocast + channels_last,
 then the engine as train.py configures it on cuda (channels_last, pinned memory) in fp32, bf16 and
 fp16 (grad scaler), and bf16 + torch.compile. Ratios are against the plain baseline; "engine/bare"
-compares the engine with the bare loop at the same settings (the overhead of the engine).
+compares the engine with the bare loop at the same settings (the overhead of the engine). Every row
+runs once per interleaved round; printed are medians and the spread of the per-round ratios.
 
     python benchmarks/gpu.py [--model resnet18] [--size 224] [--images 4096] [--batch 128]
 """
@@ -15,6 +16,7 @@ import argparse
 
 import numpy as np
 import torch
+from timing import interleaved, median, ratio_text
 from train_throughput import bare_epoch, engine_epoch
 
 CUDA = torch.device("cuda")
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every row (medians and spreads)")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     rng = np.random.default_rng(0)
@@ -43,11 +46,13 @@ def main() -> None:
             "engine fp16 channels_last + scaler": lambda: engine_epoch(*run, device=CUDA, amp="float16", warm=True)}
     if not args.no_compile:
         runs["engine bf16 channels_last compiled"] = lambda: engine_epoch(*run, device=CUDA, amp="bfloat16", compile=True)
-    rows = {}
-    for name, fn in runs.items():  # printed as they come: a slow compile still leaves the rest
-        rows[name] = fn()
-        print(f"  {name:38s} {rows[name]:8.0f} img/s  {rows[name] / rows['bare fp32 NCHW (baseline)']:5.2f}x baseline", flush=True)
-    print(f"  engine/bare at bf16 channels_last: {rows['engine bf16 channels_last'] / rows['bare bf16 channels_last']:.2f}")
+    speeds = interleaved(runs, args.repeats, measure=lambda fn: fn())  # each call returns its own img/s
+    base = speeds["bare fp32 NCHW (baseline)"]
+    for name, values in speeds.items():
+        print(f"  {name:38s} {median(values):8.0f} img/s (median)  {ratio_text(values, base)} baseline", flush=True)
+    print(f"  engine/bare at bf16 channels_last: "
+          f"{ratio_text(speeds['engine bf16 channels_last'], speeds['bare bf16 channels_last'])}")
+
 
 if __name__ == "__main__":
     main()

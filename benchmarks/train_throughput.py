@@ -6,7 +6,10 @@ every epoch. Both comparisons run in the same process, same model, data, batch s
 2. One training epoch of a small net over N small PNG files: from the decoded-image cache
    (pipeline.cache's uint8 array) vs a Dataset that decodes and resizes each file when asked.
 
-    .venv/bin/python benchmarks/train_throughput.py [--model resnet18] [--size 32] [--images 2048]
+Each comparison runs `--repeats` interleaved rounds (A B, B A, ...) and prints the median ratio and its
+spread (benchmarks/timing.py): one pass of each decided nothing on a shared machine.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model resnet18] [--size 32] [--images 2048] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timing import interleaved, median, ratio_text
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import loop
@@ -109,7 +113,8 @@ def loader_epoch(dataset: Dataset, model: torch.nn.Module, opt, batch: int) -> f
     return time.perf_counter() - t0
 
 
-def cache_vs_decode(n: int, size: int, batch: int, source: int) -> tuple[float, float]:
+def cache_vs_decode(n: int, size: int, batch: int, source: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per epoch, per interleaved round: decoding every file vs the cached array."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +125,12 @@ def cache_vs_decode(n: int, size: int, batch: int, source: int) -> tuple[float, 
             paths.append(path)
         model = build_model("d2l_lenet", 10, 3)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        decode = loader_epoch(DecodeEveryTime(paths, labels, size), model, opt, batch)
-        cache = np.stack([DecodeEveryTime(paths, labels, size)[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # built once
-        cached = loader_epoch(ArrayDataset(cache, labels), model, opt, batch)
-    return decode, cached
+        files = DecodeEveryTime(paths, labels, size)
+        cache = np.stack([files[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # built once
+        times = interleaved({"decode": lambda: loader_epoch(files, model, opt, batch),
+                             "cached": lambda: loader_epoch(ArrayDataset(cache, labels), model, opt, batch)},
+                            repeats, measure=lambda fn: fn())  # loader_epoch returns its own seconds
+    return times["decode"], times["cached"]
 
 
 def main() -> None:
@@ -133,18 +140,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--source", type=int, default=28, help="side of the PNG/JPEG files of the cache comparison")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of each comparison")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images)
     bare_epoch(args.model, images[: args.batch * 2], labels[: args.batch * 2], args.batch)  # warm-up
-    bare = bare_epoch(args.model, images, labels, args.batch)
-    engine = engine_epoch(args.model, images, labels, args.batch)
-    print(f"{args.model} {args.size}px batch {args.batch}, {torch.get_num_threads()} threads: bare loop {bare:.0f} img/s, "
-          f"engine {engine:.0f} img/s, ratio {engine / bare:.2f}")
-    decode, cached = cache_vs_decode(args.images, args.size, args.batch, args.source)
-    print(f"d2l_lenet epoch over {args.images} PNG/JPEG files of {args.source}px at {args.size}px: decode every epoch {decode:.2f} s, "
-          f"cached array {cached:.2f} s, ratio {decode / cached:.1f}x")
+    run = (args.model, images, labels, args.batch)
+    speeds = interleaved({"bare": lambda: bare_epoch(*run), "engine": lambda: engine_epoch(*run)}, args.repeats,
+                         measure=lambda fn: fn())  # each call returns its own img/s
+    print(f"{args.model} {args.size}px batch {args.batch}, {torch.get_num_threads()} threads: bare loop "
+          f"{median(speeds['bare']):.0f} img/s, engine {median(speeds['engine']):.0f} img/s (medians), "
+          f"engine/bare {ratio_text(speeds['engine'], speeds['bare'])}")
+    decode, cached = cache_vs_decode(args.images, args.size, args.batch, args.source, args.repeats)
+    print(f"d2l_lenet epoch over {args.images} PNG/JPEG files of {args.source}px at {args.size}px: decode every epoch "
+          f"{median(decode):.2f} s, cached array {median(cached):.2f} s (medians), ratio {ratio_text(decode, cached, 1)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Both paths compute the same logits (tests/test_tta.py checks equality); the batched one stacks the
 views along the batch axis, so the network runs once per batch instead of once per view per batch.
-Prints both times and the ratio. Not a test: run it by hand.
+Prints both median times and the median ratio with its spread over interleaved rounds. Not a test:
+run it by hand.
 
     .venv/bin/python benchmarks/tta.py [--model resnet18] [--size 32] [--images 512] [--batch 32] [--device cuda]
 """
@@ -10,11 +11,11 @@ Prints both times and the ratio. Not a test: run it by hand.
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import numpy as np
 import torch
+from timing import interleaved, median, ratio_text, seconds
 
 from pipeline.models import build_model
 from pipeline.runtime import Runtime
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32, help="images per batch (the batched path runs batch x views)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median ratio and spread)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -38,7 +39,6 @@ def main() -> None:
     model = rt.prepare(build_model(args.model, 10, 3).eval())
     images = np.random.default_rng(0).integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
     prep = partial(rt.to_input, norm={"mean": [0.5] * 3, "std": [0.25] * 3})
-    tta_logits(model, images[: args.batch], VIEWS, prep, args.batch)  # warm-up
 
     def batched():
         return tta_logits(model, images, VIEWS, prep, args.batch)
@@ -46,19 +46,22 @@ def main() -> None:
     def one_view_at_a_time():
         return np.stack([tta_logits(model, images, [v], prep, args.batch)[0] for v in VIEWS])
 
-    times = {}
-    for name, fn in (("view-by-view loop", one_view_at_a_time), ("batched", batched)):
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t0)
-        times[name] = (best, out)
-    np.testing.assert_allclose(times["batched"][1], times["view-by-view loop"][1], atol=1e-4 if device.type == "cpu" else 1e-2)  # cuda convolutions pick batch-size-dependent kernels
-    loop, batch = times["view-by-view loop"][0], times["batched"][0]
+    outputs = {"view-by-view loop": one_view_at_a_time(), "batched": batched()}  # also warms both paths up
+    np.testing.assert_allclose(outputs["batched"], outputs["view-by-view loop"],
+                               atol=1e-4 if device.type == "cpu" else 1e-2)  # cuda kernels depend on the batch size
+    times = interleaved({"loop": one_view_at_a_time, "batched": batched}, args.repeats,
+                        measure=lambda fn: synced_seconds(fn, device))
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{args.model} {args.size}px, {args.images} images, {len(VIEWS)} views, batch {args.batch}, "
-          f"{where}: view-by-view {loop:.3f} s, batched {batch:.3f} s, ratio {loop / batch:.2f}x")
+          f"{where}: view-by-view {median(times['loop']):.3f} s, batched {median(times['batched']):.3f} s (medians), "
+          f"ratio {ratio_text(times['loop'], times['batched'])}")
+
+
+def synced_seconds(fn, device: torch.device) -> float:
+    """Wall time of fn() with the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seconds(lambda: (fn(), torch.cuda.synchronize() if device.type == "cuda" else None))
 
 
 if __name__ == "__main__":
