@@ -20,7 +20,16 @@ import torch
 from safetensors.torch import load_file
 
 from . import train as train_stage
-from .artifacts import atomic_write, fingerprint, is_done, read_json, write_stamp
+from .artifacts import (
+    atomic_write,
+    content_key,
+    file_digest,
+    fingerprint,
+    is_done,
+    read_json,
+    read_stamp,
+    write_stamp,
+)
 from .cache import decoded_images
 from .context import Context
 from .errors import PipelineError
@@ -31,7 +40,7 @@ from .tta import choose_views, merge, tta_logits
 
 def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
     """Model and metadata of a finished fold run, refused when made for another split or class list."""
-    meta = read_json(run_dir / "best.json")
+    meta = read_stamp(run_dir / "best.json")
     if meta is None or not (run_dir / "best.safetensors").exists():
         raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
     if meta["folds_hash"] != folds_hash:
@@ -70,15 +79,28 @@ def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.
     return table
 
 
+def _runs_key(out_dir, folds: list[int]) -> list[tuple[str, str]]:
+    """The bytes predict reads of each fold run: best.json (its train key, classes, norm) and the weights."""
+    keys = []
+    for k in folds:
+        files = [out_dir / f"fold{k}" / name for name in ("best.json", "best.safetensors")]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{missing[0]}: not found; run `make train` first")
+        keys.append((file_digest(files[0]), file_digest(files[1])))
+    return keys
+
+
 def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str]) -> dict:
     cfg = ctx.cfg.predict
     out_dir = ctx.work_dir / "runs" / backbone
     folds = train_stage.folds_to_train(ctx.cfg.train.folds, data["n_splits"])
-    run_fps = [read_json(out_dir / f"fold{k}" / "best.json")["fingerprint"] for k in folds]
-    fp = fingerprint("predict", run_fps, cfg.model_dump())
-    if is_done(out_dir / "predict.json", fp):
+    test = ctx.competition.test
+    fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(), ctx.cfg.competition.metric,
+                     test["id"].tolist(), content_key(test_paths))  # the OOF rows and images are the runs' own inputs
+    if is_done(out_dir / "predict.json", fp, [out_dir / "oof.parquet", out_dir / "test.parquet"]):
         print(f"predict: {backbone} up to date")
-        return read_json(out_dir / "predict.json")
+        return read_json(out_dir / "predict.json", "rerun `make predict`")
     device = train_stage.pick_device(ctx.cfg.train.device)
     frame, classes, views = data["frame"], data["classes"], cfg.tta
     oof_parts, test_logits = [], []
