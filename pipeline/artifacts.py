@@ -90,7 +90,7 @@ _SETTLED_NS = 2_000_000_000  # files changed more recently than this are always 
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of the file's bytes (16 hex digits), read in 1 MiB chunks: about 12 us per small image plus 0.7 ms per MB.
+    """SHA-256 of the file's bytes (16 hex digits), read in 1 MiB chunks: about 12 us per small file plus 0.7 ms per MB.
 
     Within one process a file is read once while its status is unchanged: its ctime moves on every write and cannot be
     set back (os.utime restores mtime only). Files changed in the last 2 s are read every time, since timestamps are

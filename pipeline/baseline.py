@@ -87,8 +87,9 @@ def run(ctx: Context) -> dict:
     folds = cfg.folds if cfg.folds is not None else list(range(stamp["n_splits"]))
     train_paths = pd.read_csv(ctx.work_dir / "folds.csv", dtype=str, keep_default_na=False)["path"]
     test = ctx.competition.test  # AutoGluon reads folds.csv, the train and test images, the test ids
-    fp = fingerprint("autogluon", stamp["folds_hash"], content_key(train_paths), test["id"].tolist(), content_key(test["path"]),
-                     cfg.model_dump(exclude={"python"}), ctx.cfg.train.seed, ctx.cfg.competition.metric)
+    fp = fingerprint("autogluon", stamp["folds_hash"], content_key(train_paths), test["id"].tolist(),
+                     content_key(test["path"]), cfg.model_dump(exclude={"python"}), ctx.cfg.train.seed,
+                     ctx.cfg.competition.metric)
     if is_done(out / "autogluon.json", fp, [out / "oof.parquet", out / "test.parquet"]):
         meta = read_json(out / "autogluon.json", "rerun `make autogluon`")
         print(f"autogluon: up to date; OOF {meta['metric']} {meta['oof_score']:.4f}")

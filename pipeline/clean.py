@@ -36,7 +36,8 @@ def compute_features(paths: list[str], near_min_size: int, workers: int | None, 
         return list(tqdm(pool.map(job, paths, chunksize=32), total=len(paths), desc=desc, unit="img", disable=None))
 
 
-READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix"}  # of competition
+# the competition keys clean reads (metric, channels, name and sample_submission_csv do not change its outputs)
+READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix"}
 
 
 def _inputs_fingerprint(ctx: Context) -> str:

@@ -32,8 +32,8 @@ from .detection.tinyssd import TinySSD
 from .plots import plot_panels
 from .train import pick_device
 
-TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss", "negative_ratio", "hflip",
-              "seed")
+TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss",
+              "negative_ratio", "hflip", "seed")
 DECODE_KEYS = ("nms_threshold", "box_voting", "max_detections")
 EVALUATE_KEYS = ("tta", "map_score_threshold", *DECODE_KEYS)
 PREDICT_KEYS = ("score_threshold", "gallery_images", "gallery_score_threshold", *DECODE_KEYS)
@@ -83,7 +83,8 @@ def _train(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays
     return fp, summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, model_fp: str, summary: dict) -> dict:
+def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, model_fp: str,
+              summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
     cfg, path = ctx.cfg.detect, ctx.work_dir / "detect" / "metrics.json"
@@ -105,7 +106,8 @@ def _evaluate(ctx: Context, data, model: TinySSD, device: torch.device, val: Arr
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, metrics: dict, model_fp: str) -> None:
+def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arrays, metrics: dict,
+             model_fp: str) -> None:
     """Test detections, galleries and the submission, checked by the submission writer (every test image once,
     PredictionStrings that parse) and written with its manifest and history copy."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
@@ -126,9 +128,9 @@ def _predict(ctx: Context, data, model: TinySSD, device: torch.device, val: Arra
         k = len(val.images[:n])
         gallery(val.images[:n], shown[:k], val.sizes[:n], data.classes, out / "gallery_val.png", truth=val.targets[:n])
         gallery(test.images[:n], shown[k:], test.sizes[:n], data.classes, out / "gallery_test.png")
-    manifest = {"track": "detection", "model": "TinySSD", "model_key": model_fp, "classes": data.classes, "tta": metrics["tta"],
-                **_keys(cfg, PREDICT_KEYS), "val_map_50": metrics["map_50"], "val_map": metrics["map"],
-                "val_source": data.val_source, "config_hash": config_hash(cfg)}
+    manifest = {"track": "detection", "model": "TinySSD", "model_key": model_fp, "classes": data.classes,
+                "tta": metrics["tta"], **_keys(cfg, PREDICT_KEYS), "val_map_50": metrics["map_50"],
+                "val_map": metrics["map"], "val_source": data.val_source, "config_hash": config_hash(cfg)}
     check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
     submission.write_submission(frame, ctx.submissions_dir, ctx.name, manifest, check)
     write_stamp(out / "predict.json", fp, submission=str(path))

@@ -72,10 +72,10 @@ def inputs_key(ctx: Context, models: dict, folds_meta: dict) -> str:
     overrides = ctx.work_dir / "test_label_overrides.csv"
     transfer = ctx.cfg.clean.transfer_test_labels and overrides.exists()
     files = [(n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()]
-    return fingerprint("ensemble", files, folds_meta["folds_hash"], folds_meta["classes"], ctx.cfg.ensemble.model_dump(),
-                       ctx.cfg.competition.metric, file_digest(overrides) if transfer else None,
-                       file_digest(sample) if sample.is_file() else None, comp.test["id"].tolist(), comp.id_column,
-                       comp.label_column, comp.classes)
+    return fingerprint("ensemble", files, folds_meta["folds_hash"], folds_meta["classes"],
+                       ctx.cfg.ensemble.model_dump(), ctx.cfg.competition.metric,
+                       file_digest(overrides) if transfer else None, file_digest(sample) if sample.is_file() else None,
+                       comp.test["id"].tolist(), comp.id_column, comp.label_column, comp.classes)
 
 
 def run(ctx: Context) -> dict:

@@ -58,7 +58,7 @@ def run(ctx: Context) -> dict:
     stamp = ctx.work_dir / "folds.json"
     cfg = ctx.cfg.folds
     classes = read_json(ctx.work_dir / "clean.json", "run `make clean-data`")["classes"]
-    fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), classes, cfg.model_dump())  # all that folds reads
+    fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), classes, cfg.model_dump())  # all it reads
     if is_done(stamp, fp, [ctx.work_dir / "folds.csv"]):
         print(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}

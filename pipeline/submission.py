@@ -109,10 +109,12 @@ def validate_detection(frame: pd.DataFrame, source: str, images: list[str], clas
     """Raise a one-line PipelineError unless the columns are image, PredictionString, every test image has exactly
     one row, and each PredictionString is groups of `label score xmin ymin xmax ymax` with known labels."""
     if list(frame.columns) != ["image", "PredictionString"]:
-        raise PipelineError(f"{source}: columns {list(frame.columns)}; a detection submission has image, PredictionString")
+        raise PipelineError(f"{source}: columns {list(frame.columns)}; a detection submission has image, "
+                            "PredictionString")
     dup = frame["image"][frame["image"].duplicated()]
     if len(dup):
-        raise PipelineError(f"{source} line {int(dup.index[0]) + 2}: image '{dup.iloc[0]}' listed twice; one row per test image")
+        line = int(dup.index[0]) + 2
+        raise PipelineError(f"{source} line {line}: image '{dup.iloc[0]}' listed twice; one row per test image")
     missing, extra = sorted(set(images) - set(frame["image"])), sorted(set(frame["image"]) - set(images))
     if missing or extra:
         raise PipelineError(f"{source}: images differ from the test set ({len(missing)} missing, e.g. {missing[:1]}; "
@@ -134,7 +136,8 @@ def write_submission(frame: pd.DataFrame, out_dir: Path, name: str, manifest: di
     while copy.exists():
         copy, n = history / f"{name}-{stamp}-{n}.csv", n + 1
     atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
-    write_json(out_dir / f"{name}.manifest.json", {**manifest, "written": stamp, "rows": len(frame), "history_copy": str(copy)})
+    write_json(out_dir / f"{name}.manifest.json",
+               {**manifest, "written": stamp, "rows": len(frame), "history_copy": str(copy)})
     return path
 
 

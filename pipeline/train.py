@@ -91,8 +91,9 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     """
     cfg, tcfg = ctx.cfg, ctx.cfg.train
     run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
-    fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"], cfg.competition.metric,
-                     cfg.model.model_dump(exclude={"backbones"}), tcfg.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
+    fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
+                     cfg.competition.metric, cfg.model.model_dump(exclude={"backbones"}),
+                     tcfg.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
                      file_digest(Path(cfg.model.pretrained_path.replace("{backbone}", backbone))) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")

@@ -142,7 +142,8 @@ def study_name(ctx: Context) -> str:
     cfg, folds = ctx.cfg.tune, read_json(ctx.work_dir / "folds.json", "run `make folds`")
     paths = pd.read_csv(ctx.work_dir / "folds.csv", dtype=str, keep_default_na=False)["path"]
     key = fingerprint("tune", folds["folds_hash"], content_key(paths), input_channels(ctx), ctx.cfg.competition.metric,
-                      ctx.cfg.model.model_dump(), ctx.cfg.train.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
+                      ctx.cfg.model.model_dump(),
+                      ctx.cfg.train.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
                       read_yaml(Path(cfg.space)), cfg.model_dump(exclude={"space", "n_trials", "timeout", "storage"}))
     return f"{ctx.name}-{key}"
 

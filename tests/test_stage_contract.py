@@ -27,16 +27,19 @@ from pipeline.detection.bananas import build_bananas
 
 from .conftest import REPO
 
-CLASSIFY = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.epochs=1", "train.image_size=16", "train.batch_size=8",
-            "train.warmup_epochs=0", "train.device=cpu", "train.threads=1", "clean.workers=1", "predict.tta=[identity]",
+CLASSIFY = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.epochs=1", "train.image_size=16",
+            "train.batch_size=8", "train.warmup_epochs=0", "train.device=cpu", "train.threads=1", "clean.workers=1",
+            "predict.tta=[identity]",
             "ensemble.caruana_rounds=5", "tune.n_trials=1", "tune.epochs=1", "tune.pruner=none",
             "autogluon.folds=[0]", "autogluon.epochs=1", "autogluon.image_size=16", "autogluon.batch_size=8",
             "autogluon.backbone=resnet10t", f"autogluon.python={REPO / '.venv-autogluon' / 'bin' / 'python'}"]
-DETECT = ["detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=2", "detect.tta=none",
-          "detect.device=cpu", "detect.threads=1"]
-STAMPS = {"clean": ["clean.json"], "folds": ["folds.json"], "train": ["runs/d2l_lenet/fold0/best.json", "runs/d2l_lenet/fold1/best.json"],
-          "predict": ["runs/d2l_lenet/predict.json"], "ensemble": ["ensemble/weights.json"], "autogluon": ["autogluon/autogluon.json"],
-          "detect:train": ["detect/model.json"], "detect:evaluate": ["detect/metrics.json"], "detect:predict": ["detect/predict.json"]}
+DETECT = ["detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=2",
+          "detect.tta=none", "detect.device=cpu", "detect.threads=1"]
+STAMPS = {"clean": ["clean.json"], "folds": ["folds.json"],
+          "train": ["runs/d2l_lenet/fold0/best.json", "runs/d2l_lenet/fold1/best.json"],
+          "predict": ["runs/d2l_lenet/predict.json"], "ensemble": ["ensemble/weights.json"],
+          "autogluon": ["autogluon/autogluon.json"], "detect:train": ["detect/model.json"],
+          "detect:evaluate": ["detect/metrics.json"], "detect:predict": ["detect/predict.json"]}
 CHAINS = {"ensemble": {"clean", "folds", "train", "predict", "ensemble"}, "tune": {"clean", "folds", "tune"},
           "autogluon": {"clean", "folds", "autogluon"}, "detect": {"detect:train", "detect:evaluate", "detect:predict"}}
 UP_TO_DATE = {"ensemble": 6, "tune": 2, "autogluon": 3, "detect": 3}  # lines printed by a rerun (train: one per fold)
@@ -65,7 +68,8 @@ CASES = [
     Case("tune", "tune", "tune.epochs=2", {"tune"}, train_image={"clean", "tune"}, test_image={"clean"}),
     Case("autogluon", "autogluon", "autogluon.epochs=2", {"autogluon"},
          train_image={"clean", "autogluon"}, test_image={"clean", "autogluon"}),
-    Case("detect:train", "detect", "detect.epochs=2", CHAINS["detect"], train_image=CHAINS["detect"], test_image={"detect:predict"}),
+    Case("detect:train", "detect", "detect.epochs=2", CHAINS["detect"],
+         train_image=CHAINS["detect"], test_image={"detect:predict"}),
     Case("detect:evaluate", "detect", "detect.map_score_threshold=0.02", {"detect:evaluate"}),
     Case("detect:predict", "detect", "detect.score_threshold=0.3", {"detect:predict"}),
 ]
@@ -106,7 +110,8 @@ def _replace_pixels(path: Path) -> None:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _state(work: Path) -> dict[str, object]:
@@ -136,7 +141,8 @@ def test_each_stage_reruns_exactly_when_what_it_reads_changes(case: Case, tmp_pa
         data = _classification(tmp_path / "comp")
     _store_uncompressed(data)
     work = tmp_path / "work"
-    base = [case.target, "--data", str(data), "--work", str(work), "--submissions", str(tmp_path / "subs"), "--no-tuned"]
+    base = [case.target, "--data", str(data), "--work", str(work), "--submissions", str(tmp_path / "subs"),
+            "--no-tuned"]
     base += DETECT if kind == "detect" else CLASSIFY
     if case.target == "tune":
         (tmp_path / "space.yaml").write_text("train.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
@@ -152,7 +158,8 @@ def test_each_stage_reruns_exactly_when_what_it_reads_changes(case: Case, tmp_pa
 
     assert run()[0] == CHAINS[case.target]
     ran, out = run()
-    assert ran == set() and out.count("up to date") == UP_TO_DATE[case.target] and not re.search(r"tune: trial \d", out), out
+    assert ran == set() and out.count("up to date") == UP_TO_DATE[case.target], out
+    assert not re.search(r"tune: trial \d", out), out
     assert run(case.change)[0] == case.reruns
     if case.train_image:
         _replace_pixels(data / TRAIN_IMAGE[kind])
