@@ -165,5 +165,9 @@ def test_each_stage_reruns_exactly_when_what_it_reads_changes(case: Case, tmp_pa
         _replace_pixels(data / TRAIN_IMAGE[kind])
         assert run(case.change)[0] == case.train_image
     if case.test_image:
+        predictions = _tree(work / "runs" / "d2l_lenet") if case.target == "ensemble" else {}
         _replace_pixels(data / TEST_IMAGE[kind])
         assert run(case.change)[0] == case.test_image
+        if predictions:  # the OOF file is the same bytes: ensemble reran for the changed test.parquet alone
+            now = _tree(work / "runs" / "d2l_lenet")
+            assert now["oof.parquet"] == predictions["oof.parquet"] and now["test.parquet"] != predictions["test.parquet"]
