@@ -96,8 +96,9 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     out_dir = ctx.work_dir / "runs" / backbone
     folds = train_stage.folds_to_train(ctx.cfg.train.folds, data["n_splits"])
     test = ctx.competition.test
-    fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(), ctx.cfg.competition.metric,
-                     test["id"].tolist(), content_key(test_paths))  # the OOF rows and images are the runs' own inputs
+    # the OOF rows and training images are the runs' own inputs; batch_size changes speed, not the probabilities
+    fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(exclude={"batch_size"}),
+                     ctx.cfg.competition.metric, test["id"].tolist(), content_key(test_paths))
     if is_done(out_dir / "predict.json", fp, [out_dir / "oof.parquet", out_dir / "test.parquet"]):
         print(f"predict: {backbone} up to date")
         return read_json(out_dir / "predict.json", "rerun `make predict`")
