@@ -10,6 +10,7 @@ AutoGluon 1.6 ignores `pretrained=False` and fetches hub weights; online it uses
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import timm
 import torch
 
 from . import folds as folds_stage
-from .artifacts import file_digest, fingerprint, is_done, read_json, write_json, write_stamp
+from .artifacts import content_key, fingerprint, is_done, read_json, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
 from .metrics import score
@@ -82,14 +83,19 @@ def run(ctx: Context) -> dict:
     python = Path(cfg.python)
     if not python.exists():
         raise PipelineError(f"autogluon.python: {python} not found; `make autogluon` creates .venv-autogluon from requirements-autogluon.txt")
-    stamp = read_json(ctx.work_dir / "folds.json")
+    stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     folds = cfg.folds if cfg.folds is not None else list(range(stamp["n_splits"]))
-    fp = fingerprint("autogluon", stamp["folds_hash"], cfg.model_dump(exclude={"python"}), ctx.cfg.train.seed,
-                     file_digest(ctx.data_dir / ctx.cfg.competition.test_csv))
-    if is_done(out / "autogluon.json", fp):
-        meta = read_json(out / "autogluon.json")
+    train_paths = pd.read_csv(ctx.work_dir / "folds.csv", dtype=str, keep_default_na=False)["path"]
+    test = ctx.competition.test  # AutoGluon reads folds.csv, the train and test images, the test ids
+    fp = fingerprint("autogluon", stamp["folds_hash"], content_key(train_paths), test["id"].tolist(),
+                     content_key(test["path"]), cfg.model_dump(exclude={"python"}), ctx.cfg.train.seed,
+                     ctx.cfg.competition.metric)
+    if is_done(out / "autogluon.json", fp, [out / "oof.parquet", out / "test.parquet"]):
+        meta = read_json(out / "autogluon.json", "rerun `make autogluon`")
         print(f"autogluon: up to date; OOF {meta['metric']} {meta['oof_score']:.4f}")
         return meta
+    for k in folds:  # an earlier fit (other keys or inputs): AutoGluon refuses to save into its folder
+        shutil.rmtree(out / f"fold{k}", ignore_errors=True)
     job = job_file(ctx, out, folds, stamp["classes"])
     result = subprocess.run([str(python), str(SCRIPT), str(job)])
     if result.returncode != 0:

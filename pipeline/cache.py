@@ -1,8 +1,8 @@
 """Decoded-image cache: decode and resize every image once into one uint8 array.
 
 Training reads batches from this array (N, S, S, C) instead of decoding files every epoch, which
-for small-image competitions is most of the cost. The file is keyed by the image list, their
-size/mtime (via the clean stamp), the image size and the channel count, so a change rebuilds it.
+for small-image competitions is most of the cost. The file is keyed by the image list, the bytes
+of those images, the image size and the channel count, so a change rebuilds it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import atomic_write, fingerprint, read_json
+from .artifacts import atomic_write, content_key, fingerprint, read_json
 from .context import Context
 from .images import MAX_PIXELS, load_image, resize, to_channels
 
@@ -24,7 +24,7 @@ def input_channels(ctx: Context) -> int:
     """1 for all-grayscale competitions under channels=auto, else 3."""
     mode = ctx.cfg.competition.channels
     if mode == "auto":
-        return 1 if read_json(ctx.work_dir / "clean.json")["all_gray"] else 3
+        return 1 if read_json(ctx.work_dir / "clean.json", "run `make clean-data`")["all_gray"] else 3
     return 1 if mode == "gray" else 3
 
 
@@ -34,8 +34,8 @@ def _decode(path: str, size: int, channels: int, max_pixels: int) -> np.ndarray:
 
 def decoded_images(ctx: Context, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
     """(N, size, size, channels) uint8 for `paths`, from WORK/cache when already built."""
-    stamp = read_json(ctx.work_dir / "clean.json") or {}
-    return cached_decode(ctx.work_dir / "cache", stamp.get("fingerprint"), paths, size, channels, desc, ctx.cfg.clean.max_pixels)
+    return cached_decode(ctx.work_dir / "cache", content_key(paths), paths, size, channels, desc,
+                         ctx.cfg.clean.max_pixels)
 
 
 def cached_decode(folder: Path, source_key: str | None, paths: list[str], size: int, channels: int, desc: str,

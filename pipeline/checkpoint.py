@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifacts import atomic_write, read_json
+from .artifacts import atomic_write, read_stamp
 from .errors import PipelineError
 from .models import build_model
 
@@ -74,19 +74,39 @@ def save_weights(path: Path, module: torch.nn.Module) -> None:
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def load_checkpoint(run_dir, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
-    """Model and metadata of a finished fold run, refused when made for another split or class list."""
-    meta = read_json(run_dir / "best.json")
+def load_checkpoint(run_dir: Path, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of a finished fold run, refused when made for another split or class list.
+
+    Only a damaged weights file or weights of another architecture become the one-line "retrain" advice;
+    any other exception is a bug and keeps its traceback.
+    """
+    run_dir = Path(run_dir)
+    meta = read_stamp(run_dir / "best.json")
     if meta is None or not (run_dir / "best.safetensors").exists():
         raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
     if meta["folds_hash"] != folds_hash:
-        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != {folds_hash}); rerun `make train`")
+        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != "
+                            f"{folds_hash}); rerun `make train`")
     if meta["classes"] != classes:
-        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; rerun `make train`")
+        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; "
+                            "rerun `make train`")
     model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
     try:
-        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
-    except Exception as exc:  # noqa: BLE001 - truncated file, foreign tensors: the same fix
-        raise PipelineError(f"{run_dir}/best.safetensors: unreadable or not this model's weights ({type(exc).__name__}); "
+        weights = load_file(str(run_dir / "best.safetensors"))
+    except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
+        raise PipelineError(f"{run_dir}/best.safetensors: unreadable ({type(exc).__name__}); "
                             f"delete {run_dir} and rerun `make train`") from None
+    missing, unexpected = _mismatch(model, weights)
+    if missing or unexpected:
+        raise PipelineError(f"{run_dir}/best.safetensors: not this model's weights ({len(missing)} tensors missing, "
+                            f"{len(unexpected)} unexpected or of another shape); delete {run_dir} and rerun `make train`")
+    model.load_state_dict(weights)
     return model, meta
+
+
+def _mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Names the model lacks in `weights`, and names of `weights` the model lacks or holds in another shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    return missing, unexpected

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import dedup, report
-from .artifacts import file_digest, file_stats, fingerprint, is_done, write_csv, write_json, write_stamp
+from .artifacts import content_key, file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
 from .images import MAX_PIXELS
@@ -78,12 +78,18 @@ def _watch_parent(first: int) -> None:
     os._exit(1)
 
 
+# the competition keys clean reads (metric, channels, name and sample_submission_csv do not change its outputs)
+READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix"}
+
+
 def _inputs_fingerprint(ctx: Context) -> str:
+    """What clean reads: both CSVs, the bytes of every train and test image (test images are checked for
+    readability and duplicates of training images), how the CSVs are read, and the clean keys but `workers`."""
     comp = ctx.competition
-    stats = file_stats(pd.concat([comp.train.path, comp.test.path]))
+    images = content_key(pd.concat([comp.train.path, comp.test.path]))
     csvs = [file_digest(ctx.data_dir / f) for f in (ctx.cfg.competition.train_csv, ctx.cfg.competition.test_csv)]
     clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
-    return fingerprint("clean", csvs, stats, ctx.cfg.competition.model_dump(), clean_cfg)
+    return fingerprint("clean", csvs, images, ctx.cfg.competition.model_dump(include=READS), clean_cfg)
 
 
 def find_pairs(frame: pd.DataFrame, threshold: int, near: bool) -> pd.DataFrame:
@@ -130,7 +136,7 @@ def run(ctx: Context) -> dict:
     """Write clean.csv and its companions; skipped when the stamp matches the inputs."""
     stamp, cfg = ctx.work_dir / "clean.json", ctx.cfg.clean
     fp = _inputs_fingerprint(ctx)
-    if is_done(stamp, fp):
+    if is_done(stamp, fp, [ctx.work_dir / "clean.csv"]):
         print(f"clean: up to date ({stamp})")
         return {"skipped": True}
     comp = ctx.competition

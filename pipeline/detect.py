@@ -1,32 +1,42 @@
 """Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
 
-Writes under WORK/detect/: last.safetensors + last.pt (resume state), model.safetensors and
-model.json (stamp: inputs' content key, training keys, classes, training summary), history.csv,
-curves.png, metrics.json (validation: class error, bbox MAE, mAP@0.5, COCO mAP), gallery_val.png
-(predictions red, truth green), gallery_test.png, test_predictions.csv; and the submission
-SUBMISSIONS/<competition>.csv (image, PredictionString). A finished model is not retrained unless
-its data or training keys change; changing only thresholds redoes the predictions.
+Three parts, each with its own stamp and key, each redone only when what it reads changes:
+- train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
+  (resume state). Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The
+  per-epoch validation in history.csv decodes with the settings of the run that trained.
+- evaluate: metrics.json (stamp; validation class error, bbox MAE, mAP@0.5, COCO mAP, chosen TTA).
+  Key: the model's key and EVALUATE_KEYS.
+- predict: test_predictions.csv, gallery_val.png (predictions red, truth green), gallery_test.png,
+  predict.json (stamp) and the submission SUBMISSIONS/<competition>.csv (image, PredictionString),
+  written by the submission writer both tracks share. Key: the model's key, the chosen TTA, test ids
+  and image bytes, PREDICT_KEYS. Test images are only predicted: changing one never retrains.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint, runtime
-from .artifacts import fingerprint, read_json, write_csv, write_json, write_stamp
+from . import checkpoint, runtime, submission
+from .artifacts import fingerprint, is_done, read_json, read_stamp, write_csv, write_stamp
+from .config import config_hash
 from .context import Context
 from .detection.data import box_targets, decoded, read_detection
 from .detection.fit import DetectionTrainer, evaluate
-from .detection.infer import TTA, Detector, gallery, parse_prediction_strings, submission_frame
+from .detection.infer import TTA, Detector, gallery, submission_frame
 from .detection.tinyssd import TinySSD
 from .plots import plot_panels
 from .runtime import Runtime
 
-TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss", "negative_ratio", "hflip", "seed")
+TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss",
+              "negative_ratio", "hflip", "seed")
+DECODE_KEYS = ("nms_threshold", "box_voting", "max_detections")
+EVALUATE_KEYS = ("tta", "map_score_threshold", *DECODE_KEYS)
+PREDICT_KEYS = ("score_threshold", "gallery_images", "gallery_score_threshold", *DECODE_KEYS)
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
 
 
@@ -45,16 +55,19 @@ def _arrays(ctx: Context, split, classes: list[str], name: str) -> Arrays:
                   torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32))
 
 
-def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> dict:
-    """Train (or resume, or load when model.json matches); returns the training summary."""
+def _keys(cfg, names: tuple[str, ...]) -> dict:
+    return {k: getattr(cfg, k) for k in names}
+
+
+def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tuple[str, dict]:
+    """Train (or resume, or load when model.json matches); returns the model's key and the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), data.val_source, {k: getattr(cfg, k) for k in TRAIN_KEYS},
-                     runtime.result_keys(ctx.cfg.runtime))
-    stamp = read_json(out / "model.json") or {}
+    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime))
+    stamp = read_stamp(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
-        return stamp["summary"]
+        return fp, stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
     trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, rt)
@@ -67,19 +80,25 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> dict
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
                "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
     write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
-    return summary
+    return fp, summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, summary: dict) -> dict:
+def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, model_fp: str,
+              summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
-    cfg = ctx.cfg.detect
+    cfg, path = ctx.cfg.detect, ctx.work_dir / "detect" / "metrics.json"
+    fp = fingerprint("detect-evaluate", model_fp, _keys(cfg, EVALUATE_KEYS))
+    if is_done(path, fp):
+        metrics = read_json(path, "rerun `make detect`")
+        print(f"detect: validation up to date ({path}): mAP@0.5 {metrics['map_50']:.4g}, tta {metrics['tta']}")
+        return metrics
     options = TTA if cfg.tta == "auto" else (cfg.tta,)
     scored = evaluate(model, cfg, rt, val.images, val.targets, val.sizes, options)
     tta = max(options, key=lambda t: (scored[t]["map_50"], t == "none"))  # ties: the cheaper plain view
     metrics = scored[tta] | summary | {"tta": tta, "map_50_by_tta": {t: scored[t]["map_50"] for t in options},
                                        "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting, "val_source": data.val_source}
-    write_json(ctx.work_dir / "detect" / "metrics.json", metrics)
+    write_stamp(path, fp, **metrics)
     if len(options) > 1:
         print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options) + f"; kept {tta}")
     print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
@@ -87,12 +106,20 @@ def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, summ
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, test: Arrays, tta: str) -> pd.DataFrame:
+def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metrics: dict,
+             model_fp: str) -> None:
+    """Test detections, galleries and the submission, checked by the submission writer (every test image once,
+    PredictionStrings that parse) and written with its manifest and history copy."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    detector = Detector(model, cfg, rt, tta)
+    path = ctx.submissions_dir / f"{ctx.name}.csv"
+    fp = fingerprint("detect-predict", model_fp, metrics["tta"], data.test_key(), _keys(cfg, PREDICT_KEYS))
+    if is_done(out / "predict.json", fp, [out / "test_predictions.csv", path]):
+        print(f"detect: predictions up to date; submission {path}")
+        return
+    test = _arrays(ctx, data.test, data.classes, "test")
+    detector = Detector(model, cfg, rt, metrics["tta"])
     detections = detector(test.images, test.sizes, cfg.score_threshold, cfg.batch_size * rt.eval_batch_factor)
     frame = submission_frame(data.test.images, detections, data.classes)
-    parse_prediction_strings(frame["PredictionString"].tolist(), data.classes, "submission")  # what we write must read back
     write_csv(out / "test_predictions.csv", frame)
     n = cfg.gallery_images
     if n:
@@ -101,7 +128,15 @@ def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, test:
         k = len(val.images[:n])
         gallery(val.images[:n], shown[:k], val.sizes[:n], data.classes, out / "gallery_val.png", truth=val.targets[:n])
         gallery(test.images[:n], shown[k:], test.sizes[:n], data.classes, out / "gallery_test.png")
-    return frame
+    manifest = {"track": "detection", "model": "TinySSD", "model_key": model_fp, "classes": data.classes,
+                "tta": metrics["tta"], **_keys(cfg, PREDICT_KEYS), "val_map_50": metrics["map_50"],
+                "val_map": metrics["map"], "val_source": data.val_source, "config_hash": config_hash(cfg)}
+    check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
+    submission.write_submission(frame, ctx.submissions_dir, ctx.name, manifest, check)
+    write_stamp(out / "predict.json", fp, submission=str(path))
+    boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])
+    print(f"detect: submission {path} ({len(frame)} images, {boxes} boxes at score >= {cfg.score_threshold}); "
+          f"pictures {out}/gallery_val.png, gallery_test.png, curves.png")
 
 
 def run(ctx: Context) -> None:
@@ -113,11 +148,7 @@ def run(ctx: Context) -> None:
     rt = runtime.from_config(ctx.cfg.runtime, "detection")
     torch.manual_seed(cfg.seed)
     model = rt.prepare(TinySSD(len(data.classes)))
-    val, test = _arrays(ctx, data.val, data.classes, "val"), _arrays(ctx, data.test, data.classes, "test")
-    metrics = _evaluate(ctx, data, model, rt, val, _train(ctx, data, model, rt, val))
-    frame = _predict(ctx, data, model, rt, val, test, metrics["tta"])
-    path = ctx.submissions_dir / f"{ctx.name}.csv"
-    write_csv(path, frame)
-    boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])
-    print(f"detect: submission {path} ({len(frame)} images, {boxes} boxes at score >= {cfg.score_threshold}); "
-          f"pictures {ctx.work_dir / 'detect'}/gallery_val.png, gallery_test.png, curves.png")
+    val = _arrays(ctx, data.val, data.classes, "val")
+    model_fp, summary = _train(ctx, data, model, rt, val)
+    metrics = _evaluate(ctx, data, model, rt, val, model_fp, summary)
+    _predict(ctx, data, model, rt, val, metrics, model_fp)

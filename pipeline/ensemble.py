@@ -64,18 +64,30 @@ def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, ch
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+def inputs_key(ctx: Context, models: dict, folds_meta: dict) -> str:
+    """What ensemble reads: every model's OOF and test files (in blending order), the split and classes they
+    must match, the known test labels when transferred, and what the submission is built and checked against
+    (test ids, sample_submission.csv, id and label columns)."""
+    comp, sample = ctx.competition, ctx.data_dir / ctx.cfg.competition.sample_submission_csv
+    overrides = ctx.work_dir / "test_label_overrides.csv"
+    transfer = ctx.cfg.clean.transfer_test_labels and overrides.exists()
+    files = [(n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()]
+    return fingerprint("ensemble", files, folds_meta["folds_hash"], folds_meta["classes"],
+                       ctx.cfg.ensemble.model_dump(), ctx.cfg.competition.metric,
+                       file_digest(overrides) if transfer else None, file_digest(sample) if sample.is_file() else None,
+                       comp.test["id"].tolist(), comp.id_column, comp.label_column, comp.classes)
+
+
 def run(ctx: Context) -> dict:
     """Blend every model's predictions and write the submission (pipeline/orchestrate.py runs predict first)."""
     comp, cfg = ctx.competition, ctx.cfg.ensemble
-    folds_meta = read_json(ctx.work_dir / "folds.json")
+    folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
-    sample = ctx.data_dir / ctx.cfg.competition.sample_submission_csv
     overrides = ctx.work_dir / "test_label_overrides.csv"
-    fp = fingerprint("ensemble", file_digest(overrides) if ctx.cfg.clean.transfer_test_labels and overrides.exists() else None, sorted((n, file_digest(m[2] / "oof.parquet"), file_digest(m[2] / "test.parquet")) for n, m in models.items()),
-                     cfg.model_dump(), ctx.cfg.competition.metric, file_digest(sample) if sample.is_file() else None)
+    fp = inputs_key(ctx, models, folds_meta)
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
-    if is_done(stamp, fp) and sub_path.exists():
-        meta = read_json(stamp)
+    if is_done(stamp, fp, [sub_path]):
+        meta = read_json(stamp, "rerun `make ensemble`")
         print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; submission {sub_path}")
         return meta
     names, metric = list(models), ctx.cfg.competition.metric

@@ -69,8 +69,9 @@ def run(ctx: Context) -> dict:
     clean.run(ctx)
     stamp = ctx.work_dir / "folds.json"
     cfg = ctx.cfg.folds
-    fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), cfg.model_dump())
-    if is_done(stamp, fp):
+    classes = read_json(ctx.work_dir / "clean.json", "run `make clean-data`")["classes"]
+    fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), classes, cfg.model_dump())  # all it reads
+    if is_done(stamp, fp, [ctx.work_dir / "folds.csv"]):
         print(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
     frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str}, keep_default_na=False)
@@ -87,7 +88,6 @@ def run(ctx: Context) -> dict:
     if report["groups_spanning_folds"]:
         raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; this is a bug, please report it")
     write_csv(ctx.work_dir / "folds.csv", frame)
-    classes = read_json(ctx.work_dir / "clean.json")["classes"]
     write_stamp(stamp, fp, folds_hash=fp, n_splits=cfg.n_splits, classes=classes, **report)
     print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, max class-share deviation {report['max_class_share_deviation']}")
     return {"folds_hash": fp, **report}

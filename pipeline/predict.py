@@ -17,10 +17,11 @@ import torch
 
 from . import runtime
 from . import train as train_stage
-from .artifacts import fingerprint, is_done, read_json, write_stamp
+from .artifacts import content_key, file_digest, fingerprint, is_done, read_json, write_stamp
 from .cache import decoded_images
 from .checkpoint import load_checkpoint
 from .context import Context
+from .errors import PipelineError
 from .metrics import score
 from .predictions import prob_columns, write_parquet
 from .runtime import Runtime
@@ -43,15 +44,29 @@ def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.
     return table
 
 
+def _runs_key(out_dir, folds: list[int]) -> list[tuple[str, str]]:
+    """The bytes predict reads of each fold run: best.json (its train key, classes, norm) and the weights."""
+    keys = []
+    for k in folds:
+        files = [out_dir / f"fold{k}" / name for name in ("best.json", "best.safetensors")]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{missing[0]}: not found; run `make train` first")
+        keys.append((file_digest(files[0]), file_digest(files[1])))
+    return keys
+
+
 def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str]) -> dict:
     cfg = ctx.cfg.predict
     out_dir = ctx.work_dir / "runs" / backbone
     folds = train_stage.folds_to_train(ctx.cfg.train.folds, data["n_splits"])
-    run_fps = [read_json(out_dir / f"fold{k}" / "best.json")["fingerprint"] for k in folds]
-    fp = fingerprint("predict", run_fps, cfg.model_dump())
-    if is_done(out_dir / "predict.json", fp):
+    test = ctx.competition.test
+    # the OOF rows and training images are the runs' own inputs; batch_size changes speed, not the probabilities
+    fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(exclude={"batch_size"}),
+                     ctx.cfg.competition.metric, test["id"].tolist(), content_key(test_paths))
+    if is_done(out_dir / "predict.json", fp, [out_dir / "oof.parquet", out_dir / "test.parquet"]):
         print(f"predict: {backbone} up to date")
-        return read_json(out_dir / "predict.json")
+        return read_json(out_dir / "predict.json", "rerun `make predict`")
     rt = runtime.from_config(ctx.cfg.runtime, "classification")  # the policy training used
     frame, classes, views = data["frame"], data["classes"], cfg.tta
     oof_parts, test_logits = [], []

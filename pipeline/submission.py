@@ -1,22 +1,26 @@
 """Build, validate and write submissions; also score one against a hidden solution.
 
-A submission has the columns and row order of sample_submission.csv (or id + label when there is
-none). It is validated before it is written: same ids, no missing, extra or duplicate ids, labels
-from the class set, probabilities finite and summing to 1. Written atomically, with a manifest
-beside it and a timestamped copy so earlier submissions are never overwritten.
+A classification submission has the columns and row order of sample_submission.csv (or id + label
+when there is none). It is validated before it is written: same ids, no missing, extra or duplicate
+ids, labels from the class set, probabilities finite and summing to 1. A detection submission
+(image, PredictionString) has every test image once and PredictionStrings that parse. Both tracks
+write through `write_submission`: checked, written atomically, with a manifest beside it and a
+timestamped copy in history/ so earlier submissions are never overwritten.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .artifacts import write_csv, write_json
+from .artifacts import atomic_write, write_csv, write_json
 from .competition import Competition, _read_csv, line_of
+from .detection.infer import parse_prediction_strings
 from .errors import PipelineError
 from .metrics import score
 
@@ -112,20 +116,45 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
         raise PipelineError(f"{source}: label '{values.iloc[:, 0][bad].iloc[0]}' (id '{ids[bad].iloc[0]}') is not a class of train.csv")
 
 
-def write(frame: pd.DataFrame, comp: Competition, out_dir: Path, manifest: dict) -> Path:
-    """Validate, then write <name>.csv atomically plus a timestamped copy and a manifest."""
-    validate(frame, comp)
+def validate_detection(frame: pd.DataFrame, source: str, images: list[str], classes: list[str]) -> None:
+    """Raise a one-line PipelineError unless the columns are image, PredictionString, every test image has exactly
+    one row, and each PredictionString is groups of `label score xmin ymin xmax ymax` with known labels."""
+    if list(frame.columns) != ["image", "PredictionString"]:
+        raise PipelineError(f"{source}: columns {list(frame.columns)}; a detection submission has image, "
+                            "PredictionString")
+    dup = frame["image"][frame["image"].duplicated()]
+    if len(dup):
+        line = int(dup.index[0]) + 2
+        raise PipelineError(f"{source} line {line}: image '{dup.iloc[0]}' listed twice; one row per test image")
+    missing, extra = sorted(set(images) - set(frame["image"])), sorted(set(frame["image"]) - set(images))
+    if missing or extra:
+        raise PipelineError(f"{source}: images differ from the test set ({len(missing)} missing, e.g. {missing[:1]}; "
+                            f"{len(extra)} extra, e.g. {extra[:1]}); predict every test image once")
+    parse_prediction_strings(frame["PredictionString"].tolist(), classes, source)
+
+
+def write_submission(frame: pd.DataFrame, out_dir: Path, name: str, manifest: dict,
+                     check: Callable[[pd.DataFrame, str], None]) -> Path:
+    """The submission writer of both tracks: check(frame, path) raises on the first problem; then <name>.csv is written
+    atomically, a timestamped copy goes to history/ and <name>.manifest.json records what made it."""
     out_dir = Path(out_dir)
-    path = write_csv(out_dir / f"{comp.name}.csv", frame)
+    path = out_dir / f"{name}.csv"
+    check(frame, str(path))
+    write_csv(path, frame)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     history = out_dir / "history"
-    history.mkdir(parents=True, exist_ok=True)
-    copy, n = history / f"{comp.name}-{stamp}.csv", 1
+    copy, n = history / f"{name}-{stamp}.csv", 1
     while copy.exists():
-        copy, n = history / f"{comp.name}-{stamp}-{n}.csv", n + 1
-    shutil.copyfile(path, copy)
-    write_json(out_dir / f"{comp.name}.manifest.json", {**manifest, "written": stamp, "rows": len(frame)})
+        copy, n = history / f"{name}-{stamp}-{n}.csv", n + 1
+    atomic_write(copy, lambda tmp: shutil.copyfile(path, tmp))
+    write_json(out_dir / f"{name}.manifest.json",
+               {**manifest, "written": stamp, "rows": len(frame), "history_copy": str(copy)})
     return path
+
+
+def write(frame: pd.DataFrame, comp: Competition, out_dir: Path, manifest: dict) -> Path:
+    """A classification submission, checked against the competition by `validate`."""
+    return write_submission(frame, out_dir, comp.name, manifest, lambda f, source: validate(f, comp, source))
 
 
 def read_submission(path: Path, what: str = "submission") -> pd.DataFrame:

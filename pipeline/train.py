@@ -16,7 +16,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, runtime
-from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp, write_text
+from .artifacts import (
+    content_key,
+    file_digest,
+    fingerprint,
+    is_done,
+    read_json,
+    write_csv,
+    write_stamp,
+    write_text,
+)
 from .cache import decoded_images, input_channels
 from .config import config_hash, to_yaml
 from .context import Context
@@ -35,11 +44,12 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     """
     cfg, tcfg = ctx.cfg, ctx.cfg.train
     run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
-    fp = fingerprint("train", data["folds_hash"], backbone, fold, data["channels"], cfg.model.model_dump(exclude={"backbones"}),
+    fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
+                     cfg.competition.metric, cfg.model.model_dump(exclude={"backbones"}),
                      tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime),
                      file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
-        meta = read_json(run_dir / "best.json")
+        meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
         distributed.say(f"train: {backbone} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
         return meta
     frame, images = data["frame"], data["images"]
@@ -86,12 +96,12 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
 
 def load_training_data(ctx: Context) -> dict:
     """folds.csv, its stamp and the decoded-image cache: what every fold run shares."""
-    stamp = read_json(ctx.work_dir / "folds.json")
+    stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     frame = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     channels = input_channels(ctx)
     images = decoded_images(ctx, list(frame["path"]), ctx.cfg.train.image_size, channels, "train")
-    return {"frame": frame, "images": images, "channels": channels, "classes": stamp["classes"],
-            "folds_hash": stamp["folds_hash"], "n_splits": stamp["n_splits"]}
+    return {"frame": frame, "images": images, "images_key": content_key(frame["path"]), "channels": channels,
+            "classes": stamp["classes"], "folds_hash": stamp["folds_hash"], "n_splits": stamp["n_splits"]}
 
 
 def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:

@@ -20,13 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import sqlalchemy
 import torch
 import yaml
 from pydantic import ValidationError
 
 from . import train as train_stage
-from .artifacts import atomic_write, write_csv, write_text
+from .artifacts import atomic_write, content_key, fingerprint, read_json, write_csv, write_text
+from .cache import input_channels
 from .config import Config, _known_keys, read_yaml
 from .context import Context
 from .errors import PipelineError
@@ -132,12 +134,25 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def study_name(ctx: Context) -> str:
+    """<competition>-<key of what the trials read>: the split, the training images' bytes, the config the trials start
+    from, the search space and the tune keys but the budget (n_trials, timeout) and the storage. A study continues while
+    these stay the same; change one and a new study starts (earlier ones stay in the storage)."""
+    cfg, folds = ctx.cfg.tune, read_json(ctx.work_dir / "folds.json", "run `make folds`")
+    paths = pd.read_csv(ctx.work_dir / "folds.csv", dtype=str, keep_default_na=False)["path"]
+    key = fingerprint("tune", folds["folds_hash"], content_key(paths), input_channels(ctx), ctx.cfg.competition.metric,
+                      ctx.cfg.model.model_dump(),
+                      ctx.cfg.train.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
+                      read_yaml(Path(cfg.space)), cfg.model_dump(exclude={"space", "n_trials", "timeout", "storage"}))
+    return f"{ctx.name}-{key}"
+
+
 def open_study(ctx: Context) -> optuna.Study:
     cfg = ctx.cfg.tune
     url = cfg.storage or f"sqlite:///{(ctx.work_dir / 'optuna.db').resolve()}"
     storage = _storage(url)
     direction = "maximize" if GREATER_IS_BETTER[ctx.cfg.competition.metric] else "minimize"
-    return optuna.create_study(study_name=ctx.name, storage=storage, load_if_exists=True, direction=direction,
+    return optuna.create_study(study_name=study_name(ctx), storage=storage, load_if_exists=True, direction=direction,
                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=make_pruner(cfg.pruner))
 
 

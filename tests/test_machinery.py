@@ -330,3 +330,41 @@ def test_the_orchestrator_merges_tuned_parameters_except_for_tune(comp_dir: Path
     assert orchestrate.context("tune", None, [], comp_dir, tmp_path / "w").cfg.train.lr == 1e-3
     overridden = orchestrate.context("train", None, ["train.lr=0.5"], comp_dir, tmp_path / "w")
     assert overridden.cfg.train.lr == 0.5  # overrides come after the tuned parameters
+
+
+def _finished_run(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.artifacts import write_stamp
+
+    run_dir.mkdir(parents=True)
+    save_file(weights, str(run_dir / "best.safetensors"))
+    write_stamp(run_dir / "best.json", "fp", folds_hash="h", classes=["a", "b"], backbone="d2l_lenet", in_chans=1,
+                drop_rate=0.0)
+
+
+def test_load_checkpoint_names_damaged_or_foreign_weights_and_keeps_code_errors(tmp_path, monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.models import build_model
+
+    good = build_model("d2l_lenet", 2, 1).state_dict()
+    _finished_run(tmp_path / "ok", good)
+    model, meta = checkpoint.load_checkpoint(tmp_path / "ok", "h", ["a", "b"])
+    assert meta["backbone"] == "d2l_lenet" and torch.equal(model.state_dict()["0.weight"], good["0.weight"])
+
+    _finished_run(tmp_path / "truncated", good)
+    path = tmp_path / "truncated" / "best.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(PipelineError, match=r"best.safetensors: unreadable .* rerun `make train`"):
+        checkpoint.load_checkpoint(tmp_path / "truncated", "h", ["a", "b"])
+
+    _finished_run(tmp_path / "foreign", build_model("d2l_lenet", 3, 1).state_dict())  # a 3-class head
+    with pytest.raises(PipelineError, match=r"not this model's weights \(0 tensors missing, 2 unexpected"):
+        checkpoint.load_checkpoint(tmp_path / "foreign", "h", ["a", "b"])
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug in our own code")
+
+    monkeypatch.setattr(checkpoint, "load_file", bug)  # a code error is not "delete the run folder"
+    with pytest.raises(KeyError, match="a bug in our own code"):
+        checkpoint.load_checkpoint(tmp_path / "ok", "h", ["a", "b"])

@@ -44,7 +44,7 @@ def _fake(bad_above: float = 1.0, fail_above: float = 1.0):
 def test_study_resumes_and_the_trial_count_continues(comp_dir: Path, tmp_path: Path):
     tune.run(_ctx(comp_dir, tmp_path, "tune.n_trials=3"), _fake())
     result = tune.run(_ctx(comp_dir, tmp_path, "tune.n_trials=5"), _fake())
-    study = optuna.load_study(study_name="comp", storage=f"sqlite:///{tmp_path / 'work' / 'optuna.db'}")
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'work' / 'optuna.db'}")
     assert len(study.trials) == 5 and result["states"] == {"COMPLETE": 5}
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
 
@@ -107,6 +107,6 @@ def test_two_processes_share_one_sqlite_study(small_digits: Path, tmp_path: Path
                               text=True, cwd=REPO) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{tmp_path / 'w' / 'optuna.db'}")
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'w' / 'optuna.db'}")
     assert 4 <= len(study.trials) <= 5  # MaxTrialsCallback bounds both processes together (one may start as the other ends)
     assert all("tune: trial" in out for out in outputs), "each process ran trials"

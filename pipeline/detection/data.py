@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..artifacts import file_stats, fingerprint
+from ..artifacts import content_key, fingerprint
 from ..cache import cached_decode
 from ..competition import ID_CANDIDATES, _read_csv, _resolve_paths, sort_classes
 from ..config import CompetitionConfig, DetectConfig
@@ -44,10 +44,15 @@ class DetectionData:
     val_source: str  # "val.csv" or "10% of train.csv"
 
     def key(self) -> str:
-        """Content key of the inputs: CSV rows plus each image's size and mtime."""
+        """Content key of what training reads: the train and validation rows (images, boxes), the bytes of
+        their images, the classes and where validation came from. Not the test split: it is only predicted."""
         parts = [(s.images["image"].tolist(), s.boxes.to_numpy().tolist()) for s in (self.train, self.val)]
-        stats = file_stats([p for s in (self.train, self.val, self.test) for p in s.images["path"]])
-        return fingerprint(self.classes, parts, stats)
+        images = content_key([p for s in (self.train, self.val) for p in s.images["path"]])
+        return fingerprint(self.classes, parts, images, self.val_source)
+
+    def test_key(self) -> str:
+        """Content key of the test split: its image ids in order and the bytes of its images."""
+        return fingerprint(self.test.images["image"].tolist(), content_key(self.test.images["path"]))
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -180,7 +185,7 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
 
 def decoded(split: Split, folder: Path, size: int, desc: str) -> torch.Tensor:
     """(N, 3, size, size) uint8 images, decoded once into the cache folder."""
-    array = cached_decode(folder, fingerprint(file_stats(split.images["path"])), split.images["path"].tolist(), size, 3, desc)
+    array = cached_decode(folder, content_key(split.images["path"]), split.images["path"].tolist(), size, 3, desc)
     return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a writable copy in memory
 
 

@@ -128,7 +128,12 @@ def parse_prediction_strings(strings: list[str], classes: list[str], source: str
         unknown = [g for g in groups[:, 0] if g not in index]
         if unknown:
             raise PipelineError(f"{source} line {row + 2}: unknown label '{unknown[0]}'; expected one of {classes}")
-        numbers = groups[:, 1:].astype(np.float64)
+        try:
+            numbers = groups[:, 1:].astype(np.float64)
+        except ValueError:
+            raise PipelineError(f"{source} line {row + 2}: PredictionString has a value that is not a number") from None
+        if not np.isfinite(numbers).all():
+            raise PipelineError(f"{source} line {row + 2}: PredictionString has a value that is not finite")
         out.append({"labels": torch.tensor([index[g] for g in groups[:, 0]], dtype=torch.long),
                     "scores": torch.from_numpy(numbers[:, 0]).float(), "boxes": torch.from_numpy(numbers[:, 1:]).float().reshape(-1, 4)})
     return out
