@@ -136,7 +136,7 @@ class EnsembleConfig(Section):
 
 class TuneConfig(Section):
     space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys with int/float/log/categorical ranges")
-    n_trials: int = Field(20, ge=1, description="trials in the study, all processes together (a rerun continues up to this)")
+    n_trials: int = Field(20, ge=1, description="completed + pruned trials in the study, all processes together (a rerun continues up to this)")
     timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds; null: no limit")
     folds: list[int] = Field([0], min_length=1, description="folds each trial trains and is scored on")
     epochs: int = Field(3, ge=1, description="training epochs per trial (the score reported to the pruner each epoch)")

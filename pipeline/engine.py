@@ -27,7 +27,7 @@ from . import checkpoint, distributed
 from .augment import mixer, train_transform
 from .checkpoint import prefixed, unprefixed
 from .config import TrainConfig
-from .errors import PipelineError
+from .errors import DivergedError, PipelineError
 from .metrics import is_better, score
 
 
@@ -257,6 +257,9 @@ class Trainer:
             self._reseed(self.epoch)
             t0 = time.perf_counter()
             loss, acc = self.train_epoch()
+            if not np.isfinite(loss):
+                raise DivergedError(f"train: {self.desc}: the training loss is {loss} in epoch {self.epoch} (diverged); "
+                                    "lower train.lr or set train.grad_clip")
             evaluated = self.ema.module if self.ema is not None else self.model
             proba = predict_proba(evaluated, self.data.val_x, self.data.norm, self.device, self.cfg.batch_size * 2)
             val = score(metric, self.data.val_y, proba)
