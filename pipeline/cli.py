@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import baseline, clean, detect, digits, ensemble, folds, predict, submission, train, tune
+from . import autogluon, clean, detect, digits, ensemble, folds, predict, submission, train, tune
 from .config import defaults_yaml, load_config, to_yaml
 from .context import Context
 from .detection.bananas import build_bananas
@@ -20,7 +20,7 @@ from .detection.infer import score_submission
 from .errors import PipelineError
 
 STAGES = {"clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
-          "tune": tune.run, "autogluon": baseline.run, "detect": detect.run}
+          "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
