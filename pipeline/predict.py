@@ -82,14 +82,16 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     device = train_stage.pick_device(ctx.cfg.train.device)
     frame, classes, views = data["frame"], data["classes"], cfg.tta
     oof_parts, test_logits = [], []
+    ranges = {"degrees": cfg.tta_random_degrees, "scale": cfg.tta_random_scale, "shift": cfg.tta_random_shift}
     for k in folds:
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
         model.to(device)
         held = (frame["fold"] == k).to_numpy()
         to_input = partial(train_stage.to_input, norm=meta["norm"], device=device)
-        oof_parts.append((frame[held], tta_logits(model, data["images"][held], views, to_input, cfg.batch_size, cfg.tta_seed)))
+        held_logits = tta_logits(model, data["images"][held], views, to_input, cfg.batch_size, cfg.tta_seed, **ranges)
+        oof_parts.append((frame[held], held_logits))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        test_logits.append(tta_logits(model, test_images, views, to_input, cfg.batch_size, cfg.tta_seed))
+        test_logits.append(tta_logits(model, test_images, views, to_input, cfg.batch_size, cfg.tta_seed, **ranges))
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
