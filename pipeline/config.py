@@ -152,8 +152,14 @@ class TrainConfig(FitConfig):
 class PredictConfig(Section):
     tta: list[str] = Field(["identity", "hflip"], min_length=1, description="test-time views: identity hflip vflip rot90 rot180 rot270 scale<f> random<k>")
     tta_policy: Literal["all", "auto"] = Field("auto", description="all: merge every view; auto: keep the views that improve the OOF score")
-    tta_merge: Literal["mean", "geometric", "logits"] = Field("mean", description="merge views by mean of probabilities, geometric mean, or mean of logits")
+    tta_merge: Literal["mean", "geometric"] = Field(
+        "mean", description="merge views by mean of probabilities or their geometric mean (= mean of logits)")
     tta_seed: int = Field(0, description="seed of the random<k> views")
+    tta_random_degrees: float = Field(10.0, ge=0, le=180,
+                                      description="random<k> views: rotation drawn from ± this many degrees")
+    tta_random_scale: float = Field(0.1, ge=0, lt=1, description="random<k> views: zoom drawn from 1 ± this")
+    tta_random_shift: float = Field(0.06, ge=0, le=0.5,
+                                    description="random<k> views: shift drawn from ± this fraction of the side")
     batch_size: int = Field(256, ge=1, description="images per forward pass (each carries every TTA view)")
 
 
@@ -178,7 +184,7 @@ class EnsembleConfig(Section):
 
 class TuneConfig(Section):
     space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys with int/float/log/categorical ranges")
-    n_trials: int = Field(20, ge=1, description="trials in the study, all processes together (a rerun continues up to this)")
+    n_trials: int = Field(20, ge=1, description="completed + pruned trials in the study, all processes together (a rerun continues up to this)")
     timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds; null: no limit")
     folds: list[int] = Field([0], min_length=1, description="folds each trial trains and is scored on")
     epochs: int = Field(3, ge=1, description="training epochs per trial (the score reported to the pruner each epoch)")

@@ -228,7 +228,8 @@ class Trainer:
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint, writes=distributed.is_main())
         self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.seed, label=f"train: {self.desc}",
                                  monitor=f"val_{metric}", greater_is_better=GREATER_IS_BETTER[metric],
-                                 early_stopping=self.cfg.early_stopping, on_epoch=self.on_epoch, say=distributed.say)
+                                 early_stopping=self.cfg.early_stopping, on_epoch=self.on_epoch, say=distributed.say,
+                                 diverged_fix="lower train.lr or set train.grad_clip")
         p = self.progress
         return {"epoch": p.best_epoch, "metric": p.best, "epochs_run": p.epoch, "history": p.history}
 

@@ -8,3 +8,8 @@ that line and exits with status 2 instead of showing a traceback from deep insid
 
 class PipelineError(Exception):
     """A user-fixable problem, reported as one line by the CLI."""
+
+
+class DivergedError(PipelineError, FloatingPointError):
+    """Training went non-finite (NaN or inf loss): one line for the train stage; a FloatingPointError,
+    so tuning records the trial as failed (its sampled values diverge) and goes on."""

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from . import clean, dedup
+from . import dedup
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .context import Context
 from .errors import PipelineError
@@ -66,7 +66,6 @@ def fold_report(frame: pd.DataFrame) -> dict:
 
 
 def run(ctx: Context) -> dict:
-    clean.run(ctx)
     stamp = ctx.work_dir / "folds.json"
     cfg = ctx.cfg.folds
     classes = read_json(ctx.work_dir / "clean.json", "run `make clean-data`")["classes"]

@@ -19,6 +19,7 @@ uninterrupted run (CPU).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from . import checkpoint
+from .errors import DivergedError
 
 
 class Updater:
@@ -191,10 +193,13 @@ def _resume(track: Track, saver: CheckpointSaver, label: str, say: Callable[[str
 
 def fit(track: Track, saver: CheckpointSaver, *, epochs: int, seed: int, label: str, monitor: str | None = None,
         greater_is_better: bool = True, early_stopping: int | None = None,
-        on_epoch: Callable[[int, float], None] | None = None, say: Callable[[str], None] = print) -> Progress:
+        on_epoch: Callable[[int, float], None] | None = None, say: Callable[[str], None] = print,
+        diverged_fix: str = "lower the learning rate") -> Progress:
     """Train `track` to `epochs` (or until `early_stopping` epochs without a better `monitor`), resuming from
     `last` when it belongs to this run. `monitor` names the history column that picks `best`; None keeps no best.
-    `say` prints (a no-op on the ranks that do not print)."""
+    `say` prints (a no-op on the ranks that do not print). A non-finite training loss raises DivergedError
+    (with `diverged_fix` as the advice) before the epoch is validated or saved: the predictions of NaN weights
+    would otherwise score like any others, and `last` keeps the epoch before it."""
     progress = _resume(track, saver, label, say)
     while progress.epoch < epochs and not (early_stopping and progress.bad_epochs >= early_stopping):
         progress.epoch += 1
@@ -202,7 +207,11 @@ def fit(track: Track, saver: CheckpointSaver, *, epochs: int, seed: int, label: 
         reseed(epoch_seed)
         track.reseed(progress.epoch, epoch_seed)
         t0 = time.perf_counter()
-        row = {"epoch": progress.epoch, **track.train_epoch(progress.epoch), **track.validate()}
+        row = {"epoch": progress.epoch, **track.train_epoch(progress.epoch)}
+        loss = row.get("train_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise DivergedError(f"{label.rstrip(':')}: the training loss is {loss} in epoch {progress.epoch} (diverged); {diverged_fix}")
+        row |= track.validate()
         value = row[monitor] if monitor else None
         if on_epoch is not None and value is not None:
             on_epoch(progress.epoch, value)

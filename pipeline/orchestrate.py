@@ -14,13 +14,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import baseline, clean, detect, distributed, ensemble, folds, predict, train, tune
+from . import autogluon, clean, detect, distributed, ensemble, folds, predict, train, tune
 from .config import load_config
 from .context import Context
 
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "ensemble": ensemble.run,
-    "tune": tune.run, "autogluon": baseline.run, "detect": detect.run}
+    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "ensemble": ("predict",),
             "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
 

@@ -29,11 +29,12 @@ from .tta import choose_views, merge, tta_logits
 
 
 def view_logits(model: torch.nn.Module, images: np.ndarray, views: list[str], rt: Runtime, norm: dict, batch_size: int,
-                seed: int) -> np.ndarray:
+                seed: int, ranges: dict | None = None) -> np.ndarray:
     """tta_logits under the runtime policy training used (autocast, memory format), so a model trained in
-    bf16 channels_last on CUDA is also predicted that way."""
+    bf16 channels_last on CUDA is also predicted that way; `ranges` bound the random<k> views (degrees, scale,
+    shift)."""
     with rt.autocasting():
-        return tta_logits(model, images, views, partial(rt.to_input, norm=norm), batch_size, seed)
+        return tta_logits(model, images, views, partial(rt.to_input, norm=norm), batch_size, seed, **(ranges or {}))
 
 
 def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str) -> dict:
@@ -70,14 +71,15 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     rt = runtime.from_config(ctx.cfg.runtime, "classification")  # the policy training used
     frame, classes, views = data["frame"], data["classes"], cfg.tta
     oof_parts, test_logits = [], []
+    ranges = {"degrees": cfg.tta_random_degrees, "scale": cfg.tta_random_scale, "shift": cfg.tta_random_shift}
     for k in folds:
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
         model = rt.prepare(model)
         held = (frame["fold"] == k).to_numpy()
-        oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed)
+        oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed, ranges)
         oof_parts.append((frame[held], oof))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed))
+        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed, ranges))
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()

@@ -2,8 +2,11 @@
 
 Views: identity, hflip, vflip, rot90/rot180/rot270, `scale<f>` (the batch resized by f, e.g.
 scale1.15; the network's global pooling takes any size) and `random<k>` (the k-th random weak
-augmentation: a small rotation, scale and shift per image, drawn from a seed and the image's index,
-so results do not depend on the batch size). All same-size views of a batch are stacked into one
+augmentation: a small rotation, scale and shift per image within `predict.tta_random_*`, drawn
+from a seed and the image's index, so results do not depend on the batch size). Views merge by
+the mean of their probabilities or their geometric mean; the mean of logits is the geometric mean
+(softmax of the mean logit = softmax of the mean log-probability, as log_softmax only subtracts a
+per-row constant), so it is not offered. All same-size views of a batch are stacked into one
 forward pass; each scale view is one more pass. Written here rather than taken from `ttach`
 because that library loops over views one forward at a time, which is what this module avoids.
 """
@@ -29,8 +32,10 @@ FIXED = {
 }
 
 
-def random_affine(n: int, seed: int, k: int, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.06) -> torch.Tensor:
-    """(n, 2, 3) affine matrices for affine_grid: rotation ±degrees, zoom 1±scale, shift ±shift (fraction)."""
+def random_affine(n: int, seed: int, k: int, degrees: float = 10.0, scale: float = 0.1,
+                  shift: float = 0.06) -> torch.Tensor:
+    """(n, 2, 3) affine matrices for affine_grid: rotation ±degrees, zoom 1±scale, shift ±shift (a fraction
+    of the side)."""
     gen = torch.Generator().manual_seed(seed * 1009 + k)
     u = torch.rand(n, 4, generator=gen) * 2 - 1
     angle, zoom = u[:, 0] * math.radians(degrees), 1 + u[:, 1] * scale
@@ -49,10 +54,13 @@ def apply_view(name: str, x: torch.Tensor, theta: torch.Tensor | None = None) ->
 
 
 @torch.no_grad()
-def tta_logits(model, images: np.ndarray, views: list[str], to_input, batch_size: int, seed: int = 0) -> np.ndarray:
-    """(n_views, N, n_classes) logits. `to_input` turns a uint8 NCHW batch into the model's input."""
+def tta_logits(model, images: np.ndarray, views: list[str], to_input, batch_size: int, seed: int = 0,
+               degrees: float = 10.0, scale: float = 0.1, shift: float = 0.06) -> np.ndarray:
+    """(n_views, N, n_classes) logits. `to_input` turns a uint8 NCHW batch into the model's input;
+    degrees, scale and shift bound the random<k> views (see random_affine)."""
     model.eval()
-    thetas = {v: random_affine(len(images), seed, int(v[6:])) for v in views if v.startswith("random")}
+    thetas = {v: random_affine(len(images), seed, int(v[6:]), degrees, scale, shift)
+              for v in views if v.startswith("random")}
     stacked_views = [v for v in views if not v.startswith("scale")]
     out = [[] for _ in views]
     for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
@@ -69,16 +77,17 @@ def tta_logits(model, images: np.ndarray, views: list[str], to_input, batch_size
     return torch.stack([torch.cat(parts) for parts in out]).numpy()
 
 
+MERGES = ("mean", "geometric")
+
+
 def merge(logits: np.ndarray, how: str = "mean") -> np.ndarray:
-    """(n_views, N, C) logits -> (N, C) probabilities: mean of probabilities, geometric mean, or mean of logits."""
+    """(n_views, N, C) logits -> (N, C) probabilities: mean of probabilities, or their (renormalised) geometric mean."""
     t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     if how == "mean":
         return t.softmax(-1).mean(0).numpy()
     if how == "geometric":
         return t.log_softmax(-1).mean(0).softmax(-1).numpy()
-    if how == "logits":
-        return t.mean(0).softmax(-1).numpy()
-    raise ValueError(f"unknown TTA merge {how}")
+    raise ValueError(f"unknown TTA merge {how!r}; use one of {', '.join(MERGES)}")
 
 
 def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, how: str = "mean") -> list[int]:

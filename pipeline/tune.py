@@ -2,10 +2,12 @@
 
 Each trial takes the resolved config, sets the sampled keys, trains `tune.epochs` epochs on each
 of `tune.folds` (under WORK/tune/trials/, not WORK/runs) and reports the val metric after every
-epoch, so the pruner can stop bad trials early. Trials that crash, go NaN or run out of memory are
-recorded as failed and the study goes on. The study lives in SQLite (WORK/optuna.db) by default:
-run it again and it continues; several processes on the same storage share it (`make tune
-JOBS=2`), and `tune.n_trials` bounds all of them together. Writes WORK/tune/best.yaml (the best
+epoch, so the pruner can stop bad trials early. The search space is checked against the config
+before the study starts. Trials that diverge (non-finite training loss) or run out of memory are
+recorded as failed and the study goes on; a config error or a bug stops the study with its message.
+The study lives in SQLite (WORK/optuna.db) by default: run it again and it continues; several
+processes on the same storage share it (`make tune JOBS=2`), and `tune.n_trials` bounds the
+completed and pruned trials of all of them together. Writes WORK/tune/best.yaml (the best
 parameters as a partial config, which later stages merge unless USE_TUNED=0), trials.csv and
 plots.
 """
@@ -38,12 +40,12 @@ TYPES = {"float", "int", "categorical"}
 
 
 def load_space(path: Path) -> dict[str, dict]:
-    """The search space, checked: known keys, known types, the fields each type needs."""
+    """The search space, checked: known keys, known types, the fields each type needs, valid ranges."""
     space = read_yaml(Path(path))
     known = set(_known_keys(Config))
     for key, spec in space.items():
         where = f"{path}: '{key}'"
-        if key not in known:
+        if key not in known or "." not in key:
             raise PipelineError(f"{where}: not a config key (see configs/default.yaml)")
         if not isinstance(spec, dict) or spec.get("type") not in TYPES:
             raise PipelineError(f"{where}: needs type: float, int or categorical")
@@ -51,9 +53,47 @@ def load_space(path: Path) -> dict[str, dict]:
         missing = [n for n in need if n not in spec]
         if missing:
             raise PipelineError(f"{where}: {spec['type']} needs {', '.join(missing)}")
+        distribution(spec, where)
     if not space:
         raise PipelineError(f"{path}: the search space is empty")
     return space
+
+
+def distribution(spec: dict, where: str) -> optuna.distributions.BaseDistribution:
+    """Optuna's distribution of one key; its own checks (low <= high, low > 0 with log, ...) as one line."""
+    try:
+        if spec["type"] == "float":
+            return optuna.distributions.FloatDistribution(spec["low"], spec["high"], log=spec.get("log", False))
+        if spec["type"] == "int":
+            return optuna.distributions.IntDistribution(spec["low"], spec["high"], log=spec.get("log", False),
+                                                        step=spec.get("step", 1))
+        if not isinstance(spec["choices"], list):
+            raise ValueError("choices must be a list")
+        return optuna.distributions.CategoricalDistribution(spec["choices"])
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"{where}: {exc}") from None
+
+
+def check_space(space: dict[str, dict], base: Config, path: Path) -> None:
+    """Every value a trial can draw must make a valid config, checked before the study starts.
+
+    A float range is checked at both ends and at one value between (an int key refuses a fraction),
+    an int range at both ends, a categorical at every choice. Otherwise each trial would fail on
+    its sampled values and the study would end with nothing but failed trials.
+    """
+    for key, spec in space.items():
+        dist = distribution(spec, f"{path}: '{key}'")
+        if spec["type"] == "categorical":
+            values = list(dist.choices)
+        elif spec["type"] == "float":
+            values = [dist.low, dist.high, dist.low + 0.37 * (dist.high - dist.low)]
+        else:
+            values = [dist.low, dist.high]
+        for value in values:
+            problem = config_error(base, {key: value})
+            if problem:
+                raise PipelineError(f"{path}: '{key}': the value {value!r} is not a valid config ({problem}); "
+                                    "change the range or choices")
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, object]:
@@ -62,7 +102,8 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, object]:
         if spec["type"] == "float":
             params[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
         elif spec["type"] == "int":
-            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1),
+                                            log=spec.get("log", False))
         else:
             params[key] = trial.suggest_categorical(key, spec["choices"])
     return params
@@ -80,13 +121,27 @@ def as_tree(params: dict[str, object]) -> dict:
     return tree
 
 
-def trial_config(base: Config, params: dict[str, object], epochs: int) -> Config:
+def _tree(base: Config, params: dict[str, object], epochs: int | None = None) -> dict:
     tree = base.model_dump(mode="json")
     for section, values in as_tree(params).items():
         tree[section].update(values)
-    tree["train"]["epochs"] = epochs
+    if epochs is not None:
+        tree["train"]["epochs"] = epochs
+    return tree
+
+
+def config_error(base: Config, params: dict[str, object]) -> str | None:
+    """Why `params` set on `base` is not a valid config (pydantic's first message), or None."""
     try:
-        return Config.model_validate(tree)
+        Config.model_validate(_tree(base, params))
+    except ValidationError as err:
+        return err.errors()[0]["msg"]
+    return None
+
+
+def trial_config(base: Config, params: dict[str, object], epochs: int) -> Config:
+    try:
+        return Config.model_validate(_tree(base, params, epochs))
     except ValidationError as err:
         raise PipelineError(f"tune: sampled values are not a valid config: {err.errors()[0]['msg']}") from None
 
@@ -103,8 +158,10 @@ def train_trial(ctx: Context, trial_dir: Path) -> TrainFn:
         scores = []
         for i, fold in enumerate(ctx.cfg.tune.folds):
             for backbone in cfg.model.backbones:
-                meta = train_stage.train_fold(trial_ctx, backbone, fold, data, runs_root=trial_dir,
-                                              on_epoch=lambda epoch, value, i=i: report(i * cfg.train.epochs + epoch, value))
+                def on_epoch(epoch: int, value: float, i: int = i) -> None:
+                    report(i * cfg.train.epochs + epoch, value)
+
+                meta = train_stage.train_fold(trial_ctx, backbone, fold, data, runs_root=trial_dir, on_epoch=on_epoch)
                 scores.append(meta["metric"])
         return float(sum(scores) / len(scores))
 
@@ -127,7 +184,7 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # locked, or the other wrote the version row first
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # locked, or the other wrote first
             if attempt == attempts - 1:
                 raise
             time.sleep(1.0 + attempt)
@@ -156,6 +213,14 @@ def open_study(ctx: Context) -> optuna.Study:
                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=make_pruner(cfg.pruner))
 
 
+class TrialFailed(Exception):
+    """A trial that failed on its sampled values (diverged, out of memory): recorded as failed, the study goes on.
+
+    Anything else -- a PipelineError (a config problem the user fixes) or a code bug -- stops the
+    study with its own message and traceback instead of failing every trial alike.
+    """
+
+
 def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Callable[[optuna.Trial], float]:
     def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
@@ -169,8 +234,11 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
 
         try:
             value = (train_fn or train_trial(ctx, trial_dir))(cfg, report)
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"out of memory: {exc}") from exc  # the cause keeps its traceback
+        except (torch.OutOfMemoryError, FloatingPointError) as exc:
+            reason = f"{'out of memory' if isinstance(exc, torch.OutOfMemoryError) else 'diverged'}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            print(f"tune: trial {trial.number} failed ({reason.splitlines()[0]}) with {json.dumps(params)}")
+            raise TrialFailed(reason) from exc
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)
         print(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
@@ -179,17 +247,45 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
     return run_trial
 
 
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class StopAfterFailures:
+    """Stops the study after `limit` failed trials in a row.
+
+    The budget counts finished trials only, so without this a study whose every trial fails (out
+    of memory at any setting) would retry forever; a space that fails only in part goes on.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.failed = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.failed = self.failed + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+        if self.failed >= self.limit:
+            print(f"tune: {self.failed} trials in a row failed; stopping")
+            study.stop()
+
+
 def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
-    """Run (or continue) the study up to tune.n_trials, then write best.yaml, trials.csv and plots."""
+    """Run (or continue) the study up to tune.n_trials, then write best.yaml, trials.csv and plots.
+
+    Only completed and pruned trials count toward tune.n_trials: failed ones (and ones a killed
+    process left running) are retried, so a rerun after a fix still runs the whole budget. A run
+    stops after tune.n_trials failed trials in a row, and fails when no trial ever completed.
+    """
     cfg = ctx.cfg.tune
     space = load_space(Path(cfg.space))
+    check_space(space, ctx.cfg, Path(cfg.space))
     ctx.work_dir.mkdir(parents=True, exist_ok=True)  # the folds it trains on come first (pipeline/orchestrate.py)
     study = open_study(ctx)
-    done = len(study.trials)
-    print(f"tune: study '{study.study_name}' has {done} trials; running up to {cfg.n_trials} ({cfg.pruner} pruner, seed {cfg.seed})")
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"tune: study '{study.study_name}' has {done} finished trials; running up to {cfg.n_trials} "
+          f"({cfg.pruner} pruner, seed {cfg.seed})")
     if done < cfg.n_trials:
-        study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(RuntimeError, ValueError, FloatingPointError, PipelineError),
-                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)])
+        study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(TrialFailed,),
+                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED),
+                                  StopAfterFailures(cfg.n_trials)])
     return write_results(ctx, study)
 
 
@@ -200,10 +296,13 @@ def write_results(ctx: Context, study: optuna.Study) -> dict:
     states = frame["state"].value_counts().to_dict() if len(frame) else {}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        print(f"tune: no trial completed ({states}); best.yaml not written")
-        return {"states": states}
+        reasons = sorted({t.user_attrs["fail_reason"].splitlines()[0][:160] for t in study.trials
+                          if "fail_reason" in t.user_attrs})
+        why = f"; failures: {' | '.join(reasons)}" if reasons else ""
+        raise PipelineError(f"tune: no trial completed ({states}){why}; best.yaml not written")
     best = study.best_trial
-    header = f"# Best of {len(study.trials)} trials (trial {best.number}, {ctx.cfg.competition.metric} {best.value:.4f}).\n"
+    header = (f"# Best of {len(study.trials)} trials (trial {best.number}, "
+              f"{ctx.cfg.competition.metric} {best.value:.4f}).\n")
     write_text(out / "best.yaml", header + "# Merged into later stages' config; USE_TUNED=0 ignores it.\n" +
                yaml.safe_dump(as_tree(best.params), sort_keys=True))
     plots = write_plots(study, out)
@@ -229,7 +328,8 @@ def write_plots(study: optuna.Study, out: Path) -> list[str]:
                 ax = fn(study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(8, 5)
-            atomic_write(out / f"{name}.png", lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
+            atomic_write(out / f"{name}.png",
+                         lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
             plt.close(fig)
             written.append(f"{name}.png")
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:

@@ -108,6 +108,7 @@ def test_too_many_folds_for_the_data():
 
 def test_folds_stage_writes_folds_and_hash(small_digits: Path, tmp_path: Path):
     ctx = _ctx(small_digits, tmp_path, "folds.n_splits=3")
+    clean.run(ctx)  # its upstream stage (pipeline/orchestrate.py chains them)
     out = folds.run(ctx)
     frame = pd.read_csv(ctx.work_dir / "folds.csv")
     assert sorted(frame["fold"].unique()) == [0, 1, 2] and len(out["folds_hash"]) == 16

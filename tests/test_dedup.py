@@ -181,6 +181,7 @@ def test_user_groups_and_duplicate_groups_share_folds(tmp_path: Path):
     shutil.copy(data / "img/cat_4.png", data / "img/cat_9.png")   # same label: links patients p1 and p3
     ctx = Context(load_config(None, ["competition.group_column=patient", "folds.n_splits=3", "clean.drop_exact_duplicates=false"]),
                   data, tmp_path / "work")
+    clean.run(ctx)
     folds.run(ctx)
     frame = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"user_group": str})
     assert (frame.groupby("user_group")["fold"].nunique() == 1).all()

@@ -184,7 +184,7 @@ def test_out_of_memory_in_a_trial_keeps_its_traceback(comp_dir: Path, tmp_path: 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     study = tune.optuna.create_study()
-    with pytest.raises(RuntimeError, match="out of memory") as err:
+    with pytest.raises(tune.TrialFailed, match="out of memory") as err:
         tune.objective(ctx, tune.load_space(space), oom)(study.ask())
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and err.value.__cause__.__traceback__ is not None
 

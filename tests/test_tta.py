@@ -7,7 +7,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
-from pipeline.tta import apply_view, choose_views, merge, tta_logits
+from pipeline.tta import apply_view, choose_views, merge, random_affine, tta_logits
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 TO_INPUT = partial(Runtime().to_input, norm=NORM)
@@ -64,7 +64,36 @@ def test_merges_on_hand_computed_case():
     np.testing.assert_allclose(merge(logits, "mean"), [[0.7, 0.3]], atol=1e-6)
     geo = np.sqrt([0.45, 0.05])
     np.testing.assert_allclose(merge(logits, "geometric"), [geo / geo.sum()], atol=1e-6)
-    np.testing.assert_allclose(merge(logits, "logits"), [geo / geo.sum()], atol=1e-6)  # same for 2-class log-probs
+
+
+def test_mean_of_logits_is_the_geometric_merge_so_it_is_not_offered():
+    """softmax(mean z) = softmax(mean log_softmax z) for any logits: log_softmax subtracts one constant per
+    row and view, the mean of those constants is one constant per row, and softmax ignores it."""
+    z = np.random.default_rng(0).normal(0, 4, (5, 7, 6)).astype(np.float32) + np.arange(5)[:, None, None] * 3
+    mean_of_logits = torch.from_numpy(z).mean(0).softmax(-1).numpy()
+    np.testing.assert_allclose(merge(z, "geometric"), mean_of_logits, atol=1e-6)
+    refused = r"predict.tta_merge': Input should be 'mean' or 'geometric' \(got 'logits'\)"
+    with pytest.raises(PipelineError, match=refused):
+        load_config(None, ["predict.tta_merge=logits"])
+    with pytest.raises(ValueError, match="use one of mean, geometric"):
+        merge(z, "logits")
+
+
+def test_random_view_ranges_come_from_the_config(images):
+    theta = random_affine(2000, seed=0, k=1, degrees=30.0, scale=0.2, shift=0.1)
+    zoom = 1 / theta[:, 0, :2].norm(dim=1)  # each row of the rotation part has norm 1 / zoom
+    angle = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    assert 0.8 <= zoom.min() < 0.81 and 1.19 < zoom.max() <= 1.2
+    assert -30 <= angle.min() < -29.5 and 29.5 < angle.max() <= 30
+    assert 0.19 < theta[:, :, 2].abs().max() <= 0.2  # a shift of 0.1 of the side: 0.2 in affine_grid's [-1, 1]
+    model = _Tiny()
+    still = tta_logits(model, images, ["identity", "random0"], TO_INPUT, 4, degrees=0.0, scale=0.0, shift=0.0)
+    np.testing.assert_allclose(still[1], still[0], atol=1e-5)  # zero ranges: the random view is the image itself
+    moved = tta_logits(model, images, ["identity", "random0"], TO_INPUT, 4)
+    assert not np.allclose(moved[1], moved[0], atol=1e-3)
+    cfg = load_config(None, ["predict.tta_random_degrees=30", "predict.tta_random_scale=0.2",
+                             "predict.tta_random_shift=0.1"]).predict
+    assert (cfg.tta_random_degrees, cfg.tta_random_scale, cfg.tta_random_shift) == (30, 0.2, 0.1)
 
 
 def _as_logits(proba):

@@ -158,5 +158,6 @@ class DetectionTrainer:
 
     def fit(self) -> list[dict]:
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)
-        self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="detect:")
+        self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="detect:",
+                                 diverged_fix="lower detect.lr")
         return self.history
