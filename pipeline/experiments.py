@@ -41,7 +41,7 @@ class Experiment:
 
 
 def _short(value: Any) -> str:
-    """The value as a dotted override takes it (YAML flow, no spaces after commas): train.lr=0.01 predict.tta=[identity]."""
+    """The value as a dotted override takes it (YAML flow, no spaces after commas): predict.tta=[identity]."""
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip() \
         .replace(", ", ",")
 
@@ -67,7 +67,8 @@ def resolve(model: ModelConfig, train: TrainConfig, predict: PredictConfig) -> l
                         TrainConfig.model_validate({**base_train, **train_override}),
                         PredictConfig.model_validate({**base_predict, **entry.predict}))
             dumps = [s.model_dump() for s in sections]
-            changes = {**_diff("model", base_model, {k: v for k, v in dumps[0].items() if k not in ("backbones", "only")}),
+            model_keys = {k: v for k, v in dumps[0].items() if k not in ("backbones", "only")}
+            changes = {**_diff("model", base_model, model_keys),
                        **_diff("train", base_train, dumps[1]), **_diff("predict", base_predict, dumps[2])}
             out.append(Experiment(name, entry.backbone, *sections, changes=changes))
     return out

@@ -90,11 +90,14 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge)
     merged = merge(per_view[chosen], cfg.tta_merge)
     table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge)
-    print(f"predict: {name} OOF {metric} by TTA view ({cfg.tta_merge} merge): " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
+    print(f"predict: {name} OOF {metric} by TTA view ({cfg.tta_merge} merge): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
     per_fold = [merge(lg[chosen], cfg.tta_merge) for lg in test_logits]
     test_proba = np.mean(per_fold, axis=0)  # mean over fold models
-    meta = {"experiment": name, "backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": [views[i] for i in chosen],
-            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table}
+    meta = {"experiment": name, "backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"],
+            "folds": folds, "tta": [views[i] for i in chosen],
+            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged),
+            "view_scores": table}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())
@@ -104,7 +107,8 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     test.insert(0, "id", ctx.competition.test["id"].to_numpy())
     write_parquet(out_dir / "oof.parquet", oof, meta)
     write_parquet(out_dir / "test.parquet", test, meta)
-    write_parquet(out_dir / "test_folds.parquet", _per_fold_frame(ctx.competition.test["id"], folds, per_fold, classes), meta)
+    per_fold_frame = _per_fold_frame(ctx.competition.test["id"], folds, per_fold, classes)
+    write_parquet(out_dir / "test_folds.parquet", per_fold_frame, meta)
     write_stamp(out_dir / "predict.json", fp, **meta)
     return meta
 

@@ -90,7 +90,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     write_csv(run_dir / "history.csv", history)
     plot_curves(history, run_dir / "curves.png", f"{label} fold {fold}")
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta = {"experiment": label, "backbone": backbone, "fold": fold, "epoch": result["epoch"], "epochs_run": result["epochs_run"], "metric": result["metric"],
+    meta = {"experiment": label, "backbone": backbone, "fold": fold, "epoch": result["epoch"],
+            "epochs_run": result["epochs_run"], "metric": result["metric"],
             "metric_name": cfg.competition.metric, "greater_is_better": GREATER_IS_BETTER[cfg.competition.metric],
             "classes": data["classes"], "folds_hash": data["folds_hash"], "config_hash": config_hash(cfg.model, tcfg),
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,

@@ -26,7 +26,8 @@ def _resolve(*overrides: str):
 
 def test_bare_backbone_names_are_experiments_without_overrides():
     exps = _resolve("model.backbones=[resnet18, d2l_lenet]", "train.image_size=32")
-    assert [(e.name, e.backbone, e.changes) for e in exps] == [("resnet18", "resnet18", {}), ("d2l_lenet", "d2l_lenet", {})]
+    assert [(e.name, e.backbone, e.changes) for e in exps] == [("resnet18", "resnet18", {}),
+                                                               ("d2l_lenet", "d2l_lenet", {})]
     assert exps[0].train.image_size == 32 and exps[0].model.backbones == ["resnet18"]
 
 
@@ -34,8 +35,8 @@ def test_overrides_merge_over_the_base_sections_and_are_the_changes():
     (exp,) = _resolve("model.backbones=[{name: r18-48-s1, backbone: resnet18, train: {image_size: 48, seed: 1},"
                       " model: {drop_rate: 0.2}, predict: {tta: [identity]}}]", "train.lr=0.01")
     assert (exp.name, exp.backbone) == ("r18-48-s1", "resnet18")
-    assert (exp.train.image_size, exp.train.seed, exp.train.lr, exp.model.drop_rate, exp.predict.tta) == (48, 1, 0.01, 0.2,
-                                                                                                           ["identity"])
+    resolved = (exp.train.image_size, exp.train.seed, exp.train.lr, exp.model.drop_rate, exp.predict.tta)
+    assert resolved == (48, 1, 0.01, 0.2, ["identity"])
     assert exp.changes == {"model.drop_rate": 0.2, "train.image_size": 48, "train.seed": 1, "predict.tta": ["identity"]}
     assert exp.describe_changes() == "model.drop_rate=0.2 train.seed=1 train.image_size=48 predict.tta=[identity]"
 
@@ -63,8 +64,8 @@ def test_only_selects_experiments_by_name():
 
 @pytest.mark.parametrize("backbones, message", [
     ("[resnet18, {name: resnet18, backbone: resnet10t}]",
-     r"^overrides: model.backbones\[1\] \(\{backbone: resnet10t, name: resnet18\}\): experiment name 'resnet18' is also "
-     r"made by model.backbones\[0\] \(resnet18\); give one of them another name$"),
+     r"^overrides: model.backbones\[1\] \(\{backbone: resnet10t, name: resnet18\}\): experiment name 'resnet18' "
+     r"is also made by model.backbones\[0\] \(resnet18\); give one of them another name$"),
     ("[{backbone: resnet18, seeds: [1]}, {name: RESNET18-s1, backbone: d2l_lenet}]",
      r"^overrides: model.backbones\[1\] \(\{backbone: d2l_lenet, name: RESNET18-s1\}\): experiment name 'RESNET18-s1' "
      r"is also made by model.backbones\[0\] \(\{backbone: resnet18, seeds: \[1\]\}\)"),
