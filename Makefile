@@ -18,6 +18,7 @@ WORK ?=
 OVERRIDES ?=
 SUBMISSIONS ?= submissions
 BACKBONE ?=
+EXP ?=
 FOLD ?=
 USE_TUNED ?= 1
 JOBS ?= 1
@@ -26,7 +27,7 @@ PYTEST_ARGS ?=
 
 PIPE = $(PY) -m pipeline
 ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
-	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(FOLD),"train.folds=[$(FOLD)]") $(if $(filter 0,$(USE_TUNED)),--no-tuned)
+	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(EXP),"model.only=[$(EXP)]") $(if $(FOLD),"train.folds=[$(FOLD)]") $(if $(filter 0,$(USE_TUNED)),--no-tuned)
 # The embedded competition is built on demand; any other DATA must already exist.
 DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 
@@ -40,7 +41,7 @@ DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/tra
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x FOLD=k"
+	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,10 +74,10 @@ clean-data: $(INSTALLED) $(DATA_DEP) ## clean stage: unreadable files, exact dup
 folds: $(INSTALLED) $(DATA_DEP) ## folds stage: StratifiedGroupKFold, duplicate groups kept in one fold
 	$(PIPE) folds $(ARGS)
 
-train: $(INSTALLED) $(DATA_DEP) ## train every backbone on every fold (BACKBONE=x FOLD=k: just one)
+train: $(INSTALLED) $(DATA_DEP) ## train every experiment on every fold (EXP=name, BACKBONE=x, FOLD=k: just one)
 	$(PIPE) train $(ARGS)
 
-predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA
+predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA (EXP=name: just one)
 	$(PIPE) predict $(ARGS)
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv

@@ -1,12 +1,12 @@
 """Ensemble stage: blend every model's out-of-fold predictions, score honestly, write the submission.
 
-Reads only prediction files of one schema: WORK/runs/<backbone>/{oof,test}.parquet and any other
+Reads only prediction files of one schema: WORK/runs/<experiment>/{oof,test}.parquet and any other
 pair of such files under WORK (an AutoGluon baseline, a model trained elsewhere). Files made on
 another split or class list are skipped with a message. Every single model and every blend
 (pipeline/blend.py) goes on the leaderboard with its in-sample and honest (nested-CV) score; the
 chosen blend is the best honest one unless `ensemble.method` names another. Writes
 WORK/ensemble/{leaderboard.csv, weights.json, oof.parquet, test.parquet} and
-submissions/<competition>.csv.
+submissions/<competition>.csv, and ends with the experiments table (WORK/experiments.csv).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from . import blend, submission
+from . import blend, experiments, submission
+from . import train as train_stage
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
@@ -26,7 +27,7 @@ from .predictions import prob_columns, read_parquet_meta, write_parquet
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
     """name -> (oof frame sorted by id, test frame), for every usable pair of files under WORK."""
-    configured = [f"runs/{b}" for b in ctx.cfg.model.backbones]
+    configured = [f"runs/{e.name}" for e in train_stage.selected_experiments(ctx)]
     found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
                    if "ensemble" not in p.relative_to(ctx.work_dir).parts)
     if not ctx.cfg.ensemble.include_other:
@@ -89,6 +90,7 @@ def run(ctx: Context) -> dict:
     if is_done(stamp, fp, [sub_path]):
         meta = read_json(stamp, "rerun `make ensemble`")
         print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; submission {sub_path}")
+        _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
     P, T, test_ids = _stack(models, folds_meta["classes"])
@@ -115,7 +117,18 @@ def run(ctx: Context) -> dict:
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
     print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; submission written to {path}")
+    _experiments_table(ctx, manifest["leaderboard"])
     return {**manifest, "submission": str(path)}
+
+
+def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
+    """WORK/experiments.csv with each experiment's honest score (its single-model row), printed."""
+    honest: dict[str, float] = {}
+    for row in leaderboard:  # single-model rows come first; a blend of the same name must not replace one
+        honest.setdefault(row["model"], row["honest_score"])
+    frame = train_stage.write_experiments_table(ctx, honest)
+    print(f"ensemble: experiments ({ctx.work_dir / 'experiments.csv'})\n"
+          + experiments.format_table(frame, ctx.cfg.competition.metric))
 
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:

@@ -1,10 +1,11 @@
-"""Predict stage: out-of-fold and test probabilities per backbone, with batched test-time augmentation.
+"""Predict stage: out-of-fold and test probabilities per experiment, with batched test-time augmentation.
 
 TTA views (pipeline/tta.py) of a batch go through the network together. Each view, all views
 merged and the kept views merged are scored on the out-of-fold rows and printed, so the user sees
 whether a view helps; `predict.tta_policy=auto` keeps the views that improve OOF. The test set is
-only predicted, never used to choose. Writes WORK/runs/<backbone>/{oof,test}.parquet with metadata (classes, folds hash, TTA)
-and the stamp predict.json.
+only predicted, never used to choose. Writes WORK/runs/<experiment>/{oof,test}.parquet with metadata (classes, folds
+hash, TTA), test_folds.parquet (each fold model's test probabilities, column `fold`: pseudo-labels for fold k must
+come from fold-k models only; test.parquet is their mean) and the stamp predict.json.
 """
 
 from __future__ import annotations
@@ -57,16 +58,19 @@ def _runs_key(out_dir, folds: list[int]) -> list[tuple[str, str]]:
     return keys
 
 
-def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str]) -> dict:
+def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[str], name: str | None = None) -> dict:
+    """One experiment's predictions; ctx.cfg holds its resolved sections, `name` is its folder (default: backbone)."""
     cfg = ctx.cfg.predict
-    out_dir = ctx.work_dir / "runs" / backbone
+    name = name or backbone
+    out_dir = ctx.work_dir / "runs" / name
+    outputs = [out_dir / f for f in ("oof.parquet", "test.parquet", "test_folds.parquet")]
     folds = train_stage.folds_to_train(ctx.cfg.train.folds, data["n_splits"])
     test = ctx.competition.test
     # the OOF rows and training images are the runs' own inputs; batch_size changes speed, not the probabilities
     fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(exclude={"batch_size"}),
                      ctx.cfg.competition.metric, test["id"].tolist(), content_key(test_paths))
-    if is_done(out_dir / "predict.json", fp, [out_dir / "oof.parquet", out_dir / "test.parquet"]):
-        print(f"predict: {backbone} up to date")
+    if is_done(out_dir / "predict.json", fp, outputs):
+        print(f"predict: {name} up to date")
         return read_json(out_dir / "predict.json", "rerun `make predict`")
     rt = runtime.from_config(ctx.cfg.runtime, "classification")  # the policy training used
     frame, classes, views = data["frame"], data["classes"], cfg.tta
@@ -86,10 +90,14 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge)
     merged = merge(per_view[chosen], cfg.tta_merge)
     table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge)
-    print(f"predict: {backbone} OOF {metric} by TTA view ({cfg.tta_merge} merge): " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
-    test_proba = np.mean([merge(lg[chosen], cfg.tta_merge) for lg in test_logits], axis=0)  # mean over fold models
-    meta = {"backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": [views[i] for i in chosen],
-            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table}
+    print(f"predict: {name} OOF {metric} by TTA view ({cfg.tta_merge} merge): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
+    per_fold = [merge(lg[chosen], cfg.tta_merge) for lg in test_logits]
+    test_proba = np.mean(per_fold, axis=0)  # mean over fold models
+    meta = {"experiment": name, "backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"],
+            "folds": folds, "tta": [views[i] for i in chosen],
+            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged),
+            "view_scores": table}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())
@@ -99,12 +107,28 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     test.insert(0, "id", ctx.competition.test["id"].to_numpy())
     write_parquet(out_dir / "oof.parquet", oof, meta)
     write_parquet(out_dir / "test.parquet", test, meta)
+    per_fold_frame = _per_fold_frame(ctx.competition.test["id"], folds, per_fold, classes)
+    write_parquet(out_dir / "test_folds.parquet", per_fold_frame, meta)
     write_stamp(out_dir / "predict.json", fp, **meta)
     return meta
 
 
+def _per_fold_frame(ids: pd.Series, folds: list[int], per_fold: list[np.ndarray], classes: list[str]) -> pd.DataFrame:
+    """Each fold model's test probabilities: id, fold, p_<class> (one block of test rows per fold)."""
+    frame = pd.DataFrame(np.concatenate(per_fold), columns=prob_columns(classes))
+    frame.insert(0, "id", np.tile(ids.to_numpy(), len(folds)))
+    frame.insert(1, "fold", np.repeat(folds, len(ids)))
+    return frame
+
+
 def run(ctx: Context) -> dict:
-    """OOF and test predictions of every backbone (after the train stage: pipeline/orchestrate.py runs it first)."""
-    data = train_stage.load_training_data(ctx)
+    """OOF and test predictions of every experiment (after the train stage: pipeline/orchestrate.py runs it first)."""
     test_paths = list(ctx.competition.test["path"])
-    return {b: predict_backbone(ctx, b, data, test_paths)["oof_score"] for b in ctx.cfg.model.backbones}
+    shared: dict = {}
+    scores = {}
+    for exp in train_stage.selected_experiments(ctx):
+        ectx = train_stage.experiment_context(ctx, exp)
+        data = train_stage.load_training_data(ectx, shared)
+        scores[exp.name] = predict_backbone(ectx, exp.backbone, data, test_paths, exp.name)["oof_score"]
+    train_stage.write_experiments_table(ctx)
+    return scores

@@ -1,10 +1,12 @@
-"""Train stage: every backbone on every fold, fine-tuning set-up, then the loop in pipeline/engine.py.
+"""Train stage: every experiment on every fold, fine-tuning set-up, then the loop in pipeline/engine.py.
 
-Per (backbone, fold) it writes under WORK/runs/<backbone>/fold<k>/: best.safetensors (weights of
+An experiment (pipeline/experiments.py) is a backbone with its own resolved train and model keys;
+a bare backbone name is an experiment of that name. Per (experiment, fold) it writes under
+WORK/runs/<experiment>/fold<k>/: best.safetensors (weights of
 the best epoch, the EMA's when on), best.json (stamp + metadata: classes, folds hash, config hash,
 epoch, metric, normalisation), last.safetensors + last.pt (resume state), history.csv, curves.png
 and the resolved config. A finished run is skipped; an interrupted one resumes. A table of the
-best metric per backbone and fold ends the stage.
+best metric per experiment and fold ends the stage, and WORK/experiments.csv is brought up to date.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, runtime
+from . import distributed, experiments, runtime
 from .artifacts import (
     content_key,
     file_digest,
@@ -31,26 +33,30 @@ from .config import config_hash, to_yaml
 from .context import Context
 from .engine import FoldData, Trainer
 from .errors import PipelineError
+from .experiments import Experiment
 from .metrics import GREATER_IS_BETTER
 from .models import dataset_norm, input_norm, make_optimizer, param_groups, prepare_model, pretrained_file
 from .plots import plot_curves
 
 
-def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None, runs_root: Path | None = None) -> dict:
+def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None, runs_root: Path | None = None,
+               name: str | None = None) -> dict:
     """Train one backbone on one fold (resuming from its last epoch); skipped when its stamp matches.
 
-    on_epoch(epoch, val_metric) is called after each epoch (tuning reports there); runs_root
-    replaces WORK/runs (tuning trials train elsewhere).
+    ctx.cfg holds the experiment's resolved sections (experiment_context), so the key covers them;
+    `name` is the experiment's folder (default: the backbone). on_epoch(epoch, val_metric) is called
+    after each epoch (tuning reports there); runs_root replaces WORK/runs (tuning trials train elsewhere).
     """
     cfg, tcfg = ctx.cfg, ctx.cfg.train
-    run_dir = (runs_root or ctx.work_dir / "runs") / backbone / f"fold{fold}"
+    label = name or backbone
+    run_dir = (runs_root or ctx.work_dir / "runs") / label / f"fold{fold}"
     fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
-                     cfg.competition.metric, cfg.model.model_dump(exclude={"backbones"}),
+                     cfg.competition.metric, cfg.model.model_dump(exclude={"backbones", "only"}),
                      tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime),
                      file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
-        distributed.say(f"train: {backbone} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
+        distributed.say(f"train: {label} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
         return meta
     frame, images = data["frame"], data["images"]
     is_val = (frame["fold"] == fold).to_numpy()
@@ -74,7 +80,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     fold_data = FoldData(images[~is_val], frame["y"].to_numpy()[~is_val], images[is_val], frame["y"].to_numpy()[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
     net = torch.compile(net) if rt.compile else net
-    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{backbone} fold {fold}", net=net,
+    trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{label} fold {fold}", net=net,
                       on_epoch=on_epoch)
     result = trainer.fit()
     if not distributed.is_main():
@@ -82,26 +88,56 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
         return {"metric": result["metric"]}
     history = pd.DataFrame(result["history"])
     write_csv(run_dir / "history.csv", history)
-    plot_curves(history, run_dir / "curves.png", f"{backbone} fold {fold}")
+    plot_curves(history, run_dir / "curves.png", f"{label} fold {fold}")
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta = {"backbone": backbone, "fold": fold, "epoch": result["epoch"], "epochs_run": result["epochs_run"], "metric": result["metric"],
+    meta = {"experiment": label, "backbone": backbone, "fold": fold, "epoch": result["epoch"],
+            "epochs_run": result["epochs_run"], "metric": result["metric"],
             "metric_name": cfg.competition.metric, "greater_is_better": GREATER_IS_BETTER[cfg.competition.metric],
             "classes": data["classes"], "folds_hash": data["folds_hash"], "config_hash": config_hash(cfg.model, tcfg),
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,
-            "ema": tcfg.ema, "fine_tuned": fine_tuning}
+            "ema": tcfg.ema, "fine_tuned": fine_tuning, "n_params": sum(p.numel() for p in model.parameters())}
     write_stamp(run_dir / "best.json", fp, **meta)
     distributed.barrier()
     return meta
 
 
-def load_training_data(ctx: Context) -> dict:
-    """folds.csv, its stamp and the decoded-image cache: what every fold run shares."""
+def experiment_context(ctx: Context, exp: Experiment) -> Context:
+    """ctx with the experiment's resolved model, train and predict sections (the competition read once)."""
+    cfg = ctx.cfg.model_copy(update={"model": exp.model, "train": exp.train, "predict": exp.predict})
+    out = Context(cfg, ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
+    if "competition" in ctx.__dict__:
+        out.__dict__["competition"] = ctx.competition
+    return out
+
+
+def selected_experiments(ctx: Context) -> list[Experiment]:
+    """The experiments this run trains and predicts: all of model.backbones, or those model.only names."""
+    return experiments.select(experiments.resolve(ctx.cfg.model, ctx.cfg.train, ctx.cfg.predict), ctx.cfg.model.only)
+
+
+def write_experiments_table(ctx: Context, honest: dict[str, float] | None = None) -> pd.DataFrame:
+    """WORK/experiments.csv: one row per configured experiment, from what its stages wrote so far."""
+    every = experiments.resolve(ctx.cfg.model, ctx.cfg.train, ctx.cfg.predict)
+    frame = experiments.table(every, ctx.work_dir / "runs", honest)
+    write_csv(ctx.work_dir / "experiments.csv", frame)
+    return frame
+
+
+def load_training_data(ctx: Context, shared: dict | None = None) -> dict:
+    """folds.csv, its stamp and the decoded-image cache at ctx's image size: what every fold run shares.
+    `shared` (image size -> data) keeps one per size across experiments, with its input statistics."""
+    size = ctx.cfg.train.image_size
+    if shared is not None and size in shared:
+        return shared[size]
     stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     frame = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     channels = input_channels(ctx)
-    images = decoded_images(ctx, list(frame["path"]), ctx.cfg.train.image_size, channels, "train")
-    return {"frame": frame, "images": images, "images_key": content_key(frame["path"]), "channels": channels,
+    images = decoded_images(ctx, list(frame["path"]), size, channels, "train")
+    data = {"frame": frame, "images": images, "images_key": content_key(frame["path"]), "channels": channels,
             "classes": stamp["classes"], "folds_hash": stamp["folds_hash"], "n_splits": stamp["n_splits"]}
+    if shared is not None:
+        shared[size] = data
+    return data
 
 
 def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
@@ -113,22 +149,27 @@ def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
 
 
 def run(ctx: Context) -> dict:
-    """Every backbone on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first)."""
+    """Every experiment on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first)."""
     _, world = distributed.setup()
-    if distributed.is_main():  # one process fills the image cache; the others wait
-        load_training_data(ctx)
+    chosen = [(exp, experiment_context(ctx, exp)) for exp in selected_experiments(ctx)]
+    if distributed.is_main():  # one process fills the image caches; the others wait
+        for _, ectx in chosen:
+            load_training_data(ectx)
     distributed.barrier()
     runtime.set_threads(ctx.cfg.runtime.threads)
     if world > 1 and distributed.is_main():
         print(f"train: distributed over {world} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})")
-    data = load_training_data(ctx)
+    shared: dict = {}
     results = {}
-    for backbone in ctx.cfg.model.backbones:
+    for exp, ectx in chosen:
+        data = load_training_data(ectx, shared)
         for fold in folds_to_train(ctx.cfg.train.folds, data["n_splits"]):
-            results[(backbone, fold)] = train_fold(ctx, backbone, fold, data)["metric"]
+            results[(exp.name, fold)] = train_fold(ectx, exp.backbone, fold, data, name=exp.name)["metric"]
     if not distributed.is_main():
         return results
     table = pd.Series(results).unstack()
     table.columns = [f"fold{k}" for k in table.columns]
-    print(f"train: best val {ctx.cfg.competition.metric} per backbone and fold\n" + table.assign(mean=table.mean(1)).to_string(float_format=lambda v: f"{v:.4f}"))
+    table = table.assign(mean=table.mean(axis=1)).to_string(float_format=lambda v: f"{v:.4f}")
+    print(f"train: best val {ctx.cfg.competition.metric} per experiment and fold\n{table}")
+    write_experiments_table(ctx)
     return results

@@ -154,14 +154,18 @@ def train_trial(ctx: Context, trial_dir: Path) -> TrainFn:
 
     def fn(cfg: Config, report: Callable[[int, float], None]) -> float:
         trial_ctx = Context(cfg, ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
-        data = train_stage.load_training_data(trial_ctx)
+        shared: dict = {}
         scores = []
         for i, fold in enumerate(ctx.cfg.tune.folds):
-            for backbone in cfg.model.backbones:
+            for exp in train_stage.selected_experiments(trial_ctx):  # each with its own resolved keys
+                exp_ctx = train_stage.experiment_context(trial_ctx, exp)
+                data = train_stage.load_training_data(exp_ctx, shared)
+
                 def on_epoch(epoch: int, value: float, i: int = i) -> None:
                     report(i * cfg.train.epochs + epoch, value)
 
-                meta = train_stage.train_fold(trial_ctx, backbone, fold, data, runs_root=trial_dir, on_epoch=on_epoch)
+                meta = train_stage.train_fold(exp_ctx, exp.backbone, fold, data, runs_root=trial_dir, on_epoch=on_epoch,
+                                              name=exp.name)
                 scores.append(meta["metric"])
         return float(sum(scores) / len(scores))
 
