@@ -151,8 +151,10 @@ def screen_extra(frame: pd.DataFrame, keep_leaks: bool, policy: str) -> tuple[pd
     train_id = extra["group"].map(frame[frame["split"] == "train"].groupby("group")["id"].first())
     leak = test_id.notna() & (not keep_leaks)
     copy = train_id.notna() & ~leak
-    dropped = [extra[leak].assign(reason="extra image duplicates a test image (leak): test id " + test_id[leak]),
-               extra[copy].assign(reason="extra image duplicates a training image (kept): train id " + train_id[copy])]
+    dropped = [extra[leak].assign(reason="extra image duplicates a test image (leak): test id "
+                                  + test_id[leak].astype(str)),
+               extra[copy].assign(reason="extra image duplicates a training image (kept): train id "
+                                  + train_id[copy].astype(str))]
     kept, conflicts = resolve_conflicts(extra[~leak & ~copy], policy)
     return kept, pd.concat([*dropped, conflicts])
 

@@ -51,8 +51,9 @@ class CompetitionConfig(Section):
     image_suffix: str = Field("", description="extension appended to every id, e.g. '.jpg' (for CSVs that hold bare ids)")
     metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field("accuracy", description="competition metric used for best checkpoints and CV scores")
     channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when every image is grayscale, else rgb")
-    extra: list[str] = Field([], description="more labelled folders (each with a train.csv of the same id and label "
-                                             "columns, images inside it): training rows only, never validated or scored")
+    extra: list[str] = Field([], description="more labelled folders (each with a train.csv of the same id and "
+                                             "label columns, images inside it): training rows only, never "
+                                             "validated or scored")
 
 
 class CleanConfig(Section):

@@ -106,6 +106,7 @@ def run(ctx: Context) -> dict:
     report["extra_rows"] = int(extra.sum())
     write_csv(ctx.work_dir / "folds.csv", frame)
     write_stamp(stamp, fp, folds_hash=fp, n_splits=cfg.n_splits, classes=classes, **report)
-    print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, max class-share deviation {report['max_class_share_deviation']}"
-          + (f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})" if extra.any() else ""))
+    note = f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})" if extra.any() else ""
+    print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
+          f"max class-share deviation {report['max_class_share_deviation']}{note}")
     return {"folds_hash": fp, **report}

@@ -226,3 +226,38 @@ def test_extra_folders_stay_byte_identical_and_keys_cover_them(comp: Path, extra
     assert not clean.run(_ctx(*args)).get("skipped") and not folds.run(_ctx(*args)).get("skipped")
     # dropping a folder from the list reruns both too
     assert clean.run(_ctx(comp, tmp_path / "work", f"competition.extra=[{extra}]"))["extra_kept"] == 6
+
+
+def test_a_changed_extra_folder_reruns_exactly_what_it_affects(tmp_path: Path, capsys):
+    """Through the CLI chain: a kept extra image's new bytes retrain every fold (the split stays); a dropped one's
+    rerun clean alone."""
+    from pipeline.cli import main
+
+    from .test_stage_contract import _classification, _ran, _replace_pixels, _state, _store_uncompressed
+
+    data = _classification(tmp_path / "comp")
+    root = tmp_path / "extra1"
+    (root / "more").mkdir(parents=True)
+    Image.new("RGB", (12, 10), "red").save(root / "more/flat.png")  # one flat colour: dropped by clean
+    _extra(root, [("more/flat.png", "cat"), ("more/a.png", "dog"), ("more/b.png", "fox")], seed=3)
+    _store_uncompressed(root)
+    work = tmp_path / "work"
+    base = ["ensemble", "--data", str(data), "--work", str(work), "--submissions", str(tmp_path / "subs"),
+            "--no-tuned", *FAST, "ensemble.caruana_rounds=5", f"competition.extra=[{root}]"]
+
+    def run() -> set[str]:
+        state, files = _state(work), (_tree(data), _tree(root))
+        code = main(base)
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert (_tree(data), _tree(root)) == files, "an input folder changed"
+        return _ran(state, _state(work))
+
+    assert run() == {"clean", "folds", "train", "predict", "ensemble"}
+    assert run() == set()
+    _replace_pixels(root / "more/a.png")  # the same rows in clean.csv, so the same split: folds stays
+    assert run() == {"clean", "train", "predict", "ensemble"}
+    _replace_pixels(root / "more/flat.png")  # still one flat colour, still dropped: clean.csv is the same bytes
+    assert run() == {"clean"}
+    table = _read(work / "folds.csv")
+    assert set(table.loc[table["fold"] == -1, "id"]) == {"more/a.png", "more/b.png"}
