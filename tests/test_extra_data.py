@@ -261,3 +261,21 @@ def test_a_changed_extra_folder_reruns_exactly_what_it_affects(tmp_path: Path, c
     assert run() == {"clean"}
     table = _read(work / "folds.csv")
     assert set(table.loc[table["fold"] == -1, "id"]) == {"more/a.png", "more/b.png"}
+
+
+def test_autogluon_oof_rows_take_their_truth_from_validation_rows_not_extra_rows(comp: Path, tmp_path: Path):
+    """An extra row may share an id with a competition row (another folder); AutoGluon's OOF rows are competition
+    rows, so their labels come from the fold >= 0 rows (AutoGluon itself trains on `fold != k`: extra rows too)."""
+    from pipeline.autogluon import to_pipeline_files
+
+    ctx = _ctx(comp, tmp_path / "work")
+    out = tmp_path / "work" / "autogluon"
+    out.mkdir(parents=True)
+    pd.DataFrame({"id": ["a", "b", "a"], "label": ["cat", "dog", "dog"], "y": [0, 1, 1], "fold": [0, 1, -1],
+                  "source": ["", "", "extra1"]}).to_csv(tmp_path / "work" / "folds.csv", index=False)
+    pd.DataFrame({"cat": [0.6, 0.3], "dog": [0.4, 0.7], "id": ["a", "b"], "fold": [0, 1]}).to_csv(out / "oof_raw.csv",
+                                                                                                  index=False)
+    pd.DataFrame({"cat": [0.5], "dog": [0.5], "id": ["t"]}).to_csv(out / "test_raw.csv", index=False)
+    assert to_pipeline_files(ctx, out, ["cat", "dog"], "hash") == 1.0
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert oof[["id", "fold", "label", "y"]].values.tolist() == [["a", 0, "cat", 0], ["b", 1, "dog", 1]]
