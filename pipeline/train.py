@@ -95,11 +95,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
 
 
 def load_training_data(ctx: Context) -> dict:
-    """folds.csv, its stamp and the decoded-image cache: what every fold run shares.
-
-    Extra rows (competition.extra) have fold -1, so `fold == k` (validation) never holds them and every fold's
-    training rows do; their images are in the cache and in `images_key`, the training runs' key.
-    """
+    """folds.csv, its stamp and the decoded-image cache: what every fold run shares."""
     stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     frame = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     channels = input_channels(ctx)
