@@ -99,7 +99,7 @@ def to_pipeline_files(ctx: Context, out: Path, classes: list[str], folds_hash: s
     """oof_raw.csv / test_raw.csv (AutoGluon's columns) -> oof.parquet / test.parquet (ours)."""
     raw = pd.read_csv(out / "oof_raw.csv", dtype={"id": str})
     truth = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"id": str, "label": str}, keep_default_na=False)
-    truth = truth.set_index("id")
+    truth = truth[truth["fold"] >= 0].set_index("id")  # extra rows (fold -1) are never OOF rows; their ids may repeat
     proba = as_probabilities(raw, classes)
     oof = pd.DataFrame(proba, columns=prob_columns(classes))
     oof.insert(0, "id", raw["id"].to_numpy())

@@ -8,6 +8,17 @@ dropped or resolved by majority; one copy of each pixel-identical training group
 raw folder is never touched. Writes clean.csv (kept rows with their group), duplicates.csv (every
 pair), dropped.csv (id, reason), report/clean.html, optionally test_label_overrides.csv, and the
 stamp clean.json.
+
+Extra data (`competition.extra`): the rows of more labelled folders are decoded, hashed and grouped
+with the competition's rows, then screened so that they can only ever add training rows. An extra
+image grouped (exact or near) with a test image is a leak: reported, and dropped unless
+`clean.keep_extra_leaks=true`. One grouped with a competition training image is dropped as its
+duplicate, whatever its label, and the training row stays: a copy in the training set of a
+validation image would leak that image's label into its fold, and extra rows never change which
+competition rows are kept, so the folds and every CV score stay comparable with and without extra
+data. Among themselves, extra rows follow the conflict and exact-duplicate rules of training rows.
+Kept extra rows go to clean.csv with their `source` (the folder as configured; empty for the
+competition's own rows); the folds stage gives them fold -1 (pipeline/folds.py).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +39,7 @@ from tqdm import tqdm
 
 from . import dedup, report
 from .artifacts import content_key, file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
+from .competition import read_extra
 from .context import Context
 from .errors import PipelineError
 from .images import MAX_PIXELS
@@ -78,18 +91,21 @@ def _watch_parent(first: int) -> None:
     os._exit(1)
 
 
+DROPPED_COLUMNS = ["id", "split", "label", "reason", "source"]  # source: the extra folder; empty for the competition's
+
 # the competition keys clean reads (metric, channels, name and sample_submission_csv do not change its outputs)
-READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix"}
+READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix", "extra"}
 
 
-def _inputs_fingerprint(ctx: Context) -> str:
-    """What clean reads: both CSVs, the bytes of every train and test image (test images are checked for
+def _inputs_fingerprint(ctx: Context, extra: pd.DataFrame) -> str:
+    """What clean reads: the CSVs, the bytes of every train, extra and test image (test images are checked for
     readability and duplicates of training images), how the CSVs are read, and the clean keys but `workers`."""
-    comp = ctx.competition
-    images = content_key(pd.concat([comp.train.path, comp.test.path]))
-    csvs = [file_digest(ctx.data_dir / f) for f in (ctx.cfg.competition.train_csv, ctx.cfg.competition.test_csv)]
+    comp, ccfg = ctx.competition, ctx.cfg.competition
+    images = content_key(pd.concat([comp.train.path, extra.path, comp.test.path]))
+    csvs = [file_digest(ctx.data_dir / f) for f in (ccfg.train_csv, ccfg.test_csv)]
+    csvs += [file_digest(Path(folder) / ccfg.train_csv) for folder in ccfg.extra]
     clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
-    return fingerprint("clean", csvs, images, ctx.cfg.competition.model_dump(include=READS), clean_cfg)
+    return fingerprint("clean", csvs, images, ccfg.model_dump(include=READS), clean_cfg)
 
 
 def find_pairs(frame: pd.DataFrame, threshold: int, near: bool) -> pd.DataFrame:
@@ -124,6 +140,25 @@ def resolve_conflicts(train: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, p
     return train[~drop_mask], train[drop_mask].assign(reason=reason)
 
 
+def screen_extra(frame: pd.DataFrame, keep_leaks: bool, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Extra rows (split 'extra') that may join the training rows; return (kept, dropped with reasons).
+
+    Grouped with a test image: a leak, dropped unless keep_leaks. Grouped with a competition training image: a
+    duplicate of it, dropped (the training row stays). The rest: conflicts among themselves as `policy` says.
+    """
+    extra = frame[frame["split"] == "extra"]
+    test_id = extra["group"].map(frame[frame["split"] == "test"].groupby("group")["id"].first())
+    train_id = extra["group"].map(frame[frame["split"] == "train"].groupby("group")["id"].first())
+    leak = test_id.notna() & (not keep_leaks)
+    copy = train_id.notna() & ~leak
+    dropped = [extra[leak].assign(reason="extra image duplicates a test image (leak): test id "
+                                  + test_id[leak].astype(str)),
+               extra[copy].assign(reason="extra image duplicates a training image (kept): train id "
+                                  + train_id[copy].astype(str))]
+    kept, conflicts = resolve_conflicts(extra[~leak & ~copy], policy)
+    return kept, pd.concat([*dropped, conflicts])
+
+
 def label_overrides(frame: pd.DataFrame, kept: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Known labels for test rows grouped with kept training rows that agree on one label."""
     labels = kept.groupby("group")["label"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else None).dropna()
@@ -135,31 +170,35 @@ def label_overrides(frame: pd.DataFrame, kept: pd.DataFrame, pairs: pd.DataFrame
 def run(ctx: Context) -> dict:
     """Write clean.csv and its companions; skipped when the stamp matches the inputs."""
     stamp, cfg = ctx.work_dir / "clean.json", ctx.cfg.clean
-    fp = _inputs_fingerprint(ctx)
+    comp = ctx.competition
+    extra = read_extra(comp, ctx.cfg.competition)
+    fp = _inputs_fingerprint(ctx, extra)
     if is_done(stamp, fp, [ctx.work_dir / "clean.csv"]):
         print(f"clean: up to date ({stamp})")
         return {"skipped": True}
-    comp = ctx.competition
-    feats = compute_features(list(comp.train.path) + list(comp.test.path), cfg.near_min_size, cfg.workers, "clean: decode + hash",
-                             cfg.max_pixels)
-    frame = pd.concat([comp.train.assign(split="train"), comp.test.assign(split="test", label="", y=-1)], ignore_index=True)
+    parts = [comp.train.assign(split="train", source=""), extra.assign(split="extra"),
+             comp.test.assign(split="test", label="", y=-1, source="")]
+    frame = pd.concat([p for p in parts if len(p)], ignore_index=True)
+    feats = compute_features(list(frame.path), cfg.near_min_size, cfg.workers, "clean: decode + hash", cfg.max_pixels)
     frame = pd.concat([frame, pd.DataFrame(feats)], axis=1)
     test_err = frame[(frame.split == "test") & frame.error.notna()]
     if len(test_err):
         line = int(test_err.line.iloc[0])
         raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
-    bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split == "train") & cfg.drop_flat)
+    bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split != "test") & cfg.drop_flat)
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
     frame = frame[~bad].reset_index(drop=True)
     pairs = find_pairs(frame, cfg.near_threshold, cfg.near_duplicates)
     frame["group"] = dedup.groups(len(frame), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     kept, conflicts = resolve_conflicts(frame[frame.split == "train"], cfg.conflicts)
+    kept_extra, dropped_extra = screen_extra(frame, cfg.keep_extra_leaks, cfg.conflicts)
+    kept = pd.concat([kept, kept_extra])  # training rows first: an extra copy of one is the copy dropped
     copies = kept[kept.duplicated("pixel")] if cfg.drop_exact_duplicates else kept.iloc[:0]
     kept = kept.drop(copies.index)
-    dropped += [conflicts, copies.assign(reason="exact duplicate of a kept image")]
-    dropped = pd.concat(dropped)
-    _check_classes_left(ctx, kept, dropped)
-    summary = _write_outputs(ctx, frame, kept, dropped, pairs)
+    dropped += [conflicts, dropped_extra, copies.assign(reason="exact duplicate of a kept image")]
+    dropped = pd.concat([d for d in dropped if len(d)]) if any(len(d) for d in dropped) else dropped[0]
+    _check_classes_left(ctx, kept[kept.split == "train"], dropped)
+    summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra))
     write_stamp(stamp, fp, classes=comp.classes, **summary)
     print("clean: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
@@ -175,7 +214,8 @@ def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame)
     empty = [c for c in ctx.competition.classes if c not in set(kept["label"])]
     if not empty:
         return
-    write_csv(ctx.work_dir / "dropped.csv", dropped[["id", "split", "label", "reason"]])
+    write_csv(ctx.work_dir / "dropped.csv", dropped[DROPPED_COLUMNS])
+    dropped = dropped[dropped.split == "train"]  # the competition's own rows explain its classes
     csv, see = ctx.data_dir / ctx.cfg.competition.train_csv, ctx.work_dir / "dropped.csv"
     if kept.empty:
         first = dropped[dropped.split == "train"].iloc[0]
@@ -192,33 +232,60 @@ def _reasons(dropped: pd.DataFrame) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in pd.Series(kinds).value_counts().items())
 
 
-def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame,
+                   n_extra: int) -> dict:
     comp, cfg, work = ctx.competition, ctx.cfg.clean, ctx.work_dir
-    cols = ["id", "label", "y", "group", "path"] + (["user_group"] if "user_group" in kept.columns else [])
+    cols = ["id", "label", "y", "group", "path"] + (["user_group"] if "user_group" in kept.columns else []) + ["source"]
     write_csv(work / "clean.csv", kept[cols])
     a, b = frame.iloc[pairs["a"]].reset_index(drop=True), frame.iloc[pairs["b"]].reset_index(drop=True)
     dup = pd.DataFrame({"id_a": a.id, "split_a": a.split, "label_a": a.label, "id_b": b.id, "split_b": b.split, "label_b": b.label,
                         "kind": pairs["kind"], "distance": pairs["distance"], "group": a.group,
-                        "phash_a": a.phash.map(_hex), "phash_b": b.phash.map(_hex)})
+                        "phash_a": a.phash.map(_hex), "phash_b": b.phash.map(_hex), "source_a": a.source,
+                        "source_b": b.source})
     write_csv(work / "duplicates.csv", dup)
-    write_csv(work / "dropped.csv", dropped[["id", "split", "label", "reason"]])
+    write_csv(work / "dropped.csv", dropped[DROPPED_COLUMNS])
     write_json(work / "classes.json", {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
-    overrides = label_overrides(frame, kept, pairs)
+    own, own_dropped = kept[kept.split == "train"], dropped[dropped.split != "extra"]
+    overrides = label_overrides(frame, own, pairs)  # from the competition's own labels only
     if cfg.transfer_test_labels:
         write_csv(work / "test_label_overrides.csv", overrides)
     elif (work / "test_label_overrides.csv").exists():
         os.remove(work / "test_label_overrides.csv")  # our own artifact from an earlier opt-in run
-    cross = dup[(dup.split_a == "train") != (dup.split_b == "train")]
+    train_test = (((dup.split_a == "train") & (dup.split_b == "test"))
+                  | ((dup.split_a == "test") & (dup.split_b == "train")))
+    reasons = own_dropped.reason
     summary = {
-        "train_rows": len(comp.train), "kept": len(kept), "unreadable": int(dropped.reason.str.contains("cannot decode").sum()),
-        "flat": int((dropped.reason == "single flat colour").sum()), "conflicts_dropped": int(dropped.reason.str.startswith("label conflict").sum()),
-        "duplicates_dropped": int((dropped.reason == "exact duplicate of a kept image").sum()),
+        "train_rows": len(comp.train), "kept": len(own), "unreadable": int(reasons.str.contains("cannot decode").sum()),
+        "flat": int((reasons == "single flat colour").sum()),
+        "conflicts_dropped": int(reasons.str.startswith("label conflict").sum()),
+        "duplicates_dropped": int((reasons == "exact duplicate of a kept image").sum()),
         "exact_pairs": int((pairs.kind == "exact").sum()), "near_pairs": int((pairs.kind == "near").sum()),
-        "train_test_pairs": len(cross), "test_labels_known": len(overrides), "test_labels_transferred": len(overrides) if cfg.transfer_test_labels else 0,
+        "train_test_pairs": int(train_test.sum()), "test_labels_known": len(overrides),
+        "test_labels_transferred": len(overrides) if cfg.transfer_test_labels else 0,
         "not_near_hashed": int(frame.phash.isna().sum()), "all_gray": bool(frame.gray.all()),
     }
-    report.write_clean_report(work / "report" / "clean.html", frame, dup, dropped, summary, cfg.report_groups)
+    if ctx.cfg.competition.extra:
+        summary.update(_extra_summary(n_extra, frame, kept, dropped))
+    sources = _source_table(ctx.cfg.competition.extra, kept, dropped) if ctx.cfg.competition.extra else None
+    report.write_clean_report(work / "report" / "clean.html", frame, dup, dropped, summary, cfg.report_groups, sources)
     return summary
+
+
+def _extra_summary(n_extra: int, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame) -> dict:
+    """Counts of the extra rows: read, kept, leaks found (and dropped), duplicates of training images dropped."""
+    extra, reasons = frame[frame.split == "extra"], dropped.reason[dropped.split == "extra"]
+    return {"extra_rows": n_extra, "extra_kept": int((kept.split == "extra").sum()),
+            "extra_leaks": int(extra.group.isin(set(frame.group[frame.split == "test"])).sum()),
+            "extra_leaks_dropped": int(reasons.str.startswith("extra image duplicates a test").sum()),
+            "extra_duplicates_dropped": int(reasons.str.startswith("extra image duplicates a training").sum())}
+
+
+def _source_table(folders: list[str], kept: pd.DataFrame, dropped: pd.DataFrame) -> pd.DataFrame:
+    """One row per extra folder: rows kept, and rows dropped per reason (the part before ':')."""
+    gone = dropped[dropped.split == "extra"]
+    table = pd.crosstab(gone.source, gone.reason.str.split(":").str[0]).reindex(folders, fill_value=0)
+    table.insert(0, "kept", kept[kept.split == "extra"].source.value_counts().reindex(folders, fill_value=0))
+    return table.rename_axis("folder").reset_index()
 
 
 def _hex(code) -> str:

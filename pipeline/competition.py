@@ -6,6 +6,10 @@ Output: a `Competition` with train and test tables holding `id` (as written in t
 naming the file, line and fix. Line numbers are the ones an editor shows (header = line 1, blank
 lines and quoted line breaks counted). CSVs are read with the standard library's csv module, which
 reports where a record starts; pandas does not.
+
+`read_extra` reads the folders of `competition.extra` under the same contract (a train.csv with the
+competition's id and label columns, images inside the folder, labels that are classes of the
+competition's train.csv) as extra training rows; only the clean stage reads them.
 """
 
 from __future__ import annotations
@@ -275,3 +279,46 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
         _check_sample(sample, test, id_col, classes, sample_path)
     name = cfg.name or root.resolve().name
     return Competition(root, name, train, test, classes, id_col, label_col, sample)
+
+
+def read_extra(comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
+    """The rows of every `competition.extra` folder: id, path, label, line, y and `source` (the folder as configured).
+
+    Each folder is checked like the competition folder (its CSV, unique ids, images inside it, no links out) and
+    never written to. Relative folders are read from the current directory, like DATA.
+    """
+    seen: dict[Path, str] = {comp.root.resolve(): "the competition folder"}
+    parts = [pd.DataFrame(columns=["id", "path", "label", "line", "y", "source"])]
+    for folder in cfg.extra:
+        root = Path(folder)
+        if not folder or not root.is_dir():
+            raise PipelineError(f"competition.extra: folder '{folder}' not found; give folders of labelled images, "
+                                "each with its own train.csv")
+        if root.resolve() in seen:
+            raise PipelineError(f"competition.extra: folder '{folder}' is {seen[root.resolve()]} again; "
+                                "list each folder once")
+        seen[root.resolve()] = f"the same folder as '{folder}'"
+        parts.append(_read_extra_folder(root, comp, cfg).assign(source=folder))
+    return pd.concat(parts, ignore_index=True).astype({"line": int, "y": int})
+
+
+def _read_extra_folder(root: Path, comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
+    csv = root / cfg.train_csv
+    raw = _read_csv(csv)
+    for column, what in ((comp.id_column, "id"), (comp.label_column, "label")):
+        if column not in raw.columns:
+            raise PipelineError(f"{csv}: {what} column '{column}' (as in {comp.root / cfg.train_csv}) missing; "
+                                f"columns are {list(raw.columns)}")
+    _check_ids(raw, comp.id_column, csv)
+    labels, index = raw[comp.label_column], comp.class_index
+    unknown = (~labels.isin(index)).to_numpy().nonzero()[0]
+    if len(unknown):
+        i = int(unknown[0])
+        if labels.iloc[i] == "":
+            raise PipelineError(f"{csv} line {line_of(raw, i)}: empty label in column '{comp.label_column}'; "
+                                "label every row")
+        raise PipelineError(f"{csv} line {line_of(raw, i)}: label '{labels.iloc[i]}' is not a class of "
+                            f"{comp.root / cfg.train_csv} ({', '.join(comp.classes[:10])}"
+                            f"{', ...' if len(comp.classes) > 10 else ''}); fix the label or remove the row")
+    return pd.DataFrame({"id": raw[comp.id_column], "path": _resolve_paths(raw, comp.id_column, root, cfg, csv),
+                         "label": labels, "line": raw.attrs["lines"], "y": labels.map(index).astype(int)})

@@ -60,6 +60,9 @@ class CompetitionConfig(Section):
     image_suffix: str = Field("", description="extension appended to every id, e.g. '.jpg' (for CSVs that hold bare ids)")
     metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field("accuracy", description="competition metric used for best checkpoints and CV scores")
     channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when every image is grayscale, else rgb")
+    extra: list[str] = Field([], description="more labelled folders (each with a train.csv of the same id and "
+                                             "label columns, images inside it): training rows only, never "
+                                             "validated or scored")
 
 
 class CleanConfig(Section):
@@ -70,6 +73,8 @@ class CleanConfig(Section):
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")
     transfer_test_labels: bool = Field(False, description="submit the known label for test images that duplicate training images (opt-in)")
+    keep_extra_leaks: bool = Field(False, description="keep competition.extra images that duplicate a test image "
+                                                      "(reported as leaks either way; default: dropped)")
     max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused from their header, before decoding (decompression bombs): a training image is dropped, a test image is an error; default: Pillow's limit")
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")

@@ -4,6 +4,13 @@ Groups are the clean stage's duplicate groups, merged with `competition.group_co
 patient id) when set. Writes folds.csv (clean.csv plus `split_group`, `fold` and `folds_hash`
 columns) and the stamp folds.json, whose `folds_hash`
 every later artifact records: training and ensembling refuse predictions made on another split.
+
+Extra rows (clean.csv rows with a `source`, from `competition.extra`) stay in folds.csv with fold -1:
+never a validation fold, so every fold's training set (`fold != k`) includes them and no OOF row
+(`fold == k`) is one of them. Keeping them in the one table, rather than in a side file, means every
+consumer (train, predict, tune, autogluon) already gets the split right from the fold column alone;
+the competition's rows are split exactly as without extra data (the extra rows are left out of the
+splitter), so CV scores with and without extra data compare on the same folds.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from . import dedup
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .context import Context
 from .errors import PipelineError
+
+EXTRA_FOLD = -1  # the fold of extra training rows: in every fold's training set, in no validation set
 
 
 def split_groups(frame: pd.DataFrame) -> np.ndarray:
@@ -73,20 +82,31 @@ def run(ctx: Context) -> dict:
     if is_done(stamp, fp, [ctx.work_dir / "folds.csv"]):
         print(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
-    frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str}, keep_default_na=False)
-    counts = frame["label"].value_counts()
+    frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str, "source": str},
+                        keep_default_na=False)
+    if "source" not in frame.columns:
+        raise PipelineError(f"{ctx.work_dir / 'clean.csv'}: written by an older version (no 'source' column); "
+                            "rerun `make clean-data`")
+    extra = (frame["source"] != "").to_numpy()
+    own = frame[~extra].copy()
+    counts = own["label"].value_counts()
     check_class_sizes(counts, cfg.n_splits)
     small = counts[counts < cfg.n_splits]
     if len(small):
         print(f"folds: warning: classes with fewer samples than folds ({cfg.n_splits}): "
               f"{ {k: int(v) for k, v in small.items()} }; some folds will lack them")
-    frame["split_group"] = split_groups(frame)
-    frame["fold"] = assign_folds(frame, cfg.n_splits, cfg.seed, frame["split_group"].to_numpy())
-    frame["folds_hash"] = fp
-    report = fold_report(frame)
+    own["split_group"] = split_groups(own)
+    own["fold"] = assign_folds(own, cfg.n_splits, cfg.seed, own["split_group"].to_numpy())
+    report = fold_report(own)
     if report["groups_spanning_folds"]:
         raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; this is a bug, please report it")
+    frame["split_group"], frame["fold"] = EXTRA_FOLD, EXTRA_FOLD
+    frame.loc[~extra, ["split_group", "fold"]] = own[["split_group", "fold"]]
+    frame["folds_hash"] = fp
+    report["extra_rows"] = int(extra.sum())
     write_csv(ctx.work_dir / "folds.csv", frame)
     write_stamp(stamp, fp, folds_hash=fp, n_splits=cfg.n_splits, classes=classes, **report)
-    print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, max class-share deviation {report['max_class_share_deviation']}")
+    note = f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})" if extra.any() else ""
+    print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
+          f"max class-share deviation {report['max_class_share_deviation']}{note}")
     return {"folds_hash": fp, **report}

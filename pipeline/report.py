@@ -1,7 +1,9 @@
 """report/clean.html: the clean stage's counts and every duplicate group as thumbnails.
 
 One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose
-labels disagree come first, outlined in red.
+labels disagree, and groups where an extra image (competition.extra) duplicates a test image, come
+first, outlined in red. Extra images are captioned with their folder; a table per extra folder counts
+its kept and dropped rows, and the dropped extra rows are listed with their reason.
 """
 
 from __future__ import annotations
@@ -38,28 +40,58 @@ def thumbnail(path: str, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _caption(row) -> str:
+    if row.split == "test":
+        return "test"
+    label = f"label {html.escape(str(row.label))}"
+    return label if row.split == "train" else f"extra, {label}<br>from {html.escape(str(row.source))}"
+
+
 def _group_html(members: pd.DataFrame, conflict: bool) -> str:
     items = []
     for row in members.itertuples():
-        label = f"label {html.escape(str(row.label))}" if row.split == "train" else "test"
-        items.append(f'<div class="item"><img src="{thumbnail(row.path)}" alt=""><b>{html.escape(str(row.id))}</b><br>{label}</div>')
-    tag = '<div class="tag">labels disagree</div>' if conflict else ""
-    return f'<div class="group{" conflict" if conflict else ""}">{tag}{"".join(items)}</div>'
+        items.append(f'<div class="item"><img src="{thumbnail(row.path)}" alt=""><b>{html.escape(str(row.id))}</b>'
+                     f"<br>{_caption(row)}</div>")
+    tags = (["labels disagree"] if conflict else []) + (["extra image duplicates a test image (leak)"]
+                                                        if {"extra", "test"} <= set(members["split"]) else [])
+    tag = "".join(f'<div class="tag">{t}</div>' for t in tags)
+    return f'<div class="group{" conflict" if tags else ""}">{tag}{"".join(items)}</div>'
+
+
+def _table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _extra_html(sources: pd.DataFrame | None, dropped: pd.DataFrame, max_rows: int) -> str:
+    """Per extra folder: rows kept and dropped by reason; then the dropped extra rows themselves."""
+    if sources is None or sources.empty:
+        return ""
+    gone = dropped[dropped["split"] == "extra"][["source", "id", "label", "reason"]]
+    more = f"<p>{len(gone) - max_rows} more in dropped.csv.</p>" if len(gone) > max_rows else ""
+    return (f"<h2>Extra data (training rows only)</h2>{_table(sources)}"
+            f"<h3>Dropped extra rows ({len(gone)})</h3>{_table(gone.head(max_rows))}{more}")
 
 
 def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dropped: pd.DataFrame, summary: dict,
-                       max_groups: int) -> Path:
+                       max_groups: int, sources: pd.DataFrame | None = None) -> Path:
+    """`sources`: one row per extra folder (its counts), or None without extra data."""
     sizes = frame.groupby("group").size()
     multi = frame[frame["group"].isin(sizes[sizes > 1].index)]
-    train_labels = multi[multi["split"] == "train"].groupby("group")["label"].nunique()
+    train_labels = multi[multi["split"] != "test"].groupby("group")["label"].nunique()
     conflict = set(train_labels[train_labels > 1].index)
-    order = sorted(multi["group"].unique(), key=lambda g: (g not in conflict, -sizes[g], g))
+    splits = multi.groupby("group")["split"].agg(set)
+    leak = set(splits[splits.map(lambda s: {"extra", "test"} <= s)].index)
+    order = sorted(multi["group"].unique(), key=lambda g: (g not in conflict and g not in leak, -sizes[g], g))
     counts = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in summary.items())
     reasons = dropped["reason"].str.split(":").str[0].value_counts() if len(dropped) else pd.Series(dtype=int)
     drop_rows = "".join(f"<tr><td>{html.escape(str(r))}</td><td>{n}</td></tr>" for r, n in reasons.items())
     groups = "".join(_group_html(multi[multi["group"] == g], g in conflict) for g in order[:max_groups])
     more = f"<p>{len(order) - max_groups} more groups not shown (clean.report_groups).</p>" if len(order) > max_groups else ""
     body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2><table><tr><th>reason</th><th>rows</th></tr>{drop_rows}</table>"
+            f"{_extra_html(sources, dropped, max_groups)}"
             f"<h2>Duplicate groups ({len(order)}; {len(conflict)} with disagreeing labels; {len(pairs)} pairs)</h2>{groups}{more}")
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head><body>{body}</body></html>'
     return write_text(path, page)
