@@ -32,7 +32,8 @@ def main(n: int = 2000, size: int = 64, repeats: int = 5) -> None:
             path = Path(tmp) / f"{i}.jpg"
             im.save(path, quality=90)
             paths.append(path)
-        cache = np.stack([resize(to_channels(load_image(p), 3), size) for p in paths])  # what pipeline.cache stores once
+        # what pipeline.cache stores once
+        cache = np.stack([resize(to_channels(load_image(p), 3), size) for p in paths])
         order = rng.permutation(n)
         times = interleaved({"decode": lambda: [resize(to_channels(load_image(p), 3), size) for p in paths],
                              "cached": lambda: [np.ascontiguousarray(cache[i]) for i in order]}, repeats)

@@ -40,8 +40,10 @@ def naive(P: np.ndarray, D: np.ndarray, threshold: int) -> set[tuple[int, int]]:
     found = set()
     for i in range(len(p)):
         for j in range(i + 1, len(p)):
-            best = min(min(((p[i][k] ^ p[j][0]).bit_count() + (d[i][k] ^ d[j][0]).bit_count()) for k in range(VARIANTS)),
-                       min(((p[j][k] ^ p[i][0]).bit_count() + (d[j][k] ^ d[i][0]).bit_count()) for k in range(VARIANTS)))
+            best = min(min(((p[i][k] ^ p[j][0]).bit_count() + (d[i][k] ^ d[j][0]).bit_count())
+                           for k in range(VARIANTS)),
+                       min(((p[j][k] ^ p[i][0]).bit_count() + (d[j][k] ^ d[i][0]).bit_count())
+                           for k in range(VARIANTS)))
             if best <= threshold:
                 found.add((i, j))
     return found

@@ -1,9 +1,10 @@
 """Anchor labelling and NMS: the vectorised, batched versions vs the course's loops, same run.
 
 TinySSD's 5,444 anchors (feature maps 32, 16, 8, 4, 1 with 4 anchors per pixel) and a batch of 32
-images with 1 to 8 boxes each (and with one each, like the bananas). Labelling: pipeline.detection.boxes.multibox_target for the batch vs
-the course's per-image assign_anchor_to_bbox loop. NMS: torchvision's batched_nms over all images
-(class-aware) vs the course's Python-loop NMS per image and class. Both must agree; prints median ratios and their spread over interleaved rounds.
+images with 1 to 8 boxes each (and with one each, like the bananas). Labelling:
+pipeline.detection.boxes.multibox_target for the batch vs the course's per-image assign_anchor_to_bbox
+loop. NMS: torchvision's batched_nms over all images (class-aware) vs the course's Python-loop NMS per
+image and class. Both must agree; prints median ratios and their spread over interleaved rounds.
 
     .venv/bin/python benchmarks/detection.py [--device cuda]
 """
@@ -23,7 +24,8 @@ RATIOS = [1, 2, 0.5]
 
 
 def tinyssd_anchors() -> torch.Tensor:
-    return torch.cat([multibox_prior(s, s, sz, RATIOS) for s, sz in zip((32, 16, 8, 4, 1), SIZES, strict=True)], 1).reshape(-1, 4)
+    return torch.cat([multibox_prior(s, s, sz, RATIOS) for s, sz in zip((32, 16, 8, 4, 1), SIZES, strict=True)],
+                     1).reshape(-1, 4)
 
 
 def batch_boxes(b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +56,16 @@ def labelling(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor, wh
     ref, got = course(), batched()
     assert all(torch.equal(got[i], ref[i]) for i in range(b)), "labelling disagrees with the course"
     t = interleaved({"loop": course, "batched": batched}, repeats, measure=synced)
-    print(f"anchor labelling, {b} images x {len(anchors)} anchors, {what} each: course loop {median(t['loop']) * 1000:.1f} ms, "
+    print(f"anchor labelling, {b} images x {len(anchors)} anchors, {what} each: "
+          f"course loop {median(t['loop']) * 1000:.1f} ms, "
           f"batched {median(t['batched']) * 1000:.1f} ms (medians), ratio {ratio_text(t['loop'], t['batched'], 1)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds of labelling (NMS: a third of them)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="interleaved rounds of labelling (NMS: a third of them)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -70,13 +74,15 @@ def main() -> None:
     assign_anchors(anchors, gt, valid)  # warm-up (cuda context, kernels)
     for what, g in (("1-8 boxes", gt.shape[1]), ("1 box (the bananas)", 1)):
         labelling(anchors, gt[:, :g].contiguous(), valid[:, :g].contiguous(), what, args.repeats)
-    probs = torch.rand(b, 2, len(anchors), generator=gen).softmax(1).to(device)  # one class + background, like the bananas
+    # one class + background, like the bananas
+    probs = torch.rand(b, 2, len(anchors), generator=gen).softmax(1).to(device)
     offsets = (torch.randn(b, len(anchors) * 4, generator=gen) * 0.1).to(device)
 
     def loop_nms():
         out = []
         for i in range(b):
-            boxes = multibox_detection(probs[i:i + 1], offsets[i:i + 1], anchors, nms_threshold=1.1, pos_threshold=0.0)[0]
+            boxes = multibox_detection(probs[i:i + 1], offsets[i:i + 1], anchors, nms_threshold=1.1,
+                                       pos_threshold=0.0)[0]
             out.append(len(reference.nms(boxes[:, 2:], boxes[:, 1], 0.5)))  # same decoded boxes, loop NMS
         return out
 

@@ -38,14 +38,16 @@ def main() -> None:
     run = (args.model, images, labels, args.batch)
     bare_epoch(*run, device=CUDA)  # warm-up: context, cudnn autotuning
     bare_epoch(*run, device=CUDA, amp="bfloat16", channels_last=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.size}px, batch {args.batch}, {args.images} images")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.size}px, "
+          f"batch {args.batch}, {args.images} images")
     runs = {"bare fp32 NCHW (baseline)": lambda: bare_epoch(*run, device=CUDA),
             "bare bf16 channels_last": lambda: bare_epoch(*run, device=CUDA, amp="bfloat16", channels_last=True),
             "engine fp32 channels_last": lambda: engine_epoch(*run, device=CUDA, warm=True),
             "engine bf16 channels_last": lambda: engine_epoch(*run, device=CUDA, amp="bfloat16", warm=True),
             "engine fp16 channels_last + scaler": lambda: engine_epoch(*run, device=CUDA, amp="float16", warm=True)}
     if not args.no_compile:
-        runs["engine bf16 channels_last compiled"] = lambda: engine_epoch(*run, device=CUDA, amp="bfloat16", compile=True)
+        runs["engine bf16 channels_last compiled"] = lambda: engine_epoch(*run, device=CUDA, amp="bfloat16",
+                                                                          compile=True)
     speeds = interleaved(runs, args.repeats, measure=lambda fn: fn())  # each call returns its own img/s
     base = speeds["bare fp32 NCHW (baseline)"]
     for name, values in speeds.items():

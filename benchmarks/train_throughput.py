@@ -47,14 +47,15 @@ def engine_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch:
     """Engine with the settings train.py gives it: channels_last and pinned memory on cuda, AMP per `amp`."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    rt = Runtime(device, autocast=amp != "none" and cuda, amp_dtype=torch.float16 if amp == "float16" else torch.bfloat16,
-                 channels_last=cuda)
+    rt = Runtime(device, autocast=amp != "none" and cuda,
+                 amp_dtype=torch.float16 if amp == "float16" else torch.bfloat16, channels_last=cuda)
     model = rt.prepare(build_model(model_name, 10, 3))
     cfg = TrainConfig(batch_size=batch, augment="none", hflip=False, epochs=1, image_size=images.shape[1])
     opt = make_optimizer("adamw", param_groups(model, 1e-3, 0.05, 1.0), 1e-3, 0.9, False)
     data = FoldData(images, labels, images[:0], labels[:0], 10, NORM, "accuracy")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", rt, 0, net=torch.compile(model) if compile else None)
+        trainer = Trainer(model, opt, cfg, data, Path(tmp), "bench", rt, 0,
+                          net=torch.compile(model) if compile else None)
         if warm or compile:  # an untimed epoch first: compilation, cudnn autotuning, allocator warm-up
             trainer.train_epoch(1)
         loop.reseed(1)
@@ -79,8 +80,10 @@ def bare_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch: i
     t0 = time.perf_counter()
     for start in range(0, len(order) - batch + 1, batch):
         idx = order[start:start + batch]
-        x = Runtime(device, channels_last=channels_last).to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2), NORM)
-        with torch.autocast(device.type, dtype=getattr(torch, amp if amp != "none" else "float32"), enabled=amp != "none"):
+        x = Runtime(device, channels_last=channels_last).to_input(torch.from_numpy(images[idx]).permute(0, 3, 1, 2),
+                                                                  NORM)
+        with torch.autocast(device.type, dtype=getattr(torch, amp if amp != "none" else "float32"),
+                            enabled=amp != "none"):
             loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]).to(device))
         opt.zero_grad()
         loss.backward()
@@ -105,7 +108,8 @@ class DecodeEveryTime(Dataset):
 
 def loader_epoch(dataset: Dataset, model: torch.nn.Module, opt, batch: int) -> float:
     t0 = time.perf_counter()
-    for x, y in DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate):
+    for x, y in DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0),
+                           collate_fn=collate):
         loss = F.cross_entropy(model(Runtime().to_input(x, NORM)), y)
         opt.zero_grad()
         loss.backward()
@@ -154,7 +158,8 @@ def main() -> None:
           f"engine/bare {ratio_text(speeds['engine'], speeds['bare'])}")
     decode, cached = cache_vs_decode(args.images, args.size, args.batch, args.source, args.repeats)
     print(f"d2l_lenet epoch over {args.images} PNG/JPEG files of {args.source}px at {args.size}px: decode every epoch "
-          f"{median(decode):.2f} s, cached array {median(cached):.2f} s (medians), ratio {ratio_text(decode, cached, 1)}")
+          f"{median(decode):.2f} s, cached array {median(cached):.2f} s (medians), "
+          f"ratio {ratio_text(decode, cached, 1)}")
 
 
 if __name__ == "__main__":

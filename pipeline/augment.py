@@ -29,7 +29,8 @@ def _preset(name: str, size: int, hflip: bool) -> list:
     return flips + [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0), p=0.9),
                     A.Affine(scale=(0.85, 1.15), rotate=(-25, 25), shear=(-8, 8), p=0.7),
                     A.RandomBrightnessContrast(0.3, 0.3, p=0.7), A.RandomGamma(p=0.3), A.GaussianBlur(p=0.2),
-                    A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.4)]
+                    A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2),
+                                    hole_width_range=(0.05, 0.2), p=0.4)]
 
 
 def _arguments(name: str, cls: type, kwargs) -> dict:
@@ -37,7 +38,8 @@ def _arguments(name: str, cls: type, kwargs) -> dict:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
-        raise PipelineError(f"train.transforms: {name}: arguments must be a mapping, e.g. {{{name}: {{p: 0.5}}}}; got {kwargs!r}")
+        raise PipelineError(f"train.transforms: {name}: arguments must be a mapping, "
+                            f"e.g. {{{name}: {{p: 0.5}}}}; got {kwargs!r}")
     known = list(inspect.signature(cls).parameters)
     for arg in kwargs:
         if arg not in known:

@@ -38,7 +38,8 @@ def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoc
 UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
 
 
-def load_last(run_dir: Path, fingerprint: str, say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict] | None:
+def load_last(run_dir: Path, fingerprint: str,
+              say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(tensors, state) of a complete checkpoint of this run, or None (nothing to resume from).
 
     Missing files and a pair of another config or epoch are silently not used; an unreadable file
@@ -56,7 +57,8 @@ def load_last(run_dir: Path, fingerprint: str, say: Callable[[str], None] = prin
         say(f"{run_dir}: resume state last.pt/last.safetensors unreadable ({type(exc).__name__}); "
             "training restarts from epoch 1")
         return None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or meta.get("epoch") != str(state.get("epoch")):
+    if (not isinstance(state, dict) or state.get("fingerprint") != fingerprint
+            or meta.get("epoch") != str(state.get("epoch"))):
         return None
     return tensors, state
 
@@ -99,7 +101,8 @@ def load_checkpoint(run_dir: Path, folds_hash: str, classes: list[str]) -> tuple
     missing, unexpected = _mismatch(model, weights)
     if missing or unexpected:
         raise PipelineError(f"{run_dir}/best.safetensors: not this model's weights ({len(missing)} tensors missing, "
-                            f"{len(unexpected)} unexpected or of another shape); delete {run_dir} and rerun `make train`")
+                            f"{len(unexpected)} unexpected or of another shape); "
+                            f"delete {run_dir} and rerun `make train`")
     model.load_state_dict(weights)
     return model, meta
 

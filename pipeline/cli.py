@@ -25,7 +25,8 @@ from .errors import PipelineError
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
-    p.add_argument("--data", type=Path, default=Path("data/digits"), help="competition folder (train.csv, test.csv, images)")
+    p.add_argument("--data", type=Path, default=Path("data/digits"),
+                   help="competition folder (train.csv, test.csv, images)")
     p.add_argument("--config", type=Path, default=None, help="experiment YAML (differences from configs/default.yaml)")
     p.add_argument("--work", type=Path, default=None, help="artifact folder (default work/<competition>)")
     p.add_argument("--submissions", type=Path, default=Path("submissions"), help="where submission CSVs go")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1000, help="training images (the course: 1000)")
     p.add_argument("--val", type=int, default=100, help="validation images (the course: 100)")
     p.add_argument("--test", type=int, default=100, help="test images (hidden boxes in test_solution.csv)")
-    p.add_argument("--max-rotation", type=float, default=20.0, help="bananas turn by up to this many degrees either way")
+    p.add_argument("--max-rotation", type=float, default=20.0,
+                   help="bananas turn by up to this many degrees either way")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("score-detection", help="mAP of a detection submission against a hidden solution file")
     p.add_argument("submission", type=Path)
@@ -73,7 +75,8 @@ DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 def writable_folder(path: Path, name: str, option: str) -> None:
     """Create the folder and write a probe file in it, so that a folder which cannot take a stage's outputs (a file in
-    its place or above it, no permission, a read-only or full disk) is one line before any work, not a traceback after."""
+    its place or above it, no permission, a read-only or full disk) is one line before any work, not a traceback
+    after."""
     fix = f"pass another {option} (make {name}=...)"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -86,7 +89,8 @@ def writable_folder(path: Path, name: str, option: str) -> None:
         above = next((p for p in path.parents if p.is_file()), path.parent)
         raise PipelineError(f"{name} folder {path}: lies below the file {above}; {fix}") from None
     except PermissionError:
-        raise PipelineError(f"{name} folder {path}: not writable (permission denied); fix its permissions or {fix}") from None
+        raise PipelineError(f"{name} folder {path}: not writable (permission denied); "
+                            f"fix its permissions or {fix}") from None
     except OSError as exc:
         raise PipelineError(f"{name} folder {path}: cannot be written ({exc.strerror}); {fix}") from None
 
@@ -106,8 +110,8 @@ def disk_errors(ctx: Context):
         if exc.errno not in DISK_FULL:
             raise
         where = exc.filename or f"under WORK {ctx.work_dir} or SUBMISSIONS {ctx.submissions_dir}"
-        raise PipelineError(f"{exc.strerror} writing {where}; free disk space or pass another --work/--submissions, then run "
-                            "the same command again (finished stages are kept)") from None
+        raise PipelineError(f"{exc.strerror} writing {where}; free disk space or pass another --work/--submissions, "
+                            "then run the same command again (finished stages are kept)") from None
 
 
 def dispatch(args: argparse.Namespace) -> None:
@@ -122,10 +126,12 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")
     elif args.command == "make-bananas":
         out = build_bananas(args.out, args.train, args.val, args.test, seed=args.seed, max_rotation=args.max_rotation)
-        print(f"bananas: detection competition written to {out} ({args.train} train, {args.val} val, {args.test} test images)")
+        print(f"bananas: detection competition written to {out} "
+              f"({args.train} train, {args.val} val, {args.test} test images)")
     elif args.command == "score-detection":
         maps = score_submission(args.submission, args.solution)
-        print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, COCO mAP {maps['map']:.4f}")
+        print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, "
+              f"COCO mAP {maps['map']:.4f}")
     elif args.command == "score":
         value = submission.score_file(args.submission, args.solution, args.metric)
         print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")

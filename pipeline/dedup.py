@@ -50,7 +50,8 @@ def crops(im: Image.Image) -> list[Image.Image]:
 def perceptual_hashes(gray: Image.Image) -> tuple[list[int], list[int]]:
     """pHash and dHash (as ints) of the whole image and of each crop."""
     views = crops(gray)
-    return [_bits_to_int(imagehash.phash(v).hash) for v in views], [_bits_to_int(imagehash.dhash(v).hash) for v in views]
+    return ([_bits_to_int(imagehash.phash(v).hash) for v in views],
+            [_bits_to_int(imagehash.dhash(v).hash) for v in views])
 
 
 def image_features(path: str, near_min_size: int, max_pixels: int = MAX_PIXELS) -> dict:

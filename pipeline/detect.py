@@ -74,8 +74,10 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
     history = pd.DataFrame(trainer.fit())
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
-    plot_panels(history, {"loss": ["train_loss"], "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
-                          "validation mAP": ["map_50", "map"]}, out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
+    plot_panels(history, {"loss": ["train_loss"],
+                          "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
+                          "validation mAP": ["map_50", "map"]},
+                out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
     final = history.iloc[-1]
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
                "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
@@ -97,10 +99,12 @@ def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, mode
     scored = evaluate(model, cfg, rt, val.images, val.targets, val.sizes, options)
     tta = max(options, key=lambda t: (scored[t]["map_50"], t == "none"))  # ties: the cheaper plain view
     metrics = scored[tta] | summary | {"tta": tta, "map_50_by_tta": {t: scored[t]["map_50"] for t in options},
-                                       "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting, "val_source": data.val_source}
+                                       "nms_threshold": cfg.nms_threshold, "box_voting": cfg.box_voting,
+                                       "val_source": data.val_source}
     write_stamp(path, fp, **metrics)
     if len(options) > 1:
-        print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options) + f"; kept {tta}")
+        print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
+              + f"; kept {tta}")
     print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']})")
     return metrics
@@ -143,7 +147,8 @@ def run(ctx: Context) -> None:
     cfg = ctx.cfg.detect
     runtime.set_threads(ctx.cfg.runtime.threads)
     data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition)
-    print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), {len(data.val.images)} val ({data.val_source}), "
+    print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), "
+          f"{len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
     rt = runtime.from_config(ctx.cfg.runtime, "detection")
     torch.manual_seed(cfg.seed)

@@ -54,7 +54,8 @@ class ArrayDataset(Dataset):
         order = np.argsort(idx)  # sorted reads are sequential on a memmap
         batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
         batch[order] = self.images[idx[order]]
-        return torch.from_numpy(batch).permute(0, 3, 1, 2), torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long)
+        return (torch.from_numpy(batch).permute(0, 3, 1, 2),
+                torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long))
 
 
 def collate(batch):
@@ -152,10 +153,12 @@ class Trainer:
             # loop.Updater saves the counters timm's deprecation note says are lost: a resumed run lowers the lr
             # when an uninterrupted one does
             warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)
-            return PlateauLRScheduler(self.optimizer, decay_rate=cfg.plateau_factor, patience_t=cfg.plateau_patience, mode=mode,
-                                      warmup_t=int(round(cfg.warmup_epochs)), warmup_lr_init=cfg.lr * 0.01, lr_min=cfg.min_lr)
-        return CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
-                                 warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+            return PlateauLRScheduler(self.optimizer, decay_rate=cfg.plateau_factor, patience_t=cfg.plateau_patience,
+                                      mode=mode, warmup_t=int(round(cfg.warmup_epochs)), warmup_lr_init=cfg.lr * 0.01,
+                                      lr_min=cfg.min_lr)
+        return CosineLRScheduler(self.optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
+                                 warmup_t=int(cfg.warmup_epochs * steps), warmup_lr_init=cfg.lr * 0.01,
+                                 t_in_epochs=False)
 
     # what tests and benchmarks read
     @property

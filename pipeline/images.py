@@ -71,7 +71,8 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 arr = _normalise(im)
     except Image.DecompressionBombError as exc:
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(path, int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0), max_pixels) from None
+        raise _too_large(path, int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0),
+                         max_pixels) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
     if arr.size == 0:

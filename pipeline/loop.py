@@ -210,7 +210,8 @@ def fit(track: Track, saver: CheckpointSaver, *, epochs: int, seed: int, label: 
         row = {"epoch": progress.epoch, **track.train_epoch(progress.epoch)}
         loss = row.get("train_loss")
         if loss is not None and not math.isfinite(loss):
-            raise DivergedError(f"{label.rstrip(':')}: the training loss is {loss} in epoch {progress.epoch} (diverged); {diverged_fix}")
+            raise DivergedError(f"{label.rstrip(':')}: the training loss is {loss} in epoch {progress.epoch} "
+                                f"(diverged); {diverged_fix}")
         row |= track.validate()
         value = row[monitor] if monitor else None
         if on_epoch is not None and value is not None:

@@ -23,18 +23,21 @@ from .classic import CLASSIC
 from .errors import PipelineError
 
 
-def build_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False, drop_rate: float = 0.0) -> nn.Module:
+def build_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
+                drop_rate: float = 0.0) -> nn.Module:
     """A model with a fresh `num_classes` head; timm adapts hub weights to 1-channel input itself."""
     if name in CLASSIC:
         if pretrained:
-            raise PipelineError(f"model.pretrained: the course net '{name}' has no hub weights; use model.pretrained_path")
+            raise PipelineError(f"model.pretrained: the course net '{name}' has no hub weights; "
+                                "use model.pretrained_path")
         return CLASSIC[name](num_classes, in_chans, drop_rate)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(CLASSIC) + timm.list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else "; see timm.list_models()"
         raise PipelineError(f"model.backbones: unknown timm model '{name}'{hint}")
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                 drop_rate=drop_rate)
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
             raise PipelineError(
@@ -59,14 +62,17 @@ def pretrained_file(template: str, backbone: str) -> Path:
 
 def _readable(path: Path) -> Path:
     if path.is_dir():
-        raise PipelineError(f"model.pretrained_path: {path} is a folder; point it at the weights file (.safetensors or .pth)")
+        raise PipelineError(f"model.pretrained_path: {path} is a folder; "
+                            "point it at the weights file (.safetensors or .pth)")
     if not path.is_file():
-        raise PipelineError(f"model.pretrained_path: {path} not found; fix the path or leave model.pretrained_path unset")
+        raise PipelineError(f"model.pretrained_path: {path} not found; "
+                            "fix the path or leave model.pretrained_path unset")
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise PipelineError(f"model.pretrained_path: {path} cannot be read ({exc.strerror}); check its permissions") from None
+        raise PipelineError(f"model.pretrained_path: {path} cannot be read ({exc.strerror}); "
+                            "check its permissions") from None
     return path
 
 
@@ -83,7 +89,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                     state = state[key]
                     break
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
-        raise PipelineError(f"model.pretrained_path: {path} is not a readable safetensors/torch checkpoint ({type(exc).__name__})") from None
+        raise PipelineError(f"model.pretrained_path: {path} is not a readable safetensors/torch checkpoint "
+                            f"({type(exc).__name__})") from None
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -103,7 +110,8 @@ def load_pretrained(model: nn.Module, path: Path) -> dict:
             continue
         loaded[name] = tensor
     if not loaded:
-        raise PipelineError(f"model.pretrained_path: none of the {len(state)} tensors in {path} fit this model; is it for another backbone?")
+        raise PipelineError(f"model.pretrained_path: none of the {len(state)} tensors in {path} fit this model; "
+                            "is it for another backbone?")
     model.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "skipped": skipped, "new": sorted(set(own) - set(loaded))}
 
@@ -116,7 +124,8 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
             param.requires_grad_(False)
             frozen += 1
     if prefixes and not frozen:
-        raise PipelineError(f"model.freeze: no parameter name starts with {prefixes}; e.g. {next(iter(dict(model.named_parameters())))}")
+        raise PipelineError(f"model.freeze: no parameter name starts with {prefixes}; "
+                            f"e.g. {next(iter(dict(model.named_parameters())))}")
     return frozen
 
 
@@ -129,8 +138,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_mult: fl
             continue
         no_decay = param.ndim <= 1 or name.endswith(".bias")
         groups.setdefault((name in head, no_decay), []).append(param)
-    return [{"params": ps, "lr": lr * (head_mult if is_head else 1.0), "weight_decay": 0.0 if no_decay else weight_decay,
-             "is_head": is_head} for (is_head, no_decay), ps in sorted(groups.items())]
+    return [{"params": ps, "lr": lr * (head_mult if is_head else 1.0),
+             "weight_decay": 0.0 if no_decay else weight_decay, "is_head": is_head}
+            for (is_head, no_decay), ps in sorted(groups.items())]
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, nesterov: bool) -> torch.optim.Optimizer:

@@ -29,7 +29,8 @@ def plot_curves(history: pd.DataFrame, path: Path, title: str) -> Path:
     return Path(path)
 
 
-def plot_panels(history: pd.DataFrame, panels: dict[str, list[str]], path: Path, title: str, log: tuple[str, ...] = ()) -> Path:
+def plot_panels(history: pd.DataFrame, panels: dict[str, list[str]], path: Path, title: str,
+                log: tuple[str, ...] = ()) -> Path:
     """One panel per entry of `panels` (panel title -> history columns), epochs on the x axis."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False)
     for ax, (name, columns) in zip(axes[0], panels.items(), strict=True):

@@ -47,10 +47,12 @@ def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str)
     order = comp.sample_submission[comp.id_column] if comp.sample_submission is not None else comp.test["id"]
     missing = set(order) - set(by_id.index)
     if missing:
-        raise PipelineError(f"sample_submission.csv: ids not in test.csv, e.g. '{sorted(missing)[0]}'; the two files must list the same ids")
+        raise PipelineError(f"sample_submission.csv: ids not in test.csv, e.g. '{sorted(missing)[0]}'; "
+                            "the two files must list the same ids")
     rows = by_id.loc[order.to_numpy()]
     if kind == "probabilities":
-        cols = [c for c in comp.sample_submission.columns if c != comp.id_column] if comp.sample_submission is not None else comp.classes
+        cols = ([c for c in comp.sample_submission.columns if c != comp.id_column]
+                if comp.sample_submission is not None else comp.classes)
         return rows[cols].reset_index()
     label_col = comp.label_column
     if comp.sample_submission is not None:
@@ -80,8 +82,8 @@ def _probabilities(values: pd.DataFrame, frame: pd.DataFrame, source: str) -> np
     bad = (numeric.isna() & values.notna()).to_numpy()
     if bad.any():
         i, j = (int(k[0]) for k in bad.nonzero())
-        raise PipelineError(f"{source} line {line_of(frame, i)}: probability {values.iat[i, j]!r} in column '{values.columns[j]}' "
-                            "is not a number")
+        raise PipelineError(f"{source} line {line_of(frame, i)}: probability {values.iat[i, j]!r} "
+                            f"in column '{values.columns[j]}' is not a number")
     return numeric.to_numpy(dtype=float)
 
 
@@ -100,7 +102,8 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
     want = set(comp.test["id"])
     if set(ids) != want:
         extra, missing = sorted(set(ids) - want), sorted(want - set(ids))
-        raise PipelineError(f"{source}: ids differ from test.csv ({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} extra, e.g. {extra[:1]})")
+        raise PipelineError(f"{source}: ids differ from test.csv ({len(missing)} missing, e.g. {missing[:1]}; "
+                            f"{len(extra)} extra, e.g. {extra[:1]})")
     if comp.sample_submission is not None and list(ids) != list(comp.sample_submission[id_col].astype(str)):
         raise PipelineError(f"{source}: rows are not in sample_submission.csv's order")
     values = frame.drop(columns=[id_col])
@@ -109,11 +112,13 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
         if not np.isfinite(proba).all() or (proba < 0).any():
             raise PipelineError(f"{source}: probabilities must be finite and non-negative")
         if not np.allclose(proba.sum(1), 1.0, atol=1e-4):
-            raise PipelineError(f"{source}: probabilities of a row must sum to 1 (row of id '{ids.iloc[int(np.argmax(np.abs(proba.sum(1) - 1)))]}')")
+            raise PipelineError(f"{source}: probabilities of a row must sum to 1 "
+                                f"(row of id '{ids.iloc[int(np.argmax(np.abs(proba.sum(1) - 1)))]}')")
         return
     bad = ~values.iloc[:, 0].astype(str).isin(comp.classes)
     if bad.any():
-        raise PipelineError(f"{source}: label '{values.iloc[:, 0][bad].iloc[0]}' (id '{ids[bad].iloc[0]}') is not a class of train.csv")
+        raise PipelineError(f"{source}: label '{values.iloc[:, 0][bad].iloc[0]}' (id '{ids[bad].iloc[0]}') "
+                            "is not a class of train.csv")
 
 
 def validate_detection(frame: pd.DataFrame, source: str, images: list[str], classes: list[str]) -> None:
@@ -174,8 +179,8 @@ def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> fl
     id_col, label_col = sol.columns[0], sol.columns[1]
     absent = [c for c in (id_col, label_col) if c not in sub.columns]
     if absent:
-        raise PipelineError(f"{submission}: column '{absent[0]}' missing; a label submission has the solution's columns "
-                            f"'{id_col}' and '{label_col}'")
+        raise PipelineError(f"{submission}: column '{absent[0]}' missing; "
+                            f"a label submission has the solution's columns '{id_col}' and '{label_col}'")
     dup = sub[id_col].duplicated().to_numpy().nonzero()[0]
     if len(dup):
         raise PipelineError(f"{submission} line {line_of(sub, dup[0])}: duplicate id '{sub[id_col].iloc[dup[0]]}'")

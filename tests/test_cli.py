@@ -6,7 +6,8 @@ from .conftest import REPO
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_bad_input_is_one_line_and_exit_2(comp_dir: Path, tmp_path: Path):
@@ -23,7 +24,8 @@ def test_config_typo_is_one_line_with_a_suggestion(comp_dir: Path, tmp_path: Pat
 
 
 def test_unknown_backbone_is_one_line(comp_dir: Path, tmp_path: Path):
-    res = _run("train", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "model.backbones=[resnet81]", "folds.n_splits=2")
+    res = _run("train", "--data", str(comp_dir), "--work", str(tmp_path / "w"), "model.backbones=[resnet81]",
+               "folds.n_splits=2")
     assert res.returncode == 2 and "unknown timm model 'resnet81'" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -15,7 +15,8 @@ def test_defaults_have_a_description_for_every_key():
 
 
 def test_default_yaml_is_in_sync_with_the_models():
-    assert (REPO / "configs" / "default.yaml").read_text() == defaults_yaml(), "run: python -m pipeline config --defaults > configs/default.yaml"
+    assert (REPO / "configs" / "default.yaml").read_text() == defaults_yaml(), (
+        "run: python -m pipeline config --defaults > configs/default.yaml")
 
 
 def test_default_yaml_loads_to_the_defaults():

@@ -106,7 +106,8 @@ def test_multi_index_search_equals_brute_force():
     for i in range(0, 120, 2):  # plant pairs at distances 0..14 spread over both hashes and the crop columns
         flips = rng.choice(64, size=int(rng.integers(0, 8)), replace=False)
         P[i + 1, 0] = P[i, int(rng.integers(0, v))] ^ np.uint64(sum(1 << int(f) for f in flips))
-        D[i + 1, 0] = D[i, 0] ^ np.uint64(sum(1 << int(f) for f in rng.choice(64, size=int(rng.integers(0, 7)), replace=False)))
+        D[i + 1, 0] = D[i, 0] ^ np.uint64(sum(1 << int(f)
+                                              for f in rng.choice(64, size=int(rng.integers(0, 7)), replace=False)))
     for threshold in (0, 6, 14):
         dist = dedup.popcount(P[:, None, :] ^ P[None, :, 0, None]) + dedup.popcount(D[:, None, :] ^ D[None, :, 0, None])
         best = dist.min(-1)
@@ -156,7 +157,8 @@ def test_train_test_duplicates_are_reported_and_labels_transferred_only_on_reque
     data = _train_test_duplicate(tmp_path)
     ctx = Context(load_config(), data, tmp_path / "work")
     summary = clean.run(ctx)
-    assert summary["train_test_pairs"] == 1 and summary["test_labels_known"] == 1 and summary["test_labels_transferred"] == 0
+    assert (summary["train_test_pairs"] == 1 and summary["test_labels_known"] == 1
+            and summary["test_labels_transferred"] == 0)
     assert not (ctx.work_dir / "test_label_overrides.csv").exists()
     ctx = Context(load_config(None, ["clean.transfer_test_labels=true"]), data, tmp_path / "work")
     assert clean.run(ctx)["test_labels_transferred"] == 1
@@ -179,7 +181,8 @@ def test_user_groups_and_duplicate_groups_share_folds(tmp_path: Path):
     train.to_csv(data / "train.csv", index=False)
     shutil.copy(data / "img/cat_0.png", data / "img/dog_11.png")  # duplicate across two patients (and labels: dropped)
     shutil.copy(data / "img/cat_4.png", data / "img/cat_9.png")   # same label: links patients p1 and p3
-    ctx = Context(load_config(None, ["competition.group_column=patient", "folds.n_splits=3", "clean.drop_exact_duplicates=false"]),
+    ctx = Context(load_config(None, ["competition.group_column=patient", "folds.n_splits=3",
+                                     "clean.drop_exact_duplicates=false"]),
                   data, tmp_path / "work")
     clean.run(ctx)
     folds.run(ctx)

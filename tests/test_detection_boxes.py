@@ -49,7 +49,8 @@ def test_the_course_labelling_example():
     offsets, mask, classes = multibox_target(anchors.unsqueeze(0), gt.unsqueeze(0))
     assert classes.tolist() == [[0, 1, 2, 0, 2]]
     assert mask.tolist() == [[0.0] * 4 + [1.0] * 8 + [0.0] * 4 + [1.0] * 4]
-    expected = torch.tensor([0, 0, 0, 0, 1.40, 10.0, 2.59, 7.18, -1.20, 0.269, 1.68, -1.57, 0, 0, 0, 0, -0.571, -1.00, 4.17e-6, 0.626])
+    expected = torch.tensor([0, 0, 0, 0, 1.40, 10.0, 2.59, 7.18, -1.20, 0.269, 1.68, -1.57, 0, 0, 0, 0,
+                             -0.571, -1.00, 4.17e-6, 0.626])
     assert torch.allclose(offsets[0], expected, atol=0.01)
 
 
@@ -93,7 +94,8 @@ def test_padding_rows_are_ignored():
 
 
 def test_the_course_nms_example():
-    anchors = torch.tensor([[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95], [0.15, 0.3, 0.62, 0.91], [0.55, 0.2, 0.9, 0.88]])
+    anchors = torch.tensor([[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95], [0.15, 0.3, 0.62, 0.91],
+                            [0.55, 0.2, 0.9, 0.88]])
     cls_probs = torch.tensor([[0.0] * 4, [0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.9]])
     out = multibox_detection(cls_probs.unsqueeze(0), torch.zeros(1, 16), anchors.unsqueeze(0), nms_threshold=0.5)
     expected = torch.tensor([[0, 0.9, 0.1, 0.08, 0.52, 0.92], [1, 0.9, 0.55, 0.2, 0.9, 0.88],
@@ -134,7 +136,8 @@ def test_box_voting_equals_a_loop_over_kept_boxes():
     keep = batched_nms(boxes, scores, groups, 0.5)
     voted = box_voting(boxes, scores, groups, keep, 0.6, chunk=7)
     for row, k in zip(voted, keep.tolist(), strict=True):
-        near = [j for j in range(300) if groups[j] == groups[k] and box_iou(boxes[k:k + 1], boxes[j:j + 1]).item() >= 0.6]
+        near = [j for j in range(300)
+                if groups[j] == groups[k] and box_iou(boxes[k:k + 1], boxes[j:j + 1]).item() >= 0.6]
         expected = (scores[near, None] * boxes[near]).sum(0) / scores[near].sum()
         assert torch.allclose(row, expected, atol=1e-6)
 
@@ -143,7 +146,8 @@ def test_tinyssd_outputs_the_course_shapes():
 
     anchors, cls, bbox = TinySSD(num_classes=1).eval()(torch.zeros(2, 3, 256, 256))
     assert anchors.shape == (1, 5444, 4) and cls.shape == (2, 5444, 2) and bbox.shape == (2, 21776)
-    offsets, mask, classes = multibox_target(anchors, torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.4, 0.3, 0.9, 0.8]]]))
+    offsets, mask, classes = multibox_target(anchors,
+                                             torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.4, 0.3, 0.9, 0.8]]]))
     assert offsets.shape == bbox.shape and classes.shape == cls.shape[:2] and classes.max() == 1
 
 

@@ -14,7 +14,8 @@ from pipeline.errors import PipelineError
 HEADER = ["image", "label", "xmin", "ymin", "xmax", "ymax"]
 
 
-def _folder(root: Path, rows: list[list], test: list[str] | None = None, val: list[list] | None = None, size=(200, 100)) -> Path:
+def _folder(root: Path, rows: list[list], test: list[str] | None = None, val: list[list] | None = None,
+            size=(200, 100)) -> Path:
     (root / "img").mkdir(parents=True, exist_ok=True)
     names = {r[0] for r in rows} | set(test or ["img/t0.png"]) | {r[0] for r in val or []}
     for name in names:
@@ -31,8 +32,8 @@ def _read(root: Path, **cfg):
 
 
 def test_boxes_are_grouped_per_image_normalised_and_padded(tmp_path):
-    rows = [["img/a.png", "cat", 10, 20, 110, 70], ["img/a.png", "dog", 0, 0, 200, 100], ["img/b.png", "", "", "", "", ""],
-            ["img/c.png", "cat", 50, 25, 150, 75]]
+    rows = [["img/a.png", "cat", 10, 20, 110, 70], ["img/a.png", "dog", 0, 0, 200, 100],
+            ["img/b.png", "", "", "", "", ""], ["img/c.png", "cat", 50, 25, 150, 75]]
     data = _read(_folder(tmp_path, rows, val=[["img/v.png", "dog", 0, 0, 20, 10]]))
     assert data.classes == ["cat", "dog"] and data.val_source == "val.csv"
     targets = box_targets(data.train, data.classes)
@@ -56,7 +57,8 @@ def test_without_val_csv_a_seeded_share_of_images_is_held_out(tmp_path):
 
 
 def test_exif_rotation_swaps_the_size_used_for_boxes(tmp_path):
-    root = _folder(tmp_path, [["img/a.jpg", "cat", 0, 0, 100, 200], ["img/b.png", "cat", 0, 0, 10, 10]], val=[["img/v.png", "cat", 0, 0, 5, 5]])
+    root = _folder(tmp_path, [["img/a.jpg", "cat", 0, 0, 100, 200], ["img/b.png", "cat", 0, 0, 10, 10]],
+                   val=[["img/v.png", "cat", 0, 0, 5, 5]])
     im = Image.new("RGB", (200, 100))
     exif = im.getexif()
     exif[0x0112] = 6  # stored 200 x 100, shown rotated: 100 wide, 200 high
@@ -68,12 +70,14 @@ def test_exif_rotation_swaps_the_size_used_for_boxes(tmp_path):
 
 @pytest.mark.parametrize(("rows", "message"), [
     ([["img/a.png", "cat", 10, 10, 5, 20]], "train.csv line 2: box [10.0, 10.0, 5.0, 20.0] has xmin >= xmax"),
-    ([["img/a.png", "cat", 0, 0, 10, 10], ["img/a.png", "cat", 150, 50, 201, 90]], "train.csv line 3: box [150.0, 50.0, 201.0, 90.0] lies outside its image (200x100"),
+    ([["img/a.png", "cat", 0, 0, 10, 10], ["img/a.png", "cat", 150, 50, 201, 90]],
+     "train.csv line 3: box [150.0, 50.0, 201.0, 90.0] lies outside its image (200x100"),
     ([["img/a.png", "cat", "x", 0, 10, 10]], "train.csv line 2: xmin 'x' is not a number"),
     ([["img/a.png", "cat", 1, 1, "", 10]], "train.csv line 2: incomplete box row; give all four"),
     ([["img/a.png", "", 1, 1, 5, 10]], "train.csv line 2: incomplete box row; a box needs a label"),
     ([["img/a.png", "big cat", 1, 1, 5, 10]], "label 'big cat' contains a space"),
-    ([["img/a.png", "cat", 1, 1, 5, 10], ["img/missing.png", "cat", 1, 1, 5, 10]], "train.csv line 3: image 'img/missing.png' not found"),
+    ([["img/a.png", "cat", 1, 1, 5, 10], ["img/missing.png", "cat", 1, 1, 5, 10]],
+     "train.csv line 3: image 'img/missing.png' not found"),
     ([["../a.png", "cat", 1, 1, 5, 10]], "leads outside the competition folder"),
 ])
 def test_bad_rows_get_one_line_errors_naming_file_and_line(tmp_path, rows, message):
@@ -96,6 +100,7 @@ def test_folder_level_errors(tmp_path):
     pd.DataFrame({"image": ["img/a.png"], "xmin": [1]}).to_csv(root / "train.csv", index=False)
     with pytest.raises(PipelineError, match=r"missing column\(s\) \['label', 'ymin', 'xmax', 'ymax'\]"):
         _read(root)
-    pd.DataFrame([["img/a.png", "cat", 1, 1, 5, 10], ["img/t0.png", "cat", 1, 1, 5, 10]], columns=HEADER).to_csv(root / "train.csv", index=False)
+    pd.DataFrame([["img/a.png", "cat", 1, 1, 5, 10], ["img/t0.png", "cat", 1, 1, 5, 10]],
+                 columns=HEADER).to_csv(root / "train.csv", index=False)
     with pytest.raises(PipelineError, match="test.csv line 3: duplicate image 'img/t0.png'"):
         _read(root, val_fraction=0.5)

@@ -35,7 +35,8 @@ def test_decoding_equals_the_course_multibox_detection_then_threshold():
     cfg = DetectConfig(nms_threshold=0.3, max_detections=1000, box_voting=None)
     sizes = torch.tensor([[1.0, 1.0]] * b)
     ours = Detector(None, cfg, Runtime()).select(*candidates(anchors, logits, offsets), sizes, score_threshold=0.4)
-    course = multibox_detection(logits.softmax(-1).permute(0, 2, 1), offsets, anchors, nms_threshold=0.3, pos_threshold=0.0)
+    course = multibox_detection(logits.softmax(-1).permute(0, 2, 1), offsets, anchors, nms_threshold=0.3,
+                                pos_threshold=0.0)
     for i in range(b):
         rows = course[i][(course[i, :, 0] >= 0) & (course[i, :, 1] >= 0.4)]
         assert len(rows) == len(ours[i]["scores"]) > 0
@@ -57,7 +58,8 @@ def test_max_detections_keeps_the_best_per_image():
 
 def test_box_voting_averages_the_boxes_each_kept_box_suppressed():
     """Two boxes overlap the best one in its image; a box of another image and one of another class do not count."""
-    anchors = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.1, 0.14, 0.5, 0.54], [0.6, 0.6, 0.9, 0.9]]])
+    anchors = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.1, 0.14, 0.5, 0.54],
+                             [0.6, 0.6, 0.9, 0.9]]])
     logits = torch.tensor([[[0.0, 3.0, -9], [0.0, 2.0, -9], [0.0, 1.0, -9], [0.0, 2.5, -9]],
                            [[0.0, 3.0, -9], [0.0, -9, 2.0], [0.0, -9, -9], [0.0, -9, -9]]])
     probs = logits.softmax(-1)
@@ -96,7 +98,8 @@ def test_hflip_mirrors_images_and_their_boxes_but_not_padding():
     out_x, out_y = hflip(images, labels, torch.tensor([True, False]))
     assert out_x[0, 0, 2:4, 5:7].eq(255).all() and out_x[0].sum() == images[0].sum()
     assert torch.allclose(out_y[0, 0], torch.tensor([0, 5 / 8, 2 / 8, 7 / 8, 4 / 8]))
-    assert torch.equal(out_y[0, 1], labels[0, 1]) and torch.equal(out_y[1], labels[1]) and torch.equal(out_x[1], images[1])
+    assert (torch.equal(out_y[0, 1], labels[0, 1]) and torch.equal(out_y[1], labels[1])
+            and torch.equal(out_x[1], images[1]))
 
 
 def test_loss_is_the_course_calc_loss():
@@ -104,7 +107,8 @@ def test_loss_is_the_course_calc_loss():
     cls_preds, cls_labels = torch.randn(2, 6, 3, generator=gen), torch.randint(0, 3, (2, 6), generator=gen)
     bbox_preds, bbox_labels = torch.randn(2, 24, generator=gen), torch.randn(2, 24, generator=gen)
     masks = (torch.rand(2, 24, generator=gen) > 0.5).float()
-    course = (torch.nn.CrossEntropyLoss(reduction="none")(cls_preds.reshape(-1, 3), cls_labels.reshape(-1)).reshape(2, -1).mean(1)
+    course = (torch.nn.CrossEntropyLoss(reduction="none")(cls_preds.reshape(-1, 3),
+                                                          cls_labels.reshape(-1)).reshape(2, -1).mean(1)
               + torch.nn.L1Loss(reduction="none")(bbox_preds * masks, bbox_labels * masks).mean(1))
     assert torch.allclose(ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, masks), course.mean())
 
@@ -128,9 +132,11 @@ def test_score_submission_against_a_hidden_solution(tmp_path):
     sol = pd.DataFrame([["x.png", "a", 10, 10, 50, 50], ["y.png", "a", 0, 0, 20, 20], ["z.png", "", "", "", "", ""]],
                        columns=["image", "label", "xmin", "ymin", "xmax", "ymax"])
     sol.to_csv(tmp_path / "sol.csv", index=False)
-    good = pd.DataFrame({"image": ["x.png", "y.png", "z.png"], "PredictionString": ["a 0.9 10 10 50 50", "a 0.8 0 0 20 20", ""]})
+    good = pd.DataFrame({"image": ["x.png", "y.png", "z.png"],
+                         "PredictionString": ["a 0.9 10 10 50 50", "a 0.8 0 0 20 20", ""]})
     good.to_csv(tmp_path / "good.csv", index=False)
-    assert score_submission(tmp_path / "good.csv", tmp_path / "sol.csv") == {"map_50": pytest.approx(1.0), "map": pytest.approx(1.0)}
+    assert score_submission(tmp_path / "good.csv", tmp_path / "sol.csv") == {"map_50": pytest.approx(1.0),
+                                                                             "map": pytest.approx(1.0)}
     half = good.assign(PredictionString=["a 0.9 10 10 50 50", "a 0.8 40 40 60 60", ""])
     half.to_csv(tmp_path / "half.csv", index=False)
     assert score_submission(tmp_path / "half.csv", tmp_path / "sol.csv")["map_50"] == pytest.approx(0.5, abs=0.01)

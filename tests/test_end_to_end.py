@@ -13,7 +13,8 @@ from pipeline.submission import score_file
 
 from .conftest import REPO
 
-OVERRIDES = "folds.n_splits=2 train.epochs=3 train.batch_size=16 train.warmup_epochs=0.5 train.image_size=16 model.backbones=[resnet10t,resnet18] predict.tta=[identity,hflip]"
+OVERRIDES = ("folds.n_splits=2 train.epochs=3 train.batch_size=16 train.warmup_epochs=0.5 train.image_size=16 "
+             "model.backbones=[resnet10t,resnet18] predict.tta=[identity,hflip]")
 
 
 def _make(*targets: str, data: Path, work: Path, subs: Path) -> str:
@@ -45,7 +46,8 @@ def test_folds_train_ensemble_on_an_unseen_folder_then_nothing_is_redone(small_d
     assert len(oof) == len(pd.read_csv(work / "folds.csv")) and oof.filter(like="p_").sum(axis=1).round(4).eq(1).all()
 
     board = pd.read_csv(work / "ensemble" / "leaderboard.csv")
-    assert {"resnet10t", "resnet18", "mean", "weights", "caruana"} <= set(board["model"]) and board["honest_score"].notna().all()
+    assert ({"resnet10t", "resnet18", "mean", "weights", "caruana"} <= set(board["model"])
+            and board["honest_score"].notna().all())
     _run_results_notebook(work)
 
     mtime = (work / "runs" / "resnet18" / "fold0" / "best.safetensors").stat().st_mtime_ns
@@ -77,10 +79,12 @@ def test_same_seed_same_config_gives_the_same_oof_predictions(small_digits: Path
     from pipeline.config import load_config
     from pipeline.context import Context
 
-    overrides = ["folds.n_splits=2", "train.epochs=1", "train.batch_size=32", "train.image_size=16", "model.backbones=[resnet10t]"]
+    overrides = ["folds.n_splits=2", "train.epochs=1", "train.batch_size=32", "train.image_size=16",
+                 "model.backbones=[resnet10t]"]
     frames = []
     for name in ("a", "b"):
-        ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / name, tmp_path / f"subs{name}")
+        ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / name,
+                      tmp_path / f"subs{name}")
         orchestrate.run("predict", ctx)
         frames.append(pd.read_parquet(ctx.work_dir / "runs" / "resnet10t" / "oof.parquet"))
     pd.testing.assert_frame_equal(frames[0], frames[1])

@@ -33,20 +33,23 @@ from pipeline.runtime import Runtime
 
 from .conftest import REPO
 
-TINY = ["folds.n_splits=2", "train.folds=[0]", "train.image_size=16", "train.batch_size=16", "model.backbones=[resnet10t]"]
+TINY = ["folds.n_splits=2", "train.folds=[0]", "train.image_size=16", "train.batch_size=16",
+        "model.backbones=[resnet10t]"]
 
 
 def _train_cmd(data: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--config", str(REPO / "configs" / "digits.yaml"),
-            "--work", str(work), *TINY, *extra]
+    return [sys.executable, "-m", "pipeline", "train", "--data", str(data),
+            "--config", str(REPO / "configs" / "digits.yaml"), "--work", str(work), *TINY, *extra]
 
 
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(small_digits: Path, tmp_path: Path):
     epochs = "train.epochs=5"
-    subprocess.run(_train_cmd(small_digits, tmp_path / "straight", epochs), check=True, capture_output=True, cwd=REPO, timeout=600)
+    subprocess.run(_train_cmd(small_digits, tmp_path / "straight", epochs), check=True, capture_output=True, cwd=REPO,
+                   timeout=600)
     run = tmp_path / "killed" / "runs" / "resnet10t" / "fold0"
-    proc = subprocess.Popen(_train_cmd(small_digits, tmp_path / "killed", epochs), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(small_digits, tmp_path / "killed", epochs), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         try:
@@ -58,14 +61,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(small_digits: Path, 
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
     assert not (run / "best.json").exists()
-    out = subprocess.run(_train_cmd(small_digits, tmp_path / "killed", epochs), check=True, capture_output=True, text=True, cwd=REPO, timeout=600)
+    out = subprocess.run(_train_cmd(small_digits, tmp_path / "killed", epochs), check=True, capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
     assert "resumes after epoch" in out.stdout
     straight_dir = tmp_path / "straight" / "runs" / "resnet10t" / "fold0"
     for name in ("best.safetensors", "last.safetensors"):
         a, b = load_file(str(straight_dir / name)), load_file(str(run / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     cols = ["epoch", "train_loss", "train_acc", "val_accuracy"]
-    pd.testing.assert_frame_equal(pd.read_csv(straight_dir / "history.csv")[cols], pd.read_csv(run / "history.csv")[cols])
+    pd.testing.assert_frame_equal(pd.read_csv(straight_dir / "history.csv")[cols],
+                                  pd.read_csv(run / "history.csv")[cols])
 
 
 @pytest.mark.slow
@@ -80,7 +85,8 @@ def test_fine_tuning_from_a_file_trained_on_another_competition(tmp_path: Path):
         shutil.copytree(full / "images", out / "images")
         frames["train.csv"][keep(frames["train.csv"].label)].to_csv(out / "train.csv", index=False)
         solution[keep(solution.label)][["image"]].to_csv(out / "test.csv", index=False)
-    ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1"]), tmp_path / "low", tmp_path / "w1")
+    ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1"]), tmp_path / "low",
+                  tmp_path / "w1")
     orchestrate.run("train", ctx)
     source = tmp_path / "w1" / "runs" / "resnet10t" / "fold0" / "best.safetensors"
     model = build_model("resnet10t", 5, 1)
@@ -89,11 +95,13 @@ def test_fine_tuning_from_a_file_trained_on_another_competition(tmp_path: Path):
     state = model.state_dict()
     assert torch.equal(state["conv1.0.weight"], before["conv1.0.weight"]) and report["loaded"] > 10
     assert set(report["new"]) == {"fc.weight", "fc.bias"}  # same shapes (5 classes), still not copied: a new head
-    ctx = Context(load_config(REPO / "configs" / "digits.yaml", [*TINY, "train.epochs=1", f"model.pretrained_path={source}"]),
+    ctx = Context(load_config(REPO / "configs" / "digits.yaml",
+                              [*TINY, "train.epochs=1", f"model.pretrained_path={source}"]),
                   tmp_path / "high", tmp_path / "w2")
     meta = orchestrate.run("train", ctx)
     best = pd.read_json(tmp_path / "w2" / "runs" / "resnet10t" / "fold0" / "best.json", typ="series")
-    assert best["fine_tuned"] and best["norm"]["mean"] == [pytest.approx(0.449)] and best["classes"] == ["5", "6", "7", "8", "9"]
+    assert (best["fine_tuned"] and best["norm"]["mean"] == [pytest.approx(0.449)]
+            and best["classes"] == ["5", "6", "7", "8", "9"])
     assert list(meta.values())[0] > 0
 
 
@@ -196,10 +204,11 @@ def test_unknown_transform_is_a_clear_error():
 
 @pytest.mark.slow
 def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digits: Path, tmp_path: Path):
-    overrides = [*TINY, "model.backbones=[d2l_lenet]", "train.epochs=4", "train.optimizer=sgd", "train.lr=0.05", "train.schedule=plateau",
-                 "train.ema=true", "train.ema_decay=0.9", "train.accumulate=2", "train.grad_clip=1.0", "train.class_weights=balanced",
-                 "train.label_smoothing=0.1", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_off_epoch=3",
-                 "train.early_stopping=1", "train.augment=medium"]
+    overrides = [*TINY, "model.backbones=[d2l_lenet]", "train.epochs=4", "train.optimizer=sgd", "train.lr=0.05",
+                 "train.schedule=plateau", "train.ema=true", "train.ema_decay=0.9", "train.accumulate=2",
+                 "train.grad_clip=1.0", "train.class_weights=balanced", "train.label_smoothing=0.1",
+                 "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_off_epoch=3", "train.early_stopping=1",
+                 "train.augment=medium"]
     ctx = Context(load_config(REPO / "configs" / "digits.yaml", overrides), small_digits, tmp_path / "w")
     orchestrate.run("train", ctx)
     meta = pd.read_json(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "best.json", typ="series")
@@ -211,14 +220,16 @@ def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digi
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes_trains_and_rank0_alone_writes(small_digits: Path, tmp_path: Path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train", "--data", str(small_digits),
-           "--config", str(REPO / "configs" / "digits.yaml"), "--work", str(tmp_path / "w"), *TINY, "train.epochs=2"]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train",
+           "--data", str(small_digits), "--config", str(REPO / "configs" / "digits.yaml"),
+           "--work", str(tmp_path / "w"), *TINY, "train.epochs=2"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "distributed over 2 processes (gloo)" in out.stdout
     assert out.stdout.count("resnet10t fold 0 epoch 1:") == 1 and out.stdout.count("resnet10t fold 0 epoch 2:") == 1
     run = tmp_path / "w" / "runs" / "resnet10t" / "fold0"
-    assert (run / "best.safetensors").exists() and (run / "best.json").exists() and len(pd.read_csv(run / "history.csv")) == 2
+    assert ((run / "best.safetensors").exists() and (run / "best.json").exists()
+            and len(pd.read_csv(run / "history.csv")) == 2)
     assert not list(run.glob(".*.tmp"))
 
 
@@ -240,7 +251,7 @@ def test_a_wrapper_that_refuses_bool_is_used_as_the_forward_net(tmp_path: Path):
     x, y = np.zeros((4, 2, 2, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
     data = FoldData(x, y, x, y, 2, {"mean": [0.5] * 3, "std": [0.25] * 3}, "accuracy")
     net = Wrapper(model)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TrainConfig(batch_size=2, augment="none", epochs=1),
-                      data, tmp_path, "fp", Runtime(), 0, net=net)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      TrainConfig(batch_size=2, augment="none", epochs=1), data, tmp_path, "fp", Runtime(), 0, net=net)
     assert trainer.net is net
     trainer.fit()

@@ -21,7 +21,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
     out = {}
     for p in sorted(root.rglob("*")):
         key = str(p.relative_to(root))
-        out[key] = ("-> " + str(p.readlink())).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else b"<dir>"
+        out[key] = (("-> " + str(p.readlink())).encode() if p.is_symlink()
+                    else p.read_bytes() if p.is_file() else b"<dir>")
     return out
 
 
@@ -47,7 +48,8 @@ def _probability_comp(comp_dir: Path) -> Path:
 BAD_FILES = {
     "missing": (None, r"sub.csv: submission not found"),
     "empty": (b"", r"sub.csv: file is empty"),
-    "latin1": (b"image,label\nimg/test_0.png,caf\xe9\n", r"sub.csv line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+    "latin1": (b"image,label\nimg/test_0.png,caf\xe9\n",
+               r"sub.csv line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
     "bad-quotes": (b'image,label\n"img/test_0.png,cat\nimg/test_1.png,cat\n', r"sub.csv line 2: badly quoted field"),
     "folder": ("dir", r"sub.csv: is a folder, not a CSV file"),
 }
@@ -84,9 +86,11 @@ def test_validate_submission_non_numeric_probability(comp_dir: Path, tmp_path: P
     _probability_comp(comp_dir)
     sub = tmp_path / "sub.csv"
     sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,abc\nimg/test_2.png,1,0\n")
-    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 3: probability 'abc' in column 'dog' is not a number")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir],
+          r"sub.csv line 3: probability 'abc' in column 'dog' is not a number")
     sub.write_text("image,cat,dog\nimg/test_0.png,0.5,0.5\nimg/test_1.png,0.2,0.8\n\nimg/test_2.png,,1\n")
-    fails(capsys, ["validate-submission", sub, "--data", comp_dir], r"sub.csv line 5: probability '' in column 'cat' is not a number")
+    fails(capsys, ["validate-submission", sub, "--data", comp_dir],
+          r"sub.csv line 5: probability '' in column 'cat' is not a number")
 
 
 def test_validate_submission_duplicate_id_names_the_line(comp_dir: Path, tmp_path: Path, capsys):
@@ -113,11 +117,13 @@ def test_score_column_and_id_problems(tmp_path: Path, capsys):
     solution.write_text("image,label\nimg/test_0.png,cat\nimg/test_1.png,dog\n")
     sub = tmp_path / "sub.csv"
     sub.write_text("image,cat,dog\nimg/test_0.png,1,0\nimg/test_1.png,0,1\n")
-    fails(capsys, ["score", sub, solution], r"sub.csv: column 'label' missing; a label submission has the solution's columns")
+    fails(capsys, ["score", sub, solution],
+          r"sub.csv: column 'label' missing; a label submission has the solution's columns")
     sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_0.png,dog\n")
     fails(capsys, ["score", sub, solution], r"sub.csv line 3: duplicate id 'img/test_0.png'")
     sub.write_text("image,label\nimg/test_0.png,cat\nimg/test_9.png,dog\n")
-    fails(capsys, ["score", sub, solution], r"ids do not match .*solution.csv \(1 missing, e.g. \['img/test_1.png'\]; 1 extra")
+    fails(capsys, ["score", sub, solution],
+          r"ids do not match .*solution.csv \(1 missing, e.g. \['img/test_1.png'\]; 1 extra")
     (tmp_path / "one.csv").write_text("image\nimg/test_0.png\n")
     fails(capsys, ["score", sub, tmp_path / "one.csv"], r"one.csv: needs an id column and a label column")
     sub.write_text("image,label\n img/test_1.png,dog\nimg/test_0.png,dog\n")
@@ -130,11 +136,14 @@ def test_score_column_and_id_problems(tmp_path: Path, capsys):
 @pytest.mark.parametrize(
     "raw, pattern",
     [
-        ("train:\n  epochs: 3\n  augment: caf\u00e9\n".encode("latin-1"), r"x.yaml line 3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
+        ("train:\n  epochs: 3\n  augment: caf\u00e9\n".encode("latin-1"),
+         r"x.yaml line 3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"),
         ("train:\n  epochs: 3\n".encode("utf-16-le"), r"x.yaml line 1: not UTF-8 text \(byte 0x00\)"),
-        (b"train:\n  epochs: true\n", r"x.yaml: config key 'train.epochs': Input should be a valid integer \(got True\)"),
+        (b"train:\n  epochs: true\n",
+         r"x.yaml: config key 'train.epochs': Input should be a valid integer \(got True\)"),
         (b"runtime:\n  amp: 1\n", r"x.yaml: config key 'runtime.amp': Input should be a valid boolean \(got 1\)"),
-        (b"train:\n  batch_size: '64'\n", r"x.yaml: config key 'train.batch_size': Input should be a valid integer \(got '64'\)"),
+        (b"train:\n  batch_size: '64'\n",
+         r"x.yaml: config key 'train.batch_size': Input should be a valid integer \(got '64'\)"),
     ],
     ids=["latin1", "utf16-no-bom", "bool-for-int", "int-for-bool", "text-for-int"],
 )
@@ -153,7 +162,8 @@ def test_utf16_config_with_a_bom_loads(tmp_path: Path, capsys):
     assert "  epochs: 3\n" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override, key", [("train.epochs=true", "train.epochs"), ("folds.n_splits=false", "folds.n_splits"),
+@pytest.mark.parametrize("override, key", [("train.epochs=true", "train.epochs"),
+                                           ("folds.n_splits=false", "folds.n_splits"),
                                            ("train.hflip=0", "train.hflip"), ("train.epochs=2.0", "train.epochs")])
 def test_overrides_of_the_wrong_type(capsys, override: str, key: str):
     fails(capsys, ["config", override], rf"overrides: config key '{re.escape(key)}': Input should be a valid")
@@ -176,14 +186,17 @@ def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
 
 # --- train: settings met before the first epoch ---------------------------------------------------
 
-TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1", "runtime.device=cpu"]
+TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1",
+              "runtime.device=cpu"]
 
 
 def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys):
     before = snapshot(comp_dir)
-    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, "train.transforms=[{Affine: {rotation: 10}}]"],
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN,
+                   "train.transforms=[{Affine: {rotation: 10}}]"],
           r"train.transforms: Affine has no argument 'rotation'; did you mean 'rotate'\?")
-    assert snapshot(comp_dir) == before and not (tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "last.safetensors").exists()
+    assert (snapshot(comp_dir) == before
+            and not (tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "last.safetensors").exists())
 
 
 @pytest.mark.parametrize("spec, pattern", [
@@ -201,12 +214,15 @@ def test_transform_entries_are_checked(spec: dict, pattern: str):
         train_transform(TrainConfig(transforms=[spec]), 0)
 
 
-@pytest.mark.parametrize("where, pattern", [("missing", r"model.pretrained_path: .*nothing/d2l_lenet.safetensors not found; fix the path"),
-                                            ("folder", r"model.pretrained_path: .*weights is a folder; point it at the weights file")])
+@pytest.mark.parametrize("where, pattern", [
+    ("missing", r"model.pretrained_path: .*nothing/d2l_lenet.safetensors not found; fix the path"),
+    ("folder", r"model.pretrained_path: .*weights is a folder; point it at the weights file"),
+])
 def test_pretrained_path_missing_or_a_folder(comp_dir: Path, tmp_path: Path, capsys, where: str, pattern: str):
     (tmp_path / "weights").mkdir()
     path = tmp_path / "nothing" / "{backbone}.safetensors" if where == "missing" else tmp_path / "weights"
-    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"model.pretrained_path={path}"], pattern)
+    fails(capsys, ["train", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"model.pretrained_path={path}"],
+          pattern)
 
 
 # --- clean and folds: images that cannot be used, competitions too small for the folds ------------
@@ -225,7 +241,8 @@ def png_bomb(path: Path, side: int = 20000) -> Path:
     return path
 
 
-BOMB = r"cannot decode image: 400,000,000 pixels, above clean.max_pixels=89,478,485 \(a decompression bomb\?\); raise clean.max_pixels"
+BOMB = (r"cannot decode image: 400,000,000 pixels, above clean.max_pixels=89,478,485 \(a decompression bomb\?\); "
+        r"raise clean.max_pixels")
 
 
 def test_decompression_bomb_in_train_is_dropped_and_listed(comp_dir: Path, tmp_path: Path, capsys):
@@ -243,7 +260,8 @@ def test_decompression_bomb_in_test_is_one_line(comp_dir: Path, tmp_path: Path, 
     lines = (comp_dir / "test.csv").read_text().splitlines()
     (comp_dir / "test.csv").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # test_1 now on line 4
     before = snapshot(comp_dir)
-    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], rf"test.csv line 4: .*test_1.png: {BOMB}.*; every test image must be readable")
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          rf"test.csv line 4: .*test_1.png: {BOMB}.*; every test image must be readable")
     assert snapshot(comp_dir) == before
 
 
@@ -276,8 +294,9 @@ def test_class_without_a_readable_image(comp_dir: Path, tmp_path: Path, capsys):
         (comp_dir / "img" / f"dog_{i}.png").write_bytes(b"not a png")
     before = snapshot(comp_dir)
     fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
-          r"train.csv: class 'dog' has no training image left after cleaning \(4 unreadable\), e.g. line 6: .*dog_0.png: cannot decode "
-          r"image .*; fix its images or remove its rows \(all listed in .*dropped.csv\)")
+          r"train.csv: class 'dog' has no training image left after cleaning \(4 unreadable\), "
+          r"e.g. line 6: .*dog_0.png: cannot decode image .*; fix its images or remove its rows "
+          r"\(all listed in .*dropped.csv\)")
     assert len(pd.read_csv(tmp_path / "w" / "dropped.csv")) == 4 and not (tmp_path / "w" / "clean.json").exists()
     assert snapshot(comp_dir) == before
 
@@ -286,7 +305,8 @@ def test_no_readable_training_image(comp_dir: Path, tmp_path: Path, capsys):
     for path in (comp_dir / "img").glob("[cd]*.png"):
         path.write_bytes(b"")
     fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "w"],
-          r"train.csv: every training image was dropped \(8 unreadable\), e.g. line 2: .*cat_0.png: cannot decode image")
+          r"train.csv: every training image was dropped \(8 unreadable\), "
+          r"e.g. line 2: .*cat_0.png: cannot decode image")
 
 
 def test_too_few_images_per_class_for_the_folds(comp_dir: Path, tmp_path: Path, capsys):
@@ -302,7 +322,8 @@ def test_unreadable_test_image_after_a_blank_line_names_its_line(comp_dir: Path,
     (comp_dir / "img" / "test_2.png").write_bytes(b"GIF89a truncated")
     lines = (comp_dir / "test.csv").read_text().splitlines()
     (comp_dir / "test.csv").write_text("\n".join(lines[:1] + ["", ""] + lines[1:]) + "\n")  # test_2 now on line 6
-    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"test.csv line 6: .*test_2.png: cannot decode image")
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"test.csv line 6: .*test_2.png: cannot decode image")
 
 
 # --- WORK and SUBMISSIONS that cannot take the outputs --------------------------------------------
@@ -310,13 +331,15 @@ def test_unreadable_test_image_after_a_blank_line_names_its_line(comp_dir: Path,
 def test_work_that_is_a_file(comp_dir: Path, tmp_path: Path, capsys):
     (tmp_path / "w").write_text("notes")
     before = snapshot(comp_dir)
-    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"], r"WORK folder .*/w: is a file, not a folder; pass another --work")
+    fails(capsys, ["clean", "--data", comp_dir, "--work", tmp_path / "w"],
+          r"WORK folder .*/w: is a file, not a folder; pass another --work")
     assert (tmp_path / "w").read_text() == "notes" and snapshot(comp_dir) == before
 
 
 def test_work_below_a_file(comp_dir: Path, tmp_path: Path, capsys):
     (tmp_path / "f").write_text("notes")
-    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "f" / "w"], rf"WORK folder .*/f/w: lies below the file {tmp_path}/f; pass")
+    fails(capsys, ["folds", "--data", comp_dir, "--work", tmp_path / "f" / "w"],
+          rf"WORK folder .*/f/w: lies below the file {tmp_path}/f; pass")
 
 
 def _refuse_writes_under(folder: Path, monkeypatch) -> None:
@@ -371,7 +394,8 @@ def test_disk_full_during_a_stage_leaves_the_old_outputs(comp_dir: Path, tmp_pat
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
     fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=false"],
-          rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; free disk space .* run the same command again")
+          rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; "
+          r"free disk space .* run the same command again")
     assert outputs() == old  # the old clean.csv and stamp, no partial or temporary file
 
 
@@ -411,8 +435,9 @@ def test_sigkill_of_clean_ends_its_decode_workers(tmp_path: Path):
     natural_image(0, 2400).save(tmp_path / "big.jpg", quality=90)
     for path in (data / "img").glob("*.png"):
         shutil.copyfile(tmp_path / "big.jpg", path)  # a JPEG under a .png name decodes all the same
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "clean", "--data", str(data), "--work", str(tmp_path / "w"),
-                             "clean.workers=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "clean", "--data", str(data),
+                             "--work", str(tmp_path / "w"), "clean.workers=2"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120

@@ -65,11 +65,13 @@ def test_numeric_labels_sort_as_numbers():
          r"train.csv line 2: image path '../x.png' leads outside the competition folder"),
         (lambda d: _edit(d / "test.csv", lambda f: f.assign(image=["/etc/passwd"] + list(f.image[1:]))),
          r"test.csv line 2: image path '/etc/passwd' is absolute"),
-        (lambda d: _edit(d / "train.csv", lambda f: f.assign(image=list(f.image[:3]) + [f.image[0]] + list(f.image[4:]))),
+        (lambda d: _edit(d / "train.csv",
+                         lambda f: f.assign(image=list(f.image[:3]) + [f.image[0]] + list(f.image[4:]))),
          r"train.csv line 5: duplicate id 'img/cat_0.png' \(first on line 2\)"),
         (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=list(f.label[:-1]) + ["bird"])),
          r"train.csv line 9: class 'bird' has only 1 sample"),
-        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=[""] + list(f.label[1:]))), r"train.csv line 2: empty label"),
+        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=[""] + list(f.label[1:]))),
+         r"train.csv line 2: empty label"),
         (lambda d: _edit(d / "test.csv", lambda f: f.rename(columns={"image": "file"})), r"no column shared"),
     ],
     ids=["no-train", "empty-test", "zero-byte-csv", "empty-train", "missing-image", "dotdot", "absolute", "dup-id",
@@ -189,17 +191,22 @@ def _sample_rows(d: Path, fn) -> None:
          r"train.csv line 1: columns are separated by semicolons \('image;label'\); .* save the file with commas"),
         (lambda d: _write_lines(d / "train.csv", [ln.replace(",", "\t") for ln in _lines(d / "train.csv")]),
          r"train.csv line 1: columns are separated by tabs"),
-        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:4] + ['"img/cat_3.png,cat'] + _lines(d / "train.csv")[5:]),
+        (lambda d: _write_lines(d / "train.csv",
+                                _lines(d / "train.csv")[:4] + ['"img/cat_3.png,cat'] + _lines(d / "train.csv")[5:]),
          r"train.csv line 5: badly quoted field"),
-        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:3] + ['"img/cat_2.png"x,cat'] + _lines(d / "train.csv")[4:]),
+        (lambda d: _write_lines(d / "train.csv",
+                                _lines(d / "train.csv")[:3] + ['"img/cat_2.png"x,cat'] + _lines(d / "train.csv")[4:]),
          r"train.csv line 4: badly quoted field"),
-        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:6] + ["img/dog_1.png,dog,extra"] + _lines(d / "train.csv")[7:]),
+        (lambda d: _write_lines(d / "train.csv", _lines(d / "train.csv")[:6] + ["img/dog_1.png,dog,extra"]
+                                + _lines(d / "train.csv")[7:]),
          r"train.csv line 7: 3 fields but the header has 2; quote values that contain commas"),
         (lambda d: _write_lines(d / "train.csv", ["image,image"] + _lines(d / "train.csv")[1:]),
          r"train.csv line 1: column 'image' appears twice"),
         (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=list(f.label[:5]) + ["NaN"] + list(f.label[6:]))),
-         r"train.csv line 7: label 'NaN' in column 'label' is how a missing value is saved, not a class; label the row"),
-        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=["nan"] + list(f.label[1:]))), r"train.csv line 2: label 'nan'"),
+         r"train.csv line 7: label 'NaN' in column 'label' is how a missing value is saved, "
+         r"not a class; label the row"),
+        (lambda d: _edit(d / "train.csv", lambda f: f.assign(label=["nan"] + list(f.label[1:]))),
+         r"train.csv line 2: label 'nan'"),
         (lambda d: _sample_rows(d, lambda f: f.assign(image=["img/cat_0.png"] + list(f.image[1:]))),
          r"sample_submission.csv line 2: id 'img/cat_0.png' is not in test.csv; the two files must list the same ids"),
         (lambda d: _sample_rows(d, lambda f: f.iloc[:2]),
@@ -208,12 +215,14 @@ def _sample_rows(d: Path, fn) -> None:
          r"sample_submission.csv line 4: duplicate id 'img/test_0.png' \(first on line 2\)"),
         (lambda d: _sample_rows(d, lambda f: f[["image"]]), r"sample_submission.csv: only the id column 'image'"),
         (lambda d: _sample_rows(d, lambda f: f.assign(cat=0.5, bird=0.5).drop(columns="label")),
-         r"sample_submission.csv: columns \['cat', 'bird'\] are neither one label column nor one probability column .*'bird'"),
-        (lambda d: _sample_rows(d, lambda f: f.rename(columns={"image": "file"})), r"sample_submission.csv: id column 'image' missing"),
+         r"sample_submission.csv: columns \['cat', 'bird'\] are neither one label column "
+         r"nor one probability column .*'bird'"),
+        (lambda d: _sample_rows(d, lambda f: f.rename(columns={"image": "file"})),
+         r"sample_submission.csv: id column 'image' missing"),
     ],
-    ids=["blank-line", "quoted-line-break", "latin1", "semicolons", "tabs", "unterminated-quote", "stray-quote", "extra-field",
-         "repeated-column", "NaN-label", "nan-label", "sample-extra-id", "sample-missing-id", "sample-dup-id", "sample-no-value",
-         "sample-odd-columns", "sample-no-id-column"],
+    ids=["blank-line", "quoted-line-break", "latin1", "semicolons", "tabs", "unterminated-quote", "stray-quote",
+         "extra-field", "repeated-column", "NaN-label", "nan-label", "sample-extra-id", "sample-missing-id",
+         "sample-dup-id", "sample-no-value", "sample-odd-columns", "sample-no-id-column"],
 )
 def test_csv_text_problems_are_one_line_errors(comp_dir: Path, mutate, pattern):
     mutate(comp_dir)
@@ -225,7 +234,8 @@ def test_csv_text_problems_are_one_line_errors(comp_dir: Path, mutate, pattern):
 def test_utf16_bom_and_crlf_csvs_read_like_utf8(comp_dir: Path):
     want = read_competition(comp_dir, CFG)
     text = (comp_dir / "train.csv").read_text()
-    (comp_dir / "train.csv").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # Excel's "Unicode text": BOM, CRLF
+    # Excel's "Unicode text": BOM, CRLF
+    (comp_dir / "train.csv").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))
     (comp_dir / "test.csv").write_bytes(b"\xef\xbb\xbf" + (comp_dir / "test.csv").read_bytes())
     got = read_competition(comp_dir, CFG)
     assert got.classes == want.classes and got.train.equals(want.train) and got.test.equals(want.test)
@@ -248,5 +258,6 @@ def test_symlink_loop_is_one_line(comp_dir: Path):
     (comp_dir / "img" / "a.png").symlink_to("b.png")
     (comp_dir / "img" / "b.png").symlink_to("a.png")
     _edit(comp_dir / "test.csv", lambda f: f.assign(image=list(f.image[:2]) + ["img/a.png"]))
-    with pytest.raises(PipelineError, match=r"test.csv line 4: image path 'img/a.png' runs into a loop of symbolic links"):
+    with pytest.raises(PipelineError,
+                       match=r"test.csv line 4: image path 'img/a.png' runs into a loop of symbolic links"):
         read_competition(comp_dir, CFG)

@@ -170,4 +170,5 @@ def test_each_stage_reruns_exactly_when_what_it_reads_changes(case: Case, tmp_pa
         assert run(case.change)[0] == case.test_image
         if predictions:  # the OOF file is the same bytes: ensemble reran for the changed test.parquet alone
             now = _tree(work / "runs" / "d2l_lenet")
-            assert now["oof.parquet"] == predictions["oof.parquet"] and now["test.parquet"] != predictions["test.parquet"]
+            assert (now["oof.parquet"] == predictions["oof.parquet"]
+                    and now["test.parquet"] != predictions["test.parquet"])

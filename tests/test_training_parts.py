@@ -43,7 +43,8 @@ def test_digits_are_fed_as_one_channel(small_digits: Path, tmp_path: Path):
     ctx = Context(load_config(), small_digits, tmp_path / "work")
     clean.run(ctx)
     assert input_channels(ctx) == 1
-    assert input_channels(Context(load_config(None, ["competition.channels=rgb"]), small_digits, tmp_path / "work")) == 3
+    assert input_channels(Context(load_config(None, ["competition.channels=rgb"]), small_digits,
+                                  tmp_path / "work")) == 3
 
 
 def test_unknown_backbone_suggests_a_name():

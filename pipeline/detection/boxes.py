@@ -44,11 +44,13 @@ def batched_box_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """
     ax1, ay1, ax2, ay2 = anchors.T.contiguous()[:, None, None, :].unbind(0)  # each (1, 1, A)
     bx1, by1, bx2, by2 = boxes[..., None].unbind(2)  # each (B, G, 1)
-    inter = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0) * (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    inter = ((torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+             * (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0))
     return inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
 
 
-def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+                   iou_threshold: float = 0.5) -> torch.Tensor:
     """Ground-truth index per anchor (-1: background) for a batch, with the course's rule.
 
     anchors (A, 4); gt (B, G, 4); valid (B, G) marks real boxes (padding is ignored). First every
@@ -128,7 +130,8 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
     kept = torch.zeros(b * a, dtype=torch.bool, device=cls.device)
     kept[keep] = True
     kept = kept.reshape(b, a)
-    order = torch.argsort(torch.where(kept, conf + 2, conf), dim=1, descending=True, stable=True)  # kept first, by score
+    # kept first, by score
+    order = torch.argsort(torch.where(kept, conf + 2, conf), dim=1, descending=True, stable=True)
     cls = torch.where(kept, cls, torch.full_like(cls, -1))
     low = conf < pos_threshold
     cls = torch.where(low, torch.full_like(cls, -1), cls)

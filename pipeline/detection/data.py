@@ -85,14 +85,16 @@ def _parse_boxes(frame: pd.DataFrame, csv: Path) -> pd.DataFrame:
     """Numeric boxes; rows with an empty label must have an empty box (an image without objects)."""
     missing = [c for c in ["label", *BOX] if c not in frame.columns]
     if missing:
-        raise PipelineError(f"{csv}: missing column(s) {missing}; a detection train.csv needs image, label, xmin, ymin, xmax, ymax")
+        raise PipelineError(f"{csv}: missing column(s) {missing}; "
+                            "a detection train.csv needs image, label, xmin, ymin, xmax, ymax")
     out = frame[["label"]].copy()
     for col in BOX:
         values = pd.to_numeric(frame[col].where(frame[col] != "", np.nan), errors="coerce")
         bad = values.isna() & (frame[col] != "")
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
-            raise PipelineError(f"{csv} line {i + 2}: {col} '{frame[col].iloc[i]}' is not a number; boxes are pixel coordinates")
+            raise PipelineError(f"{csv} line {i + 2}: {col} '{frame[col].iloc[i]}' is not a number; "
+                                "boxes are pixel coordinates")
         out[col] = values
     empty_box = out[BOX].isna()
     partial = empty_box.any(axis=1) & ~empty_box.all(axis=1)
@@ -104,7 +106,8 @@ def _parse_boxes(frame: pd.DataFrame, csv: Path) -> pd.DataFrame:
     spaced = out["label"].str.contains(r"\s", regex=True)
     if spaced.any():
         i = int(spaced.to_numpy().nonzero()[0][0])
-        raise PipelineError(f"{csv} line {i + 2}: label '{out['label'].iloc[i]}' contains a space, which PredictionString cannot hold; rename it")
+        raise PipelineError(f"{csv} line {i + 2}: label '{out['label'].iloc[i]}' contains a space, "
+                            "which PredictionString cannot hold; rename it")
     return out
 
 
@@ -163,7 +166,8 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
     root = Path(root)
     train_csv = root / cfg.train_csv
     if not train_csv.is_file():
-        raise PipelineError(f"{train_csv}: not found; a detection folder needs {cfg.train_csv} (one row per box) and {cfg.test_csv}")
+        raise PipelineError(f"{train_csv}: not found; "
+                            f"a detection folder needs {cfg.train_csv} (one row per box) and {cfg.test_csv}")
     train = _read_split(train_csv, root, comp)
     if cfg.val_csv and (root / cfg.val_csv).is_file():
         val, source = _read_split(root / cfg.val_csv, root, comp), cfg.val_csv
@@ -171,7 +175,8 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
         order = np.random.default_rng(cfg.seed).permutation(len(train.images))
         n_val = max(1, int(round(cfg.val_fraction * len(order))))
         if n_val >= len(order):
-            raise PipelineError(f"{train_csv}: {len(order)} image(s) are too few to hold out a validation split; add images or a {cfg.val_csv}")
+            raise PipelineError(f"{train_csv}: {len(order)} image(s) are too few to hold out a validation split; "
+                                f"add images or a {cfg.val_csv}")
         train, val = _subset(train, np.sort(order[n_val:])), _subset(train, np.sort(order[:n_val]))
         source = f"{cfg.val_fraction:.0%} of {cfg.train_csv}"
     classes = sort_classes(sorted(set(train.boxes["label"])))
@@ -179,7 +184,8 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
         raise PipelineError(f"{train_csv}: no boxes at all; label at least one object")
     unknown = sorted(set(val.boxes["label"]) - set(classes))
     if unknown:
-        raise PipelineError(f"{root / (cfg.val_csv or cfg.train_csv)}: label '{unknown[0]}' never occurs in {cfg.train_csv}; the model cannot learn it")
+        raise PipelineError(f"{root / (cfg.val_csv or cfg.train_csv)}: label '{unknown[0]}' never occurs in "
+                            f"{cfg.train_csv}; the model cannot learn it")
     return DetectionData(classes, train, val, _read_test(root / cfg.test_csv, root, comp), source)
 
 

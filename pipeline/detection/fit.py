@@ -35,7 +35,8 @@ def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tup
     return images, torch.where(keep, labels, mirrored)
 
 
-def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, negative_ratio: float | None = None) -> torch.Tensor:
+def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+             negative_ratio: float | None = None) -> torch.Tensor:
     """negative_ratio None: the course's calc_loss (per image, mean CE over all anchors + mean L1 over all
     offset entries, masked ones zero; batch mean). A ratio r: the SSD paper's loss -- CE over the positive
     anchors and the r x as many highest-loss negatives, plus L1 over positive offsets, both divided by
@@ -53,7 +54,8 @@ def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, negativ
 
 
 def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> torch.Tensor:
-    """[wrong anchor classes, anchors, summed masked |offset error|, offset entries], the course's cls_eval/bbox_eval."""
+    """[wrong anchor classes, anchors, summed masked |offset error|, offset entries], the course's
+    cls_eval/bbox_eval."""
     wrong = (cls_preds.argmax(-1) != cls_labels).sum().double()
     l1 = ((bbox_labels - bbox_preds) * bbox_masks).abs().sum().double()
     return torch.stack([wrong, wrong.new_tensor(cls_labels.numel()), l1, l1.new_tensor(bbox_labels.numel())])
@@ -78,7 +80,8 @@ def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, l
         bbox_labels, bbox_masks, cls_labels = targets
         counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
         for t, detector in detectors.items():
-            detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)), sizes[idx], cfg.map_score_threshold)
+            detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)),
+                                             sizes[idx], cfg.map_score_threshold)
     course = {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3])}
     return {t: course | mean_average_precision(detections[t], labels, sizes) for t in ttas}
 

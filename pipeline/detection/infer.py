@@ -52,7 +52,8 @@ class Detector:
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
 
-    def select(self, probs: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor, score_threshold: float) -> list[dict]:
+    def select(self, probs: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor,
+               score_threshold: float) -> list[dict]:
         """Score filter, class-aware NMS, box voting, the best max_detections per image, pixels."""
         b = len(probs)
         conf, cls = probs[..., 1:].max(-1)  # (B, A)
@@ -60,7 +61,8 @@ class Detector:
         scores, labels, found = conf[image, anchor], cls[image, anchor], boxes[image, anchor]
         groups = image * probs.shape[-1] + labels
         keep = batched_nms(found, scores, groups, self.cfg.nms_threshold)
-        keep = keep[torch.argsort(image[keep], stable=True)]  # batched_nms sorts by score; regroup by image, best first
+        # batched_nms sorts by score; regroup by image, best first
+        keep = keep[torch.argsort(image[keep], stable=True)]
         first = torch.searchsorted(image[keep], image[keep])
         keep = keep[torch.arange(len(keep), device=keep.device) - first < self.cfg.max_detections]
         kept = box_voting(found, scores, groups, keep, self.cfg.box_voting) if self.cfg.box_voting else found[keep]
@@ -68,10 +70,12 @@ class Detector:
         pixel = kept * scale[image[keep]]
         counts = torch.bincount(image[keep], minlength=b).tolist()
         return [{"boxes": bx.cpu(), "scores": sc.cpu(), "labels": lb.cpu()}
-                for bx, sc, lb in zip(pixel.split(counts), scores[keep].split(counts), labels[keep].split(counts), strict=True)]
+                for bx, sc, lb in zip(pixel.split(counts), scores[keep].split(counts), labels[keep].split(counts),
+                                      strict=True)]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, score_threshold: float, batch_size: int) -> list[dict]:
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, score_threshold: float,
+                 batch_size: int) -> list[dict]:
         self.model.eval()
         out = []
         for idx in torch.arange(len(images)).split(batch_size):
@@ -79,7 +83,8 @@ class Detector:
         return out
 
 
-def candidates(anchors: torch.Tensor, cls_logits: torch.Tensor, bbox_preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def candidates(anchors: torch.Tensor, cls_logits: torch.Tensor,
+               bbox_preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Network outputs -> (class probabilities (B, A, C + 1), boxes (B, A, 4) clamped to the image)."""
     b, a, _ = cls_logits.shape
     boxes = offset_inverse(anchors.reshape(1, a, 4), bbox_preds.float().reshape(b, a, 4)).clamp(0, 1)
@@ -123,7 +128,8 @@ def parse_prediction_strings(strings: list[str], classes: list[str], source: str
     for row, text in enumerate(strings):
         parts = text.split()
         if len(parts) % 6:
-            raise PipelineError(f"{source} line {row + 2}: PredictionString needs groups of 6 values (label score xmin ymin xmax ymax)")
+            raise PipelineError(f"{source} line {row + 2}: PredictionString needs groups of 6 values "
+                                "(label score xmin ymin xmax ymax)")
         groups = np.asarray(parts, dtype=object).reshape(-1, 6)
         unknown = [g for g in groups[:, 0] if g not in index]
         if unknown:
@@ -135,7 +141,8 @@ def parse_prediction_strings(strings: list[str], classes: list[str], source: str
         if not np.isfinite(numbers).all():
             raise PipelineError(f"{source} line {row + 2}: PredictionString has a value that is not finite")
         out.append({"labels": torch.tensor([index[g] for g in groups[:, 0]], dtype=torch.long),
-                    "scores": torch.from_numpy(numbers[:, 0]).float(), "boxes": torch.from_numpy(numbers[:, 1:]).float().reshape(-1, 4)})
+                    "scores": torch.from_numpy(numbers[:, 0]).float(),
+                    "boxes": torch.from_numpy(numbers[:, 1:]).float().reshape(-1, 4)})
     return out
 
 
@@ -158,28 +165,34 @@ def gallery(images: torch.Tensor, detections: list[dict], sizes: torch.Tensor, c
 
 
 def submission_frame(images: pd.DataFrame, detections: list[dict], classes: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"image": images["image"].to_numpy(), "PredictionString": prediction_strings(detections, classes)})
+    return pd.DataFrame({"image": images["image"].to_numpy(),
+                         "PredictionString": prediction_strings(detections, classes)})
 
 
 def score_submission(submission_csv: Path, solution_csv: Path) -> dict:
     """mAP of a detection submission against a hidden solution (one row per box, as train.csv)."""
     sub, sol = _read_csv(Path(submission_csv)), _read_csv(Path(solution_csv))
-    for frame, cols, name in ((sub, ["image", "PredictionString"], submission_csv), (sol, ["image", "label", "xmin", "ymin", "xmax", "ymax"], solution_csv)):
+    for frame, cols, name in ((sub, ["image", "PredictionString"], submission_csv),
+                              (sol, ["image", "label", "xmin", "ymin", "xmax", "ymax"], solution_csv)):
         missing = [c for c in cols if c not in frame.columns]
         if missing:
             raise PipelineError(f"{name}: missing column(s) {missing}")
     images = sol["image"].drop_duplicates().tolist()
     absent = sorted(set(images) - set(sub["image"]))
     if absent:
-        raise PipelineError(f"{submission_csv}: no row for image '{absent[0]}' ({len(absent)} missing); predict every test image")
+        raise PipelineError(f"{submission_csv}: no row for image '{absent[0]}' ({len(absent)} missing); "
+                            "predict every test image")
     classes = sort_classes(sorted(set(sol["label"]) - {""}))
-    by_image = dict(zip(sub["image"], parse_prediction_strings(sub["PredictionString"].tolist(), classes, str(submission_csv)), strict=True))
+    by_image = dict(zip(sub["image"],
+                        parse_prediction_strings(sub["PredictionString"].tolist(), classes, str(submission_csv)),
+                        strict=True))
     boxes = sol[sol["label"] != ""]
     grouped = {k: g for k, g in boxes.groupby("image", sort=False)}
     index = {c: i for i, c in enumerate(classes)}
     targets = []
     for image in images:
         g = grouped.get(image, boxes.iloc[:0])
-        targets.append({"boxes": torch.tensor(g[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float32)).reshape(-1, 4),
+        targets.append({"boxes": torch.tensor(g[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float32))
+                                 .reshape(-1, 4),
                         "labels": torch.tensor([index[v] for v in g["label"]], dtype=torch.long)})
     return map_of([by_image[i] for i in images], targets)
