@@ -99,7 +99,7 @@ def _header(row: list[str], path: Path, line: int) -> list[str]:
     return names
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """All cells as strings (ids and labels are written back exactly as read); frame.attrs['lines'] holds each
     row's line in the file (header = line 1), so errors name the line an editor shows, blank lines included."""
     path = Path(path)
@@ -127,7 +127,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def line_of(frame: pd.DataFrame, i: int) -> int:
-    """The file line of row i of a frame read by _read_csv (header = line 1)."""
+    """The file line of row i of a frame read by read_table (header = line 1)."""
     lines = frame.attrs.get("lines")
     return int(lines[i]) if lines is not None else i + 2
 
@@ -161,7 +161,7 @@ def _detect_label(train: pd.DataFrame, test: pd.DataFrame, id_col: str, cfg: Com
     raise PipelineError(f"{path}: cannot tell the label column among {list(train.columns)}; set competition.label_column")
 
 
-def _resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: CompetitionConfig, csv: Path) -> list[str]:
+def resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: CompetitionConfig, csv: Path) -> list[str]:
     """Absolute paths that provably stay inside DATA (no '..', absolute paths or links out)."""
     real_root = root.resolve()
     out = []
@@ -253,7 +253,7 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     if not root.is_dir():
         raise PipelineError(f"{root}: competition folder not found; pass DATA=path/to/competition")
     train_csv, test_csv = root / cfg.train_csv, root / cfg.test_csv
-    train_raw, test_raw = _read_csv(train_csv), _read_csv(test_csv)
+    train_raw, test_raw = read_table(train_csv), read_table(test_csv)
     id_col = _detect_id(train_raw, test_raw, cfg, (train_csv, test_csv))
     label_col = _detect_label(train_raw, test_raw, id_col, cfg, train_csv)
     for frame, path in ((train_raw, train_csv), (test_raw, test_csv)):
@@ -262,7 +262,7 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     index = {c: i for i, c in enumerate(classes)}
     train = pd.DataFrame({
         "id": train_raw[id_col],
-        "path": _resolve_paths(train_raw, id_col, root, cfg, train_csv),
+        "path": resolve_paths(train_raw, id_col, root, cfg, train_csv),
         "label": train_raw[label_col],
         "line": train_raw.attrs["lines"],
     })
@@ -271,10 +271,10 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
         if cfg.group_column not in train_raw.columns:
             raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; columns are {list(train_raw.columns)}")
         train["user_group"] = train_raw[cfg.group_column]
-    test = pd.DataFrame({"id": test_raw[id_col], "path": _resolve_paths(test_raw, id_col, root, cfg, test_csv),
+    test = pd.DataFrame({"id": test_raw[id_col], "path": resolve_paths(test_raw, id_col, root, cfg, test_csv),
                          "line": test_raw.attrs["lines"]})
     sample_path = root / cfg.sample_submission_csv
-    sample = _read_csv(sample_path) if sample_path.is_file() else None
+    sample = read_table(sample_path) if sample_path.is_file() else None
     if sample is not None:
         _check_sample(sample, test, id_col, classes, sample_path)
     name = cfg.name or root.resolve().name
@@ -304,7 +304,7 @@ def read_extra(comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
 
 def _read_extra_folder(root: Path, comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
     csv = root / cfg.train_csv
-    raw = _read_csv(csv)
+    raw = read_table(csv)
     for column, what in ((comp.id_column, "id"), (comp.label_column, "label")):
         if column not in raw.columns:
             raise PipelineError(f"{csv}: {what} column '{column}' (as in {comp.root / cfg.train_csv}) missing; "
@@ -320,5 +320,5 @@ def _read_extra_folder(root: Path, comp: Competition, cfg: CompetitionConfig) ->
         raise PipelineError(f"{csv} line {line_of(raw, i)}: label '{labels.iloc[i]}' is not a class of "
                             f"{comp.root / cfg.train_csv} ({', '.join(comp.classes[:10])}"
                             f"{', ...' if len(comp.classes) > 10 else ''}); fix the label or remove the row")
-    return pd.DataFrame({"id": raw[comp.id_column], "path": _resolve_paths(raw, comp.id_column, root, cfg, csv),
+    return pd.DataFrame({"id": raw[comp.id_column], "path": resolve_paths(raw, comp.id_column, root, cfg, csv),
                          "label": labels, "line": raw.attrs["lines"], "y": labels.map(index).astype(int)})

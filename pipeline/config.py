@@ -377,13 +377,13 @@ class Config(Section):
     runtime: RuntimeConfig = RuntimeConfig()
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, prefix + name + ".")
+            keys += known_keys(ann, prefix + name + ".")
     return keys
 
 
@@ -394,7 +394,7 @@ MOVED = {f"{track}.{key}": f"runtime.{key}" for track in ("train", "detect")
 def _did_you_mean(key: str) -> str:
     if key in MOVED:
         return f" (it moved to '{MOVED[key]}', shared by both tracks)"
-    close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, known_keys(Config), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -437,7 +437,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PipelineError(f"override '{item}': expected KEY=VALUE, e.g. train.epochs=3")
-        if key not in _known_keys(Config):
+        if key not in known_keys(Config):
             raise PipelineError(f"override '{item}': unknown config key '{key}'{_did_you_mean(key)}")
         try:
             value = yaml.load(raw, Loader=_Loader) if raw != "" else None

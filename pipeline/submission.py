@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import atomic_write, write_csv, write_json
-from .competition import Competition, _read_csv, line_of
+from .competition import Competition, line_of, read_table
 from .detection.infer import parse_prediction_strings
 from .errors import PipelineError
 from .metrics import score
@@ -168,7 +168,7 @@ def read_submission(path: Path, what: str = "submission") -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: {what} not found")
-    return _read_csv(path)
+    return read_table(path)
 
 
 def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> float:

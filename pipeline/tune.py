@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from . import train as train_stage
 from .artifacts import atomic_write, content_key, fingerprint, read_json, write_csv, write_text
 from .cache import input_channels
-from .config import Config, _known_keys, read_yaml
+from .config import Config, known_keys, read_yaml
 from .context import Context
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER
@@ -42,7 +42,7 @@ TYPES = {"float", "int", "categorical"}
 def load_space(path: Path) -> dict[str, dict]:
     """The search space, checked: known keys, known types, the fields each type needs, valid ranges."""
     space = read_yaml(Path(path))
-    known = set(_known_keys(Config))
+    known = set(known_keys(Config))
     for key, spec in space.items():
         where = f"{path}: '{key}'"
         if key not in known or "." not in key:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..artifacts import content_key, fingerprint
 from ..cache import cached_decode
-from ..competition import ID_CANDIDATES, _read_csv, _resolve_paths, sort_classes
+from ..competition import ID_CANDIDATES, read_table, resolve_paths, sort_classes
 from ..config import CompetitionConfig, DetectConfig
 from ..errors import PipelineError
 
@@ -75,7 +75,7 @@ def _image_column(frame: pd.DataFrame, csv: Path) -> str:
 
 def _images(ids: pd.Series, root: Path, comp: CompetitionConfig, csv: Path) -> pd.DataFrame:
     frame = pd.DataFrame({"image": ids.to_numpy()})
-    frame["path"] = _resolve_paths(frame, "image", root, comp, csv)
+    frame["path"] = resolve_paths(frame, "image", root, comp, csv)
     sizes = np.array([image_size(p) for p in frame["path"]], dtype=np.int64).reshape(-1, 2)
     frame["width"], frame["height"] = sizes[:, 0], sizes[:, 1]
     return frame
@@ -128,7 +128,7 @@ def _check_geometry(boxes: pd.DataFrame, images: pd.DataFrame, csv: Path) -> Non
 
 
 def _read_split(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
-    frame = _read_csv(csv)
+    frame = read_table(csv)
     if frame.empty:
         raise PipelineError(f"{csv}: has a header but no rows; it needs one row per box")
     col = _image_column(frame, csv)
@@ -143,7 +143,7 @@ def _read_split(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
 
 
 def _read_test(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
-    frame = _read_csv(csv)
+    frame = read_table(csv)
     col = _image_column(frame, csv)
     dup = frame[col].duplicated()
     if dup.any():

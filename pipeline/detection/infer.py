@@ -22,7 +22,7 @@ from torchvision.ops import batched_nms
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..artifacts import atomic_write
-from ..competition import _read_csv, sort_classes
+from ..competition import read_table, sort_classes
 from ..config import DetectConfig
 from ..errors import PipelineError
 from ..runtime import Runtime
@@ -171,7 +171,7 @@ def submission_frame(images: pd.DataFrame, detections: list[dict], classes: list
 
 def score_submission(submission_csv: Path, solution_csv: Path) -> dict:
     """mAP of a detection submission against a hidden solution (one row per box, as train.csv)."""
-    sub, sol = _read_csv(Path(submission_csv)), _read_csv(Path(solution_csv))
+    sub, sol = read_table(Path(submission_csv)), read_table(Path(solution_csv))
     for frame, cols, name in ((sub, ["image", "PredictionString"], submission_csv),
                               (sol, ["image", "label", "xmin", "ymin", "xmax", "ymax"], solution_csv)):
         missing = [c for c in cols if c not in frame.columns]
