@@ -59,7 +59,7 @@ def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
-    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds (honest = fitted blends scored by nested CV)")
+    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds (honest = fitted blends and the stack scored by nested CV)")
     shown = board.assign(chosen=np.where(board["model"] == chosen, "<-", ""))
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
