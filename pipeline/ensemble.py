@@ -21,6 +21,7 @@ from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, 
 from .config import config_hash
 from .context import Context
 from .errors import PipelineError
+from .metrics import GREATER_IS_BETTER
 from .predictions import prob_columns, read_parquet_meta, write_parquet
 
 
@@ -59,7 +60,8 @@ def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
-    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds (honest = fitted blends and the stack scored by nested CV)")
+    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds "
+          "(honest = fitted blends and the stack scored by nested CV)")
     shown = board.assign(chosen=np.where(board["model"] == chosen, "<-", ""))
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -104,6 +106,7 @@ def run(ctx: Context) -> dict:
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
     _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
     auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows)
+    auto["tta_optimism"] = tta_optimism(models, metric)
     test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
@@ -142,6 +145,23 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
     print(f"ensemble: auto pick, nested: {result['score']:.4f} (picked on the other folds: {picks})")
     return {**none, "auto_pick_nested_score": result["score"],
             "auto_picks_by_fold": {str(k): m for k, m in result["picks"].items()}}
+
+
+def tta_optimism(models: dict, metric: str) -> dict[str, float]:
+    """How much each model's OOF score gains from its TTA views being chosen on all OOF rows (predict's
+    oof_score minus its nested oof_score_nested, in the metric's better direction), printed as what every
+    leaderboard row built on that model's OOF may be selection-optimistic by. Models without the two
+    figures (AutoGluon, files from elsewhere) chose nothing on OOF here and are left out."""
+    gaps = {}
+    for name, (_, _, folder) in models.items():
+        meta = read_parquet_meta(folder / "oof.parquet")
+        if meta.get("oof_score_nested") is not None and meta.get("oof_score") is not None:
+            gap = meta["oof_score"] - meta["oof_score_nested"]
+            gaps[name] = gap if GREATER_IS_BETTER[metric] else -gap
+    if gaps:
+        print("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
+              "by about the nested TTA gap: " + ", ".join(f"{n} {g:+.4f}" for n, g in gaps.items()))
+    return gaps
 
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:

@@ -78,6 +78,7 @@ def _planted_stack_work(tmp_path: Path) -> Path:
     oof, test = _planted(np.where(y == 0, 0, 2), np.where(y == 1, 1, 2), rng), \
         _planted(np.where(truth == 0, 0, 2), np.where(truth == 1, 1, 2), rng)
     meta = {"folds_hash": "H", "classes": ["a", "b", "c"]}
+    tta = {"A": {"oof_score": 0.70, "oof_score_nested": 0.68}, "B": {}}  # B: chose no views on OOF (no figures)
     for name, p_oof, p_test in zip("AB", oof, test, strict=True):
         frame = pd.DataFrame(p_oof, columns=prob_columns(meta["classes"]))
         for i, (col, values) in enumerate({"id": [f"r{i}" for i in range(n)], "fold": folds,
@@ -85,7 +86,7 @@ def _planted_stack_work(tmp_path: Path) -> Path:
             frame.insert(i, col, values)
         tframe = pd.DataFrame(p_test, columns=prob_columns(meta["classes"]))
         tframe.insert(0, "id", [f"img/test_{i}.png" for i in range(4)])
-        write_parquet(work / "runs" / name / "oof.parquet", frame, meta)
+        write_parquet(work / "runs" / name / "oof.parquet", frame, {**meta, **tta[name]})
         write_parquet(work / "runs" / name / "test.parquet", tframe, meta)
     return data
 
@@ -109,6 +110,8 @@ def test_the_stack_is_a_leaderboard_row_chosen_on_its_honest_score_and_predicts_
     printed = capsys.readouterr().out
     assert f"auto pick, nested: {out['auto_pick_nested_score']:.4f}" in printed
     assert pd.read_csv(out["submission"])["label"].tolist() == ["a", "b", "c", "a"]  # the stack on test rows
+    assert stamp["tta_optimism"] == {"A": pytest.approx(0.02)}  # predict's in-sample minus nested TTA score
+    assert "selection-optimistic by about the nested TTA gap: A +0.0200" in printed
     named = run("ensemble.method=mean")  # by name: no auto pick to nest
     assert named["chosen"] == "mean" and named["auto_pick_nested_score"] is None
     assert pd.read_csv(named["submission"])["label"].tolist() != ["a", "b", "c", "a"]
