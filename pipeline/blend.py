@@ -165,12 +165,16 @@ def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], 
     """Leaderboard rows: every single model, then every blend and the stack, with in-sample and honest scores.
 
     Each row keeps `params` (what `apply` needs: weights, or the stack fitted on all rows, for the test
-    probabilities) and `oof` (its honest out-of-fold probabilities)."""
+    probabilities) and `oof` (its honest out-of-fold probabilities). OOF rows of a single fold (one fold
+    trained) leave nothing to fit on while scoring it, so fitted rows are then left out."""
     rows = [{"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
              "params": np.eye(len(names))[i], "cv_score": score(metric, y, P[i]),
              "honest_score": score(metric, y, P[i]), "oof": P[i]}
             for i, n in enumerate(names)]
+    nestable = len(np.unique(folds)) > 1
     for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c).items():
+        if fit is not None and not nestable:
+            continue
         params = np.full(len(names), 1 / len(names)) if fit is None else fit(P, y)
         in_sample = apply(P, params, how)
         honest = in_sample if fit is None else nested_oof(P, y, folds, fit, how)

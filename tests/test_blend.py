@@ -248,3 +248,11 @@ def test_auto_pick_on_each_fold_never_saw_that_fold(monkeypatch):
 def test_auto_pick_is_not_nested_under_three_folds():
     P, y, _ = _noisy_models()
     assert blend.nested_pick(P, y, np.arange(len(y)) % 2, ["a", "b", "c"], "accuracy") is None
+
+
+def test_one_fold_of_oof_rows_offers_no_fitted_rows():
+    """With one trained fold every fit of the nested score would see no rows (before: weights and caruana
+    fitted on nothing, with made-up honest scores; the stack could not fit at all)."""
+    P, y, _ = _noisy_models()
+    rows = blend.evaluate(P, y, np.zeros(len(y), int), ["a", "b", "c"], "accuracy")
+    assert [r["model"] for r in rows] == ["a", "b", "c", "mean", "geometric", "rank"]
