@@ -100,8 +100,8 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     print(f"predict: {backbone} OOF {metric} by TTA view ({cfg.tta_merge} merge): " + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
     test_proba = np.mean([merge(lg[chosen], cfg.tta_merge) for lg in test_logits], axis=0)  # mean over fold models
     meta = {"backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"], "folds": folds, "tta": [views[i] for i in chosen],
-            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged),
-            "view_scores": table,
+            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric,
+            "oof_score": score(metric, y, merged), "view_scores": table,
             "oof_score_nested": None if nested is None else score(metric, y, nested),
             "tta_by_fold": None if by_fold is None else {str(k): [views[i] for i in v] for k, v in by_fold.items()}}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
