@@ -5,7 +5,14 @@ geometric, rank) learn nothing from the labels, so their OOF score is already ho
 (scipy-optimised weights, Caruana's greedy selection with replacement) learn from the same OOF rows
 they would be scored on; their honest score comes from nested cross-validation over the folds:
 weights fitted on the other folds' rows, applied to the held-out fold. The leaderboard shows both,
-so overfitted weights are not rewarded.
+so overfitted weights are not rewarded. A stack (a multinomial logistic regression on every model's
+log-probabilities, see fit_stack) is one more fitted row, nested the same way.
+
+Picking the best honest row is itself a choice made on the OOF rows: the best of many near-equal
+honest scores is an optimistic estimate of what the pick will score. nested_pick scores the `auto`
+policy itself: for each fold, the whole leaderboard is rebuilt on the other folds (its fitted rows
+nested inside them), the best row is picked there, fitted on those folds and applied to the held-out
+fold.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
 
 from .metrics import GREATER_IS_BETTER, score
 
 EPS = 1e-15
+STACK_FLOOR = 1e-6  # probabilities below this are one feature value to the stack (see stack_features)
 
 
 def combine(P: np.ndarray, weights: np.ndarray, how: str = "linear") -> np.ndarray:
@@ -38,25 +47,38 @@ def combine(P: np.ndarray, weights: np.ndarray, how: str = "linear") -> np.ndarr
 
 
 def _loss(metric: str, objective: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    """Lower-is-better loss of (y, proba) for the chosen objective."""
+    """Lower-is-better loss of (y, proba) for the chosen objective. Log-loss is computed here rather than by
+    scikit-learn, whose input checks cost ~5 ms a call and Caruana calls it rounds x models times per fit
+    (blends of normalised rows are normalised, so no renormalisation is needed)."""
     if objective == "log_loss":
-        return lambda y, p: score("log_loss", y, p)
+        return lambda y, p: float(-np.log(np.clip(p[np.arange(len(y)), y], EPS, 1)).mean())
     sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
     return lambda y, p: sign * score(metric, y, p)
 
 
 def fit_weights(P: np.ndarray, y: np.ndarray, metric: str, objective: str = "log_loss") -> np.ndarray:
-    """Simplex weights minimising the objective: softmax-parametrised, L-BFGS-B for log-loss, Nelder-Mead otherwise."""
+    """Simplex weights minimising the objective: softmax-parametrised, L-BFGS-B with the analytic gradient for
+    log-loss (nested CV fits this many times, so no finite differences), Nelder-Mead otherwise."""
+    if objective == "log_loss":
+        return _softmax(minimize(_log_loss_grad, np.zeros(len(P)), args=(P[:, np.arange(len(y)), y],),
+                                 jac=True, method="L-BFGS-B").x)
     loss = _loss(metric, objective)
+    z = minimize(lambda z: loss(y, combine(P, _softmax(z))), np.zeros(len(P)), method="Nelder-Mead").x
+    return _softmax(z)
 
-    def f(z: np.ndarray) -> float:
-        w = np.exp(z - z.max())
-        return loss(y, combine(P, w / w.sum()))
 
-    method = "L-BFGS-B" if objective == "log_loss" else "Nelder-Mead"
-    z = minimize(f, np.zeros(len(P)), method=method).x
+def _softmax(z: np.ndarray) -> np.ndarray:
     w = np.exp(z - z.max())
     return w / w.sum()
+
+
+def _log_loss_grad(z: np.ndarray, p_true: np.ndarray) -> tuple[float, np.ndarray]:
+    """Log-loss of the linear blend with weights softmax(z), and its gradient in z; p_true (n_models, n_rows)
+    holds each model's probability of the true class (a blend of normalised rows stays normalised)."""
+    w = _softmax(z)
+    q = np.clip(w @ p_true, EPS, None)
+    grad_w = -(p_true / q).mean(1)
+    return float(-np.log(q).mean()), w * (grad_w - w @ grad_w)
 
 
 def caruana(P: np.ndarray, y: np.ndarray, metric: str, objective: str = "log_loss", rounds: int = 25) -> np.ndarray:
@@ -71,17 +93,57 @@ def caruana(P: np.ndarray, y: np.ndarray, metric: str, objective: str = "log_los
     return counts / counts.sum()
 
 
-def nested_oof(P: np.ndarray, y: np.ndarray, folds: np.ndarray, fit: Callable, how: str = "linear") -> np.ndarray:
-    """Blend of each fold's rows with weights fitted on the other folds' rows only."""
+def stack_features(P: np.ndarray) -> np.ndarray:
+    """(n_rows, n_models * n_classes) log-probabilities, floored at STACK_FLOOR.
+
+    Log-probabilities rather than probabilities: a softmax over a linear function of log-probabilities
+    contains every single model (coefficient 1 on its own log-probability of each class gives back its
+    probabilities exactly) and every geometric blend, so the stack starts from what the other rows can
+    do and the regularisation pulls towards a scaled geometric blend, not towards nothing; probabilities
+    as features cannot express even one model's own output. The floor keeps one overconfident miss
+    (log 1e-15 = -35) from dominating the fit; below 1e-6 differences are noise anyway. Not
+    standardised: every feature has the same scale (a log-probability) and a coefficient keeps its
+    meaning (1 = trust this model as it is)."""
+    logp = np.log(np.clip(P, STACK_FLOOR, 1.0))
+    return logp.transpose(1, 0, 2).reshape(P.shape[1], -1)
+
+
+def fit_stack(P: np.ndarray, y: np.ndarray, c: float = 1.0) -> LogisticRegression:
+    """Multinomial logistic regression (scikit-learn, L2 penalty of strength 1/c) from stack_features to y."""
+    return LogisticRegression(C=c, max_iter=2000).fit(stack_features(P), y)
+
+
+def stack_predict(model: LogisticRegression, P: np.ndarray) -> np.ndarray:
+    """(n_rows, n_classes) probabilities; a class absent from the fitting rows gets probability 0."""
     out = np.zeros(P.shape[1:])
-    for k in np.unique(folds):
-        held = folds == k
-        weights = fit(P[:, ~held], y[~held])
-        out[held] = combine(P[:, held], weights, how)
+    out[:, model.classes_] = model.predict_proba(stack_features(P))
     return out
 
 
-def candidates(n_models: int, metric: str, objective: str, rounds: int) -> dict[str, tuple[str, Callable | None]]:
+def stack_shares(model: LogisticRegression, n_models: int) -> np.ndarray:
+    """Each model's share of the stack's absolute coefficient mass: which models it leans on (shown as its
+    weights on the leaderboard; the stack itself is not a weighted average)."""
+    mass = np.abs(model.coef_).reshape(len(model.coef_), n_models, -1).sum(axis=(0, 2))
+    return mass / mass.sum() if mass.sum() > 0 else np.full(n_models, 1 / n_models)
+
+
+def apply(P: np.ndarray, params, how: str) -> np.ndarray:
+    """(n_rows, n_classes) output of one leaderboard row: a weighted blend, or the fitted stack."""
+    return stack_predict(params, P) if how == "stack" else combine(P, params, how)
+
+
+def nested_oof(P: np.ndarray, y: np.ndarray, folds: np.ndarray, fit: Callable, how: str = "linear") -> np.ndarray:
+    """Blend (or stack) of each fold's rows fitted on the other folds' rows only."""
+    out = np.zeros(P.shape[1:])
+    for k in np.unique(folds):
+        held = folds == k
+        params = fit(P[:, ~held], y[~held])
+        out[held] = apply(P[:, held], params, how)
+    return out
+
+
+def candidates(n_models: int, metric: str, objective: str, rounds: int,
+               stack_c: float = 1.0) -> dict[str, tuple[str, Callable | None]]:
     """Blend name -> (how, fit); fit is None for fixed equal-weight blends."""
     if n_models < 2:
         return {}
@@ -91,23 +153,57 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int) -> dict[
         "rank": ("rank", None),
         "weights": ("linear", lambda P, y: fit_weights(P, y, metric, objective)),
         "caruana": ("linear", lambda P, y: caruana(P, y, metric, objective, rounds)),
+        "stack": ("stack", lambda P, y: fit_stack(P, y, stack_c)),
     }
 
 
+KINDS = {"linear": "fitted blend", "stack": "stack"}
+
+
 def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-             objective: str = "log_loss", rounds: int = 25) -> list[dict]:
-    """Leaderboard rows: every single model, then every blend, with in-sample and honest scores."""
+             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> list[dict]:
+    """Leaderboard rows: every single model, then every blend and the stack, with in-sample and honest scores.
+
+    Each row keeps `params` (what `apply` needs: weights, or the stack fitted on all rows, for the test
+    probabilities) and `oof` (its honest out-of-fold probabilities). OOF rows of a single fold (one fold
+    trained) leave nothing to fit on while scoring it, so fitted rows are then left out."""
     rows = [{"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
-             "cv_score": score(metric, y, P[i]), "honest_score": score(metric, y, P[i]), "oof": P[i]}
+             "params": np.eye(len(names))[i], "cv_score": score(metric, y, P[i]),
+             "honest_score": score(metric, y, P[i]), "oof": P[i]}
             for i, n in enumerate(names)]
-    for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds).items():
-        weights = np.full(len(names), 1 / len(names)) if fit is None else fit(P, y)
-        in_sample = combine(P, weights, how)
+    nestable = len(np.unique(folds)) > 1
+    for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c).items():
+        if fit is not None and not nestable:
+            continue
+        params = np.full(len(names), 1 / len(names)) if fit is None else fit(P, y)
+        in_sample = apply(P, params, how)
         honest = in_sample if fit is None else nested_oof(P, y, folds, fit, how)
-        rows.append({"model": blend_name, "kind": "fitted blend" if fit else "fixed blend", "how": how,
-                     "weights": dict(zip(names, np.round(weights, 4).tolist(), strict=True)),
+        shown = stack_shares(params, len(names)) if how == "stack" else params
+        rows.append({"model": blend_name, "kind": KINDS[how] if fit else "fixed blend", "how": how,
+                     "weights": dict(zip(names, np.round(shown, 4).tolist(), strict=True)), "params": params,
                      "cv_score": score(metric, y, in_sample), "honest_score": score(metric, y, honest), "oof": honest})
     return rows
+
+
+def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
+                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> dict | None:
+    """Honest score of `ensemble.method=auto` itself: for each fold k, the leaderboard of the other folds
+    (evaluate on their rows alone, fitted rows nested inside them), its auto pick fitted on those rows and
+    applied to fold k; the pooled held-out predictions are scored once, as every honest score is.
+
+    Returns {"score", "picks" (fold -> row picked without it), "oof"}, or None under 3 folds (the other
+    folds must themselves hold 2 folds to nest the fitted rows). Costs about k times `evaluate`."""
+    fold_ids = np.unique(folds)
+    if len(fold_ids) < 3:
+        return None
+    out, picks = np.zeros(P.shape[1:]), {}
+    for k in fold_ids:
+        held = folds == k
+        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c)
+        chosen = pick(inner, metric)
+        out[held] = apply(P[:, held], chosen["params"], chosen["how"])
+        picks[int(k)] = chosen["model"]
+    return {"score": score(metric, y, out), "picks": picks, "oof": out}
 
 
 def _onehot(i: int, n: int, names: list[str]) -> dict:

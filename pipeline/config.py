@@ -305,9 +305,12 @@ class PredictConfig(Section):
 
 
 class EnsembleConfig(Section):
-    method: str = Field("auto", description="auto: the best honest score; or a blend (mean, geometric, rank, weights, caruana) or model name")
+    method: str = Field("auto", description="auto: the best honest score; or a blend (mean, geometric, rank, "
+                                            "weights, caruana, stack) or model name")
     objective: Literal["log_loss", "metric"] = Field("log_loss", description="what fitted blends (weights, caruana) optimise on OOF")
     caruana_rounds: int = Field(25, ge=1, description="greedy selection steps of the Caruana blend")
+    stack_c: float = Field(1.0, gt=0, description="inverse L2 strength of the stack (logistic regression on "
+                                                   "every model's OOF log-probabilities): smaller, more regularised")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: as sample_submission shows")
 

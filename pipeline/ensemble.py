@@ -22,6 +22,7 @@ from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, 
 from .config import config_hash
 from .context import Context
 from .errors import PipelineError
+from .metrics import GREATER_IS_BETTER
 from .predictions import prob_columns, read_parquet_meta, write_parquet
 
 
@@ -60,7 +61,8 @@ def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
-    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds (honest = fitted blends scored by nested CV)")
+    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds "
+          "(honest = fitted blends and the stack scored by nested CV)")
     shown = board.assign(chosen=np.where(board["model"] == chosen, "<-", ""))
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -96,23 +98,26 @@ def run(ctx: Context) -> dict:
     P, T, test_ids = _stack(models, folds_meta["classes"])
     rows = next(iter(models.values()))[0]
     y, folds = rows["y"].to_numpy(), rows["fold"].to_numpy()
-    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds)
+    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
     except KeyError:
         raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; choose from {[r['model'] for r in board_rows]}") from None
-    board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items() if k != "oof"} for r in board_rows])
+    board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items()
+                           if k not in ("oof", "params")} for r in board_rows])
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
     _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
-    weights = np.array([chosen["weights"][n] for n in names])
-    test_proba = blend.combine(T, weights, chosen["how"])
+    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows)
+    auto["tta_optimism"] = tta_optimism(models, metric)
+    test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
         print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate ({overrides})")
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"], "metric": metric,
-                "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], "folds_hash": folds_meta["folds_hash"],
+                "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
+                "folds_hash": folds_meta["folds_hash"],
                 "config_hash": config_hash(ctx.cfg), "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
@@ -129,6 +134,47 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
     frame = train_stage.write_experiments_table(ctx, honest)
     print(f"ensemble: experiments ({ctx.work_dir / 'experiments.csv'})\n"
           + experiments.format_table(frame, ctx.cfg.competition.metric))
+
+
+def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str, cfg,
+                      chosen: dict, board_rows: list[dict]) -> dict:
+    """The honest score of the `auto` pick (blend.nested_pick), printed and recorded in weights.json.
+
+    The chosen row's honest_score is the best of every row's honest score, so under `auto` it is
+    selection-optimistic; auto_pick_nested_score picks on the other folds and scores the held-out one.
+    Under 3 folds it cannot be nested (the other fold would have to nest the fitted rows again): the
+    figure is then labelled selection-optimistic, off by about the best minus the median honest score
+    when the rows are equally good and differ by noise only (the expected excess of a maximum)."""
+    none = {"auto_pick_nested_score": None, "auto_picks_by_fold": None, "auto_pick_optimism": None}
+    if cfg.method != "auto":
+        return none
+    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
+    if result is None:
+        spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
+        print(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
+              f"by about {spread:.4f} (best minus median honest score) if the rows differ by noise only")
+        return {**none, "auto_pick_optimism": spread}
+    picks = ", ".join(f"fold {k}: {m}" for k, m in result["picks"].items())
+    print(f"ensemble: auto pick, nested: {result['score']:.4f} (picked on the other folds: {picks})")
+    return {**none, "auto_pick_nested_score": result["score"],
+            "auto_picks_by_fold": {str(k): m for k, m in result["picks"].items()}}
+
+
+def tta_optimism(models: dict, metric: str) -> dict[str, float]:
+    """How much each model's OOF score gains from its TTA views being chosen on all OOF rows (predict's
+    oof_score minus its nested oof_score_nested, in the metric's better direction), printed as what every
+    leaderboard row built on that model's OOF may be selection-optimistic by. Models without the two
+    figures (AutoGluon, files from elsewhere) chose nothing on OOF here and are left out."""
+    gaps = {}
+    for name, (_, _, folder) in models.items():
+        meta = read_parquet_meta(folder / "oof.parquet")
+        if meta.get("oof_score_nested") is not None and meta.get("oof_score") is not None:
+            gap = meta["oof_score"] - meta["oof_score_nested"]
+            gaps[name] = gap if GREATER_IS_BETTER[metric] else -gap
+    if gaps:
+        print("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
+              "by about the nested TTA gap: " + ", ".join(f"{n} {g:+.4f}" for n, g in gaps.items()))
+    return gaps
 
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:

@@ -3,8 +3,12 @@
 TTA views (pipeline/tta.py) of a batch go through the network together. Each view, all views
 merged and the kept views merged are scored on the out-of-fold rows and printed, so the user sees
 whether a view helps; `predict.tta_policy=auto` keeps the views that improve OOF. The test set is
-only predicted, never used to choose. Writes WORK/runs/<experiment>/{oof,test}.parquet with metadata (classes, folds
-hash, TTA), test_folds.parquet (each fold model's test probabilities, column `fold`: pseudo-labels for fold k must
+only predicted, never used to choose. That choice is made on the OOF rows it is scored on, so the
+kept views' score is selection-optimistic; the `nested` figure (tta.nested_views: views chosen on
+the other folds, applied to each held-out fold) is the honest one, and predict.json records both
+(oof_score, oof_score_nested). oof.parquet keeps the views chosen on all rows, as the test rows do.
+Writes WORK/runs/<experiment>/{oof,test}.parquet with metadata (classes, folds hash, TTA),
+test_folds.parquet (each fold model's test probabilities, column `fold`: pseudo-labels for fold k must
 come from fold-k models only; test.parquet is their mean) and the stamp predict.json.
 """
 
@@ -26,7 +30,7 @@ from .errors import PipelineError
 from .metrics import score
 from .predictions import prob_columns, write_parquet
 from .runtime import Runtime
-from .tta import choose_views, merge, tta_logits
+from .tta import choose_views, merge, nested_views, tta_logits
 
 
 def view_logits(model: torch.nn.Module, images: np.ndarray, views: list[str], rt: Runtime, norm: dict, batch_size: int,
@@ -38,11 +42,15 @@ def view_logits(model: torch.nn.Module, images: np.ndarray, views: list[str], rt
         return tta_logits(model, images, views, partial(rt.to_input, norm=norm), batch_size, seed, **(ranges or {}))
 
 
-def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str) -> dict:
-    """OOF score of each view alone, of all views merged, and of the kept views merged."""
+def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str,
+               nested: np.ndarray | None = None) -> dict:
+    """OOF score of each view alone, of all views merged, of the kept views merged (chosen on all OOF rows:
+    selection-optimistic) and, given `nested` (tta.nested_views), of the views chosen on the other folds."""
     table = {v: score(metric, y, merge(per_view[i:i + 1], how)) for i, v in enumerate(views)}
     table["all views"] = score(metric, y, merge(per_view, how))
     table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merge(per_view[chosen], how))
+    if nested is not None:
+        table["kept, nested (chosen on the other folds)"] = score(metric, y, nested)
     return table
 
 
@@ -88,16 +96,20 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
     chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge)
-    merged = merge(per_view[chosen], cfg.tta_merge)
-    table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge)
+    merged = merge(per_view[chosen], cfg.tta_merge)  # what oof.parquet holds: the views the test rows use
+    fold_of = rows["fold"].to_numpy()
+    nested, by_fold = (nested_views(per_view, y, fold_of, metric, cfg.tta_policy, cfg.tta_merge)
+                       if len(np.unique(fold_of)) > 1 else (None, None))
+    table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge, nested)
     print(f"predict: {name} OOF {metric} by TTA view ({cfg.tta_merge} merge): "
           + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
     per_fold = [merge(lg[chosen], cfg.tta_merge) for lg in test_logits]
     test_proba = np.mean(per_fold, axis=0)  # mean over fold models
     meta = {"experiment": name, "backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"],
-            "folds": folds, "tta": [views[i] for i in chosen],
-            "tta_candidates": views, "tta_merge": cfg.tta_merge, "metric": metric, "oof_score": score(metric, y, merged),
-            "view_scores": table}
+            "folds": folds, "tta": [views[i] for i in chosen], "tta_candidates": views, "tta_merge": cfg.tta_merge,
+            "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table,
+            "oof_score_nested": None if nested is None else score(metric, y, nested),
+            "tta_by_fold": None if by_fold is None else {str(k): [views[i] for i in v] for k, v in by_fold.items()}}
     oof = pd.DataFrame(merged, columns=prob_columns(classes))
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())

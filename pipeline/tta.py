@@ -106,3 +106,21 @@ def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, ho
         if is_better(metric, candidate, best):
             chosen, best = chosen + [i], candidate
     return sorted(chosen)
+
+
+def nested_views(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, metric: str, policy: str,
+                 how: str = "mean") -> tuple[np.ndarray, dict[int, list[int]]]:
+    """Honest OOF probabilities of the TTA choice: each fold's rows merged over the views chosen on the other
+    folds' rows only, and the views chosen per held-out fold.
+
+    choose_views on all OOF rows scores its own choice on the rows it chose on, so that figure is
+    selection-optimistic (by little with two views, more with many). The model's oof.parquet still
+    holds the views chosen on all rows: those are the views the test predictions use, and a file whose
+    rows were merged over different views per fold would describe no model that predicts the test set."""
+    out = np.zeros(logits.shape[1:], dtype=np.float32)
+    chosen = {}
+    for k in np.unique(folds):
+        held = folds == k
+        chosen[int(k)] = choose_views(logits[:, ~held], y[~held], metric, policy, how)
+        out[held] = merge(logits[chosen[int(k)]][:, held], how)
+    return out, chosen

@@ -142,3 +142,117 @@ def test_single_model_has_no_blends():
     P, y, folds = _noisy_models(noise=(1.0,))
     rows = blend.evaluate(P, y, folds, ["only"], "accuracy")
     assert [r["model"] for r in rows] == ["only"] and rows[0]["honest_score"] == score("accuracy", y, P[0])
+
+
+def _planted_level2(n=900, seed=4):
+    """3 classes. Model A is right on class-0 rows and says class 2 on the others; model B is right on
+    class-1 rows and says class 2 on the others. Truth: 0 if A says 0, 1 if B says 1, else 2 -- a level-2
+    relation no non-negative blend expresses (on a class-0 row A says 0 and B says 2 equally surely)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    says_a, says_b = np.where(y == 0, 0, 2), np.where(y == 1, 1, 2)
+    A = _softmax(np.eye(3)[says_a] * 3 + rng.normal(0, 0.5, (n, 3)))
+    B = _softmax(np.eye(3)[says_b] * 3 + rng.normal(0, 0.5, (n, 3)))
+    return np.stack([A, B]), y, rng.permutation(n) % 5
+
+
+def test_stack_recovers_a_planted_level2_relation():
+    P, y, folds = _planted_level2()
+    rows = {r["model"]: r for r in blend.evaluate(P, y, folds, ["A", "B"], "accuracy")}
+    assert list(rows) == ["A", "B", "mean", "geometric", "rank", "weights", "caruana", "stack"]
+    assert rows["stack"]["kind"] == "stack"
+    others = max(r["honest_score"] for name, r in rows.items() if name != "stack")
+    assert rows["A"]["honest_score"] == rows["B"]["honest_score"] == score("accuracy", y, P[0])
+    assert others < 0.8 and rows["stack"]["honest_score"] > 0.97  # nested CV, by a margin of over 0.17
+    assert blend.pick(list(rows.values()), "accuracy")["model"] == "stack"
+    shares = rows["stack"]["weights"]
+    assert abs(shares["A"] - shares["B"]) < 0.2 and abs(sum(shares.values()) - 1) < 1e-9  # it leans on both
+    # the test probabilities: the stack fitted on all OOF rows, applied to new rows of the same relation
+    P_new, y_new, _ = _planted_level2(seed=5)
+    assert score("accuracy", y_new, blend.apply(P_new, rows["stack"]["params"], "stack")) > 0.97
+
+
+def test_stack_regularisation_comes_from_the_config_key():
+    """ensemble.stack_c is scikit-learn's C: at 1e-4 the coefficients shrink to almost nothing and the
+    honest log-loss goes towards that of a constant (ln 3 = 1.0986; 0.94) instead of 0.004."""
+    P, y, folds = _planted_level2()
+    loose, tight = blend.fit_stack(P, y, 10.0), blend.fit_stack(P, y, 1e-4)
+    assert np.abs(tight.coef_).sum() < 0.05 * np.abs(loose.coef_).sum()
+    default = blend.evaluate(P, y, folds, ["A", "B"], "log_loss")[-1]
+    squeezed = blend.evaluate(P, y, folds, ["A", "B"], "log_loss", stack_c=1e-4)[-1]
+    assert default["model"] == squeezed["model"] == "stack"
+    assert default["honest_score"] < 0.1 and squeezed["honest_score"] > 0.9
+    from pipeline.config import load_config
+    assert load_config(None, ["ensemble.stack_c=0.1"]).ensemble.stack_c == 0.1
+
+
+def test_stack_features_are_floored_log_probabilities_model_by_model():
+    P = np.array([[[0.5, 0.5], [1e-9, 1.0]], [[0.25, 0.75], [0.9, 0.1]]])  # 2 models, 2 rows
+    np.testing.assert_allclose(blend.stack_features(P), np.log([[0.5, 0.5, 0.25, 0.75], [1e-6, 1.0, 0.9, 0.1]]))
+
+
+def test_nested_honesty_holds_for_the_stack(monkeypatch):
+    """The stack's honest OOF rows of fold k come from a fit that received exactly the other folds' rows."""
+    P, y, folds = _noisy_models()
+    P = _with_row_ids(P)
+    seen, real = [], blend.fit_stack
+
+    def spy(P_fit, y_fit, *args, **kwargs):
+        seen.append(_rows_seen(P_fit))
+        return real(P_fit, y_fit, *args, **kwargs)
+
+    monkeypatch.setattr(blend, "fit_stack", spy)
+    blend.evaluate(P, y, folds, ["a", "b", "c"], "accuracy")
+    assert seen[0] == set(range(len(y)))  # the fit used for the test probabilities
+    assert seen[1:] == [set(np.flatnonzero(folds != k).tolist()) for k in range(5)]
+
+
+def test_auto_pick_nested_is_clearly_below_the_best_honest_score_on_noise():
+    """24 pure-noise models (and their blends): the best honest row looks like 0.555 accuracy, but the
+    pick made on the other folds scores what noise scores on the held-out one (0.48)."""
+    rng = np.random.default_rng(8)
+    n, m = 400, 24
+    y = rng.integers(0, 2, n)
+    P = np.stack([_softmax(rng.normal(0, 1, (n, 2))) for _ in range(m)])
+    folds = np.arange(n) % 5
+    rows = blend.evaluate(P, y, folds, [f"m{i}" for i in range(m)], "accuracy", rounds=5)
+    best = blend.pick(rows, "accuracy")["honest_score"]
+    nested = blend.nested_pick(P, y, folds, [f"m{i}" for i in range(m)], "accuracy", rounds=5)
+    assert best - nested["score"] > 0.05 and nested["score"] < 0.5
+    assert sorted(nested["picks"]) == [0, 1, 2, 3, 4] and len(set(nested["picks"].values())) > 1
+
+
+def test_auto_pick_on_each_fold_never_saw_that_fold(monkeypatch):
+    """Through the row identities planted in model 0: for held-out fold k, the whole inner leaderboard
+    (every score and every fit behind the pick) received exactly the other folds' rows; the pick's
+    prediction on fold k is its fit on those rows."""
+    P, y, folds = _noisy_models(n=300)
+    P = _with_row_ids(P)
+    seen, boards, real = [], [], blend.evaluate
+
+    def spy(P_in, *args, **kwargs):
+        seen.append(_rows_seen(P_in))
+        boards.append(real(P_in, *args, **kwargs))
+        return boards[-1]
+
+    monkeypatch.setattr(blend, "evaluate", spy)
+    result = blend.nested_pick(P, y, folds, ["a", "b", "c"], "accuracy")
+    assert seen == [set(np.flatnonzero(folds != k).tolist()) for k in range(5)]
+    for k in range(5):
+        chosen = blend.pick(boards[k], "accuracy")
+        assert result["picks"][k] == chosen["model"]
+        np.testing.assert_allclose(result["oof"][folds == k], blend.apply(P[:, folds == k], chosen["params"],
+                                                                          chosen["how"]))
+
+
+def test_auto_pick_is_not_nested_under_three_folds():
+    P, y, _ = _noisy_models()
+    assert blend.nested_pick(P, y, np.arange(len(y)) % 2, ["a", "b", "c"], "accuracy") is None
+
+
+def test_one_fold_of_oof_rows_offers_no_fitted_rows():
+    """With one trained fold every fit of the nested score would see no rows (before: weights and caruana
+    fitted on nothing, with made-up honest scores; the stack could not fit at all)."""
+    P, y, _ = _noisy_models()
+    rows = blend.evaluate(P, y, np.zeros(len(y), int), ["a", "b", "c"], "accuracy")
+    assert [r["model"] for r in rows] == ["a", "b", "c", "mean", "geometric", "rank"]

@@ -6,8 +6,10 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.metrics import score
+from pipeline.predict import view_table
 from pipeline.runtime import Runtime
-from pipeline.tta import apply_view, choose_views, merge, random_affine, tta_logits
+from pipeline.tta import apply_view, choose_views, merge, nested_views, random_affine, tta_logits
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 TO_INPUT = partial(Runtime().to_input, norm=NORM)
@@ -121,3 +123,58 @@ def test_unknown_view_is_a_config_error():
     with pytest.raises(PipelineError, match="unknown TTA view 'flip'"):
         load_config(None, ["predict.tta=[identity,flip]"])
     assert load_config(None, ["predict.tta=[identity,scale0.9,random3]"]).predict.tta[-1] == "random3"
+
+
+def _two_class_views(p_true_by_view: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n_views, n, 2) logits whose probability of the true class y is p_true_by_view."""
+    p = np.where(np.eye(2, dtype=bool)[y][None], p_true_by_view[..., None], 1 - p_true_by_view[..., None])
+    return _as_logits(p)
+
+
+def test_nested_tta_score_is_lower_when_a_view_helps_on_one_fold_only():
+    """5 folds of 20 rows. identity is weakly wrong on 6 rows of fold 0 and right elsewhere; hflip is right on
+    fold 0 and surely wrong on one row of each other fold. On all rows hflip alone wins (96 right vs 94) and
+    the greedy keeps it alone: in-sample 0.96. Chosen without fold 0, identity wins (80/80 vs 76/80) and
+    costs fold 0 its 6 rows; chosen without fold k > 0, hflip wins and costs 1 row: nested 0.90."""
+    y, folds = np.arange(100) % 2, np.arange(100) // 20
+    identity, hflip = np.full(100, 0.9), np.full(100, 0.9)
+    identity[:6] = 0.45
+    hflip[[20, 40, 60, 80]] = 0.05
+    logits = _two_class_views(np.stack([identity, hflip]), y)
+    chosen = choose_views(logits, y, "accuracy", "auto")
+    assert chosen == [1] and score("accuracy", y, merge(logits[chosen])) == 0.96
+    nested, by_fold = nested_views(logits, y, folds, "accuracy", "auto")
+    assert by_fold == {0: [0], 1: [1], 2: [1], 3: [1], 4: [1]}
+    assert score("accuracy", y, nested) == 0.90
+    table = view_table(logits, chosen, ["identity", "hflip"], y, "accuracy", "mean", nested)
+    assert table["kept (hflip)"] == 0.96 and table["kept, nested (chosen on the other folds)"] == 0.90
+
+
+def test_nested_tta_score_equals_in_sample_when_one_view_dominates():
+    rng = np.random.default_rng(0)
+    y, folds = rng.integers(0, 2, 200), np.arange(200) % 5
+    logits = _two_class_views(np.stack([np.full(200, 0.8), rng.random(200), rng.random(200)]), y)
+    chosen = choose_views(logits, y, "accuracy", "auto")
+    nested, by_fold = nested_views(logits, y, folds, "accuracy", "auto")
+    assert chosen == [0] and all(v == [0] for v in by_fold.values())
+    np.testing.assert_array_equal(nested, merge(logits[chosen]))
+    assert nested_views(logits, y, folds, "accuracy", "all")[1] == {k: [0, 1, 2] for k in range(5)}
+
+
+def test_tta_choice_for_each_fold_never_sees_that_fold(monkeypatch):
+    """Row identities planted in view 0's logits: the choice for held-out fold k receives exactly the other
+    folds' rows."""
+    import pipeline.tta as tta
+
+    y, folds = np.arange(60) % 2, np.arange(60) % 3
+    logits = _two_class_views(np.stack([np.full(60, 0.8), np.full(60, 0.7)]), y)
+    logits[0, :, 0] = np.arange(60) * 1e-3
+    seen, real = [], tta.choose_views
+
+    def spy(lg, *args, **kwargs):
+        seen.append(set(np.rint(lg[0, :, 0] * 1e3).astype(int).tolist()))
+        return real(lg, *args, **kwargs)
+
+    monkeypatch.setattr(tta, "choose_views", spy)
+    tta.nested_views(logits, y, folds, "accuracy", "auto")
+    assert seen == [set(np.flatnonzero(folds != k).tolist()) for k in range(3)]
