@@ -17,6 +17,7 @@ from pipeline import train as train_stage
 from pipeline.artifacts import read_stamp
 from pipeline.config import load_config
 from pipeline.context import Context
+from pipeline.detection.bananas import build_bananas
 
 from .conftest import REPO, write_competition
 
@@ -182,3 +183,26 @@ def test_two_processes_create_a_new_store_at_once(tmp_path: Path):
     assert all("tracking:" not in out and "\nrun " in f"\n{out}" for out in outputs), outputs
     assert "None" not in "".join(outputs)
     assert sorted(_runs(tracking.default_uri(tmp_path / "w"), "exp")) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_the_detection_track_logs_its_training_too(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = build_bananas(tmp_path / "bananas", n_train=8, n_val=4, n_test=4, seed=1)
+    overrides = ["detect.image_size=64", "detect.epochs=2", "detect.batch_size=4", "detect.gallery_images=0",
+                 "detect.tta=none", "runtime.device=cpu"]
+    ctx = Context(load_config(None, overrides), data, tmp_path / "w", tmp_path / "subs")
+    orchestrate.run("detect", ctx)
+    uri = tracking.default_uri(ctx.work_dir)
+    (run,) = _runs(uri, "bananas").values()
+    assert run.info.run_name == "tinyssd" and run.data.tags["stage"] == "detect" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["model"], params["detect.epochs"], params["detect.loss"]) == ("TinySSD", "2", "ssd")
+    history = pd.read_csv(ctx.work_dir / "detect" / "history.csv")
+    client = MlflowClient(tracking_uri=uri)
+    assert set(run.data.metrics) == set(history.columns) - {"epoch"}
+    for column in ("train_loss", "map_50"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
+        assert [s for s, _ in logged] == [1, 2]
+        assert [v for _, v in logged] == pytest.approx(history[column].tolist(), rel=1e-12)
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["curves.png", "history.csv"]
