@@ -56,10 +56,11 @@ class Settings:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(self.work_dir)
 
     def artifact_location(self) -> str | None:
-        """Where a new experiment keeps its files: WORK/mlartifacts for the default store; else the store's choice."""
-        if self.resolved_uri() == default_uri(self.work_dir):
-            return (self.work_dir.resolve() / "mlartifacts").as_uri()
-        return None
+        """Where a new experiment keeps its files: beside a SQLite store, in mlartifacts/ (WORK/mlartifacts for the
+        default one; MLflow's own default is ./mlruns in whatever folder the command runs from); a server's choice
+        otherwise."""
+        db = _sqlite_path(self.resolved_uri())
+        return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
 
 
 def default_uri(work_dir: Path) -> str:
@@ -178,11 +179,16 @@ def _start(settings: Settings, run_dir: Path, name: str, fingerprint: str, param
 def _store_lock(uri: str):
     """A lock beside a SQLite store while it is opened: two processes that create its tables at once (two tuning
     processes on a new WORK) would otherwise collide in MLflow's schema migrations."""
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_path(uri)
+    if db is None:
         return contextlib.nullcontext()
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{db}.lock")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a SQLite store URI (sqlite:///relative or sqlite:////absolute), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _existing(client, run_id: str | None):

@@ -115,8 +115,10 @@ def test_a_tracking_server_that_is_down_warns_once_and_training_finishes(tmp_pat
 @pytest.mark.slow
 def test_an_interrupted_fold_resumes_into_the_same_mlflow_run_without_repeating_epochs(tmp_path: Path, monkeypatch,
                                                                                          capsys):
-    uri = f"sqlite:///{tmp_path / 'server.db'}"
+    uri = f"sqlite:///{tmp_path / 'store' / 'server.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the environment points the runs at another store
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # MLflow's own default would put the files in ./mlruns here
     ctx = _ctx(tmp_path, "tracking.experiment=lenets")
     orchestrate.run("folds", ctx)
     data = train_stage.load_training_data(ctx)
@@ -134,7 +136,8 @@ def test_an_interrupted_fold_resumes_into_the_same_mlflow_run_without_repeating_
     (run,) = _runs(uri, "lenets").values()
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     _assert_history_logged(MlflowClient(tracking_uri=uri), run, ctx.work_dir / "runs" / "d2l_lenet" / "fold0")
-    assert not (ctx.work_dir / "mlflow.db").exists()
+    assert not (ctx.work_dir / "mlflow.db").exists() and not (tmp_path / "cwd" / "mlruns").exists()
+    assert (tmp_path / "store" / "mlartifacts" / run.info.run_id / "artifacts" / "curves.png").is_file()
 
 
 def test_logging_again_adds_only_missing_steps_and_a_new_fingerprint_gets_a_new_run(tmp_path: Path):
