@@ -214,6 +214,8 @@ def _experiment(client, name: str, artifact_location: str | None) -> str:
 
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.lifecycle_stage == "deleted":  # deleted in the UI: its name stays taken until restored
+            client.restore_experiment(found.experiment_id)
         return found.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)

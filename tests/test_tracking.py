@@ -157,6 +157,10 @@ def test_logging_again_adds_only_missing_steps_and_a_new_fingerprint_gets_a_new_
     other = tracking.start(settings, run_dir, "m-fold0", "fp2", {"train": 2}, {"stage": "train"})
     assert other.run_id not in (None, first.run_id)
     assert read_stamp(run_dir / tracking.RUN_FILE)["run_id"] == other.run_id
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    client.delete_experiment(experiment)  # deleted in the UI: the next training brings it back
+    assert tracking.start(settings, run_dir, "m-fold0", "fp3", {}, {}).run_id is not None
+    assert client.get_experiment(experiment).lifecycle_stage == "active"
 
 
 def test_flatten_names_params_by_their_config_keys():
