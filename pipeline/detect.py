@@ -2,8 +2,9 @@
 
 Three parts, each with its own stamp and key, each redone only when what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
-  (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py). Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The
-  per-epoch validation in history.csv decodes with the settings of the run that trained.
+  (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
+  Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
+  history.csv decodes with the settings of the run that trained.
 - evaluate: metrics.json (stamp; validation class error, bbox MAE, mAP@0.5, COCO mAP, chosen TTA).
   Key: the model's key and EVALUATE_KEYS.
 - predict: test_predictions.csv, gallery_val.png (predictions red, truth green), gallery_test.png,
