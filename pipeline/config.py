@@ -366,6 +366,14 @@ class DetectConfig(FitConfig):
     gallery_images: int = Field(16, ge=0, description="images drawn in each of gallery_val.png and gallery_test.png")
 
 
+class TrackingConfig(Section):
+    backend: Literal["mlflow", "none"] = Field("mlflow", description="log every training run (params, per-epoch "
+                                               "metrics, curves) to MLflow; none: off")
+    uri: str | None = Field(None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI when set, else the "
+                                              "SQLite file WORK/mlflow.db (files in WORK/mlartifacts)")
+    experiment: str | None = Field(None, description="MLflow experiment the runs go to; null: the competition name")
+
+
 class Config(Section):
     competition: CompetitionConfig = CompetitionConfig()
     clean: CleanConfig = CleanConfig()
@@ -378,6 +386,7 @@ class Config(Section):
     autogluon: AutoGluonConfig = AutoGluonConfig()
     detect: DetectConfig = DetectConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -2,8 +2,9 @@
 
 Three parts, each with its own stamp and key, each redone only when what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
-  (resume state). Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The
-  per-epoch validation in history.csv decodes with the settings of the run that trained.
+  (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
+  Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
+  history.csv decodes with the settings of the run that trained.
 - evaluate: metrics.json (stamp; validation class error, bbox MAE, mAP@0.5, COCO mAP, chosen TTA).
   Key: the model's key and EVALUATE_KEYS.
 - predict: test_predictions.csv, gallery_val.png (predictions red, truth green), gallery_test.png,
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint, runtime, submission
+from . import checkpoint, runtime, submission, tracking
 from .artifacts import fingerprint, is_done, read_json, read_stamp, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
@@ -71,13 +72,22 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
     trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, rt)
-    history = pd.DataFrame(trainer.fit())
+    tcfg = ctx.cfg.tracking
+    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
+                           "tinyssd", fp, {"model": "TinySSD", **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS)})},
+                           {"stage": "detect"})
+    try:
+        history = pd.DataFrame(trainer.fit())
+    except BaseException as exc:
+        track.stop(exc)
+        raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
     plot_panels(history, {"loss": ["train_loss"],
                           "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
                           "validation mAP": ["map_50", "map"]},
                 out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
+    track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])  # before the stamp (tracking.py)
     final = history.iloc[-1]
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
                "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}

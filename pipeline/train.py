@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, experiments, runtime
+from . import distributed, experiments, runtime, tracking
 from .artifacts import (
     content_key,
     file_digest,
@@ -82,7 +82,12 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     net = torch.compile(net) if rt.compile else net
     trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{label} fold {fold}", net=net,
                       on_epoch=on_epoch)
-    result = trainer.fit()
+    track = _start_tracking(ctx, label, backbone, fold, run_dir, fp, "tune" if runs_root else "train")
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        track.stop(exc)
+        raise
     if not distributed.is_main():
         distributed.barrier()  # rank 0 writes the run's files; every rank then sees the same stamp
         return {"metric": result["metric"]}
@@ -96,6 +101,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
             "classes": data["classes"], "folds_hash": data["folds_hash"], "config_hash": config_hash(cfg.model, tcfg),
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,
             "ema": tcfg.ema, "fine_tuned": fine_tuning, "n_params": sum(p.numel() for p in model.parameters())}
+    track.finish(result["history"], [run_dir / "history.csv", run_dir / "curves.png"])  # before the stamp (tracking.py)
     write_stamp(run_dir / "best.json", fp, **meta)
     distributed.barrier()
     return meta
@@ -121,6 +127,20 @@ def write_experiments_table(ctx: Context, honest: dict[str, float] | None = None
     frame = experiments.table(every, ctx.work_dir / "runs", honest)
     write_csv(ctx.work_dir / "experiments.csv", frame)
     return frame
+
+
+def _start_tracking(ctx: Context, experiment: str, backbone: str, fold: int, run_dir: Path, fp: str,
+                    stage: str) -> tracking.Run:
+    """This training's MLflow run (rank 0 only), with the resolved model and train keys as flat params."""
+    tcfg = ctx.cfg.tracking
+    if not distributed.is_main():
+        return tracking.Run()
+    settings = tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir)
+    keys = {"model": ctx.cfg.model.model_dump(mode="json", exclude={"backbones"}),
+            "train": ctx.cfg.train.model_dump(mode="json")}
+    params = {"experiment": experiment, "backbone": backbone, "fold": fold, **tracking.flatten(keys)}
+    tags = {"stage": stage, "experiment": experiment, "backbone": backbone, "fold": str(fold), "competition": ctx.name}
+    return tracking.start(settings, run_dir, f"{experiment}-fold{fold}", fp, params, tags)
 
 
 def load_training_data(ctx: Context, shared: dict | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,20 @@ def natural_image(seed: int, size: int = 128) -> Image.Image:
             draw.line([x0, y0, x0 + w, y0 + h], fill=colour, width=int(rng.integers(2, 8)))
     noisy = np.asarray(im, dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_mlflow_store(tmp_path_factory):
+    """Every training in the suite (subprocesses too) logs to one MLflow store: a new SQLite store takes seconds to
+    create its tables, a run milliseconds. Tests of the default store unset MLFLOW_TRACKING_URI."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture
