@@ -219,7 +219,8 @@ def pick(rows: list[dict], metric: str, method: str = "auto") -> dict:
         raise KeyError(method)
     best = rows[0]
     for row in rows[1:]:
-        better = row["honest_score"] > best["honest_score"] if GREATER_IS_BETTER[metric] else row["honest_score"] < best["honest_score"]
+        better = (row["honest_score"] > best["honest_score"] if GREATER_IS_BETTER[metric]
+                  else row["honest_score"] < best["honest_score"])
         if better:
             best = row
     return best

@@ -56,7 +56,8 @@ def _fill(tmp, paths: list[str], size: int, channels: int, desc: str, max_pixels
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         job = partial(_decode, size=size, channels=channels, max_pixels=max_pixels)
-        bar = tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img", disable=None)
+        bar = tqdm(pool.map(job, paths, chunksize=16), total=len(paths), desc=f"cache: {desc}", unit="img",
+                   disable=None)
         for i, arr in enumerate(bar):
             out[i] = arr
     out.flush()

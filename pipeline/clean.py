@@ -113,7 +113,8 @@ def find_pairs(frame: pd.DataFrame, threshold: int, near: bool) -> pd.DataFrame:
     first = frame.groupby("pixel").cumcount() > 0
     anchor = frame.reset_index(drop=True).groupby("pixel").ngroup()
     first_pos = pd.Series(np.arange(len(frame))).groupby(anchor.to_numpy()).transform("first").to_numpy()
-    exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0, "kind": "exact"})
+    exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0,
+                          "kind": "exact"})
     hashed = np.nonzero(frame["phash"].notna().to_numpy())[0]
     if not near or len(hashed) < 2:
         return exact
@@ -184,7 +185,8 @@ def run(ctx: Context) -> dict:
     test_err = frame[(frame.split == "test") & frame.error.notna()]
     if len(test_err):
         line = int(test_err.line.iloc[0])
-        raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
+        raise PipelineError(f"{ctx.data_dir / ctx.cfg.competition.test_csv} line {line}: {test_err.error.iloc[0]}; "
+                            "every test image must be readable")
     bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split != "test") & cfg.drop_flat)
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
     frame = frame[~bad].reset_index(drop=True)
@@ -219,8 +221,8 @@ def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame)
     csv, see = ctx.data_dir / ctx.cfg.competition.train_csv, ctx.work_dir / "dropped.csv"
     if kept.empty:
         first = dropped[dropped.split == "train"].iloc[0]
-        raise PipelineError(f"{csv}: every training image was dropped ({_reasons(dropped)}), e.g. line {first.line}: {first.reason}; "
-                            f"fix the images (all listed in {see})")
+        raise PipelineError(f"{csv}: every training image was dropped ({_reasons(dropped)}), e.g. line {first.line}: "
+                            f"{first.reason}; fix the images (all listed in {see})")
     first = dropped[dropped.label == empty[0]].iloc[0]
     raise PipelineError(f"{csv}: class '{empty[0]}' has no training image left after cleaning "
                         f"({_reasons(dropped[dropped.label == empty[0]])}), e.g. line {first.line}: {first.reason}; "
@@ -238,13 +240,15 @@ def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, droppe
     cols = ["id", "label", "y", "group", "path"] + (["user_group"] if "user_group" in kept.columns else []) + ["source"]
     write_csv(work / "clean.csv", kept[cols])
     a, b = frame.iloc[pairs["a"]].reset_index(drop=True), frame.iloc[pairs["b"]].reset_index(drop=True)
-    dup = pd.DataFrame({"id_a": a.id, "split_a": a.split, "label_a": a.label, "id_b": b.id, "split_b": b.split, "label_b": b.label,
+    dup = pd.DataFrame({"id_a": a.id, "split_a": a.split, "label_a": a.label,
+                        "id_b": b.id, "split_b": b.split, "label_b": b.label,
                         "kind": pairs["kind"], "distance": pairs["distance"], "group": a.group,
                         "phash_a": a.phash.map(_hex), "phash_b": b.phash.map(_hex), "source_a": a.source,
                         "source_b": b.source})
     write_csv(work / "duplicates.csv", dup)
     write_csv(work / "dropped.csv", dropped[DROPPED_COLUMNS])
-    write_json(work / "classes.json", {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
+    write_json(work / "classes.json",
+               {"classes": comp.classes, "index": comp.class_index, "label_column": comp.label_column})
     own, own_dropped = kept[kept.split == "train"], dropped[dropped.split != "extra"]
     overrides = label_overrides(frame, own, pairs)  # from the competition's own labels only
     if cfg.transfer_test_labels:

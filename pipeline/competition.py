@@ -106,7 +106,8 @@ def read_table(path: Path) -> pd.DataFrame:
     if path.is_dir():
         raise PipelineError(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
-        raise PipelineError(f"{path}: file not found; the competition folder must contain it (see README 'competition folder')")
+        raise PipelineError(f"{path}: file not found; the competition folder must contain it "
+                            "(see README 'competition folder')")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -136,7 +137,8 @@ def _detect_id(train: pd.DataFrame, test: pd.DataFrame, cfg: CompetitionConfig, 
     if cfg.id_column:
         for frame, path in zip((train, test), files, strict=True):
             if cfg.id_column not in frame.columns:
-                raise PipelineError(f"{path}: column '{cfg.id_column}' (competition.id_column) missing; columns are {list(frame.columns)}")
+                raise PipelineError(f"{path}: column '{cfg.id_column}' (competition.id_column) missing; "
+                                    f"columns are {list(frame.columns)}")
         return cfg.id_column
     shared = [c for c in train.columns if c in set(test.columns)]
     for cand in ID_CANDIDATES:
@@ -144,13 +146,15 @@ def _detect_id(train: pd.DataFrame, test: pd.DataFrame, cfg: CompetitionConfig, 
             return cand
     if shared:
         return shared[0]
-    raise PipelineError(f"{files[1]}: no column shared with {files[0].name} to use as image id; set competition.id_column")
+    raise PipelineError(f"{files[1]}: no column shared with {files[0].name} to use as image id; "
+                        "set competition.id_column")
 
 
 def _detect_label(train: pd.DataFrame, test: pd.DataFrame, id_col: str, cfg: CompetitionConfig, path: Path) -> str:
     if cfg.label_column:
         if cfg.label_column not in train.columns:
-            raise PipelineError(f"{path}: column '{cfg.label_column}' (competition.label_column) missing; columns are {list(train.columns)}")
+            raise PipelineError(f"{path}: column '{cfg.label_column}' (competition.label_column) missing; "
+                                f"columns are {list(train.columns)}")
         return cfg.label_column
     extra = [c for c in train.columns if c not in set(test.columns) and c not in (id_col, cfg.group_column)]
     if len(extra) == 1:
@@ -158,7 +162,8 @@ def _detect_label(train: pd.DataFrame, test: pd.DataFrame, id_col: str, cfg: Com
     for cand in LABEL_CANDIDATES:
         if cand in train.columns and cand != id_col:
             return cand
-    raise PipelineError(f"{path}: cannot tell the label column among {list(train.columns)}; set competition.label_column")
+    raise PipelineError(f"{path}: cannot tell the label column among {list(train.columns)}; "
+                        "set competition.label_column")
 
 
 def resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: CompetitionConfig, csv: Path) -> list[str]:
@@ -178,7 +183,8 @@ def resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: Competition
             raise PipelineError(f"{csv} line {line}: image path '{rel}' runs into a loop of symbolic links in {root}; "
                                 "fix or remove the links") from None
         if not real.is_relative_to(real_root):
-            raise PipelineError(f"{csv} line {line}: image path '{rel}' leads outside the competition folder {root}; keep images inside it")
+            raise PipelineError(f"{csv} line {line}: image path '{rel}' leads outside the competition folder {root}; "
+                                "keep images inside it")
         if not real.is_file():
             raise PipelineError(f"{csv} line {line}: image '{rel}' not found in {root}; fix the path or remove the row")
         out.append(str(real))
@@ -208,18 +214,21 @@ def _check_labels(train: pd.DataFrame, label_col: str, csv: Path) -> list[str]:
     labels = train[label_col]
     empty = (labels == "").to_numpy().nonzero()[0]
     if len(empty):
-        raise PipelineError(f"{csv} line {line_of(train, empty[0])}: empty label in column '{label_col}'; label every training row")
+        raise PipelineError(f"{csv} line {line_of(train, empty[0])}: empty label in column '{label_col}'; "
+                            "label every training row")
     lost = labels.str.lower().isin(MISSING_LABELS).to_numpy().nonzero()[0]
     if len(lost):
-        raise PipelineError(f"{csv} line {line_of(train, lost[0])}: label '{labels.iloc[lost[0]]}' in column '{label_col}' "
-                            "is how a missing value is saved, not a class; label the row or remove it")
+        raise PipelineError(f"{csv} line {line_of(train, lost[0])}: label '{labels.iloc[lost[0]]}' "
+                            f"in column '{label_col}' is how a missing value is saved, not a class; "
+                            "label the row or remove it")
     counts = labels.value_counts()
     single = counts[counts < 2]
     if len(single):
         cls = single.index[0]
         line = line_of(train, int((labels == cls).to_numpy().nonzero()[0][0]))
         raise PipelineError(
-            f"{csv} line {line}: class '{cls}' has only 1 sample; folds need at least 2 per class; remove the row or merge the class"
+            f"{csv} line {line}: class '{cls}' has only 1 sample; folds need at least 2 per class; "
+            "remove the row or merge the class"
         )
     return sort_classes(list(counts.index))
 
@@ -230,21 +239,23 @@ def _check_sample(sample: pd.DataFrame, test: pd.DataFrame, id_col: str, classes
         raise PipelineError(f"{path}: id column '{id_col}' missing; columns are {list(sample.columns)}")
     values = [c for c in sample.columns if c != id_col]
     if not values:
-        raise PipelineError(f"{path}: only the id column '{id_col}'; add the label column (or one probability column per class)")
+        raise PipelineError(f"{path}: only the id column '{id_col}'; add the label column "
+                            "(or one probability column per class)")
     if len(values) > 1 and set(values) != set(classes):
         odd = [c for c in values if c not in classes] or sorted(set(classes) - set(values))
-        raise PipelineError(f"{path}: columns {values} are neither one label column nor one probability column per class "
-                            f"of train.csv ('{odd[0]}' does not fit); fix the header")
+        raise PipelineError(f"{path}: columns {values} are neither one label column nor one probability column "
+                            f"per class of train.csv ('{odd[0]}' does not fit); fix the header")
     _check_ids(sample, id_col, path)
     known = set(test["id"])
     extra = (~sample[id_col].isin(known)).to_numpy().nonzero()[0]
     if len(extra):
-        raise PipelineError(f"{path} line {line_of(sample, extra[0])}: id '{sample[id_col].iloc[extra[0]]}' is not in test.csv; "
-                            "the two files must list the same ids")
+        raise PipelineError(f"{path} line {line_of(sample, extra[0])}: id '{sample[id_col].iloc[extra[0]]}' "
+                            "is not in test.csv; the two files must list the same ids")
     missing = test[~test["id"].isin(set(sample[id_col]))]
     if len(missing):
-        raise PipelineError(f"{path}: no row for test.csv's id '{missing['id'].iloc[0]}' (test.csv line {missing['line'].iloc[0]}) "
-                            f"and {len(missing) - 1} more; the two files must list the same ids")
+        raise PipelineError(f"{path}: no row for test.csv's id '{missing['id'].iloc[0]}' "
+                            f"(test.csv line {missing['line'].iloc[0]}) and {len(missing) - 1} more; "
+                            "the two files must list the same ids")
 
 
 def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
@@ -269,7 +280,8 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     train["y"] = train["label"].map(index).astype(int)
     if cfg.group_column:
         if cfg.group_column not in train_raw.columns:
-            raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; columns are {list(train_raw.columns)}")
+            raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; "
+                                f"columns are {list(train_raw.columns)}")
         train["user_group"] = train_raw[cfg.group_column]
     test = pd.DataFrame({"id": test_raw[id_col], "path": resolve_paths(test_raw, id_col, root, cfg, test_csv),
                          "line": test_raw.attrs["lines"]})

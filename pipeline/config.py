@@ -49,33 +49,47 @@ class Section(BaseModel):
 
 
 class CompetitionConfig(Section):
-    name: str | None = Field(None, description="competition name; default: the DATA folder's name (names WORK and the submission)")
+    name: str | None = Field(None, description="competition name; default: the DATA "
+                                               "folder's name (names WORK and the submission)")
     train_csv: str = Field("train.csv", description="training table inside DATA")
     test_csv: str = Field("test.csv", description="test table inside DATA")
-    sample_submission_csv: str = Field("sample_submission.csv", description="optional; fixes submission columns and row order")
+    sample_submission_csv: str = Field("sample_submission.csv", description="optional; fixes submission "
+                                                                            "columns and row order")
     id_column: str | None = Field(None, description="image id/path column; null: detected (image, id, filename, ...)")
     label_column: str | None = Field(None, description="label column of train.csv; null: the one column test.csv lacks")
-    group_column: str | None = Field(None, description="optional train.csv column of groups that must share a fold (e.g. patient id)")
+    group_column: str | None = Field(None, description="optional train.csv column of groups "
+                                                       "that must share a fold (e.g. patient id)")
     image_dir: str = Field("", description="folder inside DATA prefixed to every id (for CSVs that hold bare ids)")
-    image_suffix: str = Field("", description="extension appended to every id, e.g. '.jpg' (for CSVs that hold bare ids)")
-    metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field("accuracy", description="competition metric used for best checkpoints and CV scores")
-    channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when every image is grayscale, else rgb")
+    image_suffix: str = Field("", description="extension appended to every id, e.g. "
+                                              "'.jpg' (for CSVs that hold bare ids)")
+    metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field(
+        "accuracy", description="competition metric used for best checkpoints and CV scores")
+    channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when "
+                                                                         "every image is grayscale, else rgb")
     extra: list[str] = Field([], description="more labelled folders (each with a train.csv of the same id and "
                                              "label columns, images inside it): training rows only, never "
                                              "validated or scored")
 
 
 class CleanConfig(Section):
-    drop_exact_duplicates: bool = Field(True, description="keep one image of each group of pixel-identical training images")
-    near_duplicates: bool = Field(True, description="also group near duplicates (re-encoded, resized, cropped <= 5%, recoloured)")
-    near_threshold: int = Field(14, ge=0, le=15, description="max pHash + dHash Hamming distance (of 128 bits) for a near-duplicate pair")
-    near_min_size: int = Field(32, ge=1, description="images with a side below this get exact checks only (too few pixels for perceptual hashes)")
-    conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: drop them all, or keep the majority label")
+    drop_exact_duplicates: bool = Field(True, description="keep one image of each group of "
+                                                          "pixel-identical training images")
+    near_duplicates: bool = Field(True, description="also group near duplicates (re-encoded, "
+                                                    "resized, cropped <= 5%, recoloured)")
+    near_threshold: int = Field(14, ge=0, le=15, description="max pHash + dHash Hamming distance "
+                                                             "(of 128 bits) for a near-duplicate pair")
+    near_min_size: int = Field(32, ge=1, description="images with a side below this get exact checks "
+                                                     "only (too few pixels for perceptual hashes)")
+    conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: "
+                                                                       "drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")
-    transfer_test_labels: bool = Field(False, description="submit the known label for test images that duplicate training images (opt-in)")
+    transfer_test_labels: bool = Field(False, description="submit the known label for test images "
+                                                          "that duplicate training images (opt-in)")
     keep_extra_leaks: bool = Field(False, description="keep competition.extra images that duplicate a test image "
                                                       "(reported as leaks either way; default: dropped)")
-    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused from their header, before decoding (decompression bombs): a training image is dropped, a test image is an error; default: Pillow's limit")
+    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused from their header, "
+                                                          "before decoding (decompression bombs): a training image is "
+                                                          "dropped, a test image is an error; default: Pillow's limit")
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")
 
@@ -101,7 +115,8 @@ class ExperimentSpec(Section):
     seeds: list[int] | None = Field(None, min_length=1,
                                     description="sweep: one experiment per train.seed, named <name>-s<seed>")
     image_sizes: list[int] | None = Field(None, min_length=1,
-                                          description="sweep: one experiment per train.image_size, named <name>-<size>px")
+                                          description="sweep: one experiment per train.image_size, "
+                                                      "named <name>-<size>px")
     train: dict[str, Any] = Field({}, description="train keys that differ from the train section")
     model: dict[str, Any] = Field({}, description="model keys that differ from the model section")
     predict: dict[str, Any] = Field({}, description="predict keys that differ from the predict section")
@@ -172,9 +187,12 @@ class ModelConfig(Section):
                     "model, predict} (README: Experiments)")
     only: list[str] | None = Field(None, min_length=1,
                                    description="experiment names that train and predict run (make EXP=a,b); null: all")
-    pretrained: bool = Field(False, description="load ImageNet weights from the hub (needs internet; offline use pretrained_path)")
-    pretrained_path: str | None = Field(None, description="local safetensors or timm checkpoint to fine-tune from; '{backbone}' is replaced by the name")
-    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new head when fine-tuning (the course uses 10)")
+    pretrained: bool = Field(False, description="load ImageNet weights from the hub (needs "
+                                                "internet; offline use pretrained_path)")
+    pretrained_path: str | None = Field(None, description="local safetensors or timm checkpoint to fine-tune "
+                                                          "from; '{backbone}' is replaced by the name")
+    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new head "
+                                                        "when fine-tuning (the course uses 10)")
     freeze: list[str] = Field([], description="parameter-name prefixes kept frozen, e.g. [conv1, bn1, layer1]")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
 
@@ -254,34 +272,43 @@ class TrainConfig(FitConfig):
     momentum: float = _own("momentum", 0.9, "sgd momentum")
     nesterov: bool = Field(True, description="sgd with Nesterov momentum")
     weight_decay: float = _own("weight_decay", 0.05, "weight decay (not applied to norms and biases)")
-    schedule: Literal["cosine", "plateau"] = Field("cosine", description="cosine with warmup (per update), or lower on plateau of the val metric")
+    schedule: Literal["cosine", "plateau"] = Field("cosine", description="cosine with warmup (per update), or "
+                                                                         "lower on plateau of the val metric")
     warmup_epochs: float = Field(1.0, ge=0, description="linear warmup, in epochs")
     min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine schedule")
     plateau_factor: float = Field(0.1, gt=0, lt=1, description="plateau: lr multiplier when the metric stalls")
     plateau_patience: int = Field(2, ge=0, description="plateau: epochs without improvement before lowering the lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null: no clipping")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the targets")
-    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="loss weight per class: none, balanced (inverse frequency) or a list")
-    early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without a better val metric; null: never")
-    augment: Literal["none", "light", "medium", "heavy"] = Field("light", description="augmentation preset (flips, shifts/rotations, bigger random crops, colour)")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="loss weight per class: none, balanced (inverse frequency) or a list")
+    early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without "
+                                                               "a better val metric; null: never")
+    augment: Literal["none", "light", "medium", "heavy"] = Field(
+        "light", description="augmentation preset (flips, shifts/rotations, bigger random crops, colour)")
     transforms: list[dict] = Field([], description="extra albumentations transforms, e.g. [{CoarseDropout: {p: 0.3}}]")
     hflip: bool = _own("hflip", True,
                        "random horizontal flips in the presets; off when mirror images mean something else")
-    normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet when fine-tuning, else the data's")
+    normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet "
+                                                                                  "when fine-tuning, else the data's")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup alpha (0: off)")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
-    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of CutMix instead of Mixup when both are on")
+    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of CutMix instead "
+                                                                "of Mixup when both are on")
     mix_off_epoch: int = Field(0, ge=0, description="no mixing from this epoch on (0: mix until the end)")
-    ema: bool = Field(False, description="keep an EMA of the weights (timm ModelEmaV3); it is evaluated and checkpointed")
+    ema: bool = Field(False, description="keep an EMA of the weights (timm "
+                                         "ModelEmaV3); it is evaluated and checkpointed")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per update")
     folds: list[int] | None = Field(None, description="folds to train; null: all (other folds get no OOF rows)")
     seed: int = _own("seed", 42, "seed of weights init, batch order and augmentation")
 
 
 class PredictConfig(Section):
-    tta: list[str] = Field(["identity", "hflip"], min_length=1, description="test-time views: identity hflip vflip rot90 rot180 rot270 scale<f> random<k>")
-    tta_policy: Literal["all", "auto"] = Field("auto", description="all: merge every view; auto: keep the views that improve the OOF score")
+    tta: list[str] = Field(["identity", "hflip"], min_length=1, description="test-time views: identity hflip vflip "
+                                                                            "rot90 rot180 rot270 scale<f> random<k>")
+    tta_policy: Literal["all", "auto"] = Field("auto", description="all: merge every view; auto: keep "
+                                                                   "the views that improve the OOF score")
     tta_merge: Literal["mean", "geometric"] = Field(
         "mean", description="merge views by mean of probabilities or their geometric mean (= mean of logits)")
     tta_seed: int = Field(0, description="seed of the random<k> views")
@@ -298,7 +325,8 @@ class PredictConfig(Section):
     def _known_views(cls, views: list[str]) -> list[str]:
         bad = [v for v in views if not VIEW_NAME.match(v)]
         if bad:
-            raise ValueError(f"unknown TTA view {bad[0]!r}; use identity, hflip, vflip, rot90, rot180, rot270, scale<f>, random<k>")
+            raise ValueError(f"unknown TTA view {bad[0]!r}; use identity, hflip, vflip, rot90, rot180, rot270, "
+                             "scale<f>, random<k>")
         if len(set(views)) != len(views):
             raise ValueError("a TTA view is listed twice")
         return views
@@ -307,18 +335,23 @@ class PredictConfig(Section):
 class EnsembleConfig(Section):
     method: str = Field("auto", description="auto: the best honest score; or a blend (mean, geometric, rank, "
                                             "weights, caruana, stack) or model name")
-    objective: Literal["log_loss", "metric"] = Field("log_loss", description="what fitted blends (weights, caruana) optimise on OOF")
+    objective: Literal["log_loss", "metric"] = Field("log_loss", description="what fitted blends (weights, "
+                                                                             "caruana) optimise on OOF")
     caruana_rounds: int = Field(25, ge=1, description="greedy selection steps of the Caruana blend")
     stack_c: float = Field(1.0, gt=0, description="inverse L2 strength of the stack (logistic regression on "
                                                    "every model's OOF log-probabilities): smaller, more regularised")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
-    output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: as sample_submission shows")
+    output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: "
+                                                                                   "as sample_submission shows")
 
 
 class TuneConfig(Section):
-    space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys with int/float/log/categorical ranges")
-    n_trials: int = Field(20, ge=1, description="completed + pruned trials in the study, all processes together (a rerun continues up to this)")
-    timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds; null: no limit")
+    space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys "
+                                                                "with int/float/log/categorical ranges")
+    n_trials: int = Field(20, ge=1, description="completed + pruned trials in the study, all "
+                                                "processes together (a rerun continues up to this)")
+    timeout: float | None = Field(None, gt=0, description="stop starting trials after this "
+                                                          "many seconds; null: no limit")
     folds: list[int] = Field([0], min_length=1, description="folds each trial trains and is scored on")
     epochs: int = Field(3, ge=1, description="training epochs per trial (the score reported to the pruner each epoch)")
     pruner: Literal["median", "hyperband", "successive_halving", "none"] = Field("median", description="Optuna pruner")
@@ -327,9 +360,11 @@ class TuneConfig(Section):
 
 
 class AutoGluonConfig(Section):
-    python: str = Field(".venv-autogluon/bin/python", description="interpreter of AutoGluon's own environment (make autogluon creates it)")
+    python: str = Field(".venv-autogluon/bin/python", description="interpreter of AutoGluon's own "
+                                                                  "environment (make autogluon creates it)")
     backbone: str = Field("resnet18", description="timm image backbone of the MultiModalPredictor")
-    pretrained: bool = Field(False, description="true: hub weights by name (online); false: a local export of the timm model (offline)")
+    pretrained: bool = Field(False, description="true: hub weights by name (online); false: "
+                                                "a local export of the timm model (offline)")
     presets: str | None = Field(None, description="AutoGluon presets, e.g. medium_quality; null: AutoGluon's default")
     epochs: int = Field(5, ge=1, description="optim.max_epochs per fold")
     lr: float = Field(1e-3, gt=0, description="optim.lr (AutoGluon's own default, 1e-4, suits pretrained weights only)")
@@ -340,28 +375,43 @@ class AutoGluonConfig(Section):
 
 
 class DetectConfig(FitConfig):
-    train_csv: str = Field("train.csv", description="one row per box: image, label, xmin, ymin, xmax, ymax (pixels); empty label and box: no objects")
-    val_csv: str | None = Field("val.csv", description="validation boxes in the same form; when DATA lacks it, val_fraction of the training images")
+    train_csv: str = Field("train.csv", description="one row per box: image, label, xmin, ymin, xmax, "
+                                                    "ymax (pixels); empty label and box: no objects")
+    val_csv: str | None = Field("val.csv", description="validation boxes in the same form; when DATA "
+                                                       "lacks it, val_fraction of the training images")
     test_csv: str = Field("test.csv", description="images to detect objects in (column image)")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images held out when there is no val_csv")
-    image_size: int = Field(256, ge=64, description="images are decoded once and resized to image_size x image_size (the course: 256)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images held "
+                                                             "out when there is no val_csv")
+    image_size: int = Field(256, ge=64, description="images are decoded once and resized to "
+                                                    "image_size x image_size (the course: 256)")
     epochs: int = _own("epochs", 20, "training epochs")
     batch_size: int = _own("batch_size", 16, "images per update (the course: 32; 16 learns faster here, see README)")
     lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; "
                                  "the course: 0.2 without momentum)")
     momentum: float = _own("momentum", 0.9, "SGD momentum (the course: none; 0.9 learns faster, see README)")
     weight_decay: float = _own("weight_decay", 5e-4, "SGD weight decay (the course: 5e-4)")
-    schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant (the course) or cosine down to lr/100")
-    loss: Literal["course", "ssd"] = Field("ssd", description="ssd (the SSD paper's): CE over positives + 3x as many hard negatives and masked L1, per positive anchor; course: mean CE over all anchors + mean masked L1")
-    negative_ratio: float = Field(3.0, gt=0, description="ssd loss: highest-loss background anchors kept per positive anchor (the SSD paper: 3)")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant "
+                                                                          "(the course) or cosine down to lr/100")
+    loss: Literal["course", "ssd"] = Field("ssd", description="ssd (the SSD paper's): CE over positives + 3x as many "
+                                                              "hard negatives and masked L1, per positive anchor; "
+                                                              "course: mean CE over all anchors + mean masked L1")
+    negative_ratio: float = Field(3.0, gt=0, description="ssd loss: highest-loss background anchors "
+                                                         "kept per positive anchor (the SSD paper: 3)")
     hflip: bool = _own("hflip", True, "random horizontal flips of images and their boxes")
     seed: int = _own("seed", 0, "seed of weights init, batch order, flips and the validation split")
-    nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the lower-scored box of the same class")
-    box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean of the same-class boxes overlapping it at IoU >= this (tighter boxes); null: NMS boxes as they are")
-    tta: Literal["auto", "none", "hflip"] = Field("auto", description="test-time augmentation: hflip averages each anchor's predictions with its mirror image's; auto: hflip when it scores a higher validation mAP@0.5")
-    score_threshold: float = Field(0.05, ge=0, lt=1, description="submission keeps boxes scored at least this (mAP metrics reward a low threshold)")
+    nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the "
+                                                              "lower-scored box of the same class")
+    box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean "
+                                                                  "of the same-class boxes overlapping it at IoU >= "
+                                                                  "this (tighter boxes); null: NMS boxes as they are")
+    tta: Literal["auto", "none", "hflip"] = Field(
+        "auto", description="test-time augmentation: hflip averages each anchor's predictions with "
+                            "its mirror image's; auto: hflip when it scores a higher validation mAP@0.5")
+    score_threshold: float = Field(0.05, ge=0, lt=1, description="submission keeps boxes scored at least "
+                                                                 "this (mAP metrics reward a low threshold)")
     gallery_score_threshold: float = Field(0.5, ge=0, lt=1, description="the galleries draw boxes scored at least this")
-    map_score_threshold: float = Field(0.01, ge=0, lt=1, description="boxes scored at least this enter mAP (low, so the precision-recall curve is complete)")
+    map_score_threshold: float = Field(0.01, ge=0, lt=1, description="boxes scored at least this enter mAP (low, "
+                                                                     "so the precision-recall curve is complete)")
     max_detections: int = Field(100, ge=1, description="boxes kept per image, best first")
     gallery_images: int = Field(16, ge=0, description="images drawn in each of gallery_val.png and gallery_test.png")
 

@@ -38,7 +38,8 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
         folder = ctx.work_dir / rel
         meta = read_parquet_meta(folder / "oof.parquet")
         name = rel.removeprefix("runs/")
-        if meta.get("folds_hash") != folds_hash or meta.get("classes") != classes or not (folder / "test.parquet").exists():
+        if (meta.get("folds_hash") != folds_hash or meta.get("classes") != classes
+                or not (folder / "test.parquet").exists()):
             if rel in configured:
                 raise PipelineError(f"{folder}/oof.parquet: made on another split or class list; rerun `make predict`")
             print(f"ensemble: skipped {rel}: made on another split or class list (or no test.parquet)")
@@ -91,7 +92,8 @@ def run(ctx: Context) -> dict:
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
     if is_done(stamp, fp, [sub_path]):
         meta = read_json(stamp, "rerun `make ensemble`")
-        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; submission {sub_path}")
+        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; "
+              f"submission {sub_path}")
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
@@ -102,7 +104,8 @@ def run(ctx: Context) -> dict:
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
     except KeyError:
-        raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; choose from {[r['model'] for r in board_rows]}") from None
+        raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; "
+                            f"choose from {[r['model'] for r in board_rows]}") from None
     board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items()
                            if k not in ("oof", "params")} for r in board_rows])
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
@@ -114,14 +117,17 @@ def run(ctx: Context) -> dict:
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
-        print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate ({overrides})")
-    manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"], "metric": metric,
-                "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
+        print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
+              f"({overrides})")
+    manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"],
+                "metric": metric, "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
                 "folds_hash": folds_meta["folds_hash"],
-                "config_hash": config_hash(ctx.cfg), "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
+                "config_hash": config_hash(ctx.cfg),
+                "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
-    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; submission written to {path}")
+    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; "
+          f"submission written to {path}")
     _experiments_table(ctx, manifest["leaderboard"])
     return {**manifest, "submission": str(path)}
 
@@ -177,7 +183,8 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
     return gaps
 
 
-def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba, folds_meta: dict) -> None:
+def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba,
+                             folds_meta: dict) -> None:
     """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
     cols = prob_columns(folds_meta["classes"])
     meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}

@@ -43,8 +43,8 @@ def check_class_sizes(counts: pd.Series, n_splits: int) -> None:
     largest, n = str(counts.index[0]), int(counts.iloc[0])
     if n < n_splits:
         fix = f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"
-        raise PipelineError(f"folds.n_splits={n_splits} needs a class with at least {n_splits} images, but the largest, "
-                            f"'{largest}', has {n} after cleaning: {fix}")
+        raise PipelineError(f"folds.n_splits={n_splits} needs a class with at least {n_splits} images, but "
+                            f"the largest, '{largest}', has {n} after cleaning: {fix}")
 
 
 def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
@@ -52,8 +52,8 @@ def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarr
     groups = frame["group"].to_numpy() if groups is None else groups
     if len(np.unique(groups)) < n_splits:
         n = len(np.unique(groups))
-        raise PipelineError(f"folds.n_splits={n_splits} but the images form only {n} independent groups (duplicates and "
-                            f"competition.group_column keep a group in one fold): "
+        raise PipelineError(f"folds.n_splits={n_splits} but the images form only {n} independent groups "
+                            f"(duplicates and competition.group_column keep a group in one fold): "
                             + (f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fold = np.full(len(frame), -1)
@@ -70,7 +70,8 @@ def fold_report(frame: pd.DataFrame) -> dict:
     share = frame.groupby("fold")["y"].value_counts(normalize=True).unstack(fill_value=0.0)
     deviation = float((share - overall.reindex(share.columns)).abs().to_numpy().max())
     groups_per_fold = frame.groupby("split_group" if "split_group" in frame else "group")["fold"].nunique()
-    return {"sizes": frame["fold"].value_counts().sort_index().tolist(), "max_class_share_deviation": round(deviation, 4),
+    return {"sizes": frame["fold"].value_counts().sort_index().tolist(),
+            "max_class_share_deviation": round(deviation, 4),
             "groups_spanning_folds": int((groups_per_fold > 1).sum())}
 
 
@@ -99,14 +100,16 @@ def run(ctx: Context) -> dict:
     own["fold"] = assign_folds(own, cfg.n_splits, cfg.seed, own["split_group"].to_numpy())
     report = fold_report(own)
     if report["groups_spanning_folds"]:
-        raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; this is a bug, please report it")
+        raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; "
+                            "this is a bug, please report it")
     frame["split_group"], frame["fold"] = EXTRA_FOLD, EXTRA_FOLD
     frame.loc[~extra, ["split_group", "fold"]] = own[["split_group", "fold"]]
     frame["folds_hash"] = fp
     report["extra_rows"] = int(extra.sum())
     write_csv(ctx.work_dir / "folds.csv", frame)
     write_stamp(stamp, fp, folds_hash=fp, n_splits=cfg.n_splits, classes=classes, **report)
-    note = f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})" if extra.any() else ""
+    note = (f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})"
+            if extra.any() else "")
     print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
           f"max class-share deviation {report['max_class_share_deviation']}{note}")
     return {"folds_hash": fp, **report}

@@ -91,7 +91,8 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
         oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed, ranges)
         oof_parts.append((frame[held], oof))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed, ranges))
+        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed,
+                                       ranges))
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
     metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()

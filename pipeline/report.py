@@ -89,9 +89,13 @@ def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dro
     reasons = dropped["reason"].str.split(":").str[0].value_counts() if len(dropped) else pd.Series(dtype=int)
     drop_rows = "".join(f"<tr><td>{html.escape(str(r))}</td><td>{n}</td></tr>" for r, n in reasons.items())
     groups = "".join(_group_html(multi[multi["group"] == g], g in conflict) for g in order[:max_groups])
-    more = f"<p>{len(order) - max_groups} more groups not shown (clean.report_groups).</p>" if len(order) > max_groups else ""
-    body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2><table><tr><th>reason</th><th>rows</th></tr>{drop_rows}</table>"
+    more = (f"<p>{len(order) - max_groups} more groups not shown (clean.report_groups).</p>"
+            if len(order) > max_groups else "")
+    body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2>"
+            f"<table><tr><th>reason</th><th>rows</th></tr>{drop_rows}</table>"
             f"{_extra_html(sources, dropped, max_groups)}"
-            f"<h2>Duplicate groups ({len(order)}; {len(conflict)} with disagreeing labels; {len(pairs)} pairs)</h2>{groups}{more}")
-    page = f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head><body>{body}</body></html>'
+            f"<h2>Duplicate groups ({len(order)}; {len(conflict)} with disagreeing labels; {len(pairs)} pairs)</h2>"
+            f"{groups}{more}")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head>'
+            f'<body>{body}</body></html>')
     return write_text(path, page)
