@@ -87,7 +87,8 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
                           "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
                           "validation mAP": ["map_50", "map"]},
                 out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
-    track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])  # before the stamp (tracking.py)
+    # before the stamp (tracking.py)
+    track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])
     final = history.iloc[-1]
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
                "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}

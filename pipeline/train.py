@@ -50,10 +50,10 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     cfg, tcfg = ctx.cfg, ctx.cfg.train
     label = name or backbone
     run_dir = (runs_root or ctx.work_dir / "runs") / label / f"fold{fold}"
+    weights = file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None
     fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
                      cfg.competition.metric, cfg.model.model_dump(exclude={"backbones", "only"}),
-                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime),
-                     file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None)
+                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime), weights)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
         distributed.say(f"train: {label} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
