@@ -159,20 +159,37 @@ def mirror_index(shapes: list[tuple[int, int]], per_pixel: int) -> torch.Tensor:
 
 
 def box_voting(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, keep: torch.Tensor,
-               iou_threshold: float, chunk: int = 1024) -> torch.Tensor:
+               iou_threshold: float, max_elements: int = 1 << 22) -> torch.Tensor:
     """The kept boxes (indices `keep`) replaced by the score-weighted mean of the candidates of their
     group (image, class) that overlap them at IoU >= iou_threshold, themselves included.
 
     Box voting (Gidaris & Komodakis, 2015): NMS keeps the highest-scored box, which is often not the
     best placed one; the mean of its overlapping neighbours is tighter. Neither torchvision nor
-    timm has it, and the ensemble-boxes package loops over boxes in Python, hence this version:
-    one IoU matrix per chunk of kept boxes, groups separated by shifting their boxes apart (the
-    trick batched_nms uses). Boxes in [0, 1]; a kept box that overlaps nothing (zero area) stays.
+    timm has it, and the ensemble-boxes package loops over boxes in Python, hence this version.
+    Each kept box meets only the candidates of its own group: candidates sorted by group, kept boxes
+    taken in group order, in chunks whose IoU matrix (kept boxes x their groups' candidates, groups
+    kept apart by shifting their boxes, the trick batched_nms uses) stays under `max_elements`.
+    Comparing every kept box with every candidate of a batch instead took 6.6 GB for 50 validation
+    images of an untrained TinySSD (32 x 5,444 candidates). Boxes in [0, 1]; a kept box that overlaps
+    nothing (zero area) stays.
     """
+    order = torch.argsort(groups, stable=True)
+    by_group = groups[order]
+    kept_order = torch.argsort(groups[keep], stable=True)
+    kept = keep[kept_order]
+    lo = torch.searchsorted(by_group, groups[kept], side="left").tolist()
+    hi = torch.searchsorted(by_group, groups[kept], side="right").tolist()
     shifted = boxes + groups.to(boxes.dtype)[:, None] * 2
-    out = []
-    for part in keep.split(chunk):
-        weight = (box_iou(shifted[part], shifted) >= iou_threshold) * scores
+    out = torch.empty((len(keep), 4), dtype=boxes.dtype, device=boxes.device)
+    start = 0
+    while start < len(kept):
+        end = start + 1  # grow the chunk while its IoU matrix stays within max_elements (one kept box always fits)
+        while end < len(kept) and (end + 1 - start) * (hi[end] - lo[start]) <= max_elements:
+            end += 1
+        part, cand = kept[start:end], order[lo[start]:hi[end - 1]]
+        weight = (box_iou(shifted[part], shifted[cand]) >= iou_threshold) * scores[cand]
         total = weight.sum(1, keepdim=True)
-        out.append(torch.where(total > 0, weight @ boxes / total.clamp(min=1e-12), boxes[part]))
-    return torch.cat(out) if out else boxes[:0]
+        out[kept_order[start:end]] = torch.where(total > 0, weight @ boxes[cand] / total.clamp(min=1e-12),
+                                                 boxes[part])
+        start = end
+    return out
