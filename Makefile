@@ -37,7 +37,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),)
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict ensemble tune autogluon detect-data detect test lint
+.PHONY: help install data demo clean-data folds train predict rounds ensemble tune autogluon detect-data detect test lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ train: $(INSTALLED) $(DATA_DEP) ## train every experiment on every fold (EXP=nam
 
 predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA (EXP=name: just one)
 	$(PIPE) predict $(ARGS)
+
+rounds: $(INSTALLED) $(DATA_DEP) ## rounds 2, 3, ... of rounds.plan: pseudo-labels of the round before, leak-free
+	$(PIPE) rounds $(ARGS)
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
 	$(PIPE) ensemble $(ARGS)

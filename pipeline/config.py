@@ -424,6 +424,44 @@ class TrackingConfig(Section):
     experiment: str | None = Field(None, description="MLflow experiment the runs go to; null: the competition name")
 
 
+class PseudoConfig(Section):
+    """How a round turns the previous round's test predictions into training rows (README: Rounds)."""
+
+    source: Literal["fold", "all"] = Field(
+        "fold", description="fold: the fold-k model learns from the blend of the previous round's fold-k models "
+                            "only (leak-free); all: from the all-fold ensemble (test.parquet; leaks, for comparison)")
+    threshold: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = Field(
+        "auto", description="a test image becomes a row when its top blended probability is at least this; auto: "
+                            "per fold, the lowest one whose OOF accuracy (other folds' rows) reaches target_precision")
+    target_precision: float = Field(0.99, gt=0, le=1, description="threshold=auto: the OOF accuracy required "
+                                                                  "among the rows above the threshold")
+    max_per_class: int | None = Field(None, ge=1, description="keep at most this many pseudo rows per class and "
+                                                               "fold, the most confident first; null: no cap")
+
+
+class RoundSpec(Section):
+    """One round after round 1 (model.backbones): its experiments, trained with pseudo-labelled test images."""
+
+    experiments: list[Entry] = Field(min_length=1, description="as model.backbones: names or experiment specs; "
+                                                               "names distinct from every other round's")
+    pseudo: PseudoConfig = Field(PseudoConfig(), description="the pseudo-labels this round adds to training")
+
+    def names(self, where: str) -> list[str]:
+        """Its experiment names, after model.backbones' own checks (keys, sweeps, safe and unique names)."""
+        try:
+            return ModelConfig(backbones=self.experiments).experiment_names()
+        except ValidationError as err:
+            cause = err.errors()[0].get("ctx", {}).get("error")
+            msg = str(cause) if isinstance(cause, SpecError) else err.errors()[0]["msg"]
+            raise SpecError(msg.replace("model.backbones", f"{where}.experiments")) from None
+
+
+class RoundsConfig(Section):
+    plan: list[RoundSpec] = Field([], description="rounds 2, 3, ... in order, each {experiments, pseudo: {source, "
+                                                  "threshold, target_precision, max_per_class}}; round r learns from "
+                                                  "round r-1's test predictions (README: Rounds); []: one round")
+
+
 class Config(Section):
     competition: CompetitionConfig = CompetitionConfig()
     clean: CleanConfig = CleanConfig()
@@ -437,6 +475,20 @@ class Config(Section):
     detect: DetectConfig = DetectConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    rounds: RoundsConfig = RoundsConfig()
+
+    @model_validator(mode="after")
+    def _round_names(self) -> Config:
+        """An experiment name belongs to one round: its folder WORK/runs/<name> holds one run."""
+        seen = {n.lower(): "model.backbones" for n in self.model.experiment_names()}
+        for i, spec in enumerate(self.rounds.plan):
+            where = f"rounds.plan[{i}]"
+            for name in spec.names(where):
+                if name.lower() in seen:
+                    raise SpecError(f"{where}: experiment name {name!r} is also in {seen[name.lower()]}; give it "
+                                    "another name (e.g. a -r2 suffix)")
+                seen[name.lower()] = where
+        return self
 
 
 def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

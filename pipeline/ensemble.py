@@ -28,7 +28,9 @@ from .predictions import prob_columns, read_parquet_meta, write_parquet
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
     """name -> (oof frame sorted by id, test frame), for every usable pair of files under WORK."""
-    configured = [f"runs/{e.name}" for e in train_stage.selected_experiments(ctx)]
+    cfg = ctx.cfg
+    later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)  # rounds 2, 3, ...
+    configured = [f"runs/{e.name}" for e in train_stage.selected_experiments(ctx) + [e for r in later for e in r]]
     found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
                    if "ensemble" not in p.relative_to(ctx.work_dir).parts)
     if not ctx.cfg.ensemble.include_other:

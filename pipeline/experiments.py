@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from .artifacts import read_stamp
-from .config import ExperimentSpec, ModelConfig, PredictConfig, TrainConfig
+from .config import ExperimentSpec, ModelConfig, PredictConfig, RoundSpec, TrainConfig
 from .errors import PipelineError
 
 
@@ -130,3 +130,10 @@ def format_table(frame: pd.DataFrame, metric: str) -> str:
     for column, fmt in formats.items():
         shown[column] = [fmt.format(v) if pd.notna(v) else "" for v in shown[column]]
     return shown.where(shown.notna(), "").to_string(index=False)
+
+
+def round_experiments(model: ModelConfig, train: TrainConfig, predict: PredictConfig,
+                      plan: list[RoundSpec]) -> list[list[Experiment]]:
+    """The experiments of rounds 2, 3, ... (rounds.plan), resolved against the same base sections as round 1."""
+    return [resolve(model.model_copy(update={"backbones": spec.experiments, "only": None}), train, predict)
+            for spec in plan]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -53,13 +54,15 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     weights = file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None
     fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
                      cfg.competition.metric, cfg.model.model_dump(exclude={"backbones", "only"}),
-                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime), weights)
+                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime), weights,
+                     *([data["pseudo_keys"].get(fold)] if "pseudo_keys" in data else []))  # rounds: this fold's rows
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
         distributed.say(f"train: {label} fold {fold} up to date ({cfg.competition.metric} {meta['metric']:.4f})")
         return meta
     frame, images = data["frame"], data["images"]
     is_val = (frame["fold"] == fold).to_numpy()
+    is_train = training_rows(frame, fold)
     seed = tcfg.seed * 1000 + fold
     torch.manual_seed(seed)
     rt = runtime.from_config(cfg.runtime, "classification")
@@ -77,7 +80,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, cfg.model.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
-    fold_data = FoldData(images[~is_val], frame["y"].to_numpy()[~is_val], images[is_val], frame["y"].to_numpy()[is_val],
+    y = frame["y"].to_numpy()
+    fold_data = FoldData(images[is_train], y[is_train], images[is_val], y[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
     net = torch.compile(net) if rt.compile else net
     trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{label} fold {fold}", net=net,
@@ -107,6 +111,15 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     return meta
 
 
+def training_rows(frame: pd.DataFrame, fold: int) -> np.ndarray:
+    """Fold `fold`'s training rows: every row of another fold (extra rows, fold -1, included) except pseudo rows
+    made for another fold's model (rounds: a row with `pseudo_fold` j trains the fold-j model only)."""
+    rows = np.array(frame["fold"] != fold)
+    if "pseudo_fold" in frame.columns:
+        rows &= (frame["pseudo_fold"].isna() | (frame["pseudo_fold"] == fold)).to_numpy()
+    return rows
+
+
 def experiment_context(ctx: Context, exp: Experiment) -> Context:
     """ctx with the experiment's resolved model, train and predict sections (the competition read once)."""
     cfg = ctx.cfg.model_copy(update={"model": exp.model, "train": exp.train, "predict": exp.predict})
@@ -123,7 +136,9 @@ def selected_experiments(ctx: Context) -> list[Experiment]:
 
 def write_experiments_table(ctx: Context, honest: dict[str, float] | None = None) -> pd.DataFrame:
     """WORK/experiments.csv: one row per configured experiment, from what its stages wrote so far."""
-    every = experiments.resolve(ctx.cfg.model, ctx.cfg.train, ctx.cfg.predict)
+    cfg = ctx.cfg
+    every = experiments.resolve(cfg.model, cfg.train, cfg.predict)
+    every += [e for r in experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan) for e in r]
     frame = experiments.table(every, ctx.work_dir / "runs", honest)
     write_csv(ctx.work_dir / "experiments.csv", frame)
     return frame

@@ -316,7 +316,7 @@ def test_validation_batches_hold_batch_size_times_eval_batch_factor(tmp_path: Pa
 
 
 def test_the_orchestrator_chains_upstream_stages_once_each():
-    assert orchestrate.chain("ensemble") == ["clean", "folds", "train", "predict", "ensemble"]
+    assert orchestrate.chain("ensemble") == ["clean", "folds", "train", "predict", "rounds", "ensemble"]
     assert orchestrate.chain("tune") == ["clean", "folds", "tune"] and orchestrate.chain("detect") == ["detect"]
     assert set(orchestrate.STAGES) == set(orchestrate.UPSTREAM)
 

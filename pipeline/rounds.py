@@ -1,0 +1,132 @@
+"""Rounds stage: rounds 2, 3, ... (rounds.plan), each trained with pseudo-labels of the round before.
+
+Round 1 is model.backbones (the train and predict stages). For round r it blends round r-1's
+predictions into pseudo-labels (pipeline/pseudo.py: the fold-k rows come from round r-1's fold-k
+models only, unless rounds.plan[i].pseudo.source=all), writes them to
+WORK/rounds/round<r>/pseudo.csv (id, path, label, fold, confidence) with pseudo.json (thresholds and
+counts per fold), then trains and predicts each of the round's experiments like any other: the
+fold-k model adds the pseudo rows of fold k to its training rows (train.training_rows), never to its
+validation rows, so the OOF files hold competition rows only and join the same ensemble. A fold
+run's key covers its own pseudo rows, so new pseudo-labels retrain exactly the folds they change.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import experiments, pseudo
+from . import predict as predict_stage
+from . import train as train_stage
+from .artifacts import fingerprint, read_json, write_csv, write_stamp
+from .cache import decoded_images
+from .config import PseudoConfig
+from .context import Context
+from .errors import PipelineError
+from .metrics import score
+from .models import dataset_norm
+from .predictions import prob_columns, read_parquet_meta
+
+PSEUDO_FOLD = -2  # the fold of pseudo rows: never a validation fold; `pseudo_fold` says which model trains on them
+
+
+def _read_round(ctx: Context, names: list[str], folds_hash: str, source: str) -> tuple[list, list]:
+    """Each experiment's OOF frame and its test predictions: test_folds.parquet (source fold) or test.parquet."""
+    oofs, tests = [], []
+    test_file = "test_folds.parquet" if source == "fold" else "test.parquet"
+    for name in names:
+        folder = ctx.work_dir / "runs" / name
+        files = [folder / "oof.parquet", folder / test_file]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{missing[0]}: not found; run `make predict` (every experiment) before `make rounds`")
+        if read_parquet_meta(files[0]).get("folds_hash") != folds_hash:
+            raise PipelineError(f"{files[0]}: made on another split; rerun `make predict`")
+        oofs.append(pd.read_parquet(files[0]))
+        tests.append(pd.read_parquet(files[1]))
+    return oofs, tests
+
+
+def build_pseudo(ctx: Context, names: list[str], cfg: PseudoConfig, folds: list[int],
+                 stamp: dict) -> tuple[pd.DataFrame, dict[int, float], float]:
+    """The pseudo rows the next round's fold models learn from, made from the experiments `names`; each fold's
+    threshold; the OOF score of their blend."""
+    classes = stamp["classes"]
+    oofs, tests = _read_round(ctx, names, stamp["folds_hash"], cfg.source)
+    oof = pseudo.blend_oof(oofs, classes)
+    if cfg.source == "fold":
+        per_fold = {k: pseudo.blend_test(tests, classes, k) for k in folds}
+    else:  # the naive variant: every fold model learns from the all-fold ensemble
+        everyone = pseudo.blend_test(tests, classes, None)
+        per_fold = dict.fromkeys(folds, everyone)
+    test = ctx.competition.test
+    paths = pd.Series(test["path"].to_numpy(), index=test["id"].astype(str).to_numpy())
+    for k in per_fold:
+        per_fold[k].index = per_fold[k].index.astype(str)
+    rows, thresholds = pseudo.make_pseudo(oof, per_fold, classes, paths, cfg.threshold, cfg.target_precision,
+                                          cfg.max_per_class)
+    blend_score = score(ctx.cfg.competition.metric, oof["y"].to_numpy(), oof[prob_columns(classes)].to_numpy())
+    return rows, thresholds, blend_score
+
+
+def with_pseudo(ctx: Context, plain: dict, rows: pd.DataFrame) -> dict:
+    """The training data of a round experiment: the competition's rows plus the pseudo rows (fold PSEUDO_FOLD,
+    `pseudo_fold` k), their test images at the experiment's size, and per fold the key of that fold's rows. The
+    input statistics stay the competition's own."""
+    if "norm" not in plain:
+        plain["norm"] = dataset_norm(plain["images"])
+    test_paths = list(ctx.competition.test["path"])
+    position = {p: i for i, p in enumerate(test_paths)}
+    test_images = decoded_images(ctx, test_paths, ctx.cfg.train.image_size, plain["channels"], "test")
+    index = {c: i for i, c in enumerate(plain["classes"])}
+    added = pd.DataFrame({"id": rows["id"].astype(str), "path": rows["path"], "label": rows["label"].astype(str),
+                          "y": rows["label"].astype(str).map(index).to_numpy(), "fold": PSEUDO_FOLD,
+                          "pseudo_fold": rows["fold"].to_numpy()})
+    frame = pd.concat([plain["frame"].assign(pseudo_fold=np.nan), added], ignore_index=True)
+    picked = np.asarray([position[p] for p in rows["path"]], dtype=int)
+    images = np.concatenate([np.asarray(plain["images"]), np.asarray(test_images)[picked]])
+    keys = {int(k): fingerprint(part[["id", "path", "label"]].to_numpy().tolist())
+            for k, part in rows.groupby("fold")}
+    return {**plain, "frame": frame, "images": images, "pseudo_keys": keys}
+
+
+def run(ctx: Context) -> dict:
+    """Every configured round after round 1, in order (after the predict stage: pipeline/orchestrate.py)."""
+    plan = ctx.cfg.rounds.plan
+    if not plan:
+        return {}
+    cfg = ctx.cfg
+    stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
+    folds = train_stage.folds_to_train(cfg.train.folds, stamp["n_splits"])
+    previous = [e.name for e in experiments.resolve(cfg.model, cfg.train, cfg.predict)]
+    test_paths = list(ctx.competition.test["path"])
+    results = {}
+    for r, (spec, exps) in enumerate(zip(plan, experiments.round_experiments(cfg.model, cfg.train, cfg.predict, plan),
+                                         strict=True), start=2):
+        started = time.perf_counter()
+        rows, thresholds, blend_score = build_pseudo(ctx, previous, spec.pseudo, folds, stamp)
+        folder = ctx.work_dir / "rounds" / f"round{r}"
+        write_csv(folder / "pseudo.csv", rows)
+        counts = rows.groupby("fold").size().reindex(folds, fill_value=0)
+        write_stamp(folder / "pseudo.json", fingerprint(rows.to_numpy().tolist()), round=r, made_from=previous,
+                    source=spec.pseudo.source, thresholds={str(k): t for k, t in thresholds.items()},
+                    rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
+        print(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
+              f"blend OOF {cfg.competition.metric} {blend_score:.4f}): "
+              + ", ".join(f"fold {k} {counts[k]} rows at >= {thresholds[k]:.4f}" for k in folds))
+        shared: dict = {}
+        for exp in exps:
+            ectx = train_stage.experiment_context(ctx, exp)
+            plain = train_stage.load_training_data(ectx, shared)
+            data = with_pseudo(ectx, plain, rows)
+            for k in folds:
+                train_stage.train_fold(ectx, exp.backbone, k, data, name=exp.name)
+            results[exp.name] = predict_stage.predict_backbone(ectx, exp.backbone, plain, test_paths,
+                                                               exp.name)["oof_score"]
+        print(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
+              + ", ".join(f"{e.name} {results[e.name]:.4f}" for e in exps))
+        previous = [e.name for e in exps]
+    train_stage.write_experiments_table(ctx)
+    return results
