@@ -91,7 +91,8 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
     track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])
     final = history.iloc[-1]
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
-               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
+               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
+               "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
     write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
     return fp, summary
 
@@ -117,7 +118,8 @@ def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, mode
         print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
               + f"; kept {tta}")
     print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
-          + f" (training {summary['train_seconds']:.0f} s on {summary['device']})")
+          + f" (training {summary['train_seconds']:.0f} s on {summary['device']}, "
+          f"peak memory {summary.get('peak_rss_gb', float('nan')):.1f} GB)")
     return metrics
 
 

@@ -10,6 +10,8 @@ the CPU the config's `amp` is ignored, which keeps CPU runs exact and reproducib
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,3 +102,9 @@ def set_threads(threads: int | None) -> None:
     """torch's CPU threads, when set (None keeps torch's default)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
