@@ -197,7 +197,8 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     assert metrics["map_50"] > 0.3 and metrics["map_50"] > 10 * history["map_50"].iloc[0], metrics.to_dict()
     assert metrics["tta"] in ("none", "hflip") and metrics["map_50"] == max(metrics["map_50_by_tta"].values())
     assert metrics["val_class_err"] < 0.01 and metrics["val_bbox_mae"] < history["val_bbox_mae"].iloc[0]
-    assert 0.1 < metrics["peak_rss_gb"] < 4, metrics["peak_rss_gb"]  # printed with the summary; bounded (issue 18)
+    # the process's peak memory so far (pytest's too, so no tight bound here; box voting's test bounds the cause)
+    assert metrics["peak_rss_gb"] > 0.1 and f"peak memory {metrics['peak_rss_gb']:.1f} GB" in capsys.readouterr().out
     for name in ("curves.png", "gallery_val.png", "gallery_test.png"):
         with Image.open(out / name) as im:
             assert im.width > 256 and im.height > 100
