@@ -3,7 +3,7 @@
 Every image (train and test) is decoded once in worker processes (pipeline/dedup.py computes its
 fingerprints). Undecodable or single-colour training images are dropped with the reason; an
 undecodable test image is an error, since the submission needs a prediction for it. Exact and near
-duplicates become groups (union-find over the pairs); groups whose training labels disagree are
+duplicates become groups (connected components of the pairs); groups whose training labels disagree are
 dropped or resolved by majority; one copy of each pixel-identical training group is kept. The
 raw folder is never touched. Writes clean.csv (kept rows with their group), duplicates.csv (every
 pair), dropped.csv (id, reason), report/clean.html, optionally test_label_overrides.csv, and the
