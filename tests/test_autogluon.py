@@ -22,7 +22,8 @@ from pipeline.predictions import read_parquet_meta
 from .conftest import REPO
 
 AG_PYTHON = REPO / ".venv-autogluon" / "bin" / "python"  # absolute, not resolved: the venv's own symlink
-OVERRIDES = ("folds.n_splits=2 autogluon.epochs=1 autogluon.image_size=32 autogluon.time_limit=120 train.epochs=2 "
+OVERRIDES = ("rounds.plan=[] "  # one round: the demo's pseudo-label round is tested in test_rounds.py
+             "folds.n_splits=2 autogluon.epochs=1 autogluon.image_size=32 autogluon.time_limit=120 train.epochs=2 "
              "train.batch_size=16 train.image_size=16 model.backbones=[resnet10t] predict.tta=[identity]")
 
 
