@@ -94,8 +94,8 @@ def run(ctx: Context) -> dict:
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
     if is_done(stamp, fp, [sub_path]):
         meta = read_json(stamp, "rerun `make ensemble`")
-        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}; "
-              f"submission {sub_path}")
+        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}"
+              f"{_nested_pick_text(meta)}; submission {sub_path}")
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
@@ -128,10 +128,20 @@ def run(ctx: Context) -> dict:
                 "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
-    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}; "
-          f"submission written to {path}")
+    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}"
+          f"{_nested_pick_text(auto)}; submission written to {path}")
     _experiments_table(ctx, manifest["leaderboard"])
     return {**manifest, "submission": str(path)}
+
+
+def _nested_pick_text(auto: dict) -> str:
+    """The honest figure of `auto` itself beside the chosen row's: that row was picked for its honest score,
+    so the pick's own nested score (picked on the other folds) is the number to quote."""
+    if auto.get("auto_pick_nested_score") is not None:
+        return f" (the auto pick itself, nested: {auto['auto_pick_nested_score']:.4f})"
+    if auto.get("auto_pick_optimism") is not None:
+        return f" (selection-optimistic by about {auto['auto_pick_optimism']:.4f})"
+    return ""
 
 
 def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:

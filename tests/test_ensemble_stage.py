@@ -109,6 +109,7 @@ def test_the_stack_is_a_leaderboard_row_chosen_on_its_honest_score_and_predicts_
     assert stamp["auto_pick_nested_score"] == out["auto_pick_nested_score"]
     printed = capsys.readouterr().out
     assert f"auto pick, nested: {out['auto_pick_nested_score']:.4f}" in printed
+    assert f"(the auto pick itself, nested: {out['auto_pick_nested_score']:.4f}); submission written" in printed
     assert pd.read_csv(out["submission"])["label"].tolist() == ["a", "b", "c", "a"]  # the stack on test rows
     assert stamp["tta_optimism"] == {"A": pytest.approx(0.02)}  # predict's in-sample minus nested TTA score
     assert "selection-optimistic by about the nested TTA gap: A +0.0200" in printed
