@@ -14,19 +14,8 @@ from .artifacts import atomic_write  # noqa: E402
 
 
 def plot_curves(history: pd.DataFrame, path: Path, title: str) -> Path:
-    """Train loss, train accuracy and validation accuracy per epoch, as the course's Animator draws."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(history["epoch"], history["train_loss"], label="train loss")
-    ax.plot(history["epoch"], history["train_acc"], "--", label="train acc")
-    ax.plot(history["epoch"], history["val_acc"], "-.", label="val acc")
-    ax.set_xlabel("epoch")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return Path(path)
+    """The classification track's curves: training loss, and train and validation accuracy per epoch."""
+    return plot_panels(history, {"loss": ["train_loss"], "accuracy": ["train_acc", "val_acc"]}, path, title)
 
 
 def plot_panels(history: pd.DataFrame, panels: dict[str, list[str]], path: Path, title: str,
