@@ -72,6 +72,28 @@ def one_mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def kill_after_epoch(cmd: list[str], last_pt: Path, epoch: int = 2) -> None:
+    """Start `cmd` and SIGKILL it once its `last.pt` records `epoch` (a kill mid-run, as the OOM killer's);
+    fails when the run ends before that."""
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if torch.load(last_pt, weights_only=True)["epoch"] >= epoch:
+                proc.send_signal(signal.SIGKILL)
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+
+
 @pytest.fixture
 def comp_dir(tmp_path: Path) -> Path:
     return write_competition(tmp_path / "comp")

@@ -1,10 +1,8 @@
 """Training engine: resume, fine-tuning, frozen stages, head lr, Mixup/CutMix, class weights, course nets."""
 
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from pipeline.models import (
 )
 from pipeline.runtime import Runtime
 
-from .conftest import REPO
+from .conftest import REPO, kill_after_epoch
 
 TINY = ["folds.n_splits=2", "train.folds=[0]", "train.image_size=16", "train.batch_size=16",
         "model.backbones=[resnet10t]"]
@@ -48,18 +46,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(small_digits: Path, 
     subprocess.run(_train_cmd(small_digits, tmp_path / "straight", epochs), check=True, capture_output=True, cwd=REPO,
                    timeout=600)
     run = tmp_path / "killed" / "runs" / "resnet10t" / "fold0"
-    proc = subprocess.Popen(_train_cmd(small_digits, tmp_path / "killed", epochs), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if torch.load(run / "last.pt", weights_only=True)["epoch"] >= 2:
-                proc.send_signal(signal.SIGKILL)
-                break
-        except (FileNotFoundError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    kill_after_epoch(_train_cmd(small_digits, tmp_path / "killed", epochs), run / "last.pt")
     assert not (run / "best.json").exists()
     out = subprocess.run(_train_cmd(small_digits, tmp_path / "killed", epochs), check=True, capture_output=True,
                          text=True, cwd=REPO, timeout=600)

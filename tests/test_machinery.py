@@ -1,10 +1,8 @@
 """The training machinery shared by both tracks: reductions, schedules, resume state, devices, errors."""
 
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from pipeline.metrics import score
 from pipeline.predict import view_logits
 from pipeline.runtime import Runtime
 
-from .conftest import REPO
+from .conftest import REPO, kill_after_epoch
 
 
 class Stalled(torch.nn.Module):
@@ -275,18 +273,7 @@ def test_a_detection_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: 
     data = build_bananas(tmp_path / "bananas", n_train=96, n_val=8, n_test=4, seed=2)
     subprocess.run(_detect_cmd(data, tmp_path / "straight"), check=True, capture_output=True, cwd=REPO, timeout=600)
     out = tmp_path / "killed" / "detect"
-    proc = subprocess.Popen(_detect_cmd(data, tmp_path / "killed"), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if torch.load(out / "last.pt", weights_only=True)["epoch"] >= 2:
-                proc.send_signal(signal.SIGKILL)
-                break
-        except (FileNotFoundError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    kill_after_epoch(_detect_cmd(data, tmp_path / "killed"), out / "last.pt")
     assert not (out / "model.safetensors").exists()
     res = subprocess.run(_detect_cmd(data, tmp_path / "killed"), check=True, capture_output=True, text=True, cwd=REPO,
                          timeout=600)
