@@ -37,7 +37,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),)
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict rounds ensemble tune autogluon detect-data detect test lint
+.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect test lint
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ rounds: $(INSTALLED) $(DATA_DEP) ## rounds 2, 3, ... of rounds.plan: pseudo-labe
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
 	$(PIPE) ensemble $(ARGS)
+
+labels: $(INSTALLED) $(DATA_DEP) ## label issues: cleanlab on the chosen blend's OOF (runs ensemble when needed)
+	$(PIPE) labels $(ARGS)
 
 tune: $(INSTALLED) $(DATA_DEP) ## Optuna study (JOBS=2 processes, STORAGE=url); best params feed later stages
 	$(PIPE) folds $(ARGS)

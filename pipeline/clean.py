@@ -174,6 +174,8 @@ def run(ctx: Context) -> dict:
     comp = ctx.competition
     extra = read_extra(comp, ctx.cfg.competition)
     fp = _inputs_fingerprint(ctx, extra)
+    issues_digest = _label_issues_digest(ctx)
+    fp = fp if issues_digest is None else fingerprint(fp, issues_digest)
     if is_done(stamp, fp, [ctx.work_dir / "clean.csv"]):
         print(f"clean: up to date ({stamp})")
         return {"skipped": True}
@@ -197,13 +199,54 @@ def run(ctx: Context) -> dict:
     kept = pd.concat([kept, kept_extra])  # training rows first: an extra copy of one is the copy dropped
     copies = kept[kept.duplicated("pixel")] if cfg.drop_exact_duplicates else kept.iloc[:0]
     kept = kept.drop(copies.index)
-    dropped += [conflicts, dropped_extra, copies.assign(reason="exact duplicate of a kept image")]
+    kept, label_dropped, label_counts = apply_label_issues(ctx, kept, issues_digest)
+    dropped += [conflicts, dropped_extra, copies.assign(reason="exact duplicate of a kept image"), label_dropped]
     dropped = pd.concat([d for d in dropped if len(d)]) if any(len(d) for d in dropped) else dropped[0]
     _check_classes_left(ctx, kept[kept.split == "train"], dropped)
     summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra))
-    write_stamp(stamp, fp, classes=comp.classes, **summary)
-    print("clean: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    write_stamp(stamp, fp, classes=comp.classes, **summary, label_issues_applied=issues_digest)
+    print("clean: " + ", ".join(f"{k}={v}" for k, v in {**summary, **label_counts}.items()))
     return summary
+
+
+def _label_issues_digest(ctx: Context) -> str | None:
+    """The bytes of WORK/label_issues.csv when clean.label_issues (drop, relabel) applies it; else None."""
+    path = ctx.work_dir / "label_issues.csv"
+    return file_digest(path) if ctx.cfg.clean.label_issues != "report" and path.exists() else None
+
+
+def apply_label_issues(ctx: Context, kept: pd.DataFrame, digest: str | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Drop or relabel the training rows listed in WORK/label_issues.csv (the labels stage), as clean.label_issues says.
+
+    Returns (kept, dropped with the reason, counts). Only competition rows can be listed (the labels stage sees the
+    OOF rows, and extra rows have none). Relabelled rows are listed in WORK/relabelled.csv (id, given, label,
+    self_confidence); the file is removed when no row is relabelled, so it never describes an earlier run.
+    Applied here, before the folds, so folds stratify on the cleaned labels and every later stage sees them.
+    """
+    work, policy = ctx.work_dir, ctx.cfg.clean.label_issues
+    relabelled = pd.DataFrame(columns=["id", "given", "label", "self_confidence"])
+    if digest is not None:
+        path, index = work / "label_issues.csv", ctx.competition.class_index
+        issues = pd.read_csv(path, dtype={"id": str, "given_label": str, "suggested_label": str})
+        if missing := {"id", "suggested_label", "self_confidence"} - set(issues.columns):
+            raise PipelineError(f"{path}: no column {sorted(missing)[0]}; rerun `make labels`")
+        issues = issues.drop_duplicates("id").set_index("id")
+        mask = (kept["split"] == "train") & kept["id"].isin(issues.index)
+        new = kept.loc[mask, "id"].map(issues["suggested_label"])
+        if not new.isin(index).all():
+            bad = new[~new.isin(index)].iloc[0]
+            raise PipelineError(f"{path}: suggested label '{bad}' is not a class of this competition; "
+                                "rerun `make labels`")
+        if policy == "drop":
+            return kept[~mask], kept[mask].assign(reason="label issue (cleanlab)"), {"label_issues_dropped": len(new)}
+        relabelled = pd.DataFrame({"id": kept.loc[mask, "id"], "given": kept.loc[mask, "label"], "label": new,
+                                   "self_confidence": kept.loc[mask, "id"].map(issues["self_confidence"])})
+        kept = kept.assign(label=kept["label"].where(~mask, new), y=kept["y"].where(~mask, new.map(index)).astype(int))
+    if len(relabelled):
+        write_csv(work / "relabelled.csv", relabelled)
+    elif (work / "relabelled.csv").exists():
+        os.remove(work / "relabelled.csv")  # our own artifact from an earlier relabel run
+    return kept, kept.iloc[:0].assign(reason=""), {"relabelled": len(relabelled)} if digest else {}
 
 
 def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame) -> None:

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITES_SUBMISSIONS = {"ensemble", "detect"}
+WRITES_SUBMISSIONS = {"ensemble", "labels", "detect"}  # labels runs ensemble first
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 

@@ -91,7 +91,11 @@ class CleanConfig(Section):
                                                           "before decoding (decompression bombs): a training image is "
                                                           "dropped, a test image is an error; default: Pillow's limit")
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
-    report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html")
+    report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html "
+                                                      "(and flagged rows in report/labels.html)")
+    label_issues: Literal["report", "drop", "relabel"] = Field(
+        "report", description="rows in WORK/label_issues.csv (make labels): only report them, or have the next clean "
+                              "drop them or give them the suggested label (then the CV is against cleaned labels)")
 
 
 class FoldsConfig(Section):

@@ -1,7 +1,7 @@
 """Which stages run before a stage, and with which config: the one place that chains stages.
 
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds ->
-train -> predict -> rounds -> ensemble; tune and autogluon need folds; detect stands alone); they skip when
+train -> predict -> rounds -> ensemble -> labels; tune and autogluon need folds; detect stands alone); they skip when
 their outputs are complete and match, so any stage can be asked for directly and an interrupted
 chain resumes. `context` builds the stage's Context and merges the tuned parameters of
 WORK/tune/best.yaml unless told not to. Under torchrun the upstream stages run on rank 0 while the
@@ -14,16 +14,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import autogluon, clean, detect, distributed, ensemble, folds, predict, rounds, train, tune
+from . import autogluon, clean, detect, distributed, ensemble, folds, labels, predict, rounds, train, tune
 from .config import load_config
 from .context import Context
 
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,
-    "ensemble": ensemble.run,
+    "ensemble": ensemble.run, "labels": labels.run,
     "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
-            "ensemble": ("rounds",),
+            "ensemble": ("rounds",), "labels": ("ensemble",),
             "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
 
 
