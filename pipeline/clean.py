@@ -3,11 +3,12 @@
 Every image (train and test) is decoded once in worker processes (pipeline/dedup.py computes its
 fingerprints). Undecodable or single-colour training images are dropped with the reason; an
 undecodable test image is an error, since the submission needs a prediction for it. Exact and near
-duplicates become groups (connected components of the pairs); groups whose training labels disagree are
-dropped or resolved by majority; one copy of each pixel-identical training group is kept. The
-raw folder is never touched. Writes clean.csv (kept rows with their group), duplicates.csv (every
-pair), dropped.csv (id, reason), report/clean.html, optionally test_label_overrides.csv, and the
-stamp clean.json.
+duplicates (perceptual hashes; images below clean.near_min_size in pixel space) become groups
+(connected components of the pairs); groups whose training labels disagree are dropped or resolved
+by majority; one copy of each pixel-identical training group is kept. The raw folder is never
+touched. Writes clean.csv (kept rows with their group), duplicates.csv (every pair, with its kind:
+exact, near or small), dropped.csv (id, reason), report/clean.html, optionally
+test_label_overrides.csv, and the stamp clean.json.
 
 Extra data (`competition.extra`): the rows of more labelled folders are decoded, hashed and grouped
 with the competition's rows, then screened so that they can only ever add training rows. An extra
@@ -108,21 +109,30 @@ def _inputs_fingerprint(ctx: Context, extra: pd.DataFrame) -> str:
     return fingerprint("clean", csvs, images, ccfg.model_dump(include=READS), clean_cfg)
 
 
-def find_pairs(frame: pd.DataFrame, threshold: int, near: bool) -> pd.DataFrame:
-    """Duplicate pairs among the rows of `frame` (positional indices a < b): exact first, then near."""
+def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold: float = 0.2) -> pd.DataFrame:
+    """Duplicate pairs among the rows of `frame` (positional indices a < b): exact first, then near (perceptual
+    hashes, kind 'near'), then small (images below clean.near_min_size, compared in pixel space: kind 'small')."""
     first = frame.groupby("pixel").cumcount() > 0
     anchor = frame.reset_index(drop=True).groupby("pixel").ngroup()
     first_pos = pd.Series(np.arange(len(frame))).groupby(anchor.to_numpy()).transform("first").to_numpy()
     exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0,
                           "kind": "exact"})
-    hashed = np.nonzero(frame["phash"].notna().to_numpy())[0]
-    if not near or len(hashed) < 2:
+    if not near:
         return exact
-    codes = frame["phash"].iloc[hashed].tolist(), frame["dhash"].iloc[hashed].tolist()
-    i, j, dist = dedup.near_pairs(np.array(codes[0], dtype=np.uint64), np.array(codes[1], dtype=np.uint64), threshold)
-    near_pairs = pd.DataFrame({"a": hashed[i], "b": hashed[j], "distance": dist, "kind": "near"})
-    same_pixels = frame["pixel"].to_numpy()[near_pairs["a"]] == frame["pixel"].to_numpy()[near_pairs["b"]]
-    return pd.concat([exact, near_pairs[~same_pixels]], ignore_index=True)
+    found = [exact]
+    hashed = np.nonzero(frame["phash"].notna().to_numpy())[0]
+    if len(hashed) >= 2:
+        codes = frame["phash"].iloc[hashed].tolist(), frame["dhash"].iloc[hashed].tolist()
+        i, j, dist = dedup.near_pairs(np.array(codes[0], dtype=np.uint64), np.array(codes[1], dtype=np.uint64),
+                                      threshold)
+        found.append(pd.DataFrame({"a": hashed[i], "b": hashed[j], "distance": dist, "kind": "near"}))
+    small = np.nonzero(frame["small"].notna().to_numpy())[0] if "small" in frame else np.zeros(0, int)
+    if len(small) >= 2:
+        i, j, dist = dedup.small_pairs(np.stack(frame["small"].iloc[small].tolist()), small_threshold)
+        found.append(pd.DataFrame({"a": small[i], "b": small[j], "distance": np.round(dist, 4), "kind": "small"}))
+    pairs = pd.concat(found, ignore_index=True)
+    pixel = frame["pixel"].to_numpy()
+    return pairs[(pairs["kind"] == "exact") | (pixel[pairs["a"]] != pixel[pairs["b"]])].reset_index(drop=True)
 
 
 def resolve_conflicts(train: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -192,7 +202,7 @@ def run(ctx: Context) -> dict:
     bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split != "test") & cfg.drop_flat)
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
     frame = frame[~bad].reset_index(drop=True)
-    pairs = find_pairs(frame, cfg.near_threshold, cfg.near_duplicates)
+    pairs = find_pairs(frame, cfg.near_threshold, cfg.near_duplicates, cfg.small_threshold)
     frame["group"] = dedup.groups(len(frame), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     kept, conflicts = resolve_conflicts(frame[frame.split == "train"], cfg.conflicts)
     kept_extra, dropped_extra = screen_extra(frame, cfg.keep_extra_leaks, cfg.conflicts)
@@ -307,9 +317,11 @@ def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, droppe
         "conflicts_dropped": int(reasons.str.startswith("label conflict").sum()),
         "duplicates_dropped": int((reasons == "exact duplicate of a kept image").sum()),
         "exact_pairs": int((pairs.kind == "exact").sum()), "near_pairs": int((pairs.kind == "near").sum()),
+        "small_pairs": int((pairs.kind == "small").sum()),
         "train_test_pairs": int(train_test.sum()), "test_labels_known": len(overrides),
         "test_labels_transferred": len(overrides) if cfg.transfer_test_labels else 0,
-        "not_near_hashed": int(frame.phash.isna().sum()), "all_gray": bool(frame.gray.all()),
+        "not_near_hashed": int(frame.phash.isna().sum()), "small_compared": int(frame.small.notna().sum()),
+        "all_gray": bool(frame.gray.all()),
     }
     if ctx.cfg.competition.extra:
         summary.update(_extra_summary(n_extra, frame, kept, dropped))

@@ -13,6 +13,16 @@ The search is exact without a double loop: a distance sum <= threshold <= 15 mea
 at most 1 bit. Each chunk value indexes a bucket table; every query probes its chunk and the 16
 one-bit neighbours, and the candidates are verified with vectorised popcounts. Written here
 because no maintained Python package does multi-index Hamming search on numpy arrays.
+
+Images with a side below `near_min_size` have too few pixels for perceptual hashes (at size 1, the
+1,797 8x8 digits give 414 false pairs); they are compared in pixel space instead. The luma is
+resized to an 8x8 grid, made zero-mean and unit-norm (so brightness and contrast shifts, gray<->RGB
+and re-encoding move it little), and paired by an exact radius search (scikit-learn) when the
+Euclidean distance (0..2; d^2 = 2 - 2 * correlation) is at most `threshold`. A one-pixel shift moves
+these vectors far, so, like the crops above, each image also queries with its eight one-pixel
+shifts (edges replicated) against the others' unshifted vectors. An 8x8 grid keeps the digits
+apart best: on the 1,797 embedded digits the closest two of different labels are 0.270 apart
+(16x16: 0.217), while the planted 28x28 transforms stay within 0.18.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import numpy as np
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from sklearn.neighbors import NearestNeighbors
 
 from .errors import PipelineError
 from .images import MAX_PIXELS, is_gray, load_image
@@ -32,6 +43,9 @@ CROP = 0.95
 MAX_THRESHOLD = 15  # the pigeonhole argument above holds up to here
 _CHUNKS = 4
 _MASKS = np.array([0] + [1 << b for b in range(16)], dtype=np.uint64)
+SMALL_GRID = 8
+SHIFTS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # (0, 0) is the image itself
+_UNSHIFTED = SHIFTS.index((0, 0))
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
@@ -66,10 +80,67 @@ def image_features(path: str, near_min_size: int, max_pixels: int = MAX_PIXELS) 
     flat = bool((arr == arr.reshape(-1, *arr.shape[2:])[0]).all())
     out = {"pixel": hashlib.sha1(str(arr.shape).encode() + arr.tobytes()).hexdigest(), "gray": gray, "flat": flat,
            "height": arr.shape[0], "width": arr.shape[1], "error": None, "phash": None, "dhash": None}
-    if not flat and min(arr.shape[:2]) >= near_min_size:
+    out["small"] = None
+    if not flat:
         luma = Image.fromarray(arr).convert("L")
-        out["phash"], out["dhash"] = perceptual_hashes(luma)
+        if min(arr.shape[:2]) >= near_min_size:
+            out["phash"], out["dhash"] = perceptual_hashes(luma)
+        else:
+            out["small"] = small_vectors(np.asarray(luma))
     return out
+
+
+def _unit(grid: np.ndarray) -> np.ndarray | None:
+    flat = grid.ravel() - grid.mean()
+    norm = float(np.linalg.norm(flat))
+    return flat / norm if norm > 1e-6 * flat.size else None
+
+
+def small_vectors(luma: np.ndarray) -> np.ndarray | None:
+    """(9, 64) float32: the zero-mean unit-norm 8x8 grid of the image and of its eight one-pixel shifts
+    (row SHIFTS.index((0, 0)) unshifted); None when the grid is flat (nothing to compare)."""
+    h, w = luma.shape
+    padded = np.pad(luma.astype(np.float32), 1, mode="edge")
+    rows = []
+    for dx, dy in SHIFTS:
+        view = Image.fromarray(padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+        rows.append(_unit(np.asarray(view.resize((SMALL_GRID, SMALL_GRID), Image.BILINEAR), dtype=np.float64)))
+    if rows[_UNSHIFTED] is None:
+        return None
+    return np.array([r if r is not None else np.full(SMALL_GRID ** 2, np.nan) for r in rows], dtype=np.float32)
+
+
+def small_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Near-duplicate pairs (i < j, distance) among N small images, from their (N, 9, 64) small_vectors.
+
+    Every shifted vector queries the unshifted ones with an exact radius search (scikit-learn's
+    NearestNeighbors); a pair's distance is the smallest over the shifts of either image.
+    """
+    if not 0 <= threshold <= 2:
+        raise PipelineError(f"clean.small_threshold={threshold}: must be between 0 and 2")
+    n, s, _ = vectors.shape
+    empty = np.zeros(0, np.int64)
+    if n < 2:
+        return empty, empty, np.zeros(0)
+    queries = vectors.reshape(n * s, -1)
+    usable = np.nonzero(~np.isnan(queries).any(1))[0]  # a shift of a two-pixel image can be flat
+    index = NearestNeighbors(radius=threshold).fit(vectors[:, _UNSHIFTED].astype(np.float64))
+    dist, found = index.radius_neighbors(queries[usable].astype(np.float64))
+    counts = np.array([len(f) for f in found])
+    q = np.repeat(usable // s, counts)
+    b, d = np.concatenate([empty, *found]).astype(np.int64), np.concatenate([np.zeros(0), *dist])
+    ok = q != b
+    return _closest_per_pair(np.minimum(q[ok], b[ok]), np.maximum(q[ok], b[ok]), d[ok], n)
+
+
+def _closest_per_pair(i: np.ndarray, j: np.ndarray, dist: np.ndarray, n: int):
+    """One row per pair (i, j), with its smallest distance."""
+    key = i * n + j
+    order = np.lexsort((dist, key))
+    key, dist = key[order], dist[order]
+    first = np.ones(len(key), bool)
+    first[1:] = key[1:] != key[:-1]
+    return key[first] // n, key[first] % n, dist[first]
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -118,11 +189,7 @@ def near_pairs(phash: np.ndarray, dhash: np.ndarray, threshold: int) -> tuple[np
             keys.append(np.minimum(i[ok], b[ok]) * n + np.maximum(i[ok], b[ok]))
             dists.append(dist[ok])
     key, dist = np.concatenate(keys), np.concatenate(dists)
-    order = np.lexsort((dist, key))  # smallest distance first within each pair
-    key, dist = key[order], dist[order]
-    first = np.ones(len(key), bool)
-    first[1:] = key[1:] != key[:-1]
-    return key[first] // n, key[first] % n, dist[first]
+    return _closest_per_pair(key // n, key % n, dist, n)
 
 
 def groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:

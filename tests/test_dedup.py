@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from pipeline import clean, dedup, folds, submission
 from pipeline.clean import compute_features
@@ -190,3 +190,147 @@ def test_user_groups_and_duplicate_groups_share_folds(tmp_path: Path):
     assert (frame.groupby("user_group")["fold"].nunique() == 1).all()
     assert (frame.groupby("group")["fold"].nunique() == 1).all()
     assert frame.set_index("id").loc[["img/cat_3.png", "img/cat_9.png"], "fold"].nunique() == 1
+
+
+def _shift(im: Image.Image, dx: int, dy: int) -> Image.Image:
+    """Move the picture by (dx, dy) pixels; the uncovered row or column repeats the old edge."""
+    a = np.asarray(im)
+    h, w = a.shape[:2]
+    padded = np.pad(a, ((1, 1), (1, 1)) + ((0, 0),) * (a.ndim - 2), mode="edge")
+    return Image.fromarray(padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+
+
+SMALL_TRANSFORMS = {
+    "png_to_jpeg_q75": lambda im: _jpeg(im, 75),
+    "jpeg_q90": lambda im: _jpeg(im, 90),
+    "rgb_to_gray": lambda im: im.convert("L"),
+    "gray_jpeg_to_rgb": lambda im: _jpeg(im.convert("L"), 85).convert("RGB"),
+    "brighter_15pct": lambda im: ImageEnhance.Brightness(im).enhance(1.15),
+    "darker_15pct": lambda im: ImageEnhance.Brightness(im).enhance(0.85),
+    "contrast_-15pct": lambda im: ImageEnhance.Contrast(im).enhance(0.85),
+    "contrast_+15pct": lambda im: ImageEnhance.Contrast(im).enhance(1.15),
+    "shift_right_1px": lambda im: _shift(im, 1, 0),
+    "shift_up_1px": lambda im: _shift(im, 0, -1),
+    "shift_diagonal_1px": lambda im: _shift(im, -1, 1),
+}
+
+
+def _digit_28(k: int) -> Image.Image:
+    """An MNIST-like picture: one of the embedded 8x8 digits upscaled to 28x28."""
+    from sklearn.datasets import load_digits
+
+    pixels = np.round(load_digits().images[k] * (255.0 / 16.0)).astype(np.uint8)
+    return Image.fromarray(pixels).resize((28, 28), Image.BICUBIC)
+
+
+def _small_planted_folder(root: Path) -> tuple[Path, list[tuple[str, str, str]]]:
+    """28x28 train images: distinct bases (generated pictures and upscaled digits) + one transformed copy of each."""
+    (root / "img").mkdir(parents=True)
+    rows, planted, seed = [], [], 0
+    for name, fn in SMALL_TRANSFORMS.items():
+        digit = ImageOps.colorize(_digit_28(seed * 7), (20, 0, 60), (250, 220, 120))  # colour: gray is a change
+        for k, base in enumerate([natural_image(2000 + seed, 28), natural_image(3000 + seed, 28), digit]):
+            label = ["a", "b"][seed % 2]
+            base.save(root / f"img/base{seed}.png")
+            fn(base).save(root / f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}")
+            rows += [(f"img/base{seed}.png", label), (f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}", label)]
+            planted.append((name, rows[-2][0], rows[-1][0]))
+            seed += 1
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
+    for t in range(3):
+        natural_image(6000 + t, 28).save(root / f"img/test{t}.png")
+    pd.DataFrame({"image": [f"img/test{t}.png" for t in range(3)]}).to_csv(root / "test.csv", index=False)
+    return root, planted
+
+
+def test_every_planted_small_transformation_is_found(tmp_path: Path):
+    """Below clean.near_min_size (28x28 here): every planted copy pairs with its base, in pixel space, and nothing
+    else pairs; the pairs become groups that the folds keep together."""
+    data, planted = _small_planted_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1", "folds.n_splits=3"]), data, tmp_path / "work")
+    summary = clean.run(ctx)
+    pairs = pd.read_csv(ctx.work_dir / "duplicates.csv")
+    found = {frozenset(p): k for p, k in zip(zip(pairs.id_a, pairs.id_b, strict=True), pairs.kind, strict=True)}
+    missed = [name for name, a, b in planted if found.get(frozenset((a, b))) != "small"]
+    assert not missed, f"small near duplicates not found: {missed}"
+    assert summary["small_pairs"] == len(planted) and summary["near_pairs"] == 0 and summary["exact_pairs"] == 0
+    assert summary["small_compared"] == 2 * len(planted) + 3 and summary["not_near_hashed"] == 2 * len(planted) + 3
+    assert (pairs.distance <= load_config().clean.small_threshold).all()
+    folds.run(ctx)
+    frame = pd.read_csv(ctx.work_dir / "folds.csv")
+    assert (frame.groupby("group")["fold"].nunique() == 1).all() and frame["group"].nunique() == len(planted)
+
+
+def test_small_search_equals_brute_force():
+    rng = np.random.default_rng(0)
+    n, s, d = 120, len(dedup.SHIFTS), dedup.SMALL_GRID ** 2
+    vectors = rng.normal(size=(n, s, d))
+    for i in range(0, 60, 2):  # plant near copies, some through a shifted row
+        vectors[i + 1, 4] = vectors[i, int(rng.integers(0, s))] + rng.normal(0, 0.01 * (i % 7), d)
+    vectors[5, 2] = np.nan  # a flat shift
+    vectors = (vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)).astype(np.float32)
+    dist = np.linalg.norm(vectors[:, None, :, :].astype(np.float64) - vectors[None, :, 4, None, :], axis=-1)
+    best = np.fmin(np.nanmin(dist, -1), np.nanmin(dist, -1).T)
+    np.fill_diagonal(best, 9)
+    for threshold in (0.05, 0.2, 0.6):
+        bi, bj = np.nonzero(np.triu(best <= threshold))
+        i, j, dd = dedup.small_pairs(vectors, threshold)
+        assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(bi.tolist(), bj.tolist(), strict=True))
+        np.testing.assert_allclose(dd, best[i, j], atol=1e-5)
+    assert len(dedup.small_pairs(vectors, 0.6)[0]) == 30
+
+
+def test_embedded_digits_give_no_cross_label_pairs():
+    """The 1,797 8x8 digits at the default threshold: 36 pairs, all within one label; the closest two digits of
+    different labels are 0.270 apart (measured), so the default 0.2 keeps a margin of 0.07."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # as pipeline/digits.py writes them
+    vectors = np.stack([dedup.small_vectors(p) for p in pixels])
+    i, j, dist = dedup.small_pairs(vectors, load_config().clean.small_threshold)
+    assert len(i) == 36 and (bunch.target[i] == bunch.target[j]).all()
+    i, j, dist = dedup.small_pairs(vectors, 0.28)
+    cross = bunch.target[i] != bunch.target[j]
+    assert cross.any() and round(float(dist[cross].min()), 3) == 0.270
+
+
+def _small_conflict_folder(root: Path) -> Path:
+    """28x28 images, labels a and b; an MNIST-like digit (a) has a JPEG q90 copy (a) and a JPEG q75 copy (b)."""
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for k in range(24):
+        natural_image(8000 + k, 28).save(root / f"img/pic{k}.png")
+        rows.append((f"img/pic{k}.png", "ab"[k % 2]))
+    _digit_28(3).save(root / "img/digit.png")
+    _jpeg(_digit_28(3), 75).save(root / "img/copy_q75.jpg")
+    _jpeg(_digit_28(3), 90).save(root / "img/copy_q90.jpg")
+    rows += [("img/digit.png", "a"), ("img/copy_q75.jpg", "b"), ("img/copy_q90.jpg", "a")]
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
+    for t in range(2):
+        natural_image(7000 + t, 28).save(root / f"img/test{t}.png")
+    pd.DataFrame({"image": [f"img/test{t}.png" for t in range(2)]}).to_csv(root / "test.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("policy, dropped_ids", [
+    ("drop", {"img/digit.png", "img/copy_q75.jpg", "img/copy_q90.jpg"}),
+    ("majority", {"img/copy_q75.jpg"}),
+])
+def test_small_jpeg_copy_with_another_label_is_resolved_by_the_conflict_policy(tmp_path: Path, policy, dropped_ids):
+    data = _small_conflict_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1", f"clean.conflicts={policy}"]), data, tmp_path / "work")
+    summary = clean.run(ctx)
+    dropped = pd.read_csv(ctx.work_dir / "dropped.csv")
+    assert set(dropped.id) == dropped_ids and dropped.reason.str.startswith("label conflict").all()
+    assert summary["conflicts_dropped"] == len(dropped_ids) and summary["small_pairs"] == 3
+    kept = pd.read_csv(ctx.work_dir / "clean.csv")
+    assert set(kept.id).isdisjoint(dropped_ids) and len(kept) == 27 - len(dropped_ids)
+
+
+def test_small_threshold_is_in_the_clean_key(tmp_path: Path):
+    data = _small_conflict_folder(tmp_path / "comp")
+    assert clean.run(Context(load_config(None, ["clean.workers=1"]), data, tmp_path / "work"))["small_pairs"] == 3
+    ctx = Context(load_config(None, ["clean.workers=1", "clean.small_threshold=0"]), data, tmp_path / "work")
+    assert clean.run(ctx)["small_pairs"] == 0  # reran: not "up to date"
+    assert clean.run(ctx) == {"skipped": True}
