@@ -51,18 +51,28 @@ def _planted_folder(root: Path, n_each: int = 3) -> tuple[Path, list[tuple[str, 
     rows, planted, seed = [], [], 0
     for name, fn in TRANSFORMS.items():
         for k in range(n_each):
-            base = natural_image(1000 + seed)
-            label = ["a", "b"][seed % 2]
-            base.save(root / f"img/base{seed}.png")
-            fn(base).save(root / f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}")
-            rows += [(f"img/base{seed}.png", label), (f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}", label)]
-            planted.append((name, rows[-2][0], rows[-1][0]))
+            _plant(root, rows, planted, name, k, seed, natural_image(1000 + seed), fn)
             seed += 1
-    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
-    for t in range(3):
-        natural_image(5000 + t).save(root / f"img/test{t}.png")
-    pd.DataFrame({"image": [f"img/test{t}.png" for t in range(3)]}).to_csv(root / "test.csv", index=False)
+    _write_tables(root, rows, [natural_image(5000 + t) for t in range(3)])
     return root, planted
+
+
+def _plant(root: Path, rows: list, planted: list, name: str, k: int, seed: int, base: Image.Image, fn) -> None:
+    """Save a base image and its transformed copy under one label; record the pair as planted."""
+    label = ["a", "b"][seed % 2]
+    base_path, copy_path = f"img/base{seed}.png", f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}"
+    base.save(root / base_path)
+    fn(base).save(root / copy_path)
+    rows += [(base_path, label), (copy_path, label)]
+    planted.append((name, base_path, copy_path))
+
+
+def _write_tables(root: Path, rows: list, tests: list[Image.Image]) -> None:
+    """train.csv from the planted rows; the test images and test.csv."""
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
+    for t, image in enumerate(tests):
+        image.save(root / f"img/test{t}.png")
+    pd.DataFrame({"image": [f"img/test{t}.png" for t in range(len(tests))]}).to_csv(root / "test.csv", index=False)
 
 
 @pytest.mark.slow
@@ -230,16 +240,9 @@ def _small_planted_folder(root: Path) -> tuple[Path, list[tuple[str, str, str]]]
     for name, fn in SMALL_TRANSFORMS.items():
         digit = ImageOps.colorize(_digit_28(seed * 7), (20, 0, 60), (250, 220, 120))  # colour: gray is a change
         for k, base in enumerate([natural_image(2000 + seed, 28), natural_image(3000 + seed, 28), digit]):
-            label = ["a", "b"][seed % 2]
-            base.save(root / f"img/base{seed}.png")
-            fn(base).save(root / f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}")
-            rows += [(f"img/base{seed}.png", label), (f"img/{name}{k}.{'jpg' if 'jpeg' in name else 'png'}", label)]
-            planted.append((name, rows[-2][0], rows[-1][0]))
+            _plant(root, rows, planted, name, k, seed, base, fn)
             seed += 1
-    pd.DataFrame(rows, columns=["image", "label"]).to_csv(root / "train.csv", index=False)
-    for t in range(3):
-        natural_image(6000 + t, 28).save(root / f"img/test{t}.png")
-    pd.DataFrame({"image": [f"img/test{t}.png" for t in range(3)]}).to_csv(root / "test.csv", index=False)
+    _write_tables(root, rows, [natural_image(6000 + t, 28) for t in range(3)])
     return root, planted
 
 
