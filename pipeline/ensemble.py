@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from . import blend, experiments, submission
-from . import train as train_stage
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
@@ -30,7 +29,7 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     """name -> (oof frame sorted by id, test frame), for every usable pair of files under WORK."""
     cfg = ctx.cfg
     later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)  # rounds 2, 3, ...
-    configured = [f"runs/{e.name}" for e in train_stage.selected_experiments(ctx) + [e for r in later for e in r]]
+    configured = [f"runs/{e.name}" for e in ctx.selected_experiments() + [e for r in later for e in r]]
     found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
                    if "ensemble" not in p.relative_to(ctx.work_dir).parts)
     if not ctx.cfg.ensemble.include_other:
@@ -149,7 +148,7 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
     honest: dict[str, float] = {}
     for row in leaderboard:  # single-model rows come first; a blend of the same name must not replace one
         honest.setdefault(row["model"], row["honest_score"])
-    frame = train_stage.write_experiments_table(ctx, honest)
+    frame = ctx.write_experiments_table(honest)
     print(f"ensemble: experiments ({ctx.work_dir / 'experiments.csv'})\n"
           + experiments.format_table(frame, ctx.cfg.competition.metric))
 

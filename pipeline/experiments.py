@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .artifacts import read_stamp
+from .artifacts import read_stamp, write_csv
 from .config import ExperimentSpec, ModelConfig, PredictConfig, RoundSpec, TrainConfig
 from .errors import PipelineError
 
@@ -137,3 +137,17 @@ def round_experiments(model: ModelConfig, train: TrainConfig, predict: PredictCo
     """The experiments of rounds 2, 3, ... (rounds.plan), resolved against the same base sections as round 1."""
     return [resolve(model.model_copy(update={"backbones": spec.experiments, "only": None}), train, predict)
             for spec in plan]
+
+
+def selected(model: ModelConfig, train: TrainConfig, predict: PredictConfig) -> list[Experiment]:
+    """The experiments a run trains and predicts: all of model.backbones, or those model.only names."""
+    return select(resolve(model, train, predict), model.only)
+
+
+def write_table(model: ModelConfig, train: TrainConfig, predict: PredictConfig, plan: list[RoundSpec],
+                work_dir: Path, honest: dict[str, float] | None = None) -> pd.DataFrame:
+    """WORK/experiments.csv: one row per configured experiment (every round's), from what its stages wrote so far."""
+    every = resolve(model, train, predict) + [e for r in round_experiments(model, train, predict, plan) for e in r]
+    frame = table(every, Path(work_dir) / "runs", honest)
+    write_csv(Path(work_dir) / "experiments.csv", frame)
+    return frame

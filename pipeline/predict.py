@@ -139,9 +139,9 @@ def run(ctx: Context) -> dict:
     test_paths = list(ctx.competition.test["path"])
     shared: dict = {}
     scores = {}
-    for exp in train_stage.selected_experiments(ctx):
-        ectx = train_stage.experiment_context(ctx, exp)
+    for exp in ctx.selected_experiments():
+        ectx = ctx.for_experiment(exp)
         data = train_stage.load_training_data(ectx, shared)
         scores[exp.name] = predict_backbone(ectx, exp.backbone, data, test_paths, exp.name)["oof_score"]
-    train_stage.write_experiments_table(ctx)
+    ctx.write_experiments_table()
     return scores

@@ -118,7 +118,7 @@ def run(ctx: Context) -> dict:
               + ", ".join(f"fold {k} {counts[k]} rows at >= {thresholds[k]:.4f}" for k in folds))
         shared: dict = {}
         for exp in exps:
-            ectx = train_stage.experiment_context(ctx, exp)
+            ectx = ctx.for_experiment(exp)
             plain = train_stage.load_training_data(ectx, shared)
             data = with_pseudo(ectx, plain, rows)
             for k in folds:
@@ -128,5 +128,5 @@ def run(ctx: Context) -> dict:
         print(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
               + ", ".join(f"{e.name} {results[e.name]:.4f}" for e in exps))
         previous = [e.name for e in exps]
-    train_stage.write_experiments_table(ctx)
+    ctx.write_experiments_table()
     return results

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, experiments, runtime, tracking
+from . import distributed, runtime, tracking
 from .artifacts import (
     content_key,
     file_digest,
@@ -34,7 +34,6 @@ from .config import config_hash, to_yaml
 from .context import Context
 from .engine import FoldData, Trainer
 from .errors import PipelineError
-from .experiments import Experiment
 from .metrics import GREATER_IS_BETTER
 from .models import dataset_norm, input_norm, make_optimizer, param_groups, prepare_model, pretrained_file
 from .plots import plot_curves
@@ -44,7 +43,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
                name: str | None = None) -> dict:
     """Train one backbone on one fold (resuming from its last epoch); skipped when its stamp matches.
 
-    ctx.cfg holds the experiment's resolved sections (experiment_context), so the key covers them;
+    ctx.cfg holds the experiment's resolved sections (Context.for_experiment), so the key covers them;
     `name` is the experiment's folder (default: the backbone). on_epoch(epoch, val_metric) is called
     after each epoch (tuning reports there); runs_root replaces WORK/runs (tuning trials train elsewhere).
     """
@@ -120,30 +119,6 @@ def training_rows(frame: pd.DataFrame, fold: int) -> np.ndarray:
     return rows
 
 
-def experiment_context(ctx: Context, exp: Experiment) -> Context:
-    """ctx with the experiment's resolved model, train and predict sections (the competition read once)."""
-    cfg = ctx.cfg.model_copy(update={"model": exp.model, "train": exp.train, "predict": exp.predict})
-    out = Context(cfg, ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
-    if "competition" in ctx.__dict__:
-        out.__dict__["competition"] = ctx.competition
-    return out
-
-
-def selected_experiments(ctx: Context) -> list[Experiment]:
-    """The experiments this run trains and predicts: all of model.backbones, or those model.only names."""
-    return experiments.select(experiments.resolve(ctx.cfg.model, ctx.cfg.train, ctx.cfg.predict), ctx.cfg.model.only)
-
-
-def write_experiments_table(ctx: Context, honest: dict[str, float] | None = None) -> pd.DataFrame:
-    """WORK/experiments.csv: one row per configured experiment, from what its stages wrote so far."""
-    cfg = ctx.cfg
-    every = experiments.resolve(cfg.model, cfg.train, cfg.predict)
-    every += [e for r in experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan) for e in r]
-    frame = experiments.table(every, ctx.work_dir / "runs", honest)
-    write_csv(ctx.work_dir / "experiments.csv", frame)
-    return frame
-
-
 def _start_tracking(ctx: Context, experiment: str, backbone: str, fold: int, run_dir: Path, fp: str,
                     stage: str) -> tracking.Run:
     """This training's MLflow run (rank 0 only), with the resolved model and train keys as flat params."""
@@ -186,7 +161,7 @@ def folds_to_train(requested: list[int] | None, n_splits: int) -> list[int]:
 def run(ctx: Context) -> dict:
     """Every experiment on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first)."""
     _, world = distributed.setup()
-    chosen = [(exp, experiment_context(ctx, exp)) for exp in selected_experiments(ctx)]
+    chosen = [(exp, ctx.for_experiment(exp)) for exp in ctx.selected_experiments()]
     if distributed.is_main():  # one process fills the image caches; the others wait
         for _, ectx in chosen:
             load_training_data(ectx)
@@ -206,5 +181,5 @@ def run(ctx: Context) -> dict:
     table.columns = [f"fold{k}" for k in table.columns]
     table = table.assign(mean=table.mean(axis=1)).to_string(float_format=lambda v: f"{v:.4f}")
     print(f"train: best val {ctx.cfg.competition.metric} per experiment and fold\n{table}")
-    write_experiments_table(ctx)
+    ctx.write_experiments_table()
     return results

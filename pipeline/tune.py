@@ -157,8 +157,8 @@ def train_trial(ctx: Context, trial_dir: Path) -> TrainFn:
         shared: dict = {}
         scores = []
         for i, fold in enumerate(ctx.cfg.tune.folds):
-            for exp in train_stage.selected_experiments(trial_ctx):  # each with its own resolved keys
-                exp_ctx = train_stage.experiment_context(trial_ctx, exp)
+            for exp in trial_ctx.selected_experiments():  # each with its own resolved keys
+                exp_ctx = trial_ctx.for_experiment(exp)
                 data = train_stage.load_training_data(exp_ctx, shared)
 
                 def on_epoch(epoch: int, value: float, i: int = i) -> None:
