@@ -80,11 +80,11 @@ class CleanConfig(Section):
                                                              "(of 128 bits) for a near-duplicate pair")
     near_min_size: int = Field(32, ge=1, description="images with a side below this are compared in pixel space "
                                                      "(too few pixels for perceptual hashes; see small_threshold)")
-    small_threshold: float = Field(0.2, ge=0, le=2, description="max distance (0..2) between the zero-mean unit-norm "
-                                   "8x8 luma grids of two images below near_min_size (either one shifted by up to "
-                                   "one pixel) for a near-duplicate pair; on the 1,797 embedded digits 0.2 gives 36 "
-                                   "pairs, all of one label, none across labels (closest cross-label: 0.270; margin "
-                                   "0.07)")
+    small_threshold: float = Field(0.09, ge=0, le=2, description="max distance (0..2) between the zero-mean unit-"
+                                   "norm 16x16 luma grids of two images below near_min_size (either one shifted by "
+                                   "up to one pixel) for a near-duplicate pair; planted 28x28 re-encodes, gray<->RGB, "
+                                   "15% brightness/contrast and 1-px shifts lie within 0.074, distinct MNIST digits "
+                                   "at least 0.103 apart (README)")
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: "
                                                                        "drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")

@@ -43,7 +43,7 @@ CROP = 0.95
 MAX_THRESHOLD = 15  # the pigeonhole argument above holds up to here
 _CHUNKS = 4
 _MASKS = np.array([0] + [1 << b for b in range(16)], dtype=np.uint64)
-SMALL_GRID = 8
+SMALL_GRID = 16
 SHIFTS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # (0, 0) is the image itself
 _UNSHIFTED = SHIFTS.index((0, 0))
 

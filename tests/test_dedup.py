@@ -284,18 +284,18 @@ def test_small_search_equals_brute_force():
 
 
 def test_embedded_digits_give_no_cross_label_pairs():
-    """The 1,797 8x8 digits at the default threshold: 36 pairs, all within one label; the closest two digits of
-    different labels are 0.270 apart (measured), so the default 0.2 keeps a margin of 0.07."""
+    """The 1,797 8x8 digits at the default threshold: one pair (0.088 apart, one label); the closest two digits of
+    different labels are 0.217 apart (measured), far beyond the default 0.09."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # as pipeline/digits.py writes them
     vectors = np.stack([dedup.small_vectors(p) for p in pixels])
     i, j, dist = dedup.small_pairs(vectors, load_config().clean.small_threshold)
-    assert len(i) == 36 and (bunch.target[i] == bunch.target[j]).all()
-    i, j, dist = dedup.small_pairs(vectors, 0.28)
+    assert len(i) == 1 and bunch.target[i[0]] == bunch.target[j[0]] and round(float(dist[0]), 3) == 0.088
+    i, j, dist = dedup.small_pairs(vectors, 0.25)
     cross = bunch.target[i] != bunch.target[j]
-    assert cross.any() and round(float(dist[cross].min()), 3) == 0.270
+    assert cross.any() and round(float(dist[cross].min()), 3) == 0.217
 
 
 def _small_conflict_folder(root: Path) -> Path:
