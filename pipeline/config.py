@@ -264,8 +264,9 @@ class RuntimeConfig(Section):
     channels_last: bool | None = Field(None, description="channels-last memory format; null: on cuda for "
                                                          "classification, always for detection")
     compile: bool = Field(False, description="torch.compile the classification network for training")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of classification training "
-                                                  "(0: load in the main process)")
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="DataLoader worker processes of classification training (0: load in the main process); "
+                            "auto: on cuda the cores per GPU less one (at most 8), on cpu 0")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
     eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images "
                                                         "(no gradients: more fit in memory)")

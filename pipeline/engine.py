@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 
 from . import distributed, loop
@@ -32,7 +32,12 @@ from .runtime import Runtime
 
 
 class ArrayDataset(Dataset):
-    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors."""
+    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors.
+
+    Indices are plain ints or (int, seed) pairs from EpochSampler: a batch of pairs reseeds the augmentation
+    from its first pair's seed, so what a batch looks like is decided in the main process, not by the worker
+    that happens to build it (and not by that worker's history).
+    """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform=None):
         self.images, self.targets, self.transform = images, targets, transform
@@ -40,15 +45,32 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    @property
+    def augments(self) -> bool:
+        return self.transform is not None and bool(self.transform.transforms)
+
+    def __getitem__(self, i):
+        if isinstance(i, tuple):
+            i, seed = i
+            self._reseed(seed)
         img = np.array(self.images[i])
-        if self.transform is not None and self.transform.transforms:
+        if self.augments:
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
 
-    def __getitems__(self, indices: list[int]):
+    def _reseed(self, seed: int) -> None:
+        """One numpy and one python generator shared by every transform of the pipeline: albumentations'
+        set_random_seed gives each transform its own generator with the same seed, whose first draws then
+        coincide (a flip with p=0.5 would always come with a crop with p=0.7)."""
+        if self.augments:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def __getitems__(self, indices: list):
         """A whole batch in one read of the array (the DataLoader calls this instead of one item at a time)."""
-        if self.transform is not None and self.transform.transforms:
+        if indices and isinstance(indices[0], tuple):
+            self._reseed(indices[0][1])
+            indices = [i for i, _ in indices]
+        if self.augments:
             return tuple(default_collate([self[i] for i in indices]))
         idx = np.asarray(indices)
         order = np.argsort(idx)  # sorted reads are sequential on a memmap
@@ -56,6 +78,36 @@ class ArrayDataset(Dataset):
         batch[order] = self.images[idx[order]]
         return (torch.from_numpy(batch).permute(0, 3, 1, 2),
                 torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long))
+
+
+class EpochSampler(Sampler):
+    """This rank's shuffled indices of one epoch, each paired with an augmentation seed; both follow from
+    (seed, epoch, rank) alone, set in the main process and sent to the workers with every batch.
+
+    torch seeds a worker once, when it starts; a persistent worker carries its generator's state from one
+    epoch into the next, which a resumed run (fresh workers) cannot repeat, and the state depends on which
+    worker built which batch. With the seeds in the indices, a batch is the same whoever builds it: any
+    number of workers, persistent or not, and a resumed run give the batches of one uninterrupted process.
+    """
+
+    def __init__(self, n: int, seed: int, shard: DistributedSampler | None = None):
+        self.n, self.shard, self.epoch_seed = n, shard, seed
+
+    def set_epoch(self, epoch: int, epoch_seed: int) -> None:
+        self.epoch_seed = epoch_seed
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.n
+
+    def __iter__(self):
+        if self.shard is not None:
+            order = list(self.shard)
+        else:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
+        seeds = np.random.default_rng([self.epoch_seed % 2**63, distributed.rank()]).integers(0, 2**63, len(order))
+        return iter(zip(order, seeds.tolist(), strict=True))
 
 
 def collate(batch):
@@ -129,15 +181,15 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self.net = self.net if self.net is not None else self.model  # not `or`: a compiled module refuses bool()
         self.transform = train_transform(cfg, self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
         dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
-        self.sampler = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
-                        if distributed.world_size() > 1 else None)
-        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-                                 drop_last=drop_last, num_workers=rt.num_workers, pin_memory=rt.device.type == "cuda",
-                                 generator=self.generator, worker_init_fn=_seed_worker if rt.num_workers else None,
-                                 collate_fn=collate)
+        shard = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
+                 if distributed.world_size() > 1 else None)
+        self.sampler = EpochSampler(len(dataset), self.seed, shard)
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=drop_last,
+                                 collate_fn=collate, generator=torch.Generator().manual_seed(self.seed),
+                                 **loader_options(rt))  # its own generator: the loader's draw of the workers'
+        # base seed (once with persistent workers) must not move torch's global one, which the epochs reseed
         scheduler = self._scheduler(loop.Updater.per_epoch(len(self.loader), cfg.accumulate))
         self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
                                     accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
@@ -175,10 +227,7 @@ class Trainer:
 
     # --- the track's part of the loop -------------------------------------------------------
     def reseed(self, epoch: int, epoch_seed: int) -> None:
-        self.transform.set_random_seed(epoch_seed + 7919 * distributed.rank())
-        self.generator.manual_seed(epoch_seed)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, epoch_seed)  # batch order and augmentation; the workers keep no state
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, rt = self.cfg, self.runtime
@@ -190,7 +239,7 @@ class Trainer:
                    disable=None if distributed.is_main() else True)
         self.updater.start_epoch()
         for i, (x, y) in enumerate(bar, 1):
-            x, y = rt.to_input(x, self.data.norm), y.to(rt.device)
+            x, y = rt.to_input(x, self.data.norm), y.to(rt.device, non_blocking=True)
             if mixing:
                 x, target = self.mix(x, y)
             else:
@@ -237,11 +286,18 @@ class Trainer:
         return {"epoch": p.best_epoch, "metric": p.best, "epochs_run": p.epoch, "history": p.history}
 
 
+def loader_options(rt: Runtime) -> dict:
+    """DataLoader keywords of the runtime's workers: persistent (started once per run, not per epoch; what a
+    batch holds comes from EpochSampler, so their state does not matter), a few batches prefetched each,
+    pinned batches on CUDA (copied with non_blocking=True by Runtime.to_input)."""
+    workers = rt.num_workers
+    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
+            "pin_memory": rt.device.type == "cuda", "worker_init_fn": _seed_worker if workers else None}
+
+
 def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers: numpy, random and the augmentation pipeline follow torch's per-worker seed."""
+    """numpy's and python's global generators follow torch's per-worker seed (for any transform that uses them;
+    the pipeline's own are reseeded per batch by ArrayDataset)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    transform = torch.utils.data.get_worker_info().dataset.transform
-    if transform is not None:
-        transform.set_random_seed(seed)
