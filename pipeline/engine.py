@@ -9,6 +9,7 @@ stopping are the loop's.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import warnings
@@ -27,6 +28,7 @@ from . import distributed, loop
 from .augment import mixer, train_transform
 from .config import TrainConfig
 from .errors import PipelineError
+from .gpu_augment import DeviceAugment, choose_device
 from .metrics import GREATER_IS_BETTER, score
 from .runtime import Runtime
 
@@ -181,7 +183,9 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self.net = self.net if self.net is not None else self.model  # not `or`: a compiled module refuses bool()
         self.transform = train_transform(cfg, self.seed)
-        dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
+        self.device_augment = self._device_augment()
+        dataset = ArrayDataset(self.data.train_x, self.data.train_y,
+                               None if self.device_augment is not None else self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
         shard = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
                  if distributed.world_size() > 1 else None)
@@ -197,6 +201,49 @@ class Trainer:
         self.weights = class_weights(cfg.class_weights, self.data.train_y, self.data.n_classes)
         self.mix = mixer(cfg, self.data.n_classes)
         self.progress = loop.Progress()
+
+    def _device_augment(self) -> DeviceAugment | None:
+        """The preset batched on the training device (train.augment_device gpu, or auto when measured faster),
+        else None (albumentations in the loader)."""
+        cfg = self.cfg
+        where = cfg.augment_device
+        if where == "auto":
+            where = "cpu"
+            if self.runtime.device.type == "cuda" and cfg.augment != "none" and not cfg.transforms:
+                where, line = choose_device(self._cpu_augment_img_s(), self.runtime.num_workers,
+                                            self._gpu_train_img_s())
+                distributed.say(f"train: {self.desc}: {line}")
+        if where == "cpu" or cfg.augment == "none":
+            return None
+        if cfg.transforms:
+            raise PipelineError("train.augment_device=gpu: train.transforms are albumentations transforms (per image, "
+                                "cpu only); set train.augment_device=cpu or move them into a preset")
+        return DeviceAugment(cfg.augment, cfg.image_size, cfg.hflip).to(self.runtime.device)
+
+    def _cpu_augment_img_s(self, n: int = 64) -> float:
+        """Images per second of the albumentations preset on one core (the main process), over n training images."""
+        images = self.data.train_x[:n]
+        t0 = time.perf_counter()
+        for img in images:
+            self.transform(image=np.array(img))
+        return len(images) / max(time.perf_counter() - t0, 1e-9)
+
+    def _gpu_train_img_s(self, steps: int = 3) -> float:
+        """Images per second of forward + backward passes at the configured batch on the device, without
+        augmentation, on a copy of the network (the model's weights and normalisation statistics stay as
+        they are)."""
+        rt, batch = self.runtime, min(self.cfg.batch_size, len(self.data.train_x))
+        copied = copy.deepcopy(self.model).train()
+        x = rt.to_input(torch.from_numpy(np.array(self.data.train_x[:batch])).permute(0, 3, 1, 2), self.data.norm)
+        seconds = []
+        for _ in range(steps + 1):  # the first is a warm-up: cudnn's algorithm search, the allocator
+            t0 = time.perf_counter()
+            with rt.autocasting():
+                copied(x).float().mean().backward()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            seconds.append(time.perf_counter() - t0)
+        return batch * steps / max(sum(seconds[1:]), 1e-9)
 
     def _scheduler(self, steps: int):
         cfg = self.cfg
@@ -239,7 +286,11 @@ class Trainer:
                    disable=None if distributed.is_main() else True)
         self.updater.start_epoch()
         for i, (x, y) in enumerate(bar, 1):
-            x, y = rt.to_input(x, self.data.norm), y.to(rt.device, non_blocking=True)
+            if self.device_augment is not None:  # the uint8 batch crosses once, then the preset runs on the device
+                x = rt.to_input(self.device_augment(rt.to_device(x).float().div_(255)), self.data.norm, divisor=1)
+            else:
+                x = rt.to_input(x, self.data.norm)
+            y = y.to(rt.device, non_blocking=True)
             if mixing:
                 x, target = self.mix(x, y)
             else:
