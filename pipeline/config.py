@@ -275,7 +275,9 @@ class RuntimeConfig(Section):
 class TrainConfig(FitConfig):
     image_size: int = Field(224, ge=8, description="images are decoded once and resized to image_size x image_size")
     epochs: int = _own("epochs", 10, "training epochs per fold")
-    batch_size: int = _own("batch_size", 64, "images per forward pass")
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        64, description="images per forward pass; auto: the largest that fits in GPU memory, halving from 1024 "
+                        "(cpu: 64)")
     accumulate: int = Field(1, ge=1, description="forward passes per optimizer step (gradient accumulation)")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
     lr: float = _own("lr", 1e-3, "peak learning rate (of the body, when head_lr_mult applies)")

@@ -24,7 +24,7 @@ from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 
-from . import distributed, loop
+from . import distributed, loop, runtime
 from .augment import mixer, train_transform
 from .config import TrainConfig
 from .errors import PipelineError
@@ -129,6 +129,47 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtim
             logits = model(runtime.to_input(x, norm))
         out.append(logits.float().softmax(1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+AUTO_BATCH_START = 1024  # train.batch_size=auto halves from here (or from the training rows when fewer)
+AUTO_BATCH_CPU = 64  # and on the CPU, which has no device memory to fill, takes this
+
+
+def auto_batch_size(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: FoldData, rt: Runtime,
+                    say: Callable[[str], None] = print, steps: int = 2, trial: bool | None = None) -> int:
+    """train.batch_size=auto: the largest batch whose training steps fit in GPU memory (runtime.find_batch_size).
+    The steps are real (forward, backward, optimizer step: AdamW's state counts) and then undone: the model's
+    and the optimizer's states are restored, so the run starts from the weights it would have started from.
+    `trial` (default: on CUDA) runs the search; off it, the CPU default applies."""
+    rows = len(data.train_x)
+    if not (rt.device.type == "cuda" if trial is None else trial):
+        batch = min(AUTO_BATCH_CPU, rows)
+        say(f"train: batch_size auto: {batch} on the cpu (no GPU memory to fill)")
+        return batch
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    model.train()
+
+    def try_batch(batch: int) -> None:
+        idx = np.arange(batch) % rows
+        x = rt.to_input(torch.from_numpy(np.array(data.train_x[idx])).permute(0, 3, 1, 2), data.norm)
+        y = torch.as_tensor(np.asarray(data.train_y)[idx] % data.n_classes, device=rt.device)
+        try:
+            for _ in range(steps):
+                with rt.autocasting():
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            del x, y
+
+    try:
+        return runtime.find_batch_size(try_batch, min(AUTO_BATCH_START, rows), say)
+    finally:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

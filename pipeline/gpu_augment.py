@@ -105,8 +105,8 @@ def _module(op: str, a: dict, size: int) -> nn.Module:
         return BrightnessContrast(a["brightness"], a["contrast"], a["p"])
     if op == "gamma":
         return K.RandomGamma(gamma=a["gamma"], p=a["p"])
-    if op == "blur":  # albumentations' kernel side for sigma s: int(3.5 s) * 2 + 1
-        side = int(3.5 * a["sigma"][1]) * 2 + 1
+    if op == "blur":  # albumentations' kernel side for sigma s: int(3.5 s) * 2 + 1; reflection needs it under 2 x size
+        side = min(int(3.5 * a["sigma"][1]) * 2 + 1, 2 * size - 1)
         return K.RandomGaussianBlur((side, side), a["sigma"], p=a["p"])
     if op == "dropout":
         return CoarseDropout(a["holes"], a["size"], a["p"])

@@ -13,6 +13,7 @@ import contextlib
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,3 +140,30 @@ def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def find_batch_size(try_batch: Callable[[int], None], start: int, say: Callable[[str], None] = print) -> int:
+    """The largest batch from `start` down, halving, for which `try_batch(batch)` (a few training steps at that
+    batch) does not run out of GPU memory, as Lightning's batch-size finder does; one line says what it chose."""
+    batch, failed = start, None
+    while True:
+        try:
+            try_batch(batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise PipelineError("train.batch_size=auto: one image does not fit in GPU memory; lower "
+                                    "train.image_size or choose a smaller backbone") from None
+            failed, batch = batch, batch // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        why = f"{failed} ran out of GPU memory" if failed else "the largest tried"
+        say(f"train: batch_size auto: {batch} ({why})")
+        return batch
+
+
+def peak_gpu_gb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors on `device` since the process started (None off CUDA), in GiB."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
