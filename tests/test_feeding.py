@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import engine, runtime
+from pipeline import engine, orchestrate, runtime
+from pipeline.artifacts import read_stamp
 from pipeline.augment import PRESETS, _albumentation
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, load_config
+from pipeline.context import Context
 from pipeline.engine import FoldData, Trainer
 from pipeline.errors import PipelineError
 from pipeline.gpu_augment import _module, choose_device
@@ -208,3 +210,17 @@ def test_auto_batch_size_trial_steps_are_undone(tmp_path: Path, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
     assert engine.auto_batch_size(model, opt, trainer.data, Runtime(), said.append) == 24  # cpu: min(64, rows)
     assert said[-1] == "train: batch_size auto: 24 on the cpu (no GPU memory to fill)"
+
+
+def test_train_stage_records_batch_size_augment_device_and_peak_memory(comp_dir: Path, tmp_path: Path, capsys):
+    """The train stage with batch_size auto and the device preset (on CPU tensors) writes what it chose and the
+    run's peak memory into best.json (no GPU: peak_gpu_gb null)."""
+    overrides = ["folds.n_splits=2", "train.folds=[0]", "train.image_size=16", "train.epochs=1", "train.augment=heavy",
+                 "model.backbones=[d2l_lenet]", "train.batch_size=auto", "train.augment_device=gpu",
+                 "tracking.backend=none"]
+    ctx = Context(load_config(None, overrides), comp_dir, tmp_path / "w")
+    orchestrate.run("train", ctx)
+    meta = read_stamp(tmp_path / "w" / "runs" / "d2l_lenet" / "fold0" / "best.json")
+    assert meta["batch_size"] == 4 and meta["augment_device"] == "gpu" and meta["num_workers"] == 0  # 4 train rows
+    assert meta["peak_gpu_gb"] is None and meta["peak_rss_gb"] > 0.1
+    assert "train: batch_size auto: 4 on the cpu (no GPU memory to fill)" in capsys.readouterr().out
