@@ -25,6 +25,7 @@ from .artifacts import (
     fingerprint,
     is_done,
     read_json,
+    read_stamp,
     write_csv,
     write_stamp,
     write_text,
@@ -85,7 +86,7 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     fold_data = FoldData(images[is_train], y[is_train], images[is_val], y[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
     if tcfg.batch_size == "auto":  # the stamp keeps "auto" (the config asked for it); best.json records the size
-        tcfg = tcfg.model_copy(update={"batch_size": auto_batch_size(model, optimizer, fold_data, rt, distributed.say)})
+        tcfg = tcfg.model_copy(update={"batch_size": _auto_batch(run_dir, fp, model, optimizer, fold_data, rt)})
     net = torch.compile(net) if rt.compile else net
     trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{label} fold {fold}", net=net,
                       on_epoch=on_epoch)
@@ -115,6 +116,20 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     write_stamp(run_dir / "best.json", fp, **meta)
     distributed.barrier()
     return meta
+
+
+def _auto_batch(run_dir: Path, fp: str, model, optimizer, data: FoldData, rt: runtime.Runtime) -> int:
+    """train.batch_size=auto, searched once per run: a resumed run keeps the size it started with (its schedule
+    and its resume state count that size's batches), kept in batch_size.json beside last.pt."""
+    path = run_dir / "batch_size.json"
+    kept = read_stamp(path)
+    if kept and kept.get("fingerprint") == fp and (run_dir / "last.pt").exists():
+        distributed.say(f"train: batch_size auto: {kept['batch_size']} (kept from the run's start)")
+        return int(kept["batch_size"])
+    batch = auto_batch_size(model, optimizer, data, rt, distributed.say)
+    if distributed.is_main():
+        write_stamp(path, fp, batch_size=batch)
+    return batch
 
 
 def _rounded(gb: float | None) -> float | None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import engine, orchestrate, runtime
-from pipeline.artifacts import read_stamp
+from pipeline.artifacts import read_stamp, write_stamp
 from pipeline.augment import PRESETS, _albumentation
 from pipeline.config import TrainConfig, load_config
 from pipeline.context import Context
@@ -224,3 +224,9 @@ def test_train_stage_records_batch_size_augment_device_and_peak_memory(comp_dir:
     assert meta["batch_size"] == 4 and meta["augment_device"] == "gpu" and meta["num_workers"] == 0  # 4 train rows
     assert meta["peak_gpu_gb"] is None and meta["peak_rss_gb"] > 0.1
     assert "train: batch_size auto: 4 on the cpu (no GPU memory to fill)" in capsys.readouterr().out
+    run = tmp_path / "w" / "runs" / "d2l_lenet" / "fold0"
+    (run / "best.json").unlink()  # as if killed before the end: the rerun resumes from last.pt
+    write_stamp(run / "batch_size.json", meta["fingerprint"], batch_size=3)  # what the run started with
+    orchestrate.run("train", ctx)
+    assert read_stamp(run / "best.json")["batch_size"] == 3  # kept, not searched again
+    assert "train: batch_size auto: 3 (kept from the run's start)" in capsys.readouterr().out
