@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -384,12 +385,15 @@ def loader_options(rt: Runtime) -> dict:
     pinned batches on CUDA (copied with non_blocking=True by Runtime.to_input)."""
     workers = rt.num_workers
     return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
-            "pin_memory": rt.device.type == "cuda", "worker_init_fn": _seed_worker if workers else None}
+            "pin_memory": rt.device.type == "cuda", "worker_init_fn": _init_worker if workers else None}
 
 
-def _seed_worker(worker_id: int) -> None:
-    """numpy's and python's global generators follow torch's per-worker seed (for any transform that uses them;
-    the pipeline's own are reseeded per batch by ArrayDataset)."""
+def _init_worker(worker_id: int) -> None:
+    """One thread per worker: the workers are the parallelism, and OpenCV's own pool (albumentations' kernels;
+    as many threads as cores) would oversubscribe the cores (torch already sets its own threads to 1 in workers).
+    numpy's and python's global generators follow torch's per-worker seed, for any transform that uses them (the
+    pipeline's own are reseeded per batch by ArrayDataset)."""
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
