@@ -8,8 +8,9 @@ Per model, rows:
   engine, medium, cpu augment  albumentations in the persistent loader workers
   engine, medium, gpu augment  the uint8 batch goes to the GPU once; kornia + pipeline/gpu_augment.py there
 Printed: img/s (median over interleaved rounds), the ratio to the bare loop (median and spread of the per-round
-ratios; the goal is >= 0.9 in every row), mean GPU utilisation while the row ran (torch.cuda.utilization, else
-nvidia-smi sampled every 100 ms) and the peak GPU memory of the row (the other rows' weights included).
+ratios; the goal is >= 0.9 in every row), mean GPU utilisation while the row ran (nvidia-smi sampled every
+100 ms; torch.cuda.utilization would need pynvml, which the environment lacks) and the peak GPU memory of the row
+(the other rows' weights included).
 
     python benchmarks/gpu.py                      # resnet18, efficientnet_b0, convnext_tiny at 224 px
     python benchmarks/gpu.py --quick              # fewer steps and rounds: a first look in about a minute
@@ -99,8 +100,8 @@ class Engine:
 
 
 class Utilisation:
-    """Mean GPU utilisation (%) while a row runs: torch.cuda.utilization (pynvml) polled by nvidia-smi's own loop
-    when pynvml is missing; None off CUDA or without either."""
+    """Mean GPU utilisation (%) while a row runs, from nvidia-smi's own sampling loop (every 100 ms); None off
+    CUDA or without nvidia-smi."""
 
     def __init__(self, device: torch.device):
         self.device, self.samples, self.proc = device, [], None
@@ -160,7 +161,6 @@ def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
         print(f"  {r:30s} {median(speeds[r]):8.0f} img/s  {ratio_text(speeds[r], base)} bare"
               f"  GPU {f'{np.mean(util):.0f}%' if util else 'n/a':>4s}"
               f"  peak {f'{peak:.2f} GiB' if peak is not None else 'n/a'}", flush=True)
-    del rows
 
 
 def main() -> None:
