@@ -1,59 +1,193 @@
-"""GPU checks in one run (needs CUDA): training throughput of the engine against a plain loop, per
-precision and memory format, and torch.compile. All numbers come from the same process and card.
+"""GPU checks in one run: does the engine keep the GPU busy? Training throughput of the engine against a bare
+loop at the same precision and memory format (bf16 autocast and channels_last on CUDA), per model, with no
+augmentation and with the medium preset on the CPU (loader workers) and on the GPU (train.augment_device=gpu).
 
-Rows: the plain baseline (a bare fp32 NCHW loop), the bare loop with bf16 autocast + channels_last,
-then the engine as train.py configures it on cuda (channels_last, pinned memory) in fp32, bf16 and
-fp16 (grad scaler), and bf16 + torch.compile. Ratios are against the plain baseline; "engine/bare"
-compares the engine with the bare loop at the same settings (the overhead of the engine). Every row
-runs once per interleaved round; printed are medians and the spread of the per-round ratios.
+Per model, rows:
+  bare loop, no augmentation   the ceiling: batches already in host memory, normalised on the device
+  engine, no augmentation      pipeline.engine.Trainer.train_epoch, workers as runtime.num_workers=auto
+  engine, medium, cpu augment  albumentations in the persistent loader workers
+  engine, medium, gpu augment  the uint8 batch goes to the GPU once; kornia + pipeline/gpu_augment.py there
+Printed: img/s (median over interleaved rounds), the ratio to the bare loop (median and spread of the per-round
+ratios; the goal is >= 0.9 in every row), mean GPU utilisation while the row ran (nvidia-smi sampled every
+100 ms; torch.cuda.utilization would need pynvml, which the environment lacks) and the peak GPU memory of the row
+(the other rows' weights included).
 
-    python benchmarks/gpu.py [--model resnet18] [--size 224] [--images 4096] [--batch 128]
+    python benchmarks/gpu.py                      # resnet18, efficientnet_b0, convnext_tiny at 224 px
+    python benchmarks/gpu.py --quick              # fewer steps and rounds: a first look in about a minute
+    python benchmarks/gpu.py --device cpu --image-size 32 --steps 3 --models resnet18   # the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timing import interleaved, median, ratio_text
-from train_throughput import bare_epoch, engine_epoch
 
-CUDA = torch.device("cuda")
+from pipeline.config import TrainConfig
+from pipeline.engine import FoldData, Trainer
+from pipeline.models import build_model, make_optimizer, param_groups
+from pipeline.runtime import Runtime, loader_workers
+
+NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+MODELS = ["resnet18", "efficientnet_b0", "convnext_tiny"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def runtime_for(device: torch.device, workers: int | str) -> Runtime:
+    cuda = device.type == "cuda"
+    return Runtime(device, autocast=cuda, amp_dtype=torch.bfloat16, channels_last=cuda,
+                   num_workers=loader_workers(workers, device))
+
+
+class Bare:
+    """The plain loop: index the uint8 array, normalise on the device, forward, cross-entropy, backward, AdamW."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, batch: int, rt: Runtime):
+        torch.manual_seed(0)
+        self.images, self.labels, self.batch, self.rt = images, labels, batch, rt
+        self.model = rt.prepare(build_model(name, 10, 3)).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def __call__(self) -> float:
+        rt, order = self.rt, np.random.default_rng(0).permutation(len(self.images))
+        steps = len(order) // self.batch
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            idx = np.sort(order[s * self.batch:(s + 1) * self.batch])
+            x = rt.to_input(torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2), NORM)
+            with rt.autocasting():
+                loss = F.cross_entropy(self.model(x).float(), torch.from_numpy(self.labels[idx]).to(rt.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        _sync(rt.device)
+        return steps * self.batch / (time.perf_counter() - t0)
+
+
+class Engine:
+    """One training epoch of pipeline.engine.Trainer as train.py builds it (persistent workers stay up)."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, batch: int, rt: Runtime, augment: str,
+                 where: str, folder: Path):
+        torch.manual_seed(0)
+        self.rt, self.n = rt, len(images) // batch * batch
+        model = rt.prepare(build_model(name, 10, 3))
+        cfg = TrainConfig(batch_size=batch, augment=augment, augment_device=where, hflip=augment != "none",
+                          epochs=1, warmup_epochs=0, image_size=images.shape[1])
+        opt = make_optimizer("adamw", param_groups(model, 1e-3, 0.05, 1.0), 1e-3, 0.9, False)
+        data = FoldData(images, labels, images[:0], labels[:0], 10, NORM, "accuracy")
+        self.trainer = Trainer(model, opt, cfg, data, folder, "bench", rt, 0)
+
+    def __call__(self) -> float:
+        _sync(self.rt.device)
+        t0 = time.perf_counter()
+        self.trainer.train_epoch(1)
+        _sync(self.rt.device)
+        return self.n / (time.perf_counter() - t0)
+
+
+class Utilisation:
+    """Mean GPU utilisation (%) while a row runs, from nvidia-smi's own sampling loop (every 100 ms); None off
+    CUDA or without nvidia-smi."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.proc = device, [], None
+
+    def __enter__(self):
+        if self.device.type == "cuda" and shutil.which("nvidia-smi"):
+            index = self.device.index or 0
+            self.proc = subprocess.Popen(["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.samples = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples[1:])) if len(self.samples) > 1 else None
+
+
+def measure(row, device: torch.device, record: dict) -> float:
+    """The row's img/s; its utilisation samples and peak memory go into `record`."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with Utilisation(device) as util:
+        speed = row()
+    if util.mean is not None:
+        record.setdefault("util", []).append(util.mean)
+    if device.type == "cuda":
+        record["peak"] = max(record.get("peak", 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    return speed
+
+
+def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (args.steps * args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, len(images))
+    rt = runtime_for(device, args.workers)
+    rows = {"bare loop, no augmentation": Bare(name, images, labels, args.batch, rt),
+            "engine, no augmentation": Engine(name, images, labels, args.batch, rt, "none", "cpu", folder),
+            "engine, medium, cpu augment": Engine(name, images, labels, args.batch, rt, "medium", "cpu", folder),
+            "engine, medium, gpu augment": Engine(name, images, labels, args.batch, rt, "medium", "gpu", folder)}
+    for row in rows.values():  # untimed: cudnn autotuning, the allocator, the workers' start
+        row()
+    records: dict[str, dict] = {r: {} for r in rows}
+    speeds = interleaved({r: (lambda r=r: measure(rows[r], device, records[r])) for r in rows}, args.repeats,
+                         measure=lambda fn: fn())
+    base = speeds["bare loop, no augmentation"]
+    print(f"{name} {args.image_size}px batch {args.batch}, {rt.num_workers} workers, "
+          f"{'bf16 channels_last' if rt.autocast else 'fp32'}:")
+    for r in rows:
+        util = records[r].get("util")
+        peak = records[r].get("peak")
+        print(f"  {r:30s} {median(speeds[r]):8.0f} img/s  {ratio_text(speeds[r], base)} bare"
+              f"  GPU {f'{np.mean(util):.0f}%' if util else 'n/a':>4s}"
+              f"  peak {f'{peak:.2f} GiB' if peak is not None else 'n/a'}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every row (medians and spreads)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every row")
+    parser.add_argument("--workers", default="auto", help="runtime.num_workers of the engine rows")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="10 steps, 2 rounds")
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = True
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (args.images, args.size, args.size, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.images)
-    run = (args.model, images, labels, args.batch)
-    bare_epoch(*run, device=CUDA)  # warm-up: context, cudnn autotuning
-    bare_epoch(*run, device=CUDA, amp="bfloat16", channels_last=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.size}px, "
-          f"batch {args.batch}, {args.images} images")
-    runs = {"bare fp32 NCHW (baseline)": lambda: bare_epoch(*run, device=CUDA),
-            "bare bf16 channels_last": lambda: bare_epoch(*run, device=CUDA, amp="bfloat16", channels_last=True),
-            "engine fp32 channels_last": lambda: engine_epoch(*run, device=CUDA, warm=True),
-            "engine bf16 channels_last": lambda: engine_epoch(*run, device=CUDA, amp="bfloat16", warm=True),
-            "engine fp16 channels_last + scaler": lambda: engine_epoch(*run, device=CUDA, amp="float16", warm=True)}
-    if not args.no_compile:
-        runs["engine bf16 channels_last compiled"] = lambda: engine_epoch(*run, device=CUDA, amp="bfloat16",
-                                                                          compile=True)
-    speeds = interleaved(runs, args.repeats, measure=lambda fn: fn())  # each call returns its own img/s
-    base = speeds["bare fp32 NCHW (baseline)"]
-    for name, values in speeds.items():
-        print(f"  {name:38s} {median(values):8.0f} img/s (median)  {ratio_text(values, base)} baseline", flush=True)
-    print(f"  engine/bare at bf16 channels_last: "
-          f"{ratio_text(speeds['engine bf16 channels_last'], speeds['bare bf16 channels_last'])}")
+    if args.quick:
+        args.steps, args.repeats = min(args.steps, 10), min(args.repeats, 2)
+    args.workers = args.workers if args.workers == "auto" else int(args.workers)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    else:
+        print(f"cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            bench_model(name, args, device, Path(tmp))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -16,21 +16,53 @@ from timm.data import Mixup
 from .config import TrainConfig
 from .errors import PipelineError
 
+# The presets' operations and parameters, in order, read by both builders: albumentations per image on the CPU
+# (below) and the batched device version (pipeline/gpu_augment.py), so the two cannot drift apart.
+# affine: scale range of x and y (drawn separately), translation as a fraction of the side, rotation and
+# x-shear limits in degrees; crop: area scale (aspect ratio 3/4 to 4/3); brightness_contrast: x * (1 + c) + b
+# with c, b uniform within the limits; gamma: exponent range; blur: Gaussian sigma range; dropout: 1-4 holes of
+# 5-20% of each side.
+PRESETS: dict[str, list[tuple[str, dict]]] = {
+    "none": [],
+    "light": [("affine", {"scale": (0.9, 1.1), "translate": 0.08, "rotate": 10, "shear": 0, "p": 0.7})],
+    "medium": [("crop", {"scale": (0.6, 1.0), "p": 0.7}),
+               ("affine", {"scale": (1.0, 1.0), "translate": 0, "rotate": 15, "shear": 0, "p": 0.5}),
+               ("brightness_contrast", {"brightness": 0.2, "contrast": 0.2, "p": 0.5})],
+    "heavy": [("crop", {"scale": (0.35, 1.0), "p": 0.9}),
+              ("affine", {"scale": (0.85, 1.15), "translate": 0, "rotate": 25, "shear": 8, "p": 0.7}),
+              ("brightness_contrast", {"brightness": 0.3, "contrast": 0.3, "p": 0.7}),
+              ("gamma", {"gamma": (0.8, 1.2), "p": 0.3}), ("blur", {"sigma": (0.5, 3.0), "p": 0.2}),
+              ("dropout", {"holes": (1, 4), "size": (0.05, 0.2), "p": 0.4})],
+}
+HFLIP = ("hflip", {"p": 0.5})
+
+
+def preset_ops(name: str, hflip: bool) -> list[tuple[str, dict]]:
+    """The preset's (operation, parameters), a horizontal flip first when on."""
+    return ([HFLIP] if hflip and name != "none" else []) + PRESETS[name]
+
+
+def _albumentation(op: str, a: dict, size: int) -> A.BasicTransform:
+    if op == "hflip":
+        return A.HorizontalFlip(p=a["p"])
+    if op == "crop":
+        return A.RandomResizedCrop(size=(size, size), scale=a["scale"], p=a["p"])
+    if op == "affine":
+        t = a["translate"]
+        return A.Affine(scale=a["scale"], translate_percent=(-t, t) if t else None, rotate=(-a["rotate"], a["rotate"]),
+                        shear=(-a["shear"], a["shear"]), p=a["p"])
+    if op == "brightness_contrast":
+        return A.RandomBrightnessContrast(a["brightness"], a["contrast"], p=a["p"])
+    if op == "gamma":
+        return A.RandomGamma(gamma_limit=(a["gamma"][0] * 100, a["gamma"][1] * 100), p=a["p"])
+    if op == "blur":
+        return A.GaussianBlur(sigma_limit=a["sigma"], p=a["p"])
+    return A.CoarseDropout(num_holes_range=a["holes"], hole_height_range=a["size"], hole_width_range=a["size"],
+                           p=a["p"])
+
 
 def _preset(name: str, size: int, hflip: bool) -> list:
-    flips = [A.HorizontalFlip(p=0.5)] if hflip else []
-    if name == "none":
-        return []
-    if name == "light":
-        return flips + [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.08, 0.08), rotate=(-10, 10), p=0.7)]
-    if name == "medium":
-        return flips + [A.RandomResizedCrop(size=(size, size), scale=(0.6, 1.0), p=0.7),
-                        A.Affine(rotate=(-15, 15), p=0.5), A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
-    return flips + [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0), p=0.9),
-                    A.Affine(scale=(0.85, 1.15), rotate=(-25, 25), shear=(-8, 8), p=0.7),
-                    A.RandomBrightnessContrast(0.3, 0.3, p=0.7), A.RandomGamma(p=0.3), A.GaussianBlur(p=0.2),
-                    A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2),
-                                    hole_width_range=(0.05, 0.2), p=0.4)]
+    return [_albumentation(op, a, size) for op, a in preset_ops(name, hflip)]
 
 
 def _arguments(name: str, cls: type, kwargs) -> dict:

@@ -264,8 +264,9 @@ class RuntimeConfig(Section):
     channels_last: bool | None = Field(None, description="channels-last memory format; null: on cuda for "
                                                          "classification, always for detection")
     compile: bool = Field(False, description="torch.compile the classification network for training")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of classification training "
-                                                  "(0: load in the main process)")
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="DataLoader worker processes of classification training (0: load in the main process); "
+                            "auto: on cuda the cores per GPU less one (at most 8), on cpu 0")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
     eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images "
                                                         "(no gradients: more fit in memory)")
@@ -274,7 +275,9 @@ class RuntimeConfig(Section):
 class TrainConfig(FitConfig):
     image_size: int = Field(224, ge=8, description="images are decoded once and resized to image_size x image_size")
     epochs: int = _own("epochs", 10, "training epochs per fold")
-    batch_size: int = _own("batch_size", 64, "images per forward pass")
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        64, description="images per forward pass; auto: the largest that fits in GPU memory, halving from 1024 "
+                        "(cpu: 64)")
     accumulate: int = Field(1, ge=1, description="forward passes per optimizer step (gradient accumulation)")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
     lr: float = _own("lr", 1e-3, "peak learning rate (of the body, when head_lr_mult applies)")
@@ -296,6 +299,10 @@ class TrainConfig(FitConfig):
     augment: Literal["none", "light", "medium", "heavy"] = Field(
         "light", description="augmentation preset (flips, shifts/rotations, bigger random crops, colour)")
     transforms: list[dict] = Field([], description="extra albumentations transforms, e.g. [{CoarseDropout: {p: 0.3}}]")
+    augment_device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where the preset runs: cpu (albumentations per image in the loader workers), gpu "
+                            "(batched on the training device, kornia); auto: gpu on cuda when the measured cpu path "
+                            "is slower than the GPU trains")
     hflip: bool = _own("hflip", True,
                        "random horizontal flips in the presets; off when mirror images mean something else")
     normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet "

@@ -9,6 +9,7 @@ stopping are the loop's.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import warnings
@@ -16,23 +17,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 
-from . import distributed, loop
+from . import distributed, loop, runtime
 from .augment import mixer, train_transform
 from .config import TrainConfig
 from .errors import PipelineError
+from .gpu_augment import DeviceAugment, choose_device
 from .metrics import GREATER_IS_BETTER, score
 from .runtime import Runtime
 
 
 class ArrayDataset(Dataset):
-    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors."""
+    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors.
+
+    Indices are plain ints or (int, seed) pairs from EpochSampler: a batch of pairs reseeds the augmentation
+    from its first pair's seed, so what a batch looks like is decided in the main process, not by the worker
+    that happens to build it (and not by that worker's history).
+    """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform=None):
         self.images, self.targets, self.transform = images, targets, transform
@@ -40,15 +48,32 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    @property
+    def augments(self) -> bool:
+        return self.transform is not None and bool(self.transform.transforms)
+
+    def __getitem__(self, i):
+        if isinstance(i, tuple):
+            i, seed = i
+            self._reseed(seed)
         img = np.array(self.images[i])
-        if self.transform is not None and self.transform.transforms:
+        if self.augments:
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
 
-    def __getitems__(self, indices: list[int]):
+    def _reseed(self, seed: int) -> None:
+        """One numpy and one python generator shared by every transform of the pipeline: albumentations'
+        set_random_seed gives each transform its own generator with the same seed, whose first draws then
+        coincide (a flip with p=0.5 would always come with a crop with p=0.7)."""
+        if self.augments:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def __getitems__(self, indices: list):
         """A whole batch in one read of the array (the DataLoader calls this instead of one item at a time)."""
-        if self.transform is not None and self.transform.transforms:
+        if indices and isinstance(indices[0], tuple):
+            self._reseed(indices[0][1])
+            indices = [i for i, _ in indices]
+        if self.augments:
             return tuple(default_collate([self[i] for i in indices]))
         idx = np.asarray(indices)
         order = np.argsort(idx)  # sorted reads are sequential on a memmap
@@ -56,6 +81,36 @@ class ArrayDataset(Dataset):
         batch[order] = self.images[idx[order]]
         return (torch.from_numpy(batch).permute(0, 3, 1, 2),
                 torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long))
+
+
+class EpochSampler(Sampler):
+    """This rank's shuffled indices of one epoch, each paired with an augmentation seed; both follow from
+    (seed, epoch, rank) alone, set in the main process and sent to the workers with every batch.
+
+    torch seeds a worker once, when it starts; a persistent worker carries its generator's state from one
+    epoch into the next, which a resumed run (fresh workers) cannot repeat, and the state depends on which
+    worker built which batch. With the seeds in the indices, a batch is the same whoever builds it: any
+    number of workers, persistent or not, and a resumed run give the batches of one uninterrupted process.
+    """
+
+    def __init__(self, n: int, seed: int, shard: DistributedSampler | None = None):
+        self.n, self.shard, self.epoch_seed = n, shard, seed
+
+    def set_epoch(self, epoch: int, epoch_seed: int) -> None:
+        self.epoch_seed = epoch_seed
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.n
+
+    def __iter__(self):
+        if self.shard is not None:
+            order = list(self.shard)
+        else:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
+        seeds = np.random.default_rng([self.epoch_seed % 2**63, distributed.rank()]).integers(0, 2**63, len(order))
+        return iter(zip(order, seeds.tolist(), strict=True))
 
 
 def collate(batch):
@@ -75,6 +130,47 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtim
             logits = model(runtime.to_input(x, norm))
         out.append(logits.float().softmax(1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+AUTO_BATCH_START = 1024  # train.batch_size=auto halves from here (or from the training rows when fewer)
+AUTO_BATCH_CPU = 64  # and on the CPU, which has no device memory to fill, takes this
+
+
+def auto_batch_size(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: FoldData, rt: Runtime,
+                    say: Callable[[str], None] = print, steps: int = 2, trial: bool | None = None) -> int:
+    """train.batch_size=auto: the largest batch whose training steps fit in GPU memory (runtime.find_batch_size).
+    The steps are real (forward, backward, optimizer step: AdamW's state counts) and then undone: the model's
+    and the optimizer's states are restored, so the run starts from the weights it would have started from.
+    `trial` (default: on CUDA) runs the search; off it, the CPU default applies."""
+    rows = len(data.train_x)
+    if not (rt.device.type == "cuda" if trial is None else trial):
+        batch = min(AUTO_BATCH_CPU, rows)
+        say(f"train: batch_size auto: {batch} on the cpu (no GPU memory to fill)")
+        return batch
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    model.train()
+
+    def try_batch(batch: int) -> None:
+        idx = np.arange(batch) % rows
+        x = rt.to_input(torch.from_numpy(np.array(data.train_x[idx])).permute(0, 3, 1, 2), data.norm)
+        y = torch.as_tensor(np.asarray(data.train_y)[idx] % data.n_classes, device=rt.device)
+        try:
+            for _ in range(steps):
+                with rt.autocasting():
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            del x, y
+
+    try:
+        return runtime.find_batch_size(try_batch, min(AUTO_BATCH_START, rows), say)
+    finally:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -129,15 +225,17 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self.net = self.net if self.net is not None else self.model  # not `or`: a compiled module refuses bool()
         self.transform = train_transform(cfg, self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
+        self.device_augment = self._device_augment()
+        dataset = ArrayDataset(self.data.train_x, self.data.train_y,
+                               None if self.device_augment is not None else self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
-        self.sampler = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
-                        if distributed.world_size() > 1 else None)
-        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-                                 drop_last=drop_last, num_workers=rt.num_workers, pin_memory=rt.device.type == "cuda",
-                                 generator=self.generator, worker_init_fn=_seed_worker if rt.num_workers else None,
-                                 collate_fn=collate)
+        shard = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
+                 if distributed.world_size() > 1 else None)
+        self.sampler = EpochSampler(len(dataset), self.seed, shard)
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=drop_last,
+                                 collate_fn=collate, generator=torch.Generator().manual_seed(self.seed),
+                                 **loader_options(rt))  # its own generator: the loader's draw of the workers'
+        # base seed (once with persistent workers) must not move torch's global one, which the epochs reseed
         scheduler = self._scheduler(loop.Updater.per_epoch(len(self.loader), cfg.accumulate))
         self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
                                     accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
@@ -145,6 +243,49 @@ class Trainer:
         self.weights = class_weights(cfg.class_weights, self.data.train_y, self.data.n_classes)
         self.mix = mixer(cfg, self.data.n_classes)
         self.progress = loop.Progress()
+
+    def _device_augment(self) -> DeviceAugment | None:
+        """The preset batched on the training device (train.augment_device gpu, or auto when measured faster),
+        else None (albumentations in the loader)."""
+        cfg = self.cfg
+        where = cfg.augment_device
+        if where == "auto":
+            where = "cpu"
+            if self.runtime.device.type == "cuda" and cfg.augment != "none" and not cfg.transforms:
+                where, line = choose_device(self._cpu_augment_img_s(), self.runtime.num_workers,
+                                            self._gpu_train_img_s())
+                distributed.say(f"train: {self.desc}: {line}")
+        if where == "cpu" or cfg.augment == "none":
+            return None
+        if cfg.transforms:
+            raise PipelineError("train.augment_device=gpu: train.transforms are albumentations transforms (per image, "
+                                "cpu only); set train.augment_device=cpu or move them into a preset")
+        return DeviceAugment(cfg.augment, cfg.image_size, cfg.hflip).to(self.runtime.device)
+
+    def _cpu_augment_img_s(self, n: int = 64) -> float:
+        """Images per second of the albumentations preset on one core (the main process), over n training images."""
+        images = self.data.train_x[:n]
+        t0 = time.perf_counter()
+        for img in images:
+            self.transform(image=np.array(img))
+        return len(images) / max(time.perf_counter() - t0, 1e-9)
+
+    def _gpu_train_img_s(self, steps: int = 3) -> float:
+        """Images per second of forward + backward passes at the configured batch on the device, without
+        augmentation, on a copy of the network (the model's weights and normalisation statistics stay as
+        they are)."""
+        rt, batch = self.runtime, min(self.cfg.batch_size, len(self.data.train_x))
+        copied = copy.deepcopy(self.model).train()
+        x = rt.to_input(torch.from_numpy(np.array(self.data.train_x[:batch])).permute(0, 3, 1, 2), self.data.norm)
+        seconds = []
+        for _ in range(steps + 1):  # the first is a warm-up: cudnn's algorithm search, the allocator
+            t0 = time.perf_counter()
+            with rt.autocasting():
+                copied(x).float().mean().backward()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            seconds.append(time.perf_counter() - t0)
+        return batch * steps / max(sum(seconds[1:]), 1e-9)
 
     def _scheduler(self, steps: int):
         cfg = self.cfg
@@ -175,10 +316,7 @@ class Trainer:
 
     # --- the track's part of the loop -------------------------------------------------------
     def reseed(self, epoch: int, epoch_seed: int) -> None:
-        self.transform.set_random_seed(epoch_seed + 7919 * distributed.rank())
-        self.generator.manual_seed(epoch_seed)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, epoch_seed)  # batch order and augmentation; the workers keep no state
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, rt = self.cfg, self.runtime
@@ -190,7 +328,11 @@ class Trainer:
                    disable=None if distributed.is_main() else True)
         self.updater.start_epoch()
         for i, (x, y) in enumerate(bar, 1):
-            x, y = rt.to_input(x, self.data.norm), y.to(rt.device)
+            if self.device_augment is not None:  # the uint8 batch crosses once, then the preset runs on the device
+                x = rt.to_input(self.device_augment(rt.to_device(x).float().div_(255)), self.data.norm, divisor=1)
+            else:
+                x = rt.to_input(x, self.data.norm)
+            y = y.to(rt.device, non_blocking=True)
             if mixing:
                 x, target = self.mix(x, y)
             else:
@@ -237,11 +379,21 @@ class Trainer:
         return {"epoch": p.best_epoch, "metric": p.best, "epochs_run": p.epoch, "history": p.history}
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers: numpy, random and the augmentation pipeline follow torch's per-worker seed."""
+def loader_options(rt: Runtime) -> dict:
+    """DataLoader keywords of the runtime's workers: persistent (started once per run, not per epoch; what a
+    batch holds comes from EpochSampler, so their state does not matter), a few batches prefetched each,
+    pinned batches on CUDA (copied with non_blocking=True by Runtime.to_input)."""
+    workers = rt.num_workers
+    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
+            "pin_memory": rt.device.type == "cuda", "worker_init_fn": _init_worker if workers else None}
+
+
+def _init_worker(worker_id: int) -> None:
+    """One thread per worker: the workers are the parallelism, and OpenCV's own pool (albumentations' kernels;
+    as many threads as cores) would oversubscribe the cores (torch already sets its own threads to 1 in workers).
+    numpy's and python's global generators follow torch's per-worker seed, for any transform that uses them (the
+    pipeline's own are reseeded per batch by ArrayDataset)."""
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    transform = torch.utils.data.get_worker_info().dataset.transform
-    if transform is not None:
-        transform.set_random_seed(seed)

@@ -10,8 +10,10 @@ the CPU the config's `amp` is ignored, which keeps CPU runs exact and reproducib
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +54,14 @@ class Runtime:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the device; a CPU batch bound for CUDA goes through pinned memory and is copied with
+        non_blocking=True, so the host goes on queueing work while the copy runs (the DataLoader pins the
+        training batches already; prediction's batches are pinned here)."""
+        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
     def to_input(self, x: torch.Tensor, norm: dict, divisor: float = 255.0) -> torch.Tensor:
         """uint8 NCHW -> (x / divisor - mean) / std as float32 on the device, channels_last when the policy says so
         (else the layout as it comes: uint8 NHWC arrays permuted to NCHW are channels-last strided already).
@@ -61,7 +71,7 @@ class Runtime:
         """
         mean = torch.tensor(norm["mean"], device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(norm["std"], device=self.device).view(1, -1, 1, 1)
-        x = x.to(self.device, non_blocking=True).float()
+        x = self.to_device(x).float()
         if divisor != 1:
             x = x.div_(divisor)
         out = (x - mean) / std
@@ -89,7 +99,29 @@ def from_config(cfg: RuntimeConfig, track: Track) -> Runtime:
     """The Runtime of one track (training and prediction) from the runtime config section."""
     device = pick_device(cfg.device, "runtime.device")
     autocast, dtype, channels_last = decide(device, cfg.amp, cfg.amp_dtype, cfg.channels_last, track)
-    return Runtime(device, autocast, dtype, channels_last, cfg.compile, cfg.num_workers, cfg.eval_batch_factor)
+    return Runtime(device, autocast, dtype, channels_last, cfg.compile, loader_workers(cfg.num_workers, device),
+                   cfg.eval_batch_factor)
+
+
+MAX_WORKERS = 8
+
+
+def cores_per_process() -> int:
+    """The cores this process may use (its CPU affinity, which containers and SLURM set), shared by the
+    processes torchrun starts on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """DataLoader workers: the number set, or for auto on CUDA the cores per GPU less the one the training
+    process needs (at most MAX_WORKERS); on the CPU auto is 0, because the model's own forward and backward
+    passes already run on every core (torch's intra-op threads), and workers would take cores from them."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return min(MAX_WORKERS, cores_per_process() - 1)
 
 
 def result_keys(cfg: RuntimeConfig) -> dict:
@@ -108,3 +140,30 @@ def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def find_batch_size(try_batch: Callable[[int], None], start: int, say: Callable[[str], None] = print) -> int:
+    """The largest batch from `start` down, halving, for which `try_batch(batch)` (a few training steps at that
+    batch) does not run out of GPU memory, as Lightning's batch-size finder does; one line says what it chose."""
+    batch, failed = start, None
+    while True:
+        try:
+            try_batch(batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise PipelineError("train.batch_size=auto: one image does not fit in GPU memory; lower "
+                                    "train.image_size or choose a smaller backbone") from None
+            failed, batch = batch, batch // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        why = f"{failed} ran out of GPU memory" if failed else "the largest tried"
+        say(f"train: batch_size auto: {batch} ({why})")
+        return batch
+
+
+def peak_gpu_gb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors on `device` since the process started (None off CUDA), in GiB."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

@@ -25,6 +25,7 @@ from .artifacts import (
     fingerprint,
     is_done,
     read_json,
+    read_stamp,
     write_csv,
     write_stamp,
     write_text,
@@ -32,7 +33,7 @@ from .artifacts import (
 from .cache import decoded_images, input_channels
 from .config import config_hash, to_yaml
 from .context import Context
-from .engine import FoldData, Trainer
+from .engine import FoldData, Trainer, auto_batch_size
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER
 from .models import dataset_norm, input_norm, make_optimizer, param_groups, prepare_model, pretrained_file
@@ -71,6 +72,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
                                        freeze_prefixes=mcfg.freeze, say=distributed.say)
     model = rt.prepare(model)
     cuda = rt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)  # best.json's peak_gpu_gb is this run's
     net = model
     if distributed.world_size() > 1:
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
@@ -82,6 +85,8 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     y = frame["y"].to_numpy()
     fold_data = FoldData(images[is_train], y[is_train], images[is_val], y[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
+    if tcfg.batch_size == "auto":  # the stamp keeps "auto" (the config asked for it); best.json records the size
+        tcfg = tcfg.model_copy(update={"batch_size": _auto_batch(run_dir, fp, model, optimizer, fold_data, rt)})
     net = torch.compile(net) if rt.compile else net
     trainer = Trainer(model, optimizer, tcfg, fold_data, run_dir, fp, rt, seed, desc=f"{label} fold {fold}", net=net,
                       on_epoch=on_epoch)
@@ -103,11 +108,32 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
             "metric_name": cfg.competition.metric, "greater_is_better": GREATER_IS_BETTER[cfg.competition.metric],
             "classes": data["classes"], "folds_hash": data["folds_hash"], "config_hash": config_hash(cfg.model, tcfg),
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,
-            "ema": tcfg.ema, "fine_tuned": fine_tuning, "n_params": sum(p.numel() for p in model.parameters())}
+            "ema": tcfg.ema, "fine_tuned": fine_tuning, "n_params": sum(p.numel() for p in model.parameters()),
+            "batch_size": tcfg.batch_size, "augment_device": "cpu" if trainer.device_augment is None else "gpu",
+            "num_workers": rt.num_workers, "peak_gpu_gb": _rounded(runtime.peak_gpu_gb(rt.device)),
+            "peak_rss_gb": _rounded(runtime.peak_rss_gb())}
     track.finish(result["history"], [run_dir / "history.csv", run_dir / "curves.png"])  # before the stamp (tracking.py)
     write_stamp(run_dir / "best.json", fp, **meta)
     distributed.barrier()
     return meta
+
+
+def _auto_batch(run_dir: Path, fp: str, model, optimizer, data: FoldData, rt: runtime.Runtime) -> int:
+    """train.batch_size=auto, searched once per run: a resumed run keeps the size it started with (its schedule
+    and its resume state count that size's batches), kept in batch_size.json beside last.pt."""
+    path = run_dir / "batch_size.json"
+    kept = read_stamp(path)
+    if kept and kept.get("fingerprint") == fp and (run_dir / "last.pt").exists():
+        distributed.say(f"train: batch_size auto: {kept['batch_size']} (kept from the run's start)")
+        return int(kept["batch_size"])
+    batch = auto_batch_size(model, optimizer, data, rt, distributed.say)
+    if distributed.is_main():
+        write_stamp(path, fp, batch_size=batch)
+    return batch
+
+
+def _rounded(gb: float | None) -> float | None:
+    return None if gb is None else round(gb, 3)
 
 
 def training_rows(frame: pd.DataFrame, fold: int) -> np.ndarray:
