@@ -98,6 +98,15 @@ class CleanConfig(Section):
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html "
                                                       "(and flagged rows in report/labels.html)")
+    embeddings: bool = Field(False, description="also pair images whose backbone embeddings are similar (bigger crops, "
+                             "recolours, the same object twice); needs weights: model.pretrained_path or a trained "
+                             "fold run (README: Duplicates)")
+    embedding_threshold: float = Field(0.95, ge=-1, lt=1, description="embeddings: cosine similarity above which two "
+                                       "images pair; check duplicates.csv's similarity column for your backbone")
+    embedding_backbone: str | None = Field(None, description="embeddings: timm backbone whose model.pretrained_path "
+                                           "weights embed ('{backbone}' filled in); null: the first experiment's")
+    embedding_image_size: int | None = Field(None, ge=8, description="embeddings: image side the backbone sees; "
+                                             "null: the first experiment's train.image_size (a fold run: its own)")
     label_issues: Literal["report", "drop", "relabel"] = Field(
         "report", description="rows in WORK/label_issues.csv (make labels): only report them, or have the next clean "
                               "drop them or give them the suggested label (then the CV is against cleaned labels)")
