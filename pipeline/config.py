@@ -455,6 +455,10 @@ class PseudoConfig(Section):
                                                                   "among the rows above the threshold")
     max_per_class: int | None = Field(None, ge=1, description="keep at most this many pseudo rows per class and "
                                                                "fold, the most confident first; null: no cap")
+    labels: Literal["hard", "soft"] = Field("hard", description="hard: a row's target is the blend's top class; soft: "
+                                            "its probability vector (soft cross-entropy)")
+    temperature: float = Field(1.0, gt=0, le=1, description="labels=soft: targets p^(1/T) renormalised; below 1 "
+                                                            "sharpens them, 1 keeps the blend's probabilities")
 
 
 class RoundSpec(Section):
