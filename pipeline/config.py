@@ -358,6 +358,8 @@ class EnsembleConfig(Section):
     caruana_rounds: int = Field(25, ge=1, description="greedy selection steps of the Caruana blend")
     stack_c: float = Field(1.0, gt=0, description="inverse L2 strength of the stack (logistic regression on "
                                                    "every model's OOF log-probabilities): smaller, more regularised")
+    stack_lightgbm: bool = Field(False, description="also a LightGBM stack on every model's OOF probabilities, "
+                                 "nested like the others (its own row, lightgbm_stack; only when lightgbm imports)")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: "
                                                                                    "as sample_submission shows")
