@@ -8,6 +8,14 @@ random 64-bit codes) with planted near pairs, then times:
     time extrapolated to N (it grows with N^2; the search grows about linearly).
 
     .venv/bin/python benchmarks/dedup.py [N] [SAMPLE] [REPEATS]
+
+Embedding duplicates (clean.embeddings): N (default 100,000) random unit 512-d vectors with 1,000 planted
+close pairs (cosine ~0.95), every pair above 0.9 searched by pipeline.embeddings.similar_pairs (faiss; above
+EXACT_LIMIT its inverted-file index) against a naive numpy search (the whole similarity matrix, a block of
+rows at a time), both timed in the same run; the faiss pairs must all be true pairs, and the planted ones
+found:
+
+    .venv/bin/python benchmarks/dedup.py embeddings [N] [D] [REPEATS]
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import time
 import numpy as np
 from timing import interleaved, median, ratio_text
 
+from pipeline import embeddings
 from pipeline.config import CleanConfig
 from pipeline.dedup import near_pairs
 
@@ -67,5 +76,33 @@ def main(n: int = 100_000, sample: int = 1500, repeats: int = 3) -> None:
     print(f"naive loop extrapolated to {n:,}: {loop * (n / sample) ** 2 / 3600:.1f} h vs {full:.2f} s measured")
 
 
+def planted_vectors(n: int, d: int, pairs: int = 1000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[1:2 * pairs:2] = x[0:2 * pairs:2] + 0.33 * rng.standard_normal((pairs, d)).astype(np.float32)
+    return embeddings.normalise(x)
+
+
+def embedding_main(n: int = 100_000, d: int = 512, repeats: int = 1, threshold: float = 0.9) -> None:
+    x = planted_vectors(n, d)
+    index = "IndexFlatIP (exact)" if n <= embeddings.EXACT_LIMIT else f"IndexIVFFlat (nprobe {embeddings.NPROBE})"
+    found: dict = {}
+    t = interleaved({"faiss": lambda: found.setdefault("faiss", embeddings.similar_pairs(x, threshold)),
+                     "numpy": lambda: found.setdefault("numpy", embeddings.brute_force_pairs(x, threshold))}, repeats)
+    fi, fj, fs = found["faiss"]
+    ni, nj, ns = found["numpy"]
+    fast, exact = set(zip(fi.tolist(), fj.tolist(), strict=True)), set(zip(ni.tolist(), nj.tolist(), strict=True))
+    assert fast <= exact, "faiss returned a pair the exact search does not have"
+    planted = {(k, k + 1) for k in range(0, 2000, 2)}
+    print(f"embedding search: {n:,} x {d}-d unit vectors, pairs above {threshold}, {index}")
+    print(f"  faiss {median(t['faiss']):.2f} s: {len(fast)} pairs, {len(fast & planted)} of {len(planted)} planted, "
+          f"recall of all exact pairs {len(fast) / max(1, len(exact)):.4f}")
+    print(f"  naive numpy matrix product {median(t['numpy']):.2f} s: {len(exact)} pairs")
+    print(f"  ratio numpy / faiss {ratio_text(t['numpy'], t['faiss'])}")
+
+
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    if sys.argv[1:2] == ["embeddings"]:
+        embedding_main(*(int(a) for a in sys.argv[2:5]))
+    else:
+        main(*(int(a) for a in sys.argv[1:4]))

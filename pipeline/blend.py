@@ -6,7 +6,10 @@ geometric, rank) learn nothing from the labels, so their OOF score is already ho
 they would be scored on; their honest score comes from nested cross-validation over the folds:
 weights fitted on the other folds' rows, applied to the held-out fold. The leaderboard shows both,
 so overfitted weights are not rewarded. A stack (a multinomial logistic regression on every model's
-log-probabilities, see fit_stack) is one more fitted row, nested the same way.
+log-probabilities, see fit_stack) is one more fitted row, nested the same way. With
+`ensemble.stack_lightgbm` (and lightgbm installed), a LightGBM classifier on the same OOF
+probabilities is another: trees find level-2 relations no linear function of the inputs can
+express (one model is right exactly when another is unsure, say), at the cost of more variance.
 
 Picking the best honest row is itself a choice made on the OOF rows: the best of many near-equal
 honest scores is an optimistic estimate of what the pick will score. nested_pick scores the `auto`
@@ -127,8 +130,42 @@ def stack_shares(model: LogisticRegression, n_models: int) -> np.ndarray:
     return mass / mass.sum() if mass.sum() > 0 else np.full(n_models, 1 / n_models)
 
 
+def lightgbm_available() -> bool:
+    try:
+        import lightgbm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fit_lightgbm_stack(P: np.ndarray, y: np.ndarray, seed: int = 0):
+    """A LightGBM classifier from every model's OOF probabilities (n_models * n_classes features; trees are
+    indifferent to monotone transforms, so no log) to y. Small and regularised: OOF tables are small."""
+    from lightgbm import LGBMClassifier
+
+    model = LGBMClassifier(n_estimators=150, learning_rate=0.05, num_leaves=15, min_child_samples=10,
+                           subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
+                           random_state=seed, n_jobs=1, verbose=-1)
+    return model.fit(_prob_features(P), y)
+
+
+def _prob_features(P: np.ndarray) -> np.ndarray:
+    return P.transpose(1, 0, 2).reshape(P.shape[1], -1)
+
+
+def lightgbm_shares(model, n_models: int) -> np.ndarray:
+    """Each model's share of the trees' split gain (the leaderboard's weights column for this row)."""
+    gain = model.booster_.feature_importance("gain").reshape(n_models, -1).sum(1)
+    return gain / gain.sum() if gain.sum() > 0 else np.full(n_models, 1 / n_models)
+
+
 def apply(P: np.ndarray, params, how: str) -> np.ndarray:
-    """(n_rows, n_classes) output of one leaderboard row: a weighted blend, or the fitted stack."""
+    """(n_rows, n_classes) output of one leaderboard row: a weighted blend, or the fitted stack (logistic or
+    LightGBM; a class absent from the fitting rows gets probability 0)."""
+    if how == "lightgbm":
+        out = np.zeros(P.shape[1:])
+        out[:, params.classes_] = params.predict_proba(_prob_features(P))
+        return out
     return stack_predict(params, P) if how == "stack" else combine(P, params, how)
 
 
@@ -142,11 +179,13 @@ def nested_oof(P: np.ndarray, y: np.ndarray, folds: np.ndarray, fit: Callable, h
     return out
 
 
-def candidates(n_models: int, metric: str, objective: str, rounds: int,
-               stack_c: float = 1.0) -> dict[str, tuple[str, Callable | None]]:
-    """Blend name -> (how, fit); fit is None for fixed equal-weight blends."""
+def candidates(n_models: int, metric: str, objective: str, rounds: int, stack_c: float = 1.0,
+               lightgbm: bool = False) -> dict[str, tuple[str, Callable | None]]:
+    """Blend name -> (how, fit); fit is None for fixed equal-weight blends. lightgbm: add the LightGBM stack
+    (when the package imports)."""
     if n_models < 2:
         return {}
+    extra = {"lightgbm_stack": ("lightgbm", fit_lightgbm_stack)} if lightgbm and lightgbm_available() else {}
     return {
         "mean": ("linear", None),
         "geometric": ("geometric", None),
@@ -154,14 +193,15 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int,
         "weights": ("linear", lambda P, y: fit_weights(P, y, metric, objective)),
         "caruana": ("linear", lambda P, y: caruana(P, y, metric, objective, rounds)),
         "stack": ("stack", lambda P, y: fit_stack(P, y, stack_c)),
+        **extra,
     }
 
 
-KINDS = {"linear": "fitted blend", "stack": "stack"}
+KINDS = {"linear": "fitted blend", "stack": "stack", "lightgbm": "stack"}
 
 
 def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> list[dict]:
+             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, lightgbm: bool = False) -> list[dict]:
     """Leaderboard rows: every single model, then every blend and the stack, with in-sample and honest scores.
 
     Each row keeps `params` (what `apply` needs: weights, or the stack fitted on all rows, for the test
@@ -172,13 +212,14 @@ def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], 
              "honest_score": score(metric, y, P[i]), "oof": P[i]}
             for i, n in enumerate(names)]
     nestable = len(np.unique(folds)) > 1
-    for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c).items():
+    for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c, lightgbm).items():
         if fit is not None and not nestable:
             continue
         params = np.full(len(names), 1 / len(names)) if fit is None else fit(P, y)
         in_sample = apply(P, params, how)
         honest = in_sample if fit is None else nested_oof(P, y, folds, fit, how)
-        shown = stack_shares(params, len(names)) if how == "stack" else params
+        shown = (stack_shares(params, len(names)) if how == "stack"
+                 else lightgbm_shares(params, len(names)) if how == "lightgbm" else params)
         rows.append({"model": blend_name, "kind": KINDS[how] if fit else "fixed blend", "how": how,
                      "weights": dict(zip(names, np.round(shown, 4).tolist(), strict=True)), "params": params,
                      "cv_score": score(metric, y, in_sample), "honest_score": score(metric, y, honest), "oof": honest})
@@ -186,7 +227,8 @@ def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], 
 
 
 def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> dict | None:
+                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0,
+                lightgbm: bool = False) -> dict | None:
     """Honest score of `ensemble.method=auto` itself: for each fold k, the leaderboard of the other folds
     (evaluate on their rows alone, fitted rows nested inside them), its auto pick fitted on those rows and
     applied to fold k; the pooled held-out predictions are scored once, as every honest score is.
@@ -199,7 +241,7 @@ def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str
     out, picks = np.zeros(P.shape[1:]), {}
     for k in fold_ids:
         held = folds == k
-        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c)
+        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c, lightgbm)
         chosen = pick(inner, metric)
         out[held] = apply(P[:, held], chosen["params"], chosen["how"])
         picks[int(k)] = chosen["model"]

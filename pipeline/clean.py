@@ -4,11 +4,12 @@ Every image (train and test) is decoded once in worker processes (pipeline/dedup
 fingerprints). Undecodable or single-colour training images are dropped with the reason; an
 undecodable test image is an error, since the submission needs a prediction for it. Exact and near
 duplicates (perceptual hashes; images below clean.near_min_size in pixel space) become groups
-(connected components of the pairs); groups whose training labels disagree are dropped or resolved
+(connected components of the pairs; with clean.embeddings, also pairs of similar backbone embeddings,
+pipeline/embeddings.py); groups whose training labels disagree are dropped or resolved
 by majority; one copy of each pixel-identical training group is kept. The raw folder is never
-touched. Writes clean.csv (kept rows with their group), duplicates.csv (every pair, with its kind:
-exact, near or small), dropped.csv (id, reason), report/clean.html, optionally
-test_label_overrides.csv, and the stamp clean.json.
+touched. Writes clean.csv (kept rows with their group), duplicates.csv (every pair, with its kind: exact,
+near, small or embedding, and an embedding pair's cosine similarity), dropped.csv (id, reason),
+report/clean.html, optionally test_label_overrides.csv, and the stamp clean.json.
 
 Extra data (`competition.extra`): the rows of more labelled folders are decoded, hashed and grouped
 with the competition's rows, then screened so that they can only ever add training rows. An extra
@@ -38,12 +39,22 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import dedup, report
-from .artifacts import content_key, file_digest, fingerprint, is_done, write_csv, write_json, write_stamp
+from . import dedup, embeddings, experiments, report, runtime
+from .artifacts import (
+    content_key,
+    file_digest,
+    fingerprint,
+    is_done,
+    read_stamp,
+    write_csv,
+    write_json,
+    write_stamp,
+)
 from .competition import read_extra
 from .context import Context
 from .errors import PipelineError
 from .images import MAX_PIXELS
+from .models import IMAGENET, pretrained_file
 
 
 def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str,
@@ -98,15 +109,65 @@ DROPPED_COLUMNS = ["id", "split", "label", "reason", "source"]  # source: the ex
 READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix", "extra"}
 
 
-def _inputs_fingerprint(ctx: Context, extra: pd.DataFrame) -> str:
+EMBEDDING_KEYS = {"embedding_threshold", "embedding_backbone", "embedding_image_size"}  # read only when embeddings
+
+
+def _inputs_fingerprint(ctx: Context, extra: pd.DataFrame, source: embeddings.Source | None = None) -> str:
     """What clean reads: the CSVs, the bytes of every train, extra and test image (test images are checked for
-    readability and duplicates of training images), how the CSVs are read, and the clean keys but `workers`."""
+    readability and duplicates of training images), how the CSVs are read, and the clean keys but `workers`;
+    with clean.embeddings, the weights that embed (their bytes, backbone, size, channels, normalisation)."""
     comp, ccfg = ctx.competition, ctx.cfg.competition
     images = content_key(pd.concat([comp.train.path, extra.path, comp.test.path]))
     csvs = [file_digest(ctx.data_dir / f) for f in (ccfg.train_csv, ccfg.test_csv)]
     csvs += [file_digest(Path(folder) / ccfg.train_csv) for folder in ccfg.extra]
-    clean_cfg = ctx.cfg.clean.model_dump(exclude={"workers"})
-    return fingerprint("clean", csvs, images, ccfg.model_dump(include=READS), clean_cfg)
+    unread = {"workers"} | (set() if ctx.cfg.clean.embeddings else EMBEDDING_KEYS)
+    clean_cfg = ctx.cfg.clean.model_dump(exclude=unread)
+    return fingerprint("clean", csvs, images, ccfg.model_dump(include=READS), clean_cfg,
+                       *([source.key()] if source is not None else []))
+
+
+def embedding_source(ctx: Context) -> embeddings.Source:
+    """The weights clean.embeddings embeds with: model.pretrained_path when set (for clean.embedding_backbone, or
+    the first experiment's backbone), else the first finished fold run under WORK/runs (experiments in config
+    order, folds in order). Random weights pair unrelated images, so with neither it is a one-line error."""
+    cfg, ccfg = ctx.cfg, ctx.cfg.clean
+    exps = experiments.resolve(cfg.model, cfg.train, cfg.predict)
+    first = exps[0]
+    backbone = ccfg.embedding_backbone or first.backbone
+    template = first.model.pretrained_path
+    if template:
+        path = pretrained_file(template, backbone)
+        return embeddings.Source(backbone, path, file_digest(path), ccfg.embedding_image_size or first.train.image_size,
+                                 3, IMAGENET, "pretrained")
+    for exp in exps:
+        if ccfg.embedding_backbone and exp.backbone != ccfg.embedding_backbone:
+            continue
+        for stamp in sorted((ctx.work_dir / "runs" / exp.name).glob("fold*/best.json")):
+            meta, weights = read_stamp(stamp), stamp.parent / "best.safetensors"
+            if meta is None or not weights.is_file():
+                continue
+            return embeddings.Source(meta["backbone"], weights, file_digest(weights),
+                                     ccfg.embedding_image_size or meta["image_size"], meta["in_chans"], meta["norm"],
+                                     "fold")
+    raise PipelineError(f"clean.embeddings=true: no weights to embed with ({backbone}); set model.pretrained_path to "
+                        "a local weights file, or first run `make train` with clean.embeddings=false so a fold run "
+                        f"exists under {ctx.work_dir / 'runs'}")
+
+
+def embedding_pairs(frame: pd.DataFrame, source: embeddings.Source, threshold: float, device, max_pixels: int,
+                    known: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of rows of `frame` whose embeddings are more similar than `threshold` (kind 'embedding', distance
+    1 - similarity), leaving out the pairs already in `known` (exact, near, small) and pixel-identical pairs."""
+    model = embeddings.load_model(source)
+    vectors = embeddings.embed(model, list(frame["path"]), source.image_size, source.channels, source.norm, device,
+                               max_pixels=max_pixels)
+    i, j, sim = embeddings.similar_pairs(vectors, threshold)
+    pairs = pd.DataFrame({"a": i, "b": j, "distance": np.round(1.0 - sim, 6), "kind": "embedding",
+                          "similarity": np.round(sim, 6)})
+    pixel = frame["pixel"].to_numpy()
+    seen = set(zip(known["a"].tolist(), known["b"].tolist(), strict=True))
+    new = [(a, b) not in seen and pixel[a] != pixel[b] for a, b in zip(pairs["a"], pairs["b"], strict=True)]
+    return pairs[np.array(new, dtype=bool)]
 
 
 def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold: float = 0.2) -> pd.DataFrame:
@@ -183,7 +244,8 @@ def run(ctx: Context) -> dict:
     stamp, cfg = ctx.work_dir / "clean.json", ctx.cfg.clean
     comp = ctx.competition
     extra = read_extra(comp, ctx.cfg.competition)
-    fp = _inputs_fingerprint(ctx, extra)
+    source = embedding_source(ctx) if cfg.embeddings else None
+    fp = _inputs_fingerprint(ctx, extra, source)
     issues_digest = _label_issues_digest(ctx)
     fp = fp if issues_digest is None else fingerprint(fp, issues_digest)
     if is_done(stamp, fp, [ctx.work_dir / "clean.csv"]):
@@ -203,6 +265,10 @@ def run(ctx: Context) -> dict:
     dropped = [frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))]
     frame = frame[~bad].reset_index(drop=True)
     pairs = find_pairs(frame, cfg.near_threshold, cfg.near_duplicates, cfg.small_threshold)
+    if source is not None:
+        device = runtime.pick_device(ctx.cfg.runtime.device)
+        found = embedding_pairs(frame, source, cfg.embedding_threshold, device, cfg.max_pixels, pairs)
+        pairs = pd.concat([pairs, found], ignore_index=True)
     frame["group"] = dedup.groups(len(frame), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     kept, conflicts = resolve_conflicts(frame[frame.split == "train"], cfg.conflicts)
     kept_extra, dropped_extra = screen_extra(frame, cfg.keep_extra_leaks, cfg.conflicts)
@@ -295,7 +361,8 @@ def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, droppe
     a, b = frame.iloc[pairs["a"]].reset_index(drop=True), frame.iloc[pairs["b"]].reset_index(drop=True)
     dup = pd.DataFrame({"id_a": a.id, "split_a": a.split, "label_a": a.label,
                         "id_b": b.id, "split_b": b.split, "label_b": b.label,
-                        "kind": pairs["kind"], "distance": pairs["distance"], "group": a.group,
+                        "kind": pairs["kind"], "distance": pairs["distance"],
+                        "similarity": pairs["similarity"] if "similarity" in pairs else np.nan, "group": a.group,
                         "phash_a": a.phash.map(_hex), "phash_b": b.phash.map(_hex), "source_a": a.source,
                         "source_b": b.source})
     write_csv(work / "duplicates.csv", dup)
@@ -323,6 +390,8 @@ def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, droppe
         "not_near_hashed": int(frame.phash.isna().sum()), "small_compared": int(frame.small.notna().sum()),
         "all_gray": bool(frame.gray.all()),
     }
+    if cfg.embeddings:
+        summary["embedding_pairs"] = int((pairs.kind == "embedding").sum())
     if ctx.cfg.competition.extra:
         summary.update(_extra_summary(n_extra, frame, kept, dropped))
     sources = _source_table(ctx.cfg.competition.extra, kept, dropped) if ctx.cfg.competition.extra else None

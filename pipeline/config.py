@@ -98,6 +98,15 @@ class CleanConfig(Section):
     workers: int | None = Field(None, ge=1, description="decoding processes; null: one per CPU core")
     report_groups: int = Field(200, ge=0, description="duplicate groups shown as thumbnails in report/clean.html "
                                                       "(and flagged rows in report/labels.html)")
+    embeddings: bool = Field(False, description="also pair images whose backbone embeddings are similar (bigger crops, "
+                             "recolours, the same object twice); needs weights: model.pretrained_path or a trained "
+                             "fold run (README: Duplicates)")
+    embedding_threshold: float = Field(0.95, ge=-1, lt=1, description="embeddings: cosine similarity above which two "
+                                       "images pair; check duplicates.csv's similarity column for your backbone")
+    embedding_backbone: str | None = Field(None, description="embeddings: timm backbone whose model.pretrained_path "
+                                           "weights embed ('{backbone}' filled in); null: the first experiment's")
+    embedding_image_size: int | None = Field(None, ge=8, description="embeddings: image side the backbone sees; "
+                                             "null: the first experiment's train.image_size (a fold run: its own)")
     label_issues: Literal["report", "drop", "relabel"] = Field(
         "report", description="rows in WORK/label_issues.csv (make labels): only report them, or have the next clean "
                               "drop them or give them the suggested label (then the CV is against cleaned labels)")
@@ -356,6 +365,8 @@ class EnsembleConfig(Section):
     caruana_rounds: int = Field(25, ge=1, description="greedy selection steps of the Caruana blend")
     stack_c: float = Field(1.0, gt=0, description="inverse L2 strength of the stack (logistic regression on "
                                                    "every model's OOF log-probabilities): smaller, more regularised")
+    stack_lightgbm: bool = Field(False, description="also a LightGBM stack on every model's OOF probabilities, "
+                                 "nested like the others (its own row, lightgbm_stack; only when lightgbm imports)")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: "
                                                                                    "as sample_submission shows")
@@ -453,6 +464,10 @@ class PseudoConfig(Section):
                                                                   "among the rows above the threshold")
     max_per_class: int | None = Field(None, ge=1, description="keep at most this many pseudo rows per class and "
                                                                "fold, the most confident first; null: no cap")
+    labels: Literal["hard", "soft"] = Field("hard", description="hard: a row's target is the blend's top class; soft: "
+                                            "its probability vector (soft cross-entropy)")
+    temperature: float = Field(1.0, gt=0, le=1, description="labels=soft: targets p^(1/T) renormalised; below 1 "
+                                                            "sharpens them, 1 keeps the blend's probabilities")
 
 
 class RoundSpec(Section):

@@ -59,7 +59,9 @@ class ArrayDataset(Dataset):
         img = np.array(self.images[i])
         if self.augments:
             img = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), int(self.targets[i])
+        target = self.targets[i]
+        return (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),
+                torch.as_tensor(target) if np.ndim(target) else int(target))
 
     def _reseed(self, seed: int) -> None:
         """One numpy and one python generator shared by every transform of the pipeline: albumentations'
@@ -80,7 +82,8 @@ class ArrayDataset(Dataset):
         batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
         batch[order] = self.images[idx[order]]
         return (torch.from_numpy(batch).permute(0, 3, 1, 2),
-                torch.as_tensor(np.asarray(self.targets)[idx], dtype=torch.long))
+                torch.as_tensor(np.asarray(self.targets)[idx],
+                                dtype=torch.float32 if np.ndim(self.targets) == 2 else torch.long))
 
 
 class EpochSampler(Sampler):
@@ -240,8 +243,10 @@ class Trainer:
         self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
                                     accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
                                     ema_decay=cfg.ema_decay if cfg.ema else None, grad_scaler=rt.grad_scaler)
-        self.weights = class_weights(cfg.class_weights, self.data.train_y, self.data.n_classes)
-        self.mix = mixer(cfg, self.data.n_classes)
+        soft = np.ndim(self.data.train_y) == 2  # probability targets (soft pseudo-labels): (N, classes)
+        hard_y = self.data.train_y.argmax(1) if soft else self.data.train_y
+        self.weights = class_weights(cfg.class_weights, hard_y, self.data.n_classes)
+        self.mix = mixer(cfg, self.data.n_classes, dense=soft)
         self.progress = loop.Progress()
 
     def _device_augment(self) -> DeviceAugment | None:
@@ -333,7 +338,11 @@ class Trainer:
             else:
                 x = rt.to_input(x, self.data.norm)
             y = y.to(rt.device, non_blocking=True)
-            if mixing:
+            if y.ndim == 2:  # probability targets, smoothed like one-hot ones (and mixed as they are)
+                target = y.float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.data.n_classes
+                if mixing:
+                    x, target = self.mix(x, target)
+            elif mixing:
                 x, target = self.mix(x, y)
             else:
                 target = F.one_hot(y, self.data.n_classes).float()

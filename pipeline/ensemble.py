@@ -101,7 +101,11 @@ def run(ctx: Context) -> dict:
     P, T, test_ids = _stack(models, folds_meta["classes"])
     rows = next(iter(models.values()))[0]
     y, folds = rows["y"].to_numpy(), rows["fold"].to_numpy()
-    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
+    if cfg.stack_lightgbm and not blend.lightgbm_available():
+        print("ensemble: ensemble.stack_lightgbm=true but lightgbm does not import; no LightGBM stack "
+              "(pip install lightgbm)")
+    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
+                                cfg.stack_lightgbm)
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
     except KeyError:
@@ -165,7 +169,8 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
     none = {"auto_pick_nested_score": None, "auto_picks_by_fold": None, "auto_pick_optimism": None}
     if cfg.method != "auto":
         return none
-    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
+    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
+                               cfg.stack_lightgbm)
     if result is None:
         spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
         print(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "

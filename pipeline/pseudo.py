@@ -10,6 +10,11 @@ builds exactly that naive variant, for measuring the inflation.
 Each fold gets its own rows (column `fold`: only that fold's model trains on them), its own
 confidence threshold (`auto`: chosen on the OOF rows of the other folds, so not even the threshold
 looks at fold k's labels) and its own per-class caps.
+
+Labels are hard (the argmax) or soft (`labels="soft"`): a soft row's training target is the blended
+probability vector itself, optionally sharpened by a temperature (p^(1/T), renormalised; T < 1
+sharpens), learnt with the soft cross-entropy the engine uses for Mixup and smoothing. Soft targets
+keep what the models were unsure between; selection (threshold, caps) is the same for both forms.
 """
 
 from __future__ import annotations
@@ -64,12 +69,25 @@ def blend_test(tests: list[pd.DataFrame], classes: list[str], fold: int | None) 
     return pd.DataFrame(np.mean([p.to_numpy(np.float64) for p in parts], axis=0), index=parts[0].index, columns=cols)
 
 
-def select(probs: pd.DataFrame, classes: list[str], threshold: float, max_per_class: int | None) -> pd.DataFrame:
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """p^(1/T) renormalised per row: T = 1 leaves the probabilities as they are, T < 1 sharpens them."""
+    if temperature == 1.0:
+        return probs
+    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
+    out = np.exp(logp - logp.max(1, keepdims=True))
+    return out / out.sum(1, keepdims=True)
+
+
+def select(probs: pd.DataFrame, classes: list[str], threshold: float, max_per_class: int | None,
+           soft: bool = False, temperature: float = 1.0) -> pd.DataFrame:
     """Rows (id, label, confidence) whose top probability reaches threshold, at most max_per_class per class, the
-    most confident first (so a common class cannot swamp a rare one)."""
+    most confident first (so a common class cannot swamp a rare one). soft: also the p_ columns, the (sharpened)
+    probabilities each row is trained towards."""
     values = probs.to_numpy()
     picked = pd.DataFrame({"id": probs.index.to_numpy(), "label": np.asarray(classes, dtype=object)[values.argmax(1)],
                            "confidence": values.max(1)})
+    if soft:
+        picked[prob_columns(classes)] = sharpen(values.astype(np.float64), temperature)
     picked = picked[picked["confidence"] >= threshold]
     picked = picked.sort_values(["confidence", "id"], ascending=[False, True], kind="stable")
     if max_per_class is not None:
@@ -78,9 +96,10 @@ def select(probs: pd.DataFrame, classes: list[str], threshold: float, max_per_cl
 
 
 def make_pseudo(oof: pd.DataFrame, tests: dict[int, pd.DataFrame], classes: list[str], test_paths: pd.Series,
-                threshold: float | str, target_precision: float, max_per_class: int | None) -> tuple[pd.DataFrame,
-                                                                                                    dict[int, float]]:
-    """The pseudo rows of every fold (columns COLUMNS) and each fold's threshold.
+                threshold: float | str, target_precision: float, max_per_class: int | None, labels: str = "hard",
+                temperature: float = 1.0) -> tuple[pd.DataFrame, dict[int, float]]:
+    """The pseudo rows of every fold (columns COLUMNS, and with labels="soft" the p_ target columns) and each
+    fold's threshold.
 
     oof: the previous round's blended OOF (blend_oof); tests: fold -> the blended test probabilities its model may
     learn from (blend_test); test_paths: test id -> image path. threshold="auto" is chosen per fold k on the OOF
@@ -88,12 +107,22 @@ def make_pseudo(oof: pd.DataFrame, tests: dict[int, pd.DataFrame], classes: list
     cols = prob_columns(classes)
     conf = oof[cols].to_numpy().max(1)
     correct = oof[cols].to_numpy().argmax(1) == oof["y"].to_numpy()
+    soft = labels == "soft"
+    columns = COLUMNS + (cols if soft else [])
     parts, thresholds = [], {}
     for k, probs in tests.items():
         other = (oof["fold"] != k).to_numpy()
         t = auto_threshold(conf[other], correct[other], target_precision) if threshold == "auto" else float(threshold)
         thresholds[k] = t
-        rows = select(probs, classes, t, max_per_class).assign(fold=k)
+        rows = select(probs, classes, t, max_per_class, soft, temperature).assign(fold=k)
         rows["path"] = test_paths.loc[rows["id"]].to_numpy()
-        parts.append(rows[COLUMNS])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS), thresholds
+        parts.append(rows[columns])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns), thresholds
+
+
+def dense_targets(y: np.ndarray, soft: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, C) float32 training targets: the soft row where there is one (no NaN), else the one-hot label."""
+    out = np.eye(n_classes, dtype=np.float32)[y]
+    has = ~np.isnan(soft).any(1)
+    out[has] = soft[has]
+    return out

@@ -2,7 +2,8 @@
 
 One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose
 labels disagree, and groups where an extra image (competition.extra) duplicates a test image, come
-first, outlined in red. Extra images are captioned with their folder; a table per extra folder counts
+first, outlined in red. Groups joined by embedding pairs (clean.embeddings) list those pairs with their
+cosine similarity. Extra images are captioned with their folder; a table per extra folder counts
 its kept and dropped rows, and the dropped extra rows are listed with their reason.
 """
 
@@ -24,7 +25,8 @@ STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}table{border-coll
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.group{display:flex;gap:8px;margin:8px 0;padding:6px;
 border:2px solid #ddd;border-radius:6px;align-items:flex-start}.conflict{border-color:#d33;background:#fff3f3}
 .item{font-size:11px;max-width:110px;word-break:break-all}.item img{display:block;image-rendering:pixelated;
-width:96px;height:96px;object-fit:contain;background:#eee}.tag{color:#d33;font-weight:bold}"""
+width:96px;height:96px;object-fit:contain;background:#eee}.tag{color:#d33;font-weight:bold}
+.note{font-size:11px;color:#555;max-width:120px}"""
 
 
 def thumbnail(path: str, size: int = 96) -> str:
@@ -47,15 +49,26 @@ def _caption(row) -> str:
     return label if row.split == "train" else f"extra, {label}<br>from {html.escape(str(row.source))}"
 
 
-def _group_html(members: pd.DataFrame, conflict: bool) -> str:
+def _group_html(members: pd.DataFrame, conflict: bool, note: str = "") -> str:
     items = []
     for row in members.itertuples():
         items.append(f'<div class="item"><img src="{thumbnail(row.path)}" alt=""><b>{html.escape(str(row.id))}</b>'
                      f"<br>{_caption(row)}</div>")
     tags = (["labels disagree"] if conflict else []) + (["extra image duplicates a test image (leak)"]
                                                         if {"extra", "test"} <= set(members["split"]) else [])
-    tag = "".join(f'<div class="tag">{t}</div>' for t in tags)
+    tag = "".join(f'<div class="tag">{t}</div>' for t in tags) + (f'<div class="note">{note}</div>' if note else "")
     return f'<div class="group{" conflict" if tags else ""}">{tag}{"".join(items)}</div>'
+
+
+def _embedding_notes(pairs: pd.DataFrame) -> dict:
+    """Per group joined by embedding pairs (clean.embeddings): their count and cosine similarities."""
+    if "kind" not in pairs or not (pairs["kind"] == "embedding").any():
+        return {}
+    emb = pairs[pairs["kind"] == "embedding"]
+    return {g: f"embedding pair{'s' if len(p) > 1 else ''}: "
+               + ", ".join(f"{html.escape(str(a))}~{html.escape(str(b))} similarity {s:.3f}"
+                           for a, b, s in zip(p["id_a"], p["id_b"], p["similarity"], strict=True))
+            for g, p in emb.groupby("group")}
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -88,7 +101,9 @@ def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dro
     counts = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in summary.items())
     reasons = dropped["reason"].str.split(":").str[0].value_counts() if len(dropped) else pd.Series(dtype=int)
     drop_rows = "".join(f"<tr><td>{html.escape(str(r))}</td><td>{n}</td></tr>" for r, n in reasons.items())
-    groups = "".join(_group_html(multi[multi["group"] == g], g in conflict) for g in order[:max_groups])
+    notes = _embedding_notes(pairs)
+    groups = "".join(_group_html(multi[multi["group"] == g], g in conflict, notes.get(g, ""))
+                     for g in order[:max_groups])
     more = (f"<p>{len(order) - max_groups} more groups not shown (clean.report_groups).</p>"
             if len(order) > max_groups else "")
     body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2>"

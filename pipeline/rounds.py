@@ -2,9 +2,10 @@
 
 Round 1 is model.backbones (the train and predict stages). For round r it blends round r-1's
 predictions into pseudo-labels (pipeline/pseudo.py: the fold-k rows come from round r-1's fold-k
-models only, unless rounds.plan[i].pseudo.source=all), writes them to
-WORK/rounds/round<r>/pseudo.csv (id, path, label, fold, confidence) with pseudo.json (thresholds and
-counts per fold), then trains and predicts each of the round's experiments like any other: the
+models only, unless rounds.plan[i].pseudo.source=all; hard labels, or with pseudo.labels=soft the
+blend's probability vectors as targets), writes them to WORK/rounds/round<r>/pseudo.csv (id, path,
+label, fold, confidence; soft: the p_ targets) with pseudo.json (thresholds and counts per fold),
+then trains and predicts each of the round's experiments like any other: the
 fold-k model adds the pseudo rows of fold k to its training rows (train.training_rows), never to its
 validation rows, so the OOF files hold competition rows only and join the same ensemble. A fold
 run's key covers its own pseudo rows, so new pseudo-labels retrain exactly the folds they change.
@@ -66,7 +67,7 @@ def build_pseudo(ctx: Context, names: list[str], cfg: PseudoConfig, folds: list[
     for k in per_fold:
         per_fold[k].index = per_fold[k].index.astype(str)
     rows, thresholds = pseudo.make_pseudo(oof, per_fold, classes, paths, cfg.threshold, cfg.target_precision,
-                                          cfg.max_per_class)
+                                          cfg.max_per_class, cfg.labels, cfg.temperature)
     blend_score = score(ctx.cfg.competition.metric, oof["y"].to_numpy(), oof[prob_columns(classes)].to_numpy())
     return rows, thresholds, blend_score
 
@@ -87,9 +88,15 @@ def with_pseudo(ctx: Context, plain: dict, rows: pd.DataFrame) -> dict:
     frame = pd.concat([plain["frame"].assign(pseudo_fold=np.nan), added], ignore_index=True)
     picked = np.asarray([position[p] for p in rows["path"]], dtype=int)
     images = np.concatenate([np.asarray(plain["images"]), np.asarray(test_images)[picked]])
-    keys = {int(k): fingerprint(part[["id", "path", "label"]].to_numpy().tolist())
+    cols = [c for c in prob_columns(plain["classes"]) if c in rows.columns]  # soft labels: the target vectors
+    keys = {int(k): fingerprint(part[["id", "path", "label", *cols]].to_numpy().tolist())
             for k, part in rows.groupby("fold")}
-    return {**plain, "frame": frame, "images": images, "pseudo_keys": keys}
+    out = {**plain, "frame": frame, "images": images, "pseudo_keys": keys}
+    if cols:  # one target row per frame row: NaN (the one-hot label) for the competition's rows
+        soft = np.full((len(frame), len(plain["classes"])), np.nan, dtype=np.float32)
+        soft[len(plain["frame"]):] = rows[cols].to_numpy(np.float32)
+        out["soft"] = soft
+    return out
 
 
 def run(ctx: Context) -> dict:
@@ -111,7 +118,8 @@ def run(ctx: Context) -> dict:
         write_csv(folder / "pseudo.csv", rows)
         counts = rows.groupby("fold").size().reindex(folds, fill_value=0)
         write_stamp(folder / "pseudo.json", fingerprint(rows.to_numpy().tolist()), round=r, made_from=previous,
-                    source=spec.pseudo.source, thresholds={str(k): t for k, t in thresholds.items()},
+                    source=spec.pseudo.source, labels=spec.pseudo.labels,
+                    thresholds={str(k): t for k, t in thresholds.items()},
                     rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
         print(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
               f"blend OOF {cfg.competition.metric} {blend_score:.4f}): "

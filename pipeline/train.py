@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, runtime, tracking
+from . import distributed, pseudo, runtime, tracking
 from .artifacts import (
     content_key,
     file_digest,
@@ -83,7 +83,9 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, cfg.model.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
     y = frame["y"].to_numpy()
-    fold_data = FoldData(images[is_train], y[is_train], images[is_val], y[is_val],
+    train_y = y[is_train] if "soft" not in data else \
+        pseudo.dense_targets(y[is_train], data["soft"][is_train], len(data["classes"]))  # rounds, soft labels
+    fold_data = FoldData(images[is_train], train_y, images[is_val], y[is_val],
                          len(data["classes"]), norm, cfg.competition.metric)
     if tcfg.batch_size == "auto":  # the stamp keeps "auto" (the config asked for it); best.json records the size
         tcfg = tcfg.model_copy(update={"batch_size": _auto_batch(run_dir, fp, model, optimizer, fold_data, rt)})

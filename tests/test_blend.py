@@ -256,3 +256,26 @@ def test_one_fold_of_oof_rows_offers_no_fitted_rows():
     P, y, _ = _noisy_models()
     rows = blend.evaluate(P, y, np.zeros(len(y), int), ["a", "b", "c"], "accuracy")
     assert [r["model"] for r in rows] == ["a", "b", "c", "mean", "geometric", "rank"]
+
+
+def _xor_level2(n=800, seed=0):
+    """Two binary models; the label is 1 exactly when they disagree about class 1 (an XOR of their calls). No
+    monotone (logistic) function of the probabilities separates that; two tree splits do."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(0.05, 0.95, n), rng.uniform(0.05, 0.95, n)
+    y = ((a > 0.5) != (b > 0.5)).astype(int)
+    P = np.stack([np.c_[1 - a, a], np.c_[1 - b, b]])
+    return P, y, rng.permutation(n) % 5
+
+
+def test_lightgbm_stack_recovers_a_planted_non_linear_relation():
+    P, y, folds = _xor_level2()
+    rows = {r["model"]: r for r in blend.evaluate(P, y, folds, ["A", "B"], "accuracy", lightgbm=True)}
+    assert list(rows)[-2:] == ["stack", "lightgbm_stack"] and rows["lightgbm_stack"]["kind"] == "stack"
+    assert rows["stack"]["honest_score"] < 0.65 and rows["lightgbm_stack"]["honest_score"] > 0.95  # nested CV both
+    assert blend.pick(list(rows.values()), "accuracy")["model"] == "lightgbm_stack"
+    shares = rows["lightgbm_stack"]["weights"]
+    assert min(shares.values()) > 0.3 and abs(sum(shares.values()) - 1) < 1e-9  # it needs both models
+    P_new, y_new, _ = _xor_level2(seed=5)  # fitted on all OOF rows, applied to new rows of the same relation
+    assert score("accuracy", y_new, blend.apply(P_new, rows["lightgbm_stack"]["params"], "lightgbm")) > 0.95
+    assert "lightgbm_stack" not in [r["model"] for r in blend.evaluate(P, y, folds, ["A", "B"], "accuracy")]

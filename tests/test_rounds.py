@@ -144,3 +144,49 @@ def test_a_round_trains_on_pseudo_rows_and_scores_competition_rows_only(tmp_path
     assert main(["rounds", *args, capped]) == 0
     out = capsys.readouterr().out
     assert "train: d2l_lenet fold 0 up to date" in out and "train: lenet-r2 fold 0 up to date" not in out
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("source", ["fold", "all"])
+def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeypatch, source):
+    """labels=soft, temperature 0.5: the fold-k trainer's pseudo targets are the fold-k models' planted probability
+    vector, sharpened (p^2 renormalised), and nothing else; the competition rows keep their one-hot labels."""
+    ctx, stamp = _work(tmp_path, source, labels="soft", temperature=0.5)
+    rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, list(range(N_FOLDS)), stamp)
+    data = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows)
+    seen = {}
+
+    def instrumented(model, optimizer, cfg, fold_data, *args, **kwargs):
+        seen["data"] = fold_data
+        raise _Stop
+
+    monkeypatch.setattr(train_stage, "Trainer", instrumented)
+    n_test, frame = len(ctx.competition.test), data["frame"]
+    for k in range(N_FOLDS):
+        with pytest.raises(_Stop):
+            train_stage.train_fold(ctx, "d2l_lenet", k, data, name="m-r2")
+        targets = seen["data"].train_y
+        own = frame[(frame["fold"] != k) & (frame["fold"] != rounds.PSEUDO_FOLD)]
+        assert targets.shape == (len(own) + n_test, len(CLASSES)) and targets.dtype == np.float32
+        planted = np.full(len(CLASSES), 0.1 / len(CLASSES))
+        planted[k if source == "fold" else -1] += 0.9  # the fold-k models' vector, or the all-fold ensemble's
+        sharp = planted ** 2 / (planted ** 2).sum()
+        np.testing.assert_allclose(targets[len(own):], np.tile(sharp, (n_test, 1)), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(targets[:len(own)], np.eye(len(CLASSES))[own["y"].to_numpy()])
+    hard = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows[pseudo.COLUMNS])
+    assert "soft" not in hard and hard["pseudo_keys"] != data["pseudo_keys"]  # the targets are in the fold's key
+
+
+def test_soft_targets_train(tmp_path):
+    """The engine learns from probability targets (ArrayDataset and the loss take (N, classes) rows)."""
+    ctx, stamp = _work(tmp_path, "fold", labels="soft")
+    rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0], stamp)
+    data = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows)
+    cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0})})
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"backend": "none"}),
+                                 "runtime": cfg.runtime.model_copy(update={"device": "cpu", "threads": 1})})
+    meta = train_stage.train_fold(Context(cfg, ctx.data_dir, ctx.work_dir), "d2l_lenet", 0, data, name="m-r2")
+    assert meta["epochs_run"] == 1 and np.isfinite(meta["metric"])
