@@ -1,14 +1,21 @@
 """Scale-out on PyTorch's and Optuna's engines: real process groups, multi-node torchrun, Optuna on PostgreSQL."""
 
 import os
+import pwd
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
+import optuna
+import pytest
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, tune
 
 from .conftest import REPO
 
@@ -51,3 +58,90 @@ def test_sum_across_reduces_in_a_real_two_process_group(tmp_path: Path):
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[3.0, 5.0, 1073741825.0]"] * 2
+
+
+def _postgres_bin() -> Path:
+    """The directory of initdb/pg_ctl: PATH first, else Debian's /usr/lib/postgresql/<version>/bin (newest)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent  # a link (Debian puts them in /usr/lib/postgresql/<v>/bin)
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not versions:
+        pytest.fail("PostgreSQL is not installed (no initdb on PATH nor in /usr/lib/postgresql/*/bin): "
+                    "`make test` installs Debian's postgresql package; or `apt-get install -y postgresql`")
+    return versions[-1].parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own in a temporary folder (initdb, pg_ctl on a free localhost port, its unix socket in
+    the same folder), stopped and removed at the end. initdb refuses root, so as root it runs as the `postgres` user
+    (the Debian package creates it). A server that cannot start fails the test with its log."""
+    bin_dir = _postgres_bin()
+    user = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root and there is no `postgres` user for the server (initdb refuses root); "
+                        "install Debian's postgresql package, which creates it")
+    root = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # not under pytest's tmp_path: that is root's alone
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+    as_server = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user is not None else {}
+    data, port = root / "data", _free_port()
+
+    def pg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
+                              cwd=root, **as_server)
+
+    try:
+        init = pg("initdb", "-D", str(data), "-U", "pipeline", "-A", "trust", "-E", "UTF8", "--no-sync")
+        assert init.returncode == 0, f"initdb failed: {init.stderr[-2000:]}"
+        start = pg("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+                   f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        assert start.returncode == 0, f"PostgreSQL did not start: {start.stdout[-1000:]} {start.stderr[-1000:]} {log}"
+        made = pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "pipeline", "optuna")
+        assert made.returncode == 0, f"createdb failed: {made.stderr[-1000:]}"
+        yield f"postgresql://pipeline@127.0.0.1:{port}/optuna"
+    finally:
+        if (data / "postmaster.pid").exists() and pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop",
+                                                      timeout=60).returncode != 0:
+            try:  # pg_ctl could not stop it: the postmaster's pid is the file's first line
+                os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_make_tune_workers_on_postgresql_finish_exactly_n_trials(postgres_url: str, small_digits: Path,
+                                                                     tmp_path: Path):
+    """`make tune JOBS=2 STORAGE=postgresql://...`: both workers run trials and the study ends with exactly
+    tune.n_trials finished trials. With 3 trials and two workers in step, Optuna's own MaxTrialsCallback finishes 4."""
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    overrides = (f"folds.n_splits=2 train.image_size=16 train.batch_size=32 model.backbones=[resnet10t] tune.epochs=1 "
+                 f"tune.n_trials=3 tune.pruner=none tune.space={space}")
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), "-o", ".venv/.installed", "tune", "JOBS=2",
+           f"PY={sys.executable}", f"DATA={small_digits}", "CONFIG=configs/digits.yaml", f"WORK={tmp_path / 'w'}",
+           f"STORAGE={postgres_url}", f"OVERRIDES={overrides}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("tune: study '") == 2, res.stdout  # two workers joined the same study
+    # read back by Optuna alone, naming the installed driver (SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3)
+    study = optuna.load_study(study_name=None, storage=postgres_url.replace("postgresql:", "postgresql+psycopg2:"))
+    states = [t.state for t in study.trials]
+    finished = [t for t in study.trials if t.state in tune.FINISHED]
+    assert len(finished) == 3, states
+    assert all(t.user_attrs.get("fail_reason", "").startswith("over budget") for t in study.trials
+               if t not in finished), states  # a trial two workers created at once is turned away, not run
+    assert sorted(t.number for t in study.trials if "lr" in str(t.params)) == sorted(t.number for t in finished)
