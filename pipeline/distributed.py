@@ -12,6 +12,7 @@ is gloo alone (which is how the tests run it). Several machines: `torchrun --nno
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -89,3 +90,29 @@ def say(message: str) -> None:
     """print on rank 0 only."""
     if is_main():
         print(message)
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """This rank's share of the batch order one process would train on: the same global batches, split.
+
+    A single process shuffles with DataLoader(shuffle=True, generator=g), i.e. RandomSampler's
+    torch.randperm(n, generator=g); this draws that permutation from the same generator, at the
+    same point (when the loader starts iterating), and gives rank r its elements r, r + world, ...
+    With a per-rank batch of B, step i of every rank then covers elements [i*B*world, (i+1)*B*world)
+    of the permutation: the single process's batch i at batch size B*world. DistributedSampler
+    draws its own permutation (seed + epoch), which is why it is not used. With `drop_last` the
+    permutation is cut to a multiple of `world` (the cut rows fall in the dropped last batch
+    anyway); without it the first rows are repeated, as DistributedSampler does.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator, rank: int, world: int, drop_last: bool):
+        self.n, self.generator, self.rank, self.world, self.drop_last = n, generator, rank, world, drop_last
+
+    def __len__(self) -> int:
+        return self.n // self.world if self.drop_last else -(-self.n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        total = len(self) * self.world
+        order = order[:total] if self.drop_last else (order + order[:total - self.n])
+        yield from order[self.rank::self.world]

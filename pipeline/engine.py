@@ -1,7 +1,7 @@
 """The classification track of the shared training loop (pipeline/loop.py): one (backbone, fold).
 
 It plugs into the loop what is particular to classification: batches from the decoded-image array
-(albumentations per image, a seeded batch order, a DistributedSampler under torchrun), soft-target
+(albumentations per image, a seeded batch order, each rank's share of one process's batches under torchrun), soft-target
 cross-entropy (Mixup/CutMix, label smoothing, class weights), the lr schedule (cosine per update or
 lower on plateau) and validation on the held-out fold. Resume, reseeding, history, best and early
 stopping are the loop's.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from . import distributed, loop
@@ -132,8 +132,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.seed)
         dataset = ArrayDataset(self.data.train_x, self.data.train_y, self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
-        self.sampler = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
-                        if distributed.world_size() > 1 else None)
+        self.sampler = (distributed.ShardSampler(len(dataset), self.generator, distributed.rank(),
+                                                 distributed.world_size(), drop_last)
+                        if distributed.world_size() > 1 else None)  # the global batches of one process, split
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
                                  drop_last=drop_last, num_workers=rt.num_workers, pin_memory=rt.device.type == "cuda",
                                  generator=self.generator, worker_init_fn=_seed_worker if rt.num_workers else None,
@@ -176,9 +177,7 @@ class Trainer:
     # --- the track's part of the loop -------------------------------------------------------
     def reseed(self, epoch: int, epoch_seed: int) -> None:
         self.transform.set_random_seed(epoch_seed + 7919 * distributed.rank())
-        self.generator.manual_seed(epoch_seed)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed)  # the batch order; under torchrun every rank's ShardSampler draws it
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, rt = self.cfg, self.runtime

@@ -60,6 +60,32 @@ def test_sum_across_reduces_in_a_real_two_process_group(tmp_path: Path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[3.0, 5.0, 1073741825.0]"] * 2
 
 
+@pytest.mark.parametrize("n, drop_last", [(50, True), (45, True), (13, False)])
+def test_ranks_split_exactly_the_batches_one_process_trains_on(n: int, drop_last: bool):
+    """Step i of two ranks at batch 8 = batch i of one process at batch 16 (the same rows), every epoch."""
+    rows = torch.arange(n)
+
+    def batches(sampler, generator, batch):
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                                             generator=generator, drop_last=drop_last)
+        out = []
+        for epoch_seed in (11, 12):  # reseeded per epoch as Trainer.reseed does
+            generator.manual_seed(epoch_seed)
+            out += [b.tolist() for b in loader]
+        return out
+
+    single = batches(None, torch.Generator(), 16)
+    shards = []
+    for rank in (0, 1):
+        g = torch.Generator()
+        shards.append(batches(distributed.ShardSampler(n, g, rank, 2, drop_last), g, 8))
+    assert len(shards[0]) == len(shards[1]) == len(single)  # every rank makes the same number of steps
+    if drop_last:
+        assert [sorted(a + b) for a, b in zip(*shards)] == [sorted(s) for s in single]
+    else:  # 13 rows: one process trains on 13, two ranks on 14 (one row twice, as DistributedSampler pads)
+        assert [sorted(set(a + b)) for a, b in zip(*shards)] == [sorted(s) for s in single]
+
+
 def _postgres_bin() -> Path:
     """The directory of initdb/pg_ctl: PATH first, else Debian's /usr/lib/postgresql/<version>/bin (newest)."""
     found = shutil.which("initdb")
