@@ -29,8 +29,9 @@ def setup() -> tuple[int, int]:
             dist.init_process_group(backend_for(cuda), device_id=device)
         else:
             dist.init_process_group(backend_for(cuda))
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # processes on this machine share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            if "OMP_NUM_THREADS" not in os.environ:  # else the launcher or the user chose (torchrun sets 1 per rank)
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # this machine's ranks share its cores
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return rank(), world_size()
 
 
