@@ -191,7 +191,7 @@ GRACE_S = 30  # a running trial without a heartbeat for this long belongs to a d
 def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats (so the trials of a killed worker do not hold budget); processes starting together
     race to create the schema, so the loser retries."""
-    url = _with_driver(url)
+    given, url = url, _with_driver(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
@@ -199,7 +199,8 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
                                               grace_period=GRACE_S)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:  # locked, or the other won
             if attempt == attempts - 1:
-                raise PipelineError(f"tune.storage: cannot open {_safe_url(url)} ({str(exc.orig).strip()[:200]}); "
+                why = " ".join(str(getattr(exc, "orig", exc)).split())[:240]  # the driver's message, on one line
+                raise PipelineError(f"tune.storage: cannot open {_safe_url(given)} ({why}); "
                                     "check that the database server is running and the URL is right") from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import distributed, tune
+from pipeline.errors import PipelineError
 from pipeline.models import build_model
 
 from .conftest import REPO
@@ -88,6 +89,15 @@ def test_ranks_split_exactly_the_batches_one_process_trains_on(n: int, drop_last
         assert [sorted(a + b) for a, b in zip(*shards, strict=True)] == [sorted(s) for s in single]
     else:  # 13 rows: one process trains on 13, two ranks on 14 (one row twice, as DistributedSampler pads)
         assert [sorted(set(a + b)) for a, b in zip(*shards, strict=True)] == [sorted(s) for s in single]
+
+
+def test_an_unreachable_storage_is_one_line_without_the_password():
+    with pytest.raises(PipelineError) as err:
+        tune._storage(f"postgresql://user:secret@127.0.0.1:{_free_port()}/optuna", attempts=1)
+    message = str(err.value)
+    assert message.startswith("tune.storage: cannot open postgresql://user:***@127.0.0.1:") and "\n" not in message
+    assert "Connection refused" in message and message.endswith("check that the database server is running and "
+                                                                 "the URL is right")
 
 
 def _postgres_bin() -> Path:
