@@ -37,7 +37,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),)
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect test lint
+.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -108,7 +108,15 @@ detect: $(INSTALLED) $(DETECT_DEP) ## detection track: TinySSD train -> evaluate
 	@if [ -f "$(DETECT_DATA)/test_solution.csv" ]; then \
 		$(PIPE) score-detection "$(SUBMISSIONS)/$$(basename "$(DETECT_DATA)").csv" "$(DETECT_DATA)/test_solution.csv"; fi
 
-test: $(INSTALLED) $(AG_INSTALLED) ## the test suite (what .ci/run calls)
+# The Optuna-on-PostgreSQL test starts its own server (initdb + pg_ctl): Debian's postgresql package when missing.
+postgres-server:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq postgresql >/dev/null; \
+	else echo "postgres-server: no initdb and no apt-get; install PostgreSQL (the tuning test needs its server)"; fi
+
+test: $(INSTALLED) $(AG_INSTALLED) postgres-server ## the test suite (what .ci/run calls)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 lint: $(INSTALLED) ## ruff

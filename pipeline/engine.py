@@ -1,7 +1,7 @@
 """The classification track of the shared training loop (pipeline/loop.py): one (backbone, fold).
 
 It plugs into the loop what is particular to classification: batches from the decoded-image array
-(albumentations per image, a seeded batch order, a DistributedSampler under torchrun), soft-target
+(albumentations per image, a seeded batch order, each rank's share of one process's batches under torchrun), soft-target
 cross-entropy (Mixup/CutMix, label smoothing, class weights), the lr schedule (cosine per update or
 lower on plateau) and validation on the held-out fold. Resume, reseeding, history, best and early
 stopping are the loop's.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from . import distributed, loop, runtime
@@ -94,26 +94,24 @@ class EpochSampler(Sampler):
     epoch into the next, which a resumed run (fresh workers) cannot repeat, and the state depends on which
     worker built which batch. With the seeds in the indices, a batch is the same whoever builds it: any
     number of workers, persistent or not, and a resumed run give the batches of one uninterrupted process.
+    Under torchrun every rank draws the one-process permutation and keeps its share
+    (distributed.shard_order), so step i of all ranks together is one process's batch i.
     """
 
-    def __init__(self, n: int, seed: int, shard: DistributedSampler | None = None):
-        self.n, self.shard, self.epoch_seed = n, shard, seed
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False):
+        self.n, self.epoch_seed, self.rank, self.world, self.drop_last = n, seed, rank, world, drop_last
 
     def set_epoch(self, epoch: int, epoch_seed: int) -> None:
         self.epoch_seed = epoch_seed
-        if self.shard is not None:
-            self.shard.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.shard) if self.shard is not None else self.n
+        return len(distributed.shard_order(range(self.n), self.rank, self.world, self.drop_last))
 
     def __iter__(self):
-        if self.shard is not None:
-            order = list(self.shard)
-        else:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
-        seeds = np.random.default_rng([self.epoch_seed % 2**63, distributed.rank()]).integers(0, 2**63, len(order))
-        return iter(zip(order, seeds.tolist(), strict=True))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
+        seeds = np.random.default_rng([self.epoch_seed % 2**63, self.rank]).integers(0, 2**63, self.n).tolist()
+        mine = distributed.shard_order(list(zip(order, seeds, strict=True)), self.rank, self.world, self.drop_last)
+        return iter(mine)
 
 
 def collate(batch):
@@ -232,9 +230,7 @@ class Trainer:
         dataset = ArrayDataset(self.data.train_x, self.data.train_y,
                                None if self.device_augment is not None else self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
-        shard = (DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=drop_last)
-                 if distributed.world_size() > 1 else None)
-        self.sampler = EpochSampler(len(dataset), self.seed, shard)
+        self.sampler = EpochSampler(len(dataset), self.seed, distributed.rank(), distributed.world_size(), drop_last)
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=drop_last,
                                  collate_fn=collate, generator=torch.Generator().manual_seed(self.seed),
                                  **loader_options(rt))  # its own generator: the loader's draw of the workers'

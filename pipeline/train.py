@@ -196,7 +196,7 @@ def run(ctx: Context) -> dict:
     distributed.barrier()
     runtime.set_threads(ctx.cfg.runtime.threads)
     if world > 1 and distributed.is_main():
-        print(f"train: distributed over {world} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})")
+        print(f"train: distributed over {world} processes ({distributed.backend()})")
     shared: dict = {}
     results = {}
     for exp, ectx in chosen:

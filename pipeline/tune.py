@@ -5,15 +5,17 @@ of `tune.folds` (under WORK/tune/trials/, not WORK/runs) and reports the val met
 epoch, so the pruner can stop bad trials early. The search space is checked against the config
 before the study starts. Trials that diverge (non-finite training loss) or run out of memory are
 recorded as failed and the study goes on; a config error or a bug stops the study with its message.
-The study lives in SQLite (WORK/optuna.db) by default: run it again and it continues; several
-processes on the same storage share it (`make tune JOBS=2`), and `tune.n_trials` bounds the
-completed and pruned trials of all of them together. Writes WORK/tune/best.yaml (the best
-parameters as a partial config, which later stages merge unless USE_TUNED=0), trials.csv and
-plots.
+The study lives in SQLite (WORK/optuna.db) by default, or in any database SQLAlchemy reaches
+(`tune.storage: postgresql://user@host/db`, `make tune STORAGE=... JOBS=...`, on one machine or
+several): run it again and it continues; several processes on the same storage share it, and
+together they finish exactly `tune.n_trials` completed and pruned trials (see `claim`). Writes
+WORK/tune/best.yaml (the best parameters as a partial config, which later stages merge unless
+USE_TUNED=0), trials.csv and plots.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -182,17 +184,42 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+HEARTBEAT_S = 10  # a running trial's process writes a heartbeat this often (Optuna's RDB heartbeat)
+GRACE_S = 30  # a running trial without a heartbeat for this long belongs to a dead process: failed, and retried
+
+
 def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """RDB storage; processes starting together race to create the schema, so the loser retries."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    """RDB storage with heartbeats (so the trials of a killed worker do not hold budget); processes starting together
+    race to create the schema, so the loser retries."""
+    given, url = url, _with_driver(url)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # locked, or the other wrote first
+            with warnings.catch_warnings():  # heartbeats are marked experimental, unchanged since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:  # locked, or the other won
             if attempt == attempts - 1:
-                raise
+                why = " ".join(str(getattr(exc, "orig", exc)).split())[:240]  # the driver's message, on one line
+                raise PipelineError(f"tune.storage: cannot open {_safe_url(given)} ({why}); "
+                                    "check that the database server is running and the URL is right") from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def _with_driver(url: str) -> str:
+    """A bare `postgresql://` URL with the driver the project installs: SQLAlchemy 2.1 reads it as psycopg 3, which
+    is not a dependency; psycopg2-binary is. A URL naming its driver (`postgresql+psycopg://`) is kept."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.drivername != "postgresql" or importlib.util.find_spec("psycopg") is not None:
+        return url
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL without its password, for messages."""
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def study_name(ctx: Context) -> str:
@@ -225,8 +252,60 @@ class TrialFailed(Exception):
     """
 
 
+class OverBudget(Exception):
+    """A trial created after the budget was claimed by other workers' trials: recorded as failed, its worker stops."""
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+CLAIMING = (*FINISHED, optuna.trial.TrialState.RUNNING)
+
+
+def claimed(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
+    """(finished, finished + running) trials, of those numbered below `before` when given. Stale running trials (a
+    dead worker's: no heartbeat for GRACE_S) are failed first, so they free their place."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since Optuna 2.9
+        optuna.storages.fail_stale_trials(study)
+    trials = [t for t in study.get_trials(deepcopy=False, states=CLAIMING) if before is None or t.number < before]
+    return sum(t.state in FINISHED for t in trials), len(trials)
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_s: float = 0.5) -> bool:
+    """Whether `trial` is one of the first `n_trials` trials that can finish; waits while that depends on a running one.
+
+    Optuna's MaxTrialsCallback counts finished trials after each trial, so workers that start trials while others
+    run theirs finish up to JOBS - 1 trials too many. Optuna creates trials one at a time (it locks the study's row)
+    and numbers them in that order, so the trials numbered below this one are exactly those created before it: when
+    n_trials of them are finished or running, this one is surplus -- unless a running one fails (or its worker dies
+    and its heartbeat stops), so it waits for them to end.
+    """
+    while True:
+        finished, taken = claimed(study, before=trial.number)
+        if taken < n_trials:
+            return True
+        if finished >= n_trials:
+            return False
+        time.sleep(poll_s)
+
+
+class StopWhenClaimed:
+    """Stops a worker's study once the finished and running trials of all workers fill the budget (so it does not
+    create a trial that `claim` then turns away); a worker whose trial fails goes on and retries it."""
+
+    def __init__(self, n_trials: int):
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if claimed(study)[1] >= self.n_trials:
+            study.stop()
+
+
 def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Callable[[optuna.Trial], float]:
     def run_trial(trial: optuna.Trial) -> float:
+        if not claim(trial.study, trial, ctx.cfg.tune.n_trials):
+            trial.study.stop()
+            trial.set_user_attr("fail_reason", "over budget: other workers finished tune.n_trials trials first")
+            raise OverBudget(f"trial {trial.number}: tune.n_trials reached by other workers")
         params = suggest(trial, space)
         cfg = trial_config(ctx.cfg, params, ctx.cfg.tune.epochs)
         trial_dir = ctx.work_dir / "tune" / "trials" / str(trial.number)
@@ -249,9 +328,6 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
         return value
 
     return run_trial
-
-
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 class StopAfterFailures:
@@ -283,13 +359,12 @@ def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
     check_space(space, ctx.cfg, Path(cfg.space))
     ctx.work_dir.mkdir(parents=True, exist_ok=True)  # the folds it trains on come first (pipeline/orchestrate.py)
     study = open_study(ctx)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    print(f"tune: study '{study.study_name}' has {done} finished trials; running up to {cfg.n_trials} "
-          f"({cfg.pruner} pruner, seed {cfg.seed})")
-    if done < cfg.n_trials:
-        study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(TrialFailed,),
-                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED),
-                                  StopAfterFailures(cfg.n_trials)])
+    done, taken = claimed(study)
+    print(f"tune: study '{study.study_name}' has {done} finished trials ({taken - done} running); running up to "
+          f"{cfg.n_trials} ({cfg.pruner} pruner, seed {cfg.seed})")
+    if done < cfg.n_trials:  # running trials may be a killed worker's: `claim` waits until their heartbeat is stale
+        study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(TrialFailed, OverBudget),
+                       callbacks=[StopWhenClaimed(cfg.n_trials), StopAfterFailures(cfg.n_trials)])
     return write_results(ctx, study)
 
 
