@@ -27,7 +27,7 @@ from ..config import DetectConfig
 from ..errors import PipelineError
 from ..runtime import Runtime
 from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
-from .tinyssd import ANCHORS_PER_PIXEL, outputs
+from .tinyssd import outputs
 
 TTA = ("none", "hflip")
 
@@ -47,7 +47,7 @@ class Detector:
         outputs() already computed for these images."""
         probs, boxes = candidates(*(first or outputs(self.model, images, self.runtime)))
         if self.tta == "hflip":
-            mirror = mirror_index(self.model.feature_shapes, ANCHORS_PER_PIXEL).to(probs.device)
+            mirror = mirror_index(self.model.feature_shapes, self.model.anchors_per_pixel).to(probs.device)
             probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.runtime))
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
