@@ -111,6 +111,24 @@ def map_of(detections: list[dict], targets: list[dict]) -> dict:
     return {"map_50": float(result["map_50"]), "map": float(result["map"])}
 
 
+def class_table(detections: list[dict], targets: list[dict], classes: list[str]) -> pd.DataFrame:
+    """Per class: ground-truth boxes, AP@0.5 and COCO AP@[.5:.95] (torchmetrics, pycocotools backend; -1: a
+    class without boxes here)."""
+    result = {}
+    for name, ious in (("ap_50", [0.5]), ("ap", None)):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", class_metrics=True,
+                                      iou_thresholds=ious)
+        metric.update(detections, targets)
+        out = metric.compute()
+        ids = out["classes"].reshape(-1).tolist()
+        result[name] = dict(zip(ids, out["map_per_class"].reshape(-1).tolist(), strict=True))
+    counts = torch.bincount(torch.cat([t["labels"] for t in targets] + [torch.zeros(0, dtype=torch.long)]),
+                            minlength=len(classes)).tolist()
+    return pd.DataFrame({"class": classes, "boxes": counts,
+                         "ap_50": [round(result["ap_50"].get(i, -1.0), 4) for i in range(len(classes))],
+                         "ap": [round(result["ap"].get(i, -1.0), 4) for i in range(len(classes))]})
+
+
 def prediction_strings(detections: list[dict], classes: list[str]) -> list[str]:
     """'label score xmin ymin xmax ymax ...' per image, best first (empty for an image without boxes)."""
     out = []
