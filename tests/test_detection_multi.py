@@ -45,11 +45,12 @@ def test_shapes_folder_has_many_objects_and_classes_per_image_with_tight_boxes(t
 
 def test_auto_anchors_return_planted_sizes_and_ratios():
     sizes = [0.08, 0.1, 0.13, 0.17, 0.22, 0.29, 0.38, 0.5, 0.65, 0.85]
-    ratios = [2.0] * 5 + [0.5] * 3 + [1.0] * 2  # 2 the commonest (it meets every size), then 0.5, then 1
-    wh = np.array([[s * np.sqrt(r), s / np.sqrt(r)] for s in sizes for r in ratios])
-    per_scale, found = auto_anchors(wh, scales=5, per_scale=2, n_ratios=3)
-    assert per_scale == [[0.08, 0.1], [0.13, 0.17], [0.22, 0.29], [0.38, 0.5], [0.65, 0.85]]
-    assert found == [2.0, 0.5, 1.0]
+    for planted in ([2.0, 0.5, 1.0], [0.5, 1.0, 2.0], [1.0, 2.0, 0.5]):  # the commonest first: it meets every size
+        ratios = [planted[0]] * 5 + [planted[1]] * 3 + [planted[2]] * 2
+        wh = np.array([[s * np.sqrt(r), s / np.sqrt(r)] for s in sizes for r in ratios])
+        per_scale, found = auto_anchors(wh, scales=5, per_scale=2, n_ratios=3)
+        assert per_scale == [[0.08, 0.1], [0.13, 0.17], [0.22, 0.29], [0.38, 0.5], [0.65, 0.85]]
+        assert found == planted
     targets = torch.tensor([[[0, 0.1, 0.2, 0.3, 0.3], [-1, -1, -1, -1, -1]], [[2, 0, 0, 0.5, 0.25], [1, 0, 0, 1, 1]]])
     assert np.allclose(box_shapes(targets), [[0.2, 0.1], [0.5, 0.25], [1, 1]])
     model = TinySSD(3, per_scale, [1.0, 2.0, 0.5])
