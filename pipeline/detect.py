@@ -1,6 +1,13 @@
 """Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
 
-Three parts, each with its own stamp and key, each redone only when what it reads changes:
+detect.folds > 1 (the default): one TinySSD per fold of the training images (folds.py: duplicate groups
+kept together), each model's views (scales x mirror) of its out-of-fold, holdout and test images
+(fold<k>/views.pt, keyed by the model, view and decoding keys and the test images), Weighted Boxes
+Fusion with thresholds chosen on OOF (fusion.py), then leaderboard.csv, per_class.csv,
+oof_detections.csv, metrics.json and the fused submission (recomputed on every run: seconds).
+
+detect.folds = 1: one model, in three parts, each with its own stamp and key, each redone only when
+what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
   (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
   Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
