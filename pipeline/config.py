@@ -425,7 +425,36 @@ class DetectConfig(FitConfig):
     negative_ratio: float = Field(3.0, gt=0, description="ssd loss: highest-loss background anchors "
                                                          "kept per positive anchor (the SSD paper: 3)")
     hflip: bool = _own("hflip", True, "random horizontal flips of images and their boxes")
+    vflip: bool = Field(False, description="random vertical flips of images and their boxes")
+    crop_scale: float | None = Field(None, gt=0, le=1, description="random resized crop (albumentations, half the "
+                                                                   "images) keeping at least this share of the area; "
+                                                                   "null: off")
+    scale: float = Field(0.0, ge=0, lt=1, description="random zoom in [1 - scale, 1 + scale] (half the images)")
+    shift: float = Field(0.0, ge=0, lt=1, description="random shift up to this share of the side (half the images)")
+    colour: float = Field(0.0, ge=0, le=1, description="colour jitter strength: brightness, contrast, saturation "
+                                                       "(hue a quarter of it)")
+    mosaic: float = Field(0.0, ge=0, le=1, description="probability that a training image becomes a 2x2 mosaic "
+                                                       "with three other training images")
+    min_visibility: float = Field(0.3, ge=0, le=1, description="after a crop or mosaic, boxes with less than this "
+                                                               "share of their area visible are dropped")
+    anchors: Literal["fixed", "auto"] = Field("fixed", description="fixed: anchor_sizes and anchor_ratios; auto: "
+                                                                   "k-means of the training boxes' sizes and aspect "
+                                                                   "ratios (as many as anchor_sizes/anchor_ratios)")
+    anchor_sizes: list[list[float]] = Field([[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]],
+                                            description="TinySSD anchor sizes (share of the side), per scale (5 "
+                                                        "scales, fine to coarse, the same count each; the course's)")
+    anchor_ratios: list[float] = Field([1.0, 2.0, 0.5], description="anchor aspect ratios w/h; the first meets every "
+                                                                    "size, the others the first size (the course's)")
     seed: int = _own("seed", 0, "seed of weights init, batch order, flips and the validation split")
+    folds: int = Field(5, ge=1, description="train one model per fold of the training images (duplicate groups of "
+                                            "WORK/clean.csv kept together), OOF detections and a WBF ensemble; 1: "
+                                            "one model on all of train.csv, validated on val.csv or val_fraction")
+    tta_scales: list[float] = Field([1.0], description="folds > 1: input scales of the test-time views fused by WBF")
+    fusion_hflip: bool = Field(True, description="folds > 1: each scale also runs mirrored, as another WBF view")
+    fusion_iou: list[float] = Field([0.4, 0.5, 0.6, 0.7], description="WBF IoU thresholds tried on OOF (the best "
+                                                                       "is used for test)")
+    fusion_skip: list[float] = Field([0.01, 0.03, 0.1], description="WBF skip_box_thr values tried on OOF: boxes "
+                                                                     "scored lower do not enter the fusion")
     nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the "
                                                               "lower-scored box of the same class")
     box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean "

@@ -1,6 +1,13 @@
 """Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
 
-Three parts, each with its own stamp and key, each redone only when what it reads changes:
+detect.folds > 1 (the default): one TinySSD per fold of the training images (folds.py: duplicate groups
+kept together), each model's views (scales x mirror) of its out-of-fold, holdout and test images
+(fold<k>/views.pt, keyed by the model, view and decoding keys and the test images), Weighted Boxes
+Fusion with thresholds chosen on OOF (fusion.py), then leaderboard.csv, per_class.csv,
+oof_detections.csv, metrics.json and the fused submission (recomputed on every run: seconds).
+
+detect.folds = 1: one model, in three parts, each with its own stamp and key, each redone only when
+what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
   (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
   Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
@@ -15,29 +22,41 @@ Three parts, each with its own stamp and key, each redone only when what it read
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import checkpoint, runtime, submission, tracking
-from .artifacts import fingerprint, is_done, read_json, read_stamp, write_csv, write_stamp
+from .artifacts import atomic_write, fingerprint, is_done, read_json, read_stamp, write_csv, write_json, write_stamp
 from .config import config_hash
 from .context import Context
+from .detection.anchors import auto_anchors, box_shapes
+from .detection.augment import BoxAugment, BoxAugmentSettings
 from .detection.data import box_targets, decoded, read_detection
 from .detection.fit import DetectionTrainer, evaluate
-from .detection.infer import TTA, Detector, gallery, submission_frame
+from .detection.folds import assign_folds, image_groups, main_class
+from .detection.fusion import choose, fuse
+from .detection.infer import TTA, Detector, class_table, gallery, map_of, submission_frame, targets_in_pixels
 from .detection.tinyssd import TinySSD
 from .plots import plot_panels
 from .runtime import Runtime
 
+AUGMENT_KEYS = ("vflip", "crop_scale", "scale", "shift", "colour", "mosaic", "min_visibility")
+ANCHOR_KEYS = ("anchors", "anchor_sizes", "anchor_ratios")
 TRAIN_KEYS = ("image_size", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "loss",
-              "negative_ratio", "hflip", "seed")
+              "negative_ratio", "hflip", "seed", *AUGMENT_KEYS, *ANCHOR_KEYS)
 DECODE_KEYS = ("nms_threshold", "box_voting", "max_detections")
 EVALUATE_KEYS = ("tta", "map_score_threshold", *DECODE_KEYS)
 PREDICT_KEYS = ("score_threshold", "gallery_images", "gallery_score_threshold", *DECODE_KEYS)
+VIEW_KEYS = ("tta_scales", "fusion_hflip", "map_score_threshold", *DECODE_KEYS)
+FUSION_KEYS = ("fusion_iou", "fusion_skip", "max_detections")
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
 
 
@@ -49,9 +68,15 @@ class Arrays:
     targets: torch.Tensor  # (N, G, 5) normalised boxes, class -1 pads
     sizes: torch.Tensor  # (N, 2) width, height in pixels
 
+    def take(self, idx) -> Arrays:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Arrays(self.images[idx], self.targets[idx], self.sizes[idx])
+
 
 def _arrays(ctx: Context, split, classes: list[str], name: str) -> Arrays:
     size = ctx.cfg.detect.image_size
+    if not len(split.images):
+        return Arrays(torch.zeros(0, 3, size, size, dtype=torch.uint8), box_targets(split, classes), torch.zeros(0, 2))
     return Arrays(decoded(split, ctx.work_dir / "cache", size, f"detect-{name}"), box_targets(split, classes),
                   torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32))
 
@@ -60,22 +85,46 @@ def _keys(cfg, names: tuple[str, ...]) -> dict:
     return {k: getattr(cfg, k) for k in names}
 
 
-def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tuple[str, dict]:
-    """Train (or resume, or load when model.json matches); returns the model's key and the training summary."""
-    cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime))
+def anchors_for(cfg, targets: torch.Tensor) -> tuple[list[list[float]], list[float]]:
+    """The configured anchors, or with anchors=auto the k-means of these training boxes (anchors.py)."""
+    if cfg.anchors == "fixed":
+        return cfg.anchor_sizes, cfg.anchor_ratios
+    return auto_anchors(box_shapes(targets), len(cfg.anchor_sizes), len(cfg.anchor_sizes[0]), len(cfg.anchor_ratios),
+                        cfg.seed)
+
+
+def augment_settings(cfg) -> BoxAugmentSettings:
+    return BoxAugmentSettings(hflip=cfg.hflip, vflip=cfg.vflip, crop_scale=cfg.crop_scale, scale=cfg.scale,
+                              shift=cfg.shift, colour=cfg.colour, mosaic=cfg.mosaic, min_visibility=cfg.min_visibility)
+
+
+def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], Arrays], val: Arrays, rt: Runtime,
+           out: Path, seed: int, extra: dict | None = None) -> tuple[TinySSD, str, dict]:
+    """Train one TinySSD (or resume, or load when model.json matches); returns it, its key and the training
+    summary. `train` decodes the training arrays only when training is needed (the biggest split)."""
+    cfg = ctx.cfg.detect
+    fp = fingerprint(data_key, _keys(cfg, TRAIN_KEYS), seed, runtime.result_keys(ctx.cfg.runtime))
     stamp = read_stamp(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
+        model = rt.prepare(TinySSD(len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
-        return fp, stamp["summary"]
+        return model, fp, stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
-    train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
-    trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, rt)
+    arrays = train()
+    sizes, ratios = anchors_for(cfg, arrays.targets)
+    if cfg.anchors == "auto":
+        print(f"detect: anchors from the training boxes: sizes {sizes}, ratios {ratios}")
+    torch.manual_seed(seed)
+    model = rt.prepare(TinySSD(len(classes), sizes, ratios))
+    settings = augment_settings(cfg)
+    augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
+    trainer = DetectionTrainer(model, cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes, out, fp,
+                               rt, augment)
     tcfg = ctx.cfg.tracking
     track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
-                           "tinyssd", fp, {"model": "TinySSD", **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS)})},
-                           {"stage": "detect"})
+                           "tinyssd", fp, {"model": "TinySSD", **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS)}),
+                                           **(extra or {})}, {"stage": "detect"})
     try:
         history = pd.DataFrame(trainer.fit())
     except BaseException as exc:
@@ -93,8 +142,9 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
     summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
                "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
                "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
-    write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
-    return fp, summary
+    write_stamp(out / "model.json", fp, classes=classes, summary=summary, anchor_sizes=sizes, anchor_ratios=ratios,
+                **(extra or {}))
+    return model, fp, summary
 
 
 def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, model_fp: str,
@@ -156,17 +206,162 @@ def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metri
           f"pictures {out}/gallery_val.png, gallery_test.png, curves.png")
 
 
+def view_names(cfg) -> list[str]:
+    """The test-time views fused by WBF: every scale of tta_scales, plain and (fusion_hflip) mirrored."""
+    return [f"x{scale:g}{flip}" for scale in cfg.tta_scales for flip in (("", "+hflip") if cfg.fusion_hflip else ("",))]
+
+
+def view_detections(model: TinySSD, cfg, rt: Runtime, arrays: Arrays, view: str) -> list[dict]:
+    """One view's detections (NMS and box voting of one model) in pixels of the original images."""
+    scale, flip = float(view[1:].split("+")[0]), view.endswith("+hflip")
+    images = arrays.images
+    if scale != 1 and len(images):
+        side = max(32, round(images.shape[-1] * scale))
+        images = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=scale < 1,
+                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    found = Detector(model, cfg, rt, "none")(images.flip(-1) if flip else images, arrays.sizes,
+                                             cfg.map_score_threshold, cfg.batch_size * rt.eval_batch_factor)
+    if flip:
+        for det, (w, _) in zip(found, arrays.sizes.tolist(), strict=True):
+            det["boxes"] = torch.stack((w - det["boxes"][:, 2], det["boxes"][:, 1], w - det["boxes"][:, 0],
+                                        det["boxes"][:, 3]), 1)
+    return found
+
+
+def _fold_views(ctx: Context, model: TinySSD, model_fp: str, rt: Runtime, parts: dict[str, Arrays], out: Path,
+                test_key: str) -> dict[str, dict[str, list[dict]]]:
+    """{part: {view: detections}} of one fold model for its out-of-fold images, the holdout and test; cached in
+    views.pt (stamp views.json: the model's key, the view and decoding keys, the test images)."""
+    cfg = ctx.cfg.detect
+    fp = fingerprint("detect-views", model_fp, _keys(cfg, VIEW_KEYS), test_key)
+    if is_done(out / "views.json", fp, [out / "views.pt"]):
+        return torch.load(out / "views.pt", weights_only=True)
+    found = {part: {v: view_detections(model, cfg, rt, arrays, v) for v in view_names(cfg)}
+             for part, arrays in parts.items()}
+    atomic_write(out / "views.pt", lambda tmp: torch.save(found, tmp))
+    write_stamp(out / "views.json", fp)
+    return found
+
+
+def _score(detections: list[dict], targets: list[dict]) -> dict:
+    return map_of(detections, targets) if targets else {"map_50": float("nan"), "map": float("nan")}
+
+
+def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
+    """One TinySSD per fold, views of each, WBF thresholds on OOF, the fused test submission and a leaderboard."""
+    cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
+    train, test = _arrays(ctx, data.train, data.classes, "train"), _arrays(ctx, data.test, data.classes, "test")
+    names = data.train.images["image"].tolist()
+    groups = image_groups(names, ctx.work_dir / "clean.csv")
+    strata = main_class(len(names), data.train.boxes["item"].to_numpy(), data.train.boxes["label"].to_numpy())
+    fold = assign_folds(groups, strata, cfg.folds, cfg.seed)
+    write_csv(root / "folds.csv", pd.DataFrame({"image": names, "group": groups, "fold": fold}))
+    views = view_names(cfg)
+    truth, val_truth = targets_in_pixels(train.targets, train.sizes), targets_in_pixels(val.targets, val.sizes)
+    oof: dict[str, list] = {v: [None] * len(names) for v in views}
+    val_views, test_views, board, fps = [], [], [], []
+    for k in range(cfg.folds):
+        held, rest = np.nonzero(fold == k)[0], np.nonzero(fold != k)[0]
+        key = fingerprint(data.key(), "fold", k, cfg.folds, [names[i] for i in held])
+        model, fp, summary = _train(ctx, key, data.classes, lambda rest=rest: train.take(rest), train.take(held), rt,
+                                    root / f"fold{k}", cfg.seed + k, {"fold": k})
+        found = _fold_views(ctx, model, fp, rt, {"oof": train.take(held), "val": val, "test": test},
+                            root / f"fold{k}", data.test_key())
+        for v in views:
+            for j, i in enumerate(held):
+                oof[v][i] = found["oof"][v][j]
+        val_views.append(found["val"])
+        test_views.append(found["test"])
+        fps.append(fp)
+        plain = _score(found["oof"][views[0]], [truth[i] for i in held])
+        board.append({"entry": f"tinyssd fold{k}", "kind": "model", "views": views[0],
+                      "oof_map_50": plain["map_50"], "oof_map": plain["map"],
+                      **_prefixed("val", _score(found["val"][views[0]], val_truth)),
+                      "train_seconds": round(summary["train_seconds"], 1)})
+    for v in views:
+        board.append({"entry": f"tinyssd all folds, {v}", "kind": "model (OOF)", "views": v,
+                      **_prefixed("oof", map_of(oof[v], truth))})
+    choice, grid = choose([oof[v] for v in views], truth, train.sizes, cfg.fusion_iou, cfg.fusion_skip,
+                          cfg.max_detections)
+    write_csv(root / "fusion_grid.csv", grid)
+    fused_oof = fuse([oof[v] for v in views], train.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
+    oof_scores = map_of(fused_oof, truth)
+    tag = f"iou {choice['iou_thr']:g}, skip {choice['skip_thr']:g}"
+    board.append({"entry": f"wbf views ({tag})", "kind": "fusion", "views": "+".join(views),
+                  **_prefixed("oof", oof_scores)})
+    if len(val.images):
+        for name, lists in ((f"wbf folds, {views[0]} ({tag})", [f[views[0]] for f in val_views]),
+                            (f"wbf folds x views ({tag})", [f[v] for f in val_views for v in views])):
+            fused_val = fuse(lists, val.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
+            board.append({"entry": name, "kind": "fusion", "views": views[0] if ", x" in name else "+".join(views),
+                          **_prefixed("val", map_of(fused_val, val_truth))})
+    fused_test = fuse([f[v] for f in test_views for v in views], test.sizes, choice["iou_thr"], choice["skip_thr"],
+                      cfg.max_detections)
+    per_class = class_table(fused_oof, truth, data.classes)
+    _write_fold_outputs(ctx, data, val, test, fused_oof, fused_test, board, per_class,
+                        {**choice, "oof_map_50": oof_scores["map_50"], "oof_map": oof_scores["map"], "views": views,
+                         "folds": cfg.folds, "fold_keys": fps, "val_source": data.val_source})
+
+
+def _prefixed(prefix: str, scores: dict) -> dict:
+    return {f"{prefix}_{k}": round(v, 4) for k, v in scores.items()}
+
+
+def _keep(detections: list[dict], threshold: float) -> list[dict]:
+    return [{k: v[d["scores"] >= threshold] for k, v in d.items()} for d in detections]
+
+
+def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof: list[dict], fused_test: list[dict],
+                        board: list[dict], per_class: pd.DataFrame, metrics: dict) -> None:
+    """leaderboard.csv, per_class.csv, oof_detections.csv, metrics.json, galleries and the submission."""
+    cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
+    leaderboard = pd.DataFrame(board)
+    write_csv(out / "leaderboard.csv", leaderboard)
+    write_csv(out / "per_class.csv", per_class)
+    oof_frame = submission_frame(data.train.images, fused_oof, data.classes)
+    write_csv(out / "oof_detections.csv", oof_frame)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print("detect: leaderboard (OOF: every training image predicted by the fold model that did not see it; "
+              "val: the fixed holdout, never used for a choice)\n" + leaderboard.to_string(index=False))
+        print("detect: OOF AP per class (fused views)\n" + per_class.to_string(index=False))
+    print(f"detect: OOF mAP@0.5 {metrics['oof_map_50']:.4f}, COCO mAP {metrics['oof_map']:.4f} "
+          f"(WBF iou {metrics['iou_thr']:g}, skip {metrics['skip_thr']:g}, chosen on OOF)")
+    write_json(out / "metrics.json", metrics | {"per_class": per_class.to_dict("records")})
+    frame = submission_frame(data.test.images, _keep(fused_test, cfg.score_threshold), data.classes)
+    write_csv(out / "test_predictions.csv", frame)
+    n = cfg.gallery_images
+    if n:
+        threshold = cfg.gallery_score_threshold
+        gallery(test.images[:n], _keep(fused_test[:n], threshold), test.sizes[:n], data.classes,
+                out / "gallery_test.png")
+        train = _arrays(ctx, data.train, data.classes, "train")
+        gallery(train.images[:n], _keep(fused_oof[:n], threshold), train.sizes[:n], data.classes,
+                out / "gallery_oof.png", truth=train.targets[:n])
+    manifest = {"track": "detection", "model": "TinySSD", "folds": cfg.folds, "views": metrics["views"],
+                "wbf_iou": metrics["iou_thr"], "wbf_skip": metrics["skip_thr"], "classes": data.classes,
+                **_keys(cfg, PREDICT_KEYS), "oof_map_50": metrics["oof_map_50"], "oof_map": metrics["oof_map"],
+                "config_hash": config_hash(cfg)}
+    check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
+    submission.write_submission(frame, ctx.submissions_dir, ctx.name, manifest, check)
+    print(f"detect: submission {ctx.submissions_dir / (ctx.name + '.csv')} ({len(frame)} images); "
+          f"{out}/leaderboard.csv, per_class.csv, oof_detections.csv, gallery_oof.png, gallery_test.png")
+
+
 def run(ctx: Context) -> None:
     cfg = ctx.cfg.detect
     runtime.set_threads(ctx.cfg.runtime.threads)
-    data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition)
+    data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition, holdout=cfg.folds == 1)
     print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), "
           f"{len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
     rt = runtime.from_config(ctx.cfg.runtime, "detection")
-    torch.manual_seed(cfg.seed)
-    model = rt.prepare(TinySSD(len(data.classes)))
     val = _arrays(ctx, data.val, data.classes, "val")
-    model_fp, summary = _train(ctx, data, model, rt, val)
+    if cfg.folds > 1:
+        _run_folds(ctx, data, rt, val)
+        return
+    out = ctx.work_dir / "detect"
+    model, model_fp, summary = _train(ctx, data.key(), data.classes, lambda: _arrays(ctx, data.train, data.classes,
+                                                                                      "train"),
+                                      val, rt, out, cfg.seed, {"val_source": data.val_source})
     metrics = _evaluate(ctx, data, model, rt, val, model_fp, summary)
     _predict(ctx, data, model, rt, val, metrics, model_fp)

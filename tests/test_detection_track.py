@@ -186,7 +186,8 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     data = build_bananas(tmp_path / "bananas", n_train=192, n_val=32, n_test=16, seed=1)
     work, subs = tmp_path / "work", tmp_path / "subs"
     args = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs),
-            "detect.image_size=128", "detect.epochs=10", "detect.batch_size=16", "detect.gallery_images=8"]
+            "detect.image_size=128", "detect.epochs=10", "detect.batch_size=16", "detect.gallery_images=8",
+            "detect.folds=1"]
     loose = args + ["detect.gallery_score_threshold=0.05"]  # a short run scores low: draw its boxes too
     assert main(loose) == 0
     out = work / "detect"

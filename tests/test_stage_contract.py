@@ -33,7 +33,7 @@ CLASSIFY = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.epochs=1",
             "ensemble.caruana_rounds=5", "tune.n_trials=1", "tune.epochs=1", "tune.pruner=none",
             "autogluon.folds=[0]", "autogluon.epochs=1", "autogluon.image_size=16", "autogluon.batch_size=8",
             "autogluon.backbone=resnet10t", f"autogluon.python={REPO / '.venv-autogluon' / 'bin' / 'python'}"]
-DETECT = ["detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=2",
+DETECT = ["detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=2", "detect.folds=1",
           "detect.tta=none", "runtime.device=cpu", "runtime.threads=1"]
 STAMPS = {"clean": ["clean.json"], "folds": ["folds.json"],
           "train": ["runs/d2l_lenet/fold0/best.json", "runs/d2l_lenet/fold1/best.json"],

@@ -162,7 +162,9 @@ def _subset(split: Split, keep: np.ndarray) -> Split:
     return Split(split.images.iloc[keep].reset_index(drop=True), boxes.reset_index(drop=True))
 
 
-def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> DetectionData:
+def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig, holdout: bool = True) -> DetectionData:
+    """The folder's splits. Without val.csv, val_fraction of train.csv is held out when `holdout` (one model);
+    otherwise (folds) the validation split is empty and every training image is out of fold once."""
     root = Path(root)
     train_csv = root / cfg.train_csv
     if not train_csv.is_file():
@@ -171,6 +173,8 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig) -> De
     train = _read_split(train_csv, root, comp)
     if cfg.val_csv and (root / cfg.val_csv).is_file():
         val, source = _read_split(root / cfg.val_csv, root, comp), cfg.val_csv
+    elif not holdout:
+        val, source = _subset(train, np.arange(0)), "none (folds)"
     else:
         order = np.random.default_rng(cfg.seed).permutation(len(train.images))
         n_val = max(1, int(round(cfg.val_fraction * len(order))))

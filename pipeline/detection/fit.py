@@ -11,6 +11,7 @@ batch order and flips) and the evaluation.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,7 @@ class DetectionTrainer:
     run_dir: Path
     fingerprint: str
     runtime: Runtime
+    augment: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # batch index -> images, targets
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -123,6 +125,8 @@ class DetectionTrainer:
 
     def reseed(self, epoch: int, epoch_seed: int) -> None:
         self.generator.manual_seed(epoch_seed)
+        if self.augment is not None:
+            self.augment.reseed(epoch_seed)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -132,9 +136,12 @@ class DetectionTrainer:
         bar = tqdm(batches, desc=f"detect: epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
         self.updater.start_epoch()
         for i, idx in enumerate(bar, 1):
-            images, labels = self.train_x[idx], self.train_y[idx]
-            if self.cfg.hflip:
-                images, labels = hflip(images, labels, torch.rand(len(idx), generator=self.generator) < 0.5)
+            if self.augment is not None:  # box-aware augmentation (augment.py) does its own flips
+                images, labels = self.augment(idx)
+            else:
+                images, labels = self.train_x[idx], self.train_y[idx]
+                if self.cfg.hflip:
+                    images, labels = hflip(images, labels, torch.rand(len(idx), generator=self.generator) < 0.5)
             _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
             bbox_labels, bbox_masks, cls_labels = targets
             loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)

@@ -27,7 +27,7 @@ from ..config import DetectConfig
 from ..errors import PipelineError
 from ..runtime import Runtime
 from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
-from .tinyssd import ANCHORS_PER_PIXEL, outputs
+from .tinyssd import outputs
 
 TTA = ("none", "hflip")
 
@@ -47,7 +47,7 @@ class Detector:
         outputs() already computed for these images."""
         probs, boxes = candidates(*(first or outputs(self.model, images, self.runtime)))
         if self.tta == "hflip":
-            mirror = mirror_index(self.model.feature_shapes, ANCHORS_PER_PIXEL).to(probs.device)
+            mirror = mirror_index(self.model.feature_shapes, self.model.anchors_per_pixel).to(probs.device)
             probs_m, boxes_m = candidates(*outputs(self.model, images.flip(-1), self.runtime))
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
@@ -109,6 +109,24 @@ def map_of(detections: list[dict], targets: list[dict]) -> dict:
     metric.update(detections, targets)
     result = metric.compute()
     return {"map_50": float(result["map_50"]), "map": float(result["map"])}
+
+
+def class_table(detections: list[dict], targets: list[dict], classes: list[str]) -> pd.DataFrame:
+    """Per class: ground-truth boxes, AP@0.5 and COCO AP@[.5:.95] (torchmetrics, pycocotools backend; -1: a
+    class without boxes here)."""
+    result = {}
+    for name, ious in (("ap_50", [0.5]), ("ap", None)):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", class_metrics=True,
+                                      iou_thresholds=ious)
+        metric.update(detections, targets)
+        out = metric.compute()
+        ids = out["classes"].reshape(-1).tolist()
+        result[name] = dict(zip(ids, out["map_per_class"].reshape(-1).tolist(), strict=True))
+    counts = torch.bincount(torch.cat([t["labels"] for t in targets] + [torch.zeros(0, dtype=torch.long)]),
+                            minlength=len(classes)).tolist()
+    return pd.DataFrame({"class": classes, "boxes": counts,
+                         "ap_50": [round(result["ap_50"].get(i, -1.0), 4) for i in range(len(classes))],
+                         "ap": [round(result["ap"].get(i, -1.0), 4) for i in range(len(classes))]})
 
 
 def prediction_strings(detections: list[dict], classes: list[str]) -> list[str]:

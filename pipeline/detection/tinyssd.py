@@ -1,8 +1,9 @@
 """TinySSD as built in the course (section 14.7): a small base net, down-sampling blocks, five
 scales with anchors from multibox_prior, and per-scale class and box predictors.
 
-The number of classes follows the data; anchors are generated for the feature-map sizes the
-input gives (5,444 for 256x256 input).
+The number of classes follows the data; anchor sizes (per scale) and ratios default to the course's
+and can be set or derived from the training boxes (anchors.py); anchors are generated for the
+feature-map sizes the input gives (5,444 for 256x256 input with the course's anchors).
 """
 
 from __future__ import annotations
@@ -42,14 +43,23 @@ def _stage(i: int) -> nn.Module:
     return down_sample_blk(128, 128)
 
 
+def anchors_per_pixel(sizes: list[list[float]], ratios: list[float]) -> int:
+    """The course's multibox_prior: every size at the first ratio, the first size at the other ratios."""
+    return len(sizes[0]) + len(ratios) - 1
+
+
 class TinySSD(nn.Module):
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, sizes: list[list[float]] | None = None, ratios: list[float] | None = None):
         super().__init__()
         self.num_classes = num_classes
+        self.sizes, self.ratios = [list(s) for s in sizes or SIZES], list(ratios or RATIOS)
+        if len(self.sizes) != 5 or len({len(s) for s in self.sizes}) != 1:
+            raise ValueError(f"TinySSD needs 5 scales with the same number of anchor sizes each, got {self.sizes}")
+        self.anchors_per_pixel = k = anchors_per_pixel(self.sizes, self.ratios)
         in_channels = [64, 128, 128, 128, 128]
         self.stages = nn.ModuleList(_stage(i) for i in range(5))
-        self.cls = nn.ModuleList(nn.Conv2d(c, ANCHORS_PER_PIXEL * (num_classes + 1), 3, padding=1) for c in in_channels)
-        self.bbox = nn.ModuleList(nn.Conv2d(c, ANCHORS_PER_PIXEL * 4, 3, padding=1) for c in in_channels)
+        self.cls = nn.ModuleList(nn.Conv2d(c, k * (num_classes + 1), 3, padding=1) for c in in_channels)
+        self.bbox = nn.ModuleList(nn.Conv2d(c, k * 4, 3, padding=1) for c in in_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(anchors (1, A, 4), class logits (B, A, C + 1), box offsets (B, A * 4))."""
@@ -57,7 +67,7 @@ class TinySSD(nn.Module):
         for i, stage in enumerate(self.stages):
             x = stage(x)
             self.feature_shapes.append(tuple(x.shape[-2:]))  # anchor layout of the last input, for mirror_index
-            anchors.append(multibox_prior(x.shape[-2], x.shape[-1], SIZES[i], RATIOS, device=x.device))
+            anchors.append(multibox_prior(x.shape[-2], x.shape[-1], self.sizes[i], self.ratios, device=x.device))
             cls_preds.append(self.cls[i](x).permute(0, 2, 3, 1).flatten(1))
             bbox_preds.append(self.bbox[i](x).permute(0, 2, 3, 1).flatten(1))
         cls = torch.cat(cls_preds, 1).reshape(len(x), -1, self.num_classes + 1)
