@@ -34,7 +34,7 @@ DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
 # The detection track defaults to its own embedded competition unless DATA is given.
 BANANAS := data/bananas
 DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(BANANAS))
-DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),)
+DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
 .PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect test lint postgres-server
