@@ -1,9 +1,11 @@
-"""Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
+"""Detect stage (`make detect`): TinySSD or a torchvision detector (`detect.model`) on a detection folder --
+train, evaluate, predict, submit.
 
 Three parts, each with its own stamp and key, each redone only when what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
   (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
-  Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
+  Key: train and validation rows and image bytes, classes, TRAIN_KEYS, the model choice
+  (torchvision_models.model_keys: model, its backbone keys, the pretrained file's bytes). The per-epoch validation in
   history.csv decodes with the settings of the run that trained.
 - evaluate: metrics.json (stamp; validation class error, bbox MAE, mAP@0.5, COCO mAP, chosen TTA).
   Key: the model's key and EVALUATE_KEYS.
@@ -29,7 +31,7 @@ from .context import Context
 from .detection.data import box_targets, decoded, read_detection
 from .detection.fit import DetectionTrainer, evaluate
 from .detection.infer import TTA, Detector, gallery, submission_frame
-from .detection.tinyssd import TinySSD
+from .detection.torchvision_models import NAMES, create, load_pretrained, model_keys
 from .plots import plot_panels
 from .runtime import Runtime
 
@@ -60,21 +62,28 @@ def _keys(cfg, names: tuple[str, ...]) -> dict:
     return {k: getattr(cfg, k) for k in names}
 
 
-def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tuple[str, dict]:
+def _model_keys(cfg) -> dict:
+    return model_keys(cfg.model, cfg.backbone, cfg.fpn_channels, cfg.pretrained_path)
+
+
+def _train(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays) -> tuple[str, dict]:
     """Train (or resume, or load when model.json matches); returns the model's key and the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime))
+    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime), _model_keys(cfg))
     stamp = read_stamp(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
         return fp, stamp["summary"]
+    if cfg.pretrained_path:  # before any training; a resumed run then loads its own last weights over these
+        print(f"detect: initialised from the {load_pretrained(model, cfg.pretrained_path)}")
     out.mkdir(parents=True, exist_ok=True)
     train = _arrays(ctx, data.train, data.classes, "train")  # only when training: the biggest split
     trainer = DetectionTrainer(model, cfg, train.images, train.targets, val.images, val.targets, val.sizes, out, fp, rt)
     tcfg = ctx.cfg.tracking
     track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
-                           "tinyssd", fp, {"model": "TinySSD", **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS)})},
+                           cfg.model, fp, {"model": NAMES[cfg.model],
+                                           **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS) | _model_keys(cfg)})},
                            {"stage": "detect"})
     try:
         history = pd.DataFrame(trainer.fit())
@@ -83,21 +92,22 @@ def _train(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays) -> tupl
         raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
-    plot_panels(history, {"loss": ["train_loss"],
-                          "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
-                          "validation mAP": ["map_50", "map"]},
-                out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
+    terms = [c for c in history.columns if c.startswith("train_") and c != "train_loss"]  # TinySSD: the course's
+    errors = {"errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"]}
+    plot_panels(history, {"loss": ["train_loss"] + ([] if cfg.model == "tinyssd" else terms),
+                          **(errors if cfg.model == "tinyssd" else {}), "validation mAP": ["map_50", "map"]},
+                out / "curves.png", f"{NAMES[cfg.model]} on {ctx.name}", log=("errors",))
     # before the stamp (tracking.py)
     track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])
     final = history.iloc[-1]
-    summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
-               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
+    summary = {**{c: float(final[c]) for c in terms}, "epochs": len(history),
+               "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
                "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
     write_stamp(out / "model.json", fp, classes=data.classes, val_source=data.val_source, summary=summary)
     return fp, summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, model_fp: str,
+def _evaluate(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays, model_fp: str,
               summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
@@ -117,13 +127,13 @@ def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, mode
     if len(options) > 1:
         print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
               + f"; kept {tta}")
-    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
+    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']}, "
           f"peak memory {summary.get('peak_rss_gb', float('nan')):.1f} GB)")
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metrics: dict,
+def _predict(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays, metrics: dict,
              model_fp: str) -> None:
     """Test detections, galleries and the submission, checked by the submission writer (every test image once,
     PredictionStrings that parse) and written with its manifest and history copy."""
@@ -145,7 +155,7 @@ def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metri
         k = len(val.images[:n])
         gallery(val.images[:n], shown[:k], val.sizes[:n], data.classes, out / "gallery_val.png", truth=val.targets[:n])
         gallery(test.images[:n], shown[k:], test.sizes[:n], data.classes, out / "gallery_test.png")
-    manifest = {"track": "detection", "model": "TinySSD", "model_key": model_fp, "classes": data.classes,
+    manifest = {"track": "detection", "model": NAMES[cfg.model], "model_key": model_fp, "classes": data.classes,
                 "tta": metrics["tta"], **_keys(cfg, PREDICT_KEYS), "val_map_50": metrics["map_50"],
                 "val_map": metrics["map"], "val_source": data.val_source, "config_hash": config_hash(cfg)}
     check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
@@ -165,7 +175,7 @@ def run(ctx: Context) -> None:
           f"{len(data.test.images)} test; classes {data.classes}")
     rt = runtime.from_config(ctx.cfg.runtime, "detection")
     torch.manual_seed(cfg.seed)
-    model = rt.prepare(TinySSD(len(data.classes)))
+    model = rt.prepare(create(cfg.model, len(data.classes), cfg.image_size, cfg.backbone, cfg.fpn_channels))
     val = _arrays(ctx, data.val, data.classes, "val")
     model_fp, summary = _train(ctx, data, model, rt, val)
     metrics = _evaluate(ctx, data, model, rt, val, model_fp, summary)

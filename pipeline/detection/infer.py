@@ -28,6 +28,7 @@ from ..errors import PipelineError
 from ..runtime import Runtime
 from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
 from .tinyssd import ANCHORS_PER_PIXEL, outputs
+from .torchvision_models import TorchvisionDetector, views
 
 TTA = ("none", "hflip")
 
@@ -45,6 +46,8 @@ class Detector:
     def run(self, images: torch.Tensor, first: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class probabilities (B, A, C + 1), boxes (B, A, 4) in [0, 1]) for a uint8 batch; `first` reuses
         outputs() already computed for these images."""
+        if isinstance(self.model, TorchvisionDetector):  # its candidates per anchor, `first` from its candidates()
+            return views(self.model, images, self.runtime, self.tta, first)
         probs, boxes = candidates(*(first or outputs(self.model, images, self.runtime)))
         if self.tta == "hflip":
             mirror = mirror_index(self.model.feature_shapes, ANCHORS_PER_PIXEL).to(probs.device)
