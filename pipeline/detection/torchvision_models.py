@@ -9,12 +9,14 @@ as they serve TinySSD:
   GeneralizedRCNNTransform normalises them and, with min_size = max_size = the image size, leaves
   their size alone (the images are already square at that size).
 - training: ground truth rows (class, x1, y1, x2, y2 in [0, 1], class -1 pads) become torchvision's
-  target dicts (pixel boxes, labels 1..C; 0 is background or unused); the model computes its losses
-  itself in train mode.
+  target dicts (pixel boxes; labels 0..C-1 for RetinaNet and FCOS, whose sigmoid classifiers need no
+  background class, 1..C for SSD, whose softmax has the background at 0); the model computes its
+  losses itself in train mode.
 - prediction: instead of torchvision's postprocess (per-level top-k, score threshold, NMS), the
   candidates of every anchor are returned densely, as TinySSD's are -- class scores (B, A, C + 1)
-  with column 0 unused and boxes (B, A, 4) in [0, 1] -- so the track's decoding (score filter,
-  class-aware NMS, box voting, max_detections, pixels of the original image) applies unchanged.
+  with column 0 the background (zero for the sigmoid models) and boxes (B, A, 4) in [0, 1] -- so
+  the track's decoding (score filter, class-aware NMS, box voting, max_detections, pixels of the
+  original image) applies unchanged.
   Mirror-image TTA concatenates the two views' candidates (torchvision's RetinaNet and FCOS anchor
   grids are not mirror-symmetric, so anchors cannot be paired as TinySSD's are); NMS and voting
   then merge them.
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet, ssdlite320_mobilenet_v3_large
@@ -38,6 +39,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..artifacts import file_digest
+from ..checkpoint import UNREADABLE
 from ..errors import PipelineError
 from ..runtime import Runtime
 from .boxes import mirror_boxes
@@ -86,6 +88,7 @@ class TorchvisionDetector(nn.Module):
         super().__init__()
         self.kind, self.net, self.image_size, self.num_classes = kind, net, image_size, num_classes
         self.backbone_name = backbone  # what a backbone-only pretrained file is loaded into (not a submodule twice)
+        self.label_offset = 1 if kind == "ssdlite" else 0  # SSD's softmax: class 0 is the background
 
     @property
     def backbone(self) -> nn.Module:
@@ -95,12 +98,12 @@ class TorchvisionDetector(nn.Module):
         """torchvision's training losses (float32) for a uint8 batch and its (B, G, 5) normalised ground truth."""
         x = runtime.to_input(images, UNIT)
         with runtime.autocasting():
-            losses = self.net(list(x), targets(labels.to(x.device), self.image_size))
+            losses = self.net(list(x), targets(labels.to(x.device), self.image_size, self.label_offset))
         return {k: v.float() for k, v in losses.items()}
 
     @torch.no_grad()
     def candidates(self, images: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores (B, A, C + 1), column 0 unused, boxes (B, A, 4) in [0, 1]) of every anchor: what
+        """(class scores (B, A, C + 1), column 0 the background, boxes (B, A, 4) in [0, 1]) of every anchor: what
         torchvision's postprocess_detections starts from, before its top-k, threshold and NMS."""
         x = runtime.to_input(images, UNIT)
         net = self.net
@@ -118,15 +121,18 @@ class TorchvisionDetector(nn.Module):
         else:
             scores = logits.softmax(-1) if self.kind == "ssdlite" else logits.sigmoid()
             boxes = net.box_coder.decode_single(regression.reshape(b * a, 4), anchors.reshape(b * a, 4))
+        if not self.label_offset:  # a zero background column, so column c + 1 is class c as in TinySSD's
+            scores = torch.cat((scores.new_zeros(b, a, 1), scores), -1)
         return scores, (boxes.reshape(b, a, 4) / self.image_size).clamp(0, 1)
 
 
-def targets(labels: torch.Tensor, image_size: int) -> list[dict[str, torch.Tensor]]:
-    """(B, G, 5) rows [class, x1, y1, x2, y2] in [0, 1], class -1 pads -> torchvision's per-image target dicts."""
+def targets(labels: torch.Tensor, image_size: int, offset: int) -> list[dict[str, torch.Tensor]]:
+    """(B, G, 5) rows [class, x1, y1, x2, y2] in [0, 1], class -1 pads -> torchvision's per-image target dicts
+    (pixel boxes, labels class + offset)."""
     out = []
     for rows in labels:
         rows = rows[rows[:, 0] >= 0]
-        out.append({"boxes": rows[:, 1:] * image_size, "labels": rows[:, 0].long() + 1})
+        out.append({"boxes": rows[:, 1:] * image_size, "labels": rows[:, 0].long() + offset})
     return out
 
 
@@ -144,10 +150,9 @@ def views(model: TorchvisionDetector, images: torch.Tensor, runtime: Runtime, tt
 def build(kind: str, num_classes: int, image_size: int, backbone: str = "resnet18",
           fpn_channels: int = 128) -> TorchvisionDetector:
     """A randomly initialised detector for `num_classes` object classes on image_size x image_size input."""
-    k = num_classes + 1  # torchvision counts the background (SSD) or an unused class 0 (RetinaNet, FCOS)
     transform = partial(GeneralizedRCNNTransform, image_size, image_size)
-    if kind == "ssdlite":
-        net = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=k)
+    if kind == "ssdlite":  # num_classes counts the background
+        net = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1)
         # the builder fixes 320 x 320; its default boxes are fractions of the image, so only the resize changes
         net.transform = transform([0.5] * 3, [0.5] * 3, size_divisible=1, fixed_size=(image_size, image_size))
         return TorchvisionDetector(kind, net, image_size, num_classes, "mobilenet_v3_large")
@@ -157,9 +162,9 @@ def build(kind: str, num_classes: int, image_size: int, backbone: str = "resnet1
     if kind == "retinanet":
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in RETINANET_SIZES)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        net = RetinaNet(fpn, k, min_size=image_size, max_size=image_size, anchor_generator=anchors)
+        net = RetinaNet(fpn, num_classes, min_size=image_size, max_size=image_size, anchor_generator=anchors)
     else:  # FCOS: one anchor per location, its size the level's stride (torchvision's default), for scaling
-        net = FCOS(fpn, k, min_size=image_size, max_size=image_size)
+        net = FCOS(fpn, num_classes, min_size=image_size, max_size=image_size)
     return TorchvisionDetector(kind, net, image_size, num_classes, backbone)
 
 
@@ -172,7 +177,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise PipelineError(f"detect.pretrained_path={path}: not a readable state dict "
                             f"({type(exc).__name__}); save one with torch.save or safetensors") from None
     for key in ("state_dict", "model"):
