@@ -5,7 +5,10 @@ all offset entries, masked ones counted as zero error) and the same two plus mAP
 mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
 training loop (pipeline/loop.py), which owns reseeding, resume from `last.*`, history and printing,
 as it does for classification; this module plugs in the epoch over the in-memory images (seeded
-batch order and flips) and the evaluation.
+batch order and flips) and the evaluation. torchvision's detectors (detect.model retinanet, fcos,
+ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
+losses, and the course's class error and bbox MAE, defined on TinySSD's anchors, are not reported
+for them.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ TTA = ("none", "hflip")
 
 
 class Detector:
-    """Turns TinySSD outputs into per-image detections (boxes in pixels, scores, 0-based classes).
+    """Turns TinySSD outputs (or a torchvision detector's candidates, torchvision_models.views) into per-image
+    detections (boxes in pixels, scores, 0-based classes).
 
     tta "hflip" also runs the mirror image and averages class probabilities and boxes anchor by
     anchor with the original's (the anchor grid is mirror-symmetric), before any thresholding.
