@@ -184,11 +184,14 @@ def test_detect_stage_with_a_torchvision_detector_submits_and_keys_the_model_cho
     assert manifest["model"] == "SSDlite"
     capsys.readouterr()
     torch.save(TinySSD(1).state_dict(), tmp_path / "tiny.pt")
-    assert main(base + ["detect.backbone=resnet34"]) == 0  # not read by ssdlite: not in its key
+    assert main(base + ["detect.backbone=resnet34", "detect.fpn_channels=64"]) == 0  # not read by ssdlite: not keyed
     assert "model up to date" in capsys.readouterr().out
     assert main(base + ["detect.model=tinyssd", f"detect.pretrained_path={tmp_path / 'tiny.pt'}"]) == 0
     out = capsys.readouterr().out
     assert "initialised from the whole tinyssd detector" in out and "model up to date" not in out
+    (tmp_path / "moved.pt").write_bytes((tmp_path / "tiny.pt").read_bytes())  # the key holds its bytes, not its path
+    assert main(base + ["detect.model=tinyssd", f"detect.pretrained_path={tmp_path / 'moved.pt'}"]) == 0
+    assert "model up to date" in capsys.readouterr().out
     assert main(base + [f"detect.pretrained_path={tmp_path / 'tiny.pt'}"]) == 2  # a TinySSD file for SSDlite
     err = capsys.readouterr().err
     assert err.startswith("error: detect.pretrained_path=") and "fits neither the ssdlite detector" in err
