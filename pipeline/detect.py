@@ -69,7 +69,9 @@ def _model_keys(cfg) -> dict:
 def _train(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays) -> tuple[str, dict]:
     """Train (or resume, or load when model.json matches); returns the model's key and the training summary."""
     cfg, out = ctx.cfg.detect, ctx.work_dir / "detect"
-    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime), _model_keys(cfg))
+    choice = _model_keys(cfg)  # left out for plain TinySSD: the key of runs from before detect.model stays the same
+    fp = fingerprint(data.key(), _keys(cfg, TRAIN_KEYS), runtime.result_keys(ctx.cfg.runtime),
+                     *([] if choice == {"model": "tinyssd"} else [choice]))
     stamp = read_stamp(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(out / "model.safetensors")))
