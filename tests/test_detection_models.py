@@ -22,6 +22,16 @@ from pipeline.runtime import Runtime
 SMALL = {"backbone": "resnet10t", "fpn_channels": 32}  # the smallest FPN detectors: these tests are about plumbing
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Convolutions this small run in one thread: on a busy machine two threads made the training test 50x slower
+    (32 s instead of 0.4 s per run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n 64x64 noise images, each with one or two bright squares of 16-32 px, and their (n, 2, 5) boxes in [0, 1]."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +59,6 @@ def _trainer(kind: str, run_dir, epochs: int) -> DetectionTrainer:
     return DetectionTrainer(_model(kind), cfg, x, y, x, y, sizes, run_dir, "fp", Runtime())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_detector_trains_and_a_killed_run_resumes_to_the_same_weights(kind, tmp_path, monkeypatch):
     straight = _trainer(kind, tmp_path / "a", 2)
