@@ -411,6 +411,16 @@ class DetectConfig(FitConfig):
                                                              "out when there is no val_csv")
     image_size: int = Field(256, ge=64, description="images are decoded once and resized to "
                                                     "image_size x image_size (the course: 256)")
+    model: Literal["tinyssd", "retinanet", "fcos", "ssdlite"] = Field(
+        "tinyssd", description="tinyssd: the course's; retinanet, fcos: torchvision's on a timm backbone with an FPN; "
+                               "ssdlite: torchvision's SSDlite on MobileNetV3 (README: choosing a detector)")
+    backbone: str = Field("resnet18", description="retinanet, fcos: timm CNN under the FPN (random init; "
+                                                  "pretrained_path for weights)")
+    fpn_channels: int = Field(128, ge=32, multiple_of=32,
+                              description="retinanet, fcos: channels of the FPN levels and the heads "
+                                          "(GroupNorm: a multiple of 32; torchvision: 256)")
+    pretrained_path: str | None = Field(None, description="local state dict (.safetensors, .pt, .pth) of the whole "
+                                                          "detector or of its backbone; null: random init")
     epochs: int = _own("epochs", 20, "training epochs")
     batch_size: int = _own("batch_size", 16, "images per update (the course: 32; 16 learns faster here, see README)")
     lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; "

@@ -1,6 +1,7 @@
-"""Detect stage (`make detect`): TinySSD on a detection folder -- train, evaluate, predict, submit.
+"""Detect stage (`make detect`): TinySSD or a torchvision detector (`detect.model`) on a detection folder --
+train, evaluate, predict, submit.
 
-detect.folds > 1 (the default): one TinySSD per fold of the training images (folds.py: duplicate groups
+detect.folds > 1 (the default): one detector per fold of the training images (folds.py: duplicate groups
 kept together), each model's views (scales x mirror) of its out-of-fold, holdout and test images
 (fold<k>/views.pt, keyed by the model, view and decoding keys and the test images), Weighted Boxes
 Fusion with thresholds chosen on OOF (fusion.py), then leaderboard.csv, per_class.csv,
@@ -10,7 +11,8 @@ detect.folds = 1: one model, in three parts, each with its own stamp and key, ea
 what it reads changes:
 - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.safetensors + last.pt
   (resume state), mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/tracking.py).
-  Key: train and validation rows and image bytes, classes, TRAIN_KEYS. The per-epoch validation in
+  Key: train and validation rows and image bytes, classes, TRAIN_KEYS, the model choice (model_keys). The
+  per-epoch validation in
   history.csv decodes with the settings of the run that trained.
 - evaluate: metrics.json (stamp; validation class error, bbox MAE, mAP@0.5, COCO mAP, chosen TTA).
   Key: the model's key and EVALUATE_KEYS.
@@ -45,6 +47,7 @@ from .detection.folds import assign_folds, image_groups, main_class
 from .detection.fusion import choose, fuse
 from .detection.infer import TTA, Detector, class_table, gallery, map_of, submission_frame, targets_in_pixels
 from .detection.tinyssd import TinySSD
+from .detection.torchvision_models import NAMES, create, load_pretrained, model_keys
 from .plots import plot_panels
 from .runtime import Runtime
 
@@ -98,32 +101,48 @@ def augment_settings(cfg) -> BoxAugmentSettings:
                               shift=cfg.shift, colour=cfg.colour, mosaic=cfg.mosaic, min_visibility=cfg.min_visibility)
 
 
+def _model_keys(cfg) -> dict:
+    return model_keys(cfg.model, cfg.backbone, cfg.fpn_channels, cfg.pretrained_path)
+
+
+def _build(cfg, n_classes: int, sizes: list[list[float]], ratios: list[float]) -> torch.nn.Module:
+    """TinySSD with these anchors, or the torchvision detector detect.model names (its own anchors)."""
+    if cfg.model == "tinyssd":
+        return TinySSD(n_classes, sizes, ratios)
+    return create(cfg.model, n_classes, cfg.image_size, cfg.backbone, cfg.fpn_channels)
+
+
 def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], Arrays], val: Arrays, rt: Runtime,
-           out: Path, seed: int, extra: dict | None = None) -> tuple[TinySSD, str, dict]:
-    """Train one TinySSD (or resume, or load when model.json matches); returns it, its key and the training
+           out: Path, seed: int, extra: dict | None = None) -> tuple[torch.nn.Module, str, dict]:
+    """Train one detector (or resume, or load when model.json matches); returns it, its key and the training
     summary. `train` decodes the training arrays only when training is needed (the biggest split)."""
     cfg = ctx.cfg.detect
-    fp = fingerprint(data_key, _keys(cfg, TRAIN_KEYS), seed, runtime.result_keys(ctx.cfg.runtime))
+    choice = _model_keys(cfg)  # left out for plain TinySSD: its key stays that of runs from before detect.model
+    fp = fingerprint(data_key, _keys(cfg, TRAIN_KEYS), seed, runtime.result_keys(ctx.cfg.runtime),
+                     *([] if choice == {"model": "tinyssd"} else [choice]))
     stamp = read_stamp(out / "model.json") or {}
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
-        model = rt.prepare(TinySSD(len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
+        model = rt.prepare(_build(cfg, len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         print(f"detect: model up to date ({out / 'model.safetensors'})")
         return model, fp, stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     arrays = train()
     sizes, ratios = anchors_for(cfg, arrays.targets)
-    if cfg.anchors == "auto":
+    if cfg.anchors == "auto" and cfg.model == "tinyssd":
         print(f"detect: anchors from the training boxes: sizes {sizes}, ratios {ratios}")
     torch.manual_seed(seed)
-    model = rt.prepare(TinySSD(len(classes), sizes, ratios))
+    model = rt.prepare(_build(cfg, len(classes), sizes, ratios))
+    if cfg.pretrained_path:  # before any training; a resumed run then loads its own last weights over these
+        print(f"detect: initialised from the {load_pretrained(model, cfg.pretrained_path)}")
     settings = augment_settings(cfg)
     augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
     trainer = DetectionTrainer(model, cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes, out, fp,
                                rt, augment)
     tcfg = ctx.cfg.tracking
     track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
-                           "tinyssd", fp, {"model": "TinySSD", **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS)}),
+                           cfg.model, fp, {"model": NAMES[cfg.model],
+                                           **tracking.flatten({"detect": _keys(cfg, TRAIN_KEYS) | _model_keys(cfg)}),
                                            **(extra or {})}, {"stage": "detect"})
     try:
         history = pd.DataFrame(trainer.fit())
@@ -132,22 +151,23 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
         raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
-    plot_panels(history, {"loss": ["train_loss"],
-                          "errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"],
-                          "validation mAP": ["map_50", "map"]},
-                out / "curves.png", f"TinySSD on {ctx.name}", log=("errors",))
+    terms = [c for c in history.columns if c.startswith("train_") and c != "train_loss"]  # TinySSD: the course's
+    errors = {"errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"]}
+    plot_panels(history, {"loss": ["train_loss"] + ([] if cfg.model == "tinyssd" else terms),
+                          **(errors if cfg.model == "tinyssd" else {}), "validation mAP": ["map_50", "map"]},
+                out / "curves.png", f"{NAMES[cfg.model]} on {ctx.name}", log=("errors",))
     # before the stamp (tracking.py)
     track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])
     final = history.iloc[-1]
-    summary = {"train_class_err": float(final["train_class_err"]), "train_bbox_mae": float(final["train_bbox_mae"]),
-               "epochs": len(history), "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
+    summary = {**{c: float(final[c]) for c in terms}, "epochs": len(history),
+               "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
                "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
     write_stamp(out / "model.json", fp, classes=classes, summary=summary, anchor_sizes=sizes, anchor_ratios=ratios,
                 **(extra or {}))
     return model, fp, summary
 
 
-def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, model_fp: str,
+def _evaluate(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays, model_fp: str,
               summary: dict) -> dict:
     """Validation metrics of the final model with the current decoding settings (NMS, thresholds, voting);
     tta auto scores every option and keeps hflip only when it raises mAP@0.5."""
@@ -167,13 +187,13 @@ def _evaluate(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, mode
     if len(options) > 1:
         print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
               + f"; kept {tta}")
-    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS)
+    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']}, "
           f"peak memory {summary.get('peak_rss_gb', float('nan')):.1f} GB)")
     return metrics
 
 
-def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metrics: dict,
+def _predict(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays, metrics: dict,
              model_fp: str) -> None:
     """Test detections, galleries and the submission, checked by the submission writer (every test image once,
     PredictionStrings that parse) and written with its manifest and history copy."""
@@ -195,7 +215,7 @@ def _predict(ctx: Context, data, model: TinySSD, rt: Runtime, val: Arrays, metri
         k = len(val.images[:n])
         gallery(val.images[:n], shown[:k], val.sizes[:n], data.classes, out / "gallery_val.png", truth=val.targets[:n])
         gallery(test.images[:n], shown[k:], test.sizes[:n], data.classes, out / "gallery_test.png")
-    manifest = {"track": "detection", "model": "TinySSD", "model_key": model_fp, "classes": data.classes,
+    manifest = {"track": "detection", "model": NAMES[cfg.model], "model_key": model_fp, "classes": data.classes,
                 "tta": metrics["tta"], **_keys(cfg, PREDICT_KEYS), "val_map_50": metrics["map_50"],
                 "val_map": metrics["map"], "val_source": data.val_source, "config_hash": config_hash(cfg)}
     check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
@@ -211,7 +231,7 @@ def view_names(cfg) -> list[str]:
     return [f"x{scale:g}{flip}" for scale in cfg.tta_scales for flip in (("", "+hflip") if cfg.fusion_hflip else ("",))]
 
 
-def view_detections(model: TinySSD, cfg, rt: Runtime, arrays: Arrays, view: str) -> list[dict]:
+def view_detections(model: torch.nn.Module, cfg, rt: Runtime, arrays: Arrays, view: str) -> list[dict]:
     """One view's detections (NMS and box voting of one model) in pixels of the original images."""
     scale, flip = float(view[1:].split("+")[0]), view.endswith("+hflip")
     images = arrays.images
@@ -228,7 +248,7 @@ def view_detections(model: TinySSD, cfg, rt: Runtime, arrays: Arrays, view: str)
     return found
 
 
-def _fold_views(ctx: Context, model: TinySSD, model_fp: str, rt: Runtime, parts: dict[str, Arrays], out: Path,
+def _fold_views(ctx: Context, model: torch.nn.Module, model_fp: str, rt: Runtime, parts: dict[str, Arrays], out: Path,
                 test_key: str) -> dict[str, dict[str, list[dict]]]:
     """{part: {view: detections}} of one fold model for its out-of-fold images, the holdout and test; cached in
     views.pt (stamp views.json: the model's key, the view and decoding keys, the test images)."""
@@ -248,7 +268,7 @@ def _score(detections: list[dict], targets: list[dict]) -> dict:
 
 
 def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
-    """One TinySSD per fold, views of each, WBF thresholds on OOF, the fused test submission and a leaderboard."""
+    """One detector per fold, views of each, WBF thresholds on OOF, the fused test submission and a leaderboard."""
     cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
     train, test = _arrays(ctx, data.train, data.classes, "train"), _arrays(ctx, data.test, data.classes, "test")
     names = data.train.images["image"].tolist()
@@ -337,7 +357,7 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
         train = _arrays(ctx, data.train, data.classes, "train")
         gallery(train.images[:n], _keep(fused_oof[:n], threshold), train.sizes[:n], data.classes,
                 out / "gallery_oof.png", truth=train.targets[:n])
-    manifest = {"track": "detection", "model": "TinySSD", "folds": cfg.folds, "views": metrics["views"],
+    manifest = {"track": "detection", "model": NAMES[cfg.model], "folds": cfg.folds, "views": metrics["views"],
                 "wbf_iou": metrics["iou_thr"], "wbf_skip": metrics["skip_thr"], "classes": data.classes,
                 **_keys(cfg, PREDICT_KEYS), "oof_map_50": metrics["oof_map_50"], "oof_map": metrics["oof_map"],
                 "config_hash": config_hash(cfg)}

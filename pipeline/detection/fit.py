@@ -5,7 +5,10 @@ all offset entries, masked ones counted as zero error) and the same two plus mAP
 mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
 training loop (pipeline/loop.py), which owns reseeding, resume from `last.*`, history and printing,
 as it does for classification; this module plugs in the epoch over the in-memory images (seeded
-batch order and flips) and the evaluation.
+batch order and flips) and the evaluation. torchvision's detectors (detect.model retinanet, fcos,
+ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
+losses, and the course's class error and bbox MAE, defined on TinySSD's anchors, are not reported
+for them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..runtime import Runtime
 from .boxes import mirror_boxes, multibox_target
 from .infer import Detector, mean_average_precision
 from .tinyssd import outputs
+from .torchvision_models import TorchvisionDetector
 
 
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,25 +75,33 @@ def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime)
 @torch.no_grad()
 def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
              sizes: torch.Tensor, ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
-    """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images), mAP@0.5 and
-    COCO mAP with the current decoding settings. The plain forward pass is shared by all options."""
+    """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images; TinySSD only: they
+    are defined on its anchors), mAP@0.5 and COCO mAP with the current decoding settings. The plain forward pass
+    is shared by all options."""
     model.eval()
+    tinyssd = not isinstance(model, TorchvisionDetector)
     detectors = {t: Detector(model, cfg, runtime, t) for t in ttas}
     counts, detections = torch.zeros(4, dtype=torch.float64), {t: [] for t in ttas}
     for idx in torch.arange(len(images)).split(cfg.batch_size * runtime.eval_batch_factor):
-        anchors, cls_preds, bbox_preds, targets = forward(model, images[idx], labels[idx], runtime)
-        bbox_labels, bbox_masks, cls_labels = targets
-        counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
+        if tinyssd:
+            anchors, cls_preds, bbox_preds, targets = forward(model, images[idx], labels[idx], runtime)
+            bbox_labels, bbox_masks, cls_labels = targets
+            counts += error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).cpu()
+            first = (anchors, cls_preds, bbox_preds)
+        else:
+            first = model.candidates(images[idx], runtime)
         for t, detector in detectors.items():
-            detections[t] += detector.select(*detector.run(images[idx], first=(anchors, cls_preds, bbox_preds)),
+            detections[t] += detector.select(*detector.run(images[idx], first=first),
                                              sizes[idx], cfg.map_score_threshold)
     course = {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3])}
-    return {t: course | mean_average_precision(detections[t], labels, sizes) for t in ttas}
+    return {t: (course if tinyssd else {}) | mean_average_precision(detections[t], labels, sizes) for t in ttas}
 
 
 @dataclass
 class DetectionTrainer:
-    """TinySSD training on in-memory images; `fit()` runs the shared loop and returns the history."""
+    """TinySSD's or a torchvision detector's training on in-memory images; `fit()` runs the shared loop and
+    returns the history. TinySSD's loss is computed here; a torchvision detector computes its own
+    (torchvision_models.TorchvisionDetector.losses), and its history has one column per loss term."""
 
     model: torch.nn.Module
     cfg: DetectConfig
@@ -112,6 +124,8 @@ class DetectionTrainer:
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
         self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
         self.negative_ratio = cfg.negative_ratio if cfg.loss == "ssd" else None
+        self.torchvision = isinstance(self.model, TorchvisionDetector)
+        self.loss_terms: list[str] = []  # a torchvision detector's, named by the detector
         self.progress = loop.Progress()
         self.generator = torch.Generator()
 
@@ -131,6 +145,7 @@ class DetectionTrainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         order = torch.randperm(len(self.train_x), generator=self.generator)
+        step = self._torchvision_step if self.torchvision else self._tinyssd_step
         total, counts, seen, t0 = 0.0, 0.0, 0, time.perf_counter()
         batches = order.split(self.cfg.batch_size)
         bar = tqdm(batches, desc=f"detect: epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
@@ -142,17 +157,32 @@ class DetectionTrainer:
                 images, labels = self.train_x[idx], self.train_y[idx]
                 if self.cfg.hflip:
                     images, labels = hflip(images, labels, torch.rand(len(idx), generator=self.generator) < 0.5)
-            _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
-            bbox_labels, bbox_masks, cls_labels = targets
-            loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)
+            loss, batch_counts = step(images, labels)
             self.updater.backward(loss, i, len(batches))
             total, seen = total + loss.detach() * len(idx), seen + len(idx)  # device tensors: no host sync per batch
-            counts = counts + error_counts(cls_preds.detach(), cls_labels, bbox_preds.detach(), bbox_labels, bbox_masks)
+            counts = counts + batch_counts * (len(idx) if self.torchvision else 1)
             if not bar.disable and bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         counts = counts.cpu()
+        if self.torchvision:  # the mean of each loss term over the epoch's images
+            return {"train_loss": float(total) / seen} | {f"train_{k}": float(v) / seen
+                                                         for k, v in zip(self.loss_terms, counts, strict=True)}
         return {"train_loss": float(total) / seen, "train_class_err": float(counts[0] / counts[1]),
                 "train_bbox_mae": float(counts[2] / counts[3])}
+
+    def _tinyssd_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and the course's error counts (error_counts)."""
+        _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
+        bbox_labels, bbox_masks, cls_labels = targets
+        loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)
+        return loss, error_counts(cls_preds.detach(), cls_labels, bbox_preds.detach(), bbox_labels, bbox_masks)
+
+    def _torchvision_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum of the detector's own loss terms (torchvision's weighting) and the terms themselves."""
+        losses = self.model.losses(images, labels, self.runtime)
+        self.loss_terms = sorted(losses)
+        terms = torch.stack([losses[k].detach() for k in self.loss_terms])
+        return sum(losses[k] for k in self.loss_terms), terms
 
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.cfg, self.runtime, self.val_x, self.val_y, self.val_sizes)["none"]
@@ -161,6 +191,10 @@ class DetectionTrainer:
         pass  # the schedule steps per update
 
     def describe(self, row: dict) -> str:
+        if self.torchvision:
+            terms = ", ".join(f"{k} {row['train_' + k]:.4f}" for k in self.loss_terms if "train_" + k in row)
+            return (f"loss {row['train_loss']:.4f} ({terms}) | val mAP@0.5 {row['map_50']:.3f} mAP {row['map']:.3f} "
+                    f"({row['seconds']:.0f} s)")
         return (f"loss {row['train_loss']:.4f} class err {row['train_class_err']:.2e} "
                 f"bbox mae {row['train_bbox_mae']:.2e} | val class err {row['val_class_err']:.2e} "
                 f"bbox mae {row['val_bbox_mae']:.2e} mAP@0.5 {row['map_50']:.3f} mAP {row['map']:.3f} "

@@ -28,12 +28,14 @@ from ..errors import PipelineError
 from ..runtime import Runtime
 from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
 from .tinyssd import outputs
+from .torchvision_models import TorchvisionDetector, views
 
 TTA = ("none", "hflip")
 
 
 class Detector:
-    """Turns TinySSD outputs into per-image detections (boxes in pixels, scores, 0-based classes).
+    """Turns TinySSD outputs (or a torchvision detector's candidates, torchvision_models.views) into per-image
+    detections (boxes in pixels, scores, 0-based classes).
 
     tta "hflip" also runs the mirror image and averages class probabilities and boxes anchor by
     anchor with the original's (the anchor grid is mirror-symmetric), before any thresholding.
@@ -45,6 +47,8 @@ class Detector:
     def run(self, images: torch.Tensor, first: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class probabilities (B, A, C + 1), boxes (B, A, 4) in [0, 1]) for a uint8 batch; `first` reuses
         outputs() already computed for these images."""
+        if isinstance(self.model, TorchvisionDetector):  # its candidates per anchor, `first` from its candidates()
+            return views(self.model, images, self.runtime, self.tta, first)
         probs, boxes = candidates(*(first or outputs(self.model, images, self.runtime)))
         if self.tta == "hflip":
             mirror = mirror_index(self.model.feature_shapes, self.model.anchors_per_pixel).to(probs.device)
