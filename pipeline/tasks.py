@@ -1,0 +1,294 @@
+"""Task types: what a label means, how it becomes a training target, and how logits become predictions.
+
+Four tasks share every stage (folds, train, TTA, OOF files, blends, submission):
+
+- single_label: one class per image. Target: class index; head: one logit per class; loss: soft-target
+  cross-entropy (Mixup/CutMix, label smoothing); predictions: softmax probabilities, one `p_<class>` column
+  per class; TTA views merge by mean (or geometric mean) of probabilities.
+- multi_label: a label holds several tags separated by `competition.label_separator` (Planet).
+  Target: multi-hot; head: one logit per tag; loss: BCE-with-logits (Mixup/CutMix mix the multi-hot targets
+  as they mix the images); predictions: sigmoid probabilities, one `p_<tag>` column per tag; views merge by
+  mean of probabilities (geometric: sigmoid of the mean logit).
+- regression: a number (Pawpularity). Target: the float; head: one output; loss `train.loss`: mse or huber on
+  the target standardised by the training rows' mean and std, or bce_scaled (BCE on the target min-max scaled
+  to [0, 1] with a sigmoid head, the trick top Pawpularity solutions used); predictions: one `pred` column on
+  the target's scale; views merge by the mean.
+- ordinal: integer grades (APTOS, PANDA) scored by quadratic weighted kappa. Classes are the sorted grades and
+  the target is the grade's index, regressed like a regression target; predictions: one continuous `pred`
+  column in index units, cut into grades by thresholds (0.5, 1.5, ... by default).
+
+`competition.task=auto` decides from the label column (`detect`). The scaling a regression head learnt with
+(`Head.center`, `Head.scale`, from the fold's training targets) is stored in the checkpoint's best.json, so
+prediction turns logits into numbers exactly as validation did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import (
+    average_precision_score,
+    cohen_kappa_score,
+    f1_score,
+    fbeta_score,
+    mean_absolute_error,
+    r2_score,
+    roc_auc_score,
+)
+
+from . import metrics
+from .errors import PipelineError
+
+TASKS = ("single_label", "multi_label", "regression", "ordinal")
+DEFAULT_METRIC = {"single_label": "accuracy", "multi_label": "f1_samples", "regression": "rmse", "ordinal": "qwk"}
+MAX_CLASS_INTEGERS = 20  # integer labels with more distinct values than this are a number to regress, not classes
+
+# metric -> (kind of predictions it scores, greater is better). Kinds: proba (softmax rows, class-index truth),
+# multi (sigmoid columns, multi-hot truth), value (one column of numbers, numeric truth).
+METRICS = {
+    **{name: ("proba", better) for name, better in metrics.GREATER_IS_BETTER.items()},
+    "f1_samples": ("multi", True), "f1_micro": ("multi", True), "f1_macro": ("multi", True),
+    "f2_samples": ("multi", True), "map": ("multi", True), "mean_roc_auc": ("multi", True),
+    "rmse": ("value", False), "mae": ("value", False), "r2": ("value", True), "qwk": ("value", True),
+}
+KIND = {"single_label": "proba", "multi_label": "multi", "regression": "value", "ordinal": "value"}
+
+
+def greater_is_better(metric: str) -> bool:
+    return METRICS[metric][1]
+
+
+def is_better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new > old if greater_is_better(metric) else new < old
+
+
+def kind_of(metric: str) -> str:
+    return METRICS[metric][0]
+
+
+def check_metric(task: str, metric: str) -> None:
+    """A metric of another task is a one-line error naming the ones that fit."""
+    if KIND[task] != kind_of(metric) or (metric == "qwk" and task != "ordinal"):
+        fit = [m for m, (k, _) in METRICS.items() if k == KIND[task] and (m != "qwk" or task == "ordinal")]
+        raise PipelineError(f"competition.metric={metric} does not score a {task} task; use one of {', '.join(fit)}")
+
+
+def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
+    """Metric of predictions `pred` (n, n_columns) against the truth (class index, multi-hot rows or numbers).
+
+    Multi-label F-scores cut probabilities at 0.5 (pipeline/thresholds.py tunes the cut); qwk rounds the
+    continuous grade index to the nearest grade."""
+    kind = kind_of(metric)
+    if kind == "proba":
+        return metrics.score(metric, y_true, pred)
+    pred = np.asarray(pred, dtype=np.float64)
+    if kind == "multi":
+        y_true = np.asarray(y_true, dtype=int)
+        hard = (pred >= 0.5).astype(int)
+        if metric in ("f1_samples", "f1_micro", "f1_macro"):
+            return float(f1_score(y_true, hard, average=metric[3:], zero_division=0))
+        if metric == "f2_samples":
+            return float(fbeta_score(y_true, hard, beta=2, average="samples", zero_division=0))
+        present = (y_true.sum(0) > 0) & (y_true.sum(0) < len(y_true))  # AP/AUC need both outcomes in a column
+        if metric == "map":
+            return float(average_precision_score(y_true[:, present], pred[:, present], average="macro"))
+        return float(roc_auc_score(y_true[:, present], pred[:, present], average="macro"))
+    values, y_true = pred.reshape(len(pred), -1)[:, 0], np.asarray(y_true, dtype=np.float64)
+    if metric == "rmse":
+        return float(np.sqrt(np.mean((values - y_true) ** 2)))
+    if metric == "mae":
+        return float(mean_absolute_error(y_true, values))
+    if metric == "r2":
+        return float(r2_score(y_true, values))
+    if metric == "qwk":
+        top = int(y_true.max()) if len(y_true) else 0
+        grades = np.clip(np.rint(values), 0, max(top, int(np.rint(values).max(initial=0)))).astype(int)
+        return float(cohen_kappa_score(y_true.astype(int), grades, weights="quadratic"))
+    raise ValueError(f"unknown metric {metric}")
+
+
+# --- detection and reading of the label column --------------------------------------------------------------
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def detect(labels: pd.Series, separator: str) -> tuple[str, str]:
+    """(task, reason) from a label column: tags when any label holds the separator, a number to regress when every
+    label is a number and either one is not an integer or there are more than MAX_CLASS_INTEGERS distinct
+    integers; otherwise classes (integer grades stay single_label: say competition.task=ordinal for them)."""
+    values = labels[labels.str.strip() != ""]
+    if separator:
+        tagged = int(values.str.strip().str.contains(separator, regex=False).sum())
+        if tagged:
+            return "multi_label", f"{tagged:,} of {len(values):,} labels hold the separator {separator!r}"
+    numbers = [_number(v) for v in values]
+    distinct = values.nunique()
+    if values.size and all(n is not None and np.isfinite(n) for n in numbers):
+        if any(n != int(n) for n in numbers):
+            return "regression", f"{distinct:,} distinct values, not all integers"
+        if distinct > MAX_CLASS_INTEGERS:
+            return "regression", f"{distinct:,} distinct integer values (over {MAX_CLASS_INTEGERS})"
+        return "single_label", (f"{distinct} distinct integer values (set competition.task=ordinal for grades, "
+                                "regression for a number)")
+    return "single_label", f"{distinct:,} classes, no label holds the separator {separator!r}"
+
+
+def split_tags(label: str, separator: str) -> list[str]:
+    return [t for t in label.split(separator) if t != ""] if separator else [label]
+
+
+def read_labels(task: str, labels: pd.Series, lines: list[int], separator: str, csv: Path,
+                column: str) -> tuple[list[str], np.ndarray]:
+    """(classes, y) of a train.csv label column for a task other than single_label (competition.py reads those).
+
+    multi_label: classes are the tags (each in at least 2 rows: folds need them twice), y is -1 (the targets are
+    the tags in `label`); regression: no classes, y the number; ordinal: classes are the integer grades in
+    numeric order, y the grade's index. Every bad cell is a one-line error naming the file and line."""
+    from .competition import MISSING_LABELS, sort_classes  # competition imports this module
+
+    def fail(i: int, what: str) -> PipelineError:
+        return PipelineError(f"{csv} line {lines[i]}: {what}")
+
+    for i, v in enumerate(labels):
+        if v.strip() == "" or v.strip().lower() in MISSING_LABELS:
+            raise fail(i, f"empty or missing target {v!r} in column '{column}'; give every training row a target "
+                          "or remove the row")
+    if task == "multi_label":
+        tags = [split_tags(v.strip(), separator) for v in labels]
+        counts = pd.Series([t for row in tags for t in row]).value_counts()
+        for tag, n in counts.items():
+            if n < 2:
+                i = next(j for j, row in enumerate(tags) if tag in row)
+                raise fail(i, f"tag '{tag}' appears in only 1 row; folds need at least 2 per tag; "
+                              "remove the tag or the row")
+        return sort_classes(list(counts.index)), np.full(len(labels), -1)
+    numbers = []
+    for i, v in enumerate(labels):
+        n = _number(v)
+        if n is None or not np.isfinite(n):
+            raise fail(i, f"target {v!r} in column '{column}' is not a finite number; a {task} target must be "
+                          "one (fix the cell, or set competition.task=single_label for classes)")
+        if task == "ordinal" and n != int(n):
+            raise fail(i, f"grade {v!r} in column '{column}' is not an integer; ordinal grades are integers "
+                          "(set competition.task=regression for a number)")
+        numbers.append(n)
+    if task == "regression":
+        return [], np.asarray(numbers, dtype=np.float64)
+    classes = sort_classes(sorted(set(labels.str.strip())))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, labels.str.strip().map(index).to_numpy()
+
+
+# --- targets, heads, losses ---------------------------------------------------------------------------------
+
+def multi_hot(labels, classes: list[str], separator: str) -> np.ndarray:
+    """(n, n_tags) 0/1 rows of space-separated (or separator-separated) tags; unknown tags are ignored."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    for r, label in enumerate(labels):
+        for tag in split_tags(str(label).strip(), separator):
+            if tag in index:
+                out[r, index[tag]] = 1.0
+    return out
+
+
+def truth(task: str, frame: pd.DataFrame, classes: list[str], separator: str) -> np.ndarray:
+    """What metrics score against: class/grade index, multi-hot rows, or the numbers (from `y`, or `label`)."""
+    if task == "multi_label":
+        return multi_hot(frame["label"], classes, separator).astype(int)
+    if task == "regression":
+        return frame["y"].to_numpy(np.float64)
+    return frame["y"].to_numpy().astype(int)
+
+
+def targets(task: str, frame: pd.DataFrame, classes: list[str], separator: str) -> np.ndarray:
+    """Training targets: int64 class index (single_label), float32 multi-hot, float32 number or grade index."""
+    if task == "single_label":
+        return frame["y"].to_numpy().astype(np.int64)
+    return truth(task, frame, classes, separator).astype(np.float32)
+
+
+def columns(task: str, classes: list[str]) -> list[str]:
+    """Prediction file columns: one probability per class or tag, or one `pred`."""
+    return [f"p_{c}" for c in classes] if task in ("single_label", "multi_label") else ["pred"]
+
+
+@dataclass(frozen=True)
+class Head:
+    """The network's output for a task: size, loss and activation. For regression and ordinal the head predicts
+    (target - center) / scale (mse, huber) or sigmoid^-1((target - center) / scale) (bce_scaled)."""
+
+    task: str = "single_label"
+    n_out: int = 0
+    loss: str = "ce"
+    center: float = 0.0
+    scale: float = 1.0
+
+    def to_meta(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict | None, n_classes: int) -> Head:
+        return cls(**meta) if meta else cls("single_label", n_classes, "ce")
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, n_out) logits -> (N, n_columns) predictions."""
+        logits = logits.float()
+        if self.task == "single_label":
+            return logits.softmax(-1)
+        if self.task == "multi_label":
+            return logits.sigmoid()
+        z = logits.sigmoid() if self.loss == "bce_scaled" else logits
+        return self.center + self.scale * z
+
+    def loss_value(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of the non-single-label tasks (single_label keeps engine.soft_cross_entropy). Targets: multi-hot
+        (mixed ones too) or numbers on the target's scale."""
+        logits = logits.float()
+        if self.task == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        u = ((target.float() - self.center) / self.scale).view(-1, 1)
+        if self.loss == "bce_scaled":
+            return F.binary_cross_entropy_with_logits(logits, u.clamp(0, 1))
+        if self.loss == "huber":
+            return F.huber_loss(logits, u, delta=1.0)
+        return F.mse_loss(logits, u)
+
+    def merge(self, logits: np.ndarray, how: str = "mean") -> np.ndarray:
+        """(n_views, N, n_out) logits -> (N, n_columns) predictions: mean of the views' predictions; geometric on
+        sigmoid outputs is the sigmoid of the mean logit; numbers are always averaged."""
+        t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        if how == "geometric" and self.task == "multi_label":
+            return t.mean(0).sigmoid().numpy()
+        return torch.stack([self.activate(v) for v in t]).mean(0).numpy()
+
+
+def make_head(task: str, n_classes: int, loss: str, train_targets: np.ndarray) -> Head:
+    """The head of a task; for numbers the scaling comes from the fold's training targets."""
+    if task == "single_label":
+        return Head(task, n_classes, "ce")
+    if task == "multi_label":
+        return Head(task, n_classes, "bce")
+    t = np.asarray(train_targets, dtype=np.float64)
+    if loss == "bce_scaled":
+        low, high = float(t.min()), float(t.max())
+        return Head(task, 1, loss, low, (high - low) or 1.0)
+    return Head(task, 1, loss, float(t.mean()), float(t.std()) or 1.0)
+
+
+def cut_grades(values: np.ndarray, n_grades: int, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Grade index of continuous ordinal predictions: cut at `thresholds` (ascending, n_grades - 1 of them;
+    default 0.5, 1.5, ... = rounding)."""
+    cuts = np.arange(n_grades - 1) + 0.5 if thresholds is None else np.asarray(thresholds)
+    return np.searchsorted(cuts, np.asarray(values, dtype=np.float64).reshape(-1), side="right")
