@@ -274,6 +274,17 @@ class Head:
         return torch.stack([self.activate(v) for v in t]).mean(0).numpy()
 
 
+def pooled(head: Head, logits: np.ndarray) -> tuple[np.ndarray, Head]:
+    """Logits of one fold's model, ready to pool with other folds' rows: a number head's scaling is learnt per fold,
+    so its (n_views, N, 1) logits become predicted values, merged by an identity head (center 0, scale 1, mse);
+    class and tag logits are returned as they are, with the head."""
+    if head.task in ("single_label", "multi_label"):
+        return logits, head
+    t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    values = torch.stack([head.activate(v) for v in t]).numpy()
+    return values, Head(head.task, 1, "mse", 0.0, 1.0)
+
+
 def make_head(task: str, n_classes: int, loss: str, train_targets: np.ndarray) -> Head:
     """The head of a task; for numbers the scaling comes from the fold's training targets."""
     if task == "single_label":
