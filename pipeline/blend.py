@@ -13,6 +13,12 @@ honest scores is an optimistic estimate of what the pick will score. nested_pick
 policy itself: for each fold, the whole leaderboard is rebuilt on the other folds (its fitted rows
 nested inside them), the best row is picked there, fitted on those folds and applied to the held-out
 fold.
+
+Other tasks (pipeline/tasks.py; the metric tells which) blend their own predictions: sigmoid columns
+(multi-label) or one column of numbers. Their rows are mean, rank (each model's ranks averaged, then
+mapped onto the mean blend's values per column, so the blend keeps the predictions' scale), fitted weights
+and Caruana; the fitted objective `log_loss` is then the binary log-loss of the tags, or the squared error
+of the numbers. Geometric blends and the stack are for class probabilities only.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
-from .metrics import GREATER_IS_BETTER, score
+from .tasks import greater_is_better, kind_of, score
 
 EPS = 1e-15
 STACK_FLOOR = 1e-6  # probabilities below this are one feature value to the stack (see stack_features)
@@ -43,23 +49,39 @@ def combine(P: np.ndarray, weights: np.ndarray, how: str = "linear") -> np.ndarr
         ranks = rankdata(P, axis=1) / P.shape[1]  # rank of each row within a (model, class) column
         out = np.tensordot(w, ranks, axes=1)
         return out / out.sum(1, keepdims=True)
+    if how == "rank_values":
+        return _ranked_onto(np.tensordot(w, rankdata(P, axis=1), axes=1), np.tensordot(w, P, axes=1))
     raise ValueError(f"unknown blend {how}")
+
+
+def _ranked_onto(score_: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per column, the sorted `values` handed out in the order of `score_` (ties broken by row): a rank blend
+    that stays on the predictions' scale (tags' probabilities, numbers)."""
+    out = np.empty_like(values, dtype=np.float64)
+    for j in range(values.shape[1]):
+        out[np.argsort(score_[:, j], kind="stable"), j] = np.sort(values[:, j])
+    return out
 
 
 def _loss(metric: str, objective: str) -> Callable[[np.ndarray, np.ndarray], float]:
     """Lower-is-better loss of (y, proba) for the chosen objective. Log-loss is computed here rather than by
     scikit-learn, whose input checks cost ~5 ms a call and Caruana calls it rounds x models times per fit
     (blends of normalised rows are normalised, so no renormalisation is needed)."""
+    kind = kind_of(metric)
+    if objective == "log_loss" and kind == "multi":
+        return lambda y, p: float(-(y * np.log(np.clip(p, EPS, 1)) + (1 - y) * np.log(np.clip(1 - p, EPS, 1))).mean())
+    if objective == "log_loss" and kind == "value":
+        return lambda y, p: float(np.mean((p[:, 0] - y) ** 2))
     if objective == "log_loss":
         return lambda y, p: float(-np.log(np.clip(p[np.arange(len(y)), y], EPS, 1)).mean())
-    sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
+    sign = -1.0 if greater_is_better(metric) else 1.0
     return lambda y, p: sign * score(metric, y, p)
 
 
 def fit_weights(P: np.ndarray, y: np.ndarray, metric: str, objective: str = "log_loss") -> np.ndarray:
     """Simplex weights minimising the objective: softmax-parametrised, L-BFGS-B with the analytic gradient for
     log-loss (nested CV fits this many times, so no finite differences), Nelder-Mead otherwise."""
-    if objective == "log_loss":
+    if objective == "log_loss" and kind_of(metric) == "proba":
         return _softmax(minimize(_log_loss_grad, np.zeros(len(P)), args=(P[:, np.arange(len(y)), y],),
                                  jac=True, method="L-BFGS-B").x)
     loss = _loss(metric, objective)
@@ -147,6 +169,13 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int,
     """Blend name -> (how, fit); fit is None for fixed equal-weight blends."""
     if n_models < 2:
         return {}
+    if kind_of(metric) != "proba":
+        return {
+            "mean": ("linear", None),
+            "rank": ("rank_values", None),
+            "weights": ("linear", lambda P, y: fit_weights(P, y, metric, objective)),
+            "caruana": ("linear", lambda P, y: caruana(P, y, metric, objective, rounds)),
+        }
     return {
         "mean": ("linear", None),
         "geometric": ("geometric", None),
@@ -219,7 +248,7 @@ def pick(rows: list[dict], metric: str, method: str = "auto") -> dict:
         raise KeyError(method)
     best = rows[0]
     for row in rows[1:]:
-        better = (row["honest_score"] > best["honest_score"] if GREATER_IS_BETTER[metric]
+        better = (row["honest_score"] > best["honest_score"] if greater_is_better(metric)
                   else row["honest_score"] < best["honest_score"])
         if better:
             best = row

@@ -16,13 +16,12 @@ import json
 import numpy as np
 import pandas as pd
 
-from . import blend, experiments, submission
+from . import blend, experiments, submission, tasks
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER
-from .predictions import prob_columns, read_parquet_meta, write_parquet
+from .predictions import read_parquet_meta, write_parquet
 
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
@@ -54,8 +53,8 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     return models
 
 
-def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cols = prob_columns(classes)
+def _stack(models: dict, classes: list[str], task: str = "single_label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cols = tasks.columns(task, classes)
     first_test = next(iter(models.values()))[1]
     P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
     T = np.stack([m[1].set_index("id").loc[first_test["id"], cols].to_numpy(np.float64) for m in models.values()])
@@ -98,9 +97,10 @@ def run(ctx: Context) -> dict:
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
-    P, T, test_ids = _stack(models, folds_meta["classes"])
+    task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
+    P, T, test_ids = _stack(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
-    y, folds = rows["y"].to_numpy(), rows["fold"].to_numpy()
+    y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
     board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
@@ -114,7 +114,7 @@ def run(ctx: Context) -> dict:
     auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows)
     auto["tta_optimism"] = tta_optimism(models, metric)
     test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
-    _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
+    _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta, task)
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
@@ -187,7 +187,7 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
         meta = read_parquet_meta(folder / "oof.parquet")
         if meta.get("oof_score_nested") is not None and meta.get("oof_score") is not None:
             gap = meta["oof_score"] - meta["oof_score_nested"]
-            gaps[name] = gap if GREATER_IS_BETTER[metric] else -gap
+            gaps[name] = gap if tasks.greater_is_better(metric) else -gap
     if gaps:
         print("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
               "by about the nested TTA gap: " + ", ".join(f"{n} {g:+.4f}" for n, g in gaps.items()))
@@ -195,9 +195,9 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
 
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba,
-                             folds_meta: dict) -> None:
+                             folds_meta: dict, task: str = "single_label") -> None:
     """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
-    cols = prob_columns(folds_meta["classes"])
+    cols = tasks.columns(task, folds_meta["classes"])
     meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
     oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen["oof"], columns=cols)], axis=1)
     test = pd.concat([pd.DataFrame({"id": test_ids}), pd.DataFrame(test_proba, columns=cols)], axis=1)
