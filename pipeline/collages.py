@@ -70,7 +70,7 @@ def _plan(rng: np.random.Generator, pool: np.ndarray, n: int) -> list[tuple[np.n
     return plans
 
 
-def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1600, n_test: int = 400) -> Path:
+def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_test: int = 300) -> Path:
     """Write the competition to `out` (train.csv, test.csv, sample_submission.csv, images/) and its hidden
     solution beside it; the digits of each collage are recorded in `<out>_digits.csv` (also outside the folder)
     so tests and readers can check every label against what was drawn."""
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.collages", description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--out", type=Path, default=None, help="competition folder (default data/collages_<task>)")
-    parser.add_argument("--train", type=int, default=1600, help="training collages")
-    parser.add_argument("--test", type=int, default=400, help="test collages (targets in the hidden solution)")
+    parser.add_argument("--train", type=int, default=1200, help="training collages")
+    parser.add_argument("--test", type=int, default=300, help="test collages (targets in the hidden solution)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = build_collages(args.out or DEFAULT_OUT[args.task], args.task, args.seed, args.train, args.test)

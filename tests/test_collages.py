@@ -1,4 +1,6 @@
 import hashlib
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +10,8 @@ from PIL import Image
 from pipeline import collages
 from pipeline.config import CompetitionConfig
 from pipeline.digits import solution_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tree_digest(root):
@@ -108,3 +112,26 @@ def test_command_line(tmp_path, capsys):
     assert "regression competition written to" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown collage task"):
         collages.build_collages(out, "ordinal")
+
+
+def make_dry_run(*args):
+    """The commands `make -n` would run for a target (a fresh .venv stamp is assumed: no install lines)."""
+    cmd = ["make", "--no-print-directory", "-n", "-C", str(REPO), *args, f"INSTALLED={REPO / 'Makefile'}"]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def test_make_demo_targets():
+    assert make_dry_run("demo")[-2:] == [  # without TASK: digits, as before
+        ".venv/bin/python -m pipeline ensemble --data data/digits --config configs/digits.yaml ",
+        ".venv/bin/python -m pipeline score submissions/digits.csv data/digits_solution.csv"]
+    for task, metric in (("multi_label", "f1_samples"), ("regression", "rmse")):
+        lines = make_dry_run("demo", f"TASK={task}")
+        assert lines[-2:] == [
+            f".venv/bin/python -m pipeline ensemble --data data/collages_{task} "
+            f"--config configs/demo-{task.replace('_', '-')}.yaml ",
+            f".venv/bin/python -m pipeline score submissions/collages_{task}.csv data/collages_{task}_solution.csv "
+            f"--metric {metric}"]
+        assert (REPO / f"configs/demo-{task.replace('_', '-')}.yaml").is_file()
+        # the chain's own targets pick the demo's config for its folder
+        assert "--config \"configs/demo-" + task.replace("_", "-") + ".yaml\"" in make_dry_run(
+            "folds", f"DATA=data/collages_{task}")[-1]
