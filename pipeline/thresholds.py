@@ -105,7 +105,9 @@ def fit_per_class(pred: np.ndarray, y: np.ndarray, metric: str, grid: np.ndarray
         before = thresholds.copy()
         for j in range(y.shape[1]):
             scores = _candidate_scores(pred, y, thresholds, j, grid, beta, average)
-            current = _candidate_scores(pred, y, thresholds, j, thresholds[j:j + 1], beta, average)[0]
+            on_grid = np.flatnonzero(grid == thresholds[j])
+            current = (scores[on_grid[0]] if len(on_grid) else
+                       _candidate_scores(pred, y, thresholds, j, thresholds[j:j + 1], beta, average)[0])
             if scores.max() >= current - TOL:  # a start off the grid may beat every grid value: then it stays
                 thresholds[j] = grid[_middle_of_best(scores)]
         if np.array_equal(before, thresholds):
