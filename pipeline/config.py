@@ -67,7 +67,7 @@ class CompetitionConfig(Section):
                             "integer grades need task=ordinal), printed with its reason")
     label_separator: str = Field(" ", description="multi_label: what separates the tags of one label")
     metric: Literal["auto", "accuracy", "log_loss", "macro_f1", "roc_auc", "f1_samples", "f1_micro", "f1_macro",
-                    "f2_samples", "map", "mean_roc_auc", "rmse", "mae", "r2", "qwk"] = Field(
+                    "f2_samples", "map", "roc_auc_mean", "rmse", "mae", "r2", "qwk"] = Field(
         "auto", description="competition metric used for best checkpoints and CV scores; auto: accuracy "
                             "(single_label), f1_samples (multi_label), rmse (regression), qwk (ordinal)")
     channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when "

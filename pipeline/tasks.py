@@ -31,87 +31,45 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (
-    average_precision_score,
-    cohen_kappa_score,
-    f1_score,
-    fbeta_score,
-    mean_absolute_error,
-    r2_score,
-    roc_auc_score,
-)
 
 from . import metrics
 from .errors import PipelineError
 
-TASKS = ("single_label", "multi_label", "regression", "ordinal")
-DEFAULT_METRIC = {"single_label": "accuracy", "multi_label": "f1_samples", "regression": "rmse", "ordinal": "qwk"}
+TASKS = metrics.TASKS
+DEFAULT_METRIC = metrics.DEFAULT_METRIC
 MAX_CLASS_INTEGERS = 20  # integer labels with more distinct values than this are a number to regress, not classes
-
-# metric -> (kind of predictions it scores, greater is better). Kinds: proba (softmax rows, class-index truth),
-# multi (sigmoid columns, multi-hot truth), value (one column of numbers, numeric truth).
-METRICS = {
-    **{name: ("proba", better) for name, better in metrics.GREATER_IS_BETTER.items()},
-    "f1_samples": ("multi", True), "f1_micro": ("multi", True), "f1_macro": ("multi", True),
-    "f2_samples": ("multi", True), "map": ("multi", True), "mean_roc_auc": ("multi", True),
-    "rmse": ("value", False), "mae": ("value", False), "r2": ("value", True), "qwk": ("value", True),
-}
+# the kind of predictions a task's metrics score: proba (softmax rows, class-index truth), multi (sigmoid columns,
+# multi-hot truth), value (one column of numbers, numeric truth)
 KIND = {"single_label": "proba", "multi_label": "multi", "regression": "value", "ordinal": "value"}
 
 
 def greater_is_better(metric: str) -> bool:
-    return METRICS[metric][1]
+    return metrics.GREATER_IS_BETTER[metric]
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
-    if old is None:
-        return True
-    return new > old if greater_is_better(metric) else new < old
+    return metrics.is_better(metric, new, old)
 
 
 def kind_of(metric: str) -> str:
-    return METRICS[metric][0]
+    return KIND[metrics.METRICS[metric].tasks[0]]
 
 
 def check_metric(task: str, metric: str) -> None:
     """A metric of another task is a one-line error naming the ones that fit."""
-    if KIND[task] != kind_of(metric) or (metric == "qwk" and task != "ordinal"):
-        fit = [m for m, (k, _) in METRICS.items() if k == KIND[task] and (m != "qwk" or task == "ordinal")]
-        raise PipelineError(f"competition.metric={metric} does not score a {task} task; use one of {', '.join(fit)}")
+    if task not in metrics.METRICS[metric].tasks:
+        raise PipelineError(f"competition.metric={metric} does not score a {task} task; use one of "
+                            f"{', '.join(metrics.metrics_for(task))}")
 
 
-def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
-    """Metric of predictions `pred` (n, n_columns) against the truth (class index, multi-hot rows or numbers).
-
-    Multi-label F-scores cut probabilities at 0.5 (pipeline/thresholds.py tunes the cut); qwk rounds the
-    continuous grade index to the nearest grade."""
-    kind = kind_of(metric)
-    if kind == "proba":
-        return metrics.score(metric, y_true, pred)
-    pred = np.asarray(pred, dtype=np.float64)
-    if kind == "multi":
-        y_true = np.asarray(y_true, dtype=int)
-        hard = (pred >= 0.5).astype(int)
-        if metric in ("f1_samples", "f1_micro", "f1_macro"):
-            return float(f1_score(y_true, hard, average=metric[3:], zero_division=0))
-        if metric == "f2_samples":
-            return float(fbeta_score(y_true, hard, beta=2, average="samples", zero_division=0))
-        present = (y_true.sum(0) > 0) & (y_true.sum(0) < len(y_true))  # AP/AUC need both outcomes in a column
-        if metric == "map":
-            return float(average_precision_score(y_true[:, present], pred[:, present], average="macro"))
-        return float(roc_auc_score(y_true[:, present], pred[:, present], average="macro"))
-    values, y_true = pred.reshape(len(pred), -1)[:, 0], np.asarray(y_true, dtype=np.float64)
-    if metric == "rmse":
-        return float(np.sqrt(np.mean((values - y_true) ** 2)))
-    if metric == "mae":
-        return float(mean_absolute_error(y_true, values))
-    if metric == "r2":
-        return float(r2_score(y_true, values))
-    if metric == "qwk":
-        top = int(y_true.max()) if len(y_true) else 0
-        grades = np.clip(np.rint(values), 0, max(top, int(np.rint(values).max(initial=0)))).astype(int)
-        return float(cohen_kappa_score(y_true.astype(int), grades, weights="quadratic"))
-    raise ValueError(f"unknown metric {metric}")
+def score(metric: str, y_true: np.ndarray, pred: np.ndarray, thresholds=None) -> float:
+    """metrics.score with the thresholds given (tag cuts; ordinal cut points), or its defaults: 0.5 for tags; for
+    qwk the midpoints of every grade seen in the truth or the rounded predictions, so a prediction above the
+    fold's highest grade is not lost."""
+    if metric == "qwk" and thresholds is None:
+        top = max(int(np.max(y_true, initial=0)), int(np.rint(np.max(pred, initial=0))))
+        thresholds = metrics.midpoints(top + 1)
+    return metrics.score(metric, y_true, pred, thresholds=thresholds)
 
 
 # --- detection and reading of the label column --------------------------------------------------------------
