@@ -19,6 +19,13 @@ Other tasks (pipeline/tasks.py; the metric tells which) blend their own predicti
 mapped onto the mean blend's values per column, so the blend keeps the predictions' scale), fitted weights
 and Caruana; the fitted objective `log_loss` is then the binary log-loss of the tags, or the squared error
 of the numbers. Geometric blends and the stack are for class probabilities only.
+
+Thresholded metrics (multi-label F-scores, ordinal qwk: metrics.METRICS) cut each row's predictions at
+thresholds tuned on OOF (pipeline/thresholds.py). Like fitted weights they are nested: a row's honest score
+cuts each fold's honest predictions at thresholds fitted on the other folds' honest predictions, and its
+`thresholds` (fitted on all its honest rows) cut the test predictions. The weights that made a fold-j row
+were fitted with fold k among their rows, so fold k's labels reach its thresholds at second hand; that is
+the leak every nested blend of nested predictions carries, and it is small next to fitting on fold k itself.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
+from . import metrics, thresholds
 from .tasks import greater_is_better, kind_of, score
 
 EPS = 1e-15
@@ -189,17 +197,58 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int,
 KINDS = {"linear": "fitted blend", "stack": "stack"}
 
 
+def fit_cuts(metric: str, pred: np.ndarray, y: np.ndarray, policy: str, n_grades: int | None = None):
+    """Thresholds of a thresholded metric fitted on (pred, y): per tag or one for all tags (multi-label), cut points
+    (ordinal); None when the metric has none or the policy is fixed."""
+    if policy == "fixed" or not metrics.METRICS[metric].thresholded:
+        return None
+    if metric == "qwk":
+        return thresholds.fit_ordinal(pred, y, n_grades)
+    return thresholds.fit_multilabel(pred, y, metric, per_class=policy == "per_class")
+
+
+def decided(metric: str, pred: np.ndarray, cuts, n_grades: int | None = None) -> np.ndarray:
+    """Predictions cut at `cuts` into what the metric's default thresholds score the same way: 0/1 tag decisions,
+    or whole grades. Without cuts, the predictions themselves."""
+    if cuts is None:
+        return pred
+    if metric == "qwk":
+        return metrics.to_grades(pred, cuts).astype(np.float64).reshape(-1, 1)
+    return metrics.decide(pred, cuts).astype(np.float64)
+
+
+def nested_cuts(metric: str, pred: np.ndarray, y: np.ndarray, folds: np.ndarray, policy: str,
+                n_grades: int | None = None) -> np.ndarray:
+    """Each fold's predictions cut at thresholds fitted on the other folds' rows (unchanged when none apply)."""
+    if policy == "fixed" or not metrics.METRICS[metric].thresholded or len(np.unique(folds)) < 2:
+        return pred
+    out = np.zeros((len(pred), 1 if metric == "qwk" else pred.shape[1]))
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = decided(metric, pred[held], fit_cuts(metric, pred[~held], y[~held], policy, n_grades), n_grades)
+    return out
+
+
 def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> list[dict]:
+             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, cuts: str = "fixed",
+             n_grades: int | None = None) -> list[dict]:
     """Leaderboard rows: every single model, then every blend and the stack, with in-sample and honest scores.
 
     Each row keeps `params` (what `apply` needs: weights, or the stack fitted on all rows, for the test
     probabilities) and `oof` (its honest out-of-fold probabilities). OOF rows of a single fold (one fold
-    trained) leave nothing to fit on while scoring it, so fitted rows are then left out."""
-    rows = [{"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
-             "params": np.eye(len(names))[i], "cv_score": score(metric, y, P[i]),
-             "honest_score": score(metric, y, P[i]), "oof": P[i]}
-            for i, n in enumerate(names)]
+    trained) leave nothing to fit on while scoring it, so fitted rows are then left out.
+
+    `cuts` (ensemble.thresholds) tunes a thresholded metric's thresholds: `thresholds` of a row are fitted on its
+    honest OOF (they cut the test predictions), its cv_score uses them on the rows they were fitted on, and its
+    honest_score cuts each fold at thresholds fitted on the other folds (nested_cuts)."""
+    rows = []
+    for i, n in enumerate(names):
+        t = fit_cuts(metric, P[i], y, cuts, n_grades)
+        rows.append({"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
+                     "params": np.eye(len(names))[i], "thresholds": t,
+                     "cv_score": score(metric, y, decided(metric, P[i], t, n_grades)),
+                     "honest_score": score(metric, y, nested_cuts(metric, P[i], y, folds, cuts, n_grades)),
+                     "oof": P[i]})
     nestable = len(np.unique(folds)) > 1
     for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c).items():
         if fit is not None and not nestable:
@@ -208,14 +257,18 @@ def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], 
         in_sample = apply(P, params, how)
         honest = in_sample if fit is None else nested_oof(P, y, folds, fit, how)
         shown = stack_shares(params, len(names)) if how == "stack" else params
+        t = fit_cuts(metric, honest, y, cuts, n_grades)
         rows.append({"model": blend_name, "kind": KINDS[how] if fit else "fixed blend", "how": how,
                      "weights": dict(zip(names, np.round(shown, 4).tolist(), strict=True)), "params": params,
-                     "cv_score": score(metric, y, in_sample), "honest_score": score(metric, y, honest), "oof": honest})
+                     "thresholds": t, "cv_score": score(metric, y, decided(metric, in_sample, t, n_grades)),
+                     "honest_score": score(metric, y, nested_cuts(metric, honest, y, folds, cuts, n_grades)),
+                     "oof": honest})
     return rows
 
 
 def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0) -> dict | None:
+                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, cuts: str = "fixed",
+                n_grades: int | None = None) -> dict | None:
     """Honest score of `ensemble.method=auto` itself: for each fold k, the leaderboard of the other folds
     (evaluate on their rows alone, fitted rows nested inside them), its auto pick fitted on those rows and
     applied to fold k; the pooled held-out predictions are scored once, as every honest score is.
@@ -225,12 +278,14 @@ def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str
     fold_ids = np.unique(folds)
     if len(fold_ids) < 3:
         return None
-    out, picks = np.zeros(P.shape[1:]), {}
+    out, picks = None, {}
     for k in fold_ids:
         held = folds == k
-        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c)
+        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c, cuts, n_grades)
         chosen = pick(inner, metric)
-        out[held] = apply(P[:, held], chosen["params"], chosen["how"])
+        part = decided(metric, apply(P[:, held], chosen["params"], chosen["how"]), chosen.get("thresholds"), n_grades)
+        out = np.zeros((P.shape[1], part.shape[1])) if out is None else out
+        out[held] = part
         picks[int(k)] = chosen["model"]
     return {"score": score(metric, y, out), "picks": picks, "oof": out}
 

@@ -359,6 +359,10 @@ class EnsembleConfig(Section):
     stack_c: float = Field(1.0, gt=0, description="inverse L2 strength of the stack (logistic regression on "
                                                    "every model's OOF log-probabilities): smaller, more regularised")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
+    thresholds: Literal["per_class", "global", "fixed"] = Field(
+        "per_class", description="thresholded metrics (multi-label F-scores, ordinal qwk): cut points tuned on OOF, "
+                                 "nested (per_class: one per tag; global: one for all tags; both: ordinal cut "
+                                 "points), or fixed (0.5; halfway between grades)")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: "
                                                                                    "as sample_submission shows")
 

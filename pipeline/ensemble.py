@@ -101,27 +101,34 @@ def run(ctx: Context) -> dict:
     P, T, test_ids = _stack(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
     y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
-    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
+    n_grades = len(folds_meta["classes"]) if task == "ordinal" else None
+    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
+                                cfg.thresholds, n_grades)
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
     except KeyError:
         raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; "
                             f"choose from {[r['model'] for r in board_rows]}") from None
     board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items()
-                           if k not in ("oof", "params")} for r in board_rows])
+                           if k not in ("oof", "params", "thresholds")} for r in board_rows])
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
     _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
-    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows)
+    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows, n_grades)
     auto["tta_optimism"] = tta_optimism(models, metric)
     test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta, task)
-    frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
+    cuts = chosen.get("thresholds")
+    if cuts is not None:
+        print(f"ensemble: {metric} thresholds of {chosen['model']}, tuned on its OOF rows (nested in its honest "
+              f"score): {np.round(np.atleast_1d(cuts), 3).tolist()}")
+    frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output), cuts)
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
         print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
               f"({overrides})")
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"],
                 "metric": metric, "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
+                "thresholds": None if cuts is None else np.atleast_1d(cuts).tolist(),
                 "folds_hash": folds_meta["folds_hash"],
                 "config_hash": config_hash(ctx.cfg),
                 "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
@@ -154,7 +161,7 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
 
 
 def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str, cfg,
-                      chosen: dict, board_rows: list[dict]) -> dict:
+                      chosen: dict, board_rows: list[dict], n_grades: int | None = None) -> dict:
     """The honest score of the `auto` pick (blend.nested_pick), printed and recorded in weights.json.
 
     The chosen row's honest_score is the best of every row's honest score, so under `auto` it is
@@ -165,7 +172,8 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
     none = {"auto_pick_nested_score": None, "auto_picks_by_fold": None, "auto_pick_optimism": None}
     if cfg.method != "auto":
         return none
-    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c)
+    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
+                               cfg.thresholds, n_grades)
     if result is None:
         spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
         print(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
