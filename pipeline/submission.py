@@ -29,7 +29,8 @@ from .competition import Competition, line_of, read_table
 from .detection.infer import parse_prediction_strings
 from .errors import PipelineError
 from .metrics import score
-from .tasks import cut_grades, split_tags
+from .tasks import cut_grades, kind_of, multi_hot, split_tags
+from .tasks import score as task_score
 
 
 def is_probability_columns(columns, classes: list[str]) -> bool:
@@ -240,8 +241,10 @@ def read_submission(path: Path, what: str = "submission") -> pd.DataFrame:
     return read_table(path)
 
 
-def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> float:
-    """Score a label submission against a solution file with the same id column (the demo's private LB)."""
+def score_file(submission: Path, solution: Path, metric: str = "accuracy", separator: str = " ") -> float:
+    """Score a label submission against a solution file with the same id column (the demo's private LB): class
+    labels (accuracy, macro_f1), tags joined by `separator` (multi-label F-scores), or numbers (rmse, mae, r2;
+    qwk on integer grades)."""
     sub, sol = read_submission(submission, "submission"), read_submission(solution, "solution")
     if len(sol.columns) < 2:
         raise PipelineError(f"{solution}: needs an id column and a label column; columns are {list(sol.columns)}")
@@ -258,6 +261,19 @@ def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> fl
         raise PipelineError(f"{submission}: ids do not match {solution} ({len(missing)} missing, e.g. {missing[:1]}; "
                             f"{len(extra)} extra, e.g. {extra[:1]})")
     merged = sol[[id_col, label_col]].merge(sub[[id_col, label_col]], on=id_col, how="left", suffixes=("_true", ""))
+    kind = kind_of(metric)
+    if kind == "value":
+        values = pd.to_numeric(merged[label_col], errors="coerce").to_numpy(float)
+        if not np.isfinite(values).all():
+            bad = merged[label_col][~np.isfinite(values)].iloc[0]
+            raise PipelineError(f"{submission}: value {bad!r} in column '{label_col}' is not a finite number")
+        truth = merged[f"{label_col}_true"].astype(float).to_numpy()
+        return task_score(metric, truth.astype(int) if metric == "qwk" else truth, values.reshape(-1, 1))
+    if kind == "multi":
+        cells = pd.concat([sol[label_col], sub[label_col]])
+        tags = sorted({t for v in cells for t in split_tags(v.strip(), separator)})
+        return task_score(metric, multi_hot(merged[f"{label_col}_true"], tags, separator),
+                          multi_hot(merged[label_col], tags, separator))
     classes = sorted(set(sol[label_col]) | set(sub[label_col]))
     index = {c: i for i, c in enumerate(classes)}
     onehot = np.eye(len(classes))[merged[label_col].map(index)]
