@@ -269,3 +269,31 @@ def test_each_task_runs_folds_train_ensemble_through_the_cli(tmp_path, capsys, t
     assert np.isfinite(submission.score_file(subs / "comp.csv", data / "solution.csv", metric))
     if task != "regression":
         assert "thresholds of" in out  # tuned on OOF, nested
+
+
+# --- tuning and the AutoGluon baseline --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, direction", [("multi_label", "MAXIMIZE"), ("regression", "MINIMIZE")])
+def test_tuning_follows_the_task_metrics_direction(tmp_path, task, direction):
+    from pipeline import tune
+    from pipeline.context import Context
+
+    data = make_task_folder(tmp_path / "comp", task, n_train=24, n_test=4)
+    args = ["clean.workers=1", "folds.n_splits=2", *(["competition.task=ordinal"] if task == "ordinal" else [])]
+    assert main(["folds", "--data", str(data), "--work", str(tmp_path / "work"), *args]) == 0
+    study = tune.open_study(Context(load_config(None, args), data, tmp_path / "work"))
+    assert study.direction.name == direction
+
+
+def test_autogluon_runs_numbers_as_regression_and_refuses_multi_label(tmp_path):
+    from pipeline.autogluon import autogluon_problem
+
+    assert autogluon_problem("rmse", 0, "regression") == {"problem_type": "regression", "eval_metric": "rmse",
+                                                          "validation_metric": "rmse"}
+    assert autogluon_problem("qwk", 4, "ordinal")["problem_type"] == "regression"
+    with pytest.raises(PipelineError, match="multi_label tasks are not supported: AutoGluon's MultiModalPredictor"):
+        autogluon_problem("f1_samples", 4, "multi_label")
+    data = make_task_folder(tmp_path / "comp", "multi_label", n_train=20, n_test=4)
+    code = main(["autogluon", "--data", str(data), "--work", str(tmp_path / "work"), "clean.workers=1",
+                 "folds.n_splits=2"])
+    assert code == 2 and not (tmp_path / "work" / "autogluon").exists()  # refused before any work
