@@ -41,8 +41,9 @@ AUTOGLUON_METRICS = {
     "log_loss": {"multiclass": ("log_loss", "log_loss"), "binary": ("log_loss", "log_loss")},
     "macro_f1": {"multiclass": ("f1_macro", "f1_macro"), "binary": ("f1_macro", "f1_macro")},
     "roc_auc": {"multiclass": ("roc_auc_ovr", "log_loss"), "binary": ("roc_auc", "roc_auc")},
-    # numbers (regression, and ordinal grades regressed like the pipeline's models do; qwk is scored here)
-    "rmse": {"regression": ("rmse", "rmse")}, "mae": {"regression": ("mae", "mae")},
+    # numbers (regression, and ordinal grades regressed like the pipeline's models do; qwk is scored here);
+    # MultiModalPredictor validates regression on no mae, so mae selects checkpoints by rmse
+    "rmse": {"regression": ("rmse", "rmse")}, "mae": {"regression": ("mae", "rmse")},
     "r2": {"regression": ("r2", "r2")}, "qwk": {"regression": ("rmse", "rmse")},
 }
 
