@@ -46,7 +46,7 @@ def _middle_of_best(scores: np.ndarray) -> int:
     return int(best[len(best) // 2])
 
 
-def _fit_counts(y: np.ndarray, decisions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _counts(y: np.ndarray, decisions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return decisions & y, decisions & ~y, ~decisions & y
 
 
@@ -56,7 +56,7 @@ def _candidate_scores(pred: np.ndarray, y: np.ndarray, thresholds: np.ndarray, j
     rather than by calling scikit-learn per grid value (one call per value and tag per round would be ~1e3x
     slower); tests check that it equals metrics.score."""
     others = np.arange(y.shape[1]) != j
-    tp, fp, fn = _fit_counts(y[:, others], pred[:, others] >= thresholds[others])
+    tp, fp, fn = _counts(y[:, others], pred[:, others] >= thresholds[others])
     dj = pred[:, j, None] >= grid[None, :]  # (n, G)
     yj = y[:, j, None]
     tpj, fpj, fnj = dj & yj, dj & ~yj, ~dj & yj
@@ -81,7 +81,7 @@ def fit_global(pred: np.ndarray, y: np.ndarray, metric: str, grid: np.ndarray = 
     y, pred = _as_bool(y, pred)
     scores = []
     for t in grid:
-        tp, fp, fn = _fit_counts(y, pred >= t)
+        tp, fp, fn = _counts(y, pred >= t)
         if average == "samples":
             scores.append(_f(tp.sum(1), fp.sum(1), fn.sum(1), beta).mean())
         elif average == "micro":

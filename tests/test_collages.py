@@ -135,3 +135,17 @@ def test_make_demo_targets():
         # the chain's own targets pick the demo's config for its folder
         assert "--config \"configs/demo-" + task.replace("_", "-") + ".yaml\"" in make_dry_run(
             "folds", f"DATA=data/collages_{task}")[-1]
+
+
+def test_demo_configs_skip_the_near_duplicate_search_that_pairs_collage_layouts(tmp_path):
+    from pipeline import dedup
+    from pipeline.clean import find_pairs
+    from pipeline.config import load_config
+    out = collages.build_collages(tmp_path / "c", "multi_label", n_train=200, n_test=0)
+    train = read(out / "train.csv")
+    feats = pd.DataFrame([dedup.image_features(str(out / p), 32) for p in train["image"]])
+    near, exact = find_pairs(feats, 14, near=True), find_pairs(feats, 14, near=False)
+    labels = train["label"].to_numpy()
+    assert len(exact) == 0 and (labels[near["a"]] != labels[near["b"]]).sum() >= 20  # 25 of its 33 pairs
+    for name in ("demo-multi-label.yaml", "demo-regression.yaml"):
+        assert load_config(REPO / "configs" / name).clean.near_duplicates is False
