@@ -12,8 +12,12 @@ AG_INSTALLED := $(AG_VENV)/.installed
 
 DIGITS := data/digits
 DATA ?= $(DIGITS)
-# The embedded competition gets its CPU-sized experiment; other folders start from the defaults.
-CONFIG ?= $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),configs/digits.yaml,)
+# The embedded collage competitions (make demo TASK=multi_label|regression): data/collages_<task>.
+TASK ?=
+COLLAGE_TASKS := multi_label regression
+COLLAGE_TASK = $(patsubst data/collages_%,%,$(filter $(COLLAGE_TASKS:%=data/collages_%),$(patsubst %/,%,$(DATA))))
+# The embedded competitions get their CPU-sized experiments; other folders start from the defaults.
+CONFIG ?= $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),configs/digits.yaml,$(if $(COLLAGE_TASK),configs/demo-$(subst _,-,$(COLLAGE_TASK)).yaml,))
 WORK ?=
 OVERRIDES ?=
 SUBMISSIONS ?= submissions
@@ -28,8 +32,11 @@ PYTEST_ARGS ?=
 PIPE = $(PY) -m pipeline
 ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
 	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(EXP),"model.only=[$(EXP)]") $(if $(FOLD),"train.folds=[$(FOLD)]") $(if $(filter 0,$(USE_TUNED)),--no-tuned)
-# The embedded competition is built on demand; any other DATA must already exist.
-DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,)
+# The embedded competitions are built on demand; any other DATA must already exist.
+DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,$(if $(COLLAGE_TASK),data/collages_$(COLLAGE_TASK)/train.csv,))
+# make demo TASK=x: the collage competition of task x, its config and the metric its hidden solution is scored by.
+DEMO_METRIC_multi_label := f1_samples
+DEMO_METRIC_regression := rmse
 
 # The detection track defaults to its own embedded competition unless DATA is given.
 BANANAS := data/bananas
@@ -41,7 +48,7 @@ DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/tra
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=folder CONFIG=configs/x.yaml WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
+	@echo "  variables: DATA=folder CONFIG=configs/x.yaml TASK=multi_label|regression (make demo) WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,9 +71,17 @@ $(DIGITS)/train.csv: | $(INSTALLED)
 
 data: $(DIGITS)/train.csv ## build the embedded "digits" competition from scikit-learn's bundled images
 
-demo: $(INSTALLED) $(DIGITS)/train.csv ## the whole chain on digits: CV score, hidden-solution score, submission
+data/collages_%/train.csv: | $(INSTALLED)
+	$(PY) -m pipeline.collages --task $* --out data/collages_$*
+
+demo: $(INSTALLED) $(if $(TASK),data/collages_$(TASK)/train.csv,$(DIGITS)/train.csv) ## the whole chain on digits (TASK=multi_label|regression: on collages)
+ifeq ($(TASK),)
 	$(PIPE) ensemble --data $(DIGITS) --config configs/digits.yaml $(OVERRIDES)
 	$(PIPE) score submissions/digits.csv $(DIGITS)_solution.csv
+else
+	$(PIPE) ensemble --data data/collages_$(TASK) --config configs/demo-$(subst _,-,$(TASK)).yaml $(OVERRIDES)
+	$(PIPE) score submissions/collages_$(TASK).csv data/collages_$(TASK)_solution.csv --metric $(DEMO_METRIC_$(TASK))
+endif
 
 clean-data: $(INSTALLED) $(DATA_DEP) ## clean stage: unreadable files, exact duplicates, label conflicts
 	$(PIPE) clean $(ARGS)

@@ -103,11 +103,12 @@ def train_transform(cfg: TrainConfig, seed: int) -> A.Compose:
     return A.Compose(_preset(cfg.augment, cfg.image_size, cfg.hflip) + _custom(cfg.transforms), seed=seed)
 
 
-def mixer(cfg: TrainConfig, num_classes: int, dense: bool = False) -> Mixup | None:
+def mixer(cfg: TrainConfig, num_classes: int, dense: bool = False, smoothing: bool = True) -> Mixup | None:
     """timm's Mixup/CutMix (it also applies label smoothing to the mixed targets), or None when off. dense: the
-    targets are already (smoothed) probability rows, mixed as they are (timm's dense path with no smoothing)."""
+    targets are already (batch, num_classes) rows (multi-hot tags, numbers as one column, or soft pseudo-labels
+    already smoothed: smoothing=False), mixed as given."""
     if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         return None
     return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
-                 switch_prob=cfg.mix_switch_prob, label_smoothing=0.0 if dense else cfg.label_smoothing,
+                 switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing if smoothing else 0.0,
                  num_classes=num_classes, multi_label=dense)

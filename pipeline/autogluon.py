@@ -8,6 +8,11 @@ selects checkpoints by the competition's metric (AUTOGLUON_METRICS). A fold fini
 interrupted run is reused, an unfinished one fitted afresh. Offline (the default,
 autogluon.pretrained=false) the backbone comes from a local export of the timm model, because
 AutoGluon 1.6 ignores `pretrained=False` and fetches hub weights; online it uses the hub name.
+
+Tasks (pipeline/tasks.py): single_label is classification; regression and ordinal are AutoGluon
+regression problems on the target (ordinal: the grade index, as the pipeline's own models regress it),
+their predictions one `pred` column. MultiModalPredictor has no multi-label problem type, so a
+multi_label competition is refused in one line.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import pandas as pd
 import timm
 import torch
 
+from . import tasks
 from .artifacts import content_key, fingerprint, is_done, read_json, write_json, write_stamp
 from .context import Context
 from .errors import PipelineError
-from .metrics import score
-from .predictions import prob_columns, write_parquet
+from .predictions import write_parquet
+from .tasks import columns, score
 
 SCRIPT = Path(__file__).with_name("autogluon_fit.py")
 
@@ -35,12 +41,19 @@ AUTOGLUON_METRICS = {
     "log_loss": {"multiclass": ("log_loss", "log_loss"), "binary": ("log_loss", "log_loss")},
     "macro_f1": {"multiclass": ("f1_macro", "f1_macro"), "binary": ("f1_macro", "f1_macro")},
     "roc_auc": {"multiclass": ("roc_auc_ovr", "log_loss"), "binary": ("roc_auc", "roc_auc")},
+    # numbers (regression, and ordinal grades regressed like the pipeline's models do; qwk is scored here);
+    # MultiModalPredictor validates regression on no mae, so mae selects checkpoints by rmse
+    "rmse": {"regression": ("rmse", "rmse")}, "mae": {"regression": ("mae", "rmse")},
+    "r2": {"regression": ("r2", "r2")}, "qwk": {"regression": ("rmse", "rmse")},
 }
 
 
-def autogluon_problem(metric: str, n_classes: int) -> dict[str, str]:
+def autogluon_problem(metric: str, n_classes: int, task: str = "single_label") -> dict[str, str]:
     """problem_type, eval_metric and validation_metric of MultiModalPredictor for the competition metric."""
-    problem = "binary" if n_classes == 2 else "multiclass"
+    if task == "multi_label":
+        raise PipelineError("autogluon: multi_label tasks are not supported: AutoGluon's MultiModalPredictor has no "
+                            "multi-label problem type; blend the pipeline's own models (`make ensemble`)")
+    problem = "regression" if task in ("regression", "ordinal") else "binary" if n_classes == 2 else "multiclass"
     eval_metric, validation_metric = AUTOGLUON_METRICS[metric][problem]
     return {"problem_type": problem, "eval_metric": eval_metric, "validation_metric": validation_metric}
 
@@ -86,7 +99,8 @@ def job_file(ctx: Context, out: Path, folds: list[int], classes: list[str], fold
     job = {"folds_csv": str((ctx.work_dir / "folds.csv").resolve()), "test_ids": comp.test["id"].tolist(),
            "test_paths": comp.test["path"].tolist(), "classes": classes, "folds": folds, "out": str(out.resolve()),
            "presets": cfg.presets, "time_limit": cfg.time_limit, "seed": ctx.cfg.train.seed, "verbosity": 2,
-           "fold_key": fold_key, **autogluon_problem(ctx.cfg.competition.metric, len(classes)),
+           "fold_key": fold_key, **autogluon_problem(ctx.cfg.competition.metric, len(classes), comp.task),
+           "columns": columns(comp.task, classes) if comp.task != "single_label" else classes,
            "hyperparameters": {"model.names": ["timm_image"], "model.timm_image.checkpoint_name": checkpoint,
                                "model.timm_image.image_size": cfg.image_size, "optim.max_epochs": cfg.epochs,
                                "optim.lr": cfg.lr, "env.per_gpu_batch_size": cfg.batch_size, "env.num_workers": 0,
@@ -100,17 +114,21 @@ def to_pipeline_files(ctx: Context, out: Path, classes: list[str], folds_hash: s
     raw = pd.read_csv(out / "oof_raw.csv", dtype={"id": str})
     truth = pd.read_csv(ctx.work_dir / "folds.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     truth = truth[truth["fold"] >= 0].set_index("id")  # extra rows (fold -1) are never OOF rows; their ids may repeat
-    proba = as_probabilities(raw, classes)
-    oof = pd.DataFrame(proba, columns=prob_columns(classes))
+    task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
+    cols = columns(task, classes)
+    number = task in ("regression", "ordinal")
+    proba = raw[["pred"]].to_numpy(np.float64) if number else as_probabilities(raw, classes)
+    oof = pd.DataFrame(proba, columns=cols)
     oof.insert(0, "id", raw["id"].to_numpy())
     oof.insert(1, "fold", raw["fold"].to_numpy())
     oof.insert(2, "label", truth.loc[raw["id"], "label"].to_numpy())
     oof.insert(3, "y", truth.loc[raw["id"], "y"].to_numpy())
     test_raw = pd.read_csv(out / "test_raw.csv", dtype={"id": str})
-    test = pd.DataFrame(as_probabilities(test_raw, classes), columns=prob_columns(classes))
+    test = pd.DataFrame(test_raw[["pred"]].to_numpy(np.float64) if number else as_probabilities(test_raw, classes),
+                        columns=cols)
     test.insert(0, "id", test_raw["id"].to_numpy())
     metric = ctx.cfg.competition.metric
-    value = score(metric, oof["y"].to_numpy(), proba)
+    value = score(metric, tasks.truth(task, oof, classes, sep), proba)
     meta = {"backbone": f"autogluon/{ctx.cfg.autogluon.backbone}", "classes": classes, "folds_hash": folds_hash,
             "metric": metric, "oof_score": value}
     write_parquet(out / "oof.parquet", oof, meta)
@@ -120,6 +138,7 @@ def to_pipeline_files(ctx: Context, out: Path, classes: list[str], folds_hash: s
 
 def run(ctx: Context) -> dict:
     cfg, out = ctx.cfg.autogluon, ctx.work_dir / "autogluon"
+    autogluon_problem(ctx.cfg.competition.metric, 0, ctx.cfg.competition.task)  # multi_label: refused first
     python = Path(cfg.python)
     if not python.exists():
         raise PipelineError(f"autogluon.python: {python} not found; `make autogluon` creates .venv-autogluon "

@@ -53,14 +53,21 @@ def fit_fold(job: dict, frame: pd.DataFrame, test: pd.DataFrame, fold: int) -> P
     partial = final.with_name(f"fold{fold}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # an interrupted fit: AutoGluon cannot resume it
     train, held = frame[frame["fold"] != fold], frame[frame["fold"] == fold]
+    regression = job["problem_type"] == "regression"  # regression and ordinal: the number in column y
+    if regression:
+        train = train.assign(label=train["y"].astype(float))
     predictor = MultiModalPredictor(label="label", problem_type=job["problem_type"], eval_metric=job["eval_metric"],
                                     validation_metric=job["validation_metric"], path=str(partial / "predictor"),
                                     presets=job["presets"], verbosity=job["verbosity"])
     predictor.fit(train[["image", "label"]], hyperparameters=job["hyperparameters"], time_limit=job["time_limit"],
                   seed=job["seed"])
-    held_proba = predictor.predict_proba(held[["image"]], as_pandas=True)
-    write_csv(partial / "held.csv", held_proba.assign(id=held["id"].to_numpy(), fold=fold))
-    write_csv(partial / "test.csv", predictor.predict_proba(test[["image"]], as_pandas=True))
+    def predict(rows: pd.DataFrame) -> pd.DataFrame:
+        if regression:
+            return pd.DataFrame({"pred": predictor.predict(rows[["image"]], as_pandas=False)})
+        return predictor.predict_proba(rows[["image"]], as_pandas=True)
+
+    write_csv(partial / "held.csv", predict(held).assign(id=held["id"].to_numpy(), fold=fold))
+    write_csv(partial / "test.csv", predict(test))
     (partial / "key.txt").write_text(job["fold_key"])
     shutil.rmtree(final, ignore_errors=True)  # a stale fold of another job, or an older layout
     partial.rename(final)
@@ -82,11 +89,12 @@ def main(job_path: str) -> None:
             fit_fold(job, frame, test, fold)
             print(f"autogluon: fold {fold} fitted and predicted in {time.time() - start:.0f} s", flush=True)
         oof.append(pd.read_csv(folder / "held.csv", dtype={"id": str}))
-        tests.append(pd.read_csv(folder / "test.csv").reindex(columns=job["classes"], fill_value=0.0))
+        names = job.get("columns", job["classes"])  # class columns, or ["pred"] for numbers
+        tests.append(pd.read_csv(folder / "test.csv").reindex(columns=names, fill_value=0.0))
     out = Path(job["out"])
     write_csv(out / "oof_raw.csv", pd.concat(oof))
     mean = sum(t.to_numpy() for t in tests) / len(tests)
-    write_csv(out / "test_raw.csv", pd.DataFrame(mean, columns=job["classes"]).assign(id=job["test_ids"]))
+    write_csv(out / "test_raw.csv", pd.DataFrame(mean, columns=names).assign(id=job["test_ids"]))
 
 
 if __name__ == "__main__":

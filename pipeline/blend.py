@@ -16,6 +16,19 @@ honest scores is an optimistic estimate of what the pick will score. nested_pick
 policy itself: for each fold, the whole leaderboard is rebuilt on the other folds (its fitted rows
 nested inside them), the best row is picked there, fitted on those folds and applied to the held-out
 fold.
+
+Other tasks (pipeline/tasks.py; the metric tells which) blend their own predictions: sigmoid columns
+(multi-label) or one column of numbers. Their rows are mean, rank (each model's ranks averaged, then
+mapped onto the mean blend's values per column, so the blend keeps the predictions' scale), fitted weights
+and Caruana; the fitted objective `log_loss` is then the binary log-loss of the tags, or the squared error
+of the numbers. Geometric blends and the stack are for class probabilities only.
+
+Thresholded metrics (multi-label F-scores, ordinal qwk: metrics.METRICS) cut each row's predictions at
+thresholds tuned on OOF (pipeline/thresholds.py). Like fitted weights they are nested: a row's honest score
+cuts each fold's honest predictions at thresholds fitted on the other folds' honest predictions, and its
+`thresholds` (fitted on all its honest rows) cut the test predictions. The weights that made a fold-j row
+were fitted with fold k among their rows, so fold k's labels reach its thresholds at second hand; that is
+the leak every nested blend of nested predictions carries, and it is small next to fitting on fold k itself.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
-from .metrics import GREATER_IS_BETTER, score
+from . import metrics, thresholds
+from .tasks import greater_is_better, kind_of, score
 
 EPS = 1e-15
 STACK_FLOOR = 1e-6  # probabilities below this are one feature value to the stack (see stack_features)
@@ -46,23 +60,39 @@ def combine(P: np.ndarray, weights: np.ndarray, how: str = "linear") -> np.ndarr
         ranks = rankdata(P, axis=1) / P.shape[1]  # rank of each row within a (model, class) column
         out = np.tensordot(w, ranks, axes=1)
         return out / out.sum(1, keepdims=True)
+    if how == "rank_values":
+        return _ranked_onto(np.tensordot(w, rankdata(P, axis=1), axes=1), np.tensordot(w, P, axes=1))
     raise ValueError(f"unknown blend {how}")
+
+
+def _ranked_onto(score_: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per column, the sorted `values` handed out in the order of `score_` (ties broken by row): a rank blend
+    that stays on the predictions' scale (tags' probabilities, numbers)."""
+    out = np.empty_like(values, dtype=np.float64)
+    for j in range(values.shape[1]):
+        out[np.argsort(score_[:, j], kind="stable"), j] = np.sort(values[:, j])
+    return out
 
 
 def _loss(metric: str, objective: str) -> Callable[[np.ndarray, np.ndarray], float]:
     """Lower-is-better loss of (y, proba) for the chosen objective. Log-loss is computed here rather than by
     scikit-learn, whose input checks cost ~5 ms a call and Caruana calls it rounds x models times per fit
     (blends of normalised rows are normalised, so no renormalisation is needed)."""
+    kind = kind_of(metric)
+    if objective == "log_loss" and kind == "multi":
+        return lambda y, p: float(-(y * np.log(np.clip(p, EPS, 1)) + (1 - y) * np.log(np.clip(1 - p, EPS, 1))).mean())
+    if objective == "log_loss" and kind == "value":
+        return lambda y, p: float(np.mean((p[:, 0] - y) ** 2))
     if objective == "log_loss":
         return lambda y, p: float(-np.log(np.clip(p[np.arange(len(y)), y], EPS, 1)).mean())
-    sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
+    sign = -1.0 if greater_is_better(metric) else 1.0
     return lambda y, p: sign * score(metric, y, p)
 
 
 def fit_weights(P: np.ndarray, y: np.ndarray, metric: str, objective: str = "log_loss") -> np.ndarray:
     """Simplex weights minimising the objective: softmax-parametrised, L-BFGS-B with the analytic gradient for
     log-loss (nested CV fits this many times, so no finite differences), Nelder-Mead otherwise."""
-    if objective == "log_loss":
+    if objective == "log_loss" and kind_of(metric) == "proba":
         return _softmax(minimize(_log_loss_grad, np.zeros(len(P)), args=(P[:, np.arange(len(y)), y],),
                                  jac=True, method="L-BFGS-B").x)
     loss = _loss(metric, objective)
@@ -185,6 +215,13 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int, stack_c:
     (when the package imports)."""
     if n_models < 2:
         return {}
+    if kind_of(metric) != "proba":
+        return {
+            "mean": ("linear", None),
+            "rank": ("rank_values", None),
+            "weights": ("linear", lambda P, y: fit_weights(P, y, metric, objective)),
+            "caruana": ("linear", lambda P, y: caruana(P, y, metric, objective, rounds)),
+        }
     extra = {"lightgbm_stack": ("lightgbm", fit_lightgbm_stack)} if lightgbm and lightgbm_available() else {}
     return {
         "mean": ("linear", None),
@@ -200,17 +237,58 @@ def candidates(n_models: int, metric: str, objective: str, rounds: int, stack_c:
 KINDS = {"linear": "fitted blend", "stack": "stack", "lightgbm": "stack"}
 
 
+def fit_cuts(metric: str, pred: np.ndarray, y: np.ndarray, policy: str, n_grades: int | None = None):
+    """Thresholds of a thresholded metric fitted on (pred, y): per tag or one for all tags (multi-label), cut points
+    (ordinal); None when the metric has none or the policy is fixed."""
+    if policy == "fixed" or not metrics.METRICS[metric].thresholded:
+        return None
+    if metric == "qwk":
+        return thresholds.fit_ordinal(pred, y, n_grades)
+    return thresholds.fit_multilabel(pred, y, metric, per_class=policy == "per_class")
+
+
+def decided(metric: str, pred: np.ndarray, cuts, n_grades: int | None = None) -> np.ndarray:
+    """Predictions cut at `cuts` into what the metric's default thresholds score the same way: 0/1 tag decisions,
+    or whole grades. Without cuts, the predictions themselves."""
+    if cuts is None:
+        return pred
+    if metric == "qwk":
+        return metrics.to_grades(pred, cuts).astype(np.float64).reshape(-1, 1)
+    return metrics.decide(pred, cuts).astype(np.float64)
+
+
+def nested_cuts(metric: str, pred: np.ndarray, y: np.ndarray, folds: np.ndarray, policy: str,
+                n_grades: int | None = None) -> np.ndarray:
+    """Each fold's predictions cut at thresholds fitted on the other folds' rows (unchanged when none apply)."""
+    if policy == "fixed" or not metrics.METRICS[metric].thresholded or len(np.unique(folds)) < 2:
+        return pred
+    out = np.zeros((len(pred), 1 if metric == "qwk" else pred.shape[1]))
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = decided(metric, pred[held], fit_cuts(metric, pred[~held], y[~held], policy, n_grades), n_grades)
+    return out
+
+
 def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, lightgbm: bool = False) -> list[dict]:
+             objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, cuts: str = "fixed",
+             n_grades: int | None = None, lightgbm: bool = False) -> list[dict]:
     """Leaderboard rows: every single model, then every blend and the stack, with in-sample and honest scores.
 
     Each row keeps `params` (what `apply` needs: weights, or the stack fitted on all rows, for the test
     probabilities) and `oof` (its honest out-of-fold probabilities). OOF rows of a single fold (one fold
-    trained) leave nothing to fit on while scoring it, so fitted rows are then left out."""
-    rows = [{"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
-             "params": np.eye(len(names))[i], "cv_score": score(metric, y, P[i]),
-             "honest_score": score(metric, y, P[i]), "oof": P[i]}
-            for i, n in enumerate(names)]
+    trained) leave nothing to fit on while scoring it, so fitted rows are then left out.
+
+    `cuts` (ensemble.thresholds) tunes a thresholded metric's thresholds: `thresholds` of a row are fitted on its
+    honest OOF (they cut the test predictions), its cv_score uses them on the rows they were fitted on, and its
+    honest_score cuts each fold at thresholds fitted on the other folds (nested_cuts)."""
+    rows = []
+    for i, n in enumerate(names):
+        t = fit_cuts(metric, P[i], y, cuts, n_grades)
+        rows.append({"model": n, "kind": "single", "how": "linear", "weights": _onehot(i, len(names), names),
+                     "params": np.eye(len(names))[i], "thresholds": t,
+                     "cv_score": score(metric, y, decided(metric, P[i], t, n_grades)),
+                     "honest_score": score(metric, y, nested_cuts(metric, P[i], y, folds, cuts, n_grades)),
+                     "oof": P[i]})
     nestable = len(np.unique(folds)) > 1
     for blend_name, (how, fit) in candidates(len(names), metric, objective, rounds, stack_c, lightgbm).items():
         if fit is not None and not nestable:
@@ -220,15 +298,18 @@ def evaluate(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], 
         honest = in_sample if fit is None else nested_oof(P, y, folds, fit, how)
         shown = (stack_shares(params, len(names)) if how == "stack"
                  else lightgbm_shares(params, len(names)) if how == "lightgbm" else params)
+        t = fit_cuts(metric, honest, y, cuts, n_grades)
         rows.append({"model": blend_name, "kind": KINDS[how] if fit else "fixed blend", "how": how,
                      "weights": dict(zip(names, np.round(shown, 4).tolist(), strict=True)), "params": params,
-                     "cv_score": score(metric, y, in_sample), "honest_score": score(metric, y, honest), "oof": honest})
+                     "thresholds": t, "cv_score": score(metric, y, decided(metric, in_sample, t, n_grades)),
+                     "honest_score": score(metric, y, nested_cuts(metric, honest, y, folds, cuts, n_grades)),
+                     "oof": honest})
     return rows
 
 
 def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str,
-                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0,
-                lightgbm: bool = False) -> dict | None:
+                objective: str = "log_loss", rounds: int = 25, stack_c: float = 1.0, cuts: str = "fixed",
+                n_grades: int | None = None, lightgbm: bool = False) -> dict | None:
     """Honest score of `ensemble.method=auto` itself: for each fold k, the leaderboard of the other folds
     (evaluate on their rows alone, fitted rows nested inside them), its auto pick fitted on those rows and
     applied to fold k; the pooled held-out predictions are scored once, as every honest score is.
@@ -238,12 +319,15 @@ def nested_pick(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str
     fold_ids = np.unique(folds)
     if len(fold_ids) < 3:
         return None
-    out, picks = np.zeros(P.shape[1:]), {}
+    out, picks = None, {}
     for k in fold_ids:
         held = folds == k
-        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c, lightgbm)
+        inner = evaluate(P[:, ~held], y[~held], folds[~held], names, metric, objective, rounds, stack_c, cuts, n_grades,
+                         lightgbm)
         chosen = pick(inner, metric)
-        out[held] = apply(P[:, held], chosen["params"], chosen["how"])
+        part = decided(metric, apply(P[:, held], chosen["params"], chosen["how"]), chosen.get("thresholds"), n_grades)
+        out = np.zeros((P.shape[1], part.shape[1])) if out is None else out
+        out[held] = part
         picks[int(k)] = chosen["model"]
     return {"score": score(metric, y, out), "picks": picks, "oof": out}
 
@@ -261,7 +345,7 @@ def pick(rows: list[dict], metric: str, method: str = "auto") -> dict:
         raise KeyError(method)
     best = rows[0]
     for row in rows[1:]:
-        better = (row["honest_score"] > best["honest_score"] if GREATER_IS_BETTER[metric]
+        better = (row["honest_score"] > best["honest_score"] if greater_is_better(metric)
                   else row["honest_score"] < best["honest_score"])
         if better:
             best = row

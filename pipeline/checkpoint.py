@@ -92,7 +92,8 @@ def load_checkpoint(run_dir: Path, folds_hash: str, classes: list[str]) -> tuple
     if meta["classes"] != classes:
         raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; "
                             "rerun `make train`")
-    model = build_model(meta["backbone"], len(classes), meta["in_chans"], drop_rate=meta["drop_rate"])
+    n_out = meta["head"]["n_out"] if meta.get("head") else len(classes)  # tasks.Head: regression has one output
+    model = build_model(meta["backbone"], n_out, meta["in_chans"], drop_rate=meta["drop_rate"])
     try:
         weights = load_file(str(run_dir / "best.safetensors"))
     except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file

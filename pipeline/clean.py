@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import dedup, embeddings, experiments, report, runtime
+from . import dedup, embeddings, experiments, report, runtime, tasks
 from .artifacts import (
     content_key,
     file_digest,
@@ -106,7 +106,8 @@ def _watch_parent(first: int) -> None:
 DROPPED_COLUMNS = ["id", "split", "label", "reason", "source"]  # source: the extra folder; empty for the competition's
 
 # the competition keys clean reads (metric, channels, name and sample_submission_csv do not change its outputs)
-READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix", "extra"}
+READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix", "extra",
+         "task", "label_separator"}
 
 
 EMBEDDING_KEYS = {"embedding_threshold", "embedding_backbone", "embedding_image_size"}  # read only when embeddings
@@ -280,7 +281,7 @@ def run(ctx: Context) -> dict:
     dropped = pd.concat([d for d in dropped if len(d)]) if any(len(d) for d in dropped) else dropped[0]
     _check_classes_left(ctx, kept[kept.split == "train"], dropped)
     summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra))
-    write_stamp(stamp, fp, classes=comp.classes, **summary, label_issues_applied=issues_digest)
+    write_stamp(stamp, fp, classes=comp.classes, task=comp.task, **summary, label_issues_applied=issues_digest)
     print("clean: " + ", ".join(f"{k}={v}" for k, v in {**summary, **label_counts}.items()))
     return summary
 
@@ -332,7 +333,10 @@ def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame)
     submit it by chance, and dropping it silently would change the submission's class set (sample_submission's
     probability columns). So the user decides: fix the images or remove the class's rows.
     """
-    empty = [c for c in ctx.competition.classes if c not in set(kept["label"])]
+    comp = ctx.competition
+    present = set(kept["label"]) if comp.task != "multi_label" else {
+        t for label in kept["label"] for t in tasks.split_tags(label.strip(), comp.separator)}
+    empty = [c for c in comp.classes if c not in present]
     if not empty:
         return
     write_csv(ctx.work_dir / "dropped.csv", dropped[DROPPED_COLUMNS])
@@ -342,9 +346,11 @@ def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame)
         first = dropped[dropped.split == "train"].iloc[0]
         raise PipelineError(f"{csv}: every training image was dropped ({_reasons(dropped)}), e.g. line {first.line}: "
                             f"{first.reason}; fix the images (all listed in {see})")
-    first = dropped[dropped.label == empty[0]].iloc[0]
+    holds = dropped.label.map(lambda v: empty[0] in tasks.split_tags(v.strip(), comp.separator)
+                              if comp.task == "multi_label" else v == empty[0])
+    first = dropped[holds].iloc[0]
     raise PipelineError(f"{csv}: class '{empty[0]}' has no training image left after cleaning "
-                        f"({_reasons(dropped[dropped.label == empty[0]])}), e.g. line {first.line}: {first.reason}; "
+                        f"({_reasons(dropped[holds])}), e.g. line {first.line}: {first.reason}; "
                         f"fix its images or remove its rows (all listed in {see})")
 
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a label submission against a hidden solution file")
     p.add_argument("submission", type=Path)
     p.add_argument("solution", type=Path)
-    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1"])
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "f1_samples", "f1_micro",
+                                                            "f1_macro", "f2_samples", "rmse", "mae", "r2", "qwk"])
     p = sub.add_parser("validate-submission", help="check a submission file against a competition folder")
     p.add_argument("file", type=Path)
     p.add_argument("--data", type=Path, default=Path("data/digits"))

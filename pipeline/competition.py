@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import tasks
 from .config import CompetitionConfig
 from .errors import PipelineError
 
@@ -40,6 +41,8 @@ class Competition:
     id_column: str
     label_column: str
     sample_submission: pd.DataFrame | None
+    task: str = "single_label"  # pipeline/tasks.py: single_label, multi_label, regression or ordinal
+    separator: str = " "  # multi_label: what separates the tags of a label
 
     @property
     def class_index(self) -> dict[str, int]:
@@ -233,7 +236,8 @@ def _check_labels(train: pd.DataFrame, label_col: str, csv: Path) -> list[str]:
     return sort_classes(list(counts.index))
 
 
-def _check_sample(sample: pd.DataFrame, test: pd.DataFrame, id_col: str, classes: list[str], path: Path) -> None:
+def _check_sample(sample: pd.DataFrame, test: pd.DataFrame, id_col: str, classes: list[str], path: Path,
+                  task: str = "single_label") -> None:
     """sample_submission.csv fixes the submission: the test ids once each, and a label or per-class columns."""
     if id_col not in sample.columns:
         raise PipelineError(f"{path}: id column '{id_col}' missing; columns are {list(sample.columns)}")
@@ -241,6 +245,11 @@ def _check_sample(sample: pd.DataFrame, test: pd.DataFrame, id_col: str, classes
     if not values:
         raise PipelineError(f"{path}: only the id column '{id_col}'; add the label column "
                             "(or one probability column per class)")
+    if task == "multi_label" and len(values) > 1 and (unseen := [c for c in values if c not in classes]):
+        raise PipelineError(f"{path}: tag column '{unseen[0]}' never appears in train.csv's labels; a model cannot "
+                            "learn it: fix the header or add training rows with that tag")
+    if task in ("regression", "ordinal") and len(values) > 1:
+        raise PipelineError(f"{path}: columns {values}; a {task} submission has the id and one value column")
     if len(values) > 1 and set(values) != set(classes):
         odd = [c for c in values if c not in classes] or sorted(set(classes) - set(values))
         raise PipelineError(f"{path}: columns {values} are neither one label column nor one probability column "
@@ -269,15 +278,21 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     label_col = _detect_label(train_raw, test_raw, id_col, cfg, train_csv)
     for frame, path in ((train_raw, train_csv), (test_raw, test_csv)):
         _check_ids(frame, id_col, path)
-    classes = _check_labels(train_raw, label_col, train_csv)
-    index = {c: i for i, c in enumerate(classes)}
+    task = cfg.task if cfg.task != "auto" else tasks.detect(train_raw[label_col], cfg.label_separator)[0]
+    if task == "single_label":
+        classes = _check_labels(train_raw, label_col, train_csv)
+        index = {c: i for i, c in enumerate(classes)}
+        y = train_raw[label_col].map(index).astype(int).to_numpy()
+    else:
+        classes, y = tasks.read_labels(task, train_raw[label_col], train_raw.attrs["lines"], cfg.label_separator,
+                                       train_csv, label_col)
     train = pd.DataFrame({
         "id": train_raw[id_col],
         "path": resolve_paths(train_raw, id_col, root, cfg, train_csv),
         "label": train_raw[label_col],
         "line": train_raw.attrs["lines"],
     })
-    train["y"] = train["label"].map(index).astype(int)
+    train["y"] = y
     if cfg.group_column:
         if cfg.group_column not in train_raw.columns:
             raise PipelineError(f"{train_csv}: column '{cfg.group_column}' (competition.group_column) missing; "
@@ -288,9 +303,9 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     sample_path = root / cfg.sample_submission_csv
     sample = read_table(sample_path) if sample_path.is_file() else None
     if sample is not None:
-        _check_sample(sample, test, id_col, classes, sample_path)
+        _check_sample(sample, test, id_col, classes, sample_path, task)
     name = cfg.name or root.resolve().name
-    return Competition(root, name, train, test, classes, id_col, label_col, sample)
+    return Competition(root, name, train, test, classes, id_col, label_col, sample, task, cfg.label_separator)
 
 
 def read_extra(comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
@@ -299,6 +314,9 @@ def read_extra(comp: Competition, cfg: CompetitionConfig) -> pd.DataFrame:
     Each folder is checked like the competition folder (its CSV, unique ids, images inside it, no links out) and
     never written to. Relative folders are read from the current directory, like DATA.
     """
+    if cfg.extra and comp.task != "single_label":
+        raise PipelineError(f"competition.extra: extra folders are read for single_label tasks only, this one is "
+                            f"{comp.task}; merge their rows into train.csv instead")
     seen: dict[Path, str] = {comp.root.resolve(): "the competition folder"}
     parts = [pd.DataFrame(columns=["id", "path", "label", "line", "y", "source"])]
     for folder in cfg.extra:
@@ -334,3 +352,14 @@ def _read_extra_folder(root: Path, comp: Competition, cfg: CompetitionConfig) ->
                             f"{', ...' if len(comp.classes) > 10 else ''}); fix the label or remove the row")
     return pd.DataFrame({"id": raw[comp.id_column], "path": resolve_paths(raw, comp.id_column, root, cfg, csv),
                          "label": labels, "line": raw.attrs["lines"], "y": labels.map(index).astype(int)})
+
+
+def resolve_task(root: Path, cfg: CompetitionConfig) -> tuple[str, str | None]:
+    """(task, reason): competition.task when set, else tasks.detect on train.csv's label column (the reason is
+    None when the task was given). Reads only the two CSVs; read_competition checks the rest."""
+    if cfg.task != "auto":
+        return cfg.task, None
+    train_csv, test_csv = Path(root) / cfg.train_csv, Path(root) / cfg.test_csv
+    train, test = read_table(train_csv), read_table(test_csv)
+    id_col = _detect_id(train, test, cfg, (train_csv, test_csv))
+    return tasks.detect(train[_detect_label(train, test, id_col, cfg, train_csv)], cfg.label_separator)

@@ -62,8 +62,14 @@ class CompetitionConfig(Section):
     image_dir: str = Field("", description="folder inside DATA prefixed to every id (for CSVs that hold bare ids)")
     image_suffix: str = Field("", description="extension appended to every id, e.g. "
                                               "'.jpg' (for CSVs that hold bare ids)")
-    metric: Literal["accuracy", "log_loss", "macro_f1", "roc_auc"] = Field(
-        "accuracy", description="competition metric used for best checkpoints and CV scores")
+    task: Literal["auto", "single_label", "multi_label", "regression", "ordinal"] = Field(
+        "auto", description="what a label is: auto = decided from the label column (tags, a number or classes; "
+                            "integer grades need task=ordinal), printed with its reason")
+    label_separator: str = Field(" ", description="multi_label: what separates the tags of one label")
+    metric: Literal["auto", "accuracy", "log_loss", "macro_f1", "roc_auc", "f1_samples", "f1_micro", "f1_macro",
+                    "f2_samples", "map", "roc_auc_mean", "rmse", "mae", "r2", "qwk"] = Field(
+        "auto", description="competition metric used for best checkpoints and CV scores; auto: accuracy "
+                            "(single_label), f1_samples (multi_label), rmse (regression), qwk (ordinal)")
     channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when "
                                                                          "every image is grayscale, else rgb")
     extra: list[str] = Field([], description="more labelled folders (each with a train.csv of the same id and "
@@ -301,6 +307,9 @@ class TrainConfig(FitConfig):
     plateau_patience: int = Field(2, ge=0, description="plateau: epochs without improvement before lowering the lr")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null: no clipping")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the targets")
+    loss: Literal["mse", "huber", "bce_scaled"] = Field(
+        "mse", description="regression and ordinal loss: mse or huber on the standardised target, or bce_scaled "
+                           "(BCE on the target min-max scaled to [0, 1], sigmoid head)")
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="loss weight per class: none, balanced (inverse frequency) or a list")
     early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without "
@@ -368,6 +377,10 @@ class EnsembleConfig(Section):
     stack_lightgbm: bool = Field(False, description="also a LightGBM stack on every model's OOF probabilities, "
                                  "nested like the others (its own row, lightgbm_stack; only when lightgbm imports)")
     include_other: bool = Field(True, description="also blend other oof.parquet/test.parquet pairs found under WORK")
+    thresholds: Literal["per_class", "global", "fixed"] = Field(
+        "per_class", description="thresholded metrics (multi-label F-scores, ordinal qwk): cut points tuned on OOF, "
+                                 "nested (per_class: one per tag; global: one for all tags; both: ordinal cut "
+                                 "points), or fixed (0.5; halfway between grades)")
     output: Literal["auto", "labels", "probabilities"] = Field("auto", description="submission values; auto: "
                                                                                    "as sample_submission shows")
 

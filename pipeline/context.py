@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import experiments
+from . import experiments, tasks
 from .artifacts import write_text
-from .competition import Competition, read_competition
+from .competition import Competition, read_competition, resolve_task
 from .config import Config, to_yaml
+from .errors import PipelineError
 from .experiments import Experiment
 
 
@@ -21,6 +22,7 @@ class Context:
     data_dir: Path
     work_dir: Path | None = None
     submissions_dir: Path = field(default_factory=lambda: Path("submissions"))
+    resolve: bool = True  # decide competition.task/metric `auto` (the detection track has neither)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -28,6 +30,31 @@ class Context:
             self.work_dir = Path("work") / self.name
         self.work_dir = Path(self.work_dir)
         self.submissions_dir = Path(self.submissions_dir)
+        if self.resolve:
+            self._resolve_task()
+
+    def _resolve_task(self) -> None:
+        """competition.task and competition.metric `auto` made concrete (pipeline/tasks.py), the decision printed
+        once; so every stage, and every key that holds the metric, sees the task and metric actually used. A
+        folder without its CSVs, or whose CSVs do not read, keeps `auto` (the stage that reads it says what is
+        wrong, in its place)."""
+        comp = self.cfg.competition
+        if comp.task != "auto" and comp.metric != "auto":
+            tasks.check_metric(comp.task, comp.metric)
+            return
+        if comp.task == "auto":
+            if not (self.data_dir / comp.train_csv).is_file() or not (self.data_dir / comp.test_csv).is_file():
+                return
+            try:
+                task, reason = resolve_task(self.data_dir, comp)
+            except PipelineError:
+                return
+            print(f"competition: task {task}: {reason} (competition.task=auto)")
+        else:
+            task = comp.task
+        metric = tasks.DEFAULT_METRIC[task] if comp.metric == "auto" else comp.metric
+        tasks.check_metric(task, metric)
+        self.cfg = self.cfg.model_copy(update={"competition": comp.model_copy(update={"task": task, "metric": metric})})
 
     @property
     def name(self) -> str:

@@ -3,7 +3,9 @@
 It plugs into the loop what is particular to classification: batches from the decoded-image array
 (albumentations per image, a seeded batch order, each rank's share of one process's batches under torchrun), soft-target
 cross-entropy (Mixup/CutMix, label smoothing, class weights), the lr schedule (cosine per update or
-lower on plateau) and validation on the held-out fold. Resume, reseeding, history, best and early
+lower on plateau) and validation on the held-out fold. Other tasks (pipeline/tasks.py) bring their `Head`:
+its loss (BCE on multi-hot tags, mse/huber/bce_scaled on numbers) and activation replace cross-entropy and
+softmax; Mixup/CutMix then mix the dense targets as they mix the images. Resume, reseeding, history, best and early
 stopping are the loop's.
 """
 
@@ -30,8 +32,8 @@ from .augment import mixer, train_transform
 from .config import TrainConfig
 from .errors import PipelineError
 from .gpu_augment import DeviceAugment, choose_device
-from .metrics import GREATER_IS_BETTER, score
 from .runtime import Runtime
+from .tasks import Head, greater_is_better, score
 
 
 class ArrayDataset(Dataset):
@@ -59,9 +61,7 @@ class ArrayDataset(Dataset):
         img = np.array(self.images[i])
         if self.augments:
             img = self.transform(image=img)["image"]
-        target = self.targets[i]
-        return (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),
-                torch.as_tensor(target) if np.ndim(target) else int(target))
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), torch.as_tensor(self.targets[i])
 
     def _reseed(self, seed: int) -> None:
         """One numpy and one python generator shared by every transform of the pipeline: albumentations'
@@ -82,8 +82,7 @@ class ArrayDataset(Dataset):
         batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
         batch[order] = self.images[idx[order]]
         return (torch.from_numpy(batch).permute(0, 3, 1, 2),
-                torch.as_tensor(np.asarray(self.targets)[idx],
-                                dtype=torch.float32 if np.ndim(self.targets) == 2 else torch.long))
+                torch.as_tensor(np.asarray(self.targets)[idx]))
 
 
 class EpochSampler(Sampler):
@@ -121,15 +120,16 @@ def collate(batch):
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtime: Runtime,
-                  batch_size: int) -> np.ndarray:
-    """Class probabilities of uint8 NHWC images, with the runtime's autocast and memory format."""
+                  batch_size: int, head: Head | None = None) -> np.ndarray:
+    """Class probabilities of uint8 NHWC images (or the head's predictions), with the runtime's autocast and
+    memory format."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
         with runtime.autocasting():
             logits = model(runtime.to_input(x, norm))
-        out.append(logits.float().softmax(1).cpu())
+        out.append((logits.float().softmax(1) if head is None else head.activate(logits)).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
@@ -204,6 +204,7 @@ class FoldData:
     n_classes: int
     norm: dict
     metric: str
+    head: Head | None = None  # None: single_label (softmax, cross-entropy)
 
 
 @dataclass
@@ -239,10 +240,17 @@ class Trainer:
         self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
                                     accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
                                     ema_decay=cfg.ema_decay if cfg.ema else None, grad_scaler=rt.grad_scaler)
-        soft = np.ndim(self.data.train_y) == 2  # probability targets (soft pseudo-labels): (N, classes)
+        head = self.data.head
+        self.dense = head is not None and head.task != "single_label"  # targets are rows or numbers, not indices
+        if self.dense and cfg.class_weights != "none":
+            raise PipelineError(f"train.class_weights: for single_label tasks only; this one is {head.task}")
+        soft = not self.dense and np.ndim(self.data.train_y) == 2  # soft pseudo-labels: (N, classes) probabilities
         hard_y = self.data.train_y.argmax(1) if soft else self.data.train_y
-        self.weights = class_weights(cfg.class_weights, hard_y, self.data.n_classes)
-        self.mix = mixer(cfg, self.data.n_classes, dense=soft)
+        self.weights = None if self.dense else class_weights(cfg.class_weights, hard_y, self.data.n_classes)
+        if self.dense:
+            self.mix = mixer(cfg, head.n_out, dense=True, smoothing=head.task == "multi_label")
+        else:  # soft rows arrive smoothed (train_epoch) and are mixed as they are
+            self.mix = mixer(cfg, self.data.n_classes, dense=soft, smoothing=not soft)
         self.progress = loop.Progress()
 
     def _device_augment(self) -> DeviceAugment | None:
@@ -291,7 +299,7 @@ class Trainer:
     def _scheduler(self, steps: int):
         cfg = self.cfg
         if cfg.schedule == "plateau":
-            mode = "max" if GREATER_IS_BETTER[self.data.metric] else "min"
+            mode = "max" if greater_is_better(self.data.metric) else "min"
             # loop.Updater saves the counters timm's deprecation note says are lost: a resumed run lowers the lr
             # when an uninterrupted one does
             warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)
@@ -334,35 +342,53 @@ class Trainer:
             else:
                 x = rt.to_input(x, self.data.norm)
             y = y.to(rt.device, non_blocking=True)
-            if y.ndim == 2:  # probability targets, smoothed like one-hot ones (and mixed as they are)
-                target = y.float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.data.n_classes
-                if mixing:
-                    x, target = self.mix(x, target)
-            elif mixing:
-                x, target = self.mix(x, y)
+            if self.dense:
+                loss, logits, target = self._dense_step(x, y, mixing)
             else:
-                target = F.one_hot(y, self.data.n_classes).float()
-                target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.data.n_classes
-            with rt.autocasting():
-                logits = self.net(x)
-            loss = soft_cross_entropy(logits, target, weight)
+                if y.ndim == 2:  # probability targets, smoothed like one-hot ones (and mixed as they are)
+                    target = y.float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.data.n_classes
+                    if mixing:
+                        x, target = self.mix(x, target)
+                elif mixing:
+                    x, target = self.mix(x, y)
+                else:
+                    target = F.one_hot(y, self.data.n_classes).float()
+                    target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.data.n_classes
+                with rt.autocasting():
+                    logits = self.net(x)
+                loss = soft_cross_entropy(logits, target, weight)
             self.updater.backward(loss, i, len(self.loader))
             total = total + loss.detach().float() * len(y)  # device tensors: no host sync per batch
-            correct = correct + (logits.argmax(1) == target.argmax(1)).sum()
+            if not self.dense:  # train_acc: single_label only (nan otherwise)
+                correct = correct + (logits.argmax(1) == target.argmax(1)).sum()
             seen += len(y)
             if i % 20 == 0 and not bar.disable:  # the bar's numbers need a sync; not every batch
-                bar.set_postfix(loss=f"{total.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                bar.set_postfix(loss=f"{total.item() / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
                                 lr=f"{self.updater.lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         total, correct, seen = distributed.sum_across([float(total), float(correct), seen])
-        return {"train_loss": total / seen, "train_acc": correct / seen}
+        return {"train_loss": total / seen, "train_acc": float("nan") if self.dense else correct / seen}
+
+    def _dense_step(self, x: torch.Tensor, y: torch.Tensor, mixing: bool):
+        """(loss, logits, target) of a multi-label or number batch: targets mixed like the images, head's loss."""
+        head = self.data.head
+        target = y.float().view(len(y), -1)
+        if mixing:
+            x, target = self.mix(x, target)
+        if head.task == "multi_label" and not mixing and self.cfg.label_smoothing:
+            target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing  # as timm's Mixup
+        with self.runtime.autocasting():
+            logits = self.net(x)
+        return head.loss_value(logits, target if head.task == "multi_label" else target.view(-1)), logits, target
 
     def validate(self) -> dict[str, float]:
         """Metrics of the evaluated weights (the EMA's when on) on the held-out fold."""
         batch = self.cfg.batch_size * self.runtime.eval_batch_factor
-        proba = predict_proba(self.updater.evaluated, self.data.val_x, self.data.norm, self.runtime, batch)
+        proba = predict_proba(self.updater.evaluated, self.data.val_x, self.data.norm, self.runtime, batch,
+                              self.data.head if self.dense else None)
         metric = self.data.metric
         y = self.data.val_y
-        return {"val_acc": score("accuracy", y, proba), f"val_{metric}": score(metric, y, proba)}
+        acc = float("nan") if self.dense else score("accuracy", y, proba)
+        return {"val_acc": acc, f"val_{metric}": score(metric, y, proba)}
 
     def end_epoch(self, epoch: int, monitored: float | None) -> None:
         if self.cfg.schedule == "plateau":
@@ -370,6 +396,8 @@ class Trainer:
 
     def describe(self, row: dict) -> str:
         metric = self.data.metric
+        if self.dense:
+            return f"loss {row['train_loss']:.4f} val {metric} {row[f'val_{metric}']:.4f}"
         return f"loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} val {metric} {row[f'val_{metric}']:.4f}"
 
     def fit(self) -> dict:
@@ -377,7 +405,7 @@ class Trainer:
         metric = self.data.metric
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint, writes=distributed.is_main())
         self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.seed, label=f"train: {self.desc}",
-                                 monitor=f"val_{metric}", greater_is_better=GREATER_IS_BETTER[metric],
+                                 monitor=f"val_{metric}", greater_is_better=greater_is_better(metric),
                                  early_stopping=self.cfg.early_stopping, on_epoch=self.on_epoch, say=distributed.say,
                                  diverged_fix="lower train.lr or set train.grad_clip")
         p = self.progress

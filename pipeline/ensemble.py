@@ -16,13 +16,12 @@ import json
 import numpy as np
 import pandas as pd
 
-from . import blend, experiments, submission
+from . import blend, experiments, submission, tasks
 from .artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from .config import config_hash
 from .context import Context
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER
-from .predictions import prob_columns, read_parquet_meta, write_parquet
+from .predictions import read_parquet_meta, write_parquet
 
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
@@ -54,8 +53,8 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     return models
 
 
-def _stack(models: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cols = prob_columns(classes)
+def _stack(models: dict, classes: list[str], task: str = "single_label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cols = tasks.columns(task, classes)
     first_test = next(iter(models.values()))[1]
     P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
     T = np.stack([m[1].set_index("id").loc[first_test["id"], cols].to_numpy(np.float64) for m in models.values()])
@@ -98,34 +97,41 @@ def run(ctx: Context) -> dict:
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
-    P, T, test_ids = _stack(models, folds_meta["classes"])
+    task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
+    P, T, test_ids = _stack(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
-    y, folds = rows["y"].to_numpy(), rows["fold"].to_numpy()
+    y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
+    n_grades = len(folds_meta["classes"]) if task == "ordinal" else None
     if cfg.stack_lightgbm and not blend.lightgbm_available():
         print("ensemble: ensemble.stack_lightgbm=true but lightgbm does not import; no LightGBM stack "
               "(pip install lightgbm)")
     board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
-                                cfg.stack_lightgbm)
+                                cfg.thresholds, n_grades, cfg.stack_lightgbm)
     try:
         chosen = blend.pick(board_rows, metric, cfg.method)
     except KeyError:
         raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; "
                             f"choose from {[r['model'] for r in board_rows]}") from None
     board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items()
-                           if k not in ("oof", "params")} for r in board_rows])
+                           if k not in ("oof", "params", "thresholds")} for r in board_rows])
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
     _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
-    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows)
+    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows, n_grades)
     auto["tta_optimism"] = tta_optimism(models, metric)
     test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
-    _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta)
-    frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output))
+    _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta, task)
+    cuts = chosen.get("thresholds")
+    if cuts is not None:
+        print(f"ensemble: {metric} thresholds of {chosen['model']}, tuned on its OOF rows (nested in its honest "
+              f"score): {np.round(np.atleast_1d(cuts), 3).tolist()}")
+    frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output), cuts)
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
         print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
               f"({overrides})")
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"],
                 "metric": metric, "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
+                "thresholds": None if cuts is None else np.atleast_1d(cuts).tolist(),
                 "folds_hash": folds_meta["folds_hash"],
                 "config_hash": config_hash(ctx.cfg),
                 "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
@@ -158,7 +164,7 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
 
 
 def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str, cfg,
-                      chosen: dict, board_rows: list[dict]) -> dict:
+                      chosen: dict, board_rows: list[dict], n_grades: int | None = None) -> dict:
     """The honest score of the `auto` pick (blend.nested_pick), printed and recorded in weights.json.
 
     The chosen row's honest_score is the best of every row's honest score, so under `auto` it is
@@ -170,7 +176,7 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
     if cfg.method != "auto":
         return none
     result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
-                               cfg.stack_lightgbm)
+                               cfg.thresholds, n_grades, cfg.stack_lightgbm)
     if result is None:
         spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
         print(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
@@ -192,7 +198,7 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
         meta = read_parquet_meta(folder / "oof.parquet")
         if meta.get("oof_score_nested") is not None and meta.get("oof_score") is not None:
             gap = meta["oof_score"] - meta["oof_score_nested"]
-            gaps[name] = gap if GREATER_IS_BETTER[metric] else -gap
+            gaps[name] = gap if tasks.greater_is_better(metric) else -gap
     if gaps:
         print("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
               "by about the nested TTA gap: " + ", ".join(f"{n} {g:+.4f}" for n, g in gaps.items()))
@@ -200,9 +206,9 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
 
 
 def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba,
-                             folds_meta: dict) -> None:
+                             folds_meta: dict, task: str = "single_label") -> None:
     """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
-    cols = prob_columns(folds_meta["classes"])
+    cols = tasks.columns(task, folds_meta["classes"])
     meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
     oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen["oof"], columns=cols)], axis=1)
     test = pd.concat([pd.DataFrame({"id": test_ids}), pd.DataFrame(test_proba, columns=cols)], axis=1)

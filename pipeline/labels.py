@@ -104,6 +104,9 @@ def _print_applied(ctx: Context, oof: pd.DataFrame, proba: np.ndarray) -> dict:
 
 def run(ctx: Context) -> dict:
     """Write label_issues.csv and report/labels.html from the chosen blend's OOF; skipped when the stamp matches."""
+    if ctx.cfg.competition.task != "single_label":
+        raise PipelineError(f"labels: cleanlab's label issues are for single_label tasks only, this one is "
+                            f"{ctx.cfg.competition.task}")
     oof, proba, classes, oof_path = _read_oof(ctx)
     if _applied(ctx):
         return _print_applied(ctx, oof, proba)

@@ -38,11 +38,12 @@ def chain(stage: str) -> list[str]:
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
             submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
-    ctx = Context(load_config(config, overrides), data, work, submissions)
+    resolve = stage != "detect"  # the detection track has no competition.task or metric to decide
+    ctx = Context(load_config(config, overrides), data, work, submissions, resolve=resolve)
     tuned = ctx.work_dir / "tune" / "best.yaml"
     if stage != "tune" and use_tuned and tuned.exists():
         print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
-        ctx = Context(load_config(config, overrides, tuned=tuned), data, work, submissions)
+        ctx = Context(load_config(config, overrides, tuned=tuned), data, work, submissions, resolve=resolve)
     return ctx
 
 

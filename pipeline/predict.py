@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import runtime
+from . import runtime, tasks
 from . import train as train_stage
 from .artifacts import content_key, file_digest, fingerprint, is_done, read_json, write_stamp
 from .cache import decoded_images
 from .checkpoint import load_checkpoint
 from .context import Context
 from .errors import PipelineError
-from .metrics import score
-from .predictions import prob_columns, write_parquet
+from .predictions import write_parquet
 from .runtime import Runtime
+from .tasks import score
 from .tta import choose_views, merge, nested_views, tta_logits
 
 
@@ -43,12 +43,12 @@ def view_logits(model: torch.nn.Module, images: np.ndarray, views: list[str], rt
 
 
 def view_table(per_view: np.ndarray, chosen: list[int], views: list[str], y: np.ndarray, metric: str, how: str,
-               nested: np.ndarray | None = None) -> dict:
+               nested: np.ndarray | None = None, head: tasks.Head | None = None) -> dict:
     """OOF score of each view alone, of all views merged, of the kept views merged (chosen on all OOF rows:
     selection-optimistic) and, given `nested` (tta.nested_views), of the views chosen on the other folds."""
-    table = {v: score(metric, y, merge(per_view[i:i + 1], how)) for i, v in enumerate(views)}
-    table["all views"] = score(metric, y, merge(per_view, how))
-    table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merge(per_view[chosen], how))
+    table = {v: score(metric, y, merge(per_view[i:i + 1], how, head)) for i, v in enumerate(views)}
+    table["all views"] = score(metric, y, merge(per_view, how, head))
+    table[f"kept ({'+'.join(views[i] for i in chosen)})"] = score(metric, y, merge(per_view[chosen], how, head))
     if nested is not None:
         table["kept, nested (chosen on the other folds)"] = score(metric, y, nested)
     return table
@@ -82,53 +82,59 @@ def predict_backbone(ctx: Context, backbone: str, data: dict, test_paths: list[s
         return read_json(out_dir / "predict.json", "rerun `make predict`")
     rt = runtime.from_config(ctx.cfg.runtime, "classification")  # the policy training used
     frame, classes, views = data["frame"], data["classes"], cfg.tta
-    oof_parts, test_logits = [], []
+    task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
+    oof_parts, test_logits, head = [], [], None
     ranges = {"degrees": cfg.tta_random_degrees, "scale": cfg.tta_random_scale, "shift": cfg.tta_random_shift}
     for k in folds:
         model, meta = load_checkpoint(out_dir / f"fold{k}", data["folds_hash"], classes)
         model = rt.prepare(model)
         held = (frame["fold"] == k).to_numpy()
+        fold_head = tasks.Head.from_meta(meta.get("head"), len(classes))
         oof = view_logits(model, data["images"][held], views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed, ranges)
+        oof, head = tasks.pooled(fold_head, oof)  # numbers: each fold's own scaling applied here
         oof_parts.append((frame[held], oof))
         test_images = decoded_images(ctx, test_paths, meta["image_size"], meta["in_chans"], "test")
-        test_logits.append(view_logits(model, test_images, views, rt, meta["norm"], cfg.batch_size, cfg.tta_seed,
-                                       ranges))
+        test_logits.append(tasks.pooled(fold_head, view_logits(model, test_images, views, rt, meta["norm"],
+                                                               cfg.batch_size, cfg.tta_seed, ranges))[0])
     rows = pd.concat([p[0] for p in oof_parts])
     per_view = np.concatenate([p[1] for p in oof_parts], axis=1)
-    metric, y = ctx.cfg.competition.metric, rows["y"].to_numpy()
-    chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge)
-    merged = merge(per_view[chosen], cfg.tta_merge)  # what oof.parquet holds: the views the test rows use
+    metric, y = ctx.cfg.competition.metric, tasks.truth(task, rows, classes, sep)
+    head = None if task == "single_label" else head
+    chosen = choose_views(per_view, y, metric, cfg.tta_policy, cfg.tta_merge, head)
+    merged = merge(per_view[chosen], cfg.tta_merge, head)  # what oof.parquet holds: the views the test rows use
     fold_of = rows["fold"].to_numpy()
-    nested, by_fold = (nested_views(per_view, y, fold_of, metric, cfg.tta_policy, cfg.tta_merge)
+    nested, by_fold = (nested_views(per_view, y, fold_of, metric, cfg.tta_policy, cfg.tta_merge, head)
                        if len(np.unique(fold_of)) > 1 else (None, None))
-    table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge, nested)
+    table = view_table(per_view, chosen, views, y, metric, cfg.tta_merge, nested, head)
     print(f"predict: {name} OOF {metric} by TTA view ({cfg.tta_merge} merge): "
           + ", ".join(f"{k} {v:.4f}" for k, v in table.items()))
-    per_fold = [merge(lg[chosen], cfg.tta_merge) for lg in test_logits]
+    per_fold = [merge(lg[chosen], cfg.tta_merge, head) for lg in test_logits]
     test_proba = np.mean(per_fold, axis=0)  # mean over fold models
     meta = {"experiment": name, "backbone": backbone, "classes": classes, "folds_hash": data["folds_hash"],
-            "folds": folds, "tta": [views[i] for i in chosen], "tta_candidates": views, "tta_merge": cfg.tta_merge,
+            "task": task, "folds": folds, "tta": [views[i] for i in chosen], "tta_candidates": views,
+            "tta_merge": cfg.tta_merge,
             "metric": metric, "oof_score": score(metric, y, merged), "view_scores": table,
             "oof_score_nested": None if nested is None else score(metric, y, nested),
             "tta_by_fold": None if by_fold is None else {str(k): [views[i] for i in v] for k, v in by_fold.items()}}
-    oof = pd.DataFrame(merged, columns=prob_columns(classes))
+    cols = tasks.columns(task, classes)
+    oof = pd.DataFrame(merged, columns=cols)
     oof.insert(0, "id", rows["id"].to_numpy())
     oof.insert(1, "fold", rows["fold"].to_numpy())
     oof.insert(2, "label", rows["label"].to_numpy())
     oof.insert(3, "y", rows["y"].to_numpy())
-    test = pd.DataFrame(test_proba, columns=prob_columns(classes))
+    test = pd.DataFrame(test_proba, columns=cols)
     test.insert(0, "id", ctx.competition.test["id"].to_numpy())
     write_parquet(out_dir / "oof.parquet", oof, meta)
     write_parquet(out_dir / "test.parquet", test, meta)
-    per_fold_frame = _per_fold_frame(ctx.competition.test["id"], folds, per_fold, classes)
+    per_fold_frame = _per_fold_frame(ctx.competition.test["id"], folds, per_fold, cols)
     write_parquet(out_dir / "test_folds.parquet", per_fold_frame, meta)
     write_stamp(out_dir / "predict.json", fp, **meta)
     return meta
 
 
-def _per_fold_frame(ids: pd.Series, folds: list[int], per_fold: list[np.ndarray], classes: list[str]) -> pd.DataFrame:
-    """Each fold model's test probabilities: id, fold, p_<class> (one block of test rows per fold)."""
-    frame = pd.DataFrame(np.concatenate(per_fold), columns=prob_columns(classes))
+def _per_fold_frame(ids: pd.Series, folds: list[int], per_fold: list[np.ndarray], cols: list[str]) -> pd.DataFrame:
+    """Each fold model's test predictions: id, fold, p_<class> (or pred) (one block of test rows per fold)."""
+    frame = pd.DataFrame(np.concatenate(per_fold), columns=cols)
     frame.insert(0, "id", np.tile(ids.to_numpy(), len(folds)))
     frame.insert(1, "fold", np.repeat(folds, len(ids)))
     return frame

@@ -105,6 +105,9 @@ def run(ctx: Context) -> dict:
     if not plan:
         return {}
     cfg = ctx.cfg
+    if cfg.competition.task != "single_label":
+        raise PipelineError(f"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is "
+                            f"{cfg.competition.task}; set rounds.plan=[]")
     stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     folds = train_stage.folds_to_train(cfg.train.folds, stamp["n_splits"])
     previous = [e.name for e in experiments.resolve(cfg.model, cfg.train, cfg.predict)]

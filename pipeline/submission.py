@@ -6,6 +6,12 @@ ids, labels from the class set, probabilities finite and summing to 1. A detecti
 (image, PredictionString) has every test image once and PredictionStrings that parse. Both tracks
 write through `write_submission`: checked, written atomically, with a manifest beside it and a
 timestamped copy in history/ so earlier submissions are never overwritten.
+
+Other tasks (pipeline/tasks.py): multi_label writes the tags over their thresholds joined by the
+label separator (an image with none gets its most probable tag: every training label holds one), or one
+probability column per tag when sample_submission.csv has them; regression writes the number; ordinal the
+grade its thresholds cut the prediction into. Validation refuses an unknown tag or grade, a value that is
+not a finite number, and rows out of sample_submission's order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from .competition import Competition, line_of, read_table
 from .detection.infer import parse_prediction_strings
 from .errors import PipelineError
 from .metrics import score
+from .tasks import cut_grades, kind_of, multi_hot, split_tags
+from .tasks import score as task_score
 
 
 def is_probability_columns(columns, classes: list[str]) -> bool:
@@ -31,7 +39,9 @@ def is_probability_columns(columns, classes: list[str]) -> bool:
 
 
 def output_kind(comp: Competition, requested: str) -> str:
-    """'probabilities' when sample_submission has one column per class, else 'labels'."""
+    """'probabilities' when sample_submission has one column per class, else 'labels' ('values' for numbers)."""
+    if comp.task in ("regression", "ordinal"):
+        return "values"
     if requested != "auto":
         return requested
     if comp.sample_submission is not None:
@@ -41,9 +51,12 @@ def output_kind(comp: Competition, requested: str) -> str:
     return "labels"
 
 
-def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str) -> pd.DataFrame:
-    """Submission frame in sample_submission's row order and columns."""
-    by_id = pd.DataFrame(proba, index=pd.Index(test_ids, name=comp.id_column), columns=comp.classes)
+def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str,
+          thresholds: np.ndarray | None = None) -> pd.DataFrame:
+    """Submission frame in sample_submission's row order and columns. `thresholds`: multi_label, the cut of each
+    tag (default 0.5); ordinal, the cuts between grades (default halfway)."""
+    names = comp.classes if comp.task in ("single_label", "multi_label") else ["pred"]
+    by_id = pd.DataFrame(proba, index=pd.Index(test_ids, name=comp.id_column), columns=names)
     order = comp.sample_submission[comp.id_column] if comp.sample_submission is not None else comp.test["id"]
     missing = set(order) - set(by_id.index)
     if missing:
@@ -57,8 +70,26 @@ def build(comp: Competition, test_ids: np.ndarray, proba: np.ndarray, kind: str)
     label_col = comp.label_column
     if comp.sample_submission is not None:
         label_col = next(c for c in comp.sample_submission.columns if c != comp.id_column)
+    if comp.task == "regression":
+        return pd.DataFrame({comp.id_column: rows.index.to_numpy(), label_col: rows["pred"].to_numpy()})
+    if comp.task == "ordinal":
+        grades = np.asarray(comp.classes, dtype=object)[cut_grades(rows["pred"].to_numpy(), len(comp.classes),
+                                                                   thresholds)]
+        return pd.DataFrame({comp.id_column: rows.index.to_numpy(), label_col: grades})
+    if comp.task == "multi_label":
+        return pd.DataFrame({comp.id_column: rows.index.to_numpy(),
+                             label_col: tag_strings(rows.to_numpy(), comp.classes, comp.separator, thresholds)})
     labels = np.asarray(comp.classes, dtype=object)[rows.to_numpy().argmax(1)]
     return pd.DataFrame({comp.id_column: rows.index.to_numpy(), label_col: labels})
+
+
+def tag_strings(proba: np.ndarray, tags: list[str], separator: str, thresholds: np.ndarray | None = None) -> list[str]:
+    """Each row's tags with probability at or over their threshold (0.5 by default), joined by the separator, in
+    the class order; a row with none gets its most probable tag."""
+    cut = np.full(len(tags), 0.5) if thresholds is None else np.broadcast_to(np.asarray(thresholds, float), len(tags))
+    on = proba >= cut
+    on[np.arange(len(proba)), proba.argmax(1)] |= ~on.any(1)
+    return [separator.join(t for t, o in zip(tags, row, strict=True) if o) for row in on]
 
 
 def apply_overrides(frame: pd.DataFrame, comp: Competition, path: Path) -> tuple[pd.DataFrame, int]:
@@ -68,7 +99,10 @@ def apply_overrides(frame: pd.DataFrame, comp: Competition, path: Path) -> tuple
     out = frame.copy()
     known = frame.loc[hit, comp.id_column].map(overrides)
     value_cols = [c for c in frame.columns if c != comp.id_column]
-    if is_probability_columns(value_cols, comp.classes):
+    if comp.task in ("multi_label",) and is_probability_columns(value_cols, comp.classes):
+        for cls in value_cols:
+            out.loc[hit, cls] = known.map(lambda v, c=cls: float(c in split_tags(v.strip(), comp.separator)))
+    elif is_probability_columns(value_cols, comp.classes):
         for cls in value_cols:
             out.loc[hit, cls] = (known == cls).astype(float)
     else:
@@ -107,6 +141,8 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
     if comp.sample_submission is not None and list(ids) != list(comp.sample_submission[id_col].astype(str)):
         raise PipelineError(f"{source}: rows are not in sample_submission.csv's order")
     values = frame.drop(columns=[id_col])
+    if comp.task != "single_label":
+        return _validate_task_values(values, frame, comp, ids, source)
     if is_probability_columns(values.columns, comp.classes):
         proba = _probabilities(values, frame, source)
         if not np.isfinite(proba).all() or (proba < 0).any():
@@ -119,6 +155,40 @@ def validate(frame: pd.DataFrame, comp: Competition, source: str = "submission")
     if bad.any():
         raise PipelineError(f"{source}: label '{values.iloc[:, 0][bad].iloc[0]}' (id '{ids[bad].iloc[0]}') "
                             "is not a class of train.csv")
+
+
+def _validate_task_values(values: pd.DataFrame, frame: pd.DataFrame, comp: Competition, ids: pd.Series,
+                          source: str) -> None:
+    """The value cells of a multi_label, regression or ordinal submission (validate checked ids and order)."""
+    if comp.task == "multi_label" and is_probability_columns(values.columns, comp.classes):
+        proba = _probabilities(values, frame, source)
+        bad = ~np.isfinite(proba) | (proba < 0) | (proba > 1)
+        if bad.any():
+            i, j = (int(k[0]) for k in bad.nonzero())
+            raise PipelineError(f"{source} line {line_of(frame, i)}: probability {values.iat[i, j]!r} in column "
+                                f"'{values.columns[j]}' (id '{ids.iloc[i]}') is not a number in [0, 1]")
+        return
+    if len(values.columns) != 1:
+        raise PipelineError(f"{source}: columns {list(values.columns)}; a {comp.task} submission has the id and one "
+                            "value column" + (" (or one probability column per tag)" if comp.task == "multi_label"
+                                              else ""))
+    column = values.iloc[:, 0]
+    if comp.task == "regression":
+        numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+        bad = (~np.isfinite(numbers)).nonzero()[0]
+        if len(bad):
+            raise PipelineError(f"{source} line {line_of(frame, bad[0])}: value {column.iloc[bad[0]]!r} (id "
+                                f"'{ids.iloc[bad[0]]}') is not a finite number; every test row needs one")
+        return
+    known = set(comp.classes)
+    for i, cell in enumerate(column.astype(str)):
+        parts = split_tags(cell.strip(), comp.separator) if comp.task == "multi_label" else [cell]
+        unknown = [t for t in parts if t not in known] or ([] if parts else [cell])
+        if unknown:
+            what = "tag" if comp.task == "multi_label" else "grade"
+            raise PipelineError(f"{source} line {line_of(frame, i)}: {what} '{unknown[0]}' (id '{ids.iloc[i]}') is "
+                                f"not a {what} of train.csv ({', '.join(comp.classes[:10])}"
+                                f"{', ...' if len(comp.classes) > 10 else ''})")
 
 
 def validate_detection(frame: pd.DataFrame, source: str, images: list[str], classes: list[str]) -> None:
@@ -171,8 +241,10 @@ def read_submission(path: Path, what: str = "submission") -> pd.DataFrame:
     return read_table(path)
 
 
-def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> float:
-    """Score a label submission against a solution file with the same id column (the demo's private LB)."""
+def score_file(submission: Path, solution: Path, metric: str = "accuracy", separator: str = " ") -> float:
+    """Score a label submission against a solution file with the same id column (the demo's private LB): class
+    labels (accuracy, macro_f1), tags joined by `separator` (multi-label F-scores), or numbers (rmse, mae, r2;
+    qwk on integer grades)."""
     sub, sol = read_submission(submission, "submission"), read_submission(solution, "solution")
     if len(sol.columns) < 2:
         raise PipelineError(f"{solution}: needs an id column and a label column; columns are {list(sol.columns)}")
@@ -189,6 +261,19 @@ def score_file(submission: Path, solution: Path, metric: str = "accuracy") -> fl
         raise PipelineError(f"{submission}: ids do not match {solution} ({len(missing)} missing, e.g. {missing[:1]}; "
                             f"{len(extra)} extra, e.g. {extra[:1]})")
     merged = sol[[id_col, label_col]].merge(sub[[id_col, label_col]], on=id_col, how="left", suffixes=("_true", ""))
+    kind = kind_of(metric)
+    if kind == "value":
+        values = pd.to_numeric(merged[label_col], errors="coerce").to_numpy(float)
+        if not np.isfinite(values).all():
+            bad = merged[label_col][~np.isfinite(values)].iloc[0]
+            raise PipelineError(f"{submission}: value {bad!r} in column '{label_col}' is not a finite number")
+        truth = merged[f"{label_col}_true"].astype(float).to_numpy()
+        return task_score(metric, truth.astype(int) if metric == "qwk" else truth, values.reshape(-1, 1))
+    if kind == "multi":
+        cells = pd.concat([sol[label_col], sub[label_col]])
+        tags = sorted({t for v in cells for t in split_tags(v.strip(), separator)})
+        return task_score(metric, multi_hot(merged[f"{label_col}_true"], tags, separator),
+                          multi_hot(merged[label_col], tags, separator))
     classes = sorted(set(sol[label_col]) | set(sub[label_col]))
     index = {c: i for i, c in enumerate(classes)}
     onehot = np.eye(len(classes))[merged[label_col].map(index)]

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, pseudo, runtime, tracking
+from . import distributed, pseudo, runtime, tasks, tracking
 from .artifacts import (
     content_key,
     file_digest,
@@ -35,7 +35,6 @@ from .config import config_hash, to_yaml
 from .context import Context
 from .engine import FoldData, Trainer, auto_batch_size
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER
 from .models import dataset_norm, input_norm, make_optimizer, param_groups, prepare_model, pretrained_file
 from .plots import plot_curves
 
@@ -52,9 +51,11 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     label = name or backbone
     run_dir = (runs_root or ctx.work_dir / "runs") / label / f"fold{fold}"
     weights = file_digest(pretrained_file(cfg.model.pretrained_path, backbone)) if cfg.model.pretrained_path else None
+    unread = {"folds"} | ({"loss"} if cfg.competition.task == "single_label" else set())  # loss: numbers only
     fp = fingerprint("train", data["folds_hash"], data["images_key"], backbone, fold, data["channels"],
                      cfg.competition.metric, cfg.model.model_dump(exclude={"backbones", "only"}),
-                     tcfg.model_dump(exclude={"folds"}), runtime.result_keys(cfg.runtime), weights,
+                     tcfg.model_dump(exclude=unread),
+                     runtime.result_keys(cfg.runtime), weights,
                      *([data["pseudo_keys"].get(fold)] if "pseudo_keys" in data else []))  # rounds: this fold's rows
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
@@ -67,7 +68,10 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     torch.manual_seed(seed)
     rt = runtime.from_config(cfg.runtime, "classification")
     mcfg = cfg.model
-    model, fine_tuning = prepare_model(backbone, len(data["classes"]), data["channels"], pretrained=mcfg.pretrained,
+    task, sep = cfg.competition.task, cfg.competition.label_separator
+    y = tasks.targets(task, frame, data["classes"], sep)
+    head = tasks.make_head(task, len(data["classes"]), tcfg.loss, y[is_train])
+    model, fine_tuning = prepare_model(backbone, head.n_out, data["channels"], pretrained=mcfg.pretrained,
                                        pretrained_path=mcfg.pretrained_path, drop_rate=mcfg.drop_rate,
                                        freeze_prefixes=mcfg.freeze, say=distributed.say)
     model = rt.prepare(model)
@@ -82,11 +86,10 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     norm = input_norm(tcfg.normalize, fine_tuning, data["channels"], data["norm"])
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, cfg.model.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
-    y = frame["y"].to_numpy()
     train_y = y[is_train] if "soft" not in data else \
         pseudo.dense_targets(y[is_train], data["soft"][is_train], len(data["classes"]))  # rounds, soft labels
     fold_data = FoldData(images[is_train], train_y, images[is_val], y[is_val],
-                         len(data["classes"]), norm, cfg.competition.metric)
+                         len(data["classes"]), norm, cfg.competition.metric, None if task == "single_label" else head)
     if tcfg.batch_size == "auto":  # the stamp keeps "auto" (the config asked for it); best.json records the size
         tcfg = tcfg.model_copy(update={"batch_size": _auto_batch(run_dir, fp, model, optimizer, fold_data, rt)})
     net = torch.compile(net) if rt.compile else net
@@ -107,13 +110,14 @@ def train_fold(ctx: Context, backbone: str, fold: int, data: dict, on_epoch=None
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     meta = {"experiment": label, "backbone": backbone, "fold": fold, "epoch": result["epoch"],
             "epochs_run": result["epochs_run"], "metric": result["metric"],
-            "metric_name": cfg.competition.metric, "greater_is_better": GREATER_IS_BETTER[cfg.competition.metric],
+            "metric_name": cfg.competition.metric, "greater_is_better": tasks.greater_is_better(cfg.competition.metric),
             "classes": data["classes"], "folds_hash": data["folds_hash"], "config_hash": config_hash(cfg.model, tcfg),
             "in_chans": data["channels"], "image_size": tcfg.image_size, "norm": norm, "drop_rate": cfg.model.drop_rate,
             "ema": tcfg.ema, "fine_tuned": fine_tuning, "n_params": sum(p.numel() for p in model.parameters()),
             "batch_size": tcfg.batch_size, "augment_device": "cpu" if trainer.device_augment is None else "gpu",
             "num_workers": rt.num_workers, "peak_gpu_gb": _rounded(runtime.peak_gpu_gb(rt.device)),
-            "peak_rss_gb": _rounded(runtime.peak_rss_gb())}
+            "peak_rss_gb": _rounded(runtime.peak_rss_gb()),
+            **({} if task == "single_label" else {"task": task, "head": head.to_meta()})}
     track.finish(result["history"], [run_dir / "history.csv", run_dir / "curves.png"])  # before the stamp (tracking.py)
     write_stamp(run_dir / "best.json", fp, **meta)
     distributed.barrier()

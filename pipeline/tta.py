@@ -9,6 +9,9 @@ the mean of their probabilities or their geometric mean; the mean of logits is t
 per-row constant), so it is not offered. All same-size views of a batch are stacked into one
 forward pass; each scale view is one more pass. Written here rather than taken from `ttach`
 because that library loops over views one forward at a time, which is what this module avoids.
+
+Other tasks pass their `tasks.Head`: multi-label views merge by the mean of sigmoid probabilities
+(geometric: the sigmoid of the mean logit), numbers by the mean of the predicted values.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .metrics import GREATER_IS_BETTER, is_better, score
+from .tasks import Head, greater_is_better, is_better, score
 
 FIXED = {
     "identity": lambda x: x,
@@ -80,8 +83,13 @@ def tta_logits(model, images: np.ndarray, views: list[str], to_input, batch_size
 MERGES = ("mean", "geometric")
 
 
-def merge(logits: np.ndarray, how: str = "mean") -> np.ndarray:
-    """(n_views, N, C) logits -> (N, C) probabilities: mean of probabilities, or their (renormalised) geometric mean."""
+def merge(logits: np.ndarray, how: str = "mean", head: Head | None = None) -> np.ndarray:
+    """(n_views, N, C) logits -> (N, C) probabilities: mean of probabilities, or their (renormalised) geometric mean;
+    a non-single-label head merges its own way (Head.merge)."""
+    if head is not None and head.task != "single_label":
+        if how not in MERGES:
+            raise ValueError(f"unknown TTA merge {how!r}; use one of {', '.join(MERGES)}")
+        return head.merge(logits, how)
     t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     if how == "mean":
         return t.softmax(-1).mean(0).numpy()
@@ -90,7 +98,8 @@ def merge(logits: np.ndarray, how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown TTA merge {how!r}; use one of {', '.join(MERGES)}")
 
 
-def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, how: str = "mean") -> list[int]:
+def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, how: str = "mean",
+                 head: Head | None = None) -> list[int]:
     """Indices of the views to merge, decided on out-of-fold rows only.
 
     auto: start from the best single view and add a view only when the merged OOF score improves
@@ -98,18 +107,18 @@ def choose_views(logits: np.ndarray, y: np.ndarray, metric: str, policy: str, ho
     """
     if policy == "all":
         return list(range(len(logits)))
-    scores = [score(metric, y, merge(lg[None], how)) for lg in logits]
-    order = sorted(range(len(logits)), key=lambda i: scores[i], reverse=GREATER_IS_BETTER[metric])
+    scores = [score(metric, y, merge(lg[None], how, head)) for lg in logits]
+    order = sorted(range(len(logits)), key=lambda i: scores[i], reverse=greater_is_better(metric))
     chosen, best = [order[0]], scores[order[0]]
     for i in order[1:]:
-        candidate = score(metric, y, merge(logits[chosen + [i]], how))
+        candidate = score(metric, y, merge(logits[chosen + [i]], how, head))
         if is_better(metric, candidate, best):
             chosen, best = chosen + [i], candidate
     return sorted(chosen)
 
 
 def nested_views(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, metric: str, policy: str,
-                 how: str = "mean") -> tuple[np.ndarray, dict[int, list[int]]]:
+                 how: str = "mean", head: Head | None = None) -> tuple[np.ndarray, dict[int, list[int]]]:
     """Honest OOF probabilities of the TTA choice: each fold's rows merged over the views chosen on the other
     folds' rows only, and the views chosen per held-out fold.
 
@@ -117,10 +126,12 @@ def nested_views(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, metric: s
     selection-optimistic (by little with two views, more with many). The model's oof.parquet still
     holds the views chosen on all rows: those are the views the test predictions use, and a file whose
     rows were merged over different views per fold would describe no model that predicts the test set."""
-    out = np.zeros(logits.shape[1:], dtype=np.float32)
+    out = None
     chosen = {}
     for k in np.unique(folds):
         held = folds == k
-        chosen[int(k)] = choose_views(logits[:, ~held], y[~held], metric, policy, how)
-        out[held] = merge(logits[chosen[int(k)]][:, held], how)
+        chosen[int(k)] = choose_views(logits[:, ~held], y[~held], metric, policy, how, head)
+        part = merge(logits[chosen[int(k)]][:, held], how, head)
+        out = np.zeros((logits.shape[1], part.shape[1]), dtype=np.float32) if out is None else out
+        out[held] = part
     return out, chosen

@@ -30,13 +30,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from . import tasks
 from . import train as train_stage
 from .artifacts import atomic_write, content_key, fingerprint, read_json, write_csv, write_text
 from .cache import input_channels
 from .config import Config, known_keys, read_yaml
 from .context import Context
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER
 
 TYPES = {"float", "int", "categorical"}
 
@@ -230,7 +230,8 @@ def study_name(ctx: Context) -> str:
     paths = pd.read_csv(ctx.work_dir / "folds.csv", dtype=str, keep_default_na=False)["path"]
     key = fingerprint("tune", folds["folds_hash"], content_key(paths), input_channels(ctx), ctx.cfg.competition.metric,
                       ctx.cfg.model.model_dump(),
-                      ctx.cfg.train.model_dump(exclude={"folds", "num_workers", "threads", "device"}),
+                      ctx.cfg.train.model_dump(exclude={"folds", "num_workers", "threads", "device"}
+                                               | ({"loss"} if ctx.cfg.competition.task == "single_label" else set())),
                       read_yaml(Path(cfg.space)), cfg.model_dump(exclude={"space", "n_trials", "timeout", "storage"}))
     return f"{ctx.name}-{key}"
 
@@ -239,7 +240,7 @@ def open_study(ctx: Context) -> optuna.Study:
     cfg = ctx.cfg.tune
     url = cfg.storage or f"sqlite:///{(ctx.work_dir / 'optuna.db').resolve()}"
     storage = _storage(url)
-    direction = "maximize" if GREATER_IS_BETTER[ctx.cfg.competition.metric] else "minimize"
+    direction = "maximize" if tasks.greater_is_better(ctx.cfg.competition.metric) else "minimize"  # every task's
     return optuna.create_study(study_name=study_name(ctx), storage=storage, load_if_exists=True, direction=direction,
                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=make_pruner(cfg.pruner))
 

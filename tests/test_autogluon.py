@@ -79,7 +79,7 @@ def test_every_metric_name_is_one_autogluon_supports():
     res = subprocess.run([str(AG_PYTHON), "-W", "ignore", "-c", code, json.dumps(pairs)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert len(pairs) == 8 and json.loads(res.stdout.strip().splitlines()[-1]) == []
+    assert len(pairs) == 12 and json.loads(res.stdout.strip().splitlines()[-1]) == []  # 4 regression pairs (tasks)
 
 
 def test_test_probabilities_are_renormalised_like_oof_ones(comp_dir: Path, tmp_path: Path):
