@@ -417,16 +417,20 @@ def loader_options(rt: Runtime) -> dict:
     batch holds comes from EpochSampler, so their state does not matter), a few batches prefetched each,
     pinned batches on CUDA (copied with non_blocking=True by Runtime.to_input)."""
     workers = rt.num_workers
+    if workers:
+        # One OpenCV thread (albumentations' kernels), set here in the parent so that the forked workers inherit
+        # it: the workers are the parallelism, and OpenCV's own pool (as many threads as cores) would oversubscribe
+        # the cores. Calling cv2.setNumThreads in a forked worker hangs once the parent has used OpenCV's pool
+        # (the child inherits a pool whose threads did not survive the fork). The parent does no augmentation
+        # while it has workers.
+        cv2.setNumThreads(1)
     return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
             "pin_memory": rt.device.type == "cuda", "worker_init_fn": _init_worker if workers else None}
 
 
 def _init_worker(worker_id: int) -> None:
-    """One thread per worker: the workers are the parallelism, and OpenCV's own pool (albumentations' kernels;
-    as many threads as cores) would oversubscribe the cores (torch already sets its own threads to 1 in workers).
-    numpy's and python's global generators follow torch's per-worker seed, for any transform that uses them (the
-    pipeline's own are reseeded per batch by ArrayDataset)."""
-    cv2.setNumThreads(1)
+    """numpy's and python's global generators follow torch's per-worker seed, for any transform that uses them
+    (the pipeline's own are reseeded per batch by ArrayDataset). Threads: loader_options."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
