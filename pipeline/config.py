@@ -611,10 +611,27 @@ def _one_line(err: ValidationError, source: str) -> PipelineError:
             return PipelineError(f"{source}: {entry}: the experiment key '{where}' is missing")
         return PipelineError(f"{source}: {entry}{' ' + where if where else ''}: {first['msg']} "
                              f"(got {first.get('input')!r})")
+    literals = _union_literals(err.errors())
+    if literals is not None:  # `auto` or a number: the number's complaint, then the words it also takes
+        first = next(e for e in err.errors() if not str(e["loc"][-1]).startswith("literal["))
+        key = ".".join(str(p) for p in first["loc"][:-1])
+        return PipelineError(f"{source}: config key '{key}': {first['msg']} (got {first.get('input')!r}), "
+                             f"or {literals}")
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return PipelineError(f"{source}: unknown config key '{key}'{_did_you_mean(key)}")
     return PipelineError(f"{source}: config key '{key}': {first['msg']} (got {first.get('input')!r})")
+
+
+def _union_literals(errors: list[dict]) -> str | None:
+    """The words a `Literal[...] | int` key takes ("'auto'"), when every error is one branch of that key's union
+    (pydantic names each branch in the last place of the location); None otherwise."""
+    if len(errors) < 2 or len({tuple(e["loc"][:-1]) for e in errors}) != 1:
+        return None
+    literal = [e for e in errors if str(e["loc"][-1]).startswith("literal[")]
+    if not literal or len(literal) == len(errors):
+        return None
+    return " or ".join(str(e["loc"][-1])[len("literal["):-1] for e in literal)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
