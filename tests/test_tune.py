@@ -122,7 +122,7 @@ def test_an_invalid_search_space_stops_before_the_study(comp_dir: Path, tmp_path
 
 
 def _separable_competition(root: Path, n_per_class: int = 8) -> Path:
-    """Dark versus bright 8x8 images: any sane learning rate separates them within two epochs."""
+    """Dark versus bright 8x8 images: any sane learning rate separates them within three epochs."""
     rng = np.random.default_rng(0)
     (root / "img").mkdir(parents=True)
     rows = []
@@ -142,7 +142,7 @@ def test_a_diverging_learning_rate_fails_its_trials_with_the_real_training(tmp_p
     otherwise score its argmax-of-NaN predictions and could even be "best")."""
     comp = _separable_competition(tmp_path / "comp")
     space = _space(tmp_path, "train.lr: {type: categorical, choices: [0.1, 1.0e+30]}\n")
-    cfg = load_config(None, ["folds.n_splits=2", f"tune.space={space}", "tune.epochs=2", "tune.n_trials=4",
+    cfg = load_config(None, ["folds.n_splits=2", f"tune.space={space}", "tune.epochs=4", "tune.n_trials=4",
                              "tune.pruner=none", "model.backbones=[d2l_lenet]", "train.image_size=8",
                              "train.batch_size=2", "train.optimizer=sgd", "train.warmup_epochs=0",
                              "train.augment=none"])
@@ -204,7 +204,7 @@ def test_two_processes_share_one_sqlite_study(small_digits: Path, tmp_path: Path
     space = _space(tmp_path)
     args = ["--data", str(small_digits), "--config", str(REPO / "configs" / "digits.yaml"), "--work",
             str(tmp_path / "w"), "folds.n_splits=2", "train.image_size=16", "model.backbones=[resnet10t]",
-            "tune.epochs=1", "tune.n_trials=4", f"tune.space={space}"]
+            "tune.epochs=4", "tune.n_trials=4", f"tune.space={space}"]
     subprocess.run([sys.executable, "-m", "pipeline", "folds", *args], check=True, capture_output=True, cwd=REPO,
                    timeout=300)
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *args], stdout=subprocess.PIPE,
