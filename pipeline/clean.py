@@ -54,7 +54,6 @@ from .competition import read_extra
 from .context import Context
 from .errors import PipelineError
 from .images import MAX_PIXELS
-from .models import IMAGENET, pretrained_file
 
 
 def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str,
@@ -137,6 +136,8 @@ def embedding_source(ctx: Context) -> embeddings.Source:
     backbone = ccfg.embedding_backbone or first.backbone
     template = first.model.pretrained_path
     if template:
+        from .models import IMAGENET, pretrained_file  # here: timm (and its tqdm.autonotebook) only when asked
+
         path = pretrained_file(template, backbone)
         return embeddings.Source(backbone, path, file_digest(path), ccfg.embedding_image_size or first.train.image_size,
                                  3, IMAGENET, "pretrained")

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from .errors import PipelineError
 from .images import MAX_PIXELS, load_image, resize, to_channels
-from .models import build_model, head_parameter_names, load_pretrained
 
 EXACT_LIMIT = 20_000  # above this many images, the approximate index (module docstring)
 NPROBE = 8
@@ -63,6 +62,10 @@ def load_model(source: Source) -> nn.Module:
     A file lacking some body tensors would leave them random, and random features pair unrelated images,
     so that is an error naming the file.
     """
+    # imported here: timm pulls in huggingface_hub and its tqdm.autonotebook (a warning in notebooks), which the
+    # clean stage needs only when clean.embeddings is on
+    from .models import build_model, head_parameter_names, load_pretrained
+
     model = build_model(source.backbone, 1, source.channels)
     report = load_pretrained(model, source.weights)
     head = head_parameter_names(model)

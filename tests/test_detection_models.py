@@ -182,6 +182,7 @@ def test_detect_stage_with_a_torchvision_detector_submits_and_keys_the_model_cho
     data = build_bananas(tmp_path / "bananas", n_train=6, n_val=3, n_test=3, seed=1)
     work, subs = tmp_path / "work", tmp_path / "subs"
     base = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs), "detect.model=ssdlite",
+            "detect.folds=1",
             "detect.image_size=64", "detect.epochs=1", "detect.batch_size=3", "detect.gallery_images=2",
             "runtime.device=cpu", "runtime.threads=1"]
     assert main(base) == 0

@@ -56,6 +56,7 @@ def test_the_detect_stage_writes_a_manifest_and_a_history_copy_per_new_submissio
     data = build_bananas(tmp_path / "bananas", n_train=8, n_val=4, n_test=4, seed=1)
     subs = tmp_path / "subs"
     args = ["detect", "--data", str(data), "--work", str(tmp_path / "work"), "--submissions", str(subs),
+            "detect.folds=1",
             "detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=0",
             "detect.tta=none"]
     assert main(args) == 0

@@ -196,7 +196,8 @@ def test_two_processes_create_a_new_store_at_once(tmp_path: Path):
 def test_the_detection_track_logs_its_training_too(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = build_bananas(tmp_path / "bananas", n_train=8, n_val=4, n_test=4, seed=1)
-    overrides = ["detect.image_size=64", "detect.epochs=2", "detect.batch_size=4", "detect.gallery_images=0",
+    overrides = ["detect.folds=1",
+                 "detect.image_size=64", "detect.epochs=2", "detect.batch_size=4", "detect.gallery_images=0",
                  "detect.tta=none", "runtime.device=cpu"]
     ctx = Context(load_config(None, overrides), data, tmp_path / "w", tmp_path / "subs")
     orchestrate.run("detect", ctx)
