@@ -72,6 +72,24 @@ def one_mlflow_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def interrupt_in_epoch(monkeypatch, trainer_cls, epoch: int, run) -> None:
+    """Call run() (a fit) with trainer_cls.train_epoch raising KeyboardInterrupt when it reaches `epoch` (a
+    Ctrl-C in the middle of that epoch's training), then restore the real train_epoch for the resumed run."""
+    import pytest
+
+    original = trainer_cls.train_epoch
+
+    def die(self, current: int):
+        if current == epoch:
+            raise KeyboardInterrupt
+        return original(self, current)
+
+    monkeypatch.setattr(trainer_cls, "train_epoch", die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(trainer_cls, "train_epoch", original)
+
+
 def kill_after_epoch(cmd: list[str], last_pt: Path, epoch: int = 2) -> None:
     """Start `cmd` and SIGKILL it once its `last.pt` records `epoch` (a kill mid-run, as the OOM killer's);
     fails when the run ends before that."""

@@ -19,6 +19,8 @@ from pipeline.detection.torchvision_models import KINDS, build, load_pretrained
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime
 
+from .conftest import interrupt_in_epoch
+
 SMALL = {"backbone": "resnet10t", "fpn_channels": 32}  # the smallest FPN detectors: these tests are about plumbing
 
 
@@ -72,17 +74,7 @@ def test_each_detector_trains_and_a_killed_run_resumes_to_the_same_weights(kind,
     assert {"map_50", "map"} <= set(history) and "val_class_err" not in history  # TinySSD's anchors' metrics only
     assert any(not torch.equal(v, before[k]) for k, v in straight.model.state_dict().items())
 
-    original = DetectionTrainer.train_epoch
-
-    def die_in_epoch_2(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(DetectionTrainer, "train_epoch", die_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        _trainer(kind, tmp_path / "b", 2).fit()
-    monkeypatch.setattr(DetectionTrainer, "train_epoch", original)
+    interrupt_in_epoch(monkeypatch, DetectionTrainer, 2, lambda: _trainer(kind, tmp_path / "b", 2).fit())
     resumed = _trainer(kind, tmp_path / "b", 2)
     resumed.fit()
     for k, v in straight.model.state_dict().items():

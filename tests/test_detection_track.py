@@ -23,6 +23,8 @@ from pipeline.errors import PipelineError
 from pipeline.loop import CheckpointSaver
 from pipeline.runtime import Runtime
 
+from .conftest import interrupt_in_epoch
+
 
 def test_decoding_equals_the_course_multibox_detection_then_threshold():
     """Filtering by score before NMS keeps exactly the boxes the course keeps after NMS."""
@@ -160,17 +162,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_history(tmp_path, monkeypa
     straight = _tiny_trainer(tmp_path / "a", 3)
     straight.fit()
     interrupted = _tiny_trainer(tmp_path / "b", 3)
-    original = DetectionTrainer.train_epoch
-
-    def die_in_epoch_3(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(DetectionTrainer, "train_epoch", die_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(DetectionTrainer, "train_epoch", original)
+    interrupt_in_epoch(monkeypatch, DetectionTrainer, 3, interrupted.fit)
     resumed = _tiny_trainer(tmp_path / "b", 3)
     resumed.fit()
     assert resumed.epoch == 3 and len(resumed.history) == 3

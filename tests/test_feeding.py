@@ -18,6 +18,8 @@ from pipeline.errors import PipelineError
 from pipeline.gpu_augment import _module, choose_device
 from pipeline.runtime import Runtime
 
+from .conftest import interrupt_in_epoch
+
 
 def _trainer(run_dir: Path, workers: int, n: int = 24, **cfg) -> Trainer:
     """A linear classifier on n 8x8 RGB images with the light preset: augmentation draws in every batch."""
@@ -41,17 +43,7 @@ def test_persistent_workers_resume_bit_exact_and_match_the_main_process(tmp_path
     straight.fit()
     assert straight.loader.persistent_workers and len(iterators) == 3 and len({id(i) for i in iterators}) == 1
     interrupted = _trainer(tmp_path / "resumed", workers=2)
-    original = Trainer.train_epoch
-
-    def die_in_epoch_2(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", die_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_in_epoch(monkeypatch, Trainer, 2, interrupted.fit)
     resumed = _trainer(tmp_path / "resumed", workers=2)
     resumed.fit()
     main_process = _trainer(tmp_path / "main", workers=0)

@@ -23,7 +23,7 @@ from pipeline.metrics import score
 from pipeline.predict import view_logits
 from pipeline.runtime import Runtime
 
-from .conftest import REPO, kill_after_epoch
+from .conftest import REPO, interrupt_in_epoch, kill_after_epoch
 
 
 class Stalled(torch.nn.Module):
@@ -94,17 +94,7 @@ def test_plateau_lowers_the_lr_by_its_factor_after_patience_and_resumes_exactly(
     assert [r["val_accuracy"] for r in straight.history] == [straight.history[0]["val_accuracy"]] * 6  # stalled
     assert [r["lr"] for r in straight.history] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     interrupted = _linear_trainer(tmp_path / "b", model=Stalled(), **opts)
-    original = Trainer.train_epoch
-
-    def die_in_epoch_5(self, epoch):
-        if epoch == 5:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", die_in_epoch_5)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_in_epoch(monkeypatch, Trainer, 5, interrupted.fit)
     resumed = _linear_trainer(tmp_path / "b", model=Stalled(), **opts)
     resumed.fit()  # one bad epoch was counted before the kill: the lr still drops at epoch 5
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history]
