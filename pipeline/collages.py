@@ -1,11 +1,13 @@
 """Build the embedded multi-label and regression competitions: 2x2 collages of scikit-learn's bundled digits.
 
 Real digits with no download, like pipeline/digits.py. Each image is a 2x2 grid of cells; one to four
-cells hold a digit (8x8, upscaled 2x to 16x16 by pixel repetition, at a random offset inside its
-20x20 cell), the others stay black, so images are 40x40 grayscale PNGs.
+cells hold a digit (8x8, upscaled `scale`x by pixel repetition, 2x to 16x16 by default, at a random offset
+of 0-4 pixels inside its cell of 8*scale+4 pixels), the others stay black: 40x40 grayscale PNGs by default;
+`--scale 3` gives 24x24 digits in 28x28 cells, 56x56 images (the form of issue 14's held-out bars).
 - multi_label: the label is the sorted set of digit classes present, space-separated ("1 3 7"; a
   digit drawn twice counts once).
-- regression: the target is the sum of the digits present, written as a float ("17.0").
+- regression: the target is the sum of the digits present, written as a float ("17.0"); with
+  `--target count`, the number of digits drawn ("3.0").
 
 The source digits are split 80/20 (stratified) *before* any collage is made: test collages are built
 from test digits only, so no test image shares a digit image with a train image. Test targets go to a
@@ -31,33 +33,36 @@ from .artifacts import write_csv
 from .digits import solution_path
 
 TASKS = ("multi_label", "regression")
-SCALE = 2  # 8x8 digit -> 16x16
-CELL = 20  # a cell holds the 16x16 digit at a random offset of 0..4 pixels each way
-GRID = 2  # 2x2 cells -> 40x40 images
+SCALE = 2  # default: 8x8 digit -> 16x16
+OFFSET = 4  # a cell of 8*scale+OFFSET pixels holds the digit at a random offset of 0..OFFSET pixels each way
+GRID = 2  # 2x2 cells -> 40x40 images at the default scale
+TARGETS = ("sum", "count")  # regression targets
 DEFAULT_OUT = {"multi_label": Path("data/collages_multi_label"), "regression": Path("data/collages_regression")}
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
+def _digits(scale: int = SCALE) -> tuple[np.ndarray, np.ndarray]:
     bunch = load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    return np.kron(images, np.ones((SCALE, SCALE), dtype=np.uint8)), bunch.target
+    return np.kron(images, np.ones((scale, scale), dtype=np.uint8)), bunch.target
 
 
 def collage(digits: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """A (GRID*CELL)^2 uint8 image with digits[i] in cell cells[i] (row-major) at offsets[i] (dy, dx)."""
-    side, size = GRID * CELL, digits.shape[1]
-    out = np.zeros((side, side), dtype=np.uint8)
+    """A (GRID*cell)^2 uint8 image with digits[i] in cell cells[i] (row-major) at offsets[i] (dy, dx); a cell is
+    the digits' side plus OFFSET."""
+    size = digits.shape[1]
+    cell_side = size + OFFSET
+    out = np.zeros((GRID * cell_side, GRID * cell_side), dtype=np.uint8)
     for img, cell, (dy, dx) in zip(digits, cells, offsets, strict=True):
-        y, x = (cell // GRID) * CELL + dy, (cell % GRID) * CELL + dx
+        y, x = (cell // GRID) * cell_side + dy, (cell % GRID) * cell_side + dx
         out[y:y + size, x:x + size] = img
     return out
 
 
-def target(task: str, classes: np.ndarray) -> str:
+def target(task: str, classes: np.ndarray, regression_target: str = "sum") -> str:
     """The CSV value for a collage holding digits of `classes` (with repeats)."""
     if task == "multi_label":
         return " ".join(str(c) for c in sorted(set(classes.tolist())))
-    return f"{float(classes.sum()):.1f}"
+    return f"{float(len(classes) if regression_target == 'count' else classes.sum()):.1f}"
 
 
 def _plan(rng: np.random.Generator, pool: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -66,18 +71,21 @@ def _plan(rng: np.random.Generator, pool: np.ndarray, n: int) -> list[tuple[np.n
     for _ in range(n):
         m = int(rng.integers(1, GRID * GRID + 1))
         cells = np.sort(rng.choice(GRID * GRID, m, replace=False))
-        plans.append((rng.choice(pool, m, replace=False), cells, rng.integers(0, CELL - 8 * SCALE + 1, (m, 2))))
+        plans.append((rng.choice(pool, m, replace=False), cells, rng.integers(0, OFFSET + 1, (m, 2))))
     return plans
 
 
-def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_test: int = 300) -> Path:
+def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_test: int = 300, scale: int = SCALE,
+                   regression_target: str = "sum") -> Path:
     """Write the competition to `out` (train.csv, test.csv, sample_submission.csv, images/) and its hidden
     solution beside it; the digits of each collage are recorded in `<out>_digits.csv` (also outside the folder)
     so tests and readers can check every label against what was drawn."""
     if task not in TASKS:
         raise ValueError(f"unknown collage task {task}; one of {', '.join(TASKS)}")
+    if regression_target not in TARGETS:
+        raise ValueError(f"unknown regression target {regression_target}; one of {', '.join(TARGETS)}")
     out = Path(out)
-    images, labels = _digits()
+    images, labels = _digits(scale)
     train_pool, test_pool = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
                                              random_state=seed)
     rng = np.random.default_rng(seed)
@@ -88,7 +96,8 @@ def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_t
     for i, (src, cells, offsets) in enumerate(plans):
         rel = f"images/{names[i]:05d}.png"
         Image.fromarray(collage(images[src], cells, offsets)).save(out / rel)
-        rows.append({"image": rel, "label": target(task, labels[src]), "split": "train" if i < n_train else "test",
+        rows.append({"image": rel, "label": target(task, labels[src], regression_target),
+                     "split": "train" if i < n_train else "test",
                      "digits": " ".join(str(labels[s]) for s in src), "cells": " ".join(map(str, cells)),
                      "source": " ".join(map(str, src))})
     frame = pd.DataFrame(rows).sort_values("image")
@@ -114,9 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=1200, help="training collages")
     parser.add_argument("--test", type=int, default=300, help="test collages (targets in the hidden solution)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=int, default=SCALE, help="digit upscale: 2 gives 40x40 images, 3 56x56")
+    parser.add_argument("--target", choices=TARGETS, default="sum", help="regression: sum or count of the digits")
     args = parser.parse_args(argv)
-    out = build_collages(args.out or DEFAULT_OUT[args.task], args.task, args.seed, args.train, args.test)
-    print(f"collages: {args.task} competition written to {out} ({args.train} train, {args.test} test images), "
+    out = build_collages(args.out or DEFAULT_OUT[args.task], args.task, args.seed, args.train, args.test,
+                         args.scale, args.target)
+    side = GRID * (8 * args.scale + OFFSET)
+    print(f"collages: {args.task} competition of {side}x{side} images written to {out} ({args.train} train, "
+          f"{args.test} test images), "
           f"hidden solution to {solution_path(out)}")
 
 

@@ -472,6 +472,10 @@ class DetectConfig(FitConfig):
     folds: int = Field(5, ge=1, description="train one model per fold of the training images (duplicate groups of "
                                             "WORK/clean.csv kept together), OOF detections and a WBF ensemble; 1: "
                                             "one model on all of train.csv, validated on val.csv or val_fraction")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="folds > 1: this detector configuration's folder WORK/detect/<name> and its "
+                                         "leaderboard rows; every configuration run into the same WORK joins the WBF "
+                                         "blend of models (null: the model, or model-backbone)")
     tta_scales: list[float] = Field([1.0], description="folds > 1: input scales of the test-time views fused by WBF")
     fusion_hflip: bool = Field(True, description="folds > 1: each scale also runs mirrored, as another WBF view")
     fusion_iou: list[float] = Field([0.4, 0.5, 0.6, 0.7], description="WBF IoU thresholds tried on OOF (the best "

@@ -267,9 +267,17 @@ def _score(detections: list[dict], targets: list[dict]) -> dict:
     return map_of(detections, targets) if targets else {"map_50": float("nan"), "map": float("nan")}
 
 
+def run_name(cfg) -> str:
+    """The folder and leaderboard name of one detector configuration: detect.name, else the model (and backbone)."""
+    if cfg.name:
+        return cfg.name
+    return cfg.model if cfg.model in ("tinyssd", "ssdlite") else f"{cfg.model}-{cfg.backbone}"
+
+
 def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
-    """One detector per fold, views of each, WBF thresholds on OOF, the fused test submission and a leaderboard."""
+    """One detector per fold, views of each, WBF thresholds on OOF; then the blend of every configuration in WORK."""
     cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
+    name = run_name(cfg)
     train, test = _arrays(ctx, data.train, data.classes, "train"), _arrays(ctx, data.test, data.classes, "test")
     names = data.train.images["image"].tolist()
     groups = image_groups(names, ctx.work_dir / "clean.csv")
@@ -284,9 +292,9 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
         held, rest = np.nonzero(fold == k)[0], np.nonzero(fold != k)[0]
         key = fingerprint(data.key(), "fold", k, cfg.folds, [names[i] for i in held])
         model, fp, summary = _train(ctx, key, data.classes, lambda rest=rest: train.take(rest), train.take(held), rt,
-                                    root / f"fold{k}", cfg.seed + k, {"fold": k})
+                                    root / name / f"fold{k}", cfg.seed + k, {"fold": k})
         found = _fold_views(ctx, model, fp, rt, {"oof": train.take(held), "val": val, "test": test},
-                            root / f"fold{k}", data.test_key())
+                            root / name / f"fold{k}", data.test_key())
         for v in views:
             for j, i in enumerate(held):
                 oof[v][i] = found["oof"][v][j]
@@ -294,33 +302,94 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
         test_views.append(found["test"])
         fps.append(fp)
         plain = _score(found["oof"][views[0]], [truth[i] for i in held])
-        board.append({"entry": f"tinyssd fold{k}", "kind": "model", "views": views[0],
+        board.append({"entry": f"{name} fold{k}", "kind": "model", "views": views[0],
                       "oof_map_50": plain["map_50"], "oof_map": plain["map"],
                       **_prefixed("val", _score(found["val"][views[0]], val_truth)),
                       "train_seconds": round(summary["train_seconds"], 1)})
     for v in views:
-        board.append({"entry": f"tinyssd all folds, {v}", "kind": "model (OOF)", "views": v,
+        board.append({"entry": f"{name} all folds, {v}", "kind": "model (OOF)", "views": v,
                       **_prefixed("oof", map_of(oof[v], truth))})
-    choice, grid = choose([oof[v] for v in views], truth, train.sizes, cfg.fusion_iou, cfg.fusion_skip,
-                          cfg.max_detections)
-    write_csv(root / "fusion_grid.csv", grid)
-    fused_oof = fuse([oof[v] for v in views], train.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
-    oof_scores = map_of(fused_oof, truth)
+    run = {"name": name, "split_key": fingerprint(data.key(), names, fold.tolist()), "test_key": data.test_key(),
+           "fold_keys": fps, "views": views, "oof": [oof[v] for v in views],
+           "val": [f[v] for f in val_views for v in views], "test": [f[v] for f in test_views for v in views]}
+    run |= _fusion_rows(ctx, f"{name} wbf folds x views", run, train.sizes, truth, val, val_truth, board,
+                        root / name / "fusion_grid.csv", [[f[views[0]] for f in val_views]])
+    run["board"] = board
+    atomic_write(root / name / "detections.pt", lambda tmp: torch.save(run, tmp))
+    _blend_runs(ctx, data, train, val, test, truth, val_truth, run)
+
+
+def _fusion_rows(ctx: Context, entry: str, run: dict, sizes: torch.Tensor, truth: list[dict], val: Arrays,
+                 val_truth: list[dict], board: list[dict], grid_csv: Path,
+                 val_folds_only: list[list[list[dict]]] = ()) -> dict:
+    """WBF of the run's OOF views with thresholds chosen on OOF (the grid's scores to grid_csv); its leaderboard
+    rows (OOF, and the holdout both as the fold models' plain views alone and as folds x views); the choice and
+    its OOF scores."""
+    cfg = ctx.cfg.detect
+    choice, grid = choose(run["oof"], truth, sizes, cfg.fusion_iou, cfg.fusion_skip, cfg.max_detections)
+    write_csv(grid_csv, grid)
+    oof_scores = map_of(fuse(run["oof"], sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections), truth)
     tag = f"iou {choice['iou_thr']:g}, skip {choice['skip_thr']:g}"
-    board.append({"entry": f"wbf views ({tag})", "kind": "fusion", "views": "+".join(views),
-                  **_prefixed("oof", oof_scores)})
+    row = {"entry": f"{entry} ({tag})", "kind": "fusion", "views": "+".join(run["views"]),
+           **_prefixed("oof", oof_scores)}
     if len(val.images):
-        for name, lists in ((f"wbf folds, {views[0]} ({tag})", [f[views[0]] for f in val_views]),
-                            (f"wbf folds x views ({tag})", [f[v] for f in val_views for v in views])):
-            fused_val = fuse(lists, val.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
-            board.append({"entry": name, "kind": "fusion", "views": views[0] if ", x" in name else "+".join(views),
-                          **_prefixed("val", map_of(fused_val, val_truth))})
-    fused_test = fuse([f[v] for f in test_views for v in views], test.sizes, choice["iou_thr"], choice["skip_thr"],
-                      cfg.max_detections)
+        row |= _prefixed("val", map_of(fuse(run["val"], val.sizes, choice["iou_thr"], choice["skip_thr"],
+                                            cfg.max_detections), val_truth))
+        for lists in val_folds_only:
+            fused = fuse(lists, val.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
+            board.append({"entry": f"{entry.replace(' x views', '')}, {run['views'][0]} ({tag})", "kind": "fusion",
+                          "views": run["views"][0], **_prefixed("val", map_of(fused, val_truth))})
+    board.append(row)
+    return {"choice": choice, "oof_scores": oof_scores}
+
+
+def _load_runs(root: Path, current: dict) -> list[dict]:
+    """Every configuration's detections.pt in WORK/detect made on the same folds, training data and test images
+    as the current run (which comes first); others are named and left out of the blend."""
+    runs = [current]
+    for path in sorted(root.glob("*/detections.pt")):
+        if path.parent.name == current["name"]:
+            continue
+        other = torch.load(path, weights_only=True)
+        if other["split_key"] != current["split_key"]:
+            print(f"detect: {path.parent.name} left out of the blend: trained on other folds or training data "
+                  f"(rerun make detect with its config)")
+        elif other["test_key"] != current["test_key"]:
+            print(f"detect: {path.parent.name} left out of the blend: it predicted other test images "
+                  f"(rerun make detect with its config)")
+        else:
+            runs.append(other)
+    return runs
+
+
+def _blend_runs(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, truth: list[dict],
+                val_truth: list[dict], current: dict) -> None:
+    """The leaderboard of every configuration in WORK, their WBF blend when there are several, and the submission
+    of the fusion with the best OOF mAP@0.5 (with several, a choice on OOF: that figure is selection-optimistic)."""
+    cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
+    runs = _load_runs(root, current)
+    board = [row for run in runs for row in run["board"]]
+    candidates = list(runs)
+    if len(runs) > 1:
+        blend = {"name": "wbf models", "views": [f"{r['name']}:{v}" for r in runs for v in r["views"]],
+                 **{part: [x for r in runs for x in r[part]] for part in ("oof", "val", "test")}}
+        blend |= _fusion_rows(ctx, "wbf models " + " + ".join(r["name"] for r in runs), blend, train.sizes, truth,
+                              val, val_truth, board, root / "fusion_grid.csv")
+        candidates.append(blend)
+    chosen = max(candidates, key=lambda c: (c["oof_scores"]["map_50"], c["oof_scores"]["map"]))
+    iou, skip = chosen["choice"]["iou_thr"], chosen["choice"]["skip_thr"]
+    fused_oof = fuse(chosen["oof"], train.sizes, iou, skip, cfg.max_detections)
+    fused_test = fuse(chosen["test"], test.sizes, iou, skip, cfg.max_detections)
+    if len(runs) > 1:
+        print(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
+              f"{chosen['oof_scores']['map_50']:.4f}, the best of {len(candidates)} fusions on OOF: "
+              f"selection-optimistic)")
     per_class = class_table(fused_oof, truth, data.classes)
     _write_fold_outputs(ctx, data, val, test, fused_oof, fused_test, board, per_class,
-                        {**choice, "oof_map_50": oof_scores["map_50"], "oof_map": oof_scores["map"], "views": views,
-                         "folds": cfg.folds, "fold_keys": fps, "val_source": data.val_source})
+                        {**chosen["choice"], "oof_map_50": chosen["oof_scores"]["map_50"],
+                         "oof_map": chosen["oof_scores"]["map"], "views": chosen["views"], "submitted": chosen["name"],
+                         "configurations": [r["name"] for r in runs], "folds": cfg.folds,
+                         "fold_keys": {r["name"]: r["fold_keys"] for r in runs}, "val_source": data.val_source})
 
 
 def _prefixed(prefix: str, scores: dict) -> dict:
@@ -357,7 +426,7 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
         train = _arrays(ctx, data.train, data.classes, "train")
         gallery(train.images[:n], _keep(fused_oof[:n], threshold), train.sizes[:n], data.classes,
                 out / "gallery_oof.png", truth=train.targets[:n])
-    manifest = {"track": "detection", "model": NAMES[cfg.model], "folds": cfg.folds, "views": metrics["views"],
+    manifest = {"track": "detection", "model": metrics["submitted"], "folds": cfg.folds, "views": metrics["views"],
                 "wbf_iou": metrics["iou_thr"], "wbf_skip": metrics["skip_thr"], "classes": data.classes,
                 **_keys(cfg, PREDICT_KEYS), "oof_map_50": metrics["oof_map_50"], "oof_map": metrics["oof_map"],
                 "config_hash": config_hash(cfg)}

@@ -149,3 +149,40 @@ def test_demo_configs_skip_the_near_duplicate_search_that_pairs_collage_layouts(
     assert len(exact) == 0 and (labels[near["a"]] != labels[near["b"]]).sum() >= 20  # 25 of its 33 pairs
     for name in ("demo-multi-label.yaml", "demo-regression.yaml"):
         assert load_config(REPO / "configs" / name).clean.near_duplicates is False
+
+
+def test_the_bar_form_56px_collages_and_a_count_target(tmp_path):
+    """--scale 3 --target count: issue 14's held-out form (56x56 collages of up to four ~28 px objects, the number
+    of objects as the regression target)."""
+    out = collages.build_collages(tmp_path / "count", "regression", n_train=30, n_test=10, scale=3,
+                                  regression_target="count")
+    drawn = read(collages.digits_path(out)).set_index("image")
+    labels = pd.concat([read(out / "train.csv"), read(solution_path(out))]).set_index("image")["label"]
+    for image, row in drawn.iterrows():
+        assert labels[image] == f"{len(row['digits'].split()):.1f}"
+        assert np.asarray(Image.open(out / image)).shape == (56, 56)
+    assert set(labels) == {"1.0", "2.0", "3.0", "4.0"}
+    with pytest.raises(ValueError, match="unknown regression target"):
+        collages.build_collages(out, "regression", regression_target="mean")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, target, metric",
+                         [("multi_label", "sum", "f1_samples"), ("regression", "count", "rmse")])
+def test_the_bar_form_runs_folds_train_ensemble(tmp_path, capsys, task, target, metric):
+    """Both bars' data forms end to end through the CLI with the documented override (no near-duplicate search on
+    mostly black collages); tiny sizes: the scores are checked to exist, the bars themselves in the README."""
+    from pipeline.cli import main
+    from pipeline.submission import score_file
+    data = collages.build_collages(tmp_path / "comp", task, n_train=48, n_test=12, scale=3, regression_target=target)
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    args = ["--data", str(data), "--work", str(work), "--submissions", str(subs), "clean.near_duplicates=false",
+            "folds.n_splits=2", "model.backbones=[resnet10t]", "train.epochs=1", "train.image_size=32",
+            "train.batch_size=16", "train.hflip=false", "predict.tta=[identity]", "runtime.device=cpu",
+            "runtime.threads=1", "clean.workers=1", "tracking.backend=none"]
+    for stage in ("folds", "train", "ensemble"):
+        assert main([stage, *args]) == 0
+    printed = capsys.readouterr().out
+    assert f"{task}:" in printed and f"honest CV {metric}" in printed
+    score = score_file(subs / "comp.csv", solution_path(data), metric)
+    assert 0 <= score <= (1 if metric == "f1_samples" else 4)

@@ -195,17 +195,36 @@ def test_detect_folds_train_fuse_and_write_a_leaderboard(tmp_path, capsys):
     assert sorted(folds["fold"].unique()) == [0, 1] and folds["group"].nunique() == 24  # no clean.csv: one per image
     board = pd.read_csv(out / "leaderboard.csv")
     assert board["entry"].tolist()[:2] == ["tinyssd fold0", "tinyssd fold1"]
-    assert {"wbf views (iou", "wbf folds x views (iou"} <= {e[:len("wbf folds x views (iou")] if "folds" in e
-                                                          else e[:len("wbf views (iou")] for e in board["entry"]}
+    assert [e.split(" (iou")[0] for e in board["entry"][4:]] == ["tinyssd wbf folds, x1", "tinyssd wbf folds x views"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iou_thr"] in (0.5, 0.6) and metrics["views"] == ["x1", "x1+hflip"]
-    assert metrics["oof_map_50"] == pytest.approx(board.loc[board["kind"] == "fusion", "oof_map_50"].iloc[0], abs=1e-4)
+    assert metrics["oof_map_50"] == pytest.approx(board.loc[board["kind"] == "fusion", "oof_map_50"].dropna().iloc[0],
+                                                  abs=1e-4)
     assert [r["class"] for r in metrics["per_class"]] == sorted(CLASSES)
     oof = pd.read_csv(out / "oof_detections.csv", keep_default_na=False)
     assert oof["image"].tolist() == folds["image"].tolist()
     sub = pd.read_csv(subs / "shapes.csv", keep_default_na=False)
     assert sub["image"].tolist() == pd.read_csv(data / "test.csv")["image"].tolist()
     for k in range(2):
-        assert (out / f"fold{k}" / "model.safetensors").exists() and (out / f"fold{k}" / "views.pt").exists()
+        assert (out / "tinyssd" / f"fold{k}" / "model.safetensors").exists()
+        assert (out / "tinyssd" / f"fold{k}" / "views.pt").exists()
     assert main(args) == 0  # a rerun retrains nothing
     assert capsys.readouterr().out.count("model up to date") == 2
+
+    # A second configuration into the same WORK (same folds): both join one WBF blend and one leaderboard.
+    assert main(args + ["detect.lr=0.02", "detect.name=ssd-lr2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("model up to date") == 0 and "2 configurations in" in printed
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert {"tinyssd fold0", "ssd-lr2 fold0", "ssd-lr2 fold1"} <= set(board["entry"])
+    blend = board[board["entry"].str.startswith("wbf models ssd-lr2 + tinyssd (iou")]  # the run at hand first
+    assert len(blend) == 1 and blend["views"].iloc[0] == "ssd-lr2:x1+ssd-lr2:x1+hflip+tinyssd:x1+tinyssd:x1+hflip"
+    metrics = json.loads((out / "metrics.json").read_text())
+    fusions = board[board["entry"].str.contains(r"wbf folds x views|wbf models")]
+    assert len(fusions) == 3 and metrics["oof_map_50"] == pytest.approx(fusions["oof_map_50"].max(), abs=1e-4)
+    assert metrics["configurations"] == ["ssd-lr2", "tinyssd"]
+    # Other folds (another seed) cannot be blended on OOF: that configuration is named and left out.
+    assert main(args + ["detect.seed=5", "detect.name=other-folds"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("left out of the blend: trained on other folds") == 2
+    assert json.loads((out / "metrics.json").read_text())["configurations"] == ["other-folds"]
