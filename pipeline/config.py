@@ -482,6 +482,10 @@ class DetectConfig(FitConfig):
                                                                        "is used for test)")
     fusion_skip: list[float] = Field([0.01, 0.03, 0.1], description="WBF skip_box_thr values tried on OOF: boxes "
                                                                      "scored lower do not enter the fusion")
+    fusion_conf: list[Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]] = Field(
+        ["avg", "max"], min_length=1,
+        description="WBF fused-box scores tried on OOF (ensemble-boxes' conf_type): avg scales the mean score by "
+                    "the share of lists that found the box, max keeps the best score")
     nms_threshold: float = Field(0.5, gt=0, le=1, description="IoU above which NMS drops the "
                                                               "lower-scored box of the same class")
     box_voting: float | None = Field(0.5, gt=0, le=1, description="each box NMS keeps becomes the score-weighted mean "

@@ -59,7 +59,7 @@ DECODE_KEYS = ("nms_threshold", "box_voting", "max_detections")
 EVALUATE_KEYS = ("tta", "map_score_threshold", *DECODE_KEYS)
 PREDICT_KEYS = ("score_threshold", "gallery_images", "gallery_score_threshold", *DECODE_KEYS)
 VIEW_KEYS = ("tta_scales", "fusion_hflip", "map_score_threshold", *DECODE_KEYS)
-FUSION_KEYS = ("fusion_iou", "fusion_skip", "max_detections")
+FUSION_KEYS = ("fusion_iou", "fusion_skip", "fusion_conf", "max_detections")
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
 
 
@@ -326,21 +326,25 @@ def _fusion_rows(ctx: Context, entry: str, run: dict, sizes: torch.Tensor, truth
     rows (OOF, and the holdout both as the fold models' plain views alone and as folds x views); the choice and
     its OOF scores."""
     cfg = ctx.cfg.detect
-    choice, grid = choose(run["oof"], truth, sizes, cfg.fusion_iou, cfg.fusion_skip, cfg.max_detections)
+    choice, grid = choose(run["oof"], truth, sizes, cfg.fusion_iou, cfg.fusion_skip, cfg.max_detections,
+                          tuple(cfg.fusion_conf))
     write_csv(grid_csv, grid)
-    oof_scores = map_of(fuse(run["oof"], sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections), truth)
-    tag = f"iou {choice['iou_thr']:g}, skip {choice['skip_thr']:g}"
+    oof_scores = map_of(_fuse(run["oof"], sizes, choice, cfg), truth)
+    tag = f"iou {choice['iou_thr']:g}, skip {choice['skip_thr']:g}, {choice['conf_type']}"
     row = {"entry": f"{entry} ({tag})", "kind": "fusion", "views": "+".join(run["views"]),
            **_prefixed("oof", oof_scores)}
     if len(val.images):
-        row |= _prefixed("val", map_of(fuse(run["val"], val.sizes, choice["iou_thr"], choice["skip_thr"],
-                                            cfg.max_detections), val_truth))
+        row |= _prefixed("val", map_of(_fuse(run["val"], val.sizes, choice, cfg), val_truth))
         for lists in val_folds_only:
-            fused = fuse(lists, val.sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections)
+            fused = _fuse(lists, val.sizes, choice, cfg)
             board.append({"entry": f"{entry.replace(' x views', '')}, {run['views'][0]} ({tag})", "kind": "fusion",
                           "views": run["views"][0], **_prefixed("val", map_of(fused, val_truth))})
     board.append(row)
     return {"choice": choice, "oof_scores": oof_scores}
+
+
+def _fuse(lists: list[list[dict]], sizes: torch.Tensor, choice: dict, cfg) -> list[dict]:
+    return fuse(lists, sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections, choice["conf_type"])
 
 
 def _load_runs(root: Path, current: dict) -> list[dict]:
@@ -377,9 +381,8 @@ def _blend_runs(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, tr
                               val, val_truth, board, root / "fusion_grid.csv")
         candidates.append(blend)
     chosen = max(candidates, key=lambda c: (c["oof_scores"]["map_50"], c["oof_scores"]["map"]))
-    iou, skip = chosen["choice"]["iou_thr"], chosen["choice"]["skip_thr"]
-    fused_oof = fuse(chosen["oof"], train.sizes, iou, skip, cfg.max_detections)
-    fused_test = fuse(chosen["test"], test.sizes, iou, skip, cfg.max_detections)
+    fused_oof = _fuse(chosen["oof"], train.sizes, chosen["choice"], cfg)
+    fused_test = _fuse(chosen["test"], test.sizes, chosen["choice"], cfg)
     if len(runs) > 1:
         print(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
               f"{chosen['oof_scores']['map_50']:.4f}, the best of {len(candidates)} fusions on OOF: "
@@ -414,7 +417,7 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
               "val: the fixed holdout, never used for a choice)\n" + leaderboard.to_string(index=False))
         print("detect: OOF AP per class (fused views)\n" + per_class.to_string(index=False))
     print(f"detect: OOF mAP@0.5 {metrics['oof_map_50']:.4f}, COCO mAP {metrics['oof_map']:.4f} "
-          f"(WBF iou {metrics['iou_thr']:g}, skip {metrics['skip_thr']:g}, chosen on OOF)")
+          f"(WBF iou {metrics['iou_thr']:g}, skip {metrics['skip_thr']:g}, {metrics['conf_type']}, chosen on OOF)")
     write_json(out / "metrics.json", metrics | {"per_class": per_class.to_dict("records")})
     frame = submission_frame(data.test.images, _keep(fused_test, cfg.score_threshold), data.classes)
     write_csv(out / "test_predictions.csv", frame)
@@ -427,7 +430,8 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
         gallery(train.images[:n], _keep(fused_oof[:n], threshold), train.sizes[:n], data.classes,
                 out / "gallery_oof.png", truth=train.targets[:n])
     manifest = {"track": "detection", "model": metrics["submitted"], "folds": cfg.folds, "views": metrics["views"],
-                "wbf_iou": metrics["iou_thr"], "wbf_skip": metrics["skip_thr"], "classes": data.classes,
+                "wbf_iou": metrics["iou_thr"], "wbf_skip": metrics["skip_thr"], "wbf_conf": metrics["conf_type"],
+                "classes": data.classes,
                 **_keys(cfg, PREDICT_KEYS), "oof_map_50": metrics["oof_map_50"], "oof_map": metrics["oof_map"],
                 "config_hash": config_hash(cfg)}
     check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)

@@ -142,6 +142,26 @@ def test_wbf_wrapper_equals_ensemble_boxes_in_pixels_of_a_non_square_image():
     assert len(wbf([empty, empty], 200, 100, 0.5, 0.0)["boxes"]) == 0
 
 
+def test_fused_scores_by_conf_type_follow_ensemble_boxes_and_are_chosen_on_oof():
+    """A true box found by one view of two (0.6) and a false one found by both (0.5): avg halves the true box's
+    score and ranks it under the false one (AP 0.5); max keeps 0.6 (AP 1). The grid picks max."""
+    truth = [{"boxes": torch.tensor([[10.0, 10, 30, 30]]), "labels": torch.tensor([0])} for _ in range(4)]
+    fp = [40.0, 40, 60, 60]
+    one = [{"boxes": torch.tensor([[10.0, 10, 30, 30], fp]), "scores": torch.tensor([0.6, 0.5]),
+            "labels": torch.tensor([0, 0])}] * 4
+    two = [{"boxes": torch.tensor([fp]), "scores": torch.tensor([0.5]), "labels": torch.tensor([0])}] * 4
+    sizes = torch.tensor([[64.0, 64.0]] * 4)
+    for conf, expected in (("avg", [0.5, 0.3]), ("max", [0.6, 0.5])):
+        out = wbf([one[0], two[0]], 64, 64, 0.5, 0.0, conf_type=conf)
+        assert out["scores"].tolist() == pytest.approx(expected)
+        norm = [(one[0]["boxes"] / 64).tolist(), (two[0]["boxes"] / 64).tolist()]
+        _, ref_scores, _ = weighted_boxes_fusion(norm, [[0.6, 0.5], [0.5]], [[0, 0], [0]], iou_thr=0.5,
+                                                 skip_box_thr=0.0, conf_type=conf)
+        assert sorted(ref_scores.tolist(), reverse=True) == pytest.approx(expected)
+    best, grid = choose([one, two], truth, sizes, [0.5], [0.0], confs=("avg", "max"))
+    assert best["conf_type"] == "max" and grid["map_50"].round(3).tolist() == [0.5, 1.0]
+
+
 def test_fusion_thresholds_are_chosen_by_oof_map():
     """Two views disagree by a shift: at IoU threshold 0.8 they stay apart (a duplicate false positive per
     image); at 0.3 they fuse onto the truth."""
@@ -151,7 +171,7 @@ def test_fusion_thresholds_are_chosen_by_oof_map():
     one, two = one * 3, two * 3
     sizes = torch.tensor([[64.0, 64.0]] * 3)
     best, grid = choose([one, two], truth, sizes, [0.8, 0.3], [0.0])
-    assert best == {"iou_thr": 0.3, "skip_thr": 0.0} and len(grid) == 2
+    assert best == {"iou_thr": 0.3, "skip_thr": 0.0, "conf_type": "avg"} and len(grid) == 2
     assert grid["map"].iloc[1] > grid["map"].iloc[0]
     fused = fuse([one, two], sizes, 0.3, 0.0)
     assert torch.allclose(fused[0]["boxes"], torch.tensor([[(6 * 0.9 + 14 * 0.8) / 1.7, 10, (46 * 0.9 + 54 * 0.8) / 1.7,
