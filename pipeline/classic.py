@@ -117,5 +117,17 @@ def resnet18(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> Classic
                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(512, num_classes))
 
 
+def resnet_small(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> Classic:
+    """The course's residual blocks for 28-32 px inputs: a stride-1 3x3 stem and no max-pool, then one block per
+    stage at 32, 64 and 128 channels (28 px: 28, 14, 7). ImageNet stems (timm's resnets, d2l_resnet18) divide
+    the side by 4 before the first block, leaving a 28 px digit 7x7 cells; timm has no CIFAR-style ResNet."""
+    blocks, channels = [], 32
+    for i, out in enumerate((32, 64, 128)):
+        blocks.append(Residual(channels, out, 1 if i == 0 else 2))
+        channels = out
+    return Classic(nn.Conv2d(in_chans, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), *blocks,
+                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(128, num_classes))
+
+
 CLASSIC = {"d2l_lenet": lenet, "d2l_alexnet": alexnet, "d2l_vgg11": vgg11, "d2l_nin": nin,
-           "d2l_googlenet": googlenet, "d2l_resnet18": resnet18}
+           "d2l_googlenet": googlenet, "d2l_resnet18": resnet18, "d2l_resnet_small": resnet_small}

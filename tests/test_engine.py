@@ -176,6 +176,15 @@ def test_course_nets_follow_classes_channels_and_small_sizes(name):
     assert head_parameter_names(model)
 
 
+def test_small_resnet_keeps_the_input_resolution_in_its_first_stage():
+    """d2l_resnet_small's point: a 28 px image keeps 28x28 through its first residual block (an ImageNet stem has
+    7x7 left there), then 14x14 and 7x7."""
+    model = build_model("d2l_resnet_small", 10, 1).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    assert model[:4](x).shape == (1, 32, 28, 28) and model[:5](x).shape == (1, 64, 14, 14)
+    assert model[:6](x).shape == (1, 128, 7, 7) and model(x).shape == (1, 10)
+
+
 @pytest.mark.parametrize("preset", ["none", "light", "medium", "heavy"])
 def test_augmentation_presets_keep_shape_and_dtype(preset):
     cfg = TrainConfig(augment=preset, image_size=24, transforms=[{"CoarseDropout": {"p": 1.0}}])
