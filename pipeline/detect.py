@@ -59,7 +59,6 @@ DECODE_KEYS = ("nms_threshold", "box_voting", "max_detections")
 EVALUATE_KEYS = ("tta", "map_score_threshold", *DECODE_KEYS)
 PREDICT_KEYS = ("score_threshold", "gallery_images", "gallery_score_threshold", *DECODE_KEYS)
 VIEW_KEYS = ("tta_scales", "fusion_hflip", "map_score_threshold", *DECODE_KEYS)
-FUSION_KEYS = ("fusion_iou", "fusion_skip", "fusion_conf", "max_detections")
 METRICS = ("val_class_err", "val_bbox_mae", "map_50", "map")
 
 
@@ -313,7 +312,7 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
            "fold_keys": fps, "views": views, "oof": [oof[v] for v in views],
            "val": [f[v] for f in val_views for v in views], "test": [f[v] for f in test_views for v in views]}
     run |= _fusion_rows(ctx, f"{name} wbf folds x views", run, train.sizes, truth, val, val_truth, board,
-                        root / name / "fusion_grid.csv", [[f[views[0]] for f in val_views]])
+                        root / name / "fusion_grid.csv", (f"{name} wbf folds", [f[views[0]] for f in val_views]))
     run["board"] = board
     atomic_write(root / name / "detections.pt", lambda tmp: torch.save(run, tmp))
     _blend_runs(ctx, data, train, val, test, truth, val_truth, run)
@@ -321,10 +320,10 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
 
 def _fusion_rows(ctx: Context, entry: str, run: dict, sizes: torch.Tensor, truth: list[dict], val: Arrays,
                  val_truth: list[dict], board: list[dict], grid_csv: Path,
-                 val_folds_only: list[list[list[dict]]] = ()) -> dict:
+                 val_plain: tuple[str, list[list[dict]]] | None = None) -> dict:
     """WBF of the run's OOF views with thresholds chosen on OOF (the grid's scores to grid_csv); its leaderboard
-    rows (OOF, and the holdout both as the fold models' plain views alone and as folds x views); the choice and
-    its OOF scores."""
+    rows (OOF and holdout; with val_plain (entry, the fold models' plain holdout views) also that fusion alone on
+    the holdout); the choice and its OOF scores."""
     cfg = ctx.cfg.detect
     choice, grid = choose(run["oof"], truth, sizes, cfg.fusion_iou, cfg.fusion_skip, cfg.max_detections,
                           tuple(cfg.fusion_conf))
@@ -335,9 +334,10 @@ def _fusion_rows(ctx: Context, entry: str, run: dict, sizes: torch.Tensor, truth
            **_prefixed("oof", oof_scores)}
     if len(val.images):
         row |= _prefixed("val", map_of(_fuse(run["val"], val.sizes, choice, cfg), val_truth))
-        for lists in val_folds_only:
+        if val_plain:
+            plain_entry, lists = val_plain
             fused = _fuse(lists, val.sizes, choice, cfg)
-            board.append({"entry": f"{entry.replace(' x views', '')}, {run['views'][0]} ({tag})", "kind": "fusion",
+            board.append({"entry": f"{plain_entry}, {run['views'][0]} ({tag})", "kind": "fusion",
                           "views": run["views"][0], **_prefixed("val", map_of(fused, val_truth))})
     board.append(row)
     return {"choice": choice, "oof_scores": oof_scores}
