@@ -6,11 +6,13 @@ Per model, rows:
   bare loop, no augmentation   the ceiling: batches already in host memory, normalised on the device
   engine, no augmentation      pipeline.engine.Trainer.train_epoch, workers as runtime.num_workers=auto
   engine, medium, cpu augment  albumentations in the persistent loader workers
-  engine, medium, gpu augment  the uint8 batch goes to the GPU once; kornia + pipeline/gpu_augment.py there
+  engine, medium, gpu augment  the uint8 batch goes to the GPU once; pipeline/gpu_augment.py there
 Printed: img/s (median over interleaved rounds), the ratio to the bare loop (median and spread of the per-round
 ratios; the goal is >= 0.9 in every row), mean GPU utilisation while the row ran (nvidia-smi sampled every
 100 ms; torch.cuda.utilization would need pynvml, which the environment lacks) and the peak GPU memory of the row
-(the other rows' weights included).
+(the other rows' weights included). Then, per row, how often the host waited for the GPU in one epoch, and in one
+batch of the medium preset on the GPU (torch.cuda's sync debug mode), with the lines that waited: every wait
+empties the GPU's queue of work, which is what starves a fast GPU.
 
     python benchmarks/gpu.py                      # resnet18, efficientnet_b0, convnext_tiny at 224 px
     python benchmarks/gpu.py --quick              # fewer steps and rounds: a first look in about a minute
@@ -24,6 +26,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,7 @@ from timing import interleaved, median, ratio_text
 
 from pipeline.config import TrainConfig
 from pipeline.engine import FoldData, Trainer
+from pipeline.gpu_augment import DeviceAugment
 from pipeline.models import build_model, make_optimizer, param_groups
 from pipeline.runtime import Runtime, loader_workers
 
@@ -125,6 +131,29 @@ class Utilisation:
         return float(np.mean(self.samples[1:])) if len(self.samples) > 1 else None
 
 
+def host_syncs(fn, device: torch.device) -> list[str]:
+    """Where `fn()` (warmed up already) makes the host wait for the GPU (torch.cuda's sync debug mode): one entry
+    per synchronisation, the innermost frame of the pipeline or this script that caused it. A
+    synchronisation per batch empties the GPU's queue: the host then prepares the next kernels while the GPU idles."""
+    torch.cuda.synchronize(device)
+    places: list[str] = []
+
+    def record(*_args, **_kwargs):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(part in f.filename for part in ("/pipeline/", "gpu.py"))]
+        places.append(f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return places
+
+
 def measure(row, device: torch.device, record: dict) -> float:
     """The row's img/s; its utilisation samples and peak memory go into `record`."""
     if device.type == "cuda":
@@ -149,6 +178,16 @@ def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
             "engine, medium, gpu augment": Engine(name, images, labels, args.batch, rt, "medium", "gpu", folder)}
     for row in rows.values():  # untimed: cudnn autotuning, the allocator, the workers' start
         row()
+    syncs = {}
+    if device.type == "cuda":  # one more epoch of each row, counting the host's waits for the GPU
+        augment = DeviceAugment("medium", args.image_size, True).to(device)
+        batch = torch.from_numpy(images[:args.batch]).permute(0, 3, 1, 2).to(device).float().div_(255)
+        augment(batch)
+        try:
+            syncs = {"the medium preset on the GPU, one batch": host_syncs(lambda: augment(batch), device)}
+            syncs.update({r: host_syncs(rows[r], device) for r in rows})
+        except RuntimeError as e:  # a diagnostic: the throughput table still comes
+            print(f"{name}: host synchronisations not counted: {e}", flush=True)
     records: dict[str, dict] = {r: {} for r in rows}
     speeds = interleaved({r: (lambda r=r: measure(rows[r], device, records[r])) for r in rows}, args.repeats,
                          measure=lambda fn: fn())
@@ -161,6 +200,10 @@ def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
         print(f"  {r:30s} {median(speeds[r]):8.0f} img/s  {ratio_text(speeds[r], base)} bare"
               f"  GPU {f'{np.mean(util):.0f}%' if util else 'n/a':>4s}"
               f"  peak {f'{peak:.2f} GiB' if peak is not None else 'n/a'}", flush=True)
+    for what, places in syncs.items():
+        where = Counter(places).most_common(4)
+        print(f"  host synchronisations, {what}: {len(places)} per {'batch' if 'batch' in what else 'epoch'}"
+              + (f" ({', '.join(f'{place} x{n}' for place, n in where)})" if places else ""), flush=True)
 
 
 def main() -> None:

@@ -319,8 +319,8 @@ class TrainConfig(FitConfig):
     transforms: list[dict] = Field([], description="extra albumentations transforms, e.g. [{CoarseDropout: {p: 0.3}}]")
     augment_device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where the preset runs: cpu (albumentations per image in the loader workers), gpu "
-                            "(batched on the training device, kornia); auto: gpu on cuda when the measured cpu path "
-                            "is slower than the GPU trains")
+                            "(batched on the training device, no host waits); auto: gpu on cuda when the measured "
+                            "cpu path is slower than the GPU trains")
     hflip: bool = _own("hflip", True,
                        "random horizontal flips in the presets; off when mirror images mean something else")
     normalize: Literal["auto", "dataset", "imagenet"] = Field("auto", description="input statistics: auto = imagenet "

@@ -10,6 +10,7 @@ the CPU the config's `amp` is ignored, which keeps CPU runs exact and reproducib
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import sys
@@ -69,13 +70,20 @@ class Runtime:
         `norm` holds per-channel mean and std in the units of x / divisor (classification: [0, 1]
         with divisor 255; TinySSD: pixel values with divisor 1).
         """
-        mean = torch.tensor(norm["mean"], device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(norm["std"], device=self.device).view(1, -1, 1, 1)
+        mean, std = _norm_tensors(tuple(norm["mean"]), tuple(norm["std"]), self.device)
         x = self.to_device(x).float()
         if divisor != 1:
             x = x.div_(divisor)
         out = (x - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+@functools.lru_cache(maxsize=32)
+def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants on the device, made once: a fresh torch.tensor(list, device=cuda) per batch is a
+    copy from pageable host memory, which waits for the GPU's queue to drain (two stalls per batch)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def pick_device(name: str, key: str = "runtime.device") -> torch.device:
