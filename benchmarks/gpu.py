@@ -184,8 +184,8 @@ def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
         batch = torch.from_numpy(images[:args.batch]).permute(0, 3, 1, 2).to(device).float().div_(255)
         augment(batch)
         try:
-            syncs = {"the medium preset on the GPU, one batch": host_syncs(lambda: augment(batch), device)}
-            syncs.update({r: host_syncs(rows[r], device) for r in rows})
+            syncs = {"the medium preset on the GPU": (host_syncs(lambda: augment(batch), device), "batch")}
+            syncs.update({r: (host_syncs(rows[r], device), "epoch") for r in rows})
         except RuntimeError as e:  # a diagnostic: the throughput table still comes
             print(f"{name}: host synchronisations not counted: {e}", flush=True)
     records: dict[str, dict] = {r: {} for r in rows}
@@ -200,9 +200,9 @@ def bench_model(name: str, args, device: torch.device, folder: Path) -> None:
         print(f"  {r:30s} {median(speeds[r]):8.0f} img/s  {ratio_text(speeds[r], base)} bare"
               f"  GPU {f'{np.mean(util):.0f}%' if util else 'n/a':>4s}"
               f"  peak {f'{peak:.2f} GiB' if peak is not None else 'n/a'}", flush=True)
-    for what, places in syncs.items():
+    for what, (places, unit) in syncs.items():
         where = Counter(places).most_common(4)
-        print(f"  host synchronisations, {what}: {len(places)} per {'batch' if 'batch' in what else 'epoch'}"
+        print(f"  host synchronisations, {what}: {len(places)} per {unit}"
               + (f" ({', '.join(f'{place} x{n}' for place, n in where)})" if places else ""), flush=True)
 
 

@@ -328,23 +328,24 @@ def _fusion_rows(ctx: Context, entry: str, run: dict, sizes: torch.Tensor, truth
     choice, grid = choose(run["oof"], truth, sizes, cfg.fusion_iou, cfg.fusion_skip, cfg.max_detections,
                           tuple(cfg.fusion_conf))
     write_csv(grid_csv, grid)
-    oof_scores = map_of(_fuse(run["oof"], sizes, choice, cfg), truth)
+    oof_scores = map_of(_fuse(run["oof"], sizes, choice, cfg.max_detections), truth)
     tag = f"iou {choice['iou_thr']:g}, skip {choice['skip_thr']:g}, {choice['conf_type']}"
     row = {"entry": f"{entry} ({tag})", "kind": "fusion", "views": "+".join(run["views"]),
            **_prefixed("oof", oof_scores)}
     if len(val.images):
-        row |= _prefixed("val", map_of(_fuse(run["val"], val.sizes, choice, cfg), val_truth))
+        row |= _prefixed("val", map_of(_fuse(run["val"], val.sizes, choice, cfg.max_detections), val_truth))
         if val_plain:
             plain_entry, lists = val_plain
-            fused = _fuse(lists, val.sizes, choice, cfg)
+            fused = _fuse(lists, val.sizes, choice, cfg.max_detections)
             board.append({"entry": f"{plain_entry}, {run['views'][0]} ({tag})", "kind": "fusion",
                           "views": run["views"][0], **_prefixed("val", map_of(fused, val_truth))})
     board.append(row)
     return {"choice": choice, "oof_scores": oof_scores}
 
 
-def _fuse(lists: list[list[dict]], sizes: torch.Tensor, choice: dict, cfg) -> list[dict]:
-    return fuse(lists, sizes, choice["iou_thr"], choice["skip_thr"], cfg.max_detections, choice["conf_type"])
+def _fuse(lists: list[list[dict]], sizes: torch.Tensor, choice: dict, max_detections: int) -> list[dict]:
+    """WBF with the thresholds and score rule chosen on OOF."""
+    return fuse(lists, sizes, choice["iou_thr"], choice["skip_thr"], max_detections, choice["conf_type"])
 
 
 def _load_runs(root: Path, current: dict) -> list[dict]:
@@ -381,8 +382,8 @@ def _blend_runs(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, tr
                               val, val_truth, board, root / "fusion_grid.csv")
         candidates.append(blend)
     chosen = max(candidates, key=lambda c: (c["oof_scores"]["map_50"], c["oof_scores"]["map"]))
-    fused_oof = _fuse(chosen["oof"], train.sizes, chosen["choice"], cfg)
-    fused_test = _fuse(chosen["test"], test.sizes, chosen["choice"], cfg)
+    fused_oof = _fuse(chosen["oof"], train.sizes, chosen["choice"], cfg.max_detections)
+    fused_test = _fuse(chosen["test"], test.sizes, chosen["choice"], cfg.max_detections)
     if len(runs) > 1:
         print(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
               f"{chosen['oof_scores']['map_50']:.4f}, the best of {len(candidates)} fusions on OOF: "

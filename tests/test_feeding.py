@@ -85,11 +85,9 @@ def _probe(kind: str, n: int, size: int) -> np.ndarray:
         img = np.full((size, size, 3), 200, np.uint8)
     elif kind == "grey":  # the mean afterwards: brightness/contrast and gamma
         img = np.full((size, size, 3), 128, np.uint8)
-    elif kind == "halves":  # left half black: a flip makes the first column white
+    elif kind == "halves":  # left half black: a flip makes the first column white; blur greys the edge
         img = np.zeros((size, size, 3), np.uint8)
         img[:, size // 2:] = 255
-    elif kind == "checker":  # the spread afterwards: blur
-        img = np.repeat(((np.indices((size, size)).sum(0) % 2) * 255).astype(np.uint8)[..., None], 3, -1)
     else:  # "coords": x in channel 0, y in channel 1; a crop keeps the range of the coordinates it covers
         ramp = np.linspace(0, 255, size)
         img = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 255.0)], -1)

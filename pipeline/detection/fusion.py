@@ -20,9 +20,6 @@ from .infer import map_of
 EMPTY = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
 
 
-CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")  # ensemble-boxes' fused-score rules
-
-
 def wbf(lists: list[dict], width: float, height: float, iou_thr: float, skip_thr: float,
         max_detections: int = 100, conf_type: str = "avg") -> dict:
     """One image: detections {boxes (pixels), scores, labels} from several models or views -> fused, best first.
