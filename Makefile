@@ -44,7 +44,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect test lint postgres-server
+.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -130,6 +130,9 @@ postgres-server:
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq postgresql >/dev/null; \
 	else echo "postgres-server: no initdb and no apt-get; install PostgreSQL (the tuning test needs its server)"; fi
+
+docs: $(INSTALLED) ## build the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link fails
+	$(PY) -m mkdocs build --strict --site-dir site
 
 test: $(INSTALLED) $(AG_INSTALLED) postgres-server ## the test suite (what .ci/run calls)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
