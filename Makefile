@@ -72,7 +72,7 @@ $(DIGITS)/train.csv: | $(INSTALLED)
 data: $(DIGITS)/train.csv ## build the embedded "digits" competition from scikit-learn's bundled images
 
 data/collages_%/train.csv: | $(INSTALLED)
-	$(PY) -m pipeline.collages --task $* --out data/collages_$*
+	$(PY) -m pipeline.data.collages --task $* --out data/collages_$*
 
 demo: $(INSTALLED) $(if $(TASK),data/collages_$(TASK)/train.csv,$(DIGITS)/train.csv) ## the whole chain on digits (TASK=multi_label|regression: on collages)
 ifeq ($(TASK),)

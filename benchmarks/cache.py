@@ -3,7 +3,7 @@
 Writes N generated JPEGs (default 2,000 at 256x256) to a temporary folder, then times one epoch of
 reading them at 64x64 two ways, in the same run: the plain baseline decodes and resizes every file
 (what a Dataset over file paths does each epoch); the cache reads the rows of the uint8 array that
-`pipeline.cache` builds once. Prints the median times and the median ratio with its spread over
+`pipeline.data.cache` builds once. Prints the median times and the median ratio with its spread over
 interleaved rounds. Not a test: run it by hand.
 
     .venv/bin/python benchmarks/cache.py [N]
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from timing import interleaved, median, ratio_text
 
-from pipeline.images import load_image, resize, to_channels
+from pipeline.data.images import load_image, resize, to_channels
 
 
 def main(n: int = 2000, size: int = 64, repeats: int = 5) -> None:
@@ -32,7 +32,7 @@ def main(n: int = 2000, size: int = 64, repeats: int = 5) -> None:
             path = Path(tmp) / f"{i}.jpg"
             im.save(path, quality=90)
             paths.append(path)
-        # what pipeline.cache stores once
+        # what pipeline.data.cache stores once
         cache = np.stack([resize(to_channels(load_image(p), 3), size) for p in paths])
         order = rng.permutation(n)
         times = interleaved({"decode": lambda: [resize(to_channels(load_image(p), 3), size) for p in paths],

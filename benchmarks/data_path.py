@@ -3,7 +3,7 @@ medium preset at 224 px, for 0 (main process), 1, 2, ... persistent workers up t
 use, as a ratio against 1 worker measured in the same run (interleaved rounds, benchmarks/timing.py).
 
 It is what `runtime.num_workers` buys: the goal is >= 1.7x from 1 to 2 workers on 2 free cores. The loader is
-built as pipeline/engine.py's Trainer builds it (ArrayDataset, EpochSampler, loader_options), so the per-batch
+built as pipeline/training/trainer.py's Trainer builds it (ArrayDataset, EpochSampler, loader_options), so the per-batch
 reseeding and the worker start-up policy are the ones training uses.
 
     nice .venv/bin/python benchmarks/data_path.py [--size 224] [--images 1024] [--batch 64] [--preset medium]
@@ -20,10 +20,10 @@ import torch
 from timing import interleaved, median, ratio_text
 from torch.utils.data import DataLoader
 
-from pipeline.augment import train_transform
-from pipeline.config import TrainConfig
-from pipeline.engine import ArrayDataset, EpochSampler, collate, loader_options
-from pipeline.runtime import Runtime
+from pipeline.core.config import TrainConfig
+from pipeline.training.augment import train_transform
+from pipeline.training.runtime import Runtime
+from pipeline.training.trainer import ArrayDataset, EpochSampler, collate, loader_options
 
 
 def loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, workers: int) -> DataLoader:

@@ -2,7 +2,7 @@
 
 Builds N images' worth of perceptual hashes (pHash and dHash of the whole image and 5 crops,
 random 64-bit codes) with planted near pairs, then times:
-  * pipeline.dedup.near_pairs on all N (default 100,000);
+  * pipeline.data.dedup.near_pairs on all N (default 100,000);
   * a naive Python double loop over pairs on a sample (default 1,500 images), and near_pairs on the
     same sample; both must find the same pairs. Prints the ratio on the sample and the naive loop's
     time extrapolated to N (it grows with N^2; the search grows about linearly).
@@ -10,7 +10,7 @@ random 64-bit codes) with planted near pairs, then times:
     .venv/bin/python benchmarks/dedup.py [N] [SAMPLE] [REPEATS]
 
 Embedding duplicates (clean.embeddings): N (default 100,000) random unit 512-d vectors with 1,000 planted
-close pairs (cosine ~0.95), every pair above 0.9 searched by pipeline.embeddings.similar_pairs (faiss; above
+close pairs (cosine ~0.95), every pair above 0.9 searched by pipeline.training.embeddings.similar_pairs (faiss; above
 EXACT_LIMIT its inverted-file index) against a naive numpy search (the whole similarity matrix, a block of
 rows at a time), both timed in the same run; the faiss pairs must all be true pairs, and the planted ones
 found:
@@ -26,9 +26,9 @@ import time
 import numpy as np
 from timing import interleaved, median, ratio_text
 
-from pipeline import embeddings
-from pipeline.config import CleanConfig
-from pipeline.dedup import near_pairs
+from pipeline.core.config import CleanConfig
+from pipeline.data.dedup import near_pairs
+from pipeline.training import embeddings
 
 VARIANTS = 6
 

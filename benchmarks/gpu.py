@@ -4,9 +4,9 @@ augmentation and with the medium preset on the CPU (loader workers) and on the G
 
 Per model, rows:
   bare loop, no augmentation   the ceiling: batches already in host memory, normalised on the device
-  engine, no augmentation      pipeline.engine.Trainer.train_epoch, workers as runtime.num_workers=auto
+  engine, no augmentation      pipeline.training.trainer.Trainer.train_epoch, workers as runtime.num_workers=auto
   engine, medium, cpu augment  albumentations in the persistent loader workers
-  engine, medium, gpu augment  the uint8 batch goes to the GPU once; pipeline/gpu_augment.py there
+  engine, medium, gpu augment  the uint8 batch goes to the GPU once; pipeline/training/gpu_augment.py there
 Printed: img/s (median over interleaved rounds), the ratio to the bare loop (median and spread of the per-round
 ratios; the goal is >= 0.9 in every row), mean GPU utilisation while the row ran (nvidia-smi sampled every
 100 ms; torch.cuda.utilization would need pynvml, which the environment lacks) and the peak GPU memory of the row
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from timing import interleaved, median, ratio_text
 
-from pipeline.config import TrainConfig
-from pipeline.engine import FoldData, Trainer
-from pipeline.gpu_augment import DeviceAugment
-from pipeline.models import build_model, make_optimizer, param_groups
-from pipeline.runtime import Runtime, loader_workers
+from pipeline.core.config import TrainConfig
+from pipeline.training.gpu_augment import DeviceAugment
+from pipeline.training.models import build_model, make_optimizer, param_groups
+from pipeline.training.runtime import Runtime, loader_workers
+from pipeline.training.trainer import FoldData, Trainer
 
 NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MODELS = ["resnet18", "efficientnet_b0", "convnext_tiny"]
@@ -84,7 +84,7 @@ class Bare:
 
 
 class Engine:
-    """One training epoch of pipeline.engine.Trainer as train.py builds it (persistent workers stay up)."""
+    """One training epoch of pipeline.training.trainer.Trainer as train.py builds it (persistent workers stay up)."""
 
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, batch: int, rt: Runtime, augment: str,
                  where: str, folder: Path):

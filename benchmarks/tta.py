@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from timing import interleaved, median, ratio_text, seconds
 
-from pipeline.models import build_model
-from pipeline.runtime import Runtime
-from pipeline.tta import tta_logits
+from pipeline.training.models import build_model
+from pipeline.training.runtime import Runtime
+from pipeline.training.tta import tta_logits
 
 VIEWS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "random0", "random1"]
 

@@ -15,12 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import digits, orchestrate, submission
-from .config import defaults_yaml, load_config, to_yaml
-from .context import Context
-from .detection.bananas import build_bananas
-from .detection.infer import score_submission
-from .errors import PipelineError
+from pipeline import orchestrate
+from pipeline.context import Context
+from pipeline.core.config import defaults_yaml, load_config, to_yaml
+from pipeline.core.errors import PipelineError
+from pipeline.data import digits
+from pipeline.detection.bananas import build_bananas
+from pipeline.detection.infer import score_submission
+from pipeline.scoring import submission
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:

@@ -6,14 +6,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from . import experiments, tasks
-from .artifacts import write_text
-from .competition import Competition, read_competition, resolve_task
-from .config import Config, to_yaml
-from .errors import PipelineError
-from .experiments import Experiment
+from pipeline.core import experiments
+from pipeline.core.artifacts import write_text
+from pipeline.core.config import Config, to_yaml
+from pipeline.core.errors import PipelineError
+from pipeline.core.experiments import Experiment
+from pipeline.data import cache
+from pipeline.data.competition import Competition, read_competition, resolve_task
+from pipeline.scoring import tasks
+from pipeline.training import tracking
+from pipeline.training.fold import FoldSettings, TrainingData, load_training_data
+from pipeline.training.inference import PredictSettings
 
 
 @dataclass
@@ -34,7 +40,7 @@ class Context:
             self._resolve_task()
 
     def _resolve_task(self) -> None:
-        """competition.task and competition.metric `auto` made concrete (pipeline/tasks.py), the decision printed
+        """competition.task and competition.metric `auto` made concrete (pipeline/scoring/tasks.py), the decision printed
         once; so every stage, and every key that holds the metric, sees the task and metric actually used. A
         folder without its CSVs, or whose CSVs do not read, keeps `auto` (the stage that reads it says what is
         wrong, in its place)."""
@@ -84,3 +90,33 @@ class Context:
     def save_config(self) -> Path:
         """The resolved config, beside the artifacts it produces."""
         return write_text(self.work_dir / "config.yaml", to_yaml(self.cfg))
+
+    # --- the typed arguments library functions take, made from this context --------------------------------
+
+    def input_channels(self) -> int:
+        """1 for all-grayscale competitions under competition.channels=auto, else 3."""
+        return cache.input_channels(self.cfg.competition.channels, self.work_dir / "clean.json")
+
+    def decoded_images(self, paths: list[str], size: int, channels: int, desc: str) -> np.ndarray:
+        """(N, size, size, channels) uint8 for `paths`, from WORK/cache when already built."""
+        return cache.decoded_images(self.work_dir / "cache", paths, size, channels, desc, self.cfg.clean.max_pixels)
+
+    def training_data(self, shared: dict | None = None) -> TrainingData:
+        """folds.csv and the decoded images at this experiment's image size (`shared`: one per size)."""
+        return load_training_data(self.work_dir, self.cfg.train.image_size, self.input_channels(),
+                                  self.cfg.clean.max_pixels, shared)
+
+    def fold_settings(self, runs_root: Path | None = None, stage: str = "train") -> FoldSettings:
+        """What train_fold reads of this (experiment's) context; runs_root replaces WORK/runs (tuning trials)."""
+        cfg, comp, track = self.cfg, self.cfg.competition, self.cfg.tracking
+        return FoldSettings(cfg.model, cfg.train, cfg.runtime, comp.task, comp.metric, comp.label_separator,
+                            runs_root or self.work_dir / "runs", to_yaml(cfg),
+                            tracking.Settings(track.backend, track.uri, track.experiment or self.name, self.work_dir),
+                            self.name, stage)
+
+    def predict_settings(self) -> PredictSettings:
+        """What predict_experiment reads of this (experiment's) context."""
+        cfg, comp = self.cfg, self.cfg.competition
+        return PredictSettings(cfg.predict, cfg.runtime, cfg.train.folds, comp.task, comp.metric,
+                               comp.label_separator, self.work_dir / "runs", self.work_dir / "cache",
+                               cfg.clean.max_pixels)

@@ -14,9 +14,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import autogluon, clean, detect, distributed, ensemble, folds, labels, predict, rounds, train, tune
-from .config import load_config
-from .context import Context
+from pipeline.context import Context
+from pipeline.core.config import load_config
+from pipeline.stages import autogluon, clean, detect, ensemble, folds, predict, rounds, train, tune
+from pipeline.stages import label_issues as labels
+from pipeline.training import distributed
 
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.digits import build_digits
+from pipeline.data.digits import build_digits
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts
-from pipeline.artifacts import (
+from pipeline.core import artifacts
+from pipeline.core.artifacts import (
     atomic_write,
     content_key,
     file_digest,
@@ -15,7 +15,7 @@ from pipeline.artifacts import (
     write_json,
     write_text,
 )
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def test_a_writer_that_raises_leaves_the_old_file_and_no_temporary_file(tmp_path: Path):
@@ -77,15 +77,14 @@ def test_read_json_names_the_file_and_the_fix(tmp_path: Path):
 
 
 def test_a_stage_reading_a_missing_upstream_artifact_says_which_make_target_to_run(comp_dir: Path, tmp_path: Path):
-    from pipeline import train
-    from pipeline.cache import input_channels
-    from pipeline.config import load_config
     from pipeline.context import Context
+    from pipeline.core.config import load_config
+    from pipeline.training.fold import load_training_data
 
     ctx = Context(load_config(None, []), comp_dir, tmp_path / "work")
     with pytest.raises(PipelineError, match=r"folds\.json: not found; run `make folds`"):
-        train.load_training_data(ctx)
+        load_training_data(ctx.work_dir, 28, 1, ctx.cfg.clean.max_pixels)
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "clean.json").write_text("")
     with pytest.raises(PipelineError, match=r"clean\.json: unreadable .*; run `make clean-data`"):
-        input_channels(ctx)
+        ctx.input_channels()

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import autogluon
-from pipeline.autogluon import AUTOGLUON_METRICS, autogluon_problem, export_timm, to_pipeline_files
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.predictions import read_parquet_meta
+from pipeline.core.config import load_config
+from pipeline.scoring.predictions import read_parquet_meta
+from pipeline.stages import autogluon
+from pipeline.stages.autogluon import AUTOGLUON_METRICS, autogluon_problem, export_timm, to_pipeline_files
 
 from .conftest import REPO
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import blend
-from pipeline.metrics import score
+from pipeline.scoring import blend
+from pipeline.scoring.metrics import score
 
 
 def _softmax(z):
@@ -182,7 +182,7 @@ def test_stack_regularisation_comes_from_the_config_key():
     squeezed = blend.evaluate(P, y, folds, ["A", "B"], "log_loss", stack_c=1e-4)[-1]
     assert default["model"] == squeezed["model"] == "stack"
     assert default["honest_score"] < 0.1 and squeezed["honest_score"] > 0.9
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     assert load_config(None, ["ensemble.stack_c=0.1"]).ensemble.stack_c == 0.1
 
 

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import clean, folds
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import clean, folds
 
 from .conftest import write_competition
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import collages
-from pipeline.config import CompetitionConfig
-from pipeline.digits import solution_path
+from pipeline.core.config import CompetitionConfig
+from pipeline.data import collages
+from pipeline.data.digits import solution_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_folder_contract_and_hidden_solution(tmp_path, task):
 def test_the_reader_accepts_the_folder(tmp_path, task):
     if "task" not in CompetitionConfig.model_fields:
         pytest.skip("competition.task arrives with the tasks-core branch")
-    from pipeline.competition import read_competition
+    from pipeline.data.competition import read_competition
     out = build(tmp_path, task)
     comp = read_competition(out, CompetitionConfig(task=task))
     assert len(comp.train) == 40 and len(comp.test) == 12
@@ -138,9 +138,9 @@ def test_make_demo_targets():
 
 
 def test_demo_configs_skip_the_near_duplicate_search_that_pairs_collage_layouts(tmp_path):
-    from pipeline import dedup
-    from pipeline.clean import find_pairs
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
+    from pipeline.data import dedup
+    from pipeline.stages.clean import find_pairs
     out = collages.build_collages(tmp_path / "c", "multi_label", n_train=200, n_test=0)
     train = read(out / "train.csv")
     feats = pd.DataFrame([dedup.image_features(str(out / p), 32) for p in train["image"]])
@@ -175,7 +175,7 @@ def test_the_bar_form_runs_folds_train_ensemble(tmp_path, capsys, task, target, 
     """Both bars' data forms end to end through the CLI with the documented override (no near-duplicate search on
     mostly black collages); tiny sizes: the scores are checked to exist, the bars themselves in the README."""
     from pipeline.cli import main
-    from pipeline.submission import score_file
+    from pipeline.scoring.submission import score_file
     data = collages.build_collages(tmp_path / "comp", task, n_train=48, n_test=12, scale=3, regression_target=target)
     work, subs = tmp_path / "work", tmp_path / "subs"
     args = ["--data", str(data), "--work", str(work), "--submissions", str(subs), "clean.near_duplicates=false",

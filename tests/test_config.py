@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, config_hash, defaults_yaml, load_config, parse_overrides
-from pipeline.errors import PipelineError
+from pipeline.core.config import Config, config_hash, defaults_yaml, load_config, parse_overrides
+from pipeline.core.errors import PipelineError
 
 from .conftest import REPO
 

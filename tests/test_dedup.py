@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipeline import clean, dedup, folds, submission
-from pipeline.clean import compute_features
-from pipeline.config import load_config
 from pipeline.context import Context
+from pipeline.core.config import load_config
+from pipeline.data import dedup
+from pipeline.scoring import submission
+from pipeline.stages import clean, folds
+from pipeline.stages.clean import compute_features
 
 from .conftest import natural_image
 
@@ -289,7 +291,7 @@ def test_embedded_digits_give_no_cross_label_pairs():
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # as pipeline/digits.py writes them
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # as pipeline/data/digits.py writes them
     vectors = np.stack([dedup.small_vectors(p) for p in pixels])
     i, j, dist = dedup.small_pairs(vectors, load_config().clean.small_threshold)
     assert len(i) == 1 and bunch.target[i[0]] == bunch.target[j[0]] and round(float(dist[0]), 3) == 0.088

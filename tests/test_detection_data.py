@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import CompetitionConfig, DetectConfig
+from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.errors import PipelineError
 from pipeline.detection.data import box_targets, decoded, read_detection
-from pipeline.errors import PipelineError
 
 HEADER = ["image", "label", "xmin", "ymin", "xmax", "ymax"]
 

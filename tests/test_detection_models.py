@@ -7,17 +7,17 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline import checkpoint
 from pipeline.cli import main
-from pipeline.config import DetectConfig
+from pipeline.core.config import DetectConfig
+from pipeline.core.errors import PipelineError
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.boxes import mirror_boxes
 from pipeline.detection.fit import DetectionTrainer
 from pipeline.detection.infer import Detector
 from pipeline.detection.tinyssd import TinySSD
 from pipeline.detection.torchvision_models import KINDS, build, load_pretrained
-from pipeline.errors import PipelineError
-from pipeline.runtime import Runtime
+from pipeline.training import checkpoint
+from pipeline.training.runtime import Runtime
 
 from .conftest import interrupt_in_epoch
 

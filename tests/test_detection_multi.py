@@ -10,7 +10,8 @@ import torch
 from ensemble_boxes import weighted_boxes_fusion
 
 from pipeline.cli import main
-from pipeline.config import CompetitionConfig, DetectConfig
+from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.errors import PipelineError
 from pipeline.detection.anchors import auto_anchors, box_shapes
 from pipeline.detection.augment import BoxAugment, BoxAugmentSettings
 from pipeline.detection.data import box_targets, read_detection
@@ -19,7 +20,6 @@ from pipeline.detection.fusion import choose, fuse, wbf
 from pipeline.detection.infer import class_table
 from pipeline.detection.shapes import CLASSES, build_shapes
 from pipeline.detection.tinyssd import TinySSD
-from pipeline.errors import PipelineError
 
 
 def test_shapes_folder_has_many_objects_and_classes_per_image_with_tight_boxes(tmp_path):

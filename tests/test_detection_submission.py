@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
+from pipeline.core.errors import PipelineError
 from pipeline.detection.bananas import build_bananas
-from pipeline.errors import PipelineError
-from pipeline.submission import validate_detection, write_submission
+from pipeline.scoring.submission import validate_detection, write_submission
 
 IMAGES = ["images/a.png", "images/b.png", "images/c.png"]
 STRINGS = ["banana 0.9 1 2 30 40 banana 0.2 5 5 9 9", "", "banana 0.5 0 0 10 10"]

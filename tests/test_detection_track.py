@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import DetectConfig
+from pipeline.core.config import DetectConfig
+from pipeline.core.errors import PipelineError
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.boxes import mirror_boxes, multibox_detection
 from pipeline.detection.fit import DetectionTrainer, hflip, ssd_loss
@@ -14,14 +15,13 @@ from pipeline.detection.infer import (
     Detector,
     candidates,
     map_of,
-    parse_prediction_strings,
     prediction_strings,
     score_submission,
 )
 from pipeline.detection.tinyssd import TinySSD
-from pipeline.errors import PipelineError
-from pipeline.loop import CheckpointSaver
-from pipeline.runtime import Runtime
+from pipeline.scoring.submission import parse_prediction_strings
+from pipeline.training.loop import CheckpointSaver
+from pipeline.training.runtime import Runtime
 
 from .conftest import interrupt_in_epoch
 
@@ -121,7 +121,8 @@ def test_prediction_strings_round_trip_and_perfect_predictions_score_one():
     det = [{**t, "scores": torch.tensor([0.9, 0.5])[: len(t["labels"])]} for t in truth]
     strings = prediction_strings(det, ["a", "b"])
     assert strings == ["b 0.9000 10.0 20.0 50.0 60.0 a 0.5000 0.0 0.0 5.0 5.0", ""]
-    back = parse_prediction_strings(strings, ["a", "b"], "sub.csv")
+    back = [{k: torch.from_numpy(v) for k, v in d.items()}
+            for d in parse_prediction_strings(strings, ["a", "b"], "sub.csv")]
     assert torch.equal(back[0]["labels"], truth[0]["labels"]) and torch.allclose(back[0]["boxes"], truth[0]["boxes"])
     assert map_of(back, truth)["map"] == pytest.approx(1.0)
     with pytest.raises(PipelineError, match="sub.csv line 3: PredictionString needs groups of 6"):

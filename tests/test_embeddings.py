@@ -12,12 +12,13 @@ import torchvision.transforms.v2 as T
 from PIL import Image, ImageEnhance
 from safetensors.torch import load_file, save_file
 
-from pipeline import clean, embeddings
-from pipeline.artifacts import write_stamp
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.errors import PipelineError
-from pipeline.models import IMAGENET
+from pipeline.core.artifacts import write_stamp
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import clean
+from pipeline.training import embeddings
+from pipeline.training.models import IMAGENET
 
 from .conftest import natural_image
 

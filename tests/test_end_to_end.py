@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.digits import solution_path
-from pipeline.submission import score_file
+from pipeline.data.digits import solution_path
+from pipeline.scoring.submission import score_file
 
 from .conftest import REPO
 
@@ -77,8 +77,8 @@ def _run_results_notebook(work: Path) -> None:
 @pytest.mark.slow
 def test_same_seed_same_config_gives_the_same_oof_predictions(small_digits: Path, tmp_path: Path):
     from pipeline import orchestrate
-    from pipeline.config import load_config
     from pipeline.context import Context
+    from pipeline.core.config import load_config
 
     overrides = ["folds.n_splits=2", "train.epochs=1", "train.batch_size=32", "train.image_size=16",
                  "model.backbones=[resnet10t]"]

@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import orchestrate
-from pipeline.augment import mixer, train_transform
-from pipeline.classic import CLASSIC
-from pipeline.config import TrainConfig, load_config
 from pipeline.context import Context
-from pipeline.digits import build_digits
-from pipeline.engine import FoldData, Trainer, class_weights, soft_cross_entropy
-from pipeline.errors import PipelineError
-from pipeline.models import (
+from pipeline.core.config import TrainConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.digits import build_digits
+from pipeline.training.augment import mixer, train_transform
+from pipeline.training.classic import CLASSIC
+from pipeline.training.models import (
     build_model,
     freeze,
     head_parameter_names,
@@ -27,7 +26,8 @@ from pipeline.models import (
     make_optimizer,
     param_groups,
 )
-from pipeline.runtime import Runtime
+from pipeline.training.runtime import Runtime
+from pipeline.training.trainer import FoldData, Trainer, class_weights, soft_cross_entropy
 
 from .conftest import REPO, kill_after_epoch
 

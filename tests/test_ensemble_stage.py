@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.ensemble import find_predictions
-from pipeline.errors import PipelineError
-from pipeline.predictions import prob_columns, write_parquet
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.scoring.predictions import prob_columns, write_parquet
+from pipeline.stages.ensemble import find_predictions
 
 CLASSES = ["cat", "dog"]
 
@@ -92,7 +92,7 @@ def _planted_stack_work(tmp_path: Path) -> Path:
 
 
 def test_the_stack_is_a_leaderboard_row_chosen_on_its_honest_score_and_predicts_test(tmp_path: Path, capsys):
-    from pipeline import ensemble
+    from pipeline.stages import ensemble
 
     data = _planted_stack_work(tmp_path)
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.experiments import resolve, select
-from pipeline.predictions import prob_columns, read_parquet_meta
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.experiments import resolve, select
+from pipeline.scoring.predictions import prob_columns, read_parquet_meta
 
 from .conftest import write_competition
 

@@ -19,11 +19,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import clean, folds, predict
-from pipeline import train as train_stage
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import clean, folds, predict
+from pipeline.stages import train as train_stage
+from pipeline.training import fold as fold_module
 
 from .conftest import natural_image, write_competition
 
@@ -92,13 +93,13 @@ def test_training_sets_include_extra_rows_and_oof_files_exclude_them(comp: Path,
     clean.run(ctx)
     folds.run(ctx)
     seen = []
-    real = train_stage.FoldData
+    real = fold_module.FoldData
 
     def recording(x_train, y_train, x_val, y_val, *args):
         seen.append((len(x_train), len(x_val), np.bincount(y_train, minlength=2).tolist()))
         return real(x_train, y_train, x_val, y_val, *args)
 
-    monkeypatch.setattr(train_stage, "FoldData", recording)
+    monkeypatch.setattr(fold_module, "FoldData", recording)
     train_stage.run(ctx)
     table = _read(ctx.work_dir / "folds.csv")
     sizes = table["fold"].value_counts()
@@ -266,7 +267,7 @@ def test_a_changed_extra_folder_reruns_exactly_what_it_affects(tmp_path: Path, c
 def test_autogluon_oof_rows_take_their_truth_from_validation_rows_not_extra_rows(comp: Path, tmp_path: Path):
     """An extra row may share an id with a competition row (another folder); AutoGluon's OOF rows are competition
     rows, so their labels come from the fold >= 0 rows (AutoGluon itself trains on `fold != k`: extra rows too)."""
-    from pipeline.autogluon import to_pipeline_files
+    from pipeline.stages.autogluon import to_pipeline_files
 
     ctx = _ctx(comp, tmp_path / "work")
     out = tmp_path / "work" / "autogluon"

@@ -9,15 +9,17 @@ import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
-from pipeline import engine, orchestrate, runtime
-from pipeline.artifacts import read_stamp, write_stamp
-from pipeline.augment import PRESETS, _albumentation
-from pipeline.config import TrainConfig, load_config
+from pipeline import orchestrate
 from pipeline.context import Context
-from pipeline.engine import FoldData, Trainer
-from pipeline.errors import PipelineError
-from pipeline.gpu_augment import DeviceAugment, _module, choose_device
-from pipeline.runtime import Runtime
+from pipeline.core.artifacts import read_stamp, write_stamp
+from pipeline.core.config import TrainConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.training import runtime
+from pipeline.training import trainer as engine
+from pipeline.training.augment import PRESETS, _albumentation
+from pipeline.training.gpu_augment import DeviceAugment, _module, choose_device
+from pipeline.training.runtime import Runtime
+from pipeline.training.trainer import FoldData, Trainer
 
 from .conftest import interrupt_in_epoch
 

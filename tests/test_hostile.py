@@ -206,9 +206,9 @@ def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys)
     ({"Compose": {}}, r"albumentations has no transform 'Compose'"),
 ])
 def test_transform_entries_are_checked(spec: dict, pattern: str):
-    from pipeline.augment import train_transform
-    from pipeline.config import TrainConfig
-    from pipeline.errors import PipelineError
+    from pipeline.core.config import TrainConfig
+    from pipeline.core.errors import PipelineError
+    from pipeline.training.augment import train_transform
 
     with pytest.raises(PipelineError, match=pattern):
         train_transform(TrainConfig(transforms=[spec]), 0)
@@ -268,8 +268,8 @@ def test_decompression_bomb_in_test_is_one_line(comp_dir: Path, tmp_path: Path, 
 def test_max_pixels_is_configurable_both_ways(tmp_path: Path, monkeypatch):
     from PIL import Image
 
-    from pipeline.errors import PipelineError
-    from pipeline.images import load_image
+    from pipeline.core.errors import PipelineError
+    from pipeline.data.images import load_image
 
     path = tmp_path / "x.png"
     Image.new("RGB", (12, 10)).save(path)

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import clean, folds, labels
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.predictions import prob_columns, write_parquet
+from pipeline.core.config import load_config
+from pipeline.scoring.predictions import prob_columns, write_parquet
+from pipeline.stages import clean, folds
+from pipeline.stages import label_issues as labels
 
 from .conftest import write_competition
 

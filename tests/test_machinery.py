@@ -12,16 +12,18 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, distributed, orchestrate, runtime, tune
+from pipeline import orchestrate
 from pipeline.cli import main
-from pipeline.config import TrainConfig, load_config
 from pipeline.context import Context
+from pipeline.core.config import TrainConfig, load_config
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.fit import ssd_loss
-from pipeline.engine import FoldData, Trainer, predict_proba
-from pipeline.metrics import score
-from pipeline.predict import view_logits
-from pipeline.runtime import Runtime
+from pipeline.scoring.metrics import score
+from pipeline.stages import tune
+from pipeline.training import checkpoint, distributed, runtime
+from pipeline.training.inference import view_logits
+from pipeline.training.runtime import Runtime
+from pipeline.training.trainer import FoldData, Trainer, predict_proba
 
 from .conftest import REPO, interrupt_in_epoch, kill_after_epoch
 
@@ -313,7 +315,7 @@ def test_the_orchestrator_merges_tuned_parameters_except_for_tune(comp_dir: Path
 def _finished_run(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from pipeline.artifacts import write_stamp
+    from pipeline.core.artifacts import write_stamp
 
     run_dir.mkdir(parents=True)
     save_file(weights, str(run_dir / "best.safetensors"))
@@ -322,8 +324,8 @@ def _finished_run(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
 
 
 def test_load_checkpoint_names_damaged_or_foreign_weights_and_keeps_code_errors(tmp_path, monkeypatch):
-    from pipeline.errors import PipelineError
-    from pipeline.models import build_model
+    from pipeline.core.errors import PipelineError
+    from pipeline.training.models import build_model
 
     good = build_model("d2l_lenet", 2, 1).state_dict()
     _finished_run(tmp_path / "ok", good)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from pipeline.metrics import (
+from pipeline.scoring.metrics import (
     GREATER_IS_BETTER,
     METRICS,
     TASKS,

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.competition import read_competition, sort_classes
-from pipeline.config import CompetitionConfig
-from pipeline.errors import PipelineError
-from pipeline.images import load_image, to_channels
+from pipeline.core.config import CompetitionConfig
+from pipeline.core.errors import PipelineError
+from pipeline.data.competition import read_competition
+from pipeline.data.images import load_image, to_channels
+from pipeline.data.labels import sort_classes
 
 CFG = CompetitionConfig()
 

@@ -14,14 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import clean, pseudo, rounds
-from pipeline import folds as folds_stage
-from pipeline import train as train_stage
 from pipeline.cli import main
-from pipeline.config import PseudoConfig, load_config
 from pipeline.context import Context
-from pipeline.errors import PipelineError
-from pipeline.predictions import prob_columns, write_parquet
+from pipeline.core.config import PseudoConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.scoring import pseudo
+from pipeline.scoring.predictions import prob_columns, write_parquet
+from pipeline.stages import clean, rounds
+from pipeline.stages import folds as folds_stage
+from pipeline.training import fold as fold_module
 
 from .conftest import write_competition
 
@@ -82,26 +83,26 @@ def test_the_fold_k_model_of_round_2_learns_only_labels_of_fold_k_models(tmp_pat
     spec = ctx.cfg.rounds.plan[0]
     rows, thresholds, _ = rounds.build_pseudo(ctx, ["m"], spec.pseudo, list(range(N_FOLDS)), stamp)
     assert thresholds == {0: pytest.approx(0.9333333), 1: pytest.approx(0.9333333)}
-    data = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows)
-    frame = data["frame"]
+    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
+    frame = data.frame
     is_pseudo = frame["fold"] == rounds.PSEUDO_FOLD
     test_ids = set(ctx.competition.test["id"].astype(str))
     for k in range(N_FOLDS):
-        trained = frame[train_stage.training_rows(frame, k) & is_pseudo]
+        trained = frame[fold_module.training_rows(frame, k) & is_pseudo]
         expected = CLASSES[k] if source == "fold" else CLASSES[-1]
         assert trained["label"].tolist() == [expected] * len(test_ids)  # no label from another fold's model
         assert set(trained["id"]) == test_ids
         assert not (frame["fold"] == k)[is_pseudo].any()  # pseudo rows are never fold k's validation rows
-    assert len(data["images"]) == len(frame)
+    assert len(data.images) == len(frame)
 
 
 def test_a_fold_run_key_covers_its_own_pseudo_rows_only(tmp_path):
     ctx, stamp = _work(tmp_path, "fold", threshold=0.5)
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0, 1], stamp)
-    plain = train_stage.load_training_data(ctx)
-    before = rounds.with_pseudo(ctx, plain, rows)["pseudo_keys"]
+    plain = ctx.training_data()
+    before = rounds.with_pseudo(ctx, plain, rows).pseudo_keys
     fewer = rows[~((rows["fold"] == 1) & (rows["id"] == rows["id"].iloc[-1]))]
-    after = rounds.with_pseudo(ctx, plain, fewer)["pseudo_keys"]
+    after = rounds.with_pseudo(ctx, plain, fewer).pseudo_keys
     assert after[0] == before[0] and after[1] != before[1]
 
 
@@ -156,18 +157,18 @@ def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeyp
     vector, sharpened (p^2 renormalised), and nothing else; the competition rows keep their one-hot labels."""
     ctx, stamp = _work(tmp_path, source, labels="soft", temperature=0.5)
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, list(range(N_FOLDS)), stamp)
-    data = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows)
+    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
     seen = {}
 
     def instrumented(model, optimizer, cfg, fold_data, *args, **kwargs):
         seen["data"] = fold_data
         raise _Stop
 
-    monkeypatch.setattr(train_stage, "Trainer", instrumented)
-    n_test, frame = len(ctx.competition.test), data["frame"]
+    monkeypatch.setattr(fold_module, "Trainer", instrumented)
+    n_test, frame = len(ctx.competition.test), data.frame
     for k in range(N_FOLDS):
         with pytest.raises(_Stop):
-            train_stage.train_fold(ctx, "d2l_lenet", k, data, name="m-r2")
+            fold_module.train_fold(ctx.fold_settings(), "d2l_lenet", k, data, name="m-r2")
         targets = seen["data"].train_y
         own = frame[(frame["fold"] != k) & (frame["fold"] != rounds.PSEUDO_FOLD)]
         assert targets.shape == (len(own) + n_test, len(CLASSES)) and targets.dtype == np.float32
@@ -176,17 +177,17 @@ def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeyp
         sharp = planted ** 2 / (planted ** 2).sum()
         np.testing.assert_allclose(targets[len(own):], np.tile(sharp, (n_test, 1)), rtol=0, atol=1e-6)
         np.testing.assert_array_equal(targets[:len(own)], np.eye(len(CLASSES))[own["y"].to_numpy()])
-    hard = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows[pseudo.COLUMNS])
-    assert "soft" not in hard and hard["pseudo_keys"] != data["pseudo_keys"]  # the targets are in the fold's key
+    hard = rounds.with_pseudo(ctx, ctx.training_data(), rows[pseudo.COLUMNS])
+    assert hard.soft is None and hard.pseudo_keys != data.pseudo_keys  # the targets are in the fold's key
 
 
 def test_soft_targets_train(tmp_path):
     """The engine learns from probability targets (ArrayDataset and the loss take (N, classes) rows)."""
     ctx, stamp = _work(tmp_path, "fold", labels="soft")
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0], stamp)
-    data = rounds.with_pseudo(ctx, train_stage.load_training_data(ctx), rows)
+    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
     cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0})})
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"backend": "none"}),
                                  "runtime": cfg.runtime.model_copy(update={"device": "cpu", "threads": 1})})
-    meta = train_stage.train_fold(Context(cfg, ctx.data_dir, ctx.work_dir), "d2l_lenet", 0, data, name="m-r2")
+    meta = fold_module.train_fold(Context(cfg, ctx.data_dir, ctx.work_dir).fold_settings(), "d2l_lenet", 0, data, name="m-r2")
     assert meta["epochs_run"] == 1 and np.isfinite(meta["metric"])

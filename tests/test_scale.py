@@ -18,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import distributed, engine, tune
-from pipeline.errors import PipelineError
-from pipeline.models import build_model
+from pipeline.core.errors import PipelineError
+from pipeline.stages import tune
+from pipeline.training import distributed
+from pipeline.training import trainer as engine
+from pipeline.training.models import build_model
 
 from .conftest import REPO
 
@@ -29,7 +31,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 REDUCE = textwrap.dedent("""
     import sys, torch
     import torch.distributed as dist
-    from pipeline import distributed
+    from pipeline.training import distributed
     distributed.backend_for = lambda cuda: sys.argv[1]  # the group spec under test, through the real setup()
     rank, world = distributed.setup()
     assert (world, distributed.backend()) == (2, sys.argv[1]), (world, distributed.backend())
@@ -216,7 +218,7 @@ def test_two_torchrun_nodes_train_a_fold_as_one_process_with_the_same_global_bat
     runs = {name: tmp_path / name / "runs" / "d2l_googlenet" / "fold0" for name in ("one", "two")}
     hist = {name: pd.read_csv(run / "history.csv") for name, run in runs.items()}
     a, b = (load_file(str(run / "best.safetensors")) for run in runs.values())
-    torch.manual_seed(42 * 1000 + 0)  # train.seed * 1000 + fold, as pipeline/train.py seeds the initial weights
+    torch.manual_seed(42 * 1000 + 0)  # train.seed * 1000 + fold, as pipeline/stages/train.py seeds the initial weights
     init = build_model("d2l_googlenet", 10, 1).state_dict()
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     moved = max((a[k] - init[k]).abs().max().item() for k in a)

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import submission
-from pipeline.competition import read_competition
-from pipeline.config import CompetitionConfig
-from pipeline.errors import PipelineError
+from pipeline.core.config import CompetitionConfig
+from pipeline.core.errors import PipelineError
+from pipeline.data.competition import read_competition
+from pipeline.scoring import submission
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_artifacts_get_ordinary_permissions(tmp_path: Path):
     import os
     import stat
 
-    from pipeline.artifacts import write_text
+    from pipeline.core.artifacts import write_text
 
     path = write_text(tmp_path / "x.txt", "hi")
     mask = os.umask(0)

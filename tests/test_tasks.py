@@ -1,4 +1,4 @@
-"""Task types (pipeline/tasks.py): detection, label reading, folds, heads, blends, submissions, each end to end."""
+"""Task types (pipeline/scoring/tasks.py): detection, label reading, folds, heads, blends, submissions, each end to end."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import blend, folds, submission, tasks, thresholds
 from pipeline.cli import main
-from pipeline.competition import read_competition
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.tta import merge
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.competition import read_competition
+from pipeline.data.labels import detect_task
+from pipeline.scoring import blend, submission, tasks, thresholds
+from pipeline.stages import folds
+from pipeline.training import heads
+from pipeline.training.tta import merge
 
 from .task_data import TAGS, make_task_folder
 
@@ -29,7 +32,7 @@ from .task_data import TAGS, make_task_folder
     (["cat", "dog", "cat"], "single_label", "2 classes, no label holds the separator ' '"),
 ])
 def test_auto_detection_decides_from_the_label_column_and_says_why(labels, task, reason):
-    got, why = tasks.detect(pd.Series(labels), " ")
+    got, why = detect_task(pd.Series(labels), " ")
     assert got == task and why.startswith(reason)
 
 
@@ -132,7 +135,7 @@ def test_regression_folds_stratify_binned_targets_with_groups():
 @pytest.mark.parametrize("loss", ["mse", "huber", "bce_scaled"])
 def test_number_heads_learn_scaled_targets_and_predict_on_the_target_scale(loss):
     y = np.array([10.0, 20.0, 30.0, 50.0])
-    head = tasks.make_head("regression", 0, loss, y)
+    head = heads.make_head("regression", 0, loss, y)
     u = (torch.tensor(y) - head.center) / head.scale
     logits = torch.logit(u.clamp(1e-6, 1 - 1e-6)) if loss == "bce_scaled" else u
     assert head.activate(logits.view(-1, 1).float()).view(-1).numpy() == pytest.approx(y, rel=1e-4)
@@ -141,10 +144,10 @@ def test_number_heads_learn_scaled_targets_and_predict_on_the_target_scale(loss)
 
 
 def test_tta_merges_numbers_by_their_mean_and_tags_by_mean_probability():
-    head = tasks.Head("regression", 1, "mse", 5.0, 2.0)
+    head = heads.Head("regression", 1, "mse", 5.0, 2.0)
     views = np.array([[[0.0], [1.0]], [[1.0], [-1.0]]])  # two views of two rows
     assert merge(views, "mean", head)[:, 0].tolist() == pytest.approx([6.0, 5.0])
-    tags = tasks.Head("multi_label", 2, "bce")
+    tags = heads.Head("multi_label", 2, "bce")
     logits = np.array([[[0.0, 2.0]], [[2.0, 0.0]]])
     sig = 1 / (1 + np.exp(-2.0))
     assert merge(logits, "mean", tags)[0].tolist() == pytest.approx([(0.5 + sig) / 2] * 2)
@@ -277,8 +280,8 @@ def test_each_task_runs_folds_train_ensemble_through_the_cli(tmp_path, capsys, t
 
 @pytest.mark.parametrize("task, direction", [("multi_label", "MAXIMIZE"), ("regression", "MINIMIZE")])
 def test_tuning_follows_the_task_metrics_direction(tmp_path, task, direction):
-    from pipeline import tune
     from pipeline.context import Context
+    from pipeline.stages import tune
 
     data = make_task_folder(tmp_path / "comp", task, n_train=24, n_test=4)
     args = ["clean.workers=1", "folds.n_splits=2", *(["competition.task=ordinal"] if task == "ordinal" else [])]
@@ -288,7 +291,7 @@ def test_tuning_follows_the_task_metrics_direction(tmp_path, task, direction):
 
 
 def test_autogluon_runs_numbers_as_regression_and_refuses_multi_label(tmp_path):
-    from pipeline.autogluon import autogluon_problem
+    from pipeline.stages.autogluon import autogluon_problem
 
     assert autogluon_problem("rmse", 0, "regression") == {"problem_type": "regression", "eval_metric": "rmse",
                                                           "validation_metric": "rmse"}

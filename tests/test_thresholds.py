@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from pipeline import thresholds as th
-from pipeline.metrics import FBETA, midpoints, score
+from pipeline.scoring import thresholds as th
+from pipeline.scoring.metrics import FBETA, midpoints, score
 
 
 def planted(n=400, k=4, seed=0, cuts=(0.3, 0.7, 0.7, 0.7)):

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import orchestrate, tracking
-from pipeline import train as train_stage
-from pipeline.artifacts import read_stamp
-from pipeline.config import load_config
+from pipeline import orchestrate
 from pipeline.context import Context
+from pipeline.core.artifacts import read_stamp
+from pipeline.core.config import load_config
 from pipeline.detection.bananas import build_bananas
+from pipeline.training import fold as fold_module
+from pipeline.training import tracking
 
 from .conftest import REPO, write_competition
 
@@ -121,17 +122,17 @@ def test_an_interrupted_fold_resumes_into_the_same_mlflow_run_without_repeating_
     monkeypatch.chdir(tmp_path / "cwd")  # MLflow's own default would put the files in ./mlruns here
     ctx = _ctx(tmp_path, "tracking.experiment=lenets")
     orchestrate.run("folds", ctx)
-    data = train_stage.load_training_data(ctx)
+    data = ctx.training_data()
 
     def die_in_epoch_2(epoch: int, value: float) -> None:
         if epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_stage.train_fold(ctx, "d2l_lenet", 0, data, on_epoch=die_in_epoch_2)
+        fold_module.train_fold(ctx.fold_settings(), "d2l_lenet", 0, data, on_epoch=die_in_epoch_2)
     (first,) = _runs(uri, "lenets").values()
     assert first.info.status == "KILLED" and first.data.metrics == {}
-    train_stage.train_fold(ctx, "d2l_lenet", 0, data)
+    fold_module.train_fold(ctx.fold_settings(), "d2l_lenet", 0, data)
     assert "d2l_lenet fold 0 resumes after epoch 1" in capsys.readouterr().out
     (run,) = _runs(uri, "lenets").values()
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
@@ -172,7 +173,7 @@ RACE = """
 import sys
 from pathlib import Path
 work, name = Path(sys.argv[1]), sys.argv[2]
-from pipeline import tracking
+from pipeline.training import tracking
 settings = tracking.Settings("mlflow", None, "exp", work)
 run = tracking.start(settings, work / name, name, "fp", {"a": 1}, {})
 run.finish([{"epoch": 1, "x": 1.0}], [])

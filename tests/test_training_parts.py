@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import clean
-from pipeline.cache import decoded_images, input_channels
-from pipeline.config import load_config
 from pipeline.context import Context
-from pipeline.errors import PipelineError
-from pipeline.models import build_model, dataset_norm
-from pipeline.train import folds_to_train
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import clean
+from pipeline.training.fold import folds_to_train
+from pipeline.training.models import build_model, dataset_norm
 
 from .conftest import REPO
 
@@ -28,23 +27,23 @@ def test_dataset_norm_in_chunks_matches_numpy():
 def test_cache_decodes_once_and_matches_channels(comp_dir: Path, tmp_path: Path):
     ctx = Context(load_config(), comp_dir, tmp_path / "work")
     clean.run(ctx)
-    assert input_channels(ctx) == 3
+    assert ctx.input_channels() == 3
     paths = list(ctx.competition.train["path"])
-    first = decoded_images(ctx, paths, 8, 3, "train")
+    first = ctx.decoded_images(paths, 8, 3, "train")
     assert first.shape == (8, 8, 8, 3) and first.dtype == np.uint8
     files = list((ctx.work_dir / "cache").glob("*.npy"))
     mtime = files[0].stat().st_mtime_ns
-    again = decoded_images(ctx, paths, 8, 3, "train")
+    again = ctx.decoded_images(paths, 8, 3, "train")
     assert np.array_equal(first, again) and files[0].stat().st_mtime_ns == mtime
-    assert decoded_images(ctx, paths, 8, 1, "train").shape == (8, 8, 8, 1)
+    assert ctx.decoded_images(paths, 8, 1, "train").shape == (8, 8, 8, 1)
 
 
 def test_digits_are_fed_as_one_channel(small_digits: Path, tmp_path: Path):
     ctx = Context(load_config(), small_digits, tmp_path / "work")
     clean.run(ctx)
-    assert input_channels(ctx) == 1
-    assert input_channels(Context(load_config(None, ["competition.channels=rgb"]), small_digits,
-                                  tmp_path / "work")) == 3
+    assert ctx.input_channels() == 1
+    assert Context(load_config(None, ["competition.channels=rgb"]), small_digits,
+                   tmp_path / "work").input_channels() == 3
 
 
 def test_unknown_backbone_suggests_a_name():
@@ -60,10 +59,10 @@ def test_model_follows_classes_and_channels():
 
 
 def test_pretrained_offline_is_a_one_line_error_naming_the_key():
-    code = "from pipeline.models import build_model; build_model('resnet18', 10, 3, pretrained=True)"
+    code = "from pipeline.training.models import build_model; build_model('resnet18', 10, 3, pretrained=True)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", "import sys; from pipeline.cli import main\n"
-                          "from pipeline.errors import PipelineError\n"
+                          "from pipeline.core.errors import PipelineError\n"
                           f"try:\n    exec({code!r})\nexcept PipelineError as e:\n    print(e); sys.exit(2)"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "model.pretrained" in res.stdout and "model.pretrained_path" in res.stdout
@@ -78,13 +77,13 @@ def test_folds_to_train_checks_range():
 def test_cache_equals_direct_decoding_and_batched_reads_equal_single_reads(comp_dir: Path, tmp_path: Path):
     import torch
 
-    from pipeline.engine import ArrayDataset
-    from pipeline.images import load_image, resize, to_channels
+    from pipeline.data.images import load_image, resize, to_channels
+    from pipeline.training.trainer import ArrayDataset
 
     ctx = Context(load_config(), comp_dir, tmp_path / "work")
     clean.run(ctx)
     paths = list(ctx.competition.train["path"])
-    cache = decoded_images(ctx, paths, 12, 3, "train")
+    cache = ctx.decoded_images(paths, 12, 3, "train")
     for i, path in enumerate(paths):
         assert np.array_equal(cache[i], resize(to_channels(load_image(path), 3), 12))
     data = ArrayDataset(cache, np.arange(len(paths)))

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.metrics import score
-from pipeline.predict import view_table
-from pipeline.runtime import Runtime
-from pipeline.tta import apply_view, choose_views, merge, nested_views, random_affine, tta_logits
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.scoring.metrics import score
+from pipeline.training.inference import view_table
+from pipeline.training.runtime import Runtime
+from pipeline.training.tta import apply_view, choose_views, merge, nested_views, random_affine, tta_logits
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 TO_INPUT = partial(Runtime().to_input, norm=NORM)
@@ -164,7 +164,7 @@ def test_nested_tta_score_equals_in_sample_when_one_view_dominates():
 def test_tta_choice_for_each_fold_never_sees_that_fold(monkeypatch):
     """Row identities planted in view 0's logits: the choice for held-out fold k receives exactly the other
     folds' rows."""
-    import pipeline.tta as tta
+    import pipeline.training.tta as tta
 
     y, folds = np.arange(60) % 2, np.arange(60) % 3
     logits = _two_class_views(np.stack([np.full(60, 0.8), np.full(60, 0.7)]), y)

@@ -12,10 +12,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import orchestrate, tune
-from pipeline.config import load_config
+from pipeline import orchestrate
 from pipeline.context import Context
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import tune
 
 from .conftest import REPO
 

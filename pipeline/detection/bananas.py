@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..artifacts import write_csv
+from pipeline.core.artifacts import write_csv
 
 SIZE = 256
 

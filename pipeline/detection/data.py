@@ -17,11 +17,13 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..artifacts import content_key, fingerprint
-from ..cache import cached_decode
-from ..competition import ID_CANDIDATES, read_table, resolve_paths, sort_classes
-from ..config import CompetitionConfig, DetectConfig
-from ..errors import PipelineError
+from pipeline.core.artifacts import content_key, fingerprint
+from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.errors import PipelineError
+from pipeline.data.cache import cached_decode
+from pipeline.data.competition import ID_CANDIDATES, resolve_paths
+from pipeline.data.labels import sort_classes
+from pipeline.data.table import read_table
 
 BOX = ["xmin", "ymin", "xmax", "ymax"]
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height

@@ -3,7 +3,7 @@
 Per epoch it reports the course's training metrics (class error over all anchors, bbox MAE over
 all offset entries, masked ones counted as zero error) and the same two plus mAP@0.5 and COCO
 mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
-training loop (pipeline/loop.py), which owns reseeding, resume from `last.*`, history and printing,
+training loop (pipeline/training/loop.py), which owns reseeding, resume from `last.*`, history and printing,
 as it does for classification; this module plugs in the epoch over the in-memory images (seeded
 batch order and flips) and the evaluation. torchvision's detectors (detect.model retinanet, fcos,
 ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from .. import loop
-from ..config import DetectConfig
-from ..runtime import Runtime
-from .boxes import mirror_boxes, multibox_target
-from .infer import Detector, mean_average_precision
-from .tinyssd import outputs
-from .torchvision_models import TorchvisionDetector
+from pipeline.core.config import DetectConfig
+from pipeline.detection.boxes import mirror_boxes, multibox_target
+from pipeline.detection.infer import Detector, mean_average_precision
+from pipeline.detection.tinyssd import outputs
+from pipeline.detection.torchvision_models import TorchvisionDetector
+from pipeline.training import loop
+from pipeline.training.runtime import Runtime
 
 
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def image_groups(images: list[str], clean_csv: Path | None) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from ensemble_boxes import weighted_boxes_fusion
 from tqdm import tqdm
 
-from .infer import map_of
+from pipeline.detection.infer import map_of
 
 EMPTY = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
 

@@ -21,14 +21,16 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import batched_nms
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from ..artifacts import atomic_write
-from ..competition import read_table, sort_classes
-from ..config import DetectConfig
-from ..errors import PipelineError
-from ..runtime import Runtime
-from .boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
-from .tinyssd import outputs
-from .torchvision_models import TorchvisionDetector, views
+from pipeline.core.artifacts import atomic_write
+from pipeline.core.config import DetectConfig
+from pipeline.core.errors import PipelineError
+from pipeline.data.labels import sort_classes
+from pipeline.data.table import read_table
+from pipeline.detection.boxes import box_voting, mirror_boxes, mirror_index, offset_inverse
+from pipeline.detection.tinyssd import outputs
+from pipeline.detection.torchvision_models import TorchvisionDetector, views
+from pipeline.scoring.submission import parse_prediction_strings
+from pipeline.training.runtime import Runtime
 
 TTA = ("none", "hflip")
 
@@ -143,31 +145,6 @@ def prediction_strings(detections: list[dict], classes: list[str]) -> list[str]:
     return out
 
 
-def parse_prediction_strings(strings: list[str], classes: list[str], source: str) -> list[dict]:
-    """The inverse of prediction_strings, with a one-line error naming the bad row."""
-    index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for row, text in enumerate(strings):
-        parts = text.split()
-        if len(parts) % 6:
-            raise PipelineError(f"{source} line {row + 2}: PredictionString needs groups of 6 values "
-                                "(label score xmin ymin xmax ymax)")
-        groups = np.asarray(parts, dtype=object).reshape(-1, 6)
-        unknown = [g for g in groups[:, 0] if g not in index]
-        if unknown:
-            raise PipelineError(f"{source} line {row + 2}: unknown label '{unknown[0]}'; expected one of {classes}")
-        try:
-            numbers = groups[:, 1:].astype(np.float64)
-        except ValueError:
-            raise PipelineError(f"{source} line {row + 2}: PredictionString has a value that is not a number") from None
-        if not np.isfinite(numbers).all():
-            raise PipelineError(f"{source} line {row + 2}: PredictionString has a value that is not finite")
-        out.append({"labels": torch.tensor([index[g] for g in groups[:, 0]], dtype=torch.long),
-                    "scores": torch.from_numpy(numbers[:, 0]).float(),
-                    "boxes": torch.from_numpy(numbers[:, 1:]).float().reshape(-1, 4)})
-    return out
-
-
 def gallery(images: torch.Tensor, detections: list[dict], sizes: torch.Tensor, classes: list[str], path: Path,
             truth: torch.Tensor | None = None, columns: int = 4) -> Path:
     """A grid of images (as decoded at image_size) with predicted boxes in red and ground truth in green."""
@@ -206,7 +183,8 @@ def score_submission(submission_csv: Path, solution_csv: Path) -> dict:
                             "predict every test image")
     classes = sort_classes(sorted(set(sol["label"]) - {""}))
     by_image = dict(zip(sub["image"],
-                        parse_prediction_strings(sub["PredictionString"].tolist(), classes, str(submission_csv)),
+                        [{k: torch.from_numpy(v) for k, v in det.items()} for det in
+                         parse_prediction_strings(sub["PredictionString"].tolist(), classes, str(submission_csv))],
                         strict=True))
     boxes = sol[sol["label"] != ""]
     grouped = {k: g for k, g in boxes.groupby("image", sort=False)}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..artifacts import write_csv
+from pipeline.core.artifacts import write_csv
 
 CLASSES = ("disc", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "bar", "arrow")
 COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30), (200, 60, 200),

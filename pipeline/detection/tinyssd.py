@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime import Runtime
-from .boxes import multibox_prior
+from pipeline.detection.boxes import multibox_prior
+from pipeline.training.runtime import Runtime
 
 SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
 RATIOS = [1, 2, 0.5]

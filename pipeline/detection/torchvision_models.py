@@ -39,12 +39,12 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..artifacts import file_digest
-from ..checkpoint import UNREADABLE
-from ..errors import PipelineError
-from ..runtime import Runtime
-from .boxes import mirror_boxes
-from .tinyssd import TinySSD
+from pipeline.core.artifacts import file_digest
+from pipeline.core.errors import PipelineError
+from pipeline.detection.boxes import mirror_boxes
+from pipeline.detection.tinyssd import TinySSD
+from pipeline.training.checkpoint import UNREADABLE
+from pipeline.training.runtime import Runtime
 
 KINDS = ("retinanet", "fcos", "ssdlite")
 FPN_KINDS = ("retinanet", "fcos")  # the ones on a timm backbone with an FPN (detect.backbone, detect.fpn_channels)

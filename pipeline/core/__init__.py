@@ -1,0 +1,1 @@
+"""The ground floor: errors, atomic artifacts, the config schema and experiment specs."""

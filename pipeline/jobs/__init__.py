@@ -1,0 +1,1 @@
+"""Scripts run in other environments (AutoGluon's own venv)."""

@@ -1,0 +1,1 @@
+"""Numbers on predictions: metrics and tasks, thresholds, blends, pseudo-labels, submissions."""

@@ -1,0 +1,1 @@
+"""One module per stage: orchestration and artifacts only (`run(ctx)`)."""

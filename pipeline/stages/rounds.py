@@ -1,0 +1,142 @@
+"""Rounds stage: rounds 2, 3, ... (rounds.plan), each trained with pseudo-labels of the round before.
+
+Round 1 is model.backbones (the train and predict stages). For round r it blends round r-1's
+predictions into pseudo-labels (pipeline/scoring/pseudo.py: the fold-k rows come from round r-1's fold-k
+models only, unless rounds.plan[i].pseudo.source=all; hard labels, or with pseudo.labels=soft the
+blend's probability vectors as targets), writes them to WORK/rounds/round<r>/pseudo.csv (id, path,
+label, fold, confidence; soft: the p_ targets) with pseudo.json (thresholds and counts per fold),
+then trains and predicts each of the round's experiments like any other: the
+fold-k model adds the pseudo rows of fold k to its training rows (training/fold.py: training_rows), never to its
+validation rows, so the OOF files hold competition rows only and join the same ensemble. A fold
+run's key covers its own pseudo rows, so new pseudo-labels retrain exactly the folds they change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from pipeline.context import Context
+from pipeline.core import experiments
+from pipeline.core.artifacts import fingerprint, read_json, write_csv, write_stamp
+from pipeline.core.config import PseudoConfig
+from pipeline.core.errors import PipelineError
+from pipeline.scoring import pseudo
+from pipeline.scoring.metrics import score
+from pipeline.scoring.predictions import prob_columns, read_parquet_meta
+from pipeline.training.fold import TrainingData, folds_to_train, train_fold
+from pipeline.training.inference import predict_experiment
+
+PSEUDO_FOLD = -2  # the fold of pseudo rows: never a validation fold; `pseudo_fold` says which model trains on them
+
+
+def _read_round(ctx: Context, names: list[str], folds_hash: str, source: str) -> tuple[list, list]:
+    """Each experiment's OOF frame and its test predictions: test_folds.parquet (source fold) or test.parquet."""
+    oofs, tests = [], []
+    test_file = "test_folds.parquet" if source == "fold" else "test.parquet"
+    for name in names:
+        folder = ctx.work_dir / "runs" / name
+        files = [folder / "oof.parquet", folder / test_file]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{missing[0]}: not found; run `make predict` (every experiment) before `make rounds`")
+        if read_parquet_meta(files[0]).get("folds_hash") != folds_hash:
+            raise PipelineError(f"{files[0]}: made on another split; rerun `make predict`")
+        oofs.append(pd.read_parquet(files[0]))
+        tests.append(pd.read_parquet(files[1]))
+    return oofs, tests
+
+
+def build_pseudo(ctx: Context, names: list[str], cfg: PseudoConfig, folds: list[int],
+                 stamp: dict) -> tuple[pd.DataFrame, dict[int, float], float]:
+    """The pseudo rows the next round's fold models learn from, made from the experiments `names`; each fold's
+    threshold; the OOF score of their blend."""
+    classes = stamp["classes"]
+    oofs, tests = _read_round(ctx, names, stamp["folds_hash"], cfg.source)
+    oof = pseudo.blend_oof(oofs, classes)
+    if cfg.source == "fold":
+        per_fold = {k: pseudo.blend_test(tests, classes, k) for k in folds}
+    else:  # the naive variant: every fold model learns from the all-fold ensemble
+        everyone = pseudo.blend_test(tests, classes, None)
+        per_fold = dict.fromkeys(folds, everyone)
+    test = ctx.competition.test
+    paths = pd.Series(test["path"].to_numpy(), index=test["id"].astype(str).to_numpy())
+    for k in per_fold:
+        per_fold[k].index = per_fold[k].index.astype(str)
+    rows, thresholds = pseudo.make_pseudo(oof, per_fold, classes, paths, cfg.threshold, cfg.target_precision,
+                                          cfg.max_per_class, cfg.labels, cfg.temperature)
+    blend_score = score(ctx.cfg.competition.metric, oof["y"].to_numpy(), oof[prob_columns(classes)].to_numpy())
+    return rows, thresholds, blend_score
+
+
+def with_pseudo(ctx: Context, plain: TrainingData, rows: pd.DataFrame) -> TrainingData:
+    """The training data of a round experiment: the competition's rows plus the pseudo rows (fold PSEUDO_FOLD,
+    `pseudo_fold` k), their test images at the experiment's size, and per fold the key of that fold's rows. The
+    input statistics stay the competition's own."""
+    norm = plain.input_stats()
+    test_paths = list(ctx.competition.test["path"])
+    position = {p: i for i, p in enumerate(test_paths)}
+    test_images = ctx.decoded_images(test_paths, ctx.cfg.train.image_size, plain.channels, "test")
+    index = {c: i for i, c in enumerate(plain.classes)}
+    added = pd.DataFrame({"id": rows["id"].astype(str), "path": rows["path"], "label": rows["label"].astype(str),
+                          "y": rows["label"].astype(str).map(index).to_numpy(), "fold": PSEUDO_FOLD,
+                          "pseudo_fold": rows["fold"].to_numpy()})
+    frame = pd.concat([plain.frame.assign(pseudo_fold=np.nan), added], ignore_index=True)
+    picked = np.asarray([position[p] for p in rows["path"]], dtype=int)
+    images = np.concatenate([np.asarray(plain.images), np.asarray(test_images)[picked]])
+    cols = [c for c in prob_columns(plain.classes) if c in rows.columns]  # soft labels: the target vectors
+    keys = {int(k): fingerprint(part[["id", "path", "label", *cols]].to_numpy().tolist())
+            for k, part in rows.groupby("fold")}
+    soft = None
+    if cols:  # one target row per frame row: NaN (the one-hot label) for the competition's rows
+        soft = np.full((len(frame), len(plain.classes)), np.nan, dtype=np.float32)
+        soft[len(plain.frame):] = rows[cols].to_numpy(np.float32)
+    return replace(plain, frame=frame, images=images, norm=norm, pseudo_keys=keys, soft=soft)
+
+
+def run(ctx: Context) -> dict:
+    """Every configured round after round 1, in order (after the predict stage: pipeline/orchestrate.py)."""
+    plan = ctx.cfg.rounds.plan
+    if not plan:
+        return {}
+    cfg = ctx.cfg
+    if cfg.competition.task != "single_label":
+        raise PipelineError(f"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is "
+                            f"{cfg.competition.task}; set rounds.plan=[]")
+    stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
+    folds = folds_to_train(cfg.train.folds, stamp["n_splits"])
+    previous = [e.name for e in experiments.resolve(cfg.model, cfg.train, cfg.predict)]
+    test_paths = list(ctx.competition.test["path"])
+    results = {}
+    for r, (spec, exps) in enumerate(zip(plan, experiments.round_experiments(cfg.model, cfg.train, cfg.predict, plan),
+                                         strict=True), start=2):
+        started = time.perf_counter()
+        rows, thresholds, blend_score = build_pseudo(ctx, previous, spec.pseudo, folds, stamp)
+        folder = ctx.work_dir / "rounds" / f"round{r}"
+        write_csv(folder / "pseudo.csv", rows)
+        counts = rows.groupby("fold").size().reindex(folds, fill_value=0)
+        write_stamp(folder / "pseudo.json", fingerprint(rows.to_numpy().tolist()), round=r, made_from=previous,
+                    source=spec.pseudo.source, labels=spec.pseudo.labels,
+                    thresholds={str(k): t for k, t in thresholds.items()},
+                    rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
+        print(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
+              f"blend OOF {cfg.competition.metric} {blend_score:.4f}): "
+              + ", ".join(f"fold {k} {counts[k]} rows at >= {thresholds[k]:.4f}" for k in folds))
+        shared: dict = {}
+        for exp in exps:
+            ectx = ctx.for_experiment(exp)
+            plain = ectx.training_data(shared)
+            data = with_pseudo(ectx, plain, rows)
+            settings = ectx.fold_settings()
+            for k in folds:
+                train_fold(settings, exp.backbone, k, data, name=exp.name)
+            results[exp.name] = predict_experiment(ectx.predict_settings(), exp.backbone, plain,
+                                                   ctx.competition.test["id"], test_paths, exp.name)["oof_score"]
+        print(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
+              + ", ".join(f"{e.name} {results[e.name]:.4f}" for e in exps))
+        previous = [e.name for e in exps]
+    ctx.write_experiments_table()
+    return results

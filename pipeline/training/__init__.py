@@ -1,0 +1,1 @@
+"""The one training machinery: models, augmentation, the loop, checkpoints, runtime, TTA."""

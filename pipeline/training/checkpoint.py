@@ -1,0 +1,116 @@
+"""Resume checkpoints shared by the classification engine and the detection trainer.
+
+`last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
+scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
+fingerprint; a pair that disagrees or belongs to another config is ignored, so a run killed at any
+moment restarts from its last finished epoch. A file that cannot be read (truncated, corrupted) is
+ignored too, with one line saying so: the run starts over and its first epoch overwrites it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.core.artifacts import atomic_write, read_stamp
+from pipeline.core.errors import PipelineError
+from pipeline.training.models import build_model
+
+
+def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoch: int, fingerprint: str) -> None:
+    tensors = _on_host(tensors)
+    meta = {"epoch": str(epoch), "fingerprint": fingerprint}
+    atomic_write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    state = {**state, "epoch": epoch, "fingerprint": fingerprint}
+    atomic_write(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+
+# what torch.load and safe_open raise on truncated or corrupted files
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def load_last(run_dir: Path, fingerprint: str,
+              say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of a complete checkpoint of this run, or None (nothing to resume from).
+
+    Missing files and a pair of another config or epoch are silently not used; an unreadable file
+    is reported through `say` in one line, and the run restarts instead of failing on every rerun.
+    """
+    pt, st = Path(run_dir) / "last.pt", Path(run_dir) / "last.safetensors"
+    if not (pt.exists() and st.exists()):
+        return None
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+        with safe_open(str(st), "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except UNREADABLE as exc:
+        say(f"{run_dir}: resume state last.pt/last.safetensors unreadable ({type(exc).__name__}); "
+            "training restarts from epoch 1")
+        return None
+    if (not isinstance(state, dict) or state.get("fingerprint") != fingerprint
+            or meta.get("epoch") != str(state.get("epoch"))):
+        return None
+    return tensors, state
+
+
+def prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def save_weights(path: Path, module: torch.nn.Module) -> None:
+    state = _on_host(module.state_dict())
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_checkpoint(run_dir: Path, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of a finished fold run, refused when made for another split or class list.
+
+    Only a damaged weights file or weights of another architecture become the one-line "retrain" advice;
+    any other exception is a bug and keeps its traceback.
+    """
+    run_dir = Path(run_dir)
+    meta = read_stamp(run_dir / "best.json")
+    if meta is None or not (run_dir / "best.safetensors").exists():
+        raise PipelineError(f"{run_dir}: no finished training run; run `make train` first")
+    if meta["folds_hash"] != folds_hash:
+        raise PipelineError(f"{run_dir}/best.json: trained on another split (folds hash {meta['folds_hash']} != "
+                            f"{folds_hash}); rerun `make train`")
+    if meta["classes"] != classes:
+        raise PipelineError(f"{run_dir}/best.json: trained for classes {meta['classes']}, competition has {classes}; "
+                            "rerun `make train`")
+    n_out = meta["head"]["n_out"] if meta.get("head") else len(classes)  # heads.Head: regression has one output
+    model = build_model(meta["backbone"], n_out, meta["in_chans"], drop_rate=meta["drop_rate"])
+    try:
+        weights = load_file(str(run_dir / "best.safetensors"))
+    except (SafetensorError, OSError) as exc:  # truncated or not a safetensors file
+        raise PipelineError(f"{run_dir}/best.safetensors: unreadable ({type(exc).__name__}); "
+                            f"delete {run_dir} and rerun `make train`") from None
+    missing, unexpected = _mismatch(model, weights)
+    if missing or unexpected:
+        raise PipelineError(f"{run_dir}/best.safetensors: not this model's weights ({len(missing)} tensors missing, "
+                            f"{len(unexpected)} unexpected or of another shape); "
+                            f"delete {run_dir} and rerun `make train`")
+    model.load_state_dict(weights)
+    return model, meta
+
+
+def _mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Names the model lacks in `weights`, and names of `weights` the model lacks or holds in another shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    return missing, unexpected
