@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import sys
 import tempfile
@@ -17,16 +18,27 @@ from pathlib import Path
 
 from pipeline import orchestrate
 from pipeline.context import Context
+from pipeline.core import log
 from pipeline.core.config import defaults_yaml, load_config, to_yaml
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import METRICS
 from pipeline.data import digits
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.infer import score_submission
 from pipeline.scoring import submission
 
 
-def _stage_parser(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text)
+def _output_options() -> argparse.ArgumentParser:
+    """--quiet / --verbose, accepted after every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also print debug messages, with their module")
+    return common
+
+
+def _stage_parser(sub, name: str, help_text: str, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(name, help=help_text, parents=[common])
     p.add_argument("--data", type=Path, default=Path("data/digits"),
                    help="competition folder (train.csv, test.csv, images)")
     p.add_argument("--config", type=Path, default=None, help="experiment YAML (differences from configs/default.yaml)")
@@ -39,13 +51,16 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _output_options()
     for name, fn in orchestrate.STAGES.items():
-        _stage_parser(sub, name, (fn.__module__.rsplit(".", 1)[-1] + " stage"))
-    p = sub.add_parser("make-digits", help="build the embedded default competition from scikit-learn's digits")
+        _stage_parser(sub, name, (fn.__module__.rsplit(".", 1)[-1] + " stage"), common)
+    p = sub.add_parser("make-digits", parents=[common],
+                       help="build the embedded default competition from scikit-learn's digits")
     p.add_argument("--out", type=Path, default=Path("data/digits"))
     p.add_argument("--limit", type=int, default=None, help="keep a stratified subset of this many images")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("make-bananas", help="build the embedded detection competition (banana-style, 256x256)")
+    p = sub.add_parser("make-bananas", parents=[common],
+                       help="build the embedded detection competition (banana-style, 256x256)")
     p.add_argument("--out", type=Path, default=Path("data/bananas"))
     p.add_argument("--train", type=int, default=1000, help="training images (the course: 1000)")
     p.add_argument("--val", type=int, default=100, help="validation images (the course: 100)")
@@ -53,19 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rotation", type=float, default=20.0,
                    help="bananas turn by up to this many degrees either way")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("score-detection", help="mAP of a detection submission against a hidden solution file")
+    p = sub.add_parser("score-detection", parents=[common],
+                       help="mAP of a detection submission against a hidden solution file")
     p.add_argument("submission", type=Path)
     p.add_argument("solution", type=Path)
-    p = sub.add_parser("score", help="score a label submission against a hidden solution file")
+    p = sub.add_parser("score", parents=[common],
+                       help="score a label submission against a hidden solution file")
     p.add_argument("submission", type=Path)
     p.add_argument("solution", type=Path)
-    p.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "f1_samples", "f1_micro",
-                                                            "f1_macro", "f2_samples", "rmse", "mae", "r2", "qwk"])
-    p = sub.add_parser("validate-submission", help="check a submission file against a competition folder")
+    p.add_argument("--metric", default="accuracy", choices=list(METRICS))
+    p = sub.add_parser("validate-submission", parents=[common],
+                       help="check a submission file against a competition folder")
     p.add_argument("file", type=Path)
     p.add_argument("--data", type=Path, default=Path("data/digits"))
     p.add_argument("--config", type=Path, default=None)
-    p = sub.add_parser("config", help="print the resolved config (or the documented defaults)")
+    p = sub.add_parser("config", parents=[common],
+                       help="print the resolved config (or the documented defaults)")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--defaults", action="store_true", help="print configs/default.yaml")
     p.add_argument("overrides", nargs="*")
@@ -149,6 +167,7 @@ def dispatch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log.setup(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         dispatch(args)
     except PipelineError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +21,8 @@ from pipeline.scoring import tasks
 from pipeline.training import tracking
 from pipeline.training.fold import FoldSettings, TrainingData, load_training_data
 from pipeline.training.inference import PredictSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,9 +43,9 @@ class Context:
             self._resolve_task()
 
     def _resolve_task(self) -> None:
-        """competition.task and competition.metric `auto` made concrete (pipeline/scoring/tasks.py), the decision printed
-        once; so every stage, and every key that holds the metric, sees the task and metric actually used. A
-        folder without its CSVs, or whose CSVs do not read, keeps `auto` (the stage that reads it says what is
+        """competition.task and competition.metric `auto` made concrete (data/labels.py decides the task), the
+        decision printed once; so every stage, and every key that holds the metric, sees the task and metric actually
+        used. A folder without its CSVs, or whose CSVs do not read, keeps `auto` (the stage that reads it says what is
         wrong, in its place)."""
         comp = self.cfg.competition
         if comp.task != "auto" and comp.metric != "auto":
@@ -55,7 +58,7 @@ class Context:
                 task, reason = resolve_task(self.data_dir, comp)
             except PipelineError:
                 return
-            print(f"competition: task {task}: {reason} (competition.task=auto)")
+            log.info(f"competition: task {task}: {reason} (competition.task=auto)")
         else:
             task = comp.task
         metric = tasks.DEFAULT_METRIC[task] if comp.metric == "auto" else comp.metric

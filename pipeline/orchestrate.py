@@ -10,6 +10,7 @@ other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over the
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from pipeline.core.config import load_config
 from pipeline.stages import autogluon, clean, detect, ensemble, folds, predict, rounds, train, tune
 from pipeline.stages import label_issues as labels
 from pipeline.training import distributed
+
+log = logging.getLogger(__name__)
 
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,
@@ -44,7 +47,7 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
     ctx = Context(load_config(config, overrides), data, work, submissions, resolve=resolve)
     tuned = ctx.work_dir / "tune" / "best.yaml"
     if stage != "tune" and use_tuned and tuned.exists():
-        print(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
+        log.info(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
         ctx = Context(load_config(config, overrides, tuned=tuned), data, work, submissions, resolve=resolve)
     return ctx
 

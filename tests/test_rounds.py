@@ -189,5 +189,6 @@ def test_soft_targets_train(tmp_path):
     cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0})})
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"backend": "none"}),
                                  "runtime": cfg.runtime.model_copy(update={"device": "cpu", "threads": 1})})
-    meta = fold_module.train_fold(Context(cfg, ctx.data_dir, ctx.work_dir).fold_settings(), "d2l_lenet", 0, data, name="m-r2")
+    settings = Context(cfg, ctx.data_dir, ctx.work_dir).fold_settings()
+    meta = fold_module.train_fold(settings, "d2l_lenet", 0, data, name="m-r2")
     assert meta["epochs_run"] == 1 and np.isfinite(meta["metric"])

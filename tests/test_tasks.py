@@ -1,4 +1,4 @@
-"""Task types (pipeline/scoring/tasks.py): detection, label reading, folds, heads, blends, submissions, each end to end."""
+"""Task types (scoring/tasks.py): detection, label reading, folds, heads, blends, submissions, each end to end."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import METRICS, TASKS
 
 
 class _Loader(yaml.SafeLoader):
@@ -62,12 +63,11 @@ class CompetitionConfig(Section):
     image_dir: str = Field("", description="folder inside DATA prefixed to every id (for CSVs that hold bare ids)")
     image_suffix: str = Field("", description="extension appended to every id, e.g. "
                                               "'.jpg' (for CSVs that hold bare ids)")
-    task: Literal["auto", "single_label", "multi_label", "regression", "ordinal"] = Field(
+    task: Literal[("auto", *TASKS)] = Field(
         "auto", description="what a label is: auto = decided from the label column (tags, a number or classes; "
                             "integer grades need task=ordinal), printed with its reason")
     label_separator: str = Field(" ", description="multi_label: what separates the tags of one label")
-    metric: Literal["auto", "accuracy", "log_loss", "macro_f1", "roc_auc", "f1_samples", "f1_micro", "f1_macro",
-                    "f2_samples", "map", "roc_auc_mean", "rmse", "mae", "r2", "qwk"] = Field(
+    metric: Literal[("auto", *METRICS)] = Field(
         "auto", description="competition metric used for best checkpoints and CV scores; auto: accuracy "
                             "(single_label), f1_samples (multi_label), rmse (regression), qwk (ordinal)")
     channels: Literal["auto", "gray", "rgb"] = Field("auto", description="network input: auto = gray when "

@@ -21,6 +21,7 @@ Run `python -m pipeline.data.collages --task multi_label --out data/collages_mul
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.core.artifacts import write_csv
 from pipeline.data.digits import solution_path
+
+log = logging.getLogger(__name__)
 
 TASKS = ("multi_label", "regression")
 SCALE = 2  # default: 8x8 digit -> 16x16
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     out = build_collages(args.out or DEFAULT_OUT[args.task], args.task, args.seed, args.train, args.test,
                          args.scale, args.target)
     side = GRID * (8 * args.scale + OFFSET)
-    print(f"collages: {args.task} competition of {side}x{side} images written to {out} ({args.train} train, "
+    log.info(f"collages: {args.task} competition of {side}x{side} images written to {out} ({args.train} train, "
           f"{args.test} test images), "
           f"hidden solution to {solution_path(out)}")
 

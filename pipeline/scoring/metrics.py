@@ -16,8 +16,6 @@ decisions depend on thresholds (pipeline/scoring/thresholds.py tunes those on OO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
@@ -32,34 +30,9 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
-TASKS = ("single_label", "multi_label", "regression", "ordinal")
+from pipeline.core.registry import DEFAULT_METRIC, METRICS, TASKS, Metric  # noqa: F401  (re-exported)
 
-
-@dataclass(frozen=True)
-class Metric:
-    greater_is_better: bool
-    tasks: tuple[str, ...]
-    thresholded: bool = False  # its decisions cut predictions at thresholds (tuned on OOF)
-
-
-METRICS = {
-    "accuracy": Metric(True, ("single_label",)),
-    "macro_f1": Metric(True, ("single_label",)),
-    "roc_auc": Metric(True, ("single_label",)),
-    "log_loss": Metric(False, ("single_label",)),
-    "f1_samples": Metric(True, ("multi_label",), thresholded=True),
-    "f1_micro": Metric(True, ("multi_label",), thresholded=True),
-    "f1_macro": Metric(True, ("multi_label",), thresholded=True),
-    "f2_samples": Metric(True, ("multi_label",), thresholded=True),
-    "map": Metric(True, ("multi_label",)),
-    "roc_auc_mean": Metric(True, ("multi_label",)),
-    "rmse": Metric(False, ("regression", "ordinal")),
-    "mae": Metric(False, ("regression", "ordinal")),
-    "r2": Metric(True, ("regression", "ordinal")),
-    "qwk": Metric(True, ("ordinal",), thresholded=True),
-}
 GREATER_IS_BETTER = {name: m.greater_is_better for name, m in METRICS.items()}
-DEFAULT_METRIC = {"single_label": "accuracy", "multi_label": "f1_samples", "regression": "rmse", "ordinal": "qwk"}
 # F-scores of multi-label decisions: metric -> (beta, scikit-learn's average)
 FBETA = {"f1_samples": (1.0, "samples"), "f1_micro": (1.0, "micro"), "f1_macro": (1.0, "macro"),
          "f2_samples": (2.0, "samples")}

@@ -28,14 +28,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import DEFAULT_METRIC, PREDICTION_FORM, TASKS  # noqa: E402,F401  (re-exported)
 from pipeline.data.labels import split_tags
 from pipeline.scoring import metrics
-
-TASKS = metrics.TASKS
-DEFAULT_METRIC = metrics.DEFAULT_METRIC
-# the kind of predictions a task's metrics score: proba (softmax rows, class-index truth), multi (sigmoid columns,
-# multi-hot truth), value (one column of numbers, numeric truth)
-KIND = {"single_label": "proba", "multi_label": "multi", "regression": "value", "ordinal": "value"}
 
 
 def greater_is_better(metric: str) -> bool:
@@ -47,7 +42,7 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
 
 
 def kind_of(metric: str) -> str:
-    return KIND[metrics.METRICS[metric].tasks[0]]
+    return PREDICTION_FORM[metrics.METRICS[metric].tasks[0]]
 
 
 def check_metric(task: str, metric: str) -> None:

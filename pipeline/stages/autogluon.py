@@ -17,6 +17,7 @@ multi_label competition is refused in one line.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.scoring import tasks
 from pipeline.scoring.predictions import write_parquet
 from pipeline.scoring.tasks import columns, score
+
+log = logging.getLogger(__name__)
 
 SCRIPT = Path(__file__).parents[1] / "jobs" / "autogluon_fit.py"
 
@@ -94,7 +97,7 @@ def job_file(ctx: Context, out: Path, folds: list[int], classes: list[str], fold
     checkpoint = (cfg.backbone if cfg.pretrained else
                   str(export_timm(cfg.backbone, out / f"timm_{cfg.backbone}", ctx.cfg.train.seed).resolve()))
     source = "the hub (pretrained)" if cfg.pretrained else "a local export (random init, offline)"
-    print(f"autogluon: backbone {cfg.backbone} from {source}")
+    log.info(f"autogluon: backbone {cfg.backbone} from {source}")
     comp = ctx.competition
     job = {"folds_csv": str((ctx.work_dir / "folds.csv").resolve()), "test_ids": comp.test["id"].tolist(),
            "test_paths": comp.test["path"].tolist(), "classes": classes, "folds": folds, "out": str(out.resolve()),
@@ -155,7 +158,7 @@ def run(ctx: Context) -> dict:
     fp = fingerprint(fold_key, folds)
     if is_done(out / "autogluon.json", fp, [out / "oof.parquet", out / "test.parquet"]):
         meta = read_json(out / "autogluon.json", "rerun `make autogluon`")
-        print(f"autogluon: up to date; OOF {meta['metric']} {meta['oof_score']:.4f}")
+        log.info(f"autogluon: up to date; OOF {meta['metric']} {meta['oof_score']:.4f}")
         return meta
     job = job_file(ctx, out, folds, stamp["classes"], fold_key)
     result = subprocess.run([str(python), str(SCRIPT), str(job)])
@@ -165,5 +168,6 @@ def run(ctx: Context) -> dict:
     value = to_pipeline_files(ctx, out, stamp["classes"], stamp["folds_hash"])
     metric = ctx.cfg.competition.metric
     write_stamp(out / "autogluon.json", fp, metric=metric, oof_score=value, folds=folds)
-    print(f"autogluon: OOF {metric} {value:.4f} on folds {folds}; {out / 'oof.parquet'} joins the ensemble leaderboard")
+    log.info(f"autogluon: OOF {metric} {value:.4f} on folds {folds}; {out / 'oof.parquet'} joins the ensemble "
+             "leaderboard")
     return {"metric": metric, "oof_score": value}

@@ -26,6 +26,7 @@ competition's own rows); the folds stage gives them fold -1 (pipeline/stages/fol
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -57,6 +58,8 @@ from pipeline.data.competition import read_extra
 from pipeline.data.images import MAX_PIXELS
 from pipeline.data.labels import split_tags
 from pipeline.training import embeddings, runtime
+
+log = logging.getLogger(__name__)
 
 
 def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str,
@@ -257,7 +260,7 @@ def run(ctx: Context) -> dict:
     issues_digest = _label_issues_digest(ctx)
     fp = fp if issues_digest is None else fingerprint(fp, issues_digest)
     if is_done(stamp, fp, [ctx.work_dir / "clean.csv"]):
-        print(f"clean: up to date ({stamp})")
+        log.info(f"clean: up to date ({stamp})")
         return {"skipped": True}
     parts = [comp.train.assign(split="train", source=""), extra.assign(split="extra"),
              comp.test.assign(split="test", label="", y=-1, source="")]
@@ -289,7 +292,7 @@ def run(ctx: Context) -> dict:
     _check_classes_left(ctx, kept[kept.split == "train"], dropped)
     summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra))
     write_stamp(stamp, fp, classes=comp.classes, task=comp.task, **summary, label_issues_applied=issues_digest)
-    print("clean: " + ", ".join(f"{k}={v}" for k, v in {**summary, **label_counts}.items()))
+    log.info("clean: " + ", ".join(f"{k}={v}" for k, v in {**summary, **label_counts}.items()))
     return summary
 
 

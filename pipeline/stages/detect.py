@@ -24,6 +24,7 @@ what it reads changes:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +61,8 @@ from pipeline.scoring import submission
 from pipeline.training import checkpoint, runtime, tracking
 from pipeline.training.plots import plot_panels
 from pipeline.training.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 AUGMENT_KEYS = ("vflip", "crop_scale", "scale", "shift", "colour", "mosaic", "min_visibility")
 ANCHOR_KEYS = ("anchors", "anchor_sizes", "anchor_ratios")
@@ -133,17 +136,17 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
     if stamp.get("fingerprint") == fp and "summary" in stamp and (out / "model.safetensors").exists():
         model = rt.prepare(_build(cfg, len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
         model.load_state_dict(load_file(str(out / "model.safetensors")))
-        print(f"detect: model up to date ({out / 'model.safetensors'})")
+        log.info(f"detect: model up to date ({out / 'model.safetensors'})")
         return model, fp, stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     arrays = train()
     sizes, ratios = anchors_for(cfg, arrays.targets)
     if cfg.anchors == "auto" and cfg.model == "tinyssd":
-        print(f"detect: anchors from the training boxes: sizes {sizes}, ratios {ratios}")
+        log.info(f"detect: anchors from the training boxes: sizes {sizes}, ratios {ratios}")
     torch.manual_seed(seed)
     model = rt.prepare(_build(cfg, len(classes), sizes, ratios))
     if cfg.pretrained_path:  # before any training; a resumed run then loads its own last weights over these
-        print(f"detect: initialised from the {load_pretrained(model, cfg.pretrained_path)}")
+        log.info(f"detect: initialised from the {load_pretrained(model, cfg.pretrained_path)}")
     settings = augment_settings(cfg)
     augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
     trainer = DetectionTrainer(model, cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes, out, fp,
@@ -184,7 +187,7 @@ def _evaluate(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arra
     fp = fingerprint("detect-evaluate", model_fp, _keys(cfg, EVALUATE_KEYS))
     if is_done(path, fp):
         metrics = read_json(path, "rerun `make detect`")
-        print(f"detect: validation up to date ({path}): mAP@0.5 {metrics['map_50']:.4g}, tta {metrics['tta']}")
+        log.info(f"detect: validation up to date ({path}): mAP@0.5 {metrics['map_50']:.4g}, tta {metrics['tta']}")
         return metrics
     options = TTA if cfg.tta == "auto" else (cfg.tta,)
     scored = evaluate(model, cfg, rt, val.images, val.targets, val.sizes, options)
@@ -194,9 +197,9 @@ def _evaluate(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arra
                                        "val_source": data.val_source}
     write_stamp(path, fp, **metrics)
     if len(options) > 1:
-        print("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
+        log.info("detect: validation mAP@0.5 by TTA: " + ", ".join(f"{t} {scored[t]['map_50']:.4f}" for t in options)
               + f"; kept {tta}")
-    print("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics)
+    log.info("detect: validation " + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics)
           + f" (training {summary['train_seconds']:.0f} s on {summary['device']}, "
           f"peak memory {summary.get('peak_rss_gb', float('nan')):.1f} GB)")
     return metrics
@@ -210,7 +213,7 @@ def _predict(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Array
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     fp = fingerprint("detect-predict", model_fp, metrics["tta"], data.test_key(), _keys(cfg, PREDICT_KEYS))
     if is_done(out / "predict.json", fp, [out / "test_predictions.csv", path]):
-        print(f"detect: predictions up to date; submission {path}")
+        log.info(f"detect: predictions up to date; submission {path}")
         return
     test = _arrays(ctx, data.test, data.classes, "test")
     detector = Detector(model, cfg, rt, metrics["tta"])
@@ -231,7 +234,7 @@ def _predict(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Array
     submission.write_submission(frame, ctx.submissions_dir, ctx.name, manifest, check)
     write_stamp(out / "predict.json", fp, submission=str(path))
     boxes = sum(len(s.split()) // 6 for s in frame["PredictionString"])
-    print(f"detect: submission {path} ({len(frame)} images, {boxes} boxes at score >= {cfg.score_threshold}); "
+    log.info(f"detect: submission {path} ({len(frame)} images, {boxes} boxes at score >= {cfg.score_threshold}); "
           f"pictures {out}/gallery_val.png, gallery_test.png, curves.png")
 
 
@@ -367,10 +370,10 @@ def _load_runs(root: Path, current: dict) -> list[dict]:
             continue
         other = torch.load(path, weights_only=True)
         if other["split_key"] != current["split_key"]:
-            print(f"detect: {path.parent.name} left out of the blend: trained on other folds or training data "
+            log.info(f"detect: {path.parent.name} left out of the blend: trained on other folds or training data "
                   f"(rerun make detect with its config)")
         elif other["test_key"] != current["test_key"]:
-            print(f"detect: {path.parent.name} left out of the blend: it predicted other test images "
+            log.info(f"detect: {path.parent.name} left out of the blend: it predicted other test images "
                   f"(rerun make detect with its config)")
         else:
             runs.append(other)
@@ -395,7 +398,7 @@ def _blend_runs(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, tr
     fused_oof = _fuse(chosen["oof"], train.sizes, chosen["choice"], cfg.max_detections)
     fused_test = _fuse(chosen["test"], test.sizes, chosen["choice"], cfg.max_detections)
     if len(runs) > 1:
-        print(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
+        log.info(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
               f"{chosen['oof_scores']['map_50']:.4f}, the best of {len(candidates)} fusions on OOF: "
               f"selection-optimistic)")
     per_class = class_table(fused_oof, truth, data.classes)
@@ -424,10 +427,10 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
     oof_frame = submission_frame(data.train.images, fused_oof, data.classes)
     write_csv(out / "oof_detections.csv", oof_frame)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print("detect: leaderboard (OOF: every training image predicted by the fold model that did not see it; "
+        log.info("detect: leaderboard (OOF: every training image predicted by the fold model that did not see it; "
               "val: the fixed holdout, never used for a choice)\n" + leaderboard.to_string(index=False))
-        print("detect: OOF AP per class (fused views)\n" + per_class.to_string(index=False))
-    print(f"detect: OOF mAP@0.5 {metrics['oof_map_50']:.4f}, COCO mAP {metrics['oof_map']:.4f} "
+        log.info("detect: OOF AP per class (fused views)\n" + per_class.to_string(index=False))
+    log.info(f"detect: OOF mAP@0.5 {metrics['oof_map_50']:.4f}, COCO mAP {metrics['oof_map']:.4f} "
           f"(WBF iou {metrics['iou_thr']:g}, skip {metrics['skip_thr']:g}, {metrics['conf_type']}, chosen on OOF)")
     write_json(out / "metrics.json", metrics | {"per_class": per_class.to_dict("records")})
     frame = submission_frame(data.test.images, _keep(fused_test, cfg.score_threshold), data.classes)
@@ -447,7 +450,7 @@ def _write_fold_outputs(ctx: Context, data, val: Arrays, test: Arrays, fused_oof
                 "config_hash": config_hash(cfg)}
     check = partial(submission.validate_detection, images=data.test.images["image"].tolist(), classes=data.classes)
     submission.write_submission(frame, ctx.submissions_dir, ctx.name, manifest, check)
-    print(f"detect: submission {ctx.submissions_dir / (ctx.name + '.csv')} ({len(frame)} images); "
+    log.info(f"detect: submission {ctx.submissions_dir / (ctx.name + '.csv')} ({len(frame)} images); "
           f"{out}/leaderboard.csv, per_class.csv, oof_detections.csv, gallery_oof.png, gallery_test.png")
 
 
@@ -455,7 +458,7 @@ def run(ctx: Context) -> None:
     cfg = ctx.cfg.detect
     runtime.set_threads(ctx.cfg.runtime.threads)
     data = read_detection(ctx.data_dir, cfg, ctx.cfg.competition, holdout=cfg.folds == 1)
-    print(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), "
+    log.info(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), "
           f"{len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
     rt = runtime.from_config(ctx.cfg.runtime, "detection")

@@ -12,6 +12,7 @@ submissions/<competition>.csv, and ends with the experiments table (WORK/experim
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,8 @@ from pipeline.core.config import config_hash
 from pipeline.core.errors import PipelineError
 from pipeline.scoring import blend, submission, tasks
 from pipeline.scoring.predictions import read_parquet_meta, write_parquet
+
+log = logging.getLogger(__name__)
 
 
 def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
@@ -43,11 +46,11 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
                 or not (folder / "test.parquet").exists()):
             if rel in configured:
                 raise PipelineError(f"{folder}/oof.parquet: made on another split or class list; rerun `make predict`")
-            print(f"ensemble: skipped {rel}: made on another split or class list (or no test.parquet)")
+            log.info(f"ensemble: skipped {rel}: made on another split or class list (or no test.parquet)")
             continue
         oof = pd.read_parquet(folder / "oof.parquet").sort_values("id", kind="stable").reset_index(drop=True)
         if reference is not None and not oof["id"].equals(reference):
-            print(f"ensemble: skipped {rel}: its OOF rows differ from {configured[0]}'s (trained on other folds?)")
+            log.info(f"ensemble: skipped {rel}: its OOF rows differ from {configured[0]}'s (trained on other folds?)")
             continue
         reference = oof["id"] if reference is None else reference
         models[name] = (oof, pd.read_parquet(folder / "test.parquet"), folder)
@@ -63,10 +66,10 @@ def _stack(models: dict, classes: list[str], task: str = "single_label") -> tupl
 
 
 def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
-    print(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds "
+    log.info(f"ensemble: OOF {metric} on {n_rows} rows, {n_folds} folds "
           "(honest = fitted blends and the stack scored by nested CV)")
     shown = board.assign(chosen=np.where(board["model"] == chosen, "<-", ""))
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    log.info(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 def inputs_key(ctx: Context, models: dict, folds_meta: dict) -> str:
@@ -93,7 +96,7 @@ def run(ctx: Context) -> dict:
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
     if is_done(stamp, fp, [sub_path]):
         meta = read_json(stamp, "rerun `make ensemble`")
-        print(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}"
+        log.info(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}"
               f"{_nested_pick_text(meta)}; submission {sub_path}")
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
@@ -104,7 +107,7 @@ def run(ctx: Context) -> dict:
     y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
     n_grades = len(folds_meta["classes"]) if task == "ordinal" else None
     if cfg.stack_lightgbm and not blend.lightgbm_available():
-        print("ensemble: ensemble.stack_lightgbm=true but lightgbm does not import; no LightGBM stack "
+        log.info("ensemble: ensemble.stack_lightgbm=true but lightgbm does not import; no LightGBM stack "
               "(pip install lightgbm)")
     board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
                                 cfg.thresholds, n_grades, cfg.stack_lightgbm)
@@ -123,12 +126,12 @@ def run(ctx: Context) -> dict:
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta, task)
     cuts = chosen.get("thresholds")
     if cuts is not None:
-        print(f"ensemble: {metric} thresholds of {chosen['model']}, tuned on its OOF rows (nested in its honest "
+        log.info(f"ensemble: {metric} thresholds of {chosen['model']}, tuned on its OOF rows (nested in its honest "
               f"score): {np.round(np.atleast_1d(cuts), 3).tolist()}")
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output), cuts)
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
-        print(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
+        log.info(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
               f"({overrides})")
     manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"],
                 "metric": metric, "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
@@ -138,7 +141,7 @@ def run(ctx: Context) -> dict:
                 "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
-    print(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}"
+    log.info(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}"
           f"{_nested_pick_text(auto)}; submission written to {path}")
     _experiments_table(ctx, manifest["leaderboard"])
     return {**manifest, "submission": str(path)}
@@ -160,7 +163,7 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
     for row in leaderboard:  # single-model rows come first; a blend of the same name must not replace one
         honest.setdefault(row["model"], row["honest_score"])
     frame = ctx.write_experiments_table(honest)
-    print(f"ensemble: experiments ({ctx.work_dir / 'experiments.csv'})\n"
+    log.info(f"ensemble: experiments ({ctx.work_dir / 'experiments.csv'})\n"
           + experiments.format_table(frame, ctx.cfg.competition.metric))
 
 
@@ -180,11 +183,11 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
                                cfg.thresholds, n_grades, cfg.stack_lightgbm)
     if result is None:
         spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
-        print(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
+        log.info(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
               f"by about {spread:.4f} (best minus median honest score) if the rows differ by noise only")
         return {**none, "auto_pick_optimism": spread}
     picks = ", ".join(f"fold {k}: {m}" for k, m in result["picks"].items())
-    print(f"ensemble: auto pick, nested: {result['score']:.4f} (picked on the other folds: {picks})")
+    log.info(f"ensemble: auto pick, nested: {result['score']:.4f} (picked on the other folds: {picks})")
     return {**none, "auto_pick_nested_score": result["score"],
             "auto_picks_by_fold": {str(k): m for k, m in result["picks"].items()}}
 
@@ -201,7 +204,7 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
             gap = meta["oof_score"] - meta["oof_score_nested"]
             gaps[name] = gap if tasks.greater_is_better(metric) else -gap
     if gaps:
-        print("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
+        log.info("ensemble: TTA views were chosen on each model's OOF rows; its rows here are selection-optimistic "
               "by about the nested TTA gap: " + ", ".join(f"{n} {g:+.4f}" for n, g in gaps.items()))
     return gaps
 

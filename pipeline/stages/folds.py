@@ -19,6 +19,7 @@ stratification on whole groups (`assign_multilabel_folds`).
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -31,6 +32,8 @@ from pipeline.core.artifacts import file_digest, fingerprint, is_done, read_json
 from pipeline.core.errors import PipelineError
 from pipeline.data import dedup
 from pipeline.scoring import tasks
+
+log = logging.getLogger(__name__)
 
 EXTRA_FOLD = -1  # the fold of extra training rows: in every fold's training set, in no validation set
 
@@ -127,7 +130,7 @@ def run(ctx: Context) -> dict:
     key = [] if task == "single_label" else [task, sep]  # single_label: the key it always had
     fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), classes, cfg.model_dump(), *key)  # all it reads
     if is_done(stamp, fp, [ctx.work_dir / "folds.csv"]):
-        print(f"folds: up to date ({stamp})")
+        log.info(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
     frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str, "source": str},
                         keep_default_na=False)
@@ -150,7 +153,7 @@ def run(ctx: Context) -> dict:
     note = (f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})"
             if extra.any() else "")
     what = {"multi_label": "tag-frequency", "regression": "target-bin share"}.get(task, "class-share")
-    print(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
+    log.info(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
           f"max {what} deviation {report['max_class_share_deviation']}{note}")
     return {"folds_hash": fp, **report}
 
@@ -164,7 +167,7 @@ def _split(own: pd.DataFrame, task: str, classes: list[str], sep: str, n_splits:
         report = fold_report(own, tags=tags)
         share = pd.DataFrame(tags, columns=classes).groupby(own["fold"].to_numpy()).mean()
         share.loc["all"] = tags.mean(0)
-        print("folds: tag frequency per fold\n" + share.to_string(float_format=lambda v: f"{v:.3f}"))
+        log.info("folds: tag frequency per fold\n" + share.to_string(float_format=lambda v: f"{v:.3f}"))
         return report
     if task == "regression":
         bins = strata(own["y"].to_numpy(np.float64), n_splits)
@@ -174,7 +177,7 @@ def _split(own: pd.DataFrame, task: str, classes: list[str], sep: str, n_splits:
     check_class_sizes(counts, n_splits)
     small = counts[counts < n_splits]
     if len(small):
-        print(f"folds: warning: classes with fewer samples than folds ({n_splits}): "
+        log.warning(f"folds: warning: classes with fewer samples than folds ({n_splits}): "
               f"{ {k: int(v) for k, v in small.items()} }; some folds will lack them")
     own["fold"] = assign_folds(own, n_splits, seed, groups)
     return fold_report(own)

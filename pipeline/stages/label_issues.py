@@ -24,6 +24,7 @@ prints the CV against the labels trained on and against the given ones. Delete t
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 
 import cleanlab
@@ -46,6 +47,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.data import report
 from pipeline.scoring import metrics
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
+
+log = logging.getLogger(__name__)
 
 WARN_SHARE = 0.1  # more rows flagged than this: the model, more likely than the labels, is poor (said in the output)
 COLUMNS = ["id", "path", "given_label", "suggested_label", "self_confidence", "rank"]
@@ -105,7 +108,7 @@ def _print_applied(ctx: Context, oof: pd.DataFrame, proba: np.ndarray) -> dict:
     given = oof["id"].map(ctx.competition.train.set_index("id")["label"])
     y_given = given.map(ctx.competition.class_index).to_numpy()
     cleaned, on_given = metrics.score(metric, oof["y"].to_numpy(), proba), metrics.score(metric, y_given, proba)
-    print(f"labels: the models were trained with {issues} applied (clean.label_issues={ctx.cfg.clean.label_issues}),"
+    log.info(f"labels: the models were trained with {issues} applied (clean.label_issues={ctx.cfg.clean.label_issues}),"
           f" so the list is kept (delete it to search again); OOF {metric} {cleaned:.4f} against the cleaned labels, "
           f"{on_given:.4f} against the given labels ({int((given != oof['label']).sum())} rows differ; "
           "a CV against cleaned labels is not comparable with one against given labels)")
@@ -127,7 +130,7 @@ def run(ctx: Context) -> dict:
                      ctx.cfg.clean.report_groups)
     if is_done(stamp, fp, [out, page]):
         meta = read_json(stamp, "rerun `make labels`")
-        print(f"labels: up to date; {meta['flagged']} rows flagged ({out}); report {page}")
+        log.info(f"labels: up to date; {meta['flagged']} rows flagged ({out}); report {page}")
         return meta
     folds = pd.read_csv(folds_csv, dtype={"id": str})
     table = issues_table(oof, proba, classes, folds)
@@ -140,10 +143,10 @@ def run(ctx: Context) -> dict:
     meta = {"flagged": len(table), "rows": len(oof), "metric": metric, **scores}
     write_stamp(stamp, fp, **meta)
     except_flagged = "n/a" if scores["cv_given_except_flagged"] is None else f"{scores['cv_given_except_flagged']:.4f}"
-    print(f"labels: {len(table)} of {len(oof)} rows flagged ({out}); OOF {metric} {scores['cv_given']:.4f} against "
+    log.info(f"labels: {len(table)} of {len(oof)} rows flagged ({out}); OOF {metric} {scores['cv_given']:.4f} against "
           f"the given labels, {except_flagged} without the flagged rows; report {page}")
     if len(table) > WARN_SHARE * len(oof):
-        print(f"labels: warning: {len(table) / len(oof):.0%} of the rows flagged; confident learning trusts the "
+        log.warning(f"labels: warning: {len(table) / len(oof):.0%} of the rows flagged; confident learning trusts the "
               "OOF probabilities, a weak model flags good labels: check the CV before clean.label_issues=drop|relabel")
     return meta
 

@@ -13,6 +13,7 @@ run's key covers its own pseudo rows, so new pseudo-labels retrain exactly the f
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ from pipeline.scoring.metrics import score
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
 from pipeline.training.fold import TrainingData, folds_to_train, train_fold
 from pipeline.training.inference import predict_experiment
+
+log = logging.getLogger(__name__)
 
 PSEUDO_FOLD = -2  # the fold of pseudo rows: never a validation fold; `pseudo_fold` says which model trains on them
 
@@ -122,7 +125,7 @@ def run(ctx: Context) -> dict:
                     source=spec.pseudo.source, labels=spec.pseudo.labels,
                     thresholds={str(k): t for k, t in thresholds.items()},
                     rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
-        print(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
+        log.info(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
               f"blend OOF {cfg.competition.metric} {blend_score:.4f}): "
               + ", ".join(f"fold {k} {counts[k]} rows at >= {thresholds[k]:.4f}" for k in folds))
         shared: dict = {}
@@ -135,7 +138,7 @@ def run(ctx: Context) -> dict:
                 train_fold(settings, exp.backbone, k, data, name=exp.name)
             results[exp.name] = predict_experiment(ectx.predict_settings(), exp.backbone, plain,
                                                    ctx.competition.test["id"], test_paths, exp.name)["oof_score"]
-        print(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
+        log.info(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
               + ", ".join(f"{e.name} {results[e.name]:.4f}" for e in exps))
         previous = [e.name for e in exps]
     ctx.write_experiments_table()

@@ -7,11 +7,15 @@ per experiment and fold ends the stage, and WORK/experiments.csv is brought up t
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
 from pipeline.context import Context
 from pipeline.training import distributed, runtime
 from pipeline.training.fold import folds_to_train, train_fold
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: Context) -> dict:
@@ -24,7 +28,7 @@ def run(ctx: Context) -> dict:
     distributed.barrier()
     runtime.set_threads(ctx.cfg.runtime.threads)
     if world > 1 and distributed.is_main():
-        print(f"train: distributed over {world} processes ({distributed.backend()})")
+        log.info(f"train: distributed over {world} processes ({distributed.backend()})")
     shared: dict = {}
     results = {}
     for exp, ectx in chosen:
@@ -37,6 +41,6 @@ def run(ctx: Context) -> dict:
     table = pd.Series(results).unstack()
     table.columns = [f"fold{k}" for k in table.columns]
     table = table.assign(mean=table.mean(axis=1)).to_string(float_format=lambda v: f"{v:.4f}")
-    print(f"train: best val {ctx.cfg.competition.metric} per experiment and fold\n{table}")
+    log.info(f"train: best val {ctx.cfg.competition.metric} per experiment and fold\n{table}")
     ctx.write_experiments_table()
     return results

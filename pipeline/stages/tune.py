@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -36,6 +37,8 @@ from pipeline.core.config import Config, known_keys, read_yaml
 from pipeline.core.errors import PipelineError
 from pipeline.scoring import tasks
 from pipeline.training.fold import train_fold
+
+log = logging.getLogger(__name__)
 
 TYPES = {"float", "int", "categorical"}
 
@@ -320,11 +323,11 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
         except (torch.OutOfMemoryError, FloatingPointError) as exc:
             reason = f"{'out of memory' if isinstance(exc, torch.OutOfMemoryError) else 'diverged'}: {exc}"
             trial.set_user_attr("fail_reason", reason)
-            print(f"tune: trial {trial.number} failed ({reason.splitlines()[0]}) with {json.dumps(params)}")
+            log.info(f"tune: trial {trial.number} failed ({reason.splitlines()[0]}) with {json.dumps(params)}")
             raise TrialFailed(reason) from exc
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)
-        print(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
+        log.info(f"tune: trial {trial.number}: {ctx.cfg.competition.metric} {value:.4f} with {json.dumps(params)}")
         return value
 
     return run_trial
@@ -343,7 +346,7 @@ class StopAfterFailures:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.failed = self.failed + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
         if self.failed >= self.limit:
-            print(f"tune: {self.failed} trials in a row failed; stopping")
+            log.info(f"tune: {self.failed} trials in a row failed; stopping")
             study.stop()
 
 
@@ -360,7 +363,7 @@ def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
     ctx.work_dir.mkdir(parents=True, exist_ok=True)  # the folds it trains on come first (pipeline/orchestrate.py)
     study = open_study(ctx)
     done, taken = claimed(study)
-    print(f"tune: study '{study.study_name}' has {done} finished trials ({taken - done} running); running up to "
+    log.info(f"tune: study '{study.study_name}' has {done} finished trials ({taken - done} running); running up to "
           f"{cfg.n_trials} ({cfg.pruner} pruner, seed {cfg.seed})")
     if done < cfg.n_trials:  # running trials may be a killed worker's: `claim` waits until their heartbeat is stale
         study.optimize(objective(ctx, space, train_fn), timeout=cfg.timeout, catch=(TrialFailed, OverBudget),
@@ -385,8 +388,8 @@ def write_results(ctx: Context, study: optuna.Study) -> dict:
     write_text(out / "best.yaml", header + "# Merged into later stages' config; USE_TUNED=0 ignores it.\n" +
                yaml.safe_dump(as_tree(best.params), sort_keys=True))
     plots = write_plots(study, out)
-    print(f"tune: trials by state {states}; best trial {best.number}: {best.value:.4f} {json.dumps(best.params)}")
-    print(f"tune: wrote {out / 'best.yaml'}, {out / 'trials.csv'} and {len(plots)} plots")
+    log.info(f"tune: trials by state {states}; best trial {best.number}: {best.value:.4f} {json.dumps(best.params)}")
+    log.info(f"tune: wrote {out / 'best.yaml'}, {out / 'trials.csv'} and {len(plots)} plots")
     return {"states": states, "best_value": best.value, "best_params": best.params, "plots": plots}
 
 
@@ -412,5 +415,5 @@ def write_plots(study: optuna.Study, out: Path) -> list[str]:
             plt.close(fig)
             written.append(f"{name}.png")
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            print(f"tune: {name} plot skipped ({str(exc).splitlines()[0][:80]})")
+            log.info(f"tune: {name} plot skipped ({str(exc).splitlines()[0][:80]})")
     return written

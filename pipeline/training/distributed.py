@@ -11,11 +11,14 @@ is gloo alone (which is how the tests run it). Several machines: `torchrun --nno
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def setup() -> tuple[int, int]:
@@ -90,7 +93,7 @@ def device_for(name: str) -> torch.device:
 def say(message: str) -> None:
     """print on rank 0 only."""
     if is_main():
-        print(message)
+        log.info(message)
 
 
 def shard_order(order: Sequence, rank: int, world: int, drop_last: bool) -> list:

@@ -1,7 +1,7 @@
 """The augmentation presets on the device, batched: one uint8 batch goes to the GPU and every operation runs
 on the whole batch at once, with its own random parameters per image (as albumentations draws them per image).
 
-The operations and their parameters are pipeline/training/augment.py's PRESETS, read by both builders. Every operation is
+The operations and their parameters are training/augment.py's PRESETS, read by both builders. Every operation is
 written here on torch alone, and on purpose none of them reads a tensor back to the host: a read-back (`.item()`,
 a boolean index, a copy of parameters drawn on the CPU) makes the host wait until the GPU's queue is empty, and
 the GPU then idles while the host prepares the next kernels. kornia.augmentation, used here before, did that five

@@ -37,6 +37,8 @@ from filelock import FileLock
 
 from pipeline.core.artifacts import read_stamp, write_json
 
+log = logging.getLogger(__name__)
+
 _FAILED: set[str] = set()  # stores that failed in this process: the next folds do not wait on them again
 RUN_FILE = "mlflow.json"  # in the fold folder: the MLflow run of this training
 # A shared server that does not answer must not stall training for MLflow's default of minutes of retries.
@@ -80,7 +82,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _warn(what: str, exc: BaseException) -> None:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
-    print(f"tracking: warning: {what} failed ({type(exc).__name__}: {first}); training goes on without tracking")
+    log.warning(f"tracking: warning: {what} failed ({type(exc).__name__}: {first}); training goes on without tracking")
 
 
 class Run:
