@@ -199,7 +199,72 @@ def test_unknown_transform_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_sgd_plateau_ema_accumulation_clipping_and_early_stopping_run(small_digits: Path, tmp_path: Path):
+def _tiny_trainer(tmp_path: Path, **cfg) -> Trainer:
+    """A Trainer on 10 tiny random images (5 batches of 2), a linear model, SGD on the CPU."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8), np.array([0, 1] * 5)
+    data = FoldData(x, y, x[:4], y[:4], 2, {"mean": [0.5] * 3, "std": [0.25] * 3}, "accuracy")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    cfg = TrainConfig(**{"batch_size": 2, "augment": "none", "warmup_epochs": 0, "optimizer": "sgd", "lr": 0.5} | cfg)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), cfg, data, tmp_path, "fp", Runtime(), 0)
+
+
+def _stalled(trainer: Trainer) -> Trainer:
+    """The validation metric never improves after epoch 1 (what plateau and early stopping react to)."""
+    trainer.validate = lambda: {"val_acc": 0.5, "val_accuracy": 0.5}
+    return trainer
+
+
+def test_plateau_lowers_the_lr_when_the_metric_stalls(tmp_path: Path):
+    trainer = _stalled(_tiny_trainer(tmp_path, epochs=4, schedule="plateau", plateau_patience=0, plateau_factor=0.1))
+    trainer.fit()
+    lrs = [row["lr"] for row in trainer.history]
+    assert lrs[0] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 * 0.1 ** 3), lrs
+
+
+def test_early_stopping_stops_before_the_last_epoch(tmp_path: Path):
+    summary = _stalled(_tiny_trainer(tmp_path, epochs=6, early_stopping=2)).fit()
+    assert summary["epochs_run"] == 3 and summary["epoch"] == 1  # epoch 1 best, epochs 2-3 without improvement
+
+
+def test_accumulation_steps_the_optimizer_once_per_group_of_batches(tmp_path: Path):
+    plain, accumulated = _tiny_trainer(tmp_path / "a", epochs=2), _tiny_trainer(tmp_path / "b", epochs=2, accumulate=2)
+    plain.fit(), accumulated.fit()
+    assert (plain.updates, accumulated.updates) == (2 * 5, 2 * 3)  # 5 batches: groups of 2, 2 and the last 1
+
+
+def test_clipping_bounds_the_gradient_norm_at_each_step(tmp_path: Path):
+    def norms_seen(trainer: Trainer) -> list[float]:
+        norms, step = [], trainer.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        trainer.fit()
+        return norms
+
+    free, clipped = norms_seen(_tiny_trainer(tmp_path / "a", epochs=1)), norms_seen(
+        _tiny_trainer(tmp_path / "b", epochs=1, grad_clip=0.01))
+    assert min(free) > 0.01  # without clipping the bound would not hold
+    assert len(clipped) == 5 and max(clipped) <= 0.01 + 1e-6, clipped
+
+
+def test_ema_weights_are_validated_and_saved_as_best(tmp_path: Path):
+    trainer = _tiny_trainer(tmp_path, epochs=1, ema=True, ema_decay=0.9)
+    trainer.fit()
+    best = load_file(str(tmp_path / "best.safetensors"))
+    ema, raw = trainer.updater.ema.module.state_dict(), trainer.model.state_dict()
+    assert best.keys() == ema.keys() and all(torch.equal(best[k], ema[k]) for k in best)
+    assert not torch.allclose(ema["1.weight"], raw["1.weight"])
+
+
+def test_sgd_with_plateau_ema_accumulation_clipping_mixing_trains_through_the_stage(small_digits: Path,
+                                                                                    tmp_path: Path):
+    """Every option together through the train stage (each effect has its own test above)."""
     overrides = [*TINY, "model.backbones=[d2l_lenet]", "train.epochs=4", "train.optimizer=sgd", "train.lr=0.05",
                  "train.schedule=plateau", "train.ema=true", "train.ema_decay=0.9", "train.accumulate=2",
                  "train.grad_clip=1.0", "train.class_weights=balanced", "train.label_smoothing=0.1",
