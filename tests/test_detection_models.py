@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.cli import main
-from pipeline.core.config import DetectConfig
+from pipeline.core.config import DecodeConfig, DetectTrainConfig
 from pipeline.core.errors import PipelineError
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.boxes import mirror_boxes
@@ -56,7 +56,7 @@ def _model(kind: str, seed: int = 0, classes: int = 2):
 def _trainer(kind: str, run_dir, epochs: int) -> DetectionTrainer:
     """One batch of 3 an epoch, validated on the same 3 (one batch shape: CPU convolutions are set up per shape)."""
     x, y = _squares(3, seed=1)
-    cfg = DetectConfig(model=kind, epochs=epochs, batch_size=3, image_size=64, **SMALL)
+    cfg = DetectTrainConfig(epochs=epochs, batch_size=3, image_size=64)
     sizes = torch.tensor([[64.0, 64.0]] * 3)
     return DetectionTrainer(_model(kind), cfg, x, y, x, y, sizes, run_dir, "fp", Runtime())
 
@@ -101,7 +101,7 @@ def test_decoding_equals_torchvisions_own_in_the_original_images_pixels(kind):
     x, _ = _squares(2, seed=2)
     sizes = torch.tensor([[128.0, 96.0], [50.0, 200.0]])
     threshold = 0.2
-    cfg = DetectConfig(model=kind, nms_threshold=0.5, box_voting=None, max_detections=50)
+    cfg = DecodeConfig(nms_threshold=0.5, box_voting=None, max_detections=50)
     ours = Detector(model, cfg, Runtime())(x, sizes, threshold, batch_size=2)
     net = model.net
     net.score_thresh, net.nms_thresh, net.detections_per_img = threshold, 0.5, 50
@@ -119,7 +119,7 @@ def test_hflip_tta_gives_mirrored_detections_for_a_mirrored_image():
     """Both views' candidates are merged: an image and its mirror image see the same two views."""
     model = _model("fcos").eval()
     x, _ = _squares(2, seed=3)
-    cfg = DetectConfig(model="fcos", box_voting=0.5)
+    cfg = DecodeConfig(box_voting=0.5)
     sizes = torch.tensor([[64.0, 64.0]] * 2)
     tta = Detector(model, cfg, Runtime(), tta="hflip")
     plain, mirrored = tta(x, sizes, 0.05, 2), tta(x.flip(-1), sizes, 0.05, 2)
@@ -163,9 +163,9 @@ def test_pretrained_path_loads_a_detector_or_a_backbone_and_refuses_a_file_that_
     with pytest.raises(PipelineError, match="does not fit TinySSD"):
         load_pretrained(TinySSD(2), tmp_path / "model.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PipelineError, match="junk.pt: not a readable state dict"):
+    with pytest.raises(PipelineError, match="junk.pt is not a readable state dict"):
         load_pretrained(TinySSD(2), tmp_path / "junk.pt")
-    with pytest.raises(PipelineError, match="missing.pt: no such file"):
+    with pytest.raises(PipelineError, match="missing.pt not found; fix the path"):
         load_pretrained(TinySSD(2), tmp_path / "missing.pt")
 
 
@@ -173,9 +173,9 @@ def test_pretrained_path_loads_a_detector_or_a_backbone_and_refuses_a_file_that_
 def test_detect_stage_with_a_torchvision_detector_submits_and_keys_the_model_choice(tmp_path, capsys):
     data = build_bananas(tmp_path / "bananas", n_train=6, n_val=3, n_test=3, seed=1)
     work, subs = tmp_path / "work", tmp_path / "subs"
-    base = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs), "detect.model=ssdlite",
-            "detect.folds=1",
-            "detect.image_size=64", "detect.epochs=1", "detect.batch_size=3", "detect.gallery_images=2",
+    base = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs), "detect.model.name=ssdlite",
+            "detect.folds.n_splits=1", "detect.train.image_size=64", "detect.train.epochs=1",
+            "detect.train.batch_size=3", "detect.predict.gallery_images=2",
             "runtime.device=cpu", "runtime.threads=1"]
     assert main(base) == 0
     history = pd.read_csv(work / "detect" / "history.csv")
@@ -186,15 +186,16 @@ def test_detect_stage_with_a_torchvision_detector_submits_and_keys_the_model_cho
     assert manifest["model"] == "SSDlite"
     capsys.readouterr()
     torch.save(TinySSD(1).state_dict(), tmp_path / "tiny.pt")
-    assert main(base + ["detect.backbone=resnet34", "detect.fpn_channels=64"]) == 0  # not read by ssdlite: not keyed
+    # not read by ssdlite: not keyed
+    assert main(base + ["detect.model.backbone=resnet34", "detect.model.fpn_channels=64"]) == 0
     assert "model up to date" in capsys.readouterr().out
-    assert main(base + ["detect.model=tinyssd", f"detect.pretrained_path={tmp_path / 'tiny.pt'}"]) == 0
+    assert main(base + ["detect.model.name=tinyssd", f"detect.model.pretrained_path={tmp_path / 'tiny.pt'}"]) == 0
     out = capsys.readouterr().out
     assert "initialised from the whole tinyssd detector" in out and "model up to date" not in out
     (tmp_path / "moved.pt").write_bytes((tmp_path / "tiny.pt").read_bytes())  # the key holds its bytes, not its path
-    assert main(base + ["detect.model=tinyssd", f"detect.pretrained_path={tmp_path / 'moved.pt'}"]) == 0
+    assert main(base + ["detect.model.name=tinyssd", f"detect.model.pretrained_path={tmp_path / 'moved.pt'}"]) == 0
     assert "model up to date" in capsys.readouterr().out
-    assert main(base + [f"detect.pretrained_path={tmp_path / 'tiny.pt'}"]) == 2  # a TinySSD file for SSDlite
+    assert main(base + [f"detect.model.pretrained_path={tmp_path / 'tiny.pt'}"]) == 2  # a TinySSD file for SSDlite
     err = capsys.readouterr().err
     assert err.startswith("error: detect.pretrained_path=") and "fits neither the ssdlite detector" in err
     assert err.count("\n") == 1

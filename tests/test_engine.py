@@ -18,6 +18,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.digits import build_digits
 from pipeline.training.augment import mixer, train_transform
 from pipeline.training.classic import CLASSIC
+from pipeline.training.losses import class_weights, soft_cross_entropy
 from pipeline.training.models import (
     build_model,
     freeze,
@@ -27,7 +28,7 @@ from pipeline.training.models import (
     param_groups,
 )
 from pipeline.training.runtime import Runtime
-from pipeline.training.trainer import FoldData, Trainer, class_weights, soft_cross_entropy
+from pipeline.training.trainer import FoldData, Trainer
 
 from .conftest import REPO, kill_after_epoch
 
@@ -103,7 +104,7 @@ def test_pretrained_rgb_weights_adapt_to_one_channel(tmp_path: Path):
 
 def test_unreadable_or_foreign_pretrained_files_are_refused(tmp_path: Path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(PipelineError, match="not a readable safetensors/torch checkpoint"):
+    with pytest.raises(PipelineError, match="is not a readable state dict"):
         load_pretrained(build_model("resnet10t", 3, 3), tmp_path / "bad.safetensors")
     save_file({"something.else": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(PipelineError, match="none of the 1 tensors"):
@@ -198,7 +199,6 @@ def test_unknown_transform_is_a_clear_error():
         train_transform(TrainConfig(transforms=[{"Blurr": {}}]), 0)
 
 
-@pytest.mark.slow
 def _tiny_trainer(tmp_path: Path, **cfg) -> Trainer:
     """A Trainer on 10 tiny random images (5 batches of 2), a linear model, SGD on the CPU."""
     rng = np.random.default_rng(0)
@@ -262,6 +262,7 @@ def test_ema_weights_are_validated_and_saved_as_best(tmp_path: Path):
     assert not torch.allclose(ema["1.weight"], raw["1.weight"])
 
 
+@pytest.mark.slow
 def test_sgd_with_plateau_ema_accumulation_clipping_mixing_trains_through_the_stage(small_digits: Path,
                                                                                     tmp_path: Path):
     """Every option together through the train stage (each effect has its own test above)."""

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet, ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -43,8 +42,8 @@ from pipeline.core.artifacts import file_digest
 from pipeline.core.errors import PipelineError
 from pipeline.detection.boxes import mirror_boxes
 from pipeline.detection.tinyssd import TinySSD
-from pipeline.training.checkpoint import UNREADABLE
 from pipeline.training.runtime import Runtime
+from pipeline.training.weights import read_state_dict, readable_file
 
 KINDS = ("retinanet", "fcos", "ssdlite")
 FPN_KINDS = ("retinanet", "fcos")  # the ones on a timm backbone with an FPN (detect.backbone, detect.fpn_channels)
@@ -174,26 +173,6 @@ def build(kind: str, num_classes: int, image_size: int, backbone: str = "resnet1
     return TorchvisionDetector(kind, net, image_size, num_classes, backbone)
 
 
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch checkpoint (a plain state dict, or one under 'state_dict'
-    or 'model'), with a one-line error when the file is none of these."""
-    path = read_path(path)
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as exc:
-        raise PipelineError(f"detect.pretrained_path={path}: not a readable state dict "
-                            f"({type(exc).__name__}); save one with torch.save or safetensors") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineError(f"detect.pretrained_path={path}: holds no state dict of tensors")
-    return state
-
-
 def _match(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor], prefixes: tuple[str, ...],
            free: str | None) -> tuple[dict[str, torch.Tensor], list[str], str | None]:
     """(tensors of `state` for the keys of `target`, under the file prefix that matches most keys; the keys the
@@ -222,7 +201,7 @@ def load_pretrained(model: nn.Module, path: Path) -> str:
     """Load a state dict of the whole detector (the layers that follow the number of classes may differ and keep
     their random init) or of its backbone into `model`; returns what was loaded, in words. A file that fits
     neither raises one line naming the first mismatch of each."""
-    state = read_state(path)
+    state = read_state_dict(path, "detect.pretrained_path")
     tv = isinstance(model, TorchvisionDetector)
     kind, root = (model.kind, model.net) if tv else ("tinyssd", model)
     free = "head.classification_head." if tv else "cls."  # the layers whose shapes follow the number of classes
@@ -263,12 +242,5 @@ def model_keys(kind: str, backbone: str, fpn_channels: int, pretrained_path: str
     if kind in FPN_KINDS:
         keys |= {"backbone": backbone, "fpn_channels": fpn_channels}
     if pretrained_path:
-        keys["pretrained"] = file_digest(read_path(pretrained_path))
+        keys["pretrained"] = file_digest(readable_file(Path(pretrained_path), "detect.pretrained_path"))
     return keys
-
-
-def read_path(pretrained_path: str) -> Path:
-    path = Path(pretrained_path)
-    if not path.is_file():
-        raise PipelineError(f"detect.pretrained_path={path}: no such file; give a local state dict or null")
-    return path

@@ -16,11 +16,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 
 from pipeline.core.errors import PipelineError
 from pipeline.training.classic import CLASSIC
+from pipeline.training.weights import read_state_dict, readable_file
 
 
 def build_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
@@ -57,46 +57,12 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 def pretrained_file(template: str, backbone: str) -> Path:
     """model.pretrained_path for one backbone ('{backbone}' replaced), checked to be a readable file: the
     train stage hashes it into its key before loading it, so the check must come first."""
-    return _readable(Path(template.replace("{backbone}", backbone)))
-
-
-def _readable(path: Path) -> Path:
-    if path.is_dir():
-        raise PipelineError(f"model.pretrained_path: {path} is a folder; "
-                            "point it at the weights file (.safetensors or .pth)")
-    if not path.is_file():
-        raise PipelineError(f"model.pretrained_path: {path} not found; "
-                            "fix the path or leave model.pretrained_path unset")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise PipelineError(f"model.pretrained_path: {path} cannot be read ({exc.strerror}); "
-                            "check its permissions") from None
-    return path
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """State dict from a safetensors file or a torch/timm checkpoint, loaded without unpickling code."""
-    path = _readable(Path(path))
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict_ema", "state_dict", "model"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-                    break
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
-        raise PipelineError(f"model.pretrained_path: {path} is not a readable safetensors/torch checkpoint "
-                            f"({type(exc).__name__})") from None
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return readable_file(Path(template.replace("{backbone}", backbone)), "model.pretrained_path")
 
 
 def load_pretrained(model: nn.Module, path: Path) -> dict:
     """Copy matching tensors from `path` into `model`, except the head; adapt a 3->1 channel stem."""
-    state, own = read_weights(path), model.state_dict()
+    state, own = read_state_dict(path, "model.pretrained_path"), model.state_dict()
     head = {n for n in own if n.rsplit(".", 1)[0] in {h.rsplit(".", 1)[0] for h in head_parameter_names(model)}}
     loaded, skipped = {}, []
     for name, tensor in state.items():
