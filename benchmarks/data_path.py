@@ -3,7 +3,7 @@ medium preset at 224 px, for 0 (main process), 1, 2, ... persistent workers up t
 use, as a ratio against 1 worker measured in the same run (interleaved rounds, benchmarks/timing.py).
 
 It is what `runtime.num_workers` buys: the goal is >= 1.7x from 1 to 2 workers on 2 free cores. The loader is
-built as pipeline/training/trainer.py's Trainer builds it (ArrayDataset, EpochSampler, loader_options), so the per-batch
+built as the Trainer builds it (pipeline/training/feeding.py: ArrayDataset, EpochSampler, loader), so the per-batch
 reseeding and the worker start-up policy are the ones training uses.
 
     nice .venv/bin/python benchmarks/data_path.py [--size 224] [--images 1024] [--batch 64] [--preset medium]
@@ -21,16 +21,15 @@ from timing import interleaved, median, ratio_text
 from torch.utils.data import DataLoader
 
 from pipeline.core.config import TrainConfig
+from pipeline.training import feeding
 from pipeline.training.augment import train_transform
+from pipeline.training.feeding import ArrayDataset, EpochSampler
 from pipeline.training.runtime import Runtime
-from pipeline.training.trainer import ArrayDataset, EpochSampler, collate, loader_options
 
 
 def loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, workers: int) -> DataLoader:
     dataset = ArrayDataset(images, labels, train_transform(cfg, 0))
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=EpochSampler(len(images), 0), drop_last=True,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(0),
-                      **loader_options(Runtime(num_workers=workers)))
+    return feeding.loader(dataset, cfg.batch_size, EpochSampler(len(images), 0), True, 0, Runtime(num_workers=workers))
 
 
 def epoch_img_s(data: DataLoader) -> float:

@@ -4,7 +4,8 @@ every epoch. Both comparisons run in the same process, same model, data, batch s
 1. Engine (pipeline.training.trainer.Trainer, augmentation off) vs a hand-written loop over the same uint8
    array (normalise, forward, cross-entropy, backward, AdamW step). Prints images/s and the ratio.
 2. One training epoch of a small net over N small PNG files: from the decoded-image cache
-   (pipeline.data.cache's uint8 array) vs a Dataset that decodes and resizes each file when asked.
+   (pipeline.data.cache's uint8 array, read by pipeline.training.feeding.ArrayDataset) vs a Dataset that
+   decodes and resizes each file when asked.
 
 Each comparison runs `--repeats` interleaved rounds (A B, B A, ...) and prints the median ratio and its
 spread (benchmarks/timing.py): one pass of each decided nothing on a shared machine.
@@ -29,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.core.config import TrainConfig
 from pipeline.data.images import load_image, resize, to_channels
 from pipeline.training import loop
+from pipeline.training.feeding import ArrayDataset, collate
 from pipeline.training.models import build_model, make_optimizer, param_groups
 from pipeline.training.runtime import Runtime
-from pipeline.training.trainer import ArrayDataset, FoldData, Trainer, collate
+from pipeline.training.trainer import FoldData, Trainer
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 CPU = torch.device("cpu")

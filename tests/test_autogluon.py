@@ -17,7 +17,8 @@ from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.scoring.predictions import read_parquet_meta
 from pipeline.stages import autogluon
-from pipeline.stages.autogluon import AUTOGLUON_METRICS, autogluon_problem, export_timm, to_pipeline_files
+from pipeline.stages.autogluon import to_pipeline_files
+from pipeline.training.autogluon import AUTOGLUON_METRICS, autogluon_problem, export_timm
 
 from .conftest import REPO
 

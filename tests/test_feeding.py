@@ -15,8 +15,8 @@ from pipeline.core.artifacts import read_stamp, write_stamp
 from pipeline.core.config import TrainConfig, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.training import runtime
-from pipeline.training import trainer as engine
 from pipeline.training.augment import PRESETS, _albumentation
+from pipeline.training.batch_size import auto_batch_size
 from pipeline.training.gpu_augment import DeviceAugment, _module, choose_device
 from pipeline.training.runtime import Runtime
 from pipeline.training.trainer import FoldData, Trainer
@@ -237,10 +237,10 @@ def test_auto_batch_size_trial_steps_are_undone(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(model, "forward", planted)
     said = []
-    assert engine.auto_batch_size(model, opt, trainer.data, Runtime(), said.append, trial=True) == 6
+    assert auto_batch_size(model, opt, trainer.data, Runtime(), said.append, trial=True) == 6
     assert seen == [24, 12, 6, 6] and said == ["train: batch_size auto: 6 (12 ran out of GPU memory)"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
-    assert engine.auto_batch_size(model, opt, trainer.data, Runtime(), said.append) == 24  # cpu: min(64, rows)
+    assert auto_batch_size(model, opt, trainer.data, Runtime(), said.append) == 24  # cpu: min(64, rows)
     assert said[-1] == "train: batch_size auto: 24 on the cpu (no GPU memory to fill)"
 
 

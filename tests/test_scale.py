@@ -19,9 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.errors import PipelineError
-from pipeline.stages import tune
-from pipeline.training import distributed
-from pipeline.training import trainer as engine
+from pipeline.training import distributed, feeding, tuning
 from pipeline.training.models import build_model
 
 from .conftest import REPO
@@ -71,7 +69,7 @@ def test_sum_across_reduces_in_a_real_two_process_group(tmp_path: Path):
 def test_ranks_split_exactly_the_batches_one_process_trains_on(n: int, drop_last: bool):
     """Step i of two ranks at batch 8 = batch i of one process at batch 16 (the same rows), every epoch."""
     def batches(rank: int, world: int, batch: int) -> list[list[int]]:
-        sampler = engine.EpochSampler(n, 0, rank, world, drop_last)
+        sampler = feeding.EpochSampler(n, 0, rank, world, drop_last)
         out = []
         for epoch, epoch_seed in enumerate((11, 12)):  # reseeded per epoch as Trainer.reseed does
             sampler.set_epoch(epoch, epoch_seed)
@@ -91,7 +89,7 @@ def test_ranks_split_exactly_the_batches_one_process_trains_on(n: int, drop_last
 
 def test_an_unreachable_storage_is_one_line_without_the_password():
     with pytest.raises(PipelineError) as err:
-        tune._storage(f"postgresql://user:secret@127.0.0.1:{_free_port()}/optuna", attempts=1)
+        tuning._storage(f"postgresql://user:secret@127.0.0.1:{_free_port()}/optuna", attempts=1)
     message = str(err.value)
     assert message.startswith("tune.storage: cannot open postgresql://user:***@127.0.0.1:") and "\n" not in message
     assert "Connection refused" in message and message.endswith("check that the database server is running and "
@@ -178,7 +176,7 @@ def test_two_make_tune_workers_on_postgresql_finish_exactly_n_trials(postgres_ur
     # read back by Optuna alone, naming the installed driver (SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3)
     study = optuna.load_study(study_name=None, storage=postgres_url.replace("postgresql:", "postgresql+psycopg2:"))
     states = [t.state for t in study.trials]
-    finished = [t for t in study.trials if t.state in tune.FINISHED]
+    finished = [t for t in study.trials if t.state in tuning.FINISHED]
     assert len(finished) == 3, states
     assert all(t.user_attrs.get("fail_reason", "").startswith("over budget") for t in study.trials
                if t not in finished), states  # a trial two workers created at once is turned away, not run

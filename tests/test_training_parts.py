@@ -78,7 +78,7 @@ def test_cache_equals_direct_decoding_and_batched_reads_equal_single_reads(comp_
     import torch
 
     from pipeline.data.images import load_image, resize, to_channels
-    from pipeline.training.trainer import ArrayDataset
+    from pipeline.training.feeding import ArrayDataset
 
     ctx = Context(load_config(), comp_dir, tmp_path / "work")
     clean.run(ctx)

@@ -17,6 +17,7 @@ from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.stages import tune
+from pipeline.training import tuning
 
 from .conftest import REPO
 
@@ -186,7 +187,7 @@ def test_best_yaml_is_a_valid_config_and_feeds_later_stages(comp_dir: Path, tmp_
 
 
 def test_list_valued_keys_take_one_choice_per_trial():
-    tree = tune.as_tree({"model.backbones": "resnet18", "train.lr": 0.1})
+    tree = tuning.as_tree({"model.backbones": "resnet18", "train.lr": 0.1})
     assert tree == {"model": {"backbones": ["resnet18"]}, "train": {"lr": 0.1}}
 
 
@@ -197,7 +198,7 @@ def test_list_valued_keys_take_one_choice_per_trial():
 ])
 def test_bad_search_spaces_are_one_line_errors(tmp_path: Path, text: str, pattern: str):
     with pytest.raises(PipelineError, match=pattern):
-        tune.load_space(_space(tmp_path, text))
+        tuning.load_space(_space(tmp_path, text))
 
 
 @pytest.mark.slow
@@ -213,6 +214,6 @@ def test_two_processes_share_one_sqlite_study(small_digits: Path, tmp_path: Path
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'w' / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state in tune.FINISHED]
-    assert len(finished) == 4  # exactly, for both processes together (tune.claim turns a fifth away)
+    finished = [t for t in study.trials if t.state in tuning.FINISHED]
+    assert len(finished) == 4  # exactly, for both processes together (tuning.claim turns a fifth away)
     assert all("tune: trial" in out for out in outputs), "each process ran trials"

@@ -33,6 +33,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.cache import decoded_images
 from pipeline.scoring import pseudo, tasks
 from pipeline.training import distributed, runtime, tracking
+from pipeline.training.batch_size import auto_batch_size
 from pipeline.training.heads import make_head
 from pipeline.training.models import (
     dataset_norm,
@@ -43,7 +44,7 @@ from pipeline.training.models import (
     pretrained_file,
 )
 from pipeline.training.plots import plot_curves
-from pipeline.training.trainer import FoldData, Trainer, auto_batch_size
+from pipeline.training.trainer import FoldData, Trainer
 
 
 @dataclass(frozen=True)

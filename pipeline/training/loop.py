@@ -1,6 +1,6 @@
 """The training machinery both tracks share: optimizer updates, checkpoints, and the epoch loop.
 
-A track (classification's engine.Trainer, detection's detection.fit.DetectionTrainer) plugs in what
+A track (classification's trainer.Trainer, detection's detection.fit.DetectionTrainer) plugs in what
 differs -- one training epoch and one evaluation, as timm splits train_one_epoch from validate --
 and this module owns the rest, once:
 

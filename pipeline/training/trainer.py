@@ -1,199 +1,38 @@
 """The classification track of the shared training loop (pipeline/training/loop.py): one (backbone, fold).
 
 It plugs into the loop what is particular to classification: batches from the decoded-image array
-(albumentations per image, a seeded batch order, each rank's share of one process's batches under torchrun), soft-target
-cross-entropy (Mixup/CutMix, label smoothing, class weights), the lr schedule (cosine per update or
-lower on plateau) and validation on the held-out fold. Other tasks (pipeline/scoring/tasks.py) bring their `Head`:
-its loss (BCE on multi-hot tags, mse/huber/bce_scaled on numbers) and activation replace cross-entropy and
-softmax; Mixup/CutMix then mix the dense targets as they mix the images. Resume, reseeding, history, best and early
-stopping are the loop's.
+(feeding.py: albumentations per image, a seeded batch order, each rank's share of one process's batches under
+torchrun; or the preset on the device, augment_device.py), soft-target cross-entropy (losses.py; Mixup/CutMix,
+label smoothing, class weights), the lr schedule (cosine per update or lower on plateau) and validation on the
+held-out fold. Other tasks (pipeline/scoring/tasks.py) bring their `Head`: its loss (BCE on multi-hot tags,
+mse/huber/bce_scaled on numbers) and activation replace cross-entropy and softmax; Mixup/CutMix then mix the dense
+targets as they mix the images. Resume, reseeding, history, best and early stopping are the loop's.
 """
 
 from __future__ import annotations
 
-import copy
-import random
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, PlateauLRScheduler
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from pipeline.core.config import TrainConfig
 from pipeline.core.errors import PipelineError
 from pipeline.scoring.tasks import greater_is_better, score
-from pipeline.training import distributed, loop, runtime
+from pipeline.training import distributed, feeding, loop
 from pipeline.training.augment import mixer, train_transform
-from pipeline.training.gpu_augment import DeviceAugment, choose_device
+from pipeline.training.augment_device import device_augment
+from pipeline.training.feeding import ArrayDataset, EpochSampler, predict_proba
 from pipeline.training.heads import Head
+from pipeline.training.losses import class_weights, soft_cross_entropy
 from pipeline.training.runtime import Runtime
-
-
-class ArrayDataset(Dataset):
-    """Rows of the decoded-image cache, augmented with albumentations, returned as uint8 CHW tensors.
-
-    Indices are plain ints or (int, seed) pairs from EpochSampler: a batch of pairs reseeds the augmentation
-    from its first pair's seed, so what a batch looks like is decided in the main process, not by the worker
-    that happens to build it (and not by that worker's history).
-    """
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform=None):
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def augments(self) -> bool:
-        return self.transform is not None and bool(self.transform.transforms)
-
-    def __getitem__(self, i):
-        if isinstance(i, tuple):
-            i, seed = i
-            self._reseed(seed)
-        img = np.array(self.images[i])
-        if self.augments:
-            img = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), torch.as_tensor(self.targets[i])
-
-    def _reseed(self, seed: int) -> None:
-        """One numpy and one python generator shared by every transform of the pipeline: albumentations'
-        set_random_seed gives each transform its own generator with the same seed, whose first draws then
-        coincide (a flip with p=0.5 would always come with a crop with p=0.7)."""
-        if self.augments:
-            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-
-    def __getitems__(self, indices: list):
-        """A whole batch in one read of the array (the DataLoader calls this instead of one item at a time)."""
-        if indices and isinstance(indices[0], tuple):
-            self._reseed(indices[0][1])
-            indices = [i for i, _ in indices]
-        if self.augments:
-            return tuple(default_collate([self[i] for i in indices]))
-        idx = np.asarray(indices)
-        order = np.argsort(idx)  # sorted reads are sequential on a memmap
-        batch = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
-        batch[order] = self.images[idx[order]]
-        return (torch.from_numpy(batch).permute(0, 3, 1, 2),
-                torch.as_tensor(np.asarray(self.targets)[idx]))
-
-
-class EpochSampler(Sampler):
-    """This rank's shuffled indices of one epoch, each paired with an augmentation seed; both follow from
-    (seed, epoch, rank) alone, set in the main process and sent to the workers with every batch.
-
-    torch seeds a worker once, when it starts; a persistent worker carries its generator's state from one
-    epoch into the next, which a resumed run (fresh workers) cannot repeat, and the state depends on which
-    worker built which batch. With the seeds in the indices, a batch is the same whoever builds it: any
-    number of workers, persistent or not, and a resumed run give the batches of one uninterrupted process.
-    Under torchrun every rank draws the one-process permutation and keeps its share
-    (distributed.shard_order), so step i of all ranks together is one process's batch i.
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False):
-        self.n, self.epoch_seed, self.rank, self.world, self.drop_last = n, seed, rank, world, drop_last
-
-    def set_epoch(self, epoch: int, epoch_seed: int) -> None:
-        self.epoch_seed = epoch_seed
-
-    def __len__(self) -> int:
-        return len(distributed.shard_order(range(self.n), self.rank, self.world, self.drop_last))
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).tolist()
-        seeds = np.random.default_rng([self.epoch_seed % 2**63, self.rank]).integers(0, 2**63, self.n).tolist()
-        mine = distributed.shard_order(list(zip(order, seeds, strict=True)), self.rank, self.world, self.drop_last)
-        return iter(mine)
-
-
-def collate(batch):
-    """Batches from ArrayDataset.__getitems__ arrive ready; anything else goes through torch's default."""
-    return batch if isinstance(batch, tuple) else default_collate(batch)
-
-
-@torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, norm: dict, runtime: Runtime,
-                  batch_size: int, head: Head | None = None) -> np.ndarray:
-    """Class probabilities of uint8 NHWC images (or the head's predictions), with the runtime's autocast and
-    memory format."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        with runtime.autocasting():
-            logits = model(runtime.to_input(x, norm))
-        out.append((logits.float().softmax(1) if head is None else head.activate(logits)).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
-
-
-AUTO_BATCH_START = 1024  # train.batch_size=auto halves from here (or from the training rows when fewer)
-AUTO_BATCH_CPU = 64  # and on the CPU, which has no device memory to fill, takes this
-
-
-def auto_batch_size(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: FoldData, rt: Runtime,
-                    say: Callable[[str], None] = print, steps: int = 2, trial: bool | None = None) -> int:
-    """train.batch_size=auto: the largest batch whose training steps fit in GPU memory (runtime.find_batch_size).
-    The steps are real (forward, backward, optimizer step: AdamW's state counts) and then undone: the model's
-    and the optimizer's states are restored, so the run starts from the weights it would have started from.
-    `trial` (default: on CUDA) runs the search; off it, the CPU default applies."""
-    rows = len(data.train_x)
-    if not (rt.device.type == "cuda" if trial is None else trial):
-        batch = min(AUTO_BATCH_CPU, rows)
-        say(f"train: batch_size auto: {batch} on the cpu (no GPU memory to fill)")
-        return batch
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    state = copy.deepcopy(optimizer.state_dict())
-    model.train()
-
-    def try_batch(batch: int) -> None:
-        idx = np.arange(batch) % rows
-        x = rt.to_input(torch.from_numpy(np.array(data.train_x[idx])).permute(0, 3, 1, 2), data.norm)
-        y = torch.as_tensor(np.asarray(data.train_y)[idx] % data.n_classes, device=rt.device)
-        try:
-            for _ in range(steps):
-                with rt.autocasting():
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            del x, y
-
-    try:
-        return runtime.find_batch_size(try_batch, min(AUTO_BATCH_START, rows), say)
-    finally:
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state)
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy with probability targets (Mixup, label smoothing) and optional class weights,
-    normalised like torch's weighted cross-entropy (by the targets' total weight)."""
-    logp = F.log_softmax(logits.float(), dim=1)
-    if weight is None:
-        return -(target * logp).sum(1).mean()
-    return -(target * logp * weight).sum() / (target * weight).sum()
-
-
-def class_weights(spec, targets: np.ndarray, n_classes: int) -> torch.Tensor | None:
-    """None, sklearn-style 'balanced' weights (n / (k * count)), or the given list."""
-    if spec == "none":
-        return None
-    if spec == "balanced":
-        counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
-        return torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
-    if len(spec) != n_classes:
-        raise PipelineError(f"train.class_weights: {len(spec)} weights for {n_classes} classes")
-    return torch.tensor(spec, dtype=torch.float32)
 
 
 @dataclass
@@ -228,15 +67,13 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self.net = self.net if self.net is not None else self.model  # not `or`: a compiled module refuses bool()
         self.transform = train_transform(cfg, self.seed)
-        self.device_augment = self._device_augment()
+        self.device_augment = device_augment(cfg, rt, self.transform, self.model, self.data.train_x, self.data.norm,
+                                             lambda line: distributed.say(f"train: {self.desc}: {line}"))
         dataset = ArrayDataset(self.data.train_x, self.data.train_y,
                                None if self.device_augment is not None else self.transform)
         drop_last = len(self.data.train_x) > cfg.batch_size * distributed.world_size()
         self.sampler = EpochSampler(len(dataset), self.seed, distributed.rank(), distributed.world_size(), drop_last)
-        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=drop_last,
-                                 collate_fn=collate, generator=torch.Generator().manual_seed(self.seed),
-                                 **loader_options(rt))  # its own generator: the loader's draw of the workers'
-        # base seed (once with persistent workers) must not move torch's global one, which the epochs reseed
+        self.loader = feeding.loader(dataset, cfg.batch_size, self.sampler, drop_last, self.seed, rt)
         scheduler = self._scheduler(loop.Updater.per_epoch(len(self.loader), cfg.accumulate))
         self.updater = loop.Updater(self.model, self.optimizer, scheduler, per_update=cfg.schedule == "cosine",
                                     accumulate=cfg.accumulate, grad_clip=cfg.grad_clip,
@@ -253,49 +90,6 @@ class Trainer:
         else:  # soft rows arrive smoothed (train_epoch) and are mixed as they are
             self.mix = mixer(cfg, self.data.n_classes, dense=soft, smoothing=not soft)
         self.progress = loop.Progress()
-
-    def _device_augment(self) -> DeviceAugment | None:
-        """The preset batched on the training device (train.augment_device gpu, or auto when measured faster),
-        else None (albumentations in the loader)."""
-        cfg = self.cfg
-        where = cfg.augment_device
-        if where == "auto":
-            where = "cpu"
-            if self.runtime.device.type == "cuda" and cfg.augment != "none" and not cfg.transforms:
-                where, line = choose_device(self._cpu_augment_img_s(), self.runtime.num_workers,
-                                            self._gpu_train_img_s())
-                distributed.say(f"train: {self.desc}: {line}")
-        if where == "cpu" or cfg.augment == "none":
-            return None
-        if cfg.transforms:
-            raise PipelineError("train.augment_device=gpu: train.transforms are albumentations transforms (per image, "
-                                "cpu only); set train.augment_device=cpu or move them into a preset")
-        return DeviceAugment(cfg.augment, cfg.image_size, cfg.hflip).to(self.runtime.device)
-
-    def _cpu_augment_img_s(self, n: int = 64) -> float:
-        """Images per second of the albumentations preset on one core (the main process), over n training images."""
-        images = self.data.train_x[:n]
-        t0 = time.perf_counter()
-        for img in images:
-            self.transform(image=np.array(img))
-        return len(images) / max(time.perf_counter() - t0, 1e-9)
-
-    def _gpu_train_img_s(self, steps: int = 3) -> float:
-        """Images per second of forward + backward passes at the configured batch on the device, without
-        augmentation, on a copy of the network (the model's weights and normalisation statistics stay as
-        they are)."""
-        rt, batch = self.runtime, min(self.cfg.batch_size, len(self.data.train_x))
-        copied = copy.deepcopy(self.model).train()
-        x = rt.to_input(torch.from_numpy(np.array(self.data.train_x[:batch])).permute(0, 3, 1, 2), self.data.norm)
-        seconds = []
-        for _ in range(steps + 1):  # the first is a warm-up: cudnn's algorithm search, the allocator
-            t0 = time.perf_counter()
-            with rt.autocasting():
-                copied(x).float().mean().backward()
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            seconds.append(time.perf_counter() - t0)
-        return batch * steps / max(sum(seconds[1:]), 1e-9)
 
     def _scheduler(self, steps: int):
         cfg = self.cfg
@@ -411,27 +205,3 @@ class Trainer:
                                  diverged_fix="lower train.lr or set train.grad_clip")
         p = self.progress
         return {"epoch": p.best_epoch, "metric": p.best, "epochs_run": p.epoch, "history": p.history}
-
-
-def loader_options(rt: Runtime) -> dict:
-    """DataLoader keywords of the runtime's workers: persistent (started once per run, not per epoch; what a
-    batch holds comes from EpochSampler, so their state does not matter), a few batches prefetched each,
-    pinned batches on CUDA (copied with non_blocking=True by Runtime.to_input)."""
-    workers = rt.num_workers
-    if workers:
-        # One OpenCV thread (albumentations' kernels), set here in the parent so that the forked workers inherit
-        # it: the workers are the parallelism, and OpenCV's own pool (as many threads as cores) would oversubscribe
-        # the cores. Calling cv2.setNumThreads in a forked worker hangs once the parent has used OpenCV's pool
-        # (the child inherits a pool whose threads did not survive the fork). The parent does no augmentation
-        # while it has workers.
-        cv2.setNumThreads(1)
-    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
-            "pin_memory": rt.device.type == "cuda", "worker_init_fn": _init_worker if workers else None}
-
-
-def _init_worker(worker_id: int) -> None:
-    """numpy's and python's global generators follow torch's per-worker seed, for any transform that uses them
-    (the pipeline's own are reseeded per batch by ArrayDataset). Threads: loader_options."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
