@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -20,10 +21,11 @@ from pipeline.detection.bananas import build_bananas
 from pipeline.detection.fit import ssd_loss
 from pipeline.scoring.metrics import score
 from pipeline.stages import tune
-from pipeline.training import checkpoint, distributed, runtime
+from pipeline.training import checkpoint, distributed, runtime, tuning
 from pipeline.training.inference import view_logits
 from pipeline.training.runtime import Runtime
-from pipeline.training.trainer import FoldData, Trainer, predict_proba
+from pipeline.training.feeding import predict_proba
+from pipeline.training.trainer import FoldData, Trainer
 
 from .conftest import REPO, interrupt_in_epoch, kill_after_epoch
 
@@ -173,9 +175,9 @@ def test_out_of_memory_in_a_trial_keeps_its_traceback(comp_dir: Path, tmp_path: 
     def oom(cfg, report):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    study = tune.optuna.create_study()
-    with pytest.raises(tune.TrialFailed, match="out of memory") as err:
-        tune.objective(ctx, tune.load_space(space), oom)(study.ask())
+    study = optuna.create_study()
+    with pytest.raises(tuning.TrialFailed, match="out of memory") as err:
+        tune.objective(ctx, tuning.load_space(space), oom)(study.ask())
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and err.value.__cause__.__traceback__ is not None
 
 
