@@ -22,9 +22,9 @@ from pipeline.detection.fit import ssd_loss
 from pipeline.scoring.metrics import score
 from pipeline.stages import tune
 from pipeline.training import checkpoint, distributed, runtime, tuning
+from pipeline.training.feeding import predict_proba
 from pipeline.training.inference import view_logits
 from pipeline.training.runtime import Runtime
-from pipeline.training.feeding import predict_proba
 from pipeline.training.trainer import FoldData, Trainer
 
 from .conftest import REPO, interrupt_in_epoch, kill_after_epoch
