@@ -9,6 +9,7 @@ from PIL import Image
 from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.data import splits
 from pipeline.stages import clean, folds
 
 from .conftest import write_competition
@@ -88,22 +89,22 @@ def _grouped_frame(n_groups: int = 120, seed: int = 0) -> pd.DataFrame:
 
 def test_folds_keep_every_duplicate_group_in_one_fold():
     frame = _grouped_frame()
-    frame["fold"] = folds.assign_folds(frame, 5, seed=1)
+    frame["fold"] = splits.assign_folds(frame, 5, seed=1)
     assert (frame.groupby("group")["fold"].nunique() == 1).all()
-    report = folds.fold_report(frame)
+    report = splits.fold_report(frame)
     assert report["groups_spanning_folds"] == 0 and sum(report["sizes"]) == len(frame)
     assert report["max_class_share_deviation"] < 0.1
 
 
 def test_same_seed_same_folds_other_seed_other_folds():
     frame = _grouped_frame()
-    a, b, c = (folds.assign_folds(frame, 5, s) for s in (1, 1, 2))
+    a, b, c = (splits.assign_folds(frame, 5, s) for s in (1, 1, 2))
     assert (a == b).all() and not (a == c).all()
 
 
 def test_too_many_folds_for_the_data():
     with pytest.raises(PipelineError, match=r"only 3 independent groups .*: set folds.n_splits=3 or fewer"):
-        folds.assign_folds(_grouped_frame(3), 5, 0)
+        splits.assign_folds(_grouped_frame(3), 5, 0)
 
 
 def test_folds_stage_writes_folds_and_hash(small_digits: Path, tmp_path: Path):

@@ -140,7 +140,7 @@ def test_make_demo_targets():
 def test_demo_configs_skip_the_near_duplicate_search_that_pairs_collage_layouts(tmp_path):
     from pipeline.core.config import load_config
     from pipeline.data import dedup
-    from pipeline.stages.clean import find_pairs
+    from pipeline.data.dedup import find_pairs
     out = collages.build_collages(tmp_path / "c", "multi_label", n_train=200, n_test=0)
     train = read(out / "train.csv")
     feats = pd.DataFrame([dedup.image_features(str(out / p), 32) for p in train["image"]])

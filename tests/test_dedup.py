@@ -12,9 +12,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.data import dedup
+from pipeline.data.dedup import compute_features
 from pipeline.scoring import submission
 from pipeline.stages import clean, folds
-from pipeline.stages.clean import compute_features
 
 from .conftest import natural_image
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.context import Context
 from pipeline.core.config import load_config
+from pipeline.scoring import label_issues
 from pipeline.scoring.predictions import prob_columns, write_parquet
 from pipeline.stages import clean, folds
 from pipeline.stages import label_issues as labels
@@ -47,7 +48,7 @@ def planted_oof(n: int = 200, n_flip: int = 10, seed: int = 0) -> tuple[np.ndarr
 
 def test_planted_flips_are_found_with_precision():
     given, proba, flipped = planted_oof()
-    found, confidence = labels.find_issues(given, proba)
+    found, confidence = label_issues.find_issues(given, proba)
     hits = len(set(found) & set(flipped))
     assert hits >= 9, f"recall {hits}/10"
     assert hits / len(found) >= 0.8, f"precision {hits}/{len(found)}"
@@ -80,7 +81,7 @@ def test_labels_stage_writes_the_list_and_report_and_is_stamped(tmp_path: Path, 
     before = _tree_digest(data), _tree_digest(img)
     meta = labels.run(_ctx(data, work))
     table = pd.read_csv(work / "label_issues.csv", dtype={"id": str})
-    assert list(table.columns) == labels.COLUMNS + ["group"]
+    assert list(table.columns) == label_issues.COLUMNS + ["group"]
     assert meta["flagged"] == len(table) and len(set(table["id"]) & set(flipped_ids)) >= 9
     assert list(table["rank"]) == list(range(1, len(table) + 1))
     assert table["self_confidence"].is_monotonic_increasing

@@ -23,21 +23,31 @@ these vectors far, so, like the crops above, each image also queries with its ei
 shifts (edges replicated) against the others' unshifted vectors. An 8x8 grid keeps the digits
 apart best: on the 1,797 embedded digits the closest two of different labels are 0.270 apart
 (16x16: 0.217), while the planted 28x28 transforms stay within 0.18.
+
+Over a table of images (the clean stage's rows, the EDA notebook's): `compute_features` fingerprints every
+path in worker processes, `find_pairs` lists the exact, near and small pairs among the rows, and
+`embedding_pair_frame` keeps the embedding pairs (pipeline/training/embeddings.py) that the others missed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import imagehash
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
+from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import MAX_PIXELS, is_gray, load_image
+from pipeline.data.workers import end_with_parent
 
 CROP = 0.95
 MAX_THRESHOLD = 15  # the pigeonhole argument above holds up to here
@@ -196,3 +206,51 @@ def groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Connected components of the pair graph (scipy's, so a chain of near pairs is one group): a group id per item."""
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
+
+
+def compute_features(paths: list[str], near_min_size: int, workers: int | None, desc: str,
+                     max_pixels: int = MAX_PIXELS) -> list[dict]:
+    """image_features for every path, in worker processes, with a progress bar."""
+    job = partial(image_features, near_min_size=near_min_size, max_pixels=max_pixels)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(paths) < 64:
+        return [job(p) for p in tqdm(paths, desc=desc, unit="img", disable=None)]
+    with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
+        return list(tqdm(pool.map(job, paths, chunksize=32), total=len(paths), desc=desc, unit="img", disable=None))
+
+
+def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold: float = 0.2) -> pd.DataFrame:
+    """Duplicate pairs among the rows of `frame` (positional indices a < b): exact first, then near (perceptual
+    hashes, kind 'near'), then small (images below clean.near_min_size, compared in pixel space: kind 'small')."""
+    first = frame.groupby("pixel").cumcount() > 0
+    anchor = frame.reset_index(drop=True).groupby("pixel").ngroup()
+    first_pos = pd.Series(np.arange(len(frame))).groupby(anchor.to_numpy()).transform("first").to_numpy()
+    exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0,
+                          "kind": "exact"})
+    if not near:
+        return exact
+    found = [exact]
+    hashed = np.nonzero(frame["phash"].notna().to_numpy())[0]
+    if len(hashed) >= 2:
+        codes = frame["phash"].iloc[hashed].tolist(), frame["dhash"].iloc[hashed].tolist()
+        i, j, dist = near_pairs(np.array(codes[0], dtype=np.uint64), np.array(codes[1], dtype=np.uint64),
+                                threshold)
+        found.append(pd.DataFrame({"a": hashed[i], "b": hashed[j], "distance": dist, "kind": "near"}))
+    small = np.nonzero(frame["small"].notna().to_numpy())[0] if "small" in frame else np.zeros(0, int)
+    if len(small) >= 2:
+        i, j, dist = small_pairs(np.stack(frame["small"].iloc[small].tolist()), small_threshold)
+        found.append(pd.DataFrame({"a": small[i], "b": small[j], "distance": np.round(dist, 4), "kind": "small"}))
+    pairs = pd.concat(found, ignore_index=True)
+    pixel = frame["pixel"].to_numpy()
+    return pairs[(pairs["kind"] == "exact") | (pixel[pairs["a"]] != pixel[pairs["b"]])].reset_index(drop=True)
+
+
+def embedding_pair_frame(i: np.ndarray, j: np.ndarray, sim: np.ndarray, pixel: np.ndarray,
+                         known: pd.DataFrame) -> pd.DataFrame:
+    """Embedding pairs (i, j) of similarity `sim` as rows of kind 'embedding' (distance 1 - similarity), leaving
+    out the pairs already in `known` (exact, near, small) and pairs whose `pixel` hashes are equal."""
+    pairs = pd.DataFrame({"a": i, "b": j, "distance": np.round(1.0 - sim, 6), "kind": "embedding",
+                          "similarity": np.round(sim, 6)})
+    seen = set(zip(known["a"].tolist(), known["b"].tolist(), strict=True))
+    new = [(a, b) not in seen and pixel[a] != pixel[b] for a, b in zip(pairs["a"], pairs["b"], strict=True)]
+    return pairs[np.array(new, dtype=bool)]

@@ -1,4 +1,5 @@
-"""report/clean.html: the clean stage's counts and every duplicate group as thumbnails.
+"""report/clean.html: the clean stage's counts and every duplicate group as thumbnails; report/labels.html: the
+labels stage's flagged rows.
 
 One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose
 labels disagree, and groups where an extra image (competition.extra) duplicates a test image, come
@@ -113,4 +114,24 @@ def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dro
             f"{groups}{more}")
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head>'
             f'<body>{body}</body></html>')
+    return write_text(path, page)
+
+
+def write_labels_report(path: Path, table: pd.DataFrame, n_rows: int, max_items: int) -> Path:
+    """report/labels.html: the flagged rows as thumbnails, least self-confident first, given vs suggested label."""
+    items = []
+    for row in table.head(max_items).itertuples():
+        group = f"<br>group {html.escape(str(row.group))}" if hasattr(row, "group") else ""
+        items.append(f'<div class="item"><img src="{thumbnail(row.path)}" alt="">'
+                     f"<b>{html.escape(str(row.id))}</b><br>given {html.escape(str(row.given_label))}"
+                     f'<br><span class="tag">suggested {html.escape(str(row.suggested_label))}</span>'
+                     f"<br>self-confidence {row.self_confidence:.3f}{group}</div>")
+    more = (f"<p>{len(table) - max_items} more in label_issues.csv (clean.report_groups).</p>"
+            if len(table) > max_items else "")
+    body = (f"<h1>Label issues</h1><p>{len(table)} of {n_rows} training rows flagged by cleanlab's confident "
+            "learning on the chosen blend's out-of-fold probabilities, least confident in the given label first. "
+            "The group is the duplicate group the folds keep together.</p>"
+            f'<div class="group" style="flex-wrap:wrap">{"".join(items)}</div>{more}')
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Label issues</title>'
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
     return write_text(path, page)

@@ -1,9 +1,10 @@
-"""Folds stage: StratifiedGroupKFold with duplicate groups as groups, so no group spans two folds.
+"""Folds stage: StratifiedGroupKFold with duplicate groups as groups, so no group spans two folds
+(pipeline/data/splits.py does the splitting).
 
-Groups are the clean stage's duplicate groups, merged with `competition.group_column` (e.g. a
-patient id) when set. Writes folds.csv (clean.csv plus `split_group`, `fold` and `folds_hash`
-columns) and the stamp folds.json, whose `folds_hash`
-every later artifact records: training and ensembling refuse predictions made on another split.
+Reads WORK/clean.csv, written by the clean stage (pipeline/stages/clean.py). Groups are its duplicate groups,
+merged with `competition.group_column` (e.g. a patient id) when set. Writes folds.csv (clean.csv plus
+`split_group`, `fold` and `folds_hash` columns) and the stamp folds.json, whose `folds_hash` every later
+artifact records: training and ensembling refuse predictions made on another split.
 
 Extra rows (clean.csv rows with a `source`, from `competition.extra`) stay in folds.csv with fold -1:
 never a validation fold, so every fold's training set (`fold != k`) includes them and no OOF row
@@ -13,113 +14,24 @@ the competition's rows are split exactly as without extra data (the extra rows a
 splitter), so CV scores with and without extra data compare on the same folds.
 
 Per task (pipeline/scoring/tasks.py): single_label and ordinal stratify on the class (grade); regression on the
-target binned into quantiles (StratifiedGroupKFold on the bins, see `strata`); multi_label with iterative
-stratification on whole groups (`assign_multilabel_folds`).
+target binned into quantiles; multi_label with iterative stratification on whole groups (the stage gives
+pipeline/data/splits.py the multi-hot tags).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 
-import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.context import Context
 from pipeline.core.artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from pipeline.core.errors import PipelineError
-from pipeline.data import dedup
+from pipeline.data import splits
+from pipeline.data.quality import clean_csv
 from pipeline.scoring import tasks
 
 log = logging.getLogger(__name__)
-
-EXTRA_FOLD = -1  # the fold of extra training rows: in every fold's training set, in no validation set
-
-
-def split_groups(frame: pd.DataFrame) -> np.ndarray:
-    """Duplicate groups merged with the user's group column (e.g. patient id): connected components."""
-    if "user_group" not in frame.columns:
-        return frame["group"].to_numpy()
-    pos = pd.Series(np.arange(len(frame)))
-    firsts = [pos.groupby(frame[col].to_numpy()).transform("first").to_numpy() for col in ("group", "user_group")]
-    return dedup.groups(len(frame), np.concatenate(firsts), np.concatenate([pos.to_numpy()] * 2))
-
-
-def check_class_sizes(counts: pd.Series, n_splits: int) -> None:
-    """StratifiedGroupKFold needs one class with at least n_splits images (scikit-learn's ValueError otherwise)."""
-    largest, n = str(counts.index[0]), int(counts.iloc[0])
-    if n < n_splits:
-        fix = f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"
-        raise PipelineError(f"folds.n_splits={n_splits} needs a class with at least {n_splits} images, but "
-                            f"the largest, '{largest}', has {n} after cleaning: {fix}")
-
-
-def _check_groups(groups: np.ndarray, n_splits: int) -> None:
-    if len(np.unique(groups)) < n_splits:
-        n = len(np.unique(groups))
-        raise PipelineError(f"folds.n_splits={n_splits} but the images form only {n} independent groups "
-                            f"(duplicates and competition.group_column keep a group in one fold): "
-                            + (f"set folds.n_splits={n} or fewer" if n >= 2 else "add images"))
-
-
-def assign_folds(frame: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarray | None = None,
-                 strata: np.ndarray | None = None) -> np.ndarray:
-    """Fold index per row; rows sharing a group (default: the `group` column) always share a fold. Stratified on
-    `strata` (default: the `y` column, the class index)."""
-    groups = frame["group"].to_numpy() if groups is None else groups
-    _check_groups(groups, n_splits)
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    fold = np.full(len(frame), -1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the small-class warning is ours to print (below)
-        for k, (_, held) in enumerate(splitter.split(frame, frame["y"] if strata is None else strata, groups)):
-            fold[held] = k
-    return fold
-
-
-def assign_multilabel_folds(tags: np.ndarray, n_splits: int, seed: int, groups: np.ndarray) -> np.ndarray:
-    """Fold per row of multi-hot `tags`, no group spanning two folds: iterative stratification (Sechidis et al.
-    2011, the iterative-stratification package's MultilabelStratifiedKFold) over the groups, not the rows.
-
-    Each group becomes one sample whose labels are the union of its rows' tags (the splitter needs a 0/1
-    indicator matrix, so a group's tag counts cannot be given; duplicate groups are small and share their tags,
-    so the union loses little); the group's fold is then given to all its rows. A group counts as one sample, so
-    fold sizes in rows vary by the sizes of the groups."""
-    _check_groups(groups, n_splits)
-    codes = np.unique(groups, return_inverse=True)[1]
-    group_tags = np.zeros((codes.max() + 1, tags.shape[1]), dtype=int)
-    np.maximum.at(group_tags, codes, (np.asarray(tags) > 0).astype(int))
-    splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    group_fold = np.full(len(group_tags), -1)
-    for k, (_, held) in enumerate(splitter.split(np.zeros(len(group_tags)), group_tags)):
-        group_fold[held] = k
-    return group_fold[codes]
-
-
-def strata(values: np.ndarray, n_splits: int, max_bins: int = 10) -> np.ndarray:
-    """Quantile bins of a regression target for StratifiedGroupKFold: at most max_bins, each holding about
-    n_splits rows or more (ties share a bin)."""
-    bins = int(max(1, min(max_bins, len(values) // max(2 * n_splits, 1))))
-    return pd.qcut(pd.Series(values).rank(method="first"), bins, labels=False).to_numpy()
-
-
-def fold_report(frame: pd.DataFrame, tags: np.ndarray | None = None, by: np.ndarray | None = None) -> dict:
-    """Per-fold sizes and the largest gap between a fold's class share and the overall share: of the strata `by`
-    (default: the class `y`), or, given multi-hot `tags`, of each tag's frequency (share of rows holding it)."""
-    if tags is not None:
-        per_fold = pd.DataFrame(tags).groupby(frame["fold"].to_numpy()).mean()
-        deviation = float((per_fold - tags.mean(0)).abs().to_numpy().max())
-    else:
-        y = pd.Series(frame["y"].to_numpy() if by is None else by)
-        overall = y.value_counts(normalize=True)
-        share = y.groupby(frame["fold"].to_numpy()).value_counts(normalize=True).unstack(fill_value=0.0)
-        deviation = float((share - overall.reindex(share.columns)).abs().to_numpy().max())
-    groups_per_fold = frame.groupby("split_group" if "split_group" in frame else "group")["fold"].nunique()
-    return {"sizes": frame["fold"].value_counts().sort_index().tolist(),
-            "max_class_share_deviation": round(deviation, 4),
-            "groups_spanning_folds": int((groups_per_fold > 1).sum())}
 
 
 def run(ctx: Context) -> dict:
@@ -128,56 +40,24 @@ def run(ctx: Context) -> dict:
     classes = read_json(ctx.work_dir / "clean.json", "run `make clean-data`")["classes"]
     task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
     key = [] if task == "single_label" else [task, sep]  # single_label: the key it always had
-    fp = fingerprint("folds", file_digest(ctx.work_dir / "clean.csv"), classes, cfg.model_dump(), *key)  # all it reads
+    clean = clean_csv(ctx.work_dir)  # the clean stage's
+    fp = fingerprint("folds", file_digest(clean), classes, cfg.model_dump(), *key)  # all it reads
     if is_done(stamp, fp, [ctx.work_dir / "folds.csv"]):
         log.info(f"folds: up to date ({stamp})")
         return {"skipped": True, "folds_hash": fp}
-    frame = pd.read_csv(ctx.work_dir / "clean.csv", dtype={"id": str, "label": str, "user_group": str, "source": str},
+    frame = pd.read_csv(clean, dtype={"id": str, "label": str, "user_group": str, "source": str},
                         keep_default_na=False)
     if "source" not in frame.columns:
-        raise PipelineError(f"{ctx.work_dir / 'clean.csv'}: written by an older version (no 'source' column); "
+        raise PipelineError(f"{clean}: written by an older version (no 'source' column); "
                             "rerun `make clean-data`")
-    extra = (frame["source"] != "").to_numpy()
-    own = frame[~extra].copy()
-    own["split_group"] = split_groups(own)
-    report = _split(own, task, classes, sep, cfg.n_splits, cfg.seed)
-    if report["groups_spanning_folds"]:
-        raise PipelineError(f"folds: {report['groups_spanning_folds']} duplicate groups span folds; "
-                            "this is a bug, please report it")
-    frame["split_group"], frame["fold"] = EXTRA_FOLD, EXTRA_FOLD
-    frame.loc[~extra, ["split_group", "fold"]] = own[["split_group", "fold"]]
+    tags = tasks.multi_hot(frame["label"], classes, sep) if task == "multi_label" else None
+    frame, report = splits.make_folds(frame, task, cfg.n_splits, cfg.seed, tags, classes)
     frame["folds_hash"] = fp
-    report["extra_rows"] = int(extra.sum())
     write_csv(ctx.work_dir / "folds.csv", frame)
     write_stamp(stamp, fp, folds_hash=fp, n_splits=cfg.n_splits, classes=classes, task=task, **report)
-    note = (f"; {report['extra_rows']} extra rows in every fold's training set (fold {EXTRA_FOLD})"
-            if extra.any() else "")
+    note = (f"; {report['extra_rows']} extra rows in every fold's training set (fold {splits.EXTRA_FOLD})"
+            if report["extra_rows"] else "")
     what = {"multi_label": "tag-frequency", "regression": "target-bin share"}.get(task, "class-share")
     log.info(f"folds: {cfg.n_splits} folds, sizes {report['sizes']}, "
           f"max {what} deviation {report['max_class_share_deviation']}{note}")
     return {"folds_hash": fp, **report}
-
-
-def _split(own: pd.DataFrame, task: str, classes: list[str], sep: str, n_splits: int, seed: int) -> dict:
-    """Set own['fold'] the task's way (module docstring) and return the fold report."""
-    groups = own["split_group"].to_numpy()
-    if task == "multi_label":
-        tags = tasks.multi_hot(own["label"], classes, sep)
-        own["fold"] = assign_multilabel_folds(tags, n_splits, seed, groups)
-        report = fold_report(own, tags=tags)
-        share = pd.DataFrame(tags, columns=classes).groupby(own["fold"].to_numpy()).mean()
-        share.loc["all"] = tags.mean(0)
-        log.info("folds: tag frequency per fold\n" + share.to_string(float_format=lambda v: f"{v:.3f}"))
-        return report
-    if task == "regression":
-        bins = strata(own["y"].to_numpy(np.float64), n_splits)
-        own["fold"] = assign_folds(own, n_splits, seed, groups, strata=bins)
-        return fold_report(own, by=bins)
-    counts = own["label"].value_counts()
-    check_class_sizes(counts, n_splits)
-    small = counts[counts < n_splits]
-    if len(small):
-        log.warning(f"folds: warning: classes with fewer samples than folds ({n_splits}): "
-              f"{ {k: int(v) for k, v in small.items()} }; some folds will lack them")
-    own["fold"] = assign_folds(own, n_splits, seed, groups)
-    return fold_report(own)

@@ -1,11 +1,9 @@
 """Labels stage: label issues found by confident learning on the chosen blend's out-of-fold probabilities.
 
 Runs after the ensemble stage on WORK/ensemble/oof.parquet (the chosen blend's honest OOF probabilities, one
-row per competition training row; pipeline/stages/ensemble.py). cleanlab's `filter.find_label_issues` (default
-`prune_by_noise_rate`: it estimates the joint of given and true labels from the OOF probabilities and
-flags, per pair of classes, the rows least confident in their given label) lists the rows whose given label
-is probably wrong; each gets the blend's most likely class as its suggested label. OOF probabilities matter:
-a model's predictions on its own training rows have memorised their labels, noisy ones included.
+row per competition training row; pipeline/stages/ensemble.py). pipeline/scoring/label_issues.py finds the rows
+whose given label is probably wrong (cleanlab's `filter.find_label_issues`); each gets the blend's most likely
+class as its suggested label.
 
 Writes label_issues.csv (id, path, given_label, suggested_label, self_confidence, rank: 1 = least confident
 in its given label), report/labels.html (thumbnails, given vs suggested, with the duplicate group) and the
@@ -13,24 +11,22 @@ stamp labels.json, keyed by the OOF file's bytes, folds.csv (paths, groups) and 
 blend's OOF score against the given labels and against the given labels without the flagged rows.
 
 `clean.label_issues` (report, drop, relabel) says what the next clean run does with the list
-(pipeline/stages/clean.py). After drop or relabel, the models are trained on cleaned labels, and a fresh search on
-their OOF would rank only what is left, so the list would replace itself round after round (and a row
-relabelled once would get its given label back when a later list no longer names it). So the list is found
-once, on models trained on the given labels: while clean has applied this very file, the stage keeps it and
-prints the CV against the labels trained on and against the given ones. Delete the file (or set
-`clean.label_issues=report`) to search again.
+(pipeline/stages/clean.py reads it, pipeline/data/quality.py's `apply_label_issues` applies it). After drop or
+relabel, the models are trained on cleaned labels, and a fresh search on their OOF would rank only what is left,
+so the list would replace itself round after round (and a row relabelled once would get its given label back
+when a later list no longer names it). So the list is found once, on models trained on the given labels: while
+clean has applied this very file, the stage keeps it and prints the CV against the labels trained on and
+against the given ones. Delete the file (or set `clean.label_issues=report`) to search again.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 from pathlib import Path
 
 import cleanlab
 import numpy as np
 import pandas as pd
-from cleanlab.filter import find_label_issues
 
 from pipeline.context import Context
 from pipeline.core.artifacts import (
@@ -41,43 +37,21 @@ from pipeline.core.artifacts import (
     read_stamp,
     write_csv,
     write_stamp,
-    write_text,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.data import report
-from pipeline.scoring import metrics
+from pipeline.data.report import write_labels_report
+from pipeline.scoring.label_issues import (
+    COLUMNS,
+    issues_table,
+    label_issues_csv,
+    scores_cleaned_and_given,
+    scores_without_flagged,
+)
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
 
 log = logging.getLogger(__name__)
 
 WARN_SHARE = 0.1  # more rows flagged than this: the model, more likely than the labels, is poor (said in the output)
-COLUMNS = ["id", "path", "given_label", "suggested_label", "self_confidence", "rank"]
-
-
-def find_issues(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the rows cleanlab flags, least self-confident first, and every row's self-confidence.
-
-    Rows are renormalised first: blends (a stack, a rank average) need not sum to exactly one, which cleanlab
-    requires. n_jobs=1: the pipeline's machines share their cores, and the search takes well under a second.
-    """
-    proba = np.clip(np.asarray(proba, dtype=np.float64), 0, None)
-    proba = proba / np.maximum(proba.sum(1, keepdims=True), 1e-12)
-    flagged = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence", n_jobs=1)
-    return np.asarray(flagged, dtype=int), proba[np.arange(len(y)), y]
-
-
-def issues_table(oof: pd.DataFrame, proba: np.ndarray, classes: list[str], folds: pd.DataFrame) -> pd.DataFrame:
-    """label_issues.csv's rows (plus `group`, the duplicate group from folds.csv, when it has one)."""
-    flagged, confidence = find_issues(oof["y"].to_numpy(), proba)
-    rows = oof.iloc[flagged]
-    info = folds.set_index("id")
-    table = pd.DataFrame({"id": rows["id"].to_numpy(), "path": rows["id"].map(info["path"]).to_numpy(),
-                          "given_label": rows["label"].to_numpy(),
-                          "suggested_label": np.asarray(classes)[proba[flagged].argmax(1)],
-                          "self_confidence": confidence[flagged].round(6), "rank": np.arange(1, len(flagged) + 1)})
-    if "split_group" in info.columns:
-        table["group"] = rows["id"].map(info["split_group"]).to_numpy()
-    return table
 
 
 def _read_oof(ctx: Context) -> tuple[pd.DataFrame, np.ndarray, list[str], Path]:
@@ -96,7 +70,7 @@ def _read_oof(ctx: Context) -> tuple[pd.DataFrame, np.ndarray, list[str], Path]:
 
 def _applied(ctx: Context) -> bool:
     """Whether the models were trained on labels cleaned with this very label_issues.csv (see the module doc)."""
-    issues = ctx.work_dir / "label_issues.csv"
+    issues = label_issues_csv(ctx.work_dir)
     clean_meta = read_stamp(ctx.work_dir / "clean.json") or {}
     return (ctx.cfg.clean.label_issues != "report" and issues.exists()
             and clean_meta.get("label_issues_applied") == file_digest(issues))
@@ -104,10 +78,9 @@ def _applied(ctx: Context) -> bool:
 
 def _print_applied(ctx: Context, oof: pd.DataFrame, proba: np.ndarray) -> dict:
     """The CV against the labels the models were trained on and against the competition's given labels."""
-    metric, issues = ctx.cfg.competition.metric, ctx.work_dir / "label_issues.csv"
+    metric, issues = ctx.cfg.competition.metric, label_issues_csv(ctx.work_dir)
     given = oof["id"].map(ctx.competition.train.set_index("id")["label"])
-    y_given = given.map(ctx.competition.class_index).to_numpy()
-    cleaned, on_given = metrics.score(metric, oof["y"].to_numpy(), proba), metrics.score(metric, y_given, proba)
+    cleaned, on_given = scores_cleaned_and_given(metric, oof, proba, given, ctx.competition.class_index)
     log.info(f"labels: the models were trained with {issues} applied (clean.label_issues={ctx.cfg.clean.label_issues}),"
           f" so the list is kept (delete it to search again); OOF {metric} {cleaned:.4f} against the cleaned labels, "
           f"{on_given:.4f} against the given labels ({int((given != oof['label']).sum())} rows differ; "
@@ -125,7 +98,7 @@ def run(ctx: Context) -> dict:
         return _print_applied(ctx, oof, proba)
     folds_csv, metric = ctx.work_dir / "folds.csv", ctx.cfg.competition.metric
     work = ctx.work_dir
-    out, page, stamp = work / "label_issues.csv", work / "report" / "labels.html", work / "labels.json"
+    out, page, stamp = label_issues_csv(work), work / "report" / "labels.html", work / "labels.json"
     fp = fingerprint("labels", file_digest(oof_path), file_digest(folds_csv), cleanlab.__version__, metric,
                      ctx.cfg.clean.report_groups)
     if is_done(stamp, fp, [out, page]):
@@ -134,10 +107,7 @@ def run(ctx: Context) -> dict:
         return meta
     folds = pd.read_csv(folds_csv, dtype={"id": str})
     table = issues_table(oof, proba, classes, folds)
-    keep = ~oof["id"].isin(set(table["id"])).to_numpy()
-    y = oof["y"].to_numpy()
-    scores = {"cv_given": metrics.score(metric, y, proba),
-              "cv_given_except_flagged": metrics.score(metric, y[keep], proba[keep]) if keep.any() else None}
+    scores = scores_without_flagged(metric, oof, proba, table)
     write_csv(out, table[COLUMNS + (["group"] if "group" in table.columns else [])])
     write_labels_report(page, table, len(oof), ctx.cfg.clean.report_groups)
     meta = {"flagged": len(table), "rows": len(oof), "metric": metric, **scores}
@@ -149,23 +119,3 @@ def run(ctx: Context) -> dict:
         log.warning(f"labels: warning: {len(table) / len(oof):.0%} of the rows flagged; confident learning trusts the "
               "OOF probabilities, a weak model flags good labels: check the CV before clean.label_issues=drop|relabel")
     return meta
-
-
-def write_labels_report(path: Path, table: pd.DataFrame, n_rows: int, max_items: int) -> Path:
-    """report/labels.html: the flagged rows as thumbnails, least self-confident first, given vs suggested label."""
-    items = []
-    for row in table.head(max_items).itertuples():
-        group = f"<br>group {html.escape(str(row.group))}" if hasattr(row, "group") else ""
-        items.append(f'<div class="item"><img src="{report.thumbnail(row.path)}" alt="">'
-                     f"<b>{html.escape(str(row.id))}</b><br>given {html.escape(str(row.given_label))}"
-                     f'<br><span class="tag">suggested {html.escape(str(row.suggested_label))}</span>'
-                     f"<br>self-confidence {row.self_confidence:.3f}{group}</div>")
-    more = (f"<p>{len(table) - max_items} more in label_issues.csv (clean.report_groups).</p>"
-            if len(table) > max_items else "")
-    body = (f"<h1>Label issues</h1><p>{len(table)} of {n_rows} training rows flagged by cleanlab's confident "
-            "learning on the chosen blend's out-of-fold probabilities, least confident in the given label first. "
-            "The group is the duplicate group the folds keep together.</p>"
-            f'<div class="group" style="flex-wrap:wrap">{"".join(items)}</div>{more}')
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Label issues</title>'
-            f"<style>{report.STYLE}</style></head><body>{body}</body></html>")
-    return write_text(path, page)
