@@ -3,7 +3,7 @@
 Real digits with no download, like pipeline/data/digits.py. Each image is a 2x2 grid of cells; one to four
 cells hold a digit (8x8, upscaled `scale`x by pixel repetition, 2x to 16x16 by default, at a random offset
 of 0-4 pixels inside its cell of 8*scale+4 pixels), the others stay black: 40x40 grayscale PNGs by default;
-`--scale 3` gives 24x24 digits in 28x28 cells, 56x56 images (the form of issue 14's held-out bars).
+`--scale 3` gives 24x24 digits in 28x28 cells, 56x56 images (a counting competition's form: 56x56 collages).
 - multi_label: the label is the sorted set of digit classes present, space-separated ("1 3 7"; a
   digit drawn twice counts once).
 - regression: the target is the sum of the digits present, written as a float ("17.0"); with

@@ -4,11 +4,10 @@ on the whole batch at once, with its own random parameters per image (as albumen
 The operations and their parameters are training/augment.py's PRESETS, read by both builders. Every operation is
 written here on torch alone, and on purpose none of them reads a tensor back to the host: a read-back (`.item()`,
 a boolean index, a copy of parameters drawn on the CPU) makes the host wait until the GPU's queue is empty, and
-the GPU then idles while the host prepares the next kernels. kornia.augmentation, used here before, did that five
-times per batch in version 0.9 (its generators draw from their CPU-held ranges and copy the draws over; its random
-resized crop reads the boxes back), measured with benchmarks/gpu.py on an H100: the medium preset on the GPU ran
-at 0.38-0.72 of a bare loop, below albumentations in the loader workers. torchvision.transforms.v2 draws one
-parameter set per call (the whole batch would flip together), so it cannot serve either. Here:
+the GPU then idles while the host prepares the next kernels. That rules out kornia.augmentation (its generators draw
+on the CPU and copy the draws over; its random resized crop reads the boxes back: several host waits per batch,
+counted by benchmarks/gpu.py, figures in docs/benchmarks.md); torchvision.transforms.v2 draws one parameter set per
+call (the whole batch would flip together), so it cannot serve either. Here:
 
 - flips and per-image choices are torch.where masks; parameters are drawn with torch.rand on the batch's device;
 - the random resized crop (torchvision's and albumentations' ten tries, vectorised) and the affine moves are one
