@@ -1,4 +1,4 @@
-"""A multi-object, multi-class detection competition, generated: the held-out form of issue 17.
+"""A multi-object, multi-class detection competition, generated: several shapes per image, in several classes.
 
 Each image (128x128 by default) is a textured background -- a smooth colour field overlaid with
 one of stripes, checks or blotches and pixel noise -- with 1-4 objects from 10 classes pasted on
