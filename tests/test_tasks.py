@@ -12,10 +12,11 @@ import torch
 from pipeline.cli import main
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.data import splits as folds
 from pipeline.data.competition import read_competition
 from pipeline.data.labels import detect_task
-from pipeline.scoring import blend, submission, tasks, thresholds
-from pipeline.stages import folds
+from pipeline.scoring import blend, nested, submission, tasks, thresholds
+from pipeline.scoring.blend import BlendSettings
 from pipeline.training import heads
 from pipeline.training.tta import merge
 
@@ -159,27 +160,27 @@ def test_blends_of_numbers_keep_the_scale_and_fit_planted_weights():
     y = rng.normal(50, 10, 300)
     a, b = y + rng.normal(0, 2, 300), y + rng.normal(0, 8, 300)  # a is the better model
     P = np.stack([a, b])[:, :, None]
-    rows = {r["model"]: r for r in blend.evaluate(P, y, np.arange(300) % 5, ["a", "b"], "rmse")}
+    rows = {r.model: r for r in nested.leaderboard(P, y, np.arange(300) % 5, ["a", "b"], BlendSettings("rmse"))}
     assert set(rows) == {"a", "b", "mean", "rank", "weights", "caruana"}  # no geometric, no stack for numbers
-    rank = blend.combine(P, np.array([0.5, 0.5]), "rank_values")
+    rank = blend.RankBlend(on_scale=True).fit(P, y).predict(P)
     assert np.sort(rank[:, 0]) == pytest.approx(np.sort(P.mean(0)[:, 0]))  # the mean blend's values, re-ordered
-    w = blend.fit_weights(P, y, "rmse")  # squared-error optimum: inverse noise variances, 16:1
+    w = blend.WeightedBlend("rmse").fit(P, y).weights_  # squared-error optimum: inverse noise variances, 16:1
     assert w[0] == pytest.approx(16 / 17, abs=0.05)
-    best = blend.pick(list(rows.values()), "rmse")
-    assert best["honest_score"] <= rows["b"]["honest_score"] and best["model"] in ("a", "weights", "caruana")
+    best = nested.chosen_row(list(rows.values()), "rmse")
+    assert best.honest_score <= rows["b"].honest_score and best.model in ("a", "weights", "caruana")
 
 
 def test_thresholds_are_nested_in_a_rows_honest_score():
     rng = np.random.default_rng(0)
     y = (rng.random((400, 3)) < 0.4).astype(int)
     p = np.clip(0.3 * y + rng.random((400, 3)) * 0.5, 0, 1)  # positives sit above 0.3, so 0.5 misses many
-    rows = blend.evaluate(p[None], y, np.arange(400) % 4, ["m"], "f1_samples", cuts="per_class")
-    row = rows[0]
-    fixed = blend.evaluate(p[None], y, np.arange(400) % 4, ["m"], "f1_samples")[0]
-    assert fixed["thresholds"] is None and row["thresholds"].shape == (3,)
+    fold_ids = np.arange(400) % 4
+    row = nested.leaderboard(p[None], y, fold_ids, ["m"], BlendSettings("f1_samples", thresholds="per_class"))[0]
+    fixed = nested.leaderboard(p[None], y, fold_ids, ["m"], BlendSettings("f1_samples"))[0]
+    assert fixed.thresholds is None and row.thresholds.shape == (3,)
     honest, fitted, _ = thresholds.nested_thresholds(p, y, np.arange(400) % 4, "f1_samples", per_class=True)
-    assert row["honest_score"] == pytest.approx(honest) and row["thresholds"] == pytest.approx(fitted)
-    assert row["cv_score"] > row["honest_score"] > fixed["honest_score"]  # tuning helps; in-sample flatters it
+    assert row.honest_score == pytest.approx(honest) and row.thresholds == pytest.approx(fitted)
+    assert row.cv_score > row.honest_score > fixed.honest_score  # tuning helps; in-sample flatters it
 
 
 # --- submissions --------------------------------------------------------------------------------------------------

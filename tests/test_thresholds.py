@@ -125,3 +125,27 @@ def test_nested_ordinal_is_honest_and_still_beats_midpoints():
     assert th.fit_ordinal(proba, np.array([0, 1, 1, 0]), n_grades=3).shape == (2,)
     np.testing.assert_array_equal(th.fit_ordinal(np.array([0.0, 1.0]), np.array([0, 1]), n_grades=3)[1:],
                                   midpoints(3)[1:])
+
+
+def test_decision_thresholds_estimator_fits_cuts_and_nests_like_the_functions():
+    """DecisionThresholds is fit_multilabel / fit_ordinal behind fit and transform; nested over folds
+    (nested.nested_decisions) it scores what nested_thresholds and nested_ordinal_thresholds score."""
+    from pipeline.scoring.nested import nested_decisions
+
+    pred, y = planted()
+    folds = np.arange(len(y)) % 4
+    for policy in ("per_class", "global"):
+        per_class = policy == "per_class"
+        cutter = th.DecisionThresholds("f1_samples", policy).fit(pred, y)
+        np.testing.assert_array_equal(cutter.thresholds_, th.fit_multilabel(pred, y, "f1_samples", per_class))
+        assert score("f1_samples", y, cutter.transform(pred)) == score("f1_samples", y, pred, cutter.thresholds_)
+        honest, _, _ = th.nested_thresholds(pred, y, folds, "f1_samples", per_class=per_class)
+        assert score("f1_samples", y, nested_decisions(cutter, pred, y, folds)) == pytest.approx(honest)
+    g, grades = miscalibrated()
+    cutter = th.DecisionThresholds("qwk", "per_class", n_grades=5).fit(g, grades)
+    np.testing.assert_array_equal(cutter.thresholds_, th.fit_ordinal(g, grades, 5))
+    assert cutter.transform(g).shape == (len(g), 1)
+    honest, _, _ = th.nested_ordinal_thresholds(g, grades, np.arange(len(g)) % 5, 5)
+    assert score("qwk", grades, nested_decisions(cutter, g, grades, np.arange(len(g)) % 5)) == pytest.approx(honest)
+    for unfitted in (th.DecisionThresholds("f1_samples", "fixed"), th.DecisionThresholds("accuracy", "per_class")):
+        assert unfitted.fit(pred, y).thresholds_ is None and unfitted.transform(pred) is pred

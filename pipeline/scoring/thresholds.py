@@ -6,6 +6,8 @@ search from there: tag by tag, the threshold that maximises the whole metric wit
 until a round changes nothing. Ordinal QWK depends on where a continuous grade is cut into grades;
 `fit_ordinal` is the "OptimizedRounder" of the APTOS/PANDA solutions: sorted cut points starting at
 the midpoints, moved one at a time to the candidate (between its neighbours) with the best QWK.
+`DecisionThresholds` wraps both as one estimator for any metric: `fit(pred, y)` then `transform(pred)`
+into the decisions the metric's default thresholds score the same way.
 
 Thresholds chosen on the same OOF rows they are scored on overstate the score, like fitted blend
 weights (pipeline/scoring/blend.py). The `nested_*` functions fit on the other folds and apply to the
@@ -17,9 +19,11 @@ from the edges where the score drops is the one most likely to hold on new rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pipeline.scoring.metrics import FBETA, expected_grade, midpoints, qwk, score, to_grades
+from pipeline.scoring.metrics import FBETA, METRICS, decide, expected_grade, midpoints, qwk, score, to_grades
 
 GRID = np.round(np.arange(1, 100) / 100, 2)  # 0.01 .. 0.99
 TOL = 1e-12  # scores this close are ties
@@ -206,3 +210,45 @@ def nested_ordinal_thresholds(pred: np.ndarray, y: np.ndarray, folds: np.ndarray
         per_fold[int(f)] = qwk(y[held], g[held], cuts)
     return qwk(y, grades, midpoints(k)), fit_ordinal(g, y, k), per_fold
 
+
+
+@dataclass
+class DecisionThresholds:
+    """A thresholded metric's cut points as an estimator: `fit(pred, y)` tunes them (per tag or one for all tags
+    for multi-label F-scores, cut points for ordinal qwk), `transform(pred)` cuts predictions at them.
+
+    policy: per_class, global or fixed (`ensemble.thresholds`); n_grades: the grades of an ordinal task. Under
+    `fixed`, or for a metric without thresholds, fit learns nothing and transform returns the predictions."""
+
+    metric: str
+    policy: str = "fixed"
+    n_grades: int | None = None
+
+    def __post_init__(self) -> None:
+        self.thresholds_: float | np.ndarray | None = None
+
+    @property
+    def tuned(self) -> bool:
+        """Whether fit tunes anything (a thresholded metric under a policy other than fixed)."""
+        return self.policy != "fixed" and METRICS[self.metric].thresholded
+
+    def fit(self, pred: np.ndarray, y: np.ndarray) -> DecisionThresholds:
+        if not self.tuned:
+            self.thresholds_ = None
+        elif self.metric == "qwk":
+            self.thresholds_ = fit_ordinal(pred, y, self.n_grades)
+        else:
+            self.thresholds_ = fit_multilabel(pred, y, self.metric, per_class=self.policy == "per_class")
+        return self
+
+    def transform(self, pred: np.ndarray) -> np.ndarray:
+        """Predictions cut at the fitted thresholds into what the metric's default thresholds score the same way:
+        0/1 tag decisions, or whole grades (one column). Without thresholds, the predictions themselves."""
+        if self.thresholds_ is None:
+            return pred
+        if self.metric == "qwk":
+            return to_grades(pred, self.thresholds_).astype(np.float64).reshape(-1, 1)
+        return decide(pred, self.thresholds_).astype(np.float64)
+
+    def unfitted(self) -> DecisionThresholds:
+        return DecisionThresholds(self.metric, self.policy, self.n_grades)

@@ -3,8 +3,8 @@
 Reads only prediction files of one schema: WORK/runs/<experiment>/{oof,test}.parquet and any other
 pair of such files under WORK (an AutoGluon baseline, a model trained elsewhere). Files made on
 another split or class list are skipped with a message. Every single model and every blend
-(pipeline/scoring/blend.py) goes on the leaderboard with its in-sample and honest (nested-CV) score; the
-chosen blend is the best honest one unless `ensemble.method` names another. Writes
+(pipeline/scoring/blend.py) goes on the leaderboard with its in-sample and honest (nested-CV) score
+(pipeline/scoring/nested.py); the chosen blend is the best honest one unless `ensemble.method` names another. Writes
 WORK/ensemble/{leaderboard.csv, weights.json, oof.parquet, test.parquet} and
 submissions/<competition>.csv, and ends with the experiments table (WORK/experiments.csv).
 """
@@ -22,7 +22,8 @@ from pipeline.core import experiments
 from pipeline.core.artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from pipeline.core.config import config_hash
 from pipeline.core.errors import PipelineError
-from pipeline.scoring import blend, submission, tasks
+from pipeline.scoring import blend, nested, submission, tasks
+from pipeline.scoring.blend import BlendSettings
 from pipeline.scoring.predictions import read_parquet_meta, write_parquet
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     return models
 
 
-def _stack(models: dict, classes: list[str], task: str = "single_label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prediction_arrays(models: dict, classes: list[str], task: str = "single_label"
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(OOF predictions (n_models, n_rows, n_columns), test predictions in the first model's test order, test ids)."""
     cols = tasks.columns(task, classes)
     first_test = next(iter(models.values()))[1]
     P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
@@ -97,57 +100,57 @@ def run(ctx: Context) -> dict:
     if is_done(stamp, fp, [sub_path]):
         meta = read_json(stamp, "rerun `make ensemble`")
         log.info(f"ensemble: up to date; chosen {meta['chosen']}, honest CV {meta['metric']} {meta['honest_score']:.4f}"
-              f"{_nested_pick_text(meta)}; submission {sub_path}")
+              f"{_auto_pick_nested_text(meta)}; submission {sub_path}")
         _experiments_table(ctx, meta.get("leaderboard", []))
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
     task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
-    P, T, test_ids = _stack(models, folds_meta["classes"], task)
+    P, T, test_ids = _prediction_arrays(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
     y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
-    n_grades = len(folds_meta["classes"]) if task == "ordinal" else None
+    settings = BlendSettings(metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c, cfg.thresholds,
+                             len(folds_meta["classes"]) if task == "ordinal" else None, cfg.stack_lightgbm)
     if cfg.stack_lightgbm and not blend.lightgbm_available():
         log.info("ensemble: ensemble.stack_lightgbm=true but lightgbm does not import; no LightGBM stack "
               "(pip install lightgbm)")
-    board_rows = blend.evaluate(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
-                                cfg.thresholds, n_grades, cfg.stack_lightgbm)
+    board_rows = nested.leaderboard(P, y, folds, names, settings)
     try:
-        chosen = blend.pick(board_rows, metric, cfg.method)
+        chosen = nested.chosen_row(board_rows, metric, cfg.method)
     except KeyError:
         raise PipelineError(f"ensemble.method={cfg.method}: no such model or blend; "
-                            f"choose from {[r['model'] for r in board_rows]}") from None
-    board = pd.DataFrame([{k: (json.dumps(v) if k == "weights" else v) for k, v in r.items()
-                           if k not in ("oof", "params", "thresholds")} for r in board_rows])
+                            f"choose from {[r.model for r in board_rows]}") from None
+    board = pd.DataFrame([{**r.summary(), "weights": json.dumps(r.weights)} for r in board_rows])
     write_csv(ctx.work_dir / "ensemble" / "leaderboard.csv", board)
-    _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen["model"])
-    auto = auto_pick_honesty(P, y, folds, names, metric, cfg, chosen, board_rows, n_grades)
+    _print_board(board.drop(columns=["how"]), metric, len(y), len(np.unique(folds)), chosen.model)
+    auto = auto_pick_honesty(P, y, folds, names, settings, cfg.method, chosen, board_rows)
     auto["tta_optimism"] = tta_optimism(models, metric)
-    test_proba = blend.apply(T, chosen["params"], chosen["how"])  # weights or stack fitted on all OOF rows
+    test_proba = chosen.predict(T)  # weights or stack fitted on all OOF rows
     _write_blend_predictions(ctx, rows, chosen, test_ids, test_proba, folds_meta, task)
-    cuts = chosen.get("thresholds")
+    cuts = chosen.thresholds
     if cuts is not None:
-        log.info(f"ensemble: {metric} thresholds of {chosen['model']}, tuned on its OOF rows (nested in its honest "
+        log.info(f"ensemble: {metric} thresholds of {chosen.model}, tuned on its OOF rows (nested in its honest "
               f"score): {np.round(np.atleast_1d(cuts), 3).tolist()}")
     frame = submission.build(comp, test_ids, test_proba, submission.output_kind(comp, cfg.output), cuts)
     if ctx.cfg.clean.transfer_test_labels and overrides.exists():
         frame, n = submission.apply_overrides(frame, comp, overrides)
         log.info(f"ensemble: clean.transfer_test_labels=true: {n} test rows take the label of their training duplicate "
               f"({overrides})")
-    manifest = {"models": names, "chosen": chosen["model"], "weights": chosen["weights"], "how": chosen["how"],
-                "metric": metric, "cv_score": chosen["cv_score"], "honest_score": chosen["honest_score"], **auto,
+    manifest = {"models": names, "chosen": chosen.model, "weights": chosen.weights, "how": chosen.how,
+                "metric": metric, "cv_score": chosen.cv_score, "honest_score": chosen.honest_score, **auto,
                 "thresholds": None if cuts is None else np.atleast_1d(cuts).tolist(),
                 "folds_hash": folds_meta["folds_hash"],
                 "config_hash": config_hash(ctx.cfg),
-                "leaderboard": [{k: r[k] for k in ("model", "cv_score", "honest_score")} for r in board_rows]}
+                "leaderboard": [{"model": r.model, "cv_score": r.cv_score, "honest_score": r.honest_score}
+                                for r in board_rows]}
     path = submission.write(frame, comp, ctx.submissions_dir, manifest)
     write_stamp(stamp, fp, **manifest, submission=str(path))
-    log.info(f"ensemble: chosen {chosen['model']}: honest CV {metric} {chosen['honest_score']:.4f}"
-          f"{_nested_pick_text(auto)}; submission written to {path}")
+    log.info(f"ensemble: chosen {chosen.model}: honest CV {metric} {chosen.honest_score:.4f}"
+          f"{_auto_pick_nested_text(auto)}; submission written to {path}")
     _experiments_table(ctx, manifest["leaderboard"])
     return {**manifest, "submission": str(path)}
 
 
-def _nested_pick_text(auto: dict) -> str:
+def _auto_pick_nested_text(auto: dict) -> str:
     """The honest figure of `auto` itself beside the chosen row's: that row was picked for its honest score,
     so the pick's own nested score (picked on the other folds) is the number to quote."""
     if auto.get("auto_pick_nested_score") is not None:
@@ -167,9 +170,9 @@ def _experiments_table(ctx: Context, leaderboard: list[dict]) -> None:
           + experiments.format_table(frame, ctx.cfg.competition.metric))
 
 
-def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], metric: str, cfg,
-                      chosen: dict, board_rows: list[dict], n_grades: int | None = None) -> dict:
-    """The honest score of the `auto` pick (blend.nested_pick), printed and recorded in weights.json.
+def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: list[str], settings: BlendSettings,
+                      method: str, chosen: nested.BoardRow, board_rows: list[nested.BoardRow]) -> dict:
+    """The honest score of the `auto` pick (nested.nested_auto_pick), printed and recorded in weights.json.
 
     The chosen row's honest_score is the best of every row's honest score, so under `auto` it is
     selection-optimistic; auto_pick_nested_score picks on the other folds and scores the held-out one.
@@ -177,19 +180,18 @@ def auto_pick_honesty(P: np.ndarray, y: np.ndarray, folds: np.ndarray, names: li
     figure is then labelled selection-optimistic, off by about the best minus the median honest score
     when the rows are equally good and differ by noise only (the expected excess of a maximum)."""
     none = {"auto_pick_nested_score": None, "auto_picks_by_fold": None, "auto_pick_optimism": None}
-    if cfg.method != "auto":
+    if method != "auto":
         return none
-    result = blend.nested_pick(P, y, folds, names, metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c,
-                               cfg.thresholds, n_grades, cfg.stack_lightgbm)
+    result = nested.nested_auto_pick(P, y, folds, names, settings)
     if result is None:
-        spread = abs(chosen["honest_score"] - float(np.median([r["honest_score"] for r in board_rows])))
+        spread = abs(chosen.honest_score - float(np.median([r.honest_score for r in board_rows])))
         log.info(f"ensemble: auto pick, nested: needs 3 folds; its honest score is selection-optimistic, "
               f"by about {spread:.4f} (best minus median honest score) if the rows differ by noise only")
         return {**none, "auto_pick_optimism": spread}
-    picks = ", ".join(f"fold {k}: {m}" for k, m in result["picks"].items())
-    log.info(f"ensemble: auto pick, nested: {result['score']:.4f} (picked on the other folds: {picks})")
-    return {**none, "auto_pick_nested_score": result["score"],
-            "auto_picks_by_fold": {str(k): m for k, m in result["picks"].items()}}
+    picks = ", ".join(f"fold {k}: {m}" for k, m in result.picks.items())
+    log.info(f"ensemble: auto pick, nested: {result.score:.4f} (picked on the other folds: {picks})")
+    return {**none, "auto_pick_nested_score": result.score,
+            "auto_picks_by_fold": {str(k): m for k, m in result.picks.items()}}
 
 
 def tta_optimism(models: dict, metric: str) -> dict[str, float]:
@@ -209,12 +211,12 @@ def tta_optimism(models: dict, metric: str) -> dict[str, float]:
     return gaps
 
 
-def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: dict, test_ids, test_proba,
+def _write_blend_predictions(ctx: Context, rows: pd.DataFrame, chosen: nested.BoardRow, test_ids, test_proba,
                              folds_meta: dict, task: str = "single_label") -> None:
     """The chosen blend's honest OOF and its test probabilities, in the per-model schema (for notebooks)."""
     cols = tasks.columns(task, folds_meta["classes"])
-    meta = {"model": chosen["model"], "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
-    oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen["oof"], columns=cols)], axis=1)
+    meta = {"model": chosen.model, "classes": folds_meta["classes"], "folds_hash": folds_meta["folds_hash"]}
+    oof = pd.concat([rows[["id", "fold", "label", "y"]], pd.DataFrame(chosen.oof, columns=cols)], axis=1)
     test = pd.concat([pd.DataFrame({"id": test_ids}), pd.DataFrame(test_proba, columns=cols)], axis=1)
     write_parquet(ctx.work_dir / "ensemble" / "oof.parquet", oof, meta)
     write_parquet(ctx.work_dir / "ensemble" / "test.parquet", test, meta)
