@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.context import Context
@@ -181,8 +182,19 @@ def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeyp
     assert hard.soft is None and hard.pseudo_keys != data.pseudo_keys  # the targets are in the fold's key
 
 
-def test_soft_targets_train(tmp_path):
-    """The engine learns from probability targets (ArrayDataset and the loss take (N, classes) rows)."""
+def test_soft_targets_train(tmp_path, monkeypatch):
+    """The engine learns from probability targets: the loss it minimises is computed against the pseudo rows'
+    probability vectors (the fold-0 model's planted one), not against one-hot labels."""
+    from pipeline.training import trainer as trainer_module
+
+    seen = []
+
+    def recording_loss(logits, target, weight=None):
+        seen.append(target.detach().clone())
+        return real_loss(logits, target, weight)
+
+    real_loss = trainer_module.soft_cross_entropy
+    monkeypatch.setattr(trainer_module, "soft_cross_entropy", recording_loss)
     ctx, stamp = _work(tmp_path, "fold", labels="soft")
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0], stamp)
     data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
@@ -192,3 +204,9 @@ def test_soft_targets_train(tmp_path):
     settings = Context(cfg, ctx.data_dir, ctx.work_dir).fold_settings()
     meta = fold_module.train_fold(settings, "d2l_lenet", 0, data, name="m-r2")
     assert meta["epochs_run"] == 1 and np.isfinite(meta["metric"])
+    targets = torch.cat(seen).numpy()
+    planted = np.full(len(CLASSES), 0.1 / len(CLASSES))
+    planted[0] += 0.9  # the fold-0 model's vector (temperature 1: unchanged)
+    is_soft = ~np.isclose(targets.max(1), 1.0)
+    assert is_soft.sum() == len(ctx.competition.test)  # one batch holds every row: each pseudo row once
+    np.testing.assert_allclose(targets[is_soft], np.tile(planted, (is_soft.sum(), 1)), atol=1e-6)
