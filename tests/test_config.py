@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline.core.config import Config, config_hash, defaults_yaml, load_config, parse_overrides
 from pipeline.core.errors import PipelineError
@@ -8,10 +9,20 @@ from pipeline.core.errors import PipelineError
 from .conftest import REPO
 
 
+def _sections(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, type[BaseModel]]:
+    """Every section by its dotted name (detect.train), sections inside sections included."""
+    out = {}
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out[prefix + name] = field.annotation
+            out |= _sections(field.annotation, f"{prefix}{name}.")
+    return out
+
+
 def test_defaults_have_a_description_for_every_key():
-    for section in Config.model_fields.values():
-        for name, field in section.annotation.model_fields.items():
-            assert field.description, f"{name} has no one-line explanation"
+    for dotted, section in _sections().items():
+        for name, field in section.model_fields.items():
+            assert field.description, f"{dotted}.{name} has no one-line explanation"
 
 
 def test_default_yaml_is_in_sync_with_the_models():
@@ -81,12 +92,44 @@ def test_config_hash_changes_with_values():
     assert config_hash(a.folds) == config_hash(b.folds)
 
 
-def test_readme_config_reference_lists_every_key():
+def test_config_reference_lists_every_key():
+    """docs/config.md's table has a row per section of keys (detect: one per sub-section) naming every key."""
     rows = {}
-    for line in (REPO / "README.md").read_text().split("## Config reference", 1)[1].splitlines():
+    table = (REPO / "docs" / "config.md").read_text().split("## Sections and keys", 1)[1].split("\n\n", 2)[1]
+    for line in table.splitlines():
         if line.startswith("| `"):
             section, keys = line.split("|")[1:3]
             rows[section.strip(" `")] = keys
-    for name, section in Config.model_fields.items():
-        missing = [k for k in section.annotation.model_fields if f"`{k}`" not in rows.get(name, "")]
-        assert not missing, f"README config reference, section {name}: add {missing}"
+    for dotted, section in _sections().items():
+        keys = [k for k, f in section.model_fields.items() if dotted + "." + k not in _sections()]
+        missing = [k for k in keys if f"`{k}`" not in rows.get(dotted, "")]
+        assert not missing, f"docs/config.md config reference, section {dotted}: add {missing}"
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [
+    ("detect.epochs=3", "detect.train.epochs"), ("detect.tta_scales=[1.0]", "detect.views.scales"),
+    ("detect.fusion_iou=[0.5]", "detect.fusion.iou"), ("detect.map_score_threshold=0.1",
+                                                       "detect.evaluate.map_score_threshold")])
+def test_a_detect_key_without_its_section_suggests_the_sectioned_key(override, suggestion):
+    key = override.split("=")[0]
+    with pytest.raises(PipelineError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"override '{override}': unknown config key '{key}' (did you mean '{suggestion}'?)"
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [
+    ("detect.folds=1", "detect.folds.n_splits"), ("detect.model=fcos", "detect.model.name"),
+    ("detect.anchors=auto", "detect.anchors.mode")])
+def test_a_detect_section_given_a_value_suggests_its_key(override, suggestion):
+    with pytest.raises(PipelineError) as err:
+        load_config(None, [override])
+    assert str(err.value) == (f"overrides: config key '{override.split('=')[0]}' is a section, not a value "
+                              f"(did you mean '{suggestion}'?)")
+
+
+def test_a_flat_detect_key_in_a_yaml_file_suggests_the_sectioned_key(tmp_path: Path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("detect:\n  epochs: 3\n")
+    with pytest.raises(PipelineError, match=r"exp.yaml: unknown config key 'detect.epochs' \(did you mean "
+                                            r"'detect.train.epochs'\?\)"):
+        load_config(path)

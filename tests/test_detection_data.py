@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.config import CompetitionConfig, DetectDataConfig
 from pipeline.core.errors import PipelineError
 from pipeline.detection.data import box_targets, decoded, read_detection
 
@@ -28,7 +28,7 @@ def _folder(root: Path, rows: list[list], test: list[str] | None = None, val: li
 
 
 def _read(root: Path, **cfg):
-    return read_detection(root, DetectConfig(**cfg), CompetitionConfig())
+    return read_detection(root, DetectDataConfig(**cfg), CompetitionConfig(), seed=0)
 
 
 def test_boxes_are_grouped_per_image_normalised_and_padded(tmp_path):

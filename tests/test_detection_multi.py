@@ -10,7 +10,7 @@ import torch
 from ensemble_boxes import weighted_boxes_fusion
 
 from pipeline.cli import main
-from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.config import CompetitionConfig, DetectDataConfig
 from pipeline.core.errors import PipelineError
 from pipeline.detection.anchors import auto_anchors, box_shapes
 from pipeline.detection.augment import BoxAugment, BoxAugmentSettings
@@ -34,7 +34,7 @@ def test_shapes_folder_has_many_objects_and_classes_per_image_with_tight_boxes(t
     assert pd.read_csv(again / "train.csv").equals(train)  # deterministic for a seed
     assert sorted(pd.read_csv(data / "test_solution.csv")["image"].unique()) == pd.read_csv(data / "test.csv")[
         "image"].tolist()
-    read = read_detection(data, DetectConfig(), CompetitionConfig())
+    read = read_detection(data, DetectDataConfig(), CompetitionConfig(), seed=0)
     targets = box_targets(read.train, read.classes)
     assert targets.shape == (30, per_image.max(), 5) and int((targets[..., 0] >= 0).sum()) == len(train)
     first = train[train["image"] == read.train.images["image"][0]]
@@ -203,10 +203,12 @@ def test_detect_folds_train_fuse_and_write_a_leaderboard(tmp_path, capsys):
     """The short multi-object `make detect`: 2 folds of 1 epoch at 64 px; every piece written and consistent."""
     data = build_shapes(tmp_path / "shapes", n_train=24, n_val=6, n_test=6, seed=2)
     work, subs = tmp_path / "work", tmp_path / "subs"
-    args = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs), "detect.image_size=64",
-            "detect.epochs=1", "detect.batch_size=8", "detect.folds=2", "detect.gallery_images=2",
-            "detect.anchors=auto", "detect.mosaic=0.5", "detect.colour=0.2", "detect.fusion_iou=[0.5,0.6]",
-            "detect.fusion_skip=[0.01]", "runtime.device=cpu", "runtime.threads=1", "tracking.backend=none"]
+    args = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs),
+            "detect.train.image_size=64", "detect.train.epochs=1", "detect.train.batch_size=8",
+            "detect.folds.n_splits=2", "detect.predict.gallery_images=2", "detect.anchors.mode=auto",
+            "detect.augment.mosaic=0.5", "detect.augment.colour=0.2", "detect.fusion.iou=[0.5,0.6]",
+            "detect.fusion.skip=[0.01]",
+            "runtime.device=cpu", "runtime.threads=1", "tracking.backend=none"]
     assert main(args) == 0
     out = work / "detect"
     printed = capsys.readouterr().out
@@ -232,7 +234,7 @@ def test_detect_folds_train_fuse_and_write_a_leaderboard(tmp_path, capsys):
     assert capsys.readouterr().out.count("model up to date") == 2
 
     # A second configuration into the same WORK (same folds): both join one WBF blend and one leaderboard.
-    assert main(args + ["detect.lr=0.02", "detect.name=ssd-lr2"]) == 0
+    assert main(args + ["detect.train.lr=0.02", "detect.folds.name=ssd-lr2"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("model up to date") == 0 and "2 configurations in" in printed
     board = pd.read_csv(out / "leaderboard.csv")
@@ -244,7 +246,7 @@ def test_detect_folds_train_fuse_and_write_a_leaderboard(tmp_path, capsys):
     assert len(fusions) == 3 and metrics["oof_map_50"] == pytest.approx(fusions["oof_map_50"].max(), abs=1e-4)
     assert metrics["configurations"] == ["ssd-lr2", "tinyssd"]
     # Other folds (another seed) cannot be blended on OOF: that configuration is named and left out.
-    assert main(args + ["detect.seed=5", "detect.name=other-folds"]) == 0
+    assert main(args + ["detect.train.seed=5", "detect.folds.name=other-folds"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("left out of the blend: trained on other folds") == 2
     assert json.loads((out / "metrics.json").read_text())["configurations"] == ["other-folds"]

@@ -56,9 +56,9 @@ def test_the_detect_stage_writes_a_manifest_and_a_history_copy_per_new_submissio
     data = build_bananas(tmp_path / "bananas", n_train=8, n_val=4, n_test=4, seed=1)
     subs = tmp_path / "subs"
     args = ["detect", "--data", str(data), "--work", str(tmp_path / "work"), "--submissions", str(subs),
-            "detect.folds=1",
-            "detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=0",
-            "detect.tta=none"]
+            "detect.folds.n_splits=1",
+            "detect.train.image_size=64", "detect.train.epochs=1", "detect.train.batch_size=4",
+            "detect.predict.gallery_images=0", "detect.evaluate.tta=none"]
     assert main(args) == 0
     manifest = json.loads((subs / "bananas.manifest.json").read_text())
     metrics = json.loads((tmp_path / "work" / "detect" / "metrics.json").read_text())
@@ -67,6 +67,6 @@ def test_the_detect_stage_writes_a_manifest_and_a_history_copy_per_new_submissio
     assert len(list((subs / "history").iterdir())) == 1
     assert main(args) == 0 and "predictions up to date" in capsys.readouterr().out  # nothing new: no new copy
     assert len(list((subs / "history").iterdir())) == 1
-    assert main([*args, "detect.score_threshold=0.5"]) == 0
+    assert main([*args, "detect.predict.score_threshold=0.5"]) == 0
     assert len(list((subs / "history").iterdir())) == 2
     assert json.loads((subs / "bananas.manifest.json").read_text())["score_threshold"] == 0.5

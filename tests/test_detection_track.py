@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.core.config import DetectConfig
+from pipeline.core.config import DecodeConfig, DetectTrainConfig
 from pipeline.core.errors import PipelineError
 from pipeline.detection.bananas import build_bananas
 from pipeline.detection.boxes import mirror_boxes, multibox_detection
@@ -34,7 +34,7 @@ def test_decoding_equals_the_course_multibox_detection_then_threshold():
     anchors = torch.cat((xy, xy + torch.rand(a, 2, generator=gen) * 0.2 + 0.02), 1)[None]
     logits = torch.randn(b, a, c + 1, generator=gen) * 3
     offsets = torch.randn(b, a * 4, generator=gen) * 0.5
-    cfg = DetectConfig(nms_threshold=0.3, max_detections=1000, box_voting=None)
+    cfg = DecodeConfig(nms_threshold=0.3, max_detections=1000, box_voting=None)
     sizes = torch.tensor([[1.0, 1.0]] * b)
     ours = Detector(None, cfg, Runtime()).select(*candidates(anchors, logits, offsets), sizes, score_threshold=0.4)
     course = multibox_detection(logits.softmax(-1).permute(0, 2, 1), offsets, anchors, nms_threshold=0.3,
@@ -50,7 +50,7 @@ def test_max_detections_keeps_the_best_per_image():
     gen = torch.Generator().manual_seed(1)
     anchors = torch.rand(1, 50, 2, generator=gen).repeat(1, 1, 2) + torch.tensor([0, 0, 0.05, 0.05])
     logits = torch.randn(2, 50, 2, generator=gen)
-    det = Detector(None, DetectConfig(max_detections=3, nms_threshold=1.0, box_voting=None), Runtime())
+    det = Detector(None, DecodeConfig(max_detections=3, nms_threshold=1.0, box_voting=None), Runtime())
     out = det.select(*candidates(anchors, logits, torch.zeros(2, 200)), torch.tensor([[100.0, 50.0]] * 2), 0.0)
     for i in range(2):
         assert len(out[i]["scores"]) == 3
@@ -66,12 +66,12 @@ def test_box_voting_averages_the_boxes_each_kept_box_suppressed():
                            [[0.0, 3.0, -9], [0.0, -9, 2.0], [0.0, -9, -9], [0.0, -9, -9]]])
     probs = logits.softmax(-1)
     found = candidates(anchors, logits, torch.zeros(2, 16))
-    det = Detector(None, DetectConfig(box_voting=0.5), Runtime()).select(*found, torch.ones(2, 2), 0.05)
+    det = Detector(None, DecodeConfig(box_voting=0.5), Runtime()).select(*found, torch.ones(2, 2), 0.05)
     w = probs[0, :3, 1]
     assert torch.allclose(det[0]["boxes"][0], (w[:, None] * anchors[0, :3]).sum(0) / w.sum())
     assert torch.allclose(det[0]["boxes"][1], anchors[0, 3])  # overlaps nothing: unchanged
     assert torch.allclose(det[1]["boxes"], anchors[0, :2]) and det[1]["labels"].tolist() == [0, 1]  # classes vote apart
-    plain = Detector(None, DetectConfig(box_voting=None), Runtime()).select(*found, torch.ones(2, 2), 0.05)
+    plain = Detector(None, DecodeConfig(box_voting=None), Runtime()).select(*found, torch.ones(2, 2), 0.05)
     assert [len(d["scores"]) for d in plain] == [2, 2] and torch.equal(plain[0]["scores"], det[0]["scores"])
 
 
@@ -80,7 +80,7 @@ def test_hflip_tta_gives_mirrored_detections_for_a_mirrored_image():
     torch.manual_seed(0)
     model = TinySSD(2).eval()
     images = torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8)
-    detector = Detector(model, DetectConfig(), Runtime(), tta="hflip")
+    detector = Detector(model, DecodeConfig(), Runtime(), tta="hflip")
     with torch.no_grad():
         probs, boxes = detector.run(images)
         probs_m, boxes_m = detector.run(images.flip(-1))
@@ -88,7 +88,7 @@ def test_hflip_tta_gives_mirrored_detections_for_a_mirrored_image():
     mirror = torch.cdist(mirror_boxes(anchors), anchors).argmin(1)  # found by position, not by mirror_index
     assert torch.allclose(probs_m[:, mirror], probs, atol=1e-5)
     assert torch.allclose(mirror_boxes(boxes_m[:, mirror]), boxes, atol=1e-5)
-    plain = Detector(model, DetectConfig(), Runtime())
+    plain = Detector(model, DecodeConfig(), Runtime())
     with torch.no_grad():
         assert not torch.allclose(plain.run(images.flip(-1))[0][:, mirror], plain.run(images)[0], atol=1e-5)
 
@@ -154,7 +154,7 @@ def _tiny_trainer(tmp_path, epochs: int, fp: str = "fp") -> DetectionTrainer:
     xy = torch.rand(12, 1, 2, generator=gen) * 0.5
     y = torch.cat((torch.zeros(12, 1, 1), xy, xy + 0.3), -1)
     torch.manual_seed(0)
-    cfg = DetectConfig(epochs=epochs, batch_size=5, image_size=64, lr=0.05)
+    cfg = DetectTrainConfig(epochs=epochs, batch_size=5, image_size=64, lr=0.05)
     sizes = torch.tensor([[64.0, 64.0]] * 4)
     return DetectionTrainer(TinySSD(1), cfg, x, y, x[:4], y[:4], sizes, tmp_path, fp, Runtime())
 
@@ -179,9 +179,9 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     data = build_bananas(tmp_path / "bananas", n_train=192, n_val=32, n_test=16, seed=1)
     work, subs = tmp_path / "work", tmp_path / "subs"
     args = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs),
-            "detect.image_size=128", "detect.epochs=10", "detect.batch_size=16", "detect.gallery_images=8",
-            "detect.folds=1"]
-    loose = args + ["detect.gallery_score_threshold=0.05"]  # a short run scores low: draw its boxes too
+            "detect.train.image_size=128", "detect.train.epochs=10", "detect.train.batch_size=16",
+            "detect.predict.gallery_images=8", "detect.folds.n_splits=1"]
+    loose = args + ["detect.predict.gallery_score_threshold=0.05"]  # a short run scores low: draw its boxes too
     assert main(loose) == 0
     out = work / "detect"
     history = pd.read_csv(out / "history.csv")
@@ -201,7 +201,8 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     maps = score_submission(subs / "bananas.csv", data / "test_solution.csv")
     assert maps["map_50"] > 0.15, maps  # 16 test images; about 0.35 here
     capsys.readouterr()
-    assert main(loose + ["detect.score_threshold=0.5"]) == 0  # a threshold only: predictions redone, no training
+    # a threshold only: predictions redone, no training
+    assert main(loose + ["detect.predict.score_threshold=0.5"]) == 0
     assert "model up to date" in capsys.readouterr().out
     strict = pd.read_csv(subs / "bananas.csv", keep_default_na=False)
     count = lambda frame: sum(len(s.split()) // 6 for s in frame["PredictionString"])  # noqa: E731

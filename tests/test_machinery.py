@@ -259,8 +259,9 @@ def test_ssd_loss_on_a_hand_computed_case():
 def _detect_cmd(data: Path, work: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "detect", "--data", str(data), "--work", str(work),
             "--submissions", str(work / "subs"),
-            "detect.folds=1",
-            "detect.image_size=64", "detect.epochs=4", "detect.batch_size=8", "detect.gallery_images=0"]
+            "detect.folds.n_splits=1",
+            "detect.train.image_size=64", "detect.train.epochs=4", "detect.train.batch_size=8",
+            "detect.predict.gallery_images=0"]
 
 
 @pytest.mark.slow

@@ -33,8 +33,9 @@ CLASSIFY = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.epochs=1",
             "ensemble.caruana_rounds=5", "tune.n_trials=1", "tune.epochs=1", "tune.pruner=none",
             "autogluon.folds=[0]", "autogluon.epochs=1", "autogluon.image_size=16", "autogluon.batch_size=8",
             "autogluon.backbone=resnet10t", f"autogluon.python={REPO / '.venv-autogluon' / 'bin' / 'python'}"]
-DETECT = ["detect.image_size=64", "detect.epochs=1", "detect.batch_size=4", "detect.gallery_images=2", "detect.folds=1",
-          "detect.tta=none", "runtime.device=cpu", "runtime.threads=1"]
+DETECT = ["detect.train.image_size=64", "detect.train.epochs=1", "detect.train.batch_size=4",
+          "detect.predict.gallery_images=2", "detect.folds.n_splits=1", "detect.evaluate.tta=none",
+          "runtime.device=cpu", "runtime.threads=1"]
 STAMPS = {"clean": ["clean.json"], "folds": ["folds.json"],
           "train": ["runs/d2l_lenet/fold0/best.json", "runs/d2l_lenet/fold1/best.json"],
           "predict": ["runs/d2l_lenet/predict.json"], "ensemble": ["ensemble/weights.json"],
@@ -68,10 +69,10 @@ CASES = [
     Case("tune", "tune", "tune.epochs=2", {"tune"}, train_image={"clean", "tune"}, test_image={"clean"}),
     Case("autogluon", "autogluon", "autogluon.epochs=2", {"autogluon"},
          train_image={"clean", "autogluon"}, test_image={"clean", "autogluon"}),
-    Case("detect:train", "detect", "detect.epochs=2", CHAINS["detect"],
+    Case("detect:train", "detect", "detect.train.epochs=2", CHAINS["detect"],
          train_image=CHAINS["detect"], test_image={"detect:predict"}),
-    Case("detect:evaluate", "detect", "detect.map_score_threshold=0.02", {"detect:evaluate"}),
-    Case("detect:predict", "detect", "detect.score_threshold=0.3", {"detect:predict"}),
+    Case("detect:evaluate", "detect", "detect.evaluate.map_score_threshold=0.02", {"detect:evaluate"}),
+    Case("detect:predict", "detect", "detect.predict.score_threshold=0.3", {"detect:predict"}),
 ]
 
 

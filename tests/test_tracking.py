@@ -197,16 +197,16 @@ def test_two_processes_create_a_new_store_at_once(tmp_path: Path):
 def test_the_detection_track_logs_its_training_too(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = build_bananas(tmp_path / "bananas", n_train=8, n_val=4, n_test=4, seed=1)
-    overrides = ["detect.folds=1",
-                 "detect.image_size=64", "detect.epochs=2", "detect.batch_size=4", "detect.gallery_images=0",
-                 "detect.tta=none", "runtime.device=cpu"]
+    overrides = ["detect.folds.n_splits=1",
+                 "detect.train.image_size=64", "detect.train.epochs=2", "detect.train.batch_size=4",
+                 "detect.predict.gallery_images=0", "detect.evaluate.tta=none", "runtime.device=cpu"]
     ctx = Context(load_config(None, overrides), data, tmp_path / "w", tmp_path / "subs")
     orchestrate.run("detect", ctx)
     uri = tracking.default_uri(ctx.work_dir)
     (run,) = _runs(uri, "bananas").values()
     assert run.info.run_name == "tinyssd" and run.data.tags["stage"] == "detect" and run.info.status == "FINISHED"
     params = run.data.params
-    assert (params["model"], params["detect.epochs"], params["detect.loss"]) == ("TinySSD", "2", "ssd")
+    assert (params["model"], params["detect.train.epochs"], params["detect.train.loss"]) == ("TinySSD", "2", "ssd")
     history = pd.read_csv(ctx.work_dir / "detect" / "history.csv")
     client = MlflowClient(tracking_uri=uri)
     assert set(run.data.metrics) == set(history.columns) - {"epoch"}

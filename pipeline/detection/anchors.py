@@ -1,4 +1,4 @@
-"""Anchor sizes and ratios from the training boxes (`detect.anchors=auto`), as YOLO derives its anchors.
+"""Anchor sizes and ratios from the training boxes (`detect.anchors.mode=auto`), as YOLO derives its anchors.
 
 TinySSD lays out anchors as the course's multibox_prior does: per scale, every size at the first
 ratio and the first size at the other ratios. auto fits k-means (scikit-learn) to the log box

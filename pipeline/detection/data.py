@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.artifacts import content_key, fingerprint
-from pipeline.core.config import CompetitionConfig, DetectConfig
+from pipeline.core.config import CompetitionConfig, DetectDataConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data.cache import cached_decode
 from pipeline.data.competition import ID_CANDIDATES, resolve_paths
@@ -164,9 +164,11 @@ def _subset(split: Split, keep: np.ndarray) -> Split:
     return Split(split.images.iloc[keep].reset_index(drop=True), boxes.reset_index(drop=True))
 
 
-def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig, holdout: bool = True) -> DetectionData:
-    """The folder's splits. Without val.csv, val_fraction of train.csv is held out when `holdout` (one model);
-    otherwise (folds) the validation split is empty and every training image is out of fold once."""
+def read_detection(root: Path, cfg: DetectDataConfig, comp: CompetitionConfig, seed: int,
+                   holdout: bool = True) -> DetectionData:
+    """The folder's splits. Without val.csv, val_fraction of train.csv (drawn with `seed`) is held out when
+    `holdout` (one model); otherwise (folds) the validation split is empty and every training image is out of
+    fold once."""
     root = Path(root)
     train_csv = root / cfg.train_csv
     if not train_csv.is_file():
@@ -178,7 +180,7 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig, holdo
     elif not holdout:
         val, source = _subset(train, np.arange(0)), "none (folds)"
     else:
-        order = np.random.default_rng(cfg.seed).permutation(len(train.images))
+        order = np.random.default_rng(seed).permutation(len(train.images))
         n_val = max(1, int(round(cfg.val_fraction * len(order))))
         if n_val >= len(order):
             raise PipelineError(f"{train_csv}: {len(order)} image(s) are too few to hold out a validation split; "
@@ -193,6 +195,27 @@ def read_detection(root: Path, cfg: DetectConfig, comp: CompetitionConfig, holdo
         raise PipelineError(f"{root / (cfg.val_csv or cfg.train_csv)}: label '{unknown[0]}' never occurs in "
                             f"{cfg.train_csv}; the model cannot learn it")
     return DetectionData(classes, train, val, _read_test(root / cfg.test_csv, root, comp), source)
+
+
+@dataclass
+class Arrays:
+    """One split as the network sees it, decoded once per stage run."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    targets: torch.Tensor  # (N, G, 5) normalised boxes, class -1 pads
+    sizes: torch.Tensor  # (N, 2) width, height in pixels
+
+    def take(self, idx) -> Arrays:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Arrays(self.images[idx], self.targets[idx], self.sizes[idx])
+
+
+def split_arrays(split: Split, classes: list[str], cache: Path, size: int, name: str) -> Arrays:
+    """A split's images decoded at size x size (into the cache folder), its box targets and image sizes."""
+    if not len(split.images):
+        return Arrays(torch.zeros(0, 3, size, size, dtype=torch.uint8), box_targets(split, classes), torch.zeros(0, 2))
+    return Arrays(decoded(split, cache, size, f"detect-{name}"), box_targets(split, classes),
+                  torch.tensor(split.images[["width", "height"]].to_numpy(), dtype=torch.float32))
 
 
 def decoded(split: Split, folder: Path, size: int, desc: str) -> torch.Tensor:

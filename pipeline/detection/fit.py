@@ -5,7 +5,7 @@ all offset entries, masked ones counted as zero error) and the same two plus mAP
 mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
 training loop (pipeline/training/loop.py), which owns reseeding, resume from `last.*`, history and printing,
 as it does for classification; this module plugs in the epoch over the in-memory images (seeded
-batch order and flips) and the evaluation. torchvision's detectors (detect.model retinanet, fcos,
+batch order and flips) and the evaluation. torchvision's detectors (detect.model.name retinanet, fcos,
 ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
 losses, and the course's class error and bbox MAE, defined on TinySSD's anchors, are not reported
 for them.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from pipeline.core.config import DetectConfig
+from pipeline.core.config import DecodeConfig, DetectTrainConfig, EvaluateConfig
 from pipeline.detection.boxes import mirror_boxes, multibox_target
 from pipeline.detection.infer import Detector, mean_average_precision
 from pipeline.detection.tinyssd import outputs
@@ -73,16 +73,17 @@ def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime)
 
 
 @torch.no_grad()
-def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
-             sizes: torch.Tensor, ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
+def evaluate(model, decode: DecodeConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
+             sizes: torch.Tensor, batch_size: int, map_score_threshold: float,
+             ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
     """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images; TinySSD only: they
-    are defined on its anchors), mAP@0.5 and COCO mAP with the current decoding settings. The plain forward pass
-    is shared by all options."""
+    are defined on its anchors), mAP@0.5 and COCO mAP (of the boxes scored at least map_score_threshold) with these
+    decoding settings. The plain forward pass is shared by all options."""
     model.eval()
     tinyssd = not isinstance(model, TorchvisionDetector)
-    detectors = {t: Detector(model, cfg, runtime, t) for t in ttas}
+    detectors = {t: Detector(model, decode, runtime, t) for t in ttas}
     counts, detections = torch.zeros(4, dtype=torch.float64), {t: [] for t in ttas}
-    for idx in torch.arange(len(images)).split(cfg.batch_size * runtime.eval_batch_factor):
+    for idx in torch.arange(len(images)).split(batch_size * runtime.eval_batch_factor):
         if tinyssd:
             anchors, cls_preds, bbox_preds, targets = forward(model, images[idx], labels[idx], runtime)
             bbox_labels, bbox_masks, cls_labels = targets
@@ -92,7 +93,7 @@ def evaluate(model, cfg: DetectConfig, runtime: Runtime, images: torch.Tensor, l
             first = model.candidates(images[idx], runtime)
         for t, detector in detectors.items():
             detections[t] += detector.select(*detector.run(images[idx], first=first),
-                                             sizes[idx], cfg.map_score_threshold)
+                                             sizes[idx], map_score_threshold)
     course = {"val_class_err": float(counts[0] / counts[1]), "val_bbox_mae": float(counts[2] / counts[3])}
     return {t: (course if tinyssd else {}) | mean_average_precision(detections[t], labels, sizes) for t in ttas}
 
@@ -104,7 +105,7 @@ class DetectionTrainer:
     (torchvision_models.TorchvisionDetector.losses), and its history has one column per loss term."""
 
     model: torch.nn.Module
-    cfg: DetectConfig
+    cfg: DetectTrainConfig
     train_x: torch.Tensor  # (N, 3, S, S) uint8
     train_y: torch.Tensor  # (N, G, 5)
     val_x: torch.Tensor
@@ -114,6 +115,8 @@ class DetectionTrainer:
     fingerprint: str
     runtime: Runtime
     augment: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # batch index -> images, targets
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # the per-epoch validation's decoding
+    evaluation: EvaluateConfig = field(default_factory=EvaluateConfig)  # and its mAP's score threshold
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -185,7 +188,8 @@ class DetectionTrainer:
         return sum(losses[k] for k in self.loss_terms), terms
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.cfg, self.runtime, self.val_x, self.val_y, self.val_sizes)["none"]
+        return evaluate(self.model, self.decode, self.runtime, self.val_x, self.val_y, self.val_sizes,
+                        self.cfg.batch_size, self.evaluation.map_score_threshold)["none"]
 
     def end_epoch(self, epoch: int, monitored: float | None) -> None:
         pass  # the schedule steps per update
@@ -203,5 +207,5 @@ class DetectionTrainer:
     def fit(self) -> list[dict]:
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)
         self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="detect:",
-                                 diverged_fix="lower detect.lr")
+                                 diverged_fix="lower detect.train.lr")
         return self.history

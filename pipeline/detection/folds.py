@@ -48,8 +48,8 @@ def assign_folds(groups: np.ndarray, strata: np.ndarray, n_splits: int, seed: in
     """Fold index per image; images of one group always share a fold."""
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise PipelineError(f"detect.folds={n_splits} but the training images form only {n_groups} independent "
-                            f"groups (duplicates share a fold); lower detect.folds")
+        raise PipelineError(f"detect.folds.n_splits={n_splits} but the training images form only {n_groups} "
+                            f"independent groups (duplicates share a fold); lower detect.folds.n_splits")
     fold = np.full(len(groups), -1)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), strata.astype(str), groups)):

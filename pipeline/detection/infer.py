@@ -22,7 +22,7 @@ from torchvision.ops import batched_nms
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from pipeline.core.artifacts import atomic_write
-from pipeline.core.config import DetectConfig
+from pipeline.core.config import DecodeConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data.labels import sort_classes
 from pipeline.data.table import read_table
@@ -43,8 +43,8 @@ class Detector:
     anchor with the original's (the anchor grid is mirror-symmetric), before any thresholding.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: DetectConfig, runtime: Runtime, tta: str = "none"):
-        self.model, self.cfg, self.runtime, self.tta = model, cfg, runtime, tta
+    def __init__(self, model: torch.nn.Module, decode: DecodeConfig, runtime: Runtime, tta: str = "none"):
+        self.model, self.decode, self.runtime, self.tta = model, decode, runtime, tta
 
     def run(self, images: torch.Tensor, first: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class probabilities (B, A, C + 1), boxes (B, A, 4) in [0, 1]) for a uint8 batch; `first` reuses
@@ -66,12 +66,13 @@ class Detector:
         image, anchor = (conf >= score_threshold).nonzero(as_tuple=True)
         scores, labels, found = conf[image, anchor], cls[image, anchor], boxes[image, anchor]
         groups = image * probs.shape[-1] + labels
-        keep = batched_nms(found, scores, groups, self.cfg.nms_threshold)
+        keep = batched_nms(found, scores, groups, self.decode.nms_threshold)
         # batched_nms sorts by score; regroup by image, best first
         keep = keep[torch.argsort(image[keep], stable=True)]
         first = torch.searchsorted(image[keep], image[keep])
-        keep = keep[torch.arange(len(keep), device=keep.device) - first < self.cfg.max_detections]
-        kept = box_voting(found, scores, groups, keep, self.cfg.box_voting) if self.cfg.box_voting else found[keep]
+        keep = keep[torch.arange(len(keep), device=keep.device) - first < self.decode.max_detections]
+        voting = self.decode.box_voting
+        kept = box_voting(found, scores, groups, keep, voting) if voting else found[keep]
         scale = sizes.to(boxes.device, torch.float32).repeat(1, 2)  # (B, 4): w, h, w, h
         pixel = kept * scale[image[keep]]
         counts = torch.bincount(image[keep], minlength=b).tolist()
