@@ -97,8 +97,6 @@ def test_folder_contract_and_hidden_solution(tmp_path, task):
 
 @pytest.mark.parametrize("task", collages.TASKS)
 def test_the_reader_accepts_the_folder(tmp_path, task):
-    if "task" not in CompetitionConfig.model_fields:
-        pytest.skip("competition.task arrives with the tasks-core branch")
     from pipeline.data.competition import read_competition
     out = build(tmp_path, task)
     comp = read_competition(out, CompetitionConfig(task=task))
