@@ -14,6 +14,17 @@ from pipeline.data.digits import build_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The one tiny classification config of the suite: 2 folds, 1 epoch of LeNet on 16 px images, on one CPU thread, no
+# TTA. Tests pass their own differences after it (a key given again replaces the earlier value).
+TINY = ("folds.n_splits=2", "train.epochs=1", "train.image_size=16", "train.batch_size=8", "train.warmup_epochs=0",
+        "model.backbones=[d2l_lenet]", "runtime.device=cpu", "runtime.threads=1", "clean.workers=1",
+        "predict.tta=[identity]")
+
+
+def tiny(*extra: str) -> list[str]:
+    """The tiny config's overrides followed by `extra` (which win)."""
+    return [*TINY, *extra]
+
 
 def write_competition(root: Path, n_per_class: int = 4, classes=("cat", "dog"), n_test: int = 3, seed: int = 0) -> Path:
     """A valid competition of random RGB PNGs: train.csv, test.csv, sample_submission.csv."""

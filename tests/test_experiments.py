@@ -16,7 +16,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.experiments import resolve, select
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
 
-from .conftest import write_competition
+from .conftest import tiny, write_competition
 
 
 def _resolve(*overrides: str):
@@ -105,9 +105,7 @@ def test_only_must_name_an_experiment():
         load_config(None, ["model.backbones=[resnet18, d2l_lenet]", "model.only=[r18]"])
 
 
-TINY = ["folds.n_splits=2", "train.epochs=1", "train.image_size=8", "train.batch_size=8", "train.warmup_epochs=0",
-        "runtime.device=cpu", "runtime.threads=1", "clean.workers=1", "predict.tta=[identity]",
-        "ensemble.caruana_rounds=3"]
+TINY = tiny("train.image_size=8", "ensemble.caruana_rounds=3")  # model.backbones: each test's spec
 
 
 def _spec(lr_b: float) -> str:

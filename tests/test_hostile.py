@@ -15,6 +15,8 @@ import pytest
 
 from pipeline.cli import main
 
+from .conftest import tiny
+
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file's bytes (links by target), to assert that a run left the competition folder byte-identical."""
@@ -186,8 +188,7 @@ def test_exponent_floats_read_as_numbers(tmp_path: Path, capsys):
 
 # --- train: settings met before the first epoch ---------------------------------------------------
 
-TINY_TRAIN = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=1",
-              "runtime.device=cpu"]
+TINY_TRAIN = tiny("train.image_size=8")
 
 
 def test_unknown_albumentations_argument(comp_dir: Path, tmp_path: Path, capsys):
