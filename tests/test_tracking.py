@@ -20,10 +20,10 @@ from pipeline.detection.bananas import build_bananas
 from pipeline.training import fold as fold_module
 from pipeline.training import tracking
 
-from .conftest import REPO, write_competition
+from .conftest import REPO, tiny, write_competition
 
-TINY = ["model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.image_size=8", "train.epochs=2", "train.lr=0.01",
-        "train.batch_size=4", "runtime.device=cpu"]
+TINY = tiny("train.image_size=8", "train.epochs=2", "train.lr=0.01", "train.batch_size=4", "train.warmup_epochs=1",
+             "predict.tta=[identity,hflip]")  # warmup and TTA at their defaults, as these tests had them
 COLUMNS = ["train_loss", "train_acc", "val_acc", "val_accuracy", "lr", "seconds"]
 
 
