@@ -26,11 +26,9 @@ from pipeline.stages import clean, folds, predict
 from pipeline.stages import train as train_stage
 from pipeline.training import fold as fold_module
 
-from .conftest import natural_image, write_competition
+from .conftest import natural_image, tiny, write_competition
 
-FAST = ["folds.n_splits=2", "clean.workers=1", "model.backbones=[d2l_lenet]", "train.epochs=1", "train.image_size=16",
-        "train.batch_size=8", "train.warmup_epochs=0", "runtime.device=cpu", "runtime.threads=1",
-        "predict.tta=[identity]"]
+FAST = tiny()
 
 
 def _ctx(data: Path, work: Path, *overrides: str) -> Context:
