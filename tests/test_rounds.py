@@ -25,7 +25,7 @@ from pipeline.stages import clean, rounds
 from pipeline.stages import folds as folds_stage
 from pipeline.training import fold as fold_module
 
-from .conftest import write_competition
+from .conftest import tiny, write_competition
 
 CLASSES = ["a", "b", "c"]
 N_FOLDS = 2
@@ -131,9 +131,7 @@ def test_a_round_trains_on_pseudo_rows_and_scores_competition_rows_only(tmp_path
     the ensemble blends both rounds."""
     work = tmp_path / "work"
     args = ["--data", str(small_digits), "--work", str(work), "--no-tuned", "--submissions", str(tmp_path / "subs"),
-            "model.backbones=[d2l_lenet]", "folds.n_splits=2", "train.epochs=1", "train.image_size=16",
-            "runtime.device=cpu", "runtime.threads=1", "clean.workers=1", "predict.tta=[identity]",
-            "ensemble.include_other=false"]
+            *tiny("ensemble.include_other=false")]
     plan = "rounds.plan=[{experiments: [{name: lenet-r2, backbone: d2l_lenet}], pseudo: {threshold: 0.0}}]"
     assert main(["ensemble", *args, plan]) == 0
     first = pd.read_parquet(work / "runs" / "d2l_lenet" / "oof.parquet")["id"]
@@ -141,11 +139,13 @@ def test_a_round_trains_on_pseudo_rows_and_scores_competition_rows_only(tmp_path
     assert sorted(second) == sorted(first)
     made = pd.read_csv(work / "rounds" / "round2" / "pseudo.csv", dtype={"id": str})
     assert len(made) == 2 * 80 and not set(made["id"]) & set(second)  # threshold 0: every test image, per fold
-    assert "lenet-r2" in capsys.readouterr().out.split("ensemble: OOF")[1]  # on the leaderboard
+    assert "lenet-r2" in set(pd.read_csv(work / "ensemble" / "leaderboard.csv")["model"])  # blended with round 1
+    stamps = {name: (work / "runs" / name / "fold0" / "best.json") for name in ("d2l_lenet", "lenet-r2")}
+    before = {name: path.stat().st_mtime_ns for name, path in stamps.items()}
     capped = plan.replace("threshold: 0.0", "threshold: 0.0, max_per_class: 1")
     assert main(["rounds", *args, capped]) == 0
-    out = capsys.readouterr().out
-    assert "train: d2l_lenet fold 0 up to date" in out and "train: lenet-r2 fold 0 up to date" not in out
+    after = {name: path.stat().st_mtime_ns for name, path in stamps.items()}
+    assert after["d2l_lenet"] == before["d2l_lenet"] and after["lenet-r2"] != before["lenet-r2"]  # new pseudo rows
 
 
 class _Stop(Exception):
