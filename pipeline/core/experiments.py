@@ -1,7 +1,7 @@
 """Experiments: the named run specs of `model.backbones`, resolved against the base config, and their table.
 
 An entry of `model.backbones` is a bare backbone name (an experiment of that name with no overrides)
-or a spec `{name, backbone, seeds, image_sizes, train, model, predict}` (pipeline/core/config.py checks
+or a spec `{name, backbone, seeds, image_sizes, train, model, predict}` (pipeline/core/config/specs.py checks
 it). `resolve` turns the entries into experiments, each with its own complete train, model and
 predict sections: the base sections with the entry's overrides, seed and size sweeps expanded into
 one experiment each. The train and predict stages run each experiment with these sections, so their
