@@ -197,5 +197,5 @@ def test_detect_stage_with_a_torchvision_detector_submits_and_keys_the_model_cho
     assert "model up to date" in capsys.readouterr().out
     assert main(base + [f"detect.model.pretrained_path={tmp_path / 'tiny.pt'}"]) == 2  # a TinySSD file for SSDlite
     err = capsys.readouterr().err
-    assert err.startswith("error: detect.pretrained_path=") and "fits neither the ssdlite detector" in err
+    assert err.startswith("error: detect.model.pretrained_path=") and "fits neither the ssdlite detector" in err
     assert err.count("\n") == 1

@@ -1,11 +1,11 @@
-"""torchvision's detectors beside TinySSD (`detect.model`): RetinaNet and FCOS on a timm backbone with
+"""torchvision's detectors beside TinySSD (`detect.model.name`): RetinaNet and FCOS on a timm backbone with
 torchvision's FPN, and SSDlite on torchvision's MobileNetV3; random init, or weights from a local file.
 
 The detectors are torchvision's own (anchors, heads, losses, box coders); this module adapts them to
 the detection track's conventions, so the shared trainer, evaluation and prediction path serve them
 as they serve TinySSD:
 
-- input: uint8 batches at `detect.image_size`, scaled to [0, 1] by the runtime; torchvision's
+- input: uint8 batches at `detect.train.image_size`, scaled to [0, 1] by the runtime; torchvision's
   GeneralizedRCNNTransform normalises them and, with min_size = max_size = the image size, leaves
   their size alone (the images are already square at that size).
 - training: ground truth rows (class, x1, y1, x2, y2 in [0, 1], class -1 pads) become torchvision's
@@ -46,7 +46,8 @@ from pipeline.training.runtime import Runtime
 from pipeline.training.weights import read_state_dict, readable_file
 
 KINDS = ("retinanet", "fcos", "ssdlite")
-FPN_KINDS = ("retinanet", "fcos")  # the ones on a timm backbone with an FPN (detect.backbone, detect.fpn_channels)
+# the ones on a timm backbone with an FPN (detect.model.backbone, detect.model.fpn_channels)
+FPN_KINDS = ("retinanet", "fcos")
 # RetinaNet anchors in pixels of the network input, one size per FPN level P3..P7 (strides 8..128), each at
 # three scales (x1, x2^(1/3), x2^(2/3)) and three ratios as torchvision's: torchvision's 32..512 suit COCO at
 # 800 px; 16..256 give 16-64 px objects anchors on the fine levels of 64-256 px images.
@@ -68,11 +69,11 @@ class TimmFPN(nn.Module):
         try:
             self.body = timm.create_model(name, pretrained=False, features_only=True)
         except (RuntimeError, TypeError, ValueError) as exc:  # unknown name; no features_only for that model
-            raise PipelineError(f"detect.backbone={name}: not a timm CNN with feature maps ({exc}); "
+            raise PipelineError(f"detect.model.backbone={name}: not a timm CNN with feature maps ({exc}); "
                                 "use e.g. resnet18, resnet10t, resnet50, efficientnet_b0") from None
         info = self.body.feature_info
         if info.reduction()[-3:] != [8, 16, 32]:
-            raise PipelineError(f"detect.backbone={name}: its last feature maps have strides {info.reduction()}, "
+            raise PipelineError(f"detect.model.backbone={name}: its last feature maps have strides {info.reduction()}, "
                                 "the FPN needs 8, 16, 32 last; use a CNN such as resnet18 or efficientnet_b0")
         self.fpn = FeaturePyramidNetwork(info.channels()[-3:], channels, extra_blocks=LastLevelP6P7(channels, channels))
         self.out_channels = channels
@@ -157,7 +158,7 @@ def build(kind: str, num_classes: int, image_size: int, backbone: str = "resnet1
         net.transform = transform([0.5] * 3, [0.5] * 3, size_divisible=1, fixed_size=(image_size, image_size))
         return TorchvisionDetector(kind, net, image_size, num_classes, "mobilenet_v3_large")
     if kind not in FPN_KINDS:
-        raise PipelineError(f"detect.model={kind}: not one of tinyssd, {', '.join(KINDS)}")
+        raise PipelineError(f"detect.model.name={kind}: not one of tinyssd, {', '.join(KINDS)}")
     fpn = TimmFPN(backbone, fpn_channels)
     if kind == "retinanet":
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in RETINANET_SIZES)
@@ -201,7 +202,7 @@ def load_pretrained(model: nn.Module, path: Path) -> str:
     """Load a state dict of the whole detector (the layers that follow the number of classes may differ and keep
     their random init) or of its backbone into `model`; returns what was loaded, in words. A file that fits
     neither raises one line naming the first mismatch of each."""
-    state = read_state_dict(path, "detect.pretrained_path")
+    state = read_state_dict(path, "detect.model.pretrained_path")
     tv = isinstance(model, TorchvisionDetector)
     kind, root = (model.kind, model.net) if tv else ("tinyssd", model)
     free = "head.classification_head." if tv else "cls."  # the layers whose shapes follow the number of classes
@@ -212,7 +213,7 @@ def load_pretrained(model: nn.Module, path: Path) -> str:
         kept = f"; {len(reset)} tensor(s) shaped for another class count keep their random init" if reset else ""
         return f"whole {kind} detector from {path} ({len(whole)} tensors{kept})"
     if not tv:
-        raise PipelineError(f"detect.pretrained_path={path}: does not fit TinySSD ({problem}); "
+        raise PipelineError(f"detect.model.pretrained_path={path}: does not fit TinySSD ({problem}); "
                             "give a TinySSD state dict (e.g. WORK/detect/model.safetensors)")
     body = model.backbone
     prefixes = ("", "net.backbone.body.", "backbone.body.", "body.", "net.backbone.features.", "backbone.features.",
@@ -221,7 +222,7 @@ def load_pretrained(model: nn.Module, path: Path) -> str:
     if body_problem is None:
         body.load_state_dict(part, strict=False)
         return f"{model.backbone_name} backbone of {kind} from {path} ({len(part)} tensors)"
-    raise PipelineError(f"detect.pretrained_path={path}: fits neither the {kind} detector ({problem}) nor its "
+    raise PipelineError(f"detect.model.pretrained_path={path}: fits neither the {kind} detector ({problem}) nor its "
                         f"{model.backbone_name} backbone ({body_problem}); give a state dict of either")
 
 
@@ -242,5 +243,5 @@ def model_keys(kind: str, backbone: str, fpn_channels: int, pretrained_path: str
     if kind in FPN_KINDS:
         keys |= {"backbone": backbone, "fpn_channels": fpn_channels}
     if pretrained_path:
-        keys["pretrained"] = file_digest(readable_file(Path(pretrained_path), "detect.pretrained_path"))
+        keys["pretrained"] = file_digest(readable_file(Path(pretrained_path), "detect.model.pretrained_path"))
     return keys
