@@ -1,4 +1,8 @@
-"""Kaggle-style image competition pipeline: clean -> folds -> train -> predict -> ensemble."""
+"""Kaggle-style image competition pipeline: clean -> folds -> train -> predict -> ensemble.
+
+The method follows the competition chapters of "Dive into Deep Learning" (d2l.ai); comments call the book d2l
+(its nets are the d2l_* backbones, its TinySSD the detection baseline).
+"""
 
 from pipeline.core import log as _log
 

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-bananas", parents=[common],
                        help="build the embedded detection competition (banana-style, 256x256)")
     p.add_argument("--out", type=Path, default=Path("data/bananas"))
-    p.add_argument("--train", type=int, default=1000, help="training images (the course: 1000)")
-    p.add_argument("--val", type=int, default=100, help="validation images (the course: 100)")
+    p.add_argument("--train", type=int, default=1000, help="training images (d2l: 1000)")
+    p.add_argument("--val", type=int, default=100, help="validation images (d2l: 100)")
     p.add_argument("--test", type=int, default=100, help="test images (hidden boxes in test_solution.csv)")
     p.add_argument("--max-rotation", type=float, default=20.0,
                    help="bananas turn by up to this many degrees either way")

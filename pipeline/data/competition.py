@@ -1,4 +1,4 @@
-"""Read a competition folder (the input contract in README.md, "Your own competition") without ever writing to it.
+"""Read a competition folder (the contract in docs/competition.md) without ever writing to it.
 
 Output: a `Competition` with train and test tables holding `id` (as written in the CSV), `path`
 (absolute, checked to stay inside DATA), `line` (the row's line in its CSV) and, for train, `label`

@@ -72,7 +72,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
         raise PipelineError(f"{path}: file not found; the competition folder must contain it "
-                            "(see README 'competition folder')")
+                            "(see docs/competition.md)")
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -1,6 +1,6 @@
 """Anchor sizes and ratios from the training boxes (`detect.anchors.mode=auto`), as YOLO derives its anchors.
 
-TinySSD lays out anchors as the course's multibox_prior does: per scale, every size at the first
+TinySSD lays out anchors as d2l's multibox_prior does: per scale, every size at the first
 ratio and the first size at the other ratios. auto fits k-means (scikit-learn) to the log box
 sizes sqrt(w * h) -- scales x sizes-per-scale centres, smallest to the finest scale -- and to the log
 aspect ratios w / h -- ratios centres, the most populated first, since only the first ratio meets

@@ -1,9 +1,9 @@
-"""A banana-style detection competition, generated (the course downloads its bananas; we cannot).
+"""A banana-style detection competition, generated (d2l downloads its bananas; we cannot).
 
 Each 256x256 image is a natural-looking background (smooth colour field, random shapes, noise)
 with one banana-like object pasted on it: a yellow crescent drawn at random scale, position and
 colour jitter, tilted by up to 20 degrees (max_rotation; the issue's recipe has no rotation, and
-full turns slow TinySSD's learning: mAP@0.5 0.52 vs 0.70 after 20 epochs at the course's settings).
+full turns slow TinySSD's learning: mAP@0.5 0.52 vs 0.70 after 20 epochs at d2l's settings).
 Its tight bounding box is measured from the pasted pixels. Written as a Kaggle-style detection
 folder: train.csv and val.csv with one row per box (image, label, xmin, ymin, xmax, ymax in pixels)
 and test.csv (image). Deterministic for a seed.

@@ -1,4 +1,4 @@
-"""Box machinery of the course's SSD chapter, vectorised and batched.
+"""Box machinery of d2l's SSD chapter, vectorised and batched.
 
 Same semantics as "Dive into Deep Learning" (multibox_prior, assign_anchor_to_bbox, offset_boxes,
 multibox_target, offset_inverse, nms, multibox_detection), without Python loops over anchors or
@@ -51,7 +51,7 @@ def batched_box_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
                    iou_threshold: float = 0.5) -> torch.Tensor:
-    """Ground-truth index per anchor (-1: background) for a batch, with the course's rule.
+    """Ground-truth index per anchor (-1: background) for a batch, with d2l's rule.
 
     anchors (A, 4); gt (B, G, 4); valid (B, G) marks real boxes (padding is ignored). First every
     anchor takes its best box when IoU >= threshold; then, greedily, the globally best remaining
@@ -66,7 +66,7 @@ def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
         return assign
     # The greedy steps only need each box's `steps` best anchors: before a box is matched at most
     # steps - 1 anchors are taken, so its best free anchor is among them. Integer keys order pairs as
-    # the course's argmax does: by IoU (a float >= 0 read as int32 grows with it), then smaller anchor.
+    # d2l's argmax does: by IoU (a float >= 0 read as int32 grows with it), then smaller anchor.
     order = a - 1 - torch.arange(a, device=anchors.device)
     key = torch.where(valid[..., None], iou.clamp(min=0).view(torch.int32).long() * a + order, -1)
     top, cand = key.topk(steps, dim=2)  # (B, G, steps): the best anchors of each box
@@ -83,7 +83,7 @@ def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
 
 
 def offset_boxes(anchors: torch.Tensor, assigned: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The course's offsets: 10 * centre shift / anchor size, 5 * log size ratio."""
+    """d2l's offsets: 10 * centre shift / anchor size, 5 * log size ratio."""
     ca, cb = corner_to_center(anchors), corner_to_center(assigned)
     xy = 10 * (cb[..., :2] - ca[..., :2]) / ca[..., 2:]
     wh = 5 * torch.log(eps + cb[..., 2:] / ca[..., 2:])

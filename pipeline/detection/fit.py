@@ -1,13 +1,13 @@
-"""TinySSD training as in the course: cross-entropy over anchor classes + L1 over masked offsets.
+"""TinySSD training as in d2l: cross-entropy over anchor classes + L1 over masked offsets.
 
-Per epoch it reports the course's training metrics (class error over all anchors, bbox MAE over
+Per epoch it reports d2l's training metrics (class error over all anchors, bbox MAE over
 all offset entries, masked ones counted as zero error) and the same two plus mAP@0.5 and COCO
 mAP@[.5:.95] on the validation images. DetectionTrainer is the detection track of the shared
 training loop (pipeline/training/loop.py), which owns reseeding, resume from `last.*`, history and printing,
 as it does for classification; this module plugs in the epoch over the in-memory images (seeded
 batch order and flips) and the evaluation. torchvision's detectors (detect.model.name retinanet, fcos,
 ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
-losses, and the course's class error and bbox MAE, defined on TinySSD's anchors, are not reported
+losses, and d2l's class error and bbox MAE, defined on TinySSD's anchors, are not reported
 for them.
 """
 
@@ -42,7 +42,7 @@ def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tup
 
 def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
              negative_ratio: float | None = None) -> torch.Tensor:
-    """negative_ratio None: the course's calc_loss (per image, mean CE over all anchors + mean L1 over all
+    """negative_ratio None: d2l's calc_loss (per image, mean CE over all anchors + mean L1 over all
     offset entries, masked ones zero; batch mean). A ratio r: the SSD paper's loss -- CE over the positive
     anchors and the r x as many highest-loss negatives, plus L1 over positive offsets, both divided by
     the number of positives; without it the ~99.5% background anchors drown the few positive ones."""
@@ -59,7 +59,7 @@ def ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
 
 
 def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> torch.Tensor:
-    """[wrong anchor classes, anchors, summed masked |offset error|, offset entries], the course's
+    """[wrong anchor classes, anchors, summed masked |offset error|, offset entries], d2l's
     cls_eval/bbox_eval."""
     wrong = (cls_preds.argmax(-1) != cls_labels).sum().double()
     l1 = ((bbox_labels - bbox_preds) * bbox_masks).abs().sum().double()
@@ -67,7 +67,7 @@ def error_counts(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks) -> 
 
 
 def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
-    """Network outputs in float32 and the course's training targets for them."""
+    """Network outputs in float32 and d2l's training targets for them."""
     anchors, cls_preds, bbox_preds = outputs(model, images, runtime)
     return anchors, cls_preds, bbox_preds, multibox_target(anchors, labels.to(runtime.device))
 
@@ -76,7 +76,7 @@ def forward(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime)
 def evaluate(model, decode: DecodeConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor,
              sizes: torch.Tensor, batch_size: int, map_score_threshold: float,
              ttas: tuple[str, ...] = ("none",)) -> dict[str, dict]:
-    """Per TTA option: class error and bbox MAE (the course's definitions, on the plain images; TinySSD only: they
+    """Per TTA option: class error and bbox MAE (d2l's definitions, on the plain images; TinySSD only: they
     are defined on its anchors), mAP@0.5 and COCO mAP (of the boxes scored at least map_score_threshold) with these
     decoding settings. The plain forward pass is shared by all options."""
     model.eval()
@@ -174,7 +174,7 @@ class DetectionTrainer:
                 "train_bbox_mae": float(counts[2] / counts[3])}
 
     def _tinyssd_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's loss and the course's error counts (error_counts)."""
+        """The batch's loss and d2l's error counts (error_counts)."""
         _, cls_preds, bbox_preds, targets = forward(self.model, images, labels, self.runtime)
         bbox_labels, bbox_masks, cls_labels = targets
         loss = ssd_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, self.negative_ratio)

@@ -1,10 +1,10 @@
 """From network outputs to boxes, scores, submissions, pictures and mAP.
 
-Decoding follows the course's multibox_detection (one class per anchor: its most likely non-
+Decoding follows d2l's multibox_detection (one class per anchor: its most likely non-
 background class; offsets inverted against the anchors; class-aware NMS) with one change in order:
 boxes under the score threshold are dropped before NMS instead of after. The kept set is the same,
 since NMS only lets higher-scored boxes suppress lower-scored ones, and NMS has far fewer boxes to
-sort. Two additions, both on by default and measured in the README: box voting (each kept box
+sort. Two additions, both on by default and measured in docs/benchmarks.md: box voting (each kept box
 becomes the score-weighted mean of the same-class boxes overlapping it) and mirror-image TTA. mAP
 comes from torchmetrics (pycocotools backend), in pixel coordinates of the original images.
 """

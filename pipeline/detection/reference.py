@@ -1,4 +1,4 @@
-"""The course's loop implementations, kept as the yardstick for tests and benchmarks/detection.py.
+"""d2l's loop implementations, kept as the yardstick for tests and benchmarks/detection.py.
 
 Not used by the pipeline: boxes.py computes the same results without Python loops over anchors
 or boxes.
@@ -11,7 +11,7 @@ from torchvision.ops import box_iou
 
 
 def assign_anchor_to_bbox(gt: torch.Tensor, anchors: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
-    """One image: ground-truth index per anchor (-1 background), as in the course."""
+    """One image: ground-truth index per anchor (-1 background), as in d2l."""
     jaccard = box_iou(anchors, gt)
     n_anchors, n_gt = jaccard.shape
     out = torch.full((n_anchors,), -1, dtype=torch.long, device=anchors.device)
@@ -28,7 +28,7 @@ def assign_anchor_to_bbox(gt: torch.Tensor, anchors: torch.Tensor, iou_threshold
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
-    """The course's NMS: keep the best box, drop those overlapping it, repeat."""
+    """d2l's NMS: keep the best box, drop those overlapping it, repeat."""
     order, keep = torch.argsort(scores, descending=True).tolist(), []
     while order:
         i = order.pop(0)

@@ -1,9 +1,9 @@
-"""TinySSD as built in the course (section 14.7): a small base net, down-sampling blocks, five
+"""TinySSD as built in d2l (section 14.7): a small base net, down-sampling blocks, five
 scales with anchors from multibox_prior, and per-scale class and box predictors.
 
-The number of classes follows the data; anchor sizes (per scale) and ratios default to the course's
+The number of classes follows the data; anchor sizes (per scale) and ratios default to d2l's
 and can be set or derived from the training boxes (anchors.py); anchors are generated for the
-feature-map sizes the input gives (5,444 for 256x256 input with the course's anchors).
+feature-map sizes the input gives (5,444 for 256x256 input with d2l's anchors).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.core.config.detect import TINYSSD_RATIOS, TINYSSD_SIZES
 from pipeline.detection.boxes import multibox_prior
 from pipeline.training.runtime import Runtime
 
-SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
-RATIOS = [1, 2, 0.5]
-ANCHORS_PER_PIXEL = len(SIZES[0]) + len(RATIOS) - 1
+ANCHORS_PER_PIXEL = len(TINYSSD_SIZES[0]) + len(TINYSSD_RATIOS) - 1
 
 
 def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -44,7 +43,7 @@ def _stage(i: int) -> nn.Module:
 
 
 def anchors_per_pixel(sizes: list[list[float]], ratios: list[float]) -> int:
-    """The course's multibox_prior: every size at the first ratio, the first size at the other ratios."""
+    """d2l's multibox_prior: every size at the first ratio, the first size at the other ratios."""
     return len(sizes[0]) + len(ratios) - 1
 
 
@@ -52,7 +51,7 @@ class TinySSD(nn.Module):
     def __init__(self, num_classes: int, sizes: list[list[float]] | None = None, ratios: list[float] | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.sizes, self.ratios = [list(s) for s in sizes or SIZES], list(ratios or RATIOS)
+        self.sizes, self.ratios = [list(s) for s in sizes or TINYSSD_SIZES], list(ratios or TINYSSD_RATIOS)
         if len(self.sizes) != 5 or len({len(s) for s in self.sizes}) != 1:
             raise ValueError(f"TinySSD needs 5 scales with the same number of anchor sizes each, got {self.sizes}")
         self.anchors_per_pixel = k = anchors_per_pixel(self.sizes, self.ratios)

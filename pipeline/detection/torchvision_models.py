@@ -164,7 +164,7 @@ def build(kind: str, num_classes: int, image_size: int, backbone: str = "resnet1
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in RETINANET_SIZES)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         # GroupNorm in the head as torchvision's RetinaNet v2 (and FCOS): without it, from random init, the
-        # classifier barely learned on 400 bananas in 8 epochs (val mAP@0.5 0.004; README)
+        # classifier barely learned on 400 bananas in 8 epochs (docs/detection.md)
         head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                              norm_layer=partial(nn.GroupNorm, 32))
         net = RetinaNet(fpn, num_classes, min_size=image_size, max_size=image_size, anchor_generator=anchors,

@@ -1,4 +1,4 @@
-"""AutoGluon stage: the course's baseline ("AutoGluon, 15 lines, 96%") on the pipeline's own folds.
+"""AutoGluon stage: d2l's baseline ("AutoGluon, 15 lines, 96%") on the pipeline's own folds.
 
 AutoGluon runs in its own environment (requirements-autogluon.txt), so this stage prepares a job
 file, runs pipeline/jobs/autogluon_fit.py with that interpreter, and turns its CSV probabilities into

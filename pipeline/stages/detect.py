@@ -173,7 +173,7 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
         raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
-    terms = [c for c in history.columns if c.startswith("train_") and c != "train_loss"]  # TinySSD: the course's
+    terms = [c for c in history.columns if c.startswith("train_") and c != "train_loss"]  # TinySSD: d2l's
     errors = {"errors": ["train_class_err", "val_class_err", "train_bbox_mae", "val_bbox_mae"]}
     plot_panels(history, {"loss": ["train_loss"] + ([] if kind == "tinyssd" else terms),
                           **(errors if kind == "tinyssd" else {}), "validation mAP": ["map_50", "map"]},

@@ -1,6 +1,6 @@
 """Training augmentation: albumentations presets and free lists, Mixup/CutMix from timm.
 
-Presets grow as the course's competition lessons do: light (flips, small shifts/rotations),
+Presets grow as d2l's competition lessons do: light (flips, small shifts/rotations),
 medium (+ bigger random resized crops, brightness/contrast), heavy (+ stronger geometry, blur, dropout).
 `train.transforms` appends any albumentations transform by name with its arguments.
 """

@@ -1,6 +1,6 @@
-"""The course's classic networks, for small images, registered as d2l_<name>.
+"""d2l's classic networks, for small images, registered as d2l_<name>.
 
-LeNet (with the BatchNorm the course adds), AlexNet, VGG-11, NiN, GoogLeNet and the course's
+LeNet (with the BatchNorm d2l adds), AlexNet, VGG-11, NiN, GoogLeNet and d2l's
 ResNet-18, as built in "Dive into Deep Learning". timm has no such versions, so they live here.
 Adapted to any input size >= 16 px: AlexNet and NiN start with a stride-1 5x5 convolution instead
 of the 11x11 stride-4 one meant for 224 px, pooling layers pad or round up, and an adaptive pool
@@ -94,7 +94,7 @@ def googlenet(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> Classi
 
 
 class Residual(nn.Module):
-    """The course's residual block: two 3x3 convs with BatchNorm, optional 1x1 shortcut."""
+    """d2l's residual block: two 3x3 convs with BatchNorm, optional 1x1 shortcut."""
 
     def __init__(self, in_c: int, out_c: int, stride: int = 1):
         super().__init__()
@@ -118,7 +118,7 @@ def resnet18(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> Classic
 
 
 def resnet_small(num_classes: int, in_chans: int, drop_rate: float = 0.0) -> Classic:
-    """The course's residual blocks for 28-32 px inputs: a stride-1 3x3 stem and no max-pool, then one block per
+    """d2l's residual blocks for 28-32 px inputs: a stride-1 3x3 stem and no max-pool, then one block per
     stage at 32, 64 and 128 channels (28 px: 28, 14, 7). ImageNet stems (timm's resnets, d2l_resnet18) divide
     the side by 4 before the first block, leaving a 28 px digit 7x7 cells; timm has no CIFAR-style ResNet."""
     blocks, channels = [], 32

@@ -6,7 +6,7 @@ rank 0 alone writes files and prints, and training metrics are summed across ran
 machine the process group is `cpu:gloo,cuda:nccl`: CUDA tensors (DDP's gradients) go through NCCL
 and CPU tensors through gloo, so a run with `runtime.device: cpu` works there too; without CUDA it
 is gloo alone (which is how the tests run it). Several machines: `torchrun --nnodes N --node_rank k
---rdzv_endpoint host:port` on each (README, "Scale-out").
+--rdzv_endpoint host:port` on each (docs/training-and-experiments.md, "Several GPUs and machines").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Backbones by name (timm or the course's nets), fine-tuning weights, head and frozen parameters.
+"""Backbones by name (timm or d2l's nets), fine-tuning weights, head and frozen parameters.
 
-Fine-tuning follows the course: the body starts from pretrained weights (the hub with
+Fine-tuning follows d2l: the body starts from pretrained weights (the hub with
 `model.pretrained`, or a local file with `model.pretrained_path`), the classifier is new for the
 competition's classes and learns `head_lr_mult` times faster, and early stages may stay frozen.
 Local files are read with safetensors or `torch.load(weights_only=True)`, never by unpickling code.
@@ -28,7 +28,7 @@ def build_model(name: str, num_classes: int, in_chans: int, pretrained: bool = F
     """A model with a fresh `num_classes` head; timm adapts hub weights to 1-channel input itself."""
     if name in CLASSIC:
         if pretrained:
-            raise PipelineError(f"model.pretrained: the course net '{name}' has no hub weights; "
+            raise PipelineError(f"model.pretrained: d2l net '{name}' has no hub weights; "
                                 "use model.pretrained_path")
         return CLASSIC[name](num_classes, in_chans, drop_rate)
     if not timm.is_model(name):
@@ -48,7 +48,7 @@ def build_model(name: str, num_classes: int, in_chans: int, pretrained: bool = F
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the classifier's parameters (timm's get_classifier, or the course nets' last layer)."""
+    """Names of the classifier's parameters (timm's get_classifier, or d2l nets' last layer)."""
     head = model.get_classifier()
     ids = {id(p) for p in head.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}

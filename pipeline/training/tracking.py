@@ -4,7 +4,7 @@ The store defaults to a SQLite file beside the run folders, WORK/mlflow.db (arti
 a local file, no server. MLflow keeps its plain-folder store (./mlruns) in maintenance mode and refuses it by
 default, so SQLite is its own recommended local store. `MLFLOW_TRACKING_URI`, or the config's uri, points
 the runs at a shared server instead. Only the tracking client is installed (mlflow-skinny); the UI comes from a
-full MLflow install (README, Tracking).
+full MLflow install (docs/training-and-experiments.md, Tracking).
 
 One MLflow run per trained fold (one training of one model). When it is logged, and why:
 - The run is created when training starts (RUNNING, with its params and tags), and its id is kept in the fold

@@ -31,8 +31,8 @@ class DetectDataConfig(Section):
 
 class DetectModelConfig(Section):
     name: Literal["tinyssd", "retinanet", "fcos", "ssdlite"] = Field(
-        "tinyssd", description="tinyssd: the course's; retinanet, fcos: torchvision's on a timm backbone with an FPN; "
-                               "ssdlite: torchvision's SSDlite on MobileNetV3 (README: choosing a detector)")
+        "tinyssd", description="tinyssd: d2l's; retinanet, fcos: torchvision's on a timm backbone with an FPN; "
+                               "ssdlite: torchvision's SSDlite on MobileNetV3 (docs/detection.md)")
     backbone: str = Field("resnet18", description="retinanet, fcos: timm CNN under the FPN (random init; "
                                                   "pretrained_path for weights)")
     fpn_channels: int = Field(128, ge=32, multiple_of=32,
@@ -44,15 +44,15 @@ class DetectModelConfig(Section):
 
 class DetectTrainConfig(FitConfig):
     image_size: int = Field(256, ge=64, description="images are decoded once and resized to "
-                                                    "image_size x image_size (the course: 256)")
+                                                    "image_size x image_size (d2l: 256)")
     epochs: int = _own("epochs", 20, "training epochs")
-    batch_size: int = _own("batch_size", 16, "images per update (the course: 32; 16 learns faster here, see README)")
+    batch_size: int = _own("batch_size", 16, "images per update (d2l: 32; 16 learns faster, docs/detection.md)")
     lr: float = _own("lr", 0.01, "SGD learning rate (0.01 suits loss ssd; loss course learns best at 0.05; "
-                                 "the course: 0.2 without momentum)")
-    momentum: float = _own("momentum", 0.9, "SGD momentum (the course: none; 0.9 learns faster, see README)")
-    weight_decay: float = _own("weight_decay", 5e-4, "SGD weight decay (the course: 5e-4)")
+                                 "d2l: 0.2 without momentum)")
+    momentum: float = _own("momentum", 0.9, "SGD momentum (d2l: none; 0.9 learns faster, docs/detection.md)")
+    weight_decay: float = _own("weight_decay", 5e-4, "SGD weight decay (d2l: 5e-4)")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate over the epochs: constant "
-                                                                          "(the course) or cosine down to lr/100")
+                                                                          "(d2l) or cosine down to lr/100")
     loss: Literal["course", "ssd"] = Field("ssd", description="ssd (the SSD paper's): CE over positives + 3x as many "
                                                               "hard negatives and masked L1, per positive anchor; "
                                                               "course: mean CE over all anchors + mean masked L1")
@@ -77,15 +77,20 @@ class DetectAugmentConfig(Section):
                                                                "share of their area visible are dropped")
 
 
+# d2l's TinySSD anchors (section 14.7): per scale, fine to coarse, sizes as a share of the image side
+TINYSSD_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+TINYSSD_RATIOS = [1.0, 2.0, 0.5]
+
+
 class AnchorsConfig(Section):
     mode: Literal["fixed", "auto"] = Field("fixed", description="fixed: sizes and ratios; auto: k-means of the "
                                                                 "training boxes' sizes and aspect ratios (as many "
                                                                 "as sizes/ratios)")
-    sizes: list[list[float]] = Field([[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]],
-                                     description="TinySSD anchor sizes (share of the side), per scale (5 "
-                                                 "scales, fine to coarse, the same count each; the course's)")
-    ratios: list[float] = Field([1.0, 2.0, 0.5], description="anchor aspect ratios w/h; the first meets every "
-                                                             "size, the others the first size (the course's)")
+    sizes: list[list[float]] = Field(TINYSSD_SIZES, description="TinySSD anchor sizes (share of the side), per "
+                                                                "scale (5 scales, fine to coarse, the same count "
+                                                                "each; d2l's)")
+    ratios: list[float] = Field(TINYSSD_RATIOS, description="anchor aspect ratios w/h; the first meets every "
+                                                            "size, the others the first size (d2l's)")
 
 
 class DecodeConfig(Section):

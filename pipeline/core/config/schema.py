@@ -65,7 +65,7 @@ class CleanConfig(Section):
                                    "norm 16x16 luma grids of two images below near_min_size (either one shifted by "
                                    "up to one pixel) for a near-duplicate pair; planted 28x28 re-encodes, gray<->RGB, "
                                    "15% brightness/contrast and 1-px shifts lie within 0.074, distinct MNIST digits "
-                                   "at least 0.103 apart (README)")
+                                   "at least 0.103 apart (docs/data-quality.md)")
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: "
                                                                        "drop them all, or keep the majority label")
     drop_flat: bool = Field(True, description="drop training images of one flat colour")
@@ -81,7 +81,7 @@ class CleanConfig(Section):
                                                       "(and flagged rows in report/labels.html)")
     embeddings: bool = Field(False, description="also pair images whose backbone embeddings are similar (bigger crops, "
                              "recolours, the same object twice); needs weights: model.pretrained_path or a trained "
-                             "fold run (README: Duplicates)")
+                             "fold run (docs/data-quality.md)")
     embedding_threshold: float = Field(0.95, ge=-1, lt=1, description="embeddings: cosine similarity above which two "
                                        "images pair; check duplicates.csv's similarity column for your backbone")
     embedding_backbone: str | None = Field(None, description="embeddings: timm backbone whose model.pretrained_path "
@@ -272,7 +272,7 @@ class TrackingConfig(Section):
 
 
 class PseudoConfig(Section):
-    """How a round turns the previous round's test predictions into training rows (README: Rounds)."""
+    """How a round turns the previous round's test predictions into training rows (docs/rounds.md)."""
 
     source: Literal["fold", "all"] = Field(
         "fold", description="fold: the fold-k model learns from the blend of the previous round's fold-k models "

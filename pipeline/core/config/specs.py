@@ -109,9 +109,9 @@ def _describe(entry: str | ExperimentSpec, index: int) -> str:
 class ModelConfig(Section):
     backbones: list[Entry] = Field(
         ["resnet18", "efficientnet_b0"], min_length=1,
-        description="the experiments: timm model names or the course's nets (d2l_lenet, d2l_alexnet, d2l_vgg11, "
+        description="the experiments: timm model names or d2l's nets (d2l_lenet, d2l_alexnet, d2l_vgg11, "
                     "d2l_nin, d2l_googlenet, d2l_resnet18), or entries {name, backbone, seeds, image_sizes, train, "
-                    "model, predict} (README: Experiments)")
+                    "model, predict} (docs/training-and-experiments.md)")
     only: list[str] | None = Field(None, min_length=1,
                                    description="experiment names that train and predict run (make EXP=a,b); null: all")
     pretrained: bool = Field(False, description="load ImageNet weights from the hub (needs "
@@ -119,7 +119,7 @@ class ModelConfig(Section):
     pretrained_path: str | None = Field(None, description="local safetensors or timm checkpoint to fine-tune "
                                                           "from; '{backbone}' is replaced by the name")
     head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new head "
-                                                        "when fine-tuning (the course uses 10)")
+                                                        "when fine-tuning (d2l uses 10)")
     freeze: list[str] = Field([], description="parameter-name prefixes kept frozen, e.g. [conv1, bn1, layer1]")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
 
@@ -175,7 +175,7 @@ class RoundSpec(Section):
 class RoundsConfig(Section):
     plan: list[RoundSpec] = Field([], description="rounds 2, 3, ... in order, each {experiments, pseudo: {source, "
                                                   "threshold, target_precision, max_per_class}}; round r learns from "
-                                                  "round r-1's test predictions (README: Rounds); []: one round")
+                                                  "round r-1's test predictions (docs/rounds.md); []: one round")
 
 
 class Config(Section):
