@@ -1,7 +1,7 @@
 """AutoGluon baseline, one MultiModalPredictor per fold. Runs inside .venv-autogluon.
 
 Standalone on purpose: AutoGluon pins versions the pipeline cannot use, so this script imports
-only the standard library, pandas and AutoGluon, reads a job file written by pipeline/stages/autogluon.py
+only the standard library, pandas and AutoGluon, reads a job file written by pipeline/training/autogluon.py
 and writes plain CSV probabilities that the pipeline turns into its OOF/test files.
 
 Each fold is fitted in OUT/fold<k>.partial and renamed to OUT/fold<k> once its held-out and test

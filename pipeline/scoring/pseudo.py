@@ -13,7 +13,7 @@ looks at fold k's labels) and its own per-class caps.
 
 Labels are hard (the argmax) or soft (`labels="soft"`): a soft row's training target is the blended
 probability vector itself, optionally sharpened by a temperature (p^(1/T), renormalised; T < 1
-sharpens), learnt with the soft cross-entropy the engine uses for Mixup and smoothing. Soft targets
+sharpens), learnt with the soft cross-entropy the trainer uses for Mixup and smoothing. Soft targets
 keep what the models were unsure between; selection (threshold, caps) is the same for both forms.
 """
 

@@ -1,4 +1,4 @@
-"""Resume checkpoints shared by the classification engine and the detection trainer.
+"""Resume checkpoints shared by the classification trainer and the detection trainer.
 
 `last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
 scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's

@@ -42,7 +42,7 @@ class Head:
         return self.center + self.scale * z
 
     def loss_value(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of the non-single-label tasks (single_label keeps engine.soft_cross_entropy). Targets: multi-hot
+        """Loss of the non-single-label tasks (single_label keeps losses.soft_cross_entropy). Targets: multi-hot
         (mixed ones too) or numbers on the target's scale."""
         logits = logits.float()
         if self.task == "multi_label":
