@@ -1,9 +1,10 @@
 """Build the embedded multi-label and regression competitions: 2x2 collages of scikit-learn's bundled digits.
 
-Real digits with no download, like pipeline/data/digits.py. Each image is a 2x2 grid of cells; one to four
-cells hold a digit (8x8, upscaled `scale`x by pixel repetition, 2x to 16x16 by default, at a random offset
-of 0-4 pixels inside its cell of 8*scale+4 pixels), the others stay black: 40x40 grayscale PNGs by default;
-`--scale 3` gives 24x24 digits in 28x28 cells, 56x56 images (a counting competition's form: 56x56 collages).
+Real digits with no download, like pipeline/data/digits.py. Each image is a 2x2 grid of cells; one to four cells
+(`--min-digits 0`: zero to four, so some collages are empty black canvases) hold a digit (8x8, upscaled `scale`x
+by pixel repetition, 2x to 16x16 by default, at a random offset of 0-4 pixels inside its cell of 8*scale+4
+pixels), the others stay black: 40x40 grayscale PNGs by default; `--scale 3` gives 24x24 digits in 28x28 cells,
+56x56 images (a counting competition's form: 56x56 collages).
 - multi_label: the label is the sorted set of digit classes present, space-separated ("1 3 7"; a
   digit drawn twice counts once).
 - regression: the target is the sum of the digits present, written as a float ("17.0"); with
@@ -68,18 +69,19 @@ def target(task: str, classes: np.ndarray, regression_target: str = "sum") -> st
     return f"{float(len(classes) if regression_target == 'count' else classes.sum()):.1f}"
 
 
-def _plan(rng: np.random.Generator, pool: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """n collages: (source digit indices, cells, offsets); one to four digits, each count equally likely."""
+def _plan(rng: np.random.Generator, pool: np.ndarray, n: int, min_digits: int = 1
+          ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """n collages: (source digit indices, cells, offsets); min_digits to four digits, each count equally likely."""
     plans = []
     for _ in range(n):
-        m = int(rng.integers(1, GRID * GRID + 1))
+        m = int(rng.integers(min_digits, GRID * GRID + 1))
         cells = np.sort(rng.choice(GRID * GRID, m, replace=False))
         plans.append((rng.choice(pool, m, replace=False), cells, rng.integers(0, OFFSET + 1, (m, 2))))
     return plans
 
 
 def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_test: int = 300, scale: int = SCALE,
-                   regression_target: str = "sum") -> Path:
+                   regression_target: str = "sum", min_digits: int = 1) -> Path:
     """Write the competition to `out` (train.csv, test.csv, sample_submission.csv, images/) and its hidden
     solution beside it; the digits of each collage are recorded in `<out>_digits.csv` (also outside the folder)
     so tests and readers can check every label against what was drawn."""
@@ -87,12 +89,14 @@ def build_collages(out: Path, task: str, seed: int = 0, n_train: int = 1200, n_t
         raise ValueError(f"unknown collage task {task}; one of {', '.join(TASKS)}")
     if regression_target not in TARGETS:
         raise ValueError(f"unknown regression target {regression_target}; one of {', '.join(TARGETS)}")
+    if not 0 <= min_digits <= GRID * GRID:
+        raise ValueError(f"min_digits={min_digits}: must be between 0 and {GRID * GRID}")
     out = Path(out)
     images, labels = _digits(scale)
     train_pool, test_pool = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
                                              random_state=seed)
     rng = np.random.default_rng(seed)
-    plans = _plan(rng, np.sort(train_pool), n_train) + _plan(rng, np.sort(test_pool), n_test)
+    plans = _plan(rng, np.sort(train_pool), n_train, min_digits) + _plan(rng, np.sort(test_pool), n_test, min_digits)
     names = rng.permutation(len(plans))
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -128,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=SCALE, help="digit upscale: 2 gives 40x40 images, 3 56x56")
     parser.add_argument("--target", choices=TARGETS, default="sum", help="regression: sum or count of the digits")
+    parser.add_argument("--min-digits", type=int, default=1, help="fewest digits per collage (0: some are empty)")
     args = parser.parse_args(argv)
     out = build_collages(args.out or DEFAULT_OUT[args.task], args.task, args.seed, args.train, args.test,
-                         args.scale, args.target)
+                         args.scale, args.target, args.min_digits)
     side = GRID * (8 * args.scale + OFFSET)
     log.info(f"collages: {args.task} competition of {side}x{side} images written to {out} ({args.train} train, "
           f"{args.test} test images), "
