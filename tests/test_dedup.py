@@ -144,12 +144,151 @@ def test_truncated_zero_size_and_flat_images_are_dropped(tmp_path: Path):
     (data / "img/cat_0.png").write_bytes(raw[: len(raw) // 2])  # truncated
     (data / "img/cat_1.png").write_bytes(b"")  # zero size
     Image.new("RGB", (20, 20), (10, 200, 30)).save(data / "img/dog_0.png")  # one flat colour
-    ctx = Context(load_config(), data, tmp_path / "work")
+    ctx = Context(load_config(None, ["clean.drop_flat=true"]), data, tmp_path / "work")
     summary = clean.run(ctx)
     dropped = pd.read_csv(ctx.work_dir / "dropped.csv").set_index("id")["reason"]
-    assert summary["unreadable"] == 2 and summary["flat"] == 1
+    assert summary["unreadable"] == 2 and summary["flat"] == 1 and summary["flat_dropped"] == 1
     assert "cannot decode" in dropped["img/cat_0.png"] and "cannot decode" in dropped["img/cat_1.png"]
     assert dropped["img/dog_0.png"] == "single flat colour"
+
+
+def _flat_folder(root: Path) -> Path:
+    """Labels a and b (natural pictures) and 'empty' (only black canvases); two a rows are flat grey too."""
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for k in range(8):
+        natural_image(300 + k, 40).save(root / f"img/pic{k}.png")
+        rows.append((f"img/pic{k}.png", "ab"[k % 2]))
+    for k in range(4):
+        Image.new("L", (40, 40), 0).save(root / f"img/empty{k}.png")
+        rows.append((f"img/empty{k}.png", "empty"))
+    for k in range(2):
+        Image.new("RGB", (40, 40), (90, 90, 90)).save(root / f"img/grey{k}.png")
+        rows.append((f"img/grey{k}.png", "a"))
+    _write_tables(root, rows, [natural_image(400), Image.new("L", (40, 40), 0)])
+    return root
+
+
+def test_flat_images_are_kept_and_reported_by_default(tmp_path: Path, caplog):
+    """Identical black canvases are neither duplicates of each other (each is an example of 'empty') nor of the
+    black test image; the log and the report list their labels."""
+    data = _flat_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1"]), data, tmp_path / "work")
+    with caplog.at_level("INFO", logger="pipeline"):
+        summary = clean.run(ctx)
+    kept = pd.read_csv(ctx.work_dir / "clean.csv")
+    assert len(kept) == 14 and summary["flat"] == 6 and summary["flat_dropped"] == 0
+    assert summary["exact_pairs"] == 0 and summary["duplicates_dropped"] == 0 and summary["test_labels_known"] == 0
+    assert kept["group"].nunique() == 14  # no flat image is grouped with another: they spread over the folds
+    assert any("6 flat training images with 2 labels ('empty' x4, 'a' x2)" in r.message for r in caplog.records)
+    html = (ctx.work_dir / "report" / "clean.html").read_text()
+    assert "<h2>Flat images</h2>" in html and "<td>empty</td><td>4</td>" in html
+
+
+def test_drop_flat_never_drops_the_last_images_of_a_label(tmp_path: Path, caplog):
+    data = _flat_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1", "clean.drop_flat=true"]), data, tmp_path / "work")
+    summary = clean.run(ctx)
+    dropped = pd.read_csv(ctx.work_dir / "dropped.csv")
+    assert set(dropped["id"]) == {"img/grey0.png", "img/grey1.png"} and summary["flat_dropped"] == 2
+    assert (pd.read_csv(ctx.work_dir / "clean.csv")["label"] == "empty").sum() == 4
+
+
+def test_one_label_on_every_flat_image_is_called_a_pattern(tmp_path: Path, caplog):
+    data = _flat_folder(tmp_path / "comp")
+    train = pd.read_csv(data / "train.csv")
+    train[~train["image"].str.startswith("img/grey")].to_csv(data / "train.csv", index=False)
+    with caplog.at_level("INFO", logger="pipeline"):
+        clean.run(Context(load_config(None, ["clean.workers=1"]), data, tmp_path / "work"))
+    assert any(r.message == "clean: 4 flat training images all labelled 'empty': a pattern (an empty class), "
+                            "not corruption; kept" for r in caplog.records)
+
+
+def _blobs(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray:
+    """A black canvas with n bright Gaussian blobs at random places (microscopy, stars, counting)."""
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((size, size))
+    for _ in range(n):
+        cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(2, 4)
+        out += 230 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _dark_folder(root: Path) -> tuple[Path, set[frozenset]]:
+    """Mostly-dark 64x64 images of different content and empty ones, with planted true duplicates.
+
+    Labels: 'empty' (black canvases, and near-flat ones: black with faint sensor noise), 'blob2'..'blob4' (that many
+    blobs on black), 'night_a' / 'night_b' (pictures at a tenth of their brightness). Planted, each under its
+    original's label: two JPEG q90 copies of night pictures, two one-pixel shifts of blob images, one exact copy.
+    """
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    rows, planted = [], set()
+
+    def save(name: str, pixels: np.ndarray | Image.Image, label: str) -> str:
+        image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+        image.save(root / f"img/{name}")
+        rows.append((f"img/{name}", label))
+        return f"img/{name}"
+
+    blobs = [save(f"blob{k}.png", _blobs(rng, 2 + k % 3), f"blob{2 + k % 3}") for k in range(45)]
+    night = [save(f"night{k}.png", ImageEnhance.Brightness(natural_image(700 + k, 64)).enhance(0.1),
+                  f"night_{'ab'[k % 2]}") for k in range(45)]
+    for k in range(6):
+        save(f"empty{k}.png", np.zeros((64, 64), np.uint8), "empty")
+        save(f"noise{k}.png", np.clip(rng.normal(3, 1.5, (64, 64)), 0, 255).astype(np.uint8), "empty")
+    labels = dict(rows)
+    for k in range(2):
+        copy = save(f"night_copy{k}.jpg", _jpeg(Image.open(root / night[k]), 90), labels[night[k]])
+        planted.add(frozenset((night[k], copy)))
+        shifted = np.roll(np.asarray(Image.open(root / blobs[k])), 1, axis=1)
+        planted.add(frozenset((blobs[k], save(f"blob_shift{k}.png", shifted, labels[blobs[k]]))))
+    planted.add(frozenset((blobs[5], save("blob_copy.png", Image.open(root / blobs[5]), labels[blobs[5]]))))
+    _write_tables(root, rows, [Image.fromarray(_blobs(rng, 2)), natural_image(800, 64), Image.new("L", (64, 64))])
+    return root, planted
+
+
+def test_mostly_dark_and_empty_images_lose_nothing_but_true_duplicates(tmp_path: Path):
+    """Perceptual hashes pair distinct mostly-black images by the thousand; here, with the defaults, the planted
+    copies are the only pairs, the exact copy the only row dropped, and every empty image stays."""
+    data, planted = _dark_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1"]), data, tmp_path / "work")
+    summary = clean.run(ctx)
+    pairs = pd.read_csv(ctx.work_dir / "duplicates.csv")
+    assert {frozenset(p) for p in zip(pairs.id_a, pairs.id_b, strict=True)} == planted
+    dropped = pd.read_csv(ctx.work_dir / "dropped.csv")
+    assert list(dropped["id"]) == ["img/blob_copy.png"] and summary["conflicts_dropped"] == 0
+    kept = pd.read_csv(ctx.work_dir / "clean.csv")
+    assert (kept["label"] == "empty").sum() == 12 and summary["flat"] == 6 and summary["pairs_set_aside"] == 0
+    assert summary["sparse_compared"] >= 45 + 6  # the blobs and the noisy canvases at least
+
+
+def test_a_hash_pair_counts_only_when_pixel_space_confirms_it():
+    """Two images with equal perceptual hashes whose pixels differ (what mostly-dark images give) do not pair;
+    a copy does."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 255, (6, 16, 16)).astype(np.uint8)
+    other = rng.integers(0, 255, (6, 16, 16)).astype(np.uint8)
+    frame = pd.DataFrame({"pixel": ["p0", "p1", "p2"], "flat": False, "phash": [[7] * 6] * 3, "dhash": [[9] * 6] * 3,
+                          "crop_grids": [base, np.clip(base.astype(int) + 3, 0, 255).astype(np.uint8), other],
+                          "shift_grids": None, "small": False})
+    pairs = dedup.find_pairs(frame, 14, True)
+    assert list(zip(pairs["a"], pairs["b"], pairs["kind"], strict=True)) == [(0, 1, "near")]
+    assert len(dedup.find_pairs(frame, 14, True, confirm_threshold=2.0)) == 3
+
+
+def test_a_flood_of_pairs_is_set_aside(tmp_path: Path, caplog):
+    """clean.small_threshold=1.5 pairs most two of the 29 small images: more pairs than images, so none is
+    acted on (no group, no conflict) and the warning names the settings to look at."""
+    data = _small_conflict_folder(tmp_path / "comp")
+    ctx = Context(load_config(None, ["clean.workers=1", "clean.small_threshold=1.5"]), data, tmp_path / "work")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        summary = clean.run(ctx)
+    assert summary["pairs_set_aside"] > 29 and summary["small_pairs"] == 0 and summary["conflicts_dropped"] == 0
+    kept = pd.read_csv(ctx.work_dir / "clean.csv")
+    assert len(kept) == 27 and kept["group"].nunique() == 27  # all training rows, none grouped
+    warning = [r.message for r in caplog.records if "more than duplicates explain" in r.message]
+    assert len(warning) == 1 and "look at clean.small_threshold (or clean.near_duplicates=false)" in warning[0]
 
 
 def _train_test_duplicate(tmp_path: Path) -> Path:

@@ -208,7 +208,7 @@ def test_bad_extra_folders_are_one_line_errors(case: str, comp: Path, extra: Pat
 def test_extra_folders_stay_byte_identical_and_keys_cover_them(comp: Path, extra: Path, tmp_path: Path):
     second = _extra(tmp_path / "extra2", [("more/y_0.png", "cat"), ("more/y_1.png", "dog")], seed=2)
     before = _tree(extra), _tree(second), _tree(comp)
-    args = (comp, tmp_path / "work", f"competition.extra=[{extra},{second}]")
+    args = (comp, tmp_path / "work", f"competition.extra=[{extra},{second}]", "clean.drop_flat=true")
     assert clean.run(_ctx(*args))["extra_kept"] == 8
     first = folds.run(_ctx(*args))
     assert clean.run(_ctx(*args)).get("skipped") and folds.run(_ctx(*args)).get("skipped")
@@ -237,12 +237,12 @@ def test_a_changed_extra_folder_reruns_exactly_what_it_affects(tmp_path: Path, c
     data = _classification(tmp_path / "comp")
     root = tmp_path / "extra1"
     (root / "more").mkdir(parents=True)
-    Image.new("RGB", (12, 10), "red").save(root / "more/flat.png")  # one flat colour: dropped by clean
+    Image.new("RGB", (12, 10), "red").save(root / "more/flat.png")  # one flat colour: dropped (clean.drop_flat)
     _extra(root, [("more/flat.png", "cat"), ("more/a.png", "dog"), ("more/b.png", "fox")], seed=3)
     _store_uncompressed(root)
     work = tmp_path / "work"
     base = ["ensemble", "--data", str(data), "--work", str(work), "--submissions", str(tmp_path / "subs"),
-            "--no-tuned", *FAST, "ensemble.caruana_rounds=5", f"competition.extra=[{root}]"]
+            "--no-tuned", *FAST, "ensemble.caruana_rounds=5", f"competition.extra=[{root}]", "clean.drop_flat=true"]
 
     def run() -> set[str]:
         state, files = _state(work), (_tree(data), _tree(root))

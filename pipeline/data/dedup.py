@@ -16,17 +16,32 @@ because no maintained Python package does multi-index Hamming search on numpy ar
 
 Images with a side below `near_min_size` have too few pixels for perceptual hashes (at size 1, the
 1,797 8x8 digits give 414 false pairs); they are compared in pixel space instead. The luma is
-resized to an 8x8 grid, made zero-mean and unit-norm (so brightness and contrast shifts, gray<->RGB
+resized to a 16x16 grid, made zero-mean and unit-norm (so brightness and contrast shifts, gray<->RGB
 and re-encoding move it little), and paired by an exact radius search (scikit-learn) when the
 Euclidean distance (0..2; d^2 = 2 - 2 * correlation) is at most `threshold`. A one-pixel shift moves
 these vectors far, so, like the crops above, each image also queries with its eight one-pixel
-shifts (edges replicated) against the others' unshifted vectors. An 8x8 grid keeps the digits
-apart best: on the 1,797 embedded digits the closest two of different labels are 0.270 apart
-(16x16: 0.217), while the planted 28x28 transforms stay within 0.18.
+shifts (edges replicated) against the others' unshifted vectors. An 8x8 grid is too coarse for
+28x28 digits (at 0.2 it paired 7,208 distinct MNIST digits); at 16x16 the planted 28x28 transforms
+stay within 0.074 and distinct MNIST digits lie at least 0.103 apart (docs/data-quality.md).
+
+Perceptual hashes need structure. Over a background of one value every dHash bit is 0 (it compares
+neighbouring cells) and pHash splits near-zero DCT terms at their median, so distinct mostly-black images
+hash within a few bits of each other: 7,000 generated 56x56 counting collages (0-4 digits on black) gave
+26,819 false near pairs, and the conflict policy then dropped 1,058 rows. So images whose luma is mostly one
+value (`SPARSE_SHARE` of the pixels within `MODE_TOLERANCE` levels of the most common value: "sparse") take
+the pixel-space search above instead (kind 'sparse'; there the same images gave no false pair), and every
+hash pair is confirmed in pixel space before it counts: the zero-mean unit-norm 16x16 luma grids of one
+image and of the other's five crops must lie within `confirm_threshold` (the planted transforms of
+tests/test_dedup.py stay within 0.14). Images between PIXEL_SHARE and SPARSE_SHARE are both hashed and
+searched in pixel space, so that a copy on the other side of the line still meets its original; for a pair
+that both searches see, the pixel-space search decides. Single-colour ("flat") images are not compared at all: two empty
+canvases are the same canvas, not a copy of one photo, and grouping them would put every empty image of a
+competition into one fold.
 
 Over a table of images (the clean stage's rows, the EDA notebook's): `compute_features` fingerprints every
-path in worker processes, `find_pairs` lists the exact, near and small pairs among the rows, and
-`embedding_pair_frame` keeps the embedding pairs (pipeline/training/embeddings.py) that the others missed.
+path in worker processes, `find_pairs` lists the exact, near, small and sparse pairs among the rows,
+`plausible_pairs` sets aside a flood of pairs no duplicate structure explains, and `embedding_pair_frame`
+keeps the embedding pairs (pipeline/training/embeddings.py) that the others missed.
 """
 
 from __future__ import annotations
@@ -56,6 +71,11 @@ _MASKS = np.array([0] + [1 << b for b in range(16)], dtype=np.uint64)
 SMALL_GRID = 16
 SHIFTS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # (0, 0) is the image itself
 _UNSHIFTED = SHIFTS.index((0, 0))
+SPARSE_SHARE = 0.5  # at least half the pixels one value: too little structure for perceptual hashes
+# From this share on, images also join the pixel-space search: a copy whose share lies on the other side of
+# SPARSE_SHARE (JPEG noise on a black background moves it by 0.1 and more) still meets its original there.
+PIXEL_SHARE = 0.3
+MODE_TOLERANCE = 1  # luma levels either side of the most common value that count as that value (JPEG noise)
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
@@ -79,7 +99,9 @@ def perceptual_hashes(gray: Image.Image) -> tuple[list[int], list[int]]:
 
 
 def image_features(path: str, near_min_size: int, max_pixels: int = MAX_PIXELS) -> dict:
-    """Everything the clean stage needs from one decoded image (runs in a worker process)."""
+    """Everything the clean stage needs from one decoded image (runs in a worker process): its pixel hash, whether
+    it is gray, flat (one colour), small (a side below near_min_size) or sparse (mostly one value), and either its
+    perceptual hashes with the crop grids that confirm them, or (small or sparse) its shifted pixel-space grids."""
     try:
         arr = load_image(path, max_pixels)
     except PipelineError as exc:
@@ -89,15 +111,56 @@ def image_features(path: str, near_min_size: int, max_pixels: int = MAX_PIXELS) 
         arr = arr[..., 0]
     flat = bool((arr == arr.reshape(-1, *arr.shape[2:])[0]).all())
     out = {"pixel": hashlib.sha1(str(arr.shape).encode() + arr.tobytes()).hexdigest(), "gray": gray, "flat": flat,
-           "height": arr.shape[0], "width": arr.shape[1], "error": None, "phash": None, "dhash": None}
-    out["small"] = None
-    if not flat:
-        luma = Image.fromarray(arr).convert("L")
-        if min(arr.shape[:2]) >= near_min_size:
-            out["phash"], out["dhash"] = perceptual_hashes(luma)
-        else:
-            out["small"] = small_vectors(np.asarray(luma))
+           "height": arr.shape[0], "width": arr.shape[1], "error": None, "small": min(arr.shape[:2]) < near_min_size,
+           "sparse": False, "phash": None, "dhash": None, "crop_grids": None, "shift_grids": None}
+    if flat:
+        return out
+    luma = Image.fromarray(arr).convert("L")
+    values = np.asarray(luma)
+    share = mode_share(values)
+    out["sparse"] = share >= SPARSE_SHARE
+    if out["small"] or share >= PIXEL_SHARE:
+        out["shift_grids"] = small_vectors(values)
+    if not (out["small"] or out["sparse"]):
+        out["phash"], out["dhash"] = perceptual_hashes(luma)
+        out["crop_grids"] = crop_grids(luma)
     return out
+
+
+def mode_share(luma: np.ndarray) -> float:
+    """The share of pixels within MODE_TOLERANCE levels of the most common luma value."""
+    counts = np.bincount(luma.ravel(), minlength=256)
+    mode = int(counts.argmax())
+    return float(counts[max(0, mode - MODE_TOLERANCE):mode + MODE_TOLERANCE + 1].sum() / luma.size)
+
+
+def crop_grids(luma: Image.Image) -> np.ndarray:
+    """(6, 16, 16) uint8: the luma of the whole image and of its five crops (`crops`), each resized to a 16x16
+    grid; what confirms a hash pair in pixel space (`crop_distances`)."""
+    return np.stack([np.asarray(v.resize((SMALL_GRID, SMALL_GRID), Image.BILINEAR), dtype=np.uint8)
+                     for v in crops(luma)])
+
+
+def crop_distances(grids_a: np.ndarray, grids_b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(P,) for P pairs of crop_grids (P, 6, 16, 16): the smallest distance (0..2) between the zero-mean unit-norm
+    grid of one image and those of the other's whole image and crops, either way round (inf when every grid of a
+    pair is flat)."""
+    out = np.full(len(grids_a), np.inf)
+    for start in range(0, len(grids_a), chunk):
+        a = _units(grids_a[start:start + chunk])
+        b = _units(grids_b[start:start + chunk])
+        d = np.concatenate([np.linalg.norm(a[:, :1] - b, axis=2), np.linalg.norm(b[:, :1] - a, axis=2)], axis=1)
+        out[start:start + chunk] = np.where(np.isnan(d), np.inf, d).min(axis=1)
+    return out
+
+
+def _units(grids: np.ndarray) -> np.ndarray:
+    """(P, V, 16, 16) uint8 grids as (P, V, 256) zero-mean unit-norm float32 vectors; NaN where a grid is flat."""
+    flat = grids.reshape(*grids.shape[:2], -1).astype(np.float32)
+    flat -= flat.mean(axis=2, keepdims=True)
+    norm = np.linalg.norm(flat, axis=2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 1e-6 * flat.shape[2], flat / norm, np.nan)
 
 
 def _unit(grid: np.ndarray) -> np.ndarray | None:
@@ -107,7 +170,7 @@ def _unit(grid: np.ndarray) -> np.ndarray | None:
 
 
 def small_vectors(luma: np.ndarray) -> np.ndarray | None:
-    """(9, 64) float32: the zero-mean unit-norm 8x8 grid of the image and of its eight one-pixel shifts
+    """(9, 256) float32: the zero-mean unit-norm 16x16 grid of the image and of its eight one-pixel shifts
     (row SHIFTS.index((0, 0)) unshifted); None when the grid is flat (nothing to compare)."""
     h, w = luma.shape
     padded = np.pad(luma.astype(np.float32), 1, mode="edge")
@@ -121,7 +184,7 @@ def small_vectors(luma: np.ndarray) -> np.ndarray | None:
 
 
 def small_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Near-duplicate pairs (i < j, distance) among N small images, from their (N, 9, 64) small_vectors.
+    """Near-duplicate pairs (i < j, distance) among N small images, from their (N, 9, 256) small_vectors.
 
     Every shifted vector queries the unshifted ones with an exact radius search (scikit-learn's
     NearestNeighbors); a pair's distance is the smallest over the shifts of either image.
@@ -219,14 +282,16 @@ def compute_features(paths: list[str], near_min_size: int, workers: int | None, 
         return list(tqdm(pool.map(job, paths, chunksize=32), total=len(paths), desc=desc, unit="img", disable=None))
 
 
-def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold: float = 0.2) -> pd.DataFrame:
+def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold: float = 0.09,
+               confirm_threshold: float = 0.2) -> pd.DataFrame:
     """Duplicate pairs among the rows of `frame` (positional indices a < b): exact first, then near (perceptual
-    hashes, kind 'near'), then small (images below clean.near_min_size, compared in pixel space: kind 'small')."""
-    first = frame.groupby("pixel").cumcount() > 0
-    anchor = frame.reset_index(drop=True).groupby("pixel").ngroup()
-    first_pos = pd.Series(np.arange(len(frame))).groupby(anchor.to_numpy()).transform("first").to_numpy()
-    exact = pd.DataFrame({"a": first_pos[first.to_numpy()], "b": np.nonzero(first.to_numpy())[0], "distance": 0,
-                          "kind": "exact"})
+    hashes confirmed in pixel space, kind 'near'), then the pixel-space search of the small and sparse images
+    (kind 'small' when both images are below clean.near_min_size, else 'sparse'). Flat images pair with nothing."""
+    solid = np.nonzero(~frame["flat"].fillna(False).astype(bool).to_numpy())[0]
+    pixel = frame["pixel"].to_numpy()[solid]
+    first = pd.Series(pixel).duplicated().to_numpy()
+    anchor = pd.Series(solid).groupby(pixel).transform("first").to_numpy()
+    exact = pd.DataFrame({"a": anchor[first], "b": solid[first], "distance": 0, "kind": "exact"})
     if not near:
         return exact
     found = [exact]
@@ -235,14 +300,34 @@ def find_pairs(frame: pd.DataFrame, threshold: int, near: bool, small_threshold:
         codes = frame["phash"].iloc[hashed].tolist(), frame["dhash"].iloc[hashed].tolist()
         i, j, dist = near_pairs(np.array(codes[0], dtype=np.uint64), np.array(codes[1], dtype=np.uint64),
                                 threshold)
-        found.append(pd.DataFrame({"a": hashed[i], "b": hashed[j], "distance": dist, "kind": "near"}))
-    small = np.nonzero(frame["small"].notna().to_numpy())[0] if "small" in frame else np.zeros(0, int)
-    if len(small) >= 2:
-        i, j, dist = small_pairs(np.stack(frame["small"].iloc[small].tolist()), small_threshold)
-        found.append(pd.DataFrame({"a": small[i], "b": small[j], "distance": np.round(dist, 4), "kind": "small"}))
+        grids, shifted = frame["crop_grids"].to_numpy(), frame["shift_grids"].notna().to_numpy()
+        a, b = hashed[i], hashed[j]
+        confirmed = crop_distances(np.stack(list(grids[a])), np.stack(list(grids[b]))) <= confirm_threshold \
+            if len(a) else np.zeros(0, bool)
+        confirmed &= ~(shifted[a] & shifted[b])  # both in the pixel-space search below: it decides
+        found.append(pd.DataFrame({"a": a[confirmed], "b": b[confirmed], "distance": dist[confirmed],
+                                   "kind": "near"}))
+    shifted = np.nonzero(frame["shift_grids"].notna().to_numpy())[0]
+    if len(shifted) >= 2:
+        i, j, dist = small_pairs(np.stack(frame["shift_grids"].iloc[shifted].tolist()), small_threshold)
+        small = frame["small"].fillna(False).astype(bool).to_numpy()
+        a, b = shifted[i], shifted[j]
+        found.append(pd.DataFrame({"a": a, "b": b, "distance": np.round(dist, 4),
+                                   "kind": np.where(small[a] & small[b], "small", "sparse")}))
     pairs = pd.concat(found, ignore_index=True)
     pixel = frame["pixel"].to_numpy()
     return pairs[(pairs["kind"] == "exact") | (pixel[pairs["a"]] != pixel[pairs["b"]])].reset_index(drop=True)
+
+
+def plausible_pairs(pairs: pd.DataFrame, n_images: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pairs to act on, pairs set aside). More near, small, sparse or embedding pairs than images is more than
+    duplicates explain (a duplicate adds one pair; a flood means the images look alike to the search, as
+    mostly-dark images do to hashes): then only the exact pairs are acted on, and the rest are set aside for the
+    stage to report."""
+    similar = pairs["kind"] != "exact"
+    if similar.sum() <= n_images:
+        return pairs, pairs.iloc[:0]
+    return pairs[~similar].reset_index(drop=True), pairs[similar].reset_index(drop=True)
 
 
 def embedding_pair_frame(i: np.ndarray, j: np.ndarray, sim: np.ndarray, pixel: np.ndarray,

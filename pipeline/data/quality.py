@@ -2,11 +2,11 @@
 
 The table (`stack_rows`) holds the competition's training rows, the extra folders' rows (split 'extra') and the
 test rows, each with its fingerprints (pipeline/data/dedup.py) and, once pairs are found, its duplicate `group`.
-Unreadable and flat training images are dropped (`drop_unreadable`); groups whose training labels disagree are
-dropped or resolved by majority (`resolve_conflicts`); extra rows are screened so that they can only ever add
-training rows (`screen_extra`); one copy of each pixel-identical group is kept (`keep_rows`); the labels stage's
-list of label issues is applied (`apply_label_issues`). The rest builds the clean stage's tables: duplicates.csv's
-rows, the known labels of test images, and the summary counts.
+Unreadable training images are dropped, and flat ones when asked (`drop_unreadable`, `flat_note`); groups whose
+training labels disagree are dropped or resolved by majority (`resolve_conflicts`); extra rows are screened so
+that they can only ever add training rows (`screen_extra`); one copy of each pixel-identical group is kept
+(`keep_rows`); the labels stage's list of label issues is applied (`apply_label_issues`). The rest builds the
+clean stage's tables: duplicates.csv's rows, the known labels of test images, and the summary counts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.labels import split_tags
 
 CLEAN_CSV = "clean.csv"
+FLAT = "single flat colour"  # the reason of a flat image dropped under clean.drop_flat
 
 
 def clean_csv(work_dir: Path) -> Path:
@@ -37,15 +38,46 @@ def stack_rows(train: pd.DataFrame, extra: pd.DataFrame, test: pd.DataFrame) -> 
 
 
 def drop_unreadable(frame: pd.DataFrame, drop_flat: bool, test_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows kept, rows dropped with the reason): undecodable images, and single-colour ones but test images when
-    drop_flat. An undecodable test image is an error naming its line of test_csv: the submission needs it."""
+    """(rows kept, rows dropped with the reason): undecodable images and, when drop_flat, single-colour training
+    images, but never every image of a label. An undecodable test image is an error naming its line of test_csv:
+    the submission needs it."""
     test_err = frame[(frame.split == "test") & frame.error.notna()]
     if len(test_err):
         line = int(test_err.line.iloc[0])
         raise PipelineError(f"{test_csv} line {line}: {test_err.error.iloc[0]}; every test image must be readable")
-    bad = frame.error.notna() | (frame.flat.fillna(False).astype(bool) & (frame.split != "test") & drop_flat)
-    dropped = frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], "single flat colour"))
+    flat = flat_training_rows(frame) & drop_flat
+    readable = frame[frame.error.isna() & (frame.split != "test")]
+    only_flat = readable.groupby("label")["flat"].agg(lambda f: f.fillna(False).astype(bool).all())
+    flat &= ~frame["label"].map(only_flat).fillna(False).astype(bool)  # a label shown only by flat images stays
+    bad = frame.error.notna() | flat
+    dropped = frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], FLAT))
     return frame[~bad].reset_index(drop=True), dropped
+
+
+def flat_training_rows(frame: pd.DataFrame) -> pd.Series:
+    """Readable training and extra rows whose image is one flat colour."""
+    return frame["flat"].fillna(False).astype(bool) & frame["error"].isna() & (frame["split"] != "test")
+
+
+def flat_note(frame: pd.DataFrame, dropped: pd.DataFrame) -> str | None:
+    """One line on the competition's flat training images, or None without any: kept or dropped, and whether their
+    labels make a pattern (every flat image has one label: an "empty" class, not corruption) or disagree (a flat
+    image cannot show what tells its labels apart)."""
+    flat = frame[flat_training_rows(frame) & (frame["split"] == "train")]
+    flat = pd.concat([flat, dropped[(dropped["split"] == "train") & (dropped["reason"] == FLAT)]])
+    if flat.empty:
+        return None
+    n_dropped = int(((dropped["split"] == "train") & (dropped["reason"] == FLAT)).sum())
+    fate = f"{n_dropped} dropped (clean.drop_flat), {len(flat) - n_dropped} kept" if n_dropped else "kept"
+    labels = flat["label"].value_counts()
+    if len(labels) == 1:
+        what = (f"all labelled '{labels.index[0]}': a pattern (an empty class), not corruption" if len(flat) > 1
+                else f"labelled '{labels.index[0]}'")
+    else:
+        shown = ", ".join(f"'{label}' x{n}" for label, n in labels.head(5).items())
+        what = (f"with {len(labels)} labels ({shown}{', ...' if len(labels) > 5 else ''}): a flat image cannot show "
+                "what tells them apart; check those labels")
+    return f"clean: {len(flat)} flat training image{'s' if len(flat) > 1 else ''} {what}; {fate}"
 
 
 def resolve_conflicts(train: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -85,11 +117,13 @@ def screen_extra(frame: pd.DataFrame, keep_leaks: bool, policy: str) -> tuple[pd
 
 def keep_rows(frame: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
     """The training and extra rows kept, and the dropped ones with their reasons: label conflicts among training
-    rows, screened-out extra rows, and (clean.drop_exact_duplicates) every copy of a pixel-identical kept image."""
+    rows, screened-out extra rows, and (clean.drop_exact_duplicates) every copy of a pixel-identical kept image
+    but flat ones (every empty canvas is its own example of the empty label, as dedup.find_pairs says)."""
     kept, conflicts = resolve_conflicts(frame[frame.split == "train"], cfg.conflicts)
     kept_extra, dropped_extra = screen_extra(frame, cfg.keep_extra_leaks, cfg.conflicts)
     kept = pd.concat([kept, kept_extra])  # training rows first: an extra copy of one is the copy dropped
-    copies = kept[kept.duplicated("pixel")] if cfg.drop_exact_duplicates else kept.iloc[:0]
+    copy = kept.duplicated("pixel") & ~kept["flat"].fillna(False).astype(bool)  # flat images are never copies
+    copies = kept[copy] if cfg.drop_exact_duplicates else kept.iloc[:0]
     kept = kept.drop(copies.index)
     return kept, [conflicts, dropped_extra, copies.assign(reason="exact duplicate of a kept image")]
 
@@ -189,8 +223,9 @@ def duplicates_table(frame: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(n_train_rows: int, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame,
-            dup: pd.DataFrame, n_overrides: int, cfg: CleanConfig) -> dict:
-    """The clean stage's counts of the competition's own rows (its stamp and its printed line)."""
+            dup: pd.DataFrame, n_overrides: int, cfg: CleanConfig, n_set_aside: int = 0) -> dict:
+    """The clean stage's counts of the competition's own rows (its stamp and its printed line); `n_set_aside`: the
+    similar pairs not acted on (dedup.plausible_pairs)."""
     own, own_dropped = kept[kept.split == "train"], dropped[dropped.split != "extra"]
     train_test = (((dup.split_a == "train") & (dup.split_b == "test"))
                   | ((dup.split_a == "test") & (dup.split_b == "train")))
@@ -198,14 +233,18 @@ def summary(n_train_rows: int, frame: pd.DataFrame, kept: pd.DataFrame, dropped:
     out = {
         "train_rows": n_train_rows, "kept": len(own),
         "unreadable": int(reasons.str.contains("cannot decode").sum()),
-        "flat": int((reasons == "single flat colour").sum()),
+        "flat": int((flat_training_rows(frame) & (frame.split == "train")).sum() + (reasons == FLAT).sum()),
+        "flat_dropped": int((reasons == FLAT).sum()),
         "conflicts_dropped": int(reasons.str.startswith("label conflict").sum()),
         "duplicates_dropped": int((reasons == "exact duplicate of a kept image").sum()),
         "exact_pairs": int((pairs.kind == "exact").sum()), "near_pairs": int((pairs.kind == "near").sum()),
-        "small_pairs": int((pairs.kind == "small").sum()),
+        "small_pairs": int((pairs.kind == "small").sum()), "sparse_pairs": int((pairs.kind == "sparse").sum()),
+        "pairs_set_aside": n_set_aside,
         "train_test_pairs": int(train_test.sum()), "test_labels_known": n_overrides,
         "test_labels_transferred": n_overrides if cfg.transfer_test_labels else 0,
-        "not_near_hashed": int(frame.phash.isna().sum()), "small_compared": int(frame.small.notna().sum()),
+        "not_near_hashed": int(frame.phash.isna().sum()),
+        "small_compared": int((frame.shift_grids.notna() & frame.small.fillna(False).astype(bool)).sum()),
+        "sparse_compared": int((frame.shift_grids.notna() & ~frame.small.fillna(False).astype(bool)).sum()),
         "all_gray": bool(frame.gray.all()),
     }
     if cfg.embeddings:

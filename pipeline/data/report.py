@@ -1,11 +1,12 @@
 """report/clean.html: the clean stage's counts and every duplicate group as thumbnails; report/labels.html: the
 labels stage's flagged rows.
 
-One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose
-labels disagree, and groups where an extra image (competition.extra) duplicates a test image, come
-first, outlined in red. Groups joined by embedding pairs (clean.embeddings) list those pairs with their
-cosine similarity. Extra images are captioned with their folder; a table per extra folder counts
-its kept and dropped rows, and the dropped extra rows are listed with their reason.
+One self-contained file (thumbnails inlined as base64 PNG) that opens in any browser; groups whose labels
+disagree, and groups where an extra image (competition.extra) duplicates a test image, come first, outlined in
+red. Flat (single-colour) training images are listed with their labels. Groups joined by embedding pairs
+(clean.embeddings) list those pairs with their cosine similarity. Extra images are captioned with their folder;
+a table per extra folder counts its kept and dropped rows, and the dropped extra rows are listed with their
+reason.
 """
 
 from __future__ import annotations
@@ -89,9 +90,21 @@ def _extra_html(sources: pd.DataFrame | None, dropped: pd.DataFrame, max_rows: i
             f"<h3>Dropped extra rows ({len(gone)})</h3>{_table(gone.head(max_rows))}{more}")
 
 
+def _flat_html(frame: pd.DataFrame, dropped: pd.DataFrame, note: str | None) -> str:
+    """The flat training images (kept and dropped): the note, their labels with counts, a thumbnail per label."""
+    if note is None:
+        return ""
+    rows = pd.concat([frame, dropped])
+    flat = rows[rows["flat"].fillna(False).astype(bool) & rows["error"].isna() & (rows["split"] == "train")]
+    counts = flat["label"].value_counts().rename_axis("label").reset_index(name="flat images")
+    examples = _group_html(flat.drop_duplicates("label").head(20), conflict=False)
+    return f"<h2>Flat images</h2><p>{html.escape(note.removeprefix('clean: '))}</p>{_table(counts)}{examples}"
+
+
 def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dropped: pd.DataFrame, summary: dict,
-                       max_groups: int, sources: pd.DataFrame | None = None) -> Path:
-    """`sources`: one row per extra folder (its counts), or None without extra data."""
+                       max_groups: int, sources: pd.DataFrame | None = None, flat_note: str | None = None) -> Path:
+    """`sources`: one row per extra folder (its counts), or None without extra data; `flat_note`: the line on the
+    flat training images (quality.flat_note), shown above their label counts and one thumbnail per label."""
     sizes = frame.groupby("group").size()
     multi = frame[frame["group"].isin(sizes[sizes > 1].index)]
     train_labels = multi[multi["split"] != "test"].groupby("group")["label"].nunique()
@@ -109,7 +122,7 @@ def write_clean_report(path: Path, frame: pd.DataFrame, pairs: pd.DataFrame, dro
             if len(order) > max_groups else "")
     body = (f"<h1>Clean report</h1><table>{counts}</table><h2>Dropped</h2>"
             f"<table><tr><th>reason</th><th>rows</th></tr>{drop_rows}</table>"
-            f"{_extra_html(sources, dropped, max_groups)}"
+            f"{_flat_html(frame, dropped, flat_note)}{_extra_html(sources, dropped, max_groups)}"
             f"<h2>Duplicate groups ({len(order)}; {len(conflict)} with disagreeing labels; {len(pairs)} pairs)</h2>"
             f"{groups}{more}")
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Clean report</title><style>{STYLE}</style></head>'

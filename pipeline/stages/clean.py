@@ -2,14 +2,17 @@
 
 Every image (train and test) is decoded once in worker processes (pipeline/data/dedup.py computes its
 fingerprints and pairs, pipeline/data/quality.py decides what is dropped and builds the tables; this module
-reads the inputs, calls them and writes the artifacts). Undecodable or single-colour training images are
-dropped with the reason; an undecodable test image is an error, since the submission needs a prediction for
-it. Exact and near duplicates (perceptual hashes; images below clean.near_min_size in pixel space) become groups
-(connected components of the pairs; with clean.embeddings, also pairs of similar backbone embeddings,
-pipeline/training/embeddings.py); groups whose training labels disagree are dropped or resolved
-by majority; one copy of each pixel-identical training group is kept. The raw folder is never
+reads the inputs, calls them and writes the artifacts). Undecodable training images are dropped with the
+reason; an undecodable test image is an error, since the submission needs a prediction for it. Single-colour
+("flat") images are kept and reported with their labels (an empty canvas is a label in counting, detection and
+segmentation competitions), dropped only under clean.drop_flat, and never paired. Exact and near duplicates
+(perceptual hashes confirmed in pixel space; images below clean.near_min_size or mostly one value, in pixel
+space) become groups (connected components of the pairs; with clean.embeddings, also pairs of similar backbone
+embeddings, pipeline/training/embeddings.py), unless there are more such pairs than images (then only exact
+copies are acted on, with a warning); groups whose training labels disagree are dropped or resolved by
+majority; one copy of each pixel-identical training group is kept. The raw folder is never
 touched. Writes clean.csv (kept rows with their group), duplicates.csv (every pair, with its kind: exact,
-near, small or embedding, and an embedding pair's cosine similarity), dropped.csv (id, reason),
+near, small, sparse or embedding, and an embedding pair's cosine similarity), dropped.csv (id, reason),
 report/clean.html, optionally test_label_overrides.csv, and the stamp clean.json. With clean.label_issues=drop
 or relabel, reads WORK/label_issues.csv, written by the labels stage (pipeline/stages/label_issues.py).
 
@@ -59,6 +62,10 @@ DROPPED_COLUMNS = ["id", "split", "label", "reason", "source"]  # source: the ex
 READS = {"train_csv", "test_csv", "id_column", "label_column", "group_column", "image_dir", "image_suffix", "extra",
          "task", "label_separator"}
 
+
+# the settings that decide the pairs of each kind (named when a flood of pairs is set aside)
+SETTING_OF_KIND = {"near": ["clean.near_threshold", "clean.near_confirm"], "small": ["clean.small_threshold"],
+                   "sparse": ["clean.small_threshold"], "embedding": ["clean.embedding_threshold"]}
 
 EMBEDDING_KEYS = {"embedding_threshold", "embedding_backbone", "embedding_image_size"}  # read only when embeddings
 
@@ -139,11 +146,18 @@ def run(ctx: Context) -> dict:
                                    cfg.max_pixels)
     frame = pd.concat([frame, pd.DataFrame(feats)], axis=1)
     frame, unreadable = quality.drop_unreadable(frame, cfg.drop_flat, ctx.data_dir / ctx.cfg.competition.test_csv)
-    pairs = dedup.find_pairs(frame, cfg.near_threshold, cfg.near_duplicates, cfg.small_threshold)
+    pairs = dedup.find_pairs(frame, cfg.near_threshold, cfg.near_duplicates, cfg.small_threshold, cfg.near_confirm)
     if source is not None:
         device = runtime.pick_device(ctx.cfg.runtime.device)
         found = embedding_pairs(frame, source, cfg.embedding_threshold, device, cfg.max_pixels, pairs)
         pairs = pd.concat([pairs, found], ignore_index=True)
+    pairs, set_aside = dedup.plausible_pairs(pairs, len(frame))
+    if len(set_aside):
+        counts = set_aside["kind"].value_counts()
+        settings = dict.fromkeys(s for kind in counts.index for s in SETTING_OF_KIND[kind])
+        log.warning(f"clean: {len(set_aside)} similar pairs ({', '.join(f'{n} {k}' for k, n in counts.items())}) "
+                    f"among {len(frame)} images are more than duplicates explain, so only exact copies are grouped and "
+                    f"none of those pairs is acted on; look at {', '.join(settings)} (or clean.near_duplicates=false)")
     frame["group"] = dedup.groups(len(frame), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     kept, dropped_kept = quality.keep_rows(frame, cfg)
     kept, label_dropped, relabelled, label_counts = quality.apply_label_issues(kept, issues, cfg.label_issues,
@@ -151,9 +165,11 @@ def run(ctx: Context) -> dict:
     _write_relabelled(ctx.work_dir / "relabelled.csv", relabelled)
     dropped = quality.join_dropped([unreadable, *dropped_kept, label_dropped])
     _check_classes_left(ctx, kept[kept.split == "train"], dropped)
-    summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra))
+    summary = _write_outputs(ctx, frame, kept, dropped, pairs, len(extra), len(set_aside))
     write_stamp(stamp, fp, classes=comp.classes, task=comp.task, **summary, label_issues_applied=issues_digest)
     log.info("clean: " + ", ".join(f"{k}={v}" for k, v in {**summary, **label_counts}.items()))
+    if note := quality.flat_note(frame, dropped):
+        log.info(note)
     return summary
 
 
@@ -187,7 +203,7 @@ def _check_classes_left(ctx: Context, kept: pd.DataFrame, dropped: pd.DataFrame)
 
 
 def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, pairs: pd.DataFrame,
-                   n_extra: int) -> dict:
+                   n_extra: int, n_set_aside: int) -> dict:
     comp, cfg, work = ctx.competition, ctx.cfg.clean, ctx.work_dir
     cols = ["id", "label", "y", "group", "path"] + (["user_group"] if "user_group" in kept.columns else []) + ["source"]
     write_csv(quality.clean_csv(work), kept[cols])
@@ -201,9 +217,10 @@ def _write_outputs(ctx: Context, frame: pd.DataFrame, kept: pd.DataFrame, droppe
         write_csv(work / "test_label_overrides.csv", overrides)
     elif (work / "test_label_overrides.csv").exists():
         os.remove(work / "test_label_overrides.csv")  # our own artifact from an earlier opt-in run
-    summary = quality.summary(len(comp.train), frame, kept, dropped, pairs, dup, len(overrides), cfg)
+    summary = quality.summary(len(comp.train), frame, kept, dropped, pairs, dup, len(overrides), cfg, n_set_aside)
     if ctx.cfg.competition.extra:
         summary.update(quality.extra_summary(n_extra, frame, kept, dropped))
     sources = quality.source_table(ctx.cfg.competition.extra, kept, dropped) if ctx.cfg.competition.extra else None
-    report.write_clean_report(work / "report" / "clean.html", frame, dup, dropped, summary, cfg.report_groups, sources)
+    report.write_clean_report(work / "report" / "clean.html", frame, dup, dropped, summary, cfg.report_groups, sources,
+                              quality.flat_note(frame, dropped))
     return summary

@@ -59,16 +59,22 @@ class CleanConfig(Section):
                                                     "resized, cropped <= 5%, recoloured)")
     near_threshold: int = Field(14, ge=0, le=15, description="max pHash + dHash Hamming distance "
                                                              "(of 128 bits) for a near-duplicate pair")
+    near_confirm: float = Field(0.2, ge=0, le=2, description="max distance (0..2) between the zero-mean unit-norm "
+                                "16x16 luma grids of a hash pair (one image whole, the other whole or a 95% crop) "
+                                "for the pair to count; planted re-encodes, resizes, 3-5% crops and 15% brightness/"
+                                "contrast shifts lie within 0.14 (docs/data-quality.md)")
     near_min_size: int = Field(32, ge=1, description="images with a side below this are compared in pixel space "
-                                                     "(too few pixels for perceptual hashes; see small_threshold)")
+                                                     "(too few pixels for perceptual hashes; see small_threshold); so "
+                                                     "are images whose luma is mostly one value (sparse)")
     small_threshold: float = Field(0.09, ge=0, le=2, description="max distance (0..2) between the zero-mean unit-"
-                                   "norm 16x16 luma grids of two images below near_min_size (either one shifted by "
+                                   "norm 16x16 luma grids of two small or sparse images (either one shifted by "
                                    "up to one pixel) for a near-duplicate pair; planted 28x28 re-encodes, gray<->RGB, "
                                    "15% brightness/contrast and 1-px shifts lie within 0.074, distinct MNIST digits "
                                    "at least 0.103 apart (docs/data-quality.md)")
     conflicts: Literal["drop", "majority"] = Field("drop", description="duplicate groups whose labels disagree: "
                                                                        "drop them all, or keep the majority label")
-    drop_flat: bool = Field(True, description="drop training images of one flat colour")
+    drop_flat: bool = Field(False, description="drop training images of one flat colour (never the last images of a "
+                            "label); default: kept and reported, since empty images are a label in many competitions")
     transfer_test_labels: bool = Field(False, description="submit the known label for test images "
                                                           "that duplicate training images (opt-in)")
     keep_extra_leaks: bool = Field(False, description="keep competition.extra images that duplicate a test image "
