@@ -135,18 +135,27 @@ def test_make_demo_targets():
             "folds", f"DATA=data/collages_{task}")[-1]
 
 
-def test_demo_configs_skip_the_near_duplicate_search_that_pairs_collage_layouts(tmp_path):
-    from pipeline.core.config import load_config
+def test_the_duplicate_search_leaves_distinct_collages_apart(tmp_path):
+    """Perceptual hashes of mostly black grids key on which cells hold a digit (on these 200 collages they made 33
+    pairs, 25 of them across labels); the collages are sparse, so the pixel-space search compares them instead, and
+    it pairs none."""
     from pipeline.data import dedup
     from pipeline.data.dedup import find_pairs
     out = collages.build_collages(tmp_path / "c", "multi_label", n_train=200, n_test=0)
     train = read(out / "train.csv")
     feats = pd.DataFrame([dedup.image_features(str(out / p), 32) for p in train["image"]])
-    near, exact = find_pairs(feats, 14, near=True), find_pairs(feats, 14, near=False)
-    labels = train["label"].to_numpy()
-    assert len(exact) == 0 and (labels[near["a"]] != labels[near["b"]]).sum() >= 20  # 25 of its 33 pairs
-    for name in ("demo-multi-label.yaml", "demo-regression.yaml"):
-        assert load_config(REPO / "configs" / name).clean.near_duplicates is False
+    assert feats["sparse"].all() and feats["phash"].isna().all()
+    assert len(find_pairs(feats, 14, near=True)) == 0
+
+
+def test_empty_collages(tmp_path):
+    """min_digits=0: empty black canvases with target 0, one of the five counts."""
+    out = collages.build_collages(tmp_path / "count", "regression", n_train=60, n_test=10, scale=3,
+                                  regression_target="count", min_digits=0)
+    train = read(out / "train.csv")
+    empty = train[train["label"] == "0.0"]
+    assert set(train["label"]) == {"0.0", "1.0", "2.0", "3.0", "4.0"} and len(empty) > 0
+    assert all(not np.asarray(Image.open(out / image)).any() for image in empty["image"])
 
 
 def test_the_bar_form_56px_collages_and_a_count_target(tmp_path):
@@ -170,13 +179,13 @@ def test_the_bar_form_56px_collages_and_a_count_target(tmp_path):
 def test_the_bar_form_runs_folds_train_ensemble(tmp_path, capsys, task, target, metric):
     # A count of 1-4 reads as four classes under task auto (it says so and names the override): the count bar's
     # documented override is competition.task=regression.
-    """Both bars' data forms end to end through the CLI with the documented override (no near-duplicate search on
-    mostly black collages); tiny sizes: the scores are checked to exist, the bars themselves in the README."""
+    """Both bars' data forms end to end through the CLI; tiny sizes: the scores are checked to exist, the bars
+    themselves in the docs."""
     from pipeline.cli import main
     from pipeline.scoring.submission import score_file
     data = collages.build_collages(tmp_path / "comp", task, n_train=48, n_test=12, scale=3, regression_target=target)
     work, subs = tmp_path / "work", tmp_path / "subs"
-    args = ["--data", str(data), "--work", str(work), "--submissions", str(subs), "clean.near_duplicates=false",
+    args = ["--data", str(data), "--work", str(work), "--submissions", str(subs),
             "folds.n_splits=2", "model.backbones=[resnet10t]", "train.epochs=1", "train.image_size=32",
             "train.batch_size=16", "train.hflip=false", "predict.tta=[identity]", "runtime.device=cpu",
             "runtime.threads=1", "clean.workers=1", "tracking.backend=none", f"competition.task={task}"]
