@@ -3,7 +3,9 @@
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds ->
 train -> predict -> rounds -> ensemble -> labels; tune and autogluon need folds; detect stands alone); they skip when
 their outputs are complete and match, so any stage can be asked for directly and an interrupted
-chain resumes. `context` builds the stage's Context and merges the tuned parameters of
+chain resumes. Before any of them runs, every stage of the chain checks what it can tell from the config and the
+task alone (`check`): a stage that cannot do this task refuses before the stages above it spend their time.
+`context` builds the stage's Context and merges the tuned parameters of
 WORK/tune/best.yaml unless told not to. Under torchrun the upstream stages run on rank 0 while the
 other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over these two.
 """
@@ -30,6 +32,10 @@ STAGES: dict[str, Callable[[Context], object]] = {
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
             "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
+# refusals that need no work, only the config and the task (read from the CSVs by Context)
+CHECKS: dict[str, Callable[[Context], None]] = {
+    "clean": clean.check, "train": train.check, "rounds": rounds.check, "labels": labels.check, "tune": tune.check,
+    "autogluon": autogluon.check}
 
 
 def chain(stage: str) -> list[str]:
@@ -54,6 +60,9 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
 
 def run(stage: str, ctx: Context):
     """Run `stage` after its upstream stages; returns the stage's own result."""
+    for name in chain(stage):  # on every rank: each refuses alike, none waits at a barrier for the others
+        if name in CHECKS:
+            CHECKS[name](ctx)
     distributed.setup()  # under torchrun: join the group first, so only rank 0 runs the upstream stages
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes

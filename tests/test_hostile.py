@@ -460,3 +460,220 @@ def test_sigkill_of_clean_ends_its_decode_workers(tmp_path: Path):
         for w in workers:  # only our own leftovers (same command line), should the assertion have failed
             if _state(w) not in (None, "Z") and b"pipeline" in Path(f"/proc/{w}/cmdline").read_bytes():
                 os.kill(w, signal.SIGKILL)
+
+
+# --- issue 26 B: failures during and around the work ---
+
+def _tmp_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.tmp"))
+
+
+def _disk_full_in(name: str, monkeypatch) -> None:
+    """The disk fills while `name` (best.safetensors or last.pt) is written, as each writer reports it: safetensors
+    in its message only, torch.save (to a file object) as a RuntimeError over the OSError."""
+    import errno
+
+    import torch
+    from safetensors import SafetensorError
+
+    from pipeline.training import checkpoint
+
+    real_file, real_save = checkpoint.save_file, torch.save
+
+    def save_file(tensors, filename, metadata=None):
+        if Path(filename).name.startswith(f".{name}."):
+            Path(filename).write_bytes(b"\0" * 64)  # what got onto the disk
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_file(tensors, filename, metadata=metadata)
+
+    def save(obj, f, *args, **kwargs):
+        if Path(getattr(f, "name", f)).name.startswith(f".{name}."):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("name", ["best.safetensors", "last.pt"])
+def test_disk_full_while_saving_a_checkpoint(comp_dir: Path, tmp_path: Path, capsys, monkeypatch, name: str):
+    from safetensors import safe_open
+
+    args = ["--data", comp_dir, *TINY_TRAIN, "train.folds=[0]"]
+    assert main(["train", "--work", str(tmp_path / "ref"), *map(str, args)]) == 0
+    work, run = tmp_path / "w", "runs/d2l_lenet/fold0"
+    with monkeypatch.context() as patch:
+        _disk_full_in(name, patch)
+        fails(capsys, ["train", "--work", work, *args],
+              rf"No space left on device writing {work}/{run}/{name}; free disk space .* run the same command again")
+    assert _tmp_files(work) == [] and not (work / run / "best.json").exists()
+    assert main(["train", "--work", str(work), *map(str, args)]) == 0
+    assert (work / run / "best.safetensors").read_bytes() == (tmp_path / "ref" / run / "best.safetensors").read_bytes()
+    last = [safe_open(str(w / run / "last.safetensors"), "pt") for w in (work, tmp_path / "ref")]
+    assert last[0].metadata() == last[1].metadata()  # their order in the header varies from write to write
+    assert all(last[0].get_tensor(k).equal(last[1].get_tensor(k)) for k in last[1].keys())
+    drop = ["seconds"]
+    history = [pd.read_csv(w / run / "history.csv").drop(columns=drop) for w in (work, tmp_path / "ref")]
+    pd.testing.assert_frame_equal(*history)
+
+
+def test_malformed_tune_storage_is_one_line_before_any_work(comp_dir: Path, tmp_path: Path, capsys):
+    for url in ("notaurl", "foo://host/db"):
+        fails(capsys, ["tune", "--data", comp_dir, "--work", tmp_path / "w", *TINY_TRAIN, f"tune.storage={url}"],
+              rf"tune.storage='{re.escape(url)}': not a database URL SQLAlchemy can use \(.*\); "
+              r"use sqlite:///path/to/optuna.db or postgresql://user:password@host:5432/db")
+        assert not (tmp_path / "w" / "clean.json").exists()
+
+
+def test_failed_tuning_trials_are_one_line_each(comp_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    import logging
+
+    from pipeline.stages import tune
+
+    calls = []
+
+    def fake(cfg, report):
+        calls.append(cfg.train.lr)
+        if len(calls) == 1:
+            raise FloatingPointError("loss is NaN")
+        report(1, 0.5)
+        return 0.5
+
+    monkeypatch.setattr(tune, "train_trial", lambda ctx, trial_dir: fake)
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    seen: list[logging.LogRecord] = []
+    recorder = logging.Handler()
+    recorder.emit = seen.append
+    logging.getLogger("optuna").addHandler(recorder)  # Optuna's own handler holds the stderr of its import
+    try:
+        assert main(["tune", "--data", str(comp_dir), "--work", str(tmp_path / "w"), *TINY_TRAIN, "tune.n_trials=2",
+                     f"tune.space={space}", "tune.epochs=1", "tune.pruner=none"]) == 0
+    finally:
+        logging.getLogger("optuna").removeHandler(recorder)
+    out, err = capsys.readouterr()
+    assert len(calls) == 3 and "Traceback" not in out + err
+    assert [r.getMessage() for r in seen if r.levelno >= logging.WARNING] == []
+    failed = [line for line in out.splitlines() if line.startswith("tune: trial") and "failed" in line]
+    assert len(failed) == 1, out
+    assert re.fullmatch(r"tune: trial 0 failed \(diverged: loss is NaN\) with \{\"train.lr\": .*\}", failed[0])
+    trials = pd.read_csv(tmp_path / "w" / "tune" / "trials.csv")
+    assert trials["state"].tolist() == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+ROUND_2 = "rounds.plan=[{experiments: [{name: lenet-r2, backbone: d2l_lenet}]}]"
+TASK_REFUSALS = {
+    "rounds-multi_label": ("rounds", "multi_label", [ROUND_2],
+                           r"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is "
+                           r"multi_label; set rounds.plan=\[\]"),
+    "rounds-regression": ("rounds", "regression", [ROUND_2],
+                          r"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is regression"),
+    "labels-regression": ("labels", "regression", [],
+                          r"labels: cleanlab's label issues are for single_label tasks only, this one is regression"),
+    "train-class-weights": ("ensemble", "regression", ["train.class_weights=balanced"],
+                            r"train.class_weights: for single_label tasks only; this one is regression; "
+                            r"set train.class_weights=none"),
+    "clean-label-issues": ("folds", "multi_label", ["clean.label_issues=drop"],
+                           r"clean.label_issues=drop: label issues are for single_label tasks only, this one is "
+                           r"multi_label; set clean.label_issues=report"),
+}
+
+
+@pytest.mark.parametrize("case", TASK_REFUSALS, ids=list(TASK_REFUSALS))
+def test_a_stage_that_cannot_do_the_task_refuses_before_any_work(tmp_path: Path, capsys, case: str):
+    from .task_data import make_task_folder
+
+    stage, task, extra, pattern = TASK_REFUSALS[case]
+    data = make_task_folder(tmp_path / "comp", task, n_train=12, n_test=3)
+    subs = tmp_path / "subs"
+    fails(capsys, [stage, "--data", data, "--work", tmp_path / "w", "--submissions", subs, *TINY_TRAIN, *extra],
+          pattern)
+    assert list((tmp_path / "w").iterdir()) == [] and list(subs.rglob("*")) == []  # the CLI's folder checks made them
+
+
+@pytest.mark.parametrize("policy", ["drop", "relabel"])
+def test_label_issues_policy_without_the_list_is_refused(comp_dir: Path, tmp_path: Path, capsys, policy: str):
+    work = tmp_path / "w"
+    fails(capsys, ["folds", "--data", comp_dir, "--work", work, f"clean.label_issues={policy}"],
+          rf"clean.label_issues={policy}: {work}/label_issues.csv not found; run `make labels` first with "
+          r"clean.label_issues=report")
+    assert not (work / "clean.json").exists()
+    assert main(["clean", "--data", str(comp_dir), "--work", str(work), "clean.label_issues=report"]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path: Path):
+    """A writer SIGKILLed between its temporary file and the rename (as in ensemble) leaves the file; the next write
+    of the same artifact removes it, and leaves a running writer's own."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.core import artifacts
+
+    from .conftest import REPO
+
+    target = tmp_path / "w" / "ensemble" / "oof.parquet"
+    code = ("import sys, time; from pathlib import Path; from pipeline.core.artifacts import atomic_write\n"
+            "def write(tmp):\n    tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(120)\n"
+            f"atomic_write(Path({str(target)!r}), write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    dead = _tmp_files(target.parent)
+    assert len(dead) == 1 and dead[0].startswith(f".oof.parquet.{proc.pid}@")
+    live = target.parent / f".oof.parquet.{os.getpid()}@{artifacts._HOST}.running.tmp"  # a writer still at work
+    other = target.parent / f".oof.parquet.{proc.pid}@another-host.x.tmp"  # WORK shared with another machine
+    for path in (live, other):
+        path.write_bytes(b"half")
+    artifacts.write_text(target, "whole")
+    assert target.read_text() == "whole"
+    assert _tmp_files(target.parent) == sorted([other.name, live.name])
+
+
+def _detection_folder(root: Path, train: str, test: str, val: str | None = None) -> Path:
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 30), (20 * i, 90, 30)).save(root / "img" / f"{i}.png")
+    (root / "train.csv").write_text(train)
+    (root / "test.csv").write_text(test)
+    if val is not None:
+        (root / "val.csv").write_text(val)
+    return root
+
+
+DETECT_TINY = ["detect.train.image_size=64", "detect.train.epochs=1", "detect.folds.n_splits=1", "runtime.device=cpu",
+               "runtime.threads=1"]
+BOXES = "image,label,xmin,ymin,xmax,ymax\nimg/0.png,cat,1,1,20,20\nimg/1.png,dog,2,2,30,25\n"
+
+
+def test_unknown_class_in_detection_val_csv_names_its_line(tmp_path: Path, capsys):
+    val = "image,label,xmin,ymin,xmax,ymax\nimg/2.png,cat,1,1,9,9\n\nimg/2.png,bird,3,3,12,12\n"
+    data = _detection_folder(tmp_path / "d", BOXES, "image\nimg/3.png\n", val)
+    fails(capsys, ["detect", "--data", data, "--work", tmp_path / "w", *DETECT_TINY],
+          rf"{data}/val.csv line 4: label 'bird' never occurs in train.csv; the model cannot learn it")
+
+
+def test_a_test_image_listed_in_detection_train_csv_is_reported(tmp_path: Path, capsys, monkeypatch):
+    from pipeline.core.errors import PipelineError
+    from pipeline.training import runtime
+
+    def stop(*args, **kwargs):
+        raise PipelineError("stopped after reading the folder")
+
+    monkeypatch.setattr(runtime, "from_config", stop)
+    data = _detection_folder(tmp_path / "d", BOXES + "img/2.png,cat,1,1,9,9\n", "image\nimg/3.png\n\nimg/1.png\n")
+    assert main(["detect", "--data", str(data), "--work", str(tmp_path / "w"), *DETECT_TINY]) == 2
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if "leak" in line]
+    assert warned == [f"detect: warning: 1 test image(s) also listed for training (a train/test leak), e.g. "
+                      f"{data}/test.csv line 4: 'img/1.png' is {data}/train.csv line 3; remove them from one of the "
+                      "files"], out

@@ -11,9 +11,12 @@ restored is still noticed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,11 +37,50 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files private (0600)
 
 
+# Temporary names carry the writer's pid and host (.<name>.<pid>@<host>.<random>.tmp): a writer killed before its
+# rename (SIGKILL, the OOM killer) leaves its file behind, and the next write of the same artifact removes it once no
+# process of that pid runs on this host. Another host's files are left alone: WORK may be shared, and its pids are
+# not ours to look up.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "host"
+_TEMP = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_dead_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of `path` that writers on this host left when they died; returns them."""
+    path = Path(path)
+    prefix, swept = f".{path.name}.", []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return swept
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        found = _TEMP.fullmatch(entry.name, len(prefix) - 1)
+        if found and found["host"] == _HOST and not _running(int(found["pid"])):
+            with contextlib.suppress(FileNotFoundError):  # another writer swept it first
+                os.unlink(entry.path)
+                swept.append(Path(entry.path))
+    return swept
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_path), then rename tmp_path to path (same folder, so the rename is atomic)."""
+    """Call write(tmp_path), then rename tmp_path to path (same folder, so the rename is atomic); the temporary files
+    of earlier writers of path that died on this host are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -23,7 +23,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.cache import cached_decode
 from pipeline.data.competition import ID_CANDIDATES, resolve_paths
 from pipeline.data.labels import sort_classes
-from pipeline.data.table import read_table
+from pipeline.data.table import line_of, read_table
 
 BOX = ["xmin", "ymin", "xmax", "ymax"]
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -33,8 +33,8 @@ ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 class Split:
     """Images of one split and their boxes in pixels (rows of `boxes` refer to `images` by position)."""
 
-    images: pd.DataFrame  # columns: image (as in the CSV), path (resolved), width, height
-    boxes: pd.DataFrame  # columns: item (row of images), label, xmin, ymin, xmax, ymax
+    images: pd.DataFrame  # columns: image (as in the CSV), path (resolved), width, height, line (its first in the CSV)
+    boxes: pd.DataFrame  # columns: item (row of images), label, xmin, ymin, xmax, ymax, line (in the CSV)
 
 
 @dataclass
@@ -44,11 +44,13 @@ class DetectionData:
     val: Split
     test: Split
     val_source: str  # "val.csv" or "10% of train.csv"
+    leaks: pd.DataFrame | None = None  # test images also listed for training: image, test_line, csv, line
 
     def key(self) -> str:
         """Content key of what training reads: the train and validation rows (images, boxes), the bytes of
         their images, the classes and where validation came from. Not the test split: it is only predicted."""
-        parts = [(s.images["image"].tolist(), s.boxes.to_numpy().tolist()) for s in (self.train, self.val)]
+        parts = [(s.images["image"].tolist(), s.boxes[["item", "label", *BOX]].to_numpy().tolist())
+                 for s in (self.train, self.val)]
         images = content_key([p for s in (self.train, self.val) for p in s.images["path"]])
         return fingerprint(self.classes, parts, images, self.val_source)
 
@@ -75,8 +77,8 @@ def _image_column(frame: pd.DataFrame, csv: Path) -> str:
     raise PipelineError(f"{csv}: no image column among {list(frame.columns)}; name it 'image'")
 
 
-def _images(ids: pd.Series, root: Path, comp: CompetitionConfig, csv: Path) -> pd.DataFrame:
-    frame = pd.DataFrame({"image": ids.to_numpy()})
+def _images(ids: pd.Series, lines: list[int], root: Path, comp: CompetitionConfig, csv: Path) -> pd.DataFrame:
+    frame = pd.DataFrame({"image": ids.to_numpy(), "line": lines})
     frame["path"] = resolve_paths(frame, "image", root, comp, csv)
     sizes = np.array([image_size(p) for p in frame["path"]], dtype=np.int64).reshape(-1, 2)
     frame["width"], frame["height"] = sizes[:, 0], sizes[:, 1]
@@ -95,7 +97,7 @@ def _parse_boxes(frame: pd.DataFrame, csv: Path) -> pd.DataFrame:
         bad = values.isna() & (frame[col] != "")
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
-            raise PipelineError(f"{csv} line {i + 2}: {col} '{frame[col].iloc[i]}' is not a number; "
+            raise PipelineError(f"{csv} line {line_of(frame, i)}: {col} '{frame[col].iloc[i]}' is not a number; "
                                 "boxes are pixel coordinates")
         out[col] = values
     empty_box = out[BOX].isna()
@@ -104,11 +106,12 @@ def _parse_boxes(frame: pd.DataFrame, csv: Path) -> pd.DataFrame:
     for mask, fix in ((partial, "give all four of xmin, ymin, xmax, ymax"),
                       (label_box, "a box needs a label; leave label and box empty for an image without objects")):
         if mask.any():
-            raise PipelineError(f"{csv} line {int(mask.to_numpy().nonzero()[0][0]) + 2}: incomplete box row; {fix}")
+            raise PipelineError(f"{csv} line {line_of(frame, int(mask.to_numpy().nonzero()[0][0]))}: incomplete box "
+                                f"row; {fix}")
     spaced = out["label"].str.contains(r"\s", regex=True)
     if spaced.any():
         i = int(spaced.to_numpy().nonzero()[0][0])
-        raise PipelineError(f"{csv} line {i + 2}: label '{out['label'].iloc[i]}' contains a space, "
+        raise PipelineError(f"{csv} line {line_of(frame, i)}: label '{out['label'].iloc[i]}' contains a space, "
                             "which PredictionString cannot hold; rename it")
     return out
 
@@ -135,13 +138,14 @@ def _read_split(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
         raise PipelineError(f"{csv}: has a header but no rows; it needs one row per box")
     col = _image_column(frame, csv)
     boxes = _parse_boxes(frame, csv)
-    ids = frame[col].drop_duplicates()
-    images = _images(ids, root, comp, csv)
+    lines = np.array([line_of(frame, i) for i in range(len(frame))])
+    first = ~frame[col].duplicated().to_numpy()
+    images = _images(frame[col][first], lines[first].tolist(), root, comp, csv)
     boxes["item"] = pd.Index(images["image"]).get_indexer(frame[col])
-    boxes["line"] = np.arange(len(frame)) + 2
+    boxes["line"] = lines
     boxes = boxes[boxes["label"] != ""]
     _check_geometry(boxes, images, csv)
-    return Split(images, boxes[["item", "label", *BOX]].reset_index(drop=True))
+    return Split(images, boxes[["item", "label", *BOX, "line"]].reset_index(drop=True))
 
 
 def _read_test(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
@@ -150,10 +154,12 @@ def _read_test(csv: Path, root: Path, comp: CompetitionConfig) -> Split:
     dup = frame[col].duplicated()
     if dup.any():
         i = int(dup.to_numpy().nonzero()[0][0])
-        raise PipelineError(f"{csv} line {i + 2}: duplicate image '{frame[col].iloc[i]}'; list each test image once")
+        raise PipelineError(f"{csv} line {line_of(frame, i)}: duplicate image '{frame[col].iloc[i]}'; "
+                            "list each test image once")
     if frame.empty:
         raise PipelineError(f"{csv}: has a header but no rows; it needs one row per test image")
-    return Split(_images(frame[col], root, comp, csv), pd.DataFrame(columns=["item", "label", *BOX]))
+    lines = [line_of(frame, i) for i in range(len(frame))]
+    return Split(_images(frame[col], lines, root, comp, csv), pd.DataFrame(columns=["item", "label", *BOX, "line"]))
 
 
 def _subset(split: Split, keep: np.ndarray) -> Split:
@@ -190,11 +196,27 @@ def read_detection(root: Path, cfg: DetectDataConfig, comp: CompetitionConfig, s
     classes = sort_classes(sorted(set(train.boxes["label"])))
     if not classes:
         raise PipelineError(f"{train_csv}: no boxes at all; label at least one object")
-    unknown = sorted(set(val.boxes["label"]) - set(classes))
-    if unknown:
-        raise PipelineError(f"{root / (cfg.val_csv or cfg.train_csv)}: label '{unknown[0]}' never occurs in "
-                            f"{cfg.train_csv}; the model cannot learn it")
-    return DetectionData(classes, train, val, _read_test(root / cfg.test_csv, root, comp), source)
+    unknown = (~val.boxes["label"].isin(classes)).to_numpy().nonzero()[0]
+    if len(unknown):
+        row = val.boxes.iloc[int(unknown[0])]
+        where = (f"{root / cfg.val_csv} line {int(row['line'])}: label '{row['label']}' never occurs in {cfg.train_csv}"
+                 if source == cfg.val_csv else
+                 f"{train_csv} line {int(row['line'])}: label '{row['label']}' occurs only in the validation images "
+                 f"held out of {cfg.train_csv}")
+        raise PipelineError(f"{where}; the model cannot learn it")
+    test = _read_test(root / cfg.test_csv, root, comp)
+    val_csv = root / cfg.val_csv if source == cfg.val_csv else train_csv
+    return DetectionData(classes, train, val, test, source, _leaks(test, (train, val), (train_csv, val_csv)))
+
+
+def _leaks(test: Split, parts: tuple[Split, ...], csvs: tuple[Path, ...]) -> pd.DataFrame:
+    """Test images that a training or validation CSV also lists (the same file): image, test_line, csv, line."""
+    rows = []
+    tests = list(test.images[["image", "path", "line"]].itertuples(index=False))
+    for split, csv in zip(parts, csvs, strict=True):
+        seen = dict(zip(split.images["path"], split.images["line"], strict=True))
+        rows += [(image, int(line), str(csv), int(seen[path])) for image, path, line in tests if path in seen]
+    return pd.DataFrame(rows, columns=["image", "test_line", "csv", "line"]).drop_duplicates("image")
 
 
 @dataclass

@@ -41,9 +41,15 @@ def to_pipeline_files(ctx: Context, out: Path, classes: list[str], folds_hash: s
                         label_separator=comp.label_separator, metric=comp.metric, backbone=ctx.cfg.autogluon.backbone)
 
 
+def check(ctx: Context) -> None:
+    """AutoGluon has no multi_label problem type: refused before any work (`auto` not yet decided: clean says why)."""
+    if ctx.cfg.competition.task != "auto":
+        autogluon_problem(ctx.cfg.competition.metric, 0, ctx.cfg.competition.task)
+
+
 def run(ctx: Context) -> dict:
     cfg, out = ctx.cfg.autogluon, ctx.work_dir / "autogluon"
-    autogluon_problem(ctx.cfg.competition.metric, 0, ctx.cfg.competition.task)  # multi_label: refused first
+    check(ctx)
     python = Path(cfg.python)
     if not python.exists():
         raise PipelineError(f"autogluon.python: {python} not found; `make autogluon` creates .venv-autogluon "

@@ -128,8 +128,25 @@ def embedding_pairs(frame: pd.DataFrame, source: embeddings.Source, threshold: f
     return dedup.embedding_pair_frame(i, j, sim, frame["pixel"].to_numpy(), known)
 
 
+def check(ctx: Context) -> None:
+    """clean.label_issues=drop|relabel applies the list the labels stage wrote; without it the policy would do nothing
+    and say nothing, so it is refused. The labels stage cannot run first on its own: it needs models trained on the
+    given labels (clean.label_issues=report)."""
+    policy, task = ctx.cfg.clean.label_issues, ctx.cfg.competition.task
+    if policy == "report":
+        return
+    if task not in ("single_label", "auto"):
+        raise PipelineError(f"clean.label_issues={policy}: label issues are for single_label tasks only, this one is "
+                            f"{task}; set clean.label_issues=report")
+    path = label_issues_csv(ctx.work_dir)
+    if not path.is_file():
+        raise PipelineError(f"clean.label_issues={policy}: {path} not found; run `make labels` first with "
+                            "clean.label_issues=report (it trains on the given labels and writes the list)")
+
+
 def run(ctx: Context) -> dict:
     """Write clean.csv and its companions; skipped when the stamp matches the inputs."""
+    check(ctx)
     stamp, cfg = ctx.work_dir / "clean.json", ctx.cfg.clean
     comp = ctx.competition
     extra = read_extra(comp, ctx.cfg.competition)
@@ -176,8 +193,7 @@ def run(ctx: Context) -> dict:
 def _label_issues_applied(ctx: Context) -> Path | None:
     """WORK/label_issues.csv (written by the labels stage, pipeline/stages/label_issues.py) when clean.label_issues
     (drop, relabel) applies it; else None."""
-    path = label_issues_csv(ctx.work_dir)
-    return path if ctx.cfg.clean.label_issues != "report" and path.exists() else None
+    return None if ctx.cfg.clean.label_issues == "report" else label_issues_csv(ctx.work_dir)
 
 
 def _write_relabelled(path: Path, relabelled: pd.DataFrame | None) -> None:

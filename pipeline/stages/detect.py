@@ -379,6 +379,19 @@ def _write_fold_outputs(ctx: Context, data, test: Arrays, fused_oof: list[dict],
           f"{out}/leaderboard.csv, per_class.csv, oof_detections.csv, gallery_oof.png, gallery_test.png")
 
 
+def _warn_leaks(ctx: Context, leaks: pd.DataFrame | None) -> None:
+    """Test images also listed for training: one warning line, and the run goes on (as classification's train/test
+    duplicates): the submission needs their predictions all the same, but a score on them is a score on images the
+    model trained on."""
+    if leaks is None or not len(leaks):
+        return
+    first = leaks.iloc[0]
+    test_csv = ctx.data_dir / ctx.cfg.detect.data.test_csv
+    log.warning(f"detect: warning: {len(leaks)} test image(s) also listed for training (a train/test leak), e.g. "
+                f"{test_csv} line {first['test_line']}: '{first['image']}' is {first['csv']} line {first['line']}; "
+                "remove them from one of the files")
+
+
 def run(ctx: Context) -> None:
     cfg = ctx.cfg.detect
     runtime.set_threads(ctx.cfg.runtime.threads)
@@ -387,6 +400,7 @@ def run(ctx: Context) -> None:
     log.info(f"detect: {len(data.train.images)} train images ({len(data.train.boxes)} boxes), "
           f"{len(data.val.images)} val ({data.val_source}), "
           f"{len(data.test.images)} test; classes {data.classes}")
+    _warn_leaks(ctx, data.leaks)
     rt = runtime.from_config(ctx.cfg.runtime, "detection")
     val = _arrays(ctx, data.val, data.classes, "val")
     if not single:

@@ -100,15 +100,21 @@ def with_pseudo(ctx: Context, plain: TrainingData, rows: pd.DataFrame) -> Traini
     return replace(plain, frame=frame, images=images, norm=norm, pseudo_keys=keys, soft=soft)
 
 
+def check(ctx: Context) -> None:
+    """Pseudo-label rounds need a single_label task (`auto` not yet decided: the reader says why in clean)."""
+    task = ctx.cfg.competition.task
+    if ctx.cfg.rounds.plan and task not in ("single_label", "auto"):
+        raise PipelineError(f"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is "
+                            f"{task}; set rounds.plan=[]")
+
+
 def run(ctx: Context) -> dict:
     """Every configured round after round 1, in order (after the predict stage: pipeline/orchestrate.py)."""
+    check(ctx)
     plan = ctx.cfg.rounds.plan
     if not plan:
         return {}
     cfg = ctx.cfg
-    if cfg.competition.task != "single_label":
-        raise PipelineError(f"rounds.plan: pseudo-label rounds are for single_label tasks only, this one is "
-                            f"{cfg.competition.task}; set rounds.plan=[]")
     stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     folds = folds_to_train(cfg.train.folds, stamp["n_splits"])
     previous = [e.name for e in experiments.resolve(cfg.model, cfg.train, cfg.predict)]

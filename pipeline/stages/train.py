@@ -12,10 +12,23 @@ import logging
 import pandas as pd
 
 from pipeline.context import Context
+from pipeline.core.errors import PipelineError
 from pipeline.training import distributed, runtime
 from pipeline.training.fold import folds_to_train, train_fold
 
 log = logging.getLogger(__name__)
+
+
+def check(ctx: Context) -> None:
+    """Class weights weigh class indices: single_label only, refused before any work (the trainer refuses too)."""
+    task = ctx.cfg.competition.task
+    if task in ("single_label", "auto"):
+        return
+    for exp in ctx.selected_experiments():
+        if exp.train.class_weights != "none":
+            where = "" if exp.train.class_weights == ctx.cfg.train.class_weights else f" (experiment {exp.name})"
+            raise PipelineError(f"train.class_weights{where}: for single_label tasks only; this one is {task}; "
+                                "set train.class_weights=none")
 
 
 def run(ctx: Context) -> dict:

@@ -30,6 +30,7 @@ from pipeline.core.artifacts import content_key, fingerprint, read_json, write_c
 from pipeline.core.config import Config, read_yaml
 from pipeline.core.errors import PipelineError
 from pipeline.scoring import tasks
+from pipeline.stages import train
 from pipeline.training import tuning
 from pipeline.training.fold import train_fold
 from pipeline.training.tuning import TrainFn, as_tree
@@ -88,6 +89,15 @@ def objective(ctx: Context, space: dict, train_fn: TrainFn | None = None) -> Cal
                             lambda trial_dir: train_fn or train_trial(ctx, trial_dir), ctx.cfg.competition.metric)
 
 
+def check(ctx: Context) -> None:
+    """The search space, the storage URL and what the trials train: refused before the folds are made."""
+    cfg = ctx.cfg.tune
+    tuning.check_space(tuning.load_space(Path(cfg.space)), ctx.cfg, Path(cfg.space))
+    if cfg.storage is not None:
+        tuning.check_storage(cfg.storage)
+    train.check(ctx)
+
+
 def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
     """Run (or continue) the study up to tune.n_trials, then write best.yaml, trials.csv and plots.
 
@@ -96,8 +106,8 @@ def run(ctx: Context, train_fn: TrainFn | None = None) -> dict:
     stops after tune.n_trials failed trials in a row, and fails when no trial ever completed.
     """
     cfg = ctx.cfg.tune
+    check(ctx)
     space = tuning.load_space(Path(cfg.space))
-    tuning.check_space(space, ctx.cfg, Path(cfg.space))
     ctx.work_dir.mkdir(parents=True, exist_ok=True)  # the folds it trains on come first (pipeline/orchestrate.py)
     study = open_study(ctx)
     done, taken = tuning.claimed(study)

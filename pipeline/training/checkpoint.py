@@ -9,7 +9,10 @@ ignored too, with one line saying so: the run starts over and its first epoch ov
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,12 +29,41 @@ def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _os_error(exc: Exception) -> OSError | None:
+    """The operating-system error under a writer's own exception: safetensors reports it only in its message
+    ("... (os error 28)"), torch.save through a file object as the RuntimeError's context."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found:
+        return OSError(int(found[1]), os.strerror(int(found[1])))
+    inner = exc.__context__
+    while inner is not None and not isinstance(inner, OSError):
+        inner = inner.__context__
+    return inner
+
+
+def _write(path: Path, save: Callable[[Path], None]) -> None:
+    """atomic_write(path, save), with a full or read-only disk raised as the OSError it is, naming `path`: the CLI
+    turns that into one line, where the writers' own exceptions would end in a traceback."""
+    try:
+        atomic_write(path, save)
+    except (SafetensorError, RuntimeError) as exc:
+        cause = _os_error(exc)
+        if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from None
+
+
+def _torch_save(obj: object, tmp: Path) -> None:
+    with open(tmp, "wb") as fh:  # a file object, so that a failed write keeps its errno (as the context)
+        torch.save(obj, fh)
+
+
 def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoch: int, fingerprint: str) -> None:
     tensors = _on_host(tensors)
     meta = {"epoch": str(epoch), "fingerprint": fingerprint}
-    atomic_write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    _write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     state = {**state, "epoch": epoch, "fingerprint": fingerprint}
-    atomic_write(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+    _write(run_dir / "last.pt", lambda tmp: _torch_save(state, tmp))
 
 
 # what torch.load and safe_open raise on truncated or corrupted files
@@ -73,7 +105,7 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:
     state = _on_host(module.state_dict())
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    _write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load_checkpoint(run_dir: Path, folds_hash: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import time
 import warnings
@@ -157,9 +158,27 @@ HEARTBEAT_S = 10  # a running trial's process writes a heartbeat this often (Opt
 GRACE_S = 30  # a running trial without a heartbeat for this long belongs to a dead process: failed, and retried
 
 
+STORAGE_FORMS = "sqlite:///path/to/optuna.db or postgresql://user:password@host:5432/db (null: WORK/optuna.db)"
+
+
+def check_storage(url: str) -> None:
+    """tune.storage is a database URL SQLAlchemy can open: it parses, names a known database and the driver is
+    installed. Nothing is connected to (a server that is down is `_storage`'s one line)."""
+    try:
+        sqlalchemy.create_engine(_with_driver(url)).dispose()
+    except sqlalchemy.exc.ArgumentError as exc:  # not a URL, or no such database (NoSuchModuleError)
+        shown = re.sub(r":[^:@/]*@", ":***@", url)  # a password, should the URL hold one
+        raise PipelineError(f"tune.storage={shown!r}: not a database URL SQLAlchemy can use ({exc}); "
+                            f"use {STORAGE_FORMS}") from None
+    except ImportError as exc:  # the database's driver is not installed
+        raise PipelineError(f"tune.storage: {_safe_url(url)} needs the driver '{exc.name}', which is not installed; "
+                            f"install it or use {STORAGE_FORMS}") from None
+
+
 def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats (so the trials of a killed worker do not hold budget); processes starting together
     race to create the schema, so the loser retries."""
+    check_storage(url)
     given, url = url, _with_driver(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
@@ -264,6 +283,7 @@ def objective(base: Config, space: dict, n_trials: int, epochs: int, trials_dir:
         if not claim(trial.study, trial, n_trials):
             trial.study.stop()
             trial.set_user_attr("fail_reason", "over budget: other workers finished tune.n_trials trials first")
+            log.info(f"tune: trial {trial.number} not run: other workers finished tune.n_trials trials first")
             raise OverBudget(f"trial {trial.number}: tune.n_trials reached by other workers")
         params = suggest(trial, space)
         cfg = trial_config(base, params, epochs)
@@ -310,8 +330,32 @@ def optimize(study: optuna.Study, run_trial: Callable[[optuna.Trial], float], n_
              timeout: float | None) -> None:
     """Run trials until the finished ones of all workers fill `n_trials`, `n_trials` trials in a row failed, or
     `timeout` seconds passed. Failed and over-budget trials are recorded and the study goes on."""
-    study.optimize(run_trial, timeout=timeout, catch=(TrialFailed, OverBudget),
-                   callbacks=[StopWhenClaimed(n_trials), StopAfterFailures(n_trials)])
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna warns of each failed trial
+    caught = _CaughtTrials()
+    optuna_log.addFilter(caught)
+    try:
+        study.optimize(run_trial, timeout=timeout, catch=(TrialFailed, OverBudget),
+                       callbacks=[StopWhenClaimed(n_trials), StopAfterFailures(n_trials)])
+    finally:
+        optuna_log.removeFilter(caught)
+
+
+class _CaughtTrials(logging.Filter):
+    """Drops Optuna's two warnings for a trial that ended in a caught exception ("Trial N failed with parameters ...",
+    with the whole chained traceback, then "Trial N failed with value None."): they repeat what `objective` already
+    said in one line, the reason and the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.caught: set[str] = set()  # numbers of the trials whose first warning was dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        number = re.match(r"Trial (\d+) failed", record.getMessage())
+        if isinstance(exc, (TrialFailed, OverBudget)):
+            self.caught.add(number[1] if number else "")
+            return False
+        return not (number and number[1] in self.caught)
 
 
 def write_plots(study: optuna.Study, out: Path) -> list[str]:
