@@ -460,3 +460,37 @@ def test_sigkill_of_clean_ends_its_decode_workers(tmp_path: Path):
         for w in workers:  # only our own leftovers (same command line), should the assertion have failed
             if _state(w) not in (None, "Z") and b"pipeline" in Path(f"/proc/{w}/cmdline").read_bytes():
                 os.kill(w, signal.SIGKILL)
+
+
+# --- issue 26 A: label columns that read wrong ------------------------------------------------------
+
+def _numeric_comp(root: Path, cells: dict[int, str] | None = None, every: str | None = None) -> Path:
+    """A competition whose label is a number (1.5 * digit + 0.25, 3 rows each: 30 rows on lines 2-31), with the
+    cells of `cells` (row -> text) written in, or every cell `every`."""
+    from .conftest import write_competition
+
+    write_competition(root, n_per_class=3, classes=tuple(str(1.5 * d + 0.25) for d in range(10)))
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    for row, text in (cells or {}).items():
+        train.loc[row, "label"] = text
+    if every is not None:
+        train["label"] = every
+    train.to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("cells, named", [
+    ({3: "inf", 8: "inf"}, r"2 of 30 cells \(line 5: 'inf', line 10: 'inf'\)"),
+    ({3: "n/a", 8: "n/a"}, r"2 of 30 cells \(line 5: 'n/a', line 10: 'n/a'\)"),
+    ({3: "inf"}, r"1 of 30 cells \(line 5: 'inf'\)"),
+    ({3: "not known", 8: "not known", 9: "-", 12: "NaN"},
+     r"4 of 30 cells \(line 5: 'not known', line 10: 'not known', line 11: '-' and 1 more\)"),
+], ids=["inf-twice", "n/a-twice", "inf-once", "four-with-spaces"])
+def test_auto_refuses_numbers_but_for_a_few_cells(tmp_path: Path, capsys, cells: dict, named: str):
+    """Read as classes, the bad cells became classes of their own and every test row was predicted 'inf'."""
+    data = _numeric_comp(tmp_path / "comp", cells)
+    before = snapshot(data)
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1"],
+          rf"comp/train.csv: column 'label' holds numbers but for {named}; competition.task=auto cannot tell a "
+          r"number to regress from classes: fix or remove those rows, or set competition.task explicitly")
+    assert snapshot(data) == before
