@@ -494,3 +494,28 @@ def test_auto_refuses_numbers_but_for_a_few_cells(tmp_path: Path, capsys, cells:
           rf"comp/train.csv: column 'label' holds numbers but for {named}; competition.task=auto cannot tell a "
           r"number to regress from classes: fix or remove those rows, or set competition.task explicitly")
     assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("task", ["auto", "regression"])
+def test_regression_target_beyond_float32_names_the_row(tmp_path: Path, capsys, task: str):
+    """1e308 overflowed the float32 cast and crashed in scikit-learn's input validation after training."""
+    data = _numeric_comp(tmp_path / "comp", {7: "1e308"})
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1", f"competition.task={task}"],
+          r"comp/train.csv line 9: target '1e308' in column 'label' is outside the accepted range -1e\+30 to "
+          r"1e\+30 \(training computes in float32, at most 3.4e38, on the standardised target\); rescale the column")
+
+
+def test_constant_regression_target_is_refused(tmp_path: Path, capsys):
+    """A target that is always 3.5 trained and predicted about 3.72, without a word."""
+    data = _numeric_comp(tmp_path / "comp", every="3.5")
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1"],
+          r"comp/train.csv: every target in column 'label' is '3.5' \(30 rows, lines 2 to 31\); a constant has "
+          r"nothing to learn: submit the value itself without a model, or check competition.label_column")
+
+
+def test_ordinal_with_a_single_grade_is_refused(tmp_path: Path, capsys):
+    """One grade trained (CV NaN), then crashed in thresholds.py."""
+    data = _numeric_comp(tmp_path / "comp", every="2")
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1", "competition.task=ordinal"],
+          r"comp/train.csv: every grade in column 'label' is '2' \(30 rows, lines 2 to 31\); ordinal needs at least "
+          r"two grades to cut between")

@@ -26,6 +26,10 @@ MAX_CLASS_INTEGERS = 20  # integer labels with more distinct values than this ar
 # 'NA', 'None' and 'null' stay labels: real classes carry those names (a region, a severity).
 MISSING_LABELS = {"nan", "<na>"}
 
+# Training computes in float32 (at most 3.4e38) and standardises the target; predictions are center + scale * output,
+# so a target near float32's limit overflows to inf. 1e30 leaves eight orders of magnitude for that.
+MAX_TARGET = 1e30
+
 
 def sort_classes(labels: list[str]) -> list[str]:
     """Numeric labels sort as numbers ('2' before '10'), others as text."""
@@ -130,7 +134,18 @@ def read_labels(task: str, labels: pd.Series, lines: list[int], separator: str, 
         if task == "ordinal" and n != int(n):
             raise fail(i, f"grade {v!r} in column '{column}' is not an integer; ordinal grades are integers "
                           "(set competition.task=regression for a number)")
+        if task == "regression" and abs(n) > MAX_TARGET:
+            raise fail(i, f"target {v!r} in column '{column}' is outside the accepted range -{MAX_TARGET:.0e} to "
+                          f"{MAX_TARGET:.0e} (training computes in float32, at most 3.4e38, on the standardised "
+                          "target); rescale the column (e.g. its logarithm) or fix the cell")
         numbers.append(n)
+    if len(set(numbers)) == 1:
+        what = "target" if task == "regression" else "grade"
+        need = ("a constant has nothing to learn: submit the value itself without a model"
+                if task == "regression" else "ordinal needs at least two grades to cut between: add rows of others")
+        raise PipelineError(f"{csv}: every {what} in column '{column}' is {labels.iloc[0].strip()!r} "
+                            f"({len(labels):,} rows, lines {lines[0]} to {lines[-1]}); {need}, or check "
+                            "competition.label_column")
     if task == "regression":
         return [], np.asarray(numbers, dtype=np.float64)
     classes = sort_classes(sorted(set(labels.str.strip())))
