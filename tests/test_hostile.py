@@ -519,3 +519,14 @@ def test_ordinal_with_a_single_grade_is_refused(tmp_path: Path, capsys):
     fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1", "competition.task=ordinal"],
           r"comp/train.csv: every grade in column 'label' is '2' \(30 rows, lines 2 to 31\); ordinal needs at least "
           r"two grades to cut between")
+
+
+@pytest.mark.parametrize("value, reads", [(",", None), ("|", "''"), ("#", "None"), ("-", r"\[None\]")])
+def test_override_of_yaml_punctuation_says_how_to_quote_it(capsys, value: str, reads: str | None):
+    """`,` was 'not valid YAML' with no hint; `|` silently became '' (no separator at all)."""
+    what = "value is not valid YAML" if reads is None else rf"YAML reads '{re.escape(value)}' as {reads}, not as"
+    fails(capsys, ["config", f"competition.label_separator={value}"],
+          rf"override 'competition.label_separator={re.escape(value)}': {what}.*; if it is text, quote it: "
+          rf"\"competition.label_separator='{re.escape(value)}'\"")
+    assert main(["config", f"competition.label_separator='{value}'"]) == 0
+    assert f"label_separator: '{value}'" in capsys.readouterr().out
