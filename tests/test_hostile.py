@@ -677,3 +677,73 @@ def test_a_test_image_listed_in_detection_train_csv_is_reported(tmp_path: Path, 
     assert warned == [f"detect: warning: 1 test image(s) also listed for training (a train/test leak), e.g. "
                       f"{data}/test.csv line 4: 'img/1.png' is {data}/train.csv line 3; remove them from one of the "
                       "files"], out
+
+
+# --- issue 26 A: label columns that read wrong ------------------------------------------------------
+
+def _numeric_comp(root: Path, cells: dict[int, str] | None = None, every: str | None = None) -> Path:
+    """A competition whose label is a number (1.5 * digit + 0.25, 3 rows each: 30 rows on lines 2-31), with the
+    cells of `cells` (row -> text) written in, or every cell `every`."""
+    from .conftest import write_competition
+
+    write_competition(root, n_per_class=3, classes=tuple(str(1.5 * d + 0.25) for d in range(10)))
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    for row, text in (cells or {}).items():
+        train.loc[row, "label"] = text
+    if every is not None:
+        train["label"] = every
+    train.to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("cells, named", [
+    ({3: "inf", 8: "inf"}, r"2 of 30 cells \(line 5: 'inf', line 10: 'inf'\)"),
+    ({3: "n/a", 8: "n/a"}, r"2 of 30 cells \(line 5: 'n/a', line 10: 'n/a'\)"),
+    ({3: "inf"}, r"1 of 30 cells \(line 5: 'inf'\)"),
+    ({3: "not known", 8: "not known", 9: "-", 12: "NaN"},
+     r"4 of 30 cells \(line 5: 'not known', line 10: 'not known', line 11: '-' and 1 more\)"),
+], ids=["inf-twice", "n/a-twice", "inf-once", "four-with-spaces"])
+def test_auto_refuses_numbers_but_for_a_few_cells(tmp_path: Path, capsys, cells: dict, named: str):
+    """Read as classes, the bad cells became classes of their own and every test row was predicted 'inf'."""
+    data = _numeric_comp(tmp_path / "comp", cells)
+    before = snapshot(data)
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1"],
+          rf"comp/train.csv: column 'label' holds numbers but for {named}; competition.task=auto cannot tell a "
+          r"number to regress from classes: fix or remove those rows, or set competition.task explicitly")
+    assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("task", ["auto", "regression"])
+def test_regression_target_beyond_float32_names_the_row(tmp_path: Path, capsys, task: str):
+    """1e308 overflowed the float32 cast and crashed in scikit-learn's input validation after training."""
+    data = _numeric_comp(tmp_path / "comp", {7: "1e308"})
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1", f"competition.task={task}"],
+          r"comp/train.csv line 9: target '1e308' in column 'label' is outside the accepted range -1e\+30 to "
+          r"1e\+30 \(training computes in float32, at most 3.4e38, on the standardised target\); rescale the column")
+
+
+def test_constant_regression_target_is_refused(tmp_path: Path, capsys):
+    """A target that is always 3.5 trained and predicted about 3.72, without a word."""
+    data = _numeric_comp(tmp_path / "comp", every="3.5")
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1"],
+          r"comp/train.csv: every target in column 'label' is '3.5' \(30 rows, lines 2 to 31\); a constant has "
+          r"nothing to learn: submit the value itself without a model, or check competition.label_column")
+
+
+def test_ordinal_with_a_single_grade_is_refused(tmp_path: Path, capsys):
+    """One grade trained (CV NaN), then crashed in thresholds.py."""
+    data = _numeric_comp(tmp_path / "comp", every="2")
+    fails(capsys, ["clean", "--data", data, "--work", tmp_path / "w", "clean.workers=1", "competition.task=ordinal"],
+          r"comp/train.csv: every grade in column 'label' is '2' \(30 rows, lines 2 to 31\); ordinal needs at least "
+          r"two grades to cut between")
+
+
+@pytest.mark.parametrize("value, reads", [(",", None), ("|", "''"), ("#", "None"), ("-", r"\[None\]")])
+def test_override_of_yaml_punctuation_says_how_to_quote_it(capsys, value: str, reads: str | None):
+    """`,` was 'not valid YAML' with no hint; `|` silently became '' (no separator at all)."""
+    what = "value is not valid YAML" if reads is None else rf"YAML reads '{re.escape(value)}' as {reads}, not as"
+    fails(capsys, ["config", f"competition.label_separator={value}"],
+          rf"override 'competition.label_separator={re.escape(value)}': {what}.*; if it is text, quote it: "
+          rf"\"competition.label_separator='{re.escape(value)}'\"")
+    assert main(["config", f"competition.label_separator='{value}'"]) == 0
+    assert f"label_separator: '{value}'" in capsys.readouterr().out

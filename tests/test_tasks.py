@@ -31,6 +31,8 @@ from .task_data import TAGS, make_task_folder
     ([str(i) for i in range(30)], "regression", "30 distinct integer values (over 20)"),
     (["0", "1", "2", "1", "0"], "single_label", "3 distinct integer values (set competition.task=ordinal"),
     (["cat", "dog", "cat"], "single_label", "2 classes, no label holds the separator ' '"),
+    (["0", "1", "2", "other", "other", "1"], "single_label", "4 classes"),  # class ids and a text class: not numbers
+    (["1.5 2", "2.5", "3 4"], "multi_label", "2 of 3 labels hold the separator"),  # half tags: not numbers either
 ])
 def test_auto_detection_decides_from_the_label_column_and_says_why(labels, task, reason):
     got, why = detect_task(pd.Series(labels), " ")

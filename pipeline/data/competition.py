@@ -158,7 +158,8 @@ def read_competition(root: Path, cfg: CompetitionConfig) -> Competition:
     label_col = _detect_label(train_raw, test_raw, id_col, cfg, train_csv)
     for frame, path in ((train_raw, train_csv), (test_raw, test_csv)):
         _check_ids(frame, id_col, path)
-    task = cfg.task if cfg.task != "auto" else detect_task(train_raw[label_col], cfg.label_separator)[0]
+    task = cfg.task if cfg.task != "auto" else detect_task(train_raw[label_col], cfg.label_separator,
+                                                           train_raw.attrs["lines"], train_csv, label_col)[0]
     classes, y = read_labels(task, train_raw[label_col], train_raw.attrs["lines"], cfg.label_separator, train_csv,
                              label_col)
     train = pd.DataFrame({
@@ -237,4 +238,5 @@ def resolve_task(root: Path, cfg: CompetitionConfig) -> tuple[str, str | None]:
     train_csv, test_csv = Path(root) / cfg.train_csv, Path(root) / cfg.test_csv
     train, test = read_table(train_csv), read_table(test_csv)
     id_col = _detect_id(train, test, cfg, (train_csv, test_csv))
-    return detect_task(train[_detect_label(train, test, id_col, cfg, train_csv)], cfg.label_separator)
+    label_col = _detect_label(train, test, id_col, cfg, train_csv)
+    return detect_task(train[label_col], cfg.label_separator, train.attrs["lines"], train_csv, label_col)

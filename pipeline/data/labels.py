@@ -5,6 +5,9 @@ returns (classes, y): single_label: classes are the labels (each in at least 2 r
 class index; multi_label: classes are the tags (each in at least 2 rows), y is -1 (the targets are the tags in
 `label`); regression: no classes, y the number; ordinal: classes are the integer grades in numeric order, y the
 grade's index. Every bad cell is a one-line error naming the file and line.
+
+A column that is numbers but for a few cells (`inf`, `n/a`) is refused by `detect_task` rather than read as classes:
+those cells would become classes of their own, and a regression would silently turn into a classification.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ MAX_CLASS_INTEGERS = 20  # integer labels with more distinct values than this ar
 # a label spelled that way is a missing label, not a class (a class really named so must be renamed).
 # 'NA', 'None' and 'null' stay labels: real classes carry those names (a region, a severity).
 MISSING_LABELS = {"nan", "<na>"}
+
+# Training computes in float32 (at most 3.4e38) and standardises the target; predictions are center + scale * output,
+# so a target near float32's limit overflows to inf. 1e30 leaves eight orders of magnitude for that.
+MAX_TARGET = 1e30
 
 
 def sort_classes(labels: list[str]) -> list[str]:
@@ -43,15 +50,22 @@ def _number(text: str) -> float | None:
         return None
 
 
-def detect_task(labels: pd.Series, separator: str) -> tuple[str, str]:
+def detect_task(labels: pd.Series, separator: str, lines: list[int] | None = None, csv: Path = Path("train.csv"),
+                column: str = "label") -> tuple[str, str]:
     """(task, reason) from a label column: tags when any label holds the separator, a number to regress when every
     label is a number and either one is not an integer or there are more than MAX_CLASS_INTEGERS distinct
-    integers; otherwise classes (integer grades stay single_label: say competition.task=ordinal for them)."""
+    integers; otherwise classes (integer grades stay single_label: say competition.task=ordinal for them).
+
+    A column of numbers but for a few cells is an error naming those cells (`_check_mixed`); `lines` are the rows'
+    file lines (default: the rows after a header line), `csv` and `column` name them."""
+    lines = list(range(2, len(labels) + 2)) if lines is None else lines
+    _check_mixed(labels, lines, csv, column, before_tags=True)
     values = labels[labels.str.strip() != ""]
     if separator:
         tagged = int(values.str.strip().str.contains(separator, regex=False).sum())
         if tagged:
             return "multi_label", f"{tagged:,} of {len(values):,} labels hold the separator {separator!r}"
+    _check_mixed(labels, lines, csv, column, before_tags=False)
     numbers = [_number(v) for v in values]
     distinct = values.nunique()
     if values.size and all(n is not None and np.isfinite(n) for n in numbers):
@@ -62,6 +76,31 @@ def detect_task(labels: pd.Series, separator: str) -> tuple[str, str]:
         return "single_label", (f"{distinct} distinct integer values (set competition.task=ordinal for grades, "
                                 "regression for a number)")
     return "single_label", f"{distinct:,} classes, no label holds the separator {separator!r}"
+
+
+def _check_mixed(labels: pd.Series, lines: list[int], csv: Path, column: str, before_tags: bool) -> None:
+    """Refuse a column whose non-empty cells are mostly finite numbers, the rest not: as classes, the bad cells
+    would be classes of their own and the numbers classes too (a regression read as classification, every
+    prediction one of the bad cells). Numbers that are not integers, or bad cells that are themselves non-finite
+    numbers (inf, nan), are never tags, so they are refused before the separator rule (a cell 'not known' holds a
+    space); more than MAX_CLASS_INTEGERS distinct integers only after it (numeric tag ids are tags)."""
+    filled = [(i, v) for i, v in enumerate(labels) if v.strip() != ""]
+    numbers = {i: n for i, v in filled if (n := _number(v)) is not None and np.isfinite(n)}
+    bad = [(i, v) for i, v in filled if i not in numbers]
+    if not bad or len(numbers) <= len(bad):
+        return
+    values = list(numbers.values())
+    if before_tags:
+        numeric = any(n != int(n) for n in values) or all(_number(v) is not None for _, v in bad)
+    else:
+        numeric = len(set(values)) > MAX_CLASS_INTEGERS
+    if not numeric:
+        return
+    shown = ", ".join(f"line {lines[i]}: {v!r}" for i, v in bad[:3]) + (f" and {len(bad) - 3:,} more"
+                                                                         if len(bad) > 3 else "")
+    raise PipelineError(f"{csv}: column '{column}' holds numbers but for {len(bad):,} of {len(filled):,} cells "
+                        f"({shown}); competition.task=auto cannot tell a number to regress from classes: fix or "
+                        "remove those rows, or set competition.task explicitly (regression, ordinal or single_label)")
 
 
 def read_labels(task: str, labels: pd.Series, lines: list[int], separator: str, csv: Path,
@@ -95,7 +134,18 @@ def read_labels(task: str, labels: pd.Series, lines: list[int], separator: str, 
         if task == "ordinal" and n != int(n):
             raise fail(i, f"grade {v!r} in column '{column}' is not an integer; ordinal grades are integers "
                           "(set competition.task=regression for a number)")
+        if task == "regression" and abs(n) > MAX_TARGET:
+            raise fail(i, f"target {v!r} in column '{column}' is outside the accepted range -{MAX_TARGET:.0e} to "
+                          f"{MAX_TARGET:.0e} (training computes in float32, at most 3.4e38, on the standardised "
+                          "target); rescale the column (e.g. its logarithm) or fix the cell")
         numbers.append(n)
+    if len(set(numbers)) == 1:
+        what = "target" if task == "regression" else "grade"
+        need = ("a constant has nothing to learn: submit the value itself without a model"
+                if task == "regression" else "ordinal needs at least two grades to cut between: add rows of others")
+        raise PipelineError(f"{csv}: every {what} in column '{column}' is {labels.iloc[0].strip()!r} "
+                            f"({len(labels):,} rows, lines {lines[0]} to {lines[-1]}); {need}, or check "
+                            "competition.label_column")
     if task == "regression":
         return [], np.asarray(numbers, dtype=np.float64)
     classes = sort_classes(sorted(set(labels.str.strip())))

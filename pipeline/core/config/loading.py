@@ -92,12 +92,32 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise PipelineError(f"override '{item}': expected KEY=VALUE, e.g. train.epochs=3")
         if key not in known_keys(Config):
             raise PipelineError(f"override '{item}': unknown config key '{key}'{did_you_mean(key)}")
-        try:
-            value = yaml.load(raw, Loader=_Loader) if raw != "" else None
-        except yaml.YAMLError:
-            raise PipelineError(f"override '{item}': value is not valid YAML") from None
-        _set_dotted(tree, key, value, f"override '{item}'")
+        _set_dotted(tree, key, _override_value(item, key, raw), f"override '{item}'")
     return tree
+
+
+# Characters YAML reads as syntax. A value made only of them (`,` `|` `#` `-`, separators people pass) either fails
+# to parse or silently reads as something else (`|` and `>` as '', `#` as nothing, `-` as a list), so it must be quoted.
+_YAML_PUNCTUATION = set(",[]{}#&*!|>'\"%@`:-?")
+
+
+def _override_value(item: str, key: str, raw: str) -> Any:
+    """The override's value parsed as YAML; a value YAML cannot read, or reads as other than the text written when
+    that text is only YAML punctuation, is a one-line error saying how to quote it."""
+    if raw == "":
+        return None
+    quoted = "'" + raw.replace("'", "''") + "'"
+    hint = (f"if it is text, quote it: \"{key}={quoted}\" (the double quotes keep a shell from removing the single "
+            "ones)")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        raise PipelineError(f"override '{item}': value is not valid YAML; {hint}") from None
+    text = raw.strip()
+    written_as_yaml = text in ("[]", "{}") or (len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"")
+    if set(text) <= _YAML_PUNCTUATION and value != text and not written_as_yaml:
+        raise PipelineError(f"override '{item}': YAML reads {raw!r} as {value!r}, not as the text written; {hint}")
+    return value
 
 
 def _merge(base: dict, extra: dict) -> dict:
