@@ -394,7 +394,7 @@ def test_disk_full_during_a_stage_leaves_the_old_outputs(comp_dir: Path, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
-    fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=false"],
+    fails(capsys, ["clean", "--data", comp_dir, "--work", work, "clean.drop_flat=true"],
           rf"No space left on device writing under WORK {work} or SUBMISSIONS .*; "
           r"free disk space .* run the same command again")
     assert outputs() == old  # the old clean.csv and stamp, no partial or temporary file
