@@ -48,7 +48,7 @@ def drop_unreadable(frame: pd.DataFrame, drop_flat: bool, test_csv: Path) -> tup
     flat = flat_training_rows(frame) & drop_flat
     readable = frame[frame.error.isna() & (frame.split != "test")]
     only_flat = readable.groupby("label")["flat"].agg(lambda f: f.fillna(False).astype(bool).all())
-    flat &= ~frame["label"].map(only_flat).fillna(False).astype(bool)  # a label shown only by flat images stays
+    flat &= ~frame["label"].map(only_flat).eq(True)  # a label shown only by flat images stays
     bad = frame.error.notna() | flat
     dropped = frame[bad].assign(reason=np.where(frame.error[bad].notna(), frame.error[bad], FLAT))
     return frame[~bad].reset_index(drop=True), dropped
