@@ -28,6 +28,7 @@ USE_TUNED ?= 1
 JOBS ?= 1
 STORAGE ?=
 PYTEST_ARGS ?=
+BUDGET ?=
 
 PIPE = $(PY) -m pipeline
 ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
@@ -44,7 +45,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect docs test lint postgres-server
+.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -100,6 +101,9 @@ rounds: $(INSTALLED) $(DATA_DEP) ## rounds 2, 3, ... of rounds.plan: pseudo-labe
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
 	$(PIPE) ensemble $(ARGS)
+
+auto: $(INSTALLED) $(DATA_DEP) ## profile, plan and run the whole chain within BUDGET (90s, 25m, 2h; default auto.budget)
+	$(PIPE) auto $(ARGS) $(if $(BUDGET),--budget "$(BUDGET)")
 
 labels: $(INSTALLED) $(DATA_DEP) ## label issues: cleanlab on the chosen blend's OOF (runs ensemble when needed)
 	$(PIPE) labels $(ARGS)

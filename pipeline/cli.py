@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import orchestrate
+from pipeline import auto, orchestrate
 from pipeline.context import Context
 from pipeline.core import log
 from pipeline.core.config import defaults_yaml, load_config, to_yaml
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _output_options()
     for name, fn in orchestrate.STAGES.items():
         _stage_parser(sub, name, (fn.__module__.rsplit(".", 1)[-1] + " stage"), common)
+    _stage_parser(sub, "auto", "profile, plan for a time budget and run the whole chain (pipeline/auto.py)", common)
+    sub.choices["auto"].add_argument("--budget", default=None,
+                                     help="wall time of the whole chain: 90s, 25m, 2h (default: auto.budget)")
     p = sub.add_parser("make-digits", parents=[common],
                        help="build the embedded default competition from scikit-learn's digits")
     p.add_argument("--out", type=Path, default=Path("data/digits"))
@@ -142,6 +145,12 @@ def dispatch(args: argparse.Namespace) -> None:
         check_folders(ctx, args.command)
         with disk_errors(ctx):
             orchestrate.run(args.command, ctx)
+    elif args.command == "auto":
+        ctx = orchestrate.context("clean", args.config, args.overrides, args.data, args.work, args.submissions,
+                                  use_tuned=False)
+        check_folders(ctx, "ensemble")
+        with disk_errors(ctx):
+            auto.run(args.data, args.config, args.overrides, args.work, args.submissions, args.budget)
     elif args.command == "make-digits":
         out = digits.build_digits(args.out, seed=args.seed, limit=args.limit)
         print(f"digits: competition written to {out}, hidden solution to {digits.solution_path(out)}")

@@ -1,6 +1,6 @@
 """The package's layers: every import points down, and no modules import each other in a cycle.
 
-core < data < scoring < training < detection < context < stages < orchestrate < cli. Library packages never reach
+core < data < scoring < training < detection < context < stages < orchestrate < auto < cli. Library packages never reach
 the stages or the Context; jobs/ runs in another environment and imports nothing of the pipeline. Function-level
 imports count too: a lazy import is still an edge.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-LAYERS = ["core", "data", "scoring", "training", "detection", "context", "stages", "orchestrate", "cli"]
+LAYERS = ["core", "data", "scoring", "training", "detection", "context", "stages", "orchestrate", "auto", "cli"]
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -19,6 +19,7 @@ uninterrupted run (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -163,6 +164,33 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
+class TimeUp(Exception):
+    """A time limit (`make auto`'s budget) came before the next epoch could finish. `last` holds the run as after
+    its last epoch, so the same command with more time resumes it."""
+
+
+_limit: dict[str, float | None] = {"deadline": None}  # time.time() by which a fit must stop; set by `time_limit`
+
+
+@contextlib.contextmanager
+def time_limit(deadline: float | None):
+    """Every fit inside stops at the end of an epoch when the next one would end after `deadline` (raising TimeUp):
+    a process-wide setting rather than a config key, since it changes when a run stops, not what it computes."""
+    before = _limit["deadline"]
+    _limit["deadline"] = deadline
+    try:
+        yield
+    finally:
+        _limit["deadline"] = before
+
+
+def _time_is_up(label: str, epoch: int, next_epoch_seconds: float) -> None:
+    deadline = _limit["deadline"]
+    if deadline is not None and time.time() + next_epoch_seconds > deadline:
+        when = f"stopped after epoch {epoch}" if epoch else "not started"
+        raise TimeUp(f"{label.rstrip(':')}: {when}: the time limit comes before another epoch could end")
+
+
 def reseed(epoch_seed: int) -> None:
     torch.manual_seed(epoch_seed)
     np.random.seed(epoch_seed % 2**32)
@@ -201,7 +229,9 @@ def fit(track: Track, saver: CheckpointSaver, *, epochs: int, seed: int, label: 
     (with `diverged_fix` as the advice) before the epoch is validated or saved: the predictions of NaN weights
     would otherwise score like any others, and `last` keeps the epoch before it."""
     progress = _resume(track, saver, label, say)
+    last_seconds = 0.0
     while progress.epoch < epochs and not (early_stopping and progress.bad_epochs >= early_stopping):
+        _time_is_up(label, progress.epoch, last_seconds)
         progress.epoch += 1
         epoch_seed = seed * 1000 + progress.epoch
         reseed(epoch_seed)
@@ -217,7 +247,8 @@ def fit(track: Track, saver: CheckpointSaver, *, epochs: int, seed: int, label: 
         if on_epoch is not None and value is not None:
             on_epoch(progress.epoch, value)
         track.end_epoch(progress.epoch, value)
-        row |= {"lr": track.updater.lr, "seconds": time.perf_counter() - t0}
+        last_seconds = time.perf_counter() - t0
+        row |= {"lr": track.updater.lr, "seconds": last_seconds}
         progress.history.append(row)
         if value is not None:
             if _improved(value, progress.best, greater_is_better):

@@ -37,6 +37,7 @@ from pipeline.core.config.loading import (
 )
 from pipeline.core.config.schema import (
     VIEW_NAME,
+    AutoConfig,
     AutoGluonConfig,
     CleanConfig,
     CompetitionConfig,
@@ -50,6 +51,7 @@ from pipeline.core.config.schema import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    duration_seconds,
 )
 from pipeline.core.config.specs import (
     NOT_OVERRIDDEN,
@@ -64,7 +66,8 @@ from pipeline.core.config.specs import (
 )
 
 __all__ = [
-    "MOVED", "NOT_OVERRIDDEN", "SAFE_NAME", "VIEW_NAME", "AnchorsConfig", "AutoGluonConfig", "CleanConfig",
+    "duration_seconds",
+    "MOVED", "NOT_OVERRIDDEN", "SAFE_NAME", "VIEW_NAME", "AnchorsConfig", "AutoConfig", "AutoGluonConfig", "CleanConfig",
     "CompetitionConfig", "Config", "DecodeConfig", "DetectAugmentConfig", "DetectConfig", "DetectDataConfig",
     "DetectFoldsConfig", "DetectModelConfig", "DetectPredictConfig", "DetectTrainConfig", "EnsembleConfig", "Entry",
     "EvaluateConfig", "ExperimentSpec", "FitConfig", "FoldsConfig", "FusionConfig", "ModelConfig", "PredictConfig",

@@ -269,6 +269,37 @@ class AutoGluonConfig(Section):
 
 
 
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def duration_seconds(text: str | float | int) -> float:
+    """'90s', '25m', '2h' or a bare number of seconds, in seconds (auto.budget, make auto BUDGET=...)."""
+    match = DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration: write 90s, 25m or 2h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+class AutoConfig(Section):
+    budget: str = Field("30m", description="wall time of the whole `make auto` chain (clean to submission): 90s, 25m, "
+                                           "2h; the plan fits members, epochs and sizes into it")
+    reserve: float = Field(0.1, ge=0, lt=1, description="share of the budget kept for prediction, blending and "
+                                                        "estimation error")
+    max_members: int = Field(4, ge=1, description="most experiments the plan trains (architectures, sizes, seeds)")
+    probe: bool = Field(True, description="before planning, train the fastest member briefly on fold 0 without "
+                                          "flips, with mirror flips and with all eight flips/rotations; the best "
+                                          "validation score decides which symmetries the members train with")
+    candidates: list[str] | None = Field(None, description="backbones the plan may choose from, in order of "
+                                                           "preference; null: the built-in ladder across families "
+                                                           "(pipeline/training/planning.py)")
+
+    @field_validator("budget")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        duration_seconds(value)
+        return value
+
+
 class TrackingConfig(Section):
     backend: Literal["mlflow", "none"] = Field("mlflow", description="log every training run (params, per-epoch "
                                                "metrics, curves) to MLflow; none: off")

@@ -12,6 +12,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 from pipeline.core.config.detect import DetectConfig
 from pipeline.core.config.keys import suggestion
 from pipeline.core.config.schema import (
+    AutoConfig,
     AutoGluonConfig,
     CleanConfig,
     CompetitionConfig,
@@ -188,6 +189,7 @@ class Config(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
+    auto: AutoConfig = AutoConfig()
     detect: DetectConfig = DetectConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -1,0 +1,340 @@
+"""`make auto`: profile the competition, measure the candidates' speed, plan a portfolio for a time budget, run it.
+
+Above orchestrate (it chains whole stage runs under plans it writes), below the CLI. The steps, each printed:
+
+1. clean (the user's config), then the profile: rows, classes and their balance, the task, image sizes and modes,
+   duplicates and conflicts, and each candidate's measured seconds per image (WORK/profile.json; a rerun reuses the
+   measurements of the same backbone, size, batch and device);
+2. a first plan (training/planning.py): folds, the image size, member one and its epochs;
+3. the probe: member one's fold 0 trained with no flips, mirror flips and (when mirrors help) all eight flips and
+   rotations; the best validation score decides the symmetry every member trains and predicts with, and member one's
+   winning fold 0 is kept. Its epochs' real seconds calibrate every estimate;
+4. the plan (WORK/plan.yaml, a normal config: `make folds train ensemble CONFIG=WORK/plan.yaml` reproduces it),
+   printed as a table; members train in order, an ETA line after each, every fit stopping at an epoch's end when
+   the budget's training share is spent (training/loop.py's time limit);
+5. predict and ensemble on the finished members (a member with missing folds is left out, and said so): the
+   submission and its honest score.
+
+A rerun keeps the plan's members (finished ones cost nothing, an interrupted one resumes from its last epoch); after
+a run that ended, only a larger budget adds members, planned in the added time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import orchestrate
+from pipeline.context import Context
+from pipeline.core.artifacts import read_json, write_json, write_text
+from pipeline.core.config import duration_seconds, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.training import planning, runtime, speed
+from pipeline.training.loop import TimeUp, time_limit
+
+log = logging.getLogger(__name__)
+
+SIDE_SAMPLE = 500  # image headers read for the size profile (a header costs microseconds; 500 pin the median)
+PROBE_FOLD = 0
+PROBE_SHARE = 0.25  # the probe's extra fold-0 runs may take up to this share of the time left
+
+
+def run(data: Path, config: Path | None, overrides: list[str], work: Path | None, submissions: Path,
+        budget: str | None = None) -> dict:
+    """The whole chain inside the budget (auto.budget, or `budget` when given); returns the final summary."""
+    started = time.time()
+    ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False)
+    budget_s = duration_seconds(budget or ctx.cfg.auto.budget)
+    deadline = started + budget_s
+    log.info(f"auto: budget {budget_s / 60:.1f} min, ends by {time.strftime('%H:%M:%S', time.localtime(deadline))}")
+    orchestrate.run("clean", ctx)
+    rt = runtime.from_config(ctx.cfg.runtime, "classification")
+    runtime.set_threads(ctx.cfg.runtime.threads)
+    facts, profile = _profile(ctx, rt.device.type)
+    base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
+    base.pop("auto", None)
+    auto_dir = ctx.work_dir / "auto"
+    decisions = _read(auto_dir / "decisions.json")
+    measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
+    if decisions.get("profile") != facts:  # another folder or config in this WORK: nothing earlier applies
+        decisions = {}
+    size = decisions.get("image_size") or _choose_size(profile, ctx, rt, measured, deadline - time.time())
+    settings = dict(max_members=ctx.cfg.auto.max_members, reserve=ctx.cfg.auto.reserve,
+                    candidates=ctx.cfg.auto.candidates)
+    speeds = _measure_candidates(profile, size, ctx, rt, measured, deadline, settings)
+    write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
+    _print_profile(facts, speeds, size)
+    plan_path = ctx.work_dir / "plan.yaml"
+    kept = _kept_members(auto_dir / "members.json", ctx.work_dir, decisions) if decisions else []
+    if not decisions:
+        left = deadline - time.time()
+        first = planning.plan(profile, speeds, left * (1 - PROBE_SHARE), image_size=size, **settings)
+        if not ctx.cfg.auto.probe or 2 * _fold_seconds(first) > PROBE_SHARE * left:
+            first = planning.plan(profile, speeds, left, image_size=size, **settings)
+            decisions = {"symmetry": "hflip", "probe_scores": {}, "calibration": planning.CALIBRATION,
+                         "member": None}
+            why = "auto.probe=false" if not ctx.cfg.auto.probe else (
+                f"two more fold-0 runs ({2 * _fold_seconds(first) / 60:.1f} min) would take over {PROBE_SHARE:.0%} "
+                "of the time left")
+            log.info(f"auto: probe skipped ({why}); members train with mirror flips, the usual symmetry of photos; "
+                     "predict keeps the hflip view only where it helps OOF")
+        else:
+            decisions = _probe(first, base, data, work, submissions, ctx, deadline, profile, speeds)
+        decisions |= {"profile": facts, "image_size": size, "n_splits": first.n_splits}
+        write_json(auto_dir / "decisions.json", decisions)
+        kept = [_remaining(decisions["member"], ctx.work_dir, first.n_splits)] if decisions["member"] else []
+    room = deadline - time.time()
+    completed = _read(auto_dir / "summary.json")
+    if kept and completed:  # an earlier run ended with its plan done: new members get only the added budget
+        room = min(room, budget_s - completed["budget_seconds"])
+    plan = planning.plan(profile, speeds, room, image_size=size, symmetry=decisions["symmetry"],
+                         calibration=decisions["calibration"], pinned=kept, folds=decisions["n_splits"],
+                         **settings)
+    write_text(plan_path, _plan_yaml(plan, base, decisions))
+    write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
+    log.info(f"auto: plan ({plan_path}; `make folds train ensemble CONFIG={plan_path}` reproduces it)\n"
+             + planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes))
+    finished = _train_members(plan, plan_path, data, work, submissions, deadline, started, budget_s)
+    if not finished:
+        raise PipelineError(f"auto: no member finished all {plan.n_splits} folds within the budget "
+                            f"({budget_s / 60:.1f} min); give a larger BUDGET (a rerun keeps the trained folds)")
+    only = [f"model.only=[{','.join(finished)}]"]
+    ectx = orchestrate.context("ensemble", plan_path, only, data, work, submissions, use_tuned=False)
+    orchestrate.run("ensemble", ectx)
+    result = _summary(ectx, started, budget_s, finished)
+    write_json(auto_dir / "summary.json", result)
+    return result
+
+
+# --- profile -----------------------------------------------------------------------------------------------------
+
+def _profile(ctx: Context, device: str) -> tuple[dict, planning.Profile]:
+    """The competition's facts (printed, saved in profile.json) and the planner's Profile of them."""
+    comp = ctx.competition
+    clean = read_json(ctx.work_dir / "clean.json", "run `make clean-data`")
+    kept = pd.read_csv(ctx.work_dir / "clean.csv", dtype=str, keep_default_na=False)
+    paths = list(comp.train["path"])
+    rng = np.random.default_rng(0)
+    sample = [paths[i] for i in sorted(rng.choice(len(paths), min(SIDE_SAMPLE, len(paths)), replace=False))]
+    sides, modes = [], {}
+    for p in sample:
+        with Image.open(p) as im:
+            sides.append(min(im.size))
+            modes[im.mode] = modes.get(im.mode, 0) + 1
+    task = ctx.cfg.competition.task
+    counts = kept["label"].value_counts() if task == "single_label" else pd.Series(dtype=int)
+    channels = ctx.input_channels()
+    facts = {"rows": len(kept), "test_rows": len(comp.test), "task": task, "metric": ctx.cfg.competition.metric,
+             "classes": len(comp.classes) if task in ("single_label", "multi_label") else 1,
+             "smallest_class": int(counts.min()) if len(counts) else None,
+             "largest_class": int(counts.max()) if len(counts) else None,
+             "side_median": int(np.median(sides)), "side_p10": int(np.percentile(sides, 10)),
+             "side_p90": int(np.percentile(sides, 90)), "modes": modes, "channels": channels,
+             "exact_pairs": clean.get("exact_pairs", 0),
+             "near_pairs": clean.get("near_pairs", 0) + clean.get("small_pairs", 0) + clean.get("sparse_pairs", 0),
+             "conflicts_dropped": clean.get("conflicts_dropped", 0), "device": device,
+             "threads": torch.get_num_threads()}
+    batch = 64 if device == "cpu" else 128
+    profile = planning.Profile(rows=len(kept), test_rows=len(comp.test), task=task,
+                               n_classes=max(1, facts["classes"]), image_side=facts["side_median"],
+                               channels=channels, device=device, batch_size=batch)
+    return facts, profile
+
+
+def _speed(backbone: str, size: int, profile: planning.Profile, rt: runtime.Runtime,
+           measured: dict) -> tuple[float, float]:
+    """(train, predict) seconds per image of `backbone` at `size`, measured once per machine setting."""
+    key = f"{backbone}@{size}px/b{profile.batch_size}/{profile.channels}ch/{rt.device.type}/{torch.get_num_threads()}t"
+    if key not in measured:
+        t0 = time.perf_counter()
+        s = speed.measure(backbone, size, profile.channels, profile.n_classes, profile.batch_size, rt)
+        measured[key] = {"train": s.train, "predict": s.predict}
+        log.info(f"auto: measured {backbone} at {size} px: {1 / s.train:.0f} training and {1 / s.predict:.0f} "
+                 f"predicted images/s ({time.perf_counter() - t0:.1f} s)")
+    return measured[key]["train"], measured[key]["predict"]
+
+
+def _choose_size(profile: planning.Profile, ctx: Context, rt: runtime.Runtime, measured: dict,
+                 seconds_left: float) -> int:
+    """The image size: native for small images; else the planner's pick from the first backbone's measured speed
+    at the largest and smallest candidate sizes."""
+    if planning.is_small(profile.image_side):
+        return planning.choose_size(profile, {}, seconds_left)
+    first = planning.ladder(profile, ctx.cfg.auto.candidates)[0]
+    sizes = [s for s in planning.SIZES if s <= max(profile.image_side, planning.SIZES[-1])]
+    at = {s: _speed(first, s, profile, rt, measured)[0] for s in {sizes[0], sizes[-1]}}
+    return planning.choose_size(profile, at, seconds_left)
+
+
+def _measure_candidates(profile: planning.Profile, size: int, ctx: Context, rt: runtime.Runtime, measured: dict,
+                        deadline: float, settings: dict) -> dict[str, tuple[float, float]]:
+    """The ladder's first backbone, then as many more as a plan could hold were they as fast (each measurement
+    costs seconds that a tight budget would rather train with)."""
+    ladder = planning.ladder(profile, ctx.cfg.auto.candidates)
+    speeds = {ladder[0]: _speed(ladder[0], planning.member_size(ladder[0], profile.image_side, size), profile, rt,
+                                measured)}
+    alike = {b: speeds[ladder[0]] for b in ladder}
+    guess = planning.plan(profile, alike, deadline - time.time(), image_size=size, **settings)
+    for b in ladder[1:len(guess.members)]:
+        speeds[b] = _speed(b, planning.member_size(b, profile.image_side, size), profile, rt, measured)
+    return speeds
+
+
+def _print_profile(facts: dict, speeds: dict, size: int) -> None:
+    lines = [f"  rows {facts['rows']} train, {facts['test_rows']} test; task {facts['task']} "
+             f"({facts['metric']}), {facts['classes']} classes"
+             + (f" ({facts['smallest_class']}-{facts['largest_class']} rows each)" if facts["smallest_class"] else ""),
+             f"  images: shorter side {facts['side_median']} px (10-90%: {facts['side_p10']}-{facts['side_p90']}), "
+             f"modes {facts['modes']}, {facts['channels']} input channel(s); planned size {size} px",
+             f"  clean: {facts['exact_pairs']} exact and {facts['near_pairs']} near duplicate pairs, "
+             f"{facts['conflicts_dropped']} conflicting rows dropped",
+             f"  speed on {facts['device']} ({facts['threads']} threads), images/s training | predicting:"]
+    lines += [f"    {b:<20} {1 / t:>8.0f} | {1 / p:.0f}" for b, (t, p) in speeds.items()]
+    log.info("auto: profile\n" + "\n".join(lines))
+
+
+# --- probe: which symmetries keep the label -----------------------------------------------------------------------
+
+def _probe(first: planning.Plan, base: dict, data: Path, work: Path | None, submissions: Path, ctx: Context,
+           deadline: float, profile: planning.Profile, speeds: dict) -> dict:
+    """Member one's fold 0 under each symmetry (hflip, none, then d4 when mirrors helped); the best validation score
+    wins. Returns the decision, the scores, the winning member and the calibration of estimates to real epochs."""
+    lead = first.members[0]
+    fold_cost = _fold_seconds(first)
+    variants = {sym: planning.Member(planning._member_name(lead.backbone, lead.image_size, lead.seed, sym),
+                                     lead.backbone, lead.image_size, lead.epochs, lead.seed, lead.minutes)
+                for sym in planning.SYMMETRIES}
+    probe_cfg = planning.plan_config(first, base)
+    probe_cfg["model"]["backbones"] = [planning.member_entry(m, sym) for sym, m in variants.items()]
+    path = ctx.work_dir / "auto" / "probe.yaml"
+    write_text(path, yaml.safe_dump(probe_cfg, sort_keys=False))
+    scores: dict[str, float] = {}
+    greater = True
+    seconds = []
+    for sym in planning.SYMMETRIES:
+        if sym == "d4" and (scores.get("hflip", -math.inf) < scores.get("none", -math.inf)
+                            or time.time() + fold_cost > deadline - first.reserve_minutes * 60 - lead.minutes * 60):
+            break  # mirrors did not help, or no room left for a third fold-0 run beside the plan
+        name = variants[sym].name
+        pctx = orchestrate.context("train", path, [f"model.only=[{name}]", f"train.folds=[{PROBE_FOLD}]"], data, work,
+                                   submissions, use_tuned=False)
+        log.info(f"auto: probe: {name} fold {PROBE_FOLD} ({sym}: {_SYMMETRY_TEXT[sym]})")
+        with time_limit(deadline - first.reserve_minutes * 60):
+            try:
+                orchestrate.run("train", pctx)
+            except TimeUp as exc:
+                raise PipelineError(f"auto: {exc}; the budget does not cover one fold of the first member; give a "
+                                    "larger BUDGET (a rerun resumes the run)") from None
+        meta = read_json(ctx.work_dir / "runs" / name / f"fold{PROBE_FOLD}" / "best.json", "rerun `make auto`")
+        scores[sym], greater = meta["metric"], meta["greater_is_better"]
+        history = pd.read_csv(ctx.work_dir / "runs" / name / f"fold{PROBE_FOLD}" / "history.csv")
+        seconds.append(float(history["seconds"].median()))
+    best = (max if greater else min)(scores, key=scores.get)
+    predicted = planning.epoch_seconds(profile.rows, first.n_splits, *speeds[lead.backbone], 1.0)
+    calibration = float(np.median(seconds)) / predicted
+    log.info("auto: probe on fold 0 (" + ctx.cfg.competition.metric + "): "
+             + ", ".join(f"{s} {v:.4f}" for s, v in scores.items())
+             + f"; members train with {best} ({_SYMMETRY_TEXT[best]}); an epoch takes {calibration:.2f}x the "
+               "measured steps' time")
+    winner = variants[best]
+    return {"symmetry": best, "probe_scores": scores, "calibration": calibration,
+            "member": {**winner.__dict__, "minutes": winner.minutes * calibration / planning.CALIBRATION}}
+
+
+def _fold_seconds(plan: planning.Plan) -> float:
+    """One fold run of the plan's first member."""
+    return plan.members[0].minutes * 60 / plan.n_splits
+
+
+_SYMMETRY_TEXT = {"none": "no flips", "hflip": "mirror flips", "d4": "flips and quarter turns"}
+
+
+# --- members ------------------------------------------------------------------------------------------------------
+
+def _folds_done(work_dir: Path, name: str, n_splits: int) -> int:
+    return sum((work_dir / "runs" / name / f"fold{k}" / "best.json").exists() for k in range(n_splits))
+
+
+def _remaining(member: dict, work_dir: Path, n_splits: int) -> planning.Member:
+    """A kept member with its estimated minutes cut to its folds not yet trained."""
+    m = planning.Member(**member)
+    left = n_splits - _folds_done(work_dir, m.name, n_splits)
+    return planning.Member(m.name, m.backbone, m.image_size, m.epochs, m.seed, m.minutes * left / n_splits)
+
+
+def _kept_members(members_json: Path, work_dir: Path, decisions: dict) -> list[planning.Member]:
+    """The members of the plan an earlier run wrote (their runs are kept or resume), with their remaining cost."""
+    planned = _read(members_json) or [decisions["member"]]
+    return [_remaining(m, work_dir, decisions["n_splits"]) for m in planned]
+
+
+def _plan_yaml(plan: planning.Plan, base: dict, decisions: dict) -> str:
+    head = ["# make auto's plan: a normal config (make folds train ensemble CONFIG=<this file> reproduces it).",
+            f"# symmetry {plan.symmetry}: " + (", ".join(f"{s} {v:.4f}" for s, v in decisions["probe_scores"].items())
+                                               + " on fold 0 (the probe)" if decisions["probe_scores"]
+                                               else "the probe was skipped"),
+            *[f"# {n}" for n in plan.notes]]
+    cfg = planning.plan_config(plan, base)
+    return "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _train_members(plan: planning.Plan, plan_path: Path, data: Path, work: Path | None, submissions: Path,
+                   deadline: float, started: float, budget_s: float) -> list[str]:
+    """Each member in order while its estimate fits; returns the members whose folds all finished."""
+    finished = []
+    stop_training = deadline - plan.reserve_minutes * 60
+    for i, member in enumerate(plan.members):
+        left = stop_training - time.time()
+        if member.minutes * 60 > left * 1.15 and i > 0:
+            log.info(f"auto: {member.name} left out: its {member.minutes:.1f} min estimate exceeds the "
+                     f"{max(left, 0) / 60:.1f} min left for training")
+            continue
+        ctx = orchestrate.context("train", plan_path, [f"model.only=[{member.name}]"], data, work, submissions,
+                                  use_tuned=False)
+        with time_limit(stop_training):
+            try:
+                orchestrate.run("train", ctx)
+                finished.append(member.name)
+            except TimeUp as exc:
+                log.info(f"auto: {exc}; {member.name} is left out of the blend (missing folds); a rerun with a "
+                         "larger budget resumes it")
+        spent = time.time() - started
+        log.info(f"auto: {i + 1} of {len(plan.members)} members done ({len(finished)} finished), "
+                 f"{spent / 60:.1f} min spent; ETA {_eta(plan, i, spent, started, deadline)} "
+                 f"(budget {budget_s / 60:.1f} min)")
+    return finished
+
+
+def _eta(plan: planning.Plan, done: int, spent: float, started: float, deadline: float) -> str:
+    rest = sum(m.minutes for m in plan.members[done + 1:]) + plan.reserve_minutes
+    end = min(time.time() + rest * 60, deadline)
+    return f"{(end - started) / 60:.1f} min in all, at {time.strftime('%H:%M:%S', time.localtime(end))}"
+
+
+def _summary(ctx: Context, started: float, budget_s: float, finished: list[str]) -> dict:
+    weights = _read(ctx.work_dir / "ensemble" / "weights.json")
+    wall = time.time() - started
+    honest = weights.get("auto_pick_nested_score") or weights.get("honest_score")
+    result = {"members": finished, "chosen": weights.get("chosen"), "honest_score": honest,
+              "metric": ctx.cfg.competition.metric, "wall_seconds": round(wall, 1), "budget_seconds": budget_s,
+              "submission": weights.get("submission")}
+    score = f"{honest:.4f}" if isinstance(honest, float) else "n/a"
+    log.info(f"auto: done in {wall / 60:.1f} min of the {budget_s / 60:.1f} min budget; honest CV "
+             f"{ctx.cfg.competition.metric} {score} ({result['chosen']}); members {', '.join(finished)}")
+    return result
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,200 @@
+"""`make auto`: the planner as a pure function of a profile and a budget, the time limit of the training loop, and
+the whole chain on a tiny budget (ends on time with a valid submission; a rerun keeps what the first one trained)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from timm.scheduler import CosineLRScheduler
+
+from pipeline.core.config import duration_seconds, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.digits import build_digits
+from pipeline.training import loop, planning
+from pipeline.training.planning import Member, Profile
+
+from .conftest import REPO
+
+
+def profile(rows=8000, side=28, device="cpu", test_rows=2000, channels=1) -> Profile:
+    return Profile(rows=rows, test_rows=test_rows, task="single_label", n_classes=10, image_side=side,
+                   channels=channels, device=device, batch_size=64)
+
+
+# seconds per image (train, predict): a 2-core CPU at 28-32 px, and a GPU 50x faster
+CPU = {"resnet10t": (1.0e-3, 3e-4), "d2l_resnet_small": (1.2e-3, 4e-4), "resnet18": (1.6e-3, 4e-4),
+       "resnet26t": (2.5e-3, 8e-4)}
+GPU = {b: (t / 50, p / 50) for b, (t, p) in CPU.items()}
+
+
+def test_durations_read_as_seconds_and_bad_ones_name_the_form():
+    assert [duration_seconds(t) for t in ("90s", "25m", "2h", "1.5h", "45", 30)] == [90, 1500, 7200, 5400, 45, 30]
+    for bad in ("abc", "10d", "-5m", "0m"):
+        with pytest.raises(ValueError, match="90s, 25m or 2h"):
+            duration_seconds(bad)
+    with pytest.raises(PipelineError, match="auto.budget"):
+        load_config(None, ["auto.budget=soon"])
+
+
+def test_small_images_train_at_their_own_size_with_a_resolution_keeping_stem_beside_timm():
+    plan = planning.plan(profile(side=28), CPU, 25 * 60, image_size=28)
+    sizes = {m.backbone: m.image_size for m in plan.members}
+    assert sizes["d2l_resnet_small"] == 28 and sizes["resnet10t"] == 32
+    assert planning.choose_size(profile(side=28), {}, 60) == 28
+    assert planning.member_size("resnet18", 56, 0) == 56 and planning.member_size("d2l_resnet_small", 50, 0) == 52
+
+
+def test_large_images_get_the_largest_size_the_budget_affords():
+    big = profile(rows=4000, side=500, channels=3)
+    at_224 = {224: 0.05, 64: 0.05 * (64 / 224) ** 2}  # resnet18 on 2 cores
+    assert planning.choose_size(big, at_224, 25 * 60) < 224  # 224 px on 2 cores: hours
+    assert planning.choose_size(big, {s: t / 100 for s, t in at_224.items()}, 25 * 60) == 224  # a fast GPU
+    assert planning.choose_size(profile(rows=4000, side=100, channels=3), {224: 1e-6, 64: 1e-7}, 3600) == 96
+    slow, fast = (planning.choose_size(big, at_224, b) for b in (10 * 60, 4 * 3600))
+    assert slow < fast
+
+
+def test_epochs_follow_the_rows_within_bounds():
+    assert planning.wanted_epochs(500, 5, 64) == planning.MAX_EPOCHS  # few rows: many epochs
+    assert planning.wanted_epochs(100_000, 5, 64) == planning.MIN_EPOCHS  # many rows: few
+    assert planning.wanted_epochs(8000, 5, 64) == 15  # 100 steps an epoch: 1,500 steps
+
+
+def test_a_loose_budget_buys_members_a_tight_one_fewer_epochs_and_folds():
+    loose = planning.plan(profile(), CPU, 4 * 3600, image_size=28)
+    tight = planning.plan(profile(), CPU, 25 * 60, image_size=28)
+    tiny = planning.plan(profile(), CPU, 8 * 60, image_size=28)
+    assert loose.n_splits == 5 and len(loose.members) == 4 and all(m.epochs == 15 for m in loose.members)
+    assert [m.backbone for m in loose.members] == ["resnet10t", "d2l_resnet_small", "resnet18", "resnet26t"]
+    assert 1 <= len(tight.members) < 4
+    assert tiny.n_splits == 3 and len(tiny.members) == 1 and tiny.members[0].epochs < 15
+    assert any("3, not 5" in n for n in tiny.notes) and any("epochs" in n for n in tiny.notes)
+    for plan, budget in ((loose, 4 * 3600), (tight, 25 * 60)):
+        assert plan.minutes * 60 <= budget * 1.001, plan  # the plan fits what it was given
+
+
+def test_a_fast_device_buys_more_members_than_a_slow_one_for_the_same_minutes():
+    slow = planning.plan(profile(), CPU, 20 * 60, image_size=28)
+    fast = planning.plan(profile(device="cuda"), GPU, 20 * 60, image_size=28)
+    assert len(fast.members) > len(slow.members)
+    assert sum(m.epochs for m in fast.members) > sum(m.epochs for m in slow.members)
+
+
+def test_diversity_before_more_of_the_same():
+    plan = planning.plan(profile(rows=2000), {"resnet10t": CPU["resnet10t"], "resnet18": CPU["resnet18"]},
+                         4 * 3600, image_size=28, max_members=4)
+    assert [(m.backbone, m.seed) for m in plan.members] == [("resnet10t", 42), ("resnet18", 42), ("resnet10t", 43),
+                                                            ("resnet18", 43)]
+    assert len({m.name for m in plan.members}) == 4
+
+
+def test_kept_members_stay_first_and_their_remaining_minutes_count():
+    kept = Member("resnet10t-32px-none", "resnet10t", 32, 15, 42, minutes=10.0)
+    free = planning.plan(profile(), CPU, 40 * 60, image_size=28, symmetry="none")
+    plan = planning.plan(profile(), CPU, 40 * 60, image_size=28, symmetry="none", pinned=[kept], folds=5)
+    assert plan.members[0] == kept and plan.n_splits == 5
+    assert ("resnet10t", 42) not in [(m.backbone, m.seed) for m in plan.members[1:]]
+    assert plan.minutes <= 40 * 1.001
+    assert len(plan.members) <= len(free.members) + 1
+
+
+def test_the_plan_is_a_config_that_loads_with_the_symmetry_in_every_member(tmp_path: Path):
+    plan = planning.plan(profile(), CPU, 3600, image_size=28, symmetry="d4")
+    cfg = planning.plan_config(plan, {"competition": {"name": "x"}, "model": {"only": ["a"]}})
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    assert loaded.folds.n_splits == plan.n_splits and loaded.competition.name == "x" and loaded.model.only is None
+    names = loaded.model.experiment_names()
+    assert names == [m.name for m in plan.members]
+    entry = loaded.model.backbones[0]
+    assert entry.train["hflip"] is True and [list(t)[0] for t in entry.train["transforms"]] == [
+        "VerticalFlip", "RandomRotate90"]
+    assert entry.predict["tta"] == ["identity", "hflip", "vflip", "rot90"]
+    assert planning.symmetry_train("none") == {"hflip": False} and planning.symmetry_views("none") == ["identity"]
+    assert "total" in planning.table(plan)
+
+
+class _SlowTrack:
+    """A track whose epochs take `seconds` each (the loop's time limit is what is tested)."""
+
+    def __init__(self, seconds: float):
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.updater = loop.Updater(model, optimizer, CosineLRScheduler(optimizer, t_initial=10))
+        self.seconds = seconds
+
+    def reseed(self, epoch, epoch_seed):
+        pass
+
+    def train_epoch(self, epoch):
+        time.sleep(self.seconds)
+        return {"train_loss": 1.0}
+
+    def validate(self):
+        return {"val": 0.5}
+
+    def end_epoch(self, epoch, monitored):
+        pass
+
+    def describe(self, row):
+        return ""
+
+
+def test_a_time_limit_stops_a_fit_at_an_epoch_end_and_a_rerun_resumes_after_it(tmp_path: Path):
+    saver = loop.CheckpointSaver(tmp_path, "fp")
+    with loop.time_limit(time.time() + 0.35), pytest.raises(loop.TimeUp, match="stopped after epoch 1"):
+        loop.fit(_SlowTrack(0.25), saver, epochs=5, seed=0, label="run", monitor="val", say=lambda s: None)
+    said = []
+    progress = loop.fit(_SlowTrack(0.0), saver, epochs=3, seed=0, label="run", monitor="val", say=said.append)
+    assert "run resumes after epoch 1" in said and progress.epoch == 3
+    with loop.time_limit(time.time() - 1), pytest.raises(loop.TimeUp, match="not started"):
+        loop.fit(_SlowTrack(0.0), loop.CheckpointSaver(tmp_path / "b", "fp"), epochs=2, seed=0, label="other",
+                 monitor="val", say=lambda s: None)
+    assert loop.fit(_SlowTrack(0.0), loop.CheckpointSaver(tmp_path / "c", "fp"), epochs=1, seed=0, label="x",
+                    monitor="val", say=lambda s: None).epoch == 1  # no limit outside the block
+
+
+def _auto(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(data), "--work", str(work),
+                          "--submissions", str(subs), "--budget", budget, "runtime.threads=1", "clean.workers=1",
+                          "tracking.backend=none", "auto.candidates=[d2l_lenet,d2l_resnet_small]"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    return out, time.time() - t0
+
+
+@pytest.mark.slow
+def test_auto_on_a_tiny_budget_ends_on_time_with_a_valid_submission_and_a_rerun_keeps_it(tmp_path: Path):
+    data = build_digits(tmp_path / "digits", limit=300)
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    out, wall = _auto(data, work, subs, "100s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert wall <= 100 * 1.1 + 8, f"{wall:.0f} s for a 100 s budget (8 s: the interpreter's start and imports)"
+    log = out.stderr + out.stdout
+    for shown in ("auto: profile", "auto: plan", "ETA", "honest CV"):
+        assert shown in log, shown
+    summary = json.loads((work / "auto" / "summary.json").read_text())
+    assert summary["members"] and summary["budget_seconds"] == 100 and summary["wall_seconds"] <= 110
+    assert isinstance(summary["honest_score"], float) and 0.2 < summary["honest_score"] <= 1.0
+    check = subprocess.run([sys.executable, "-m", "pipeline", "validate-submission", summary["submission"],
+                            "--data", str(data)], capture_output=True, text=True, cwd=REPO)
+    assert check.returncode == 0, check.stderr
+    plan = load_config(work / "plan.yaml")  # a normal config
+    assert set(summary["members"]) <= set(plan.model.experiment_names())
+    speeds = json.loads((work / "profile.json").read_text())["speeds"]
+    assert speeds and all(v["train"] > 0 for v in speeds.values())
+    first = (work / "ensemble" / "weights.json").stat().st_mtime_ns
+    again, _ = _auto(data, work, subs, "100s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr + again.stdout
+    assert "measured" not in log and "probe:" not in log  # speeds and the probe's decision are kept
+    assert "epoch 1:" not in log  # nothing retrained
+    assert (work / "ensemble" / "weights.json").stat().st_mtime_ns == first  # the ensemble is up to date
