@@ -68,7 +68,8 @@ from pipeline.core.config.specs import (
 __all__ = [
     "duration_seconds",
     "MOVED", "NOT_OVERRIDDEN", "SAFE_NAME", "VIEW_NAME", "AnchorsConfig", "AutoConfig", "AutoGluonConfig",
-    "CleanConfig", "CompetitionConfig", "Config", "DecodeConfig", "DetectAugmentConfig", "DetectConfig", "DetectDataConfig",
+    "CleanConfig", "CompetitionConfig", "Config", "DecodeConfig", "DetectAugmentConfig", "DetectConfig",
+    "DetectDataConfig",
     "DetectFoldsConfig", "DetectModelConfig", "DetectPredictConfig", "DetectTrainConfig", "EnsembleConfig", "Entry",
     "EvaluateConfig", "ExperimentSpec", "FitConfig", "FoldsConfig", "FusionConfig", "ModelConfig", "PredictConfig",
     "PseudoConfig", "RoundSpec", "RoundsConfig", "RuntimeConfig", "Section", "SpecError", "TrackingConfig",
