@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import pandas as pd
 import torch
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 
 from pipeline import orchestrate
@@ -52,19 +54,25 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
         budget: str | None = None) -> dict:
     """The whole chain inside the budget (auto.budget, or `budget` when given); returns the final summary."""
     started = time.time()
+    _refuse_detection(Path(data))
+    overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]  # checked like any key
     ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False)
-    budget_s = duration_seconds(budget or ctx.cfg.auto.budget)
+    budget_s = duration_seconds(ctx.cfg.auto.budget)
     deadline = started + budget_s
     log.info(f"auto: budget {budget_s / 60:.1f} min, ends by {time.strftime('%H:%M:%S', time.localtime(deadline))}")
     orchestrate.run("clean", ctx)
     rt = runtime.from_config(ctx.cfg.runtime, "classification")
     runtime.set_threads(ctx.cfg.runtime.threads)
     facts, profile = _profile(ctx, rt.device.type)
+    measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
+    threads = ctx.cfg.runtime.threads or _fastest_threads(profile, rt, measured)
+    if threads != torch.get_num_threads():
+        runtime.set_threads(threads)
+        overrides = [*overrides, f"runtime.threads={threads}"]
     base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
     base.pop("auto", None)
     auto_dir = ctx.work_dir / "auto"
     decisions = _read(auto_dir / "decisions.json")
-    measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
     if decisions.get("profile") != facts:  # another folder or config in this WORK: nothing earlier applies
         decisions = {}
     size = decisions.get("image_size") or _choose_size(profile, ctx, rt, measured, deadline - time.time())
@@ -115,6 +123,20 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     return result
 
 
+BOX_COLUMNS = {"xmin", "ymin", "xmax", "ymax"}
+
+
+def _refuse_detection(data: Path) -> None:
+    """A detection folder (boxes in train.csv) has no auto plan: one line naming the command that handles it."""
+    try:
+        header = set(pd.read_csv(data / "train.csv", nrows=0).columns)
+    except (OSError, ValueError):
+        return  # the clean stage names what is wrong with the folder
+    if BOX_COLUMNS <= header:
+        raise PipelineError(f"{data / 'train.csv'}: boxes (xmin, ymin, xmax, ymax): a detection folder, which `make "
+                            f"auto` does not plan yet; run `make detect DATA={data} CONFIG=configs/detect-small.yaml`")
+
+
 # --- profile -----------------------------------------------------------------------------------------------------
 
 def _profile(ctx: Context, device: str) -> tuple[dict, planning.Profile]:
@@ -141,13 +163,32 @@ def _profile(ctx: Context, device: str) -> tuple[dict, planning.Profile]:
              "side_p90": int(np.percentile(sides, 90)), "modes": modes, "channels": channels,
              "exact_pairs": clean.get("exact_pairs", 0),
              "near_pairs": clean.get("near_pairs", 0) + clean.get("small_pairs", 0) + clean.get("sparse_pairs", 0),
-             "conflicts_dropped": clean.get("conflicts_dropped", 0), "device": device,
-             "threads": torch.get_num_threads()}
+             "conflicts_dropped": clean.get("conflicts_dropped", 0), "device": device}
     batch = 64 if device == "cpu" else 128
+    weights = _weights_at_hand(ctx)
+    facts["imagenet_weights"] = sorted(weights)
     profile = planning.Profile(rows=len(kept), test_rows=len(comp.test), task=task,
                                n_classes=max(1, facts["classes"]), image_side=facts["side_median"],
-                               channels=channels, device=device, batch_size=batch)
+                               channels=channels, device=device, batch_size=batch, weights=weights)
     return facts, profile
+
+
+def _weights_at_hand(ctx: Context) -> frozenset[str]:
+    """The ladder's timm backbones whose ImageNet weights are in the hub cache (fine-tuned offline); none when the
+    user's config already says where weights come from (model.pretrained or model.pretrained_path: kept as given)."""
+    model = ctx.cfg.model
+    if model.pretrained or model.pretrained_path:
+        return frozenset()
+    found = set()
+    for backbone in set(planning.SMALL_LADDER + planning.LARGE_LADDER + tuple(ctx.cfg.auto.candidates or ())):
+        if timm.is_model(backbone):
+            hub_id = timm.models.get_pretrained_cfg(backbone).hf_hub_id
+            if hub_id and isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str):
+                found.add(backbone)
+    if not found:
+        log.info("auto: no ImageNet weights in the hub cache: members start from random weights (go online once "
+                 "with model.pretrained=true, or set model.pretrained_path, to fine-tune)")
+    return frozenset(found)
 
 
 def _speed(backbone: str, size: int, profile: planning.Profile, rt: runtime.Runtime,
@@ -161,6 +202,26 @@ def _speed(backbone: str, size: int, profile: planning.Profile, rt: runtime.Runt
         log.info(f"auto: measured {backbone} at {size} px: {1 / s.train:.0f} training and {1 / s.predict:.0f} "
                  f"predicted images/s ({time.perf_counter() - t0:.1f} s)")
     return measured[key]["train"], measured[key]["predict"]
+
+
+def _fastest_threads(profile: planning.Profile, rt: runtime.Runtime, measured: dict) -> int:
+    """On the CPU, torch's default threads or one thread, whichever trains the first candidate faster here: beside
+    other busy processes torch's threads wait on each other, and one thread can be several times faster."""
+    default = torch.get_num_threads()
+    if rt.device.type != "cpu" or default == 1:
+        return default
+    first = planning.ladder(profile)[0]
+    size = planning.member_size(first, profile.image_side, min(planning.SIZES))
+    seconds = {}
+    for n in (default, 1):
+        torch.set_num_threads(n)
+        seconds[n] = _speed(first, size, profile, rt, measured)[0]
+    torch.set_num_threads(default)
+    best = min(seconds, key=seconds.get)
+    if best != default:
+        log.info(f"auto: one CPU thread trains {seconds[default] / seconds[1]:.1f}x faster than {default} here (other "
+                 "processes share the cores): runtime.threads=1")
+    return best
 
 
 def _choose_size(profile: planning.Profile, ctx: Context, rt: runtime.Runtime, measured: dict,
@@ -197,7 +258,7 @@ def _print_profile(facts: dict, speeds: dict, size: int) -> None:
              f"modes {facts['modes']}, {facts['channels']} input channel(s); planned size {size} px",
              f"  clean: {facts['exact_pairs']} exact and {facts['near_pairs']} near duplicate pairs, "
              f"{facts['conflicts_dropped']} conflicting rows dropped",
-             f"  speed on {facts['device']} ({facts['threads']} threads), images/s training | predicting:"]
+             f"  speed on {facts['device']} ({torch.get_num_threads()} threads), images/s training | predicting:"]
     lines += [f"    {b:<20} {1 / t:>8.0f} | {1 / p:.0f}" for b, (t, p) in speeds.items()]
     log.info("auto: profile\n" + "\n".join(lines))
 
@@ -214,7 +275,7 @@ def _probe(first: planning.Plan, base: dict, data: Path, work: Path | None, subm
                                      lead.backbone, lead.image_size, lead.epochs, lead.seed, lead.minutes)
                 for sym in planning.SYMMETRIES}
     probe_cfg = planning.plan_config(first, base)
-    probe_cfg["model"]["backbones"] = [planning.member_entry(m, sym) for sym, m in variants.items()]
+    probe_cfg["model"]["backbones"] = [planning.member_entry(m, sym, first.weights) for sym, m in variants.items()]
     path = ctx.work_dir / "auto" / "probe.yaml"
     write_text(path, yaml.safe_dump(probe_cfg, sort_keys=False))
     scores: dict[str, float] = {}

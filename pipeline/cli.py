@@ -146,8 +146,9 @@ def dispatch(args: argparse.Namespace) -> None:
         with disk_errors(ctx):
             orchestrate.run(args.command, ctx)
     elif args.command == "auto":
-        ctx = orchestrate.context("clean", args.config, args.overrides, args.data, args.work, args.submissions,
-                                  use_tuned=False)
+        budget = [f"auto.budget={args.budget}"] if args.budget else []
+        ctx = orchestrate.context("clean", args.config, [*args.overrides, *budget], args.data, args.work,
+                                  args.submissions, use_tuned=False)
         check_folders(ctx, "ensemble")
         with disk_errors(ctx):
             auto.run(args.data, args.config, args.overrides, args.work, args.submissions, args.budget)

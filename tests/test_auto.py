@@ -162,6 +162,20 @@ def test_a_time_limit_stops_a_fit_at_an_epoch_end_and_a_rerun_resumes_after_it(t
                     monitor="val", say=lambda s: None).epoch == 1  # no limit outside the block
 
 
+def test_a_detection_folder_is_refused_in_one_line_naming_make_detect(tmp_path: Path):
+    (tmp_path / "train.csv").write_text("image,label,xmin,ymin,xmax,ymax\na.png,cat,1,2,3,4\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(tmp_path), "--work",
+                          str(tmp_path / "w"), "--budget", "1m"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "make detect" in out.stderr and "train.csv" in out.stderr
+
+
+def test_a_bad_budget_is_one_line(tmp_path: Path):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(tmp_path), "--work",
+                          str(tmp_path / "w"), "--budget", "soon"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "90s, 25m or 2h" in out.stderr, out.stderr
+
+
 def _auto(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(data), "--work", str(work),

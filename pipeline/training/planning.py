@@ -49,7 +49,7 @@ class Profile:
     channels: int
     device: str  # cpu or cuda
     batch_size: int  # the training batch the speeds were measured at
-    pretrained: bool = False  # ImageNet weights can be had for the ladder's timm nets
+    weights: frozenset[str] = frozenset()  # backbones whose ImageNet weights are at hand (fine-tuned, not from scratch)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Plan:
     symmetry: str
     lr: float
     batch_size: int
-    pretrained: bool
+    weights: frozenset[str]
     reserve_minutes: float  # prediction, blending and estimation error
     notes: list[str] = field(default_factory=list)
 
@@ -175,7 +175,7 @@ def plan(profile: Profile, speeds: dict[str, tuple[float, float]], budget_s: flo
             break
     if chosen and epochs < wanted:
         notes.append(f"epochs: {epochs}, not the {wanted} the rows call for: the budget affords no more")
-    lr = 0.001 if profile.pretrained else 0.003
+    lr = 0.003
     members = pinned + [
         Member(name=_member_name(b, member_size(b, profile.image_side, image_size), seed, symmetry),
                backbone=b, image_size=member_size(b, profile.image_side, image_size), epochs=epochs, seed=seed,
@@ -187,7 +187,7 @@ def plan(profile: Profile, speeds: dict[str, tuple[float, float]], budget_s: flo
     fixed_minutes = (reserve_s + _blend_seconds(len(members)) + sum(
         _predict_seconds(profile, speeds[m.backbone], n_splits, symmetry, calibration)
         for m in members if m.backbone in speeds)) / 60
-    return Plan(n_splits, members, symmetry, lr, profile.batch_size, profile.pretrained, fixed_minutes, notes)
+    return Plan(n_splits, members, symmetry, lr, profile.batch_size, profile.weights, fixed_minutes, notes)
 
 
 def _member_order(names: list[str], max_members: int, pinned: list[Member]) -> list[tuple[str, int]]:
@@ -237,11 +237,16 @@ def symmetry_views(symmetry: str) -> list[str]:
             "d4": ["identity", "hflip", "vflip", "rot90"]}[symmetry]
 
 
-def member_entry(member: Member, symmetry: str) -> dict:
-    """A model.backbones entry of a member."""
+FINE_TUNE_LR = 0.001  # members that start from ImageNet weights (the head learns faster: model.head_lr_mult)
+
+
+def member_entry(member: Member, symmetry: str, weights: frozenset[str] = frozenset()) -> dict:
+    """A model.backbones entry of a member; one whose ImageNet weights are at hand fine-tunes them."""
+    tuned = member.backbone in weights
     return {"name": member.name, "backbone": member.backbone,
             "train": {"image_size": member.image_size, "epochs": member.epochs, "seed": member.seed,
-                      **symmetry_train(symmetry)},
+                      **({"lr": FINE_TUNE_LR} if tuned else {}), **symmetry_train(symmetry)},
+            **({"model": {"pretrained": True}} if tuned else {}),
             "predict": {"tta": symmetry_views(symmetry)}}
 
 
@@ -249,8 +254,8 @@ def plan_config(plan: Plan, base: dict) -> dict:
     """The plan as a config: `base` (the user's own keys) with the plan's folds, members and shared train keys."""
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     cfg["folds"] = {**cfg.get("folds", {}), "n_splits": plan.n_splits}
-    cfg["model"] = {**cfg.get("model", {}), "pretrained": plan.pretrained,
-                    "backbones": [member_entry(m, plan.symmetry) for m in plan.members]}
+    cfg["model"] = {**cfg.get("model", {}),
+                    "backbones": [member_entry(m, plan.symmetry, plan.weights) for m in plan.members]}
     cfg["model"].pop("only", None)
     cfg["train"] = {**cfg.get("train", {}), "lr": plan.lr, "batch_size": plan.batch_size, "augment": "light"}
     cfg["predict"] = {**cfg.get("predict", {}), "tta_policy": "auto"}
