@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import pandas as pd
+import timm
 import torch
 import yaml
 from huggingface_hub import try_to_load_from_cache
