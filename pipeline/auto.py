@@ -21,6 +21,7 @@ a run that ended, only a larger budget adds members, planned in the added time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,13 +42,16 @@ from pipeline.core.artifacts import read_json, write_json, write_text
 from pipeline.core.config import duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.training import planning, runtime, speed
+from pipeline.training.inference import fold_values
 from pipeline.training.loop import TimeUp, time_limit
 
 log = logging.getLogger(__name__)
 
 SIDE_SAMPLE = 500  # image headers read for the size profile (a header costs microseconds; 500 pin the median)
 PROBE_FOLD = 0
+SHORT_BUDGET = 600  # seconds; below it only the candidates a first plan can hold are timed
 PROBE_SHARE = 0.25  # the probe's extra fold-0 runs may take up to this share of the time left
+PROBED_PLAN_SHARE = 0.6  # member one is sized in this share of the time, so that 5 folds leave the probe its room
 
 
 def run(data: Path, config: Path | None, overrides: list[str], work: Path | None, submissions: Path,
@@ -82,10 +86,10 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
     _print_profile(facts, speeds, size)
     plan_path = ctx.work_dir / "plan.yaml"
-    kept = _kept_members(auto_dir / "members.json", ctx.work_dir, decisions) if decisions else []
+    kept = _kept_members(auto_dir / "members.json", _active(ctx, decisions), decisions) if decisions else []
     if not decisions:
         left = deadline - time.time()
-        first = planning.plan(profile, speeds, left * (1 - PROBE_SHARE), image_size=size, **settings)
+        first = planning.plan(profile, speeds, left * PROBED_PLAN_SHARE, image_size=size, **settings)
         if not ctx.cfg.auto.probe or 2 * _fold_seconds(first) > PROBE_SHARE * left:
             first = planning.plan(profile, speeds, left, image_size=size, **settings)
             decisions = {"symmetry": "hflip", "probe_scores": {}, "calibration": planning.CALIBRATION,
@@ -97,9 +101,18 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
                      "predict keeps the hflip view only where it helps OOF")
         else:
             decisions = _probe(first, base, data, work, submissions, ctx, deadline, profile, speeds)
-        decisions |= {"profile": facts, "image_size": size, "n_splits": first.n_splits}
+        decisions |= {"profile": facts, "image_size": size, "n_splits": first.n_splits, "as_number": False}
+        if _integer_classes(ctx, config, overrides):
+            decisions |= _task_probe(decisions, first, base, data, ctx, submissions, deadline, rt)
         write_json(auto_dir / "decisions.json", decisions)
-        kept = [_remaining(decisions["member"], ctx.work_dir, first.n_splits)] if decisions["member"] else []
+        kept = [] if not decisions["member"] else [
+            _remaining(decisions["member"], _active(ctx, decisions), first.n_splits)]
+    active = _active(ctx, decisions)
+    if decisions.get("as_number"):  # the task probe chose a number: the rest runs in the regression branch's WORK
+        overrides = [*overrides, "competition.task=regression"]
+        base = {**base, "competition": {**base.get("competition", {}), "task": "regression"}}
+        profile = dataclasses.replace(profile, task="regression", n_classes=1)
+        plan_path = active / "plan.yaml"
     room = deadline - time.time()
     completed = _read(auto_dir / "summary.json")
     if kept and completed:  # an earlier run ended with its plan done: new members get only the added budget
@@ -111,12 +124,26 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
     log.info(f"auto: plan ({plan_path}; `make folds train ensemble CONFIG={plan_path}` reproduces it)\n"
              + planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes))
-    finished = _train_members(plan, plan_path, data, work, submissions, deadline, started, budget_s)
+    finished = _train_members(plan, plan_path, data, active, submissions, deadline, started, budget_s)
+    while finished:  # estimates were high: plan more members in the time left, at the epochs' real speed
+        calibration = _calibration(active, plan, profile, speeds) or decisions["calibration"]
+        tried = [dataclasses.replace(m, minutes=0.0) for m in plan.members]
+        more = planning.plan(profile, speeds, deadline - time.time(), image_size=size, symmetry=decisions["symmetry"],
+                             calibration=calibration, pinned=tried, folds=decisions["n_splits"], **settings)
+        if len(more.members) == len(tried):
+            break
+        plan = dataclasses.replace(more, members=plan.members + more.members[len(tried):])
+        write_text(plan_path, _plan_yaml(plan, base, decisions))
+        write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
+        log.info(f"auto: time left for more members (epochs take {calibration:.2f}x the measured steps' time)\n"
+                 + planning.table(dataclasses.replace(more, members=more.members[len(tried):])))
+        finished += _train_members(dataclasses.replace(more, members=more.members[len(tried):]), plan_path, data,
+                                   active, submissions, deadline, started, budget_s)
     if not finished:
         raise PipelineError(f"auto: no member finished all {plan.n_splits} folds within the budget "
                             f"({budget_s / 60:.1f} min); give a larger BUDGET (a rerun keeps the trained folds)")
     only = [f"model.only=[{','.join(finished)}]"]
-    ectx = orchestrate.context("ensemble", plan_path, only, data, work, submissions, use_tuned=False)
+    ectx = orchestrate.context("ensemble", plan_path, only, data, active, submissions, use_tuned=False)
     orchestrate.run("ensemble", ectx)
     result = _summary(ectx, started, budget_s, finished)
     write_json(auto_dir / "summary.json", result)
@@ -238,14 +265,16 @@ def _choose_size(profile: planning.Profile, ctx: Context, rt: runtime.Runtime, m
 
 def _measure_candidates(profile: planning.Profile, size: int, ctx: Context, rt: runtime.Runtime, measured: dict,
                         deadline: float, settings: dict) -> dict[str, tuple[float, float]]:
-    """The ladder's first backbone, then as many more as a plan could hold were they as fast (each measurement
-    costs seconds that a tight budget would rather train with)."""
+    """The ladder's first backbone, then up to auto.max_members of the ladder; under SHORT_BUDGET only as many as a
+    plan could hold were they as fast (each measurement costs seconds that a tight budget would rather train with;
+    a member planned later, when early ones ran faster than estimated, needs its speed)."""
     ladder = planning.ladder(profile, ctx.cfg.auto.candidates)
     speeds = {ladder[0]: _speed(ladder[0], planning.member_size(ladder[0], profile.image_side, size), profile, rt,
                                 measured)}
     alike = {b: speeds[ladder[0]] for b in ladder}
     guess = planning.plan(profile, alike, deadline - time.time(), image_size=size, **settings)
-    for b in ladder[1:len(guess.members)]:
+    wanted = len(guess.members) if deadline - time.time() < SHORT_BUDGET else settings["max_members"]
+    for b in ladder[1:max(len(guess.members), wanted)]:
         speeds[b] = _speed(b, planning.member_size(b, profile.image_side, size), profile, rt, measured)
     return speeds
 
@@ -271,7 +300,7 @@ def _probe(first: planning.Plan, base: dict, data: Path, work: Path | None, subm
     wins. Returns the decision, the scores, the winning member and the calibration of estimates to real epochs."""
     lead = first.members[0]
     fold_cost = _fold_seconds(first)
-    variants = {sym: planning.Member(planning._member_name(lead.backbone, lead.image_size, lead.seed, sym),
+    variants = {sym: planning.Member(planning.member_name(lead.backbone, lead.image_size, lead.seed, sym),
                                      lead.backbone, lead.image_size, lead.epochs, lead.seed, lead.minutes)
                 for sym in planning.SYMMETRIES}
     probe_cfg = planning.plan_config(first, base)
@@ -319,6 +348,81 @@ def _fold_seconds(plan: planning.Plan) -> float:
 _SYMMETRY_TEXT = {"none": "no flips", "hflip": "mirror flips", "d4": "flips and quarter turns"}
 
 
+# --- task probe: classes or a number ---------------------------------------------------------------------------
+
+INTEGER_CLASSES = (3, 20)  # integer labels with this many values may be a count or a grade as well as classes
+
+
+def _integer_classes(ctx: Context, config: Path | None, overrides: list[str]) -> bool:
+    """competition.task=auto read the labels as classes, and every class is an integer, 3 to 20 of them."""
+    if ctx.cfg.competition.task != "single_label" or load_config(config, overrides).competition.task != "auto":
+        return False
+    classes = ctx.competition.classes
+    return INTEGER_CLASSES[0] <= len(classes) <= INTEGER_CLASSES[1] and all(_is_integer(c) for c in classes)
+
+
+def _is_integer(text: str) -> bool:
+    """'3', '-1', '4.0': an integer, written as the CSV writer wrote it."""
+    try:
+        return float(text).is_integer()
+    except ValueError:
+        return False
+
+
+def _active(ctx: Context, decisions: dict) -> Path:
+    """The WORK the plan runs in: WORK itself, or WORK/auto/regression when the task probe chose a number."""
+    return ctx.work_dir / "auto" / "regression" if decisions.get("as_number") else ctx.work_dir
+
+
+def _task_probe(decisions: dict, first: planning.Plan, base: dict, data: Path, ctx: Context, submissions: Path,
+                deadline: float, rt: runtime.Runtime) -> dict:
+    """Integer labels: member one's fold 0 once more as a regression (in WORK/auto/regression, with its own clean
+    and folds), then both runs' held-out rows scored as numbers. The regression wins only when it is better on both
+    the RMSE (the classifier's probability-weighted value) and the accuracy (its rounded value against the
+    classifier's top class), planning.label_as_number."""
+    lead = first.members[0]
+    member = planning.Member(**decisions["member"]) if decisions["member"] else planning.Member(
+        planning.member_name(lead.backbone, lead.image_size, lead.seed, decisions["symmetry"]), lead.backbone,
+        lead.image_size, lead.epochs, lead.seed, lead.minutes)
+    cost = member.minutes * 60 / first.n_splits * (1 if decisions["member"] else 2)
+    if cost > PROBE_SHARE * (deadline - time.time()):
+        log.info(f"auto: integer labels read as classes; the runs to compare a regression ({cost / 60:.1f} min) "
+                 f"would take over {PROBE_SHARE:.0%} of the time left (competition.task=regression decides it)")
+        return {"as_number": False, "task_scores": {}}
+    branch = ctx.work_dir / "auto" / "regression"
+    paths = {}
+    for task in ("single_label", "regression"):
+        cfg = planning.plan_config(first, {**base, "competition": {**base.get("competition", {}), "task": task}})
+        cfg["model"]["backbones"] = [planning.member_entry(member, decisions["symmetry"], first.weights)]
+        paths[task] = ctx.work_dir / "auto" / f"{task}.yaml"
+        write_text(paths[task], yaml.safe_dump(cfg, sort_keys=False))
+    log.info(f"auto: integer labels ({len(ctx.competition.classes)} values): classes or a number? {member.name} "
+             f"fold {PROBE_FOLD} as a regression in {branch}")
+    scores = {}
+    for task, work in (("single_label", ctx.work_dir), ("regression", branch)):
+        pctx = orchestrate.context("train", paths[task], [f"model.only=[{member.name}]",
+                                                          f"train.folds=[{PROBE_FOLD}]"],
+                                   data, work, submissions, use_tuned=False)
+        with time_limit(deadline - first.reserve_minutes * 60):
+            try:
+                orchestrate.run("train", pctx)  # the classifier's fold 0 is the probe's: up to date
+            except TimeUp as exc:
+                log.info(f"auto: {exc}; integer labels stay classes")
+                return {"as_number": False, "task_scores": {}, "member": decisions["member"]}
+        exp = pctx.selected_experiments()[0]
+        values, truth = fold_values(work / "runs" / member.name / f"fold{PROBE_FOLD}",
+                                    pctx.for_experiment(exp).training_data(), PROBE_FOLD, task, rt)
+        lo, hi = float(truth.min()), float(truth.max())
+        scores[task] = {"rmse": float(np.sqrt(np.mean((values[:, 1] - truth) ** 2))),
+                        "accuracy": float(np.mean(np.clip(np.round(values[:, 0]), lo, hi) == truth))}
+    cls, reg = scores["single_label"], scores["regression"]
+    task = "regression" if planning.label_as_number(cls, reg) else "single_label"
+    log.info(f"auto: on fold {PROBE_FOLD}, classes: rmse {cls['rmse']:.4f}, accuracy {cls['accuracy']:.4f}; a "
+             f"number: rmse {reg['rmse']:.4f}, accuracy {reg['accuracy']:.4f}: the plan treats the label as "
+             + ("a number (competition.task=regression)" if task == "regression" else "classes"))
+    return {"as_number": task == "regression", "task_scores": scores, "member": member.__dict__}
+
+
 # --- members ------------------------------------------------------------------------------------------------------
 
 def _folds_done(work_dir: Path, name: str, n_splits: int) -> int:
@@ -343,6 +447,8 @@ def _plan_yaml(plan: planning.Plan, base: dict, decisions: dict) -> str:
             f"# symmetry {plan.symmetry}: " + (", ".join(f"{s} {v:.4f}" for s, v in decisions["probe_scores"].items())
                                                + " on fold 0 (the probe)" if decisions["probe_scores"]
                                                else "the probe was skipped"),
+            *([f"# the label as classes / as a number on fold {PROBE_FOLD}: " + json.dumps(decisions["task_scores"])]
+              if decisions.get("task_scores") else []),
             *[f"# {n}" for n in plan.notes]]
     cfg = planning.plan_config(plan, base)
     return "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
@@ -373,6 +479,18 @@ def _train_members(plan: planning.Plan, plan_path: Path, data: Path, work: Path 
                  f"{spent / 60:.1f} min spent; ETA {_eta(plan, i, spent, started, deadline)} "
                  f"(budget {budget_s / 60:.1f} min)")
     return finished
+
+
+def _calibration(work: Path, plan: planning.Plan, profile: planning.Profile, speeds: dict) -> float | None:
+    """Real epoch seconds over the estimate from the measured steps, median over the plan's trained folds."""
+    ratios = []
+    for m in plan.members:
+        if m.backbone not in speeds:
+            continue
+        predicted = planning.epoch_seconds(profile.rows, plan.n_splits, *speeds[m.backbone], 1.0)
+        for history in (work / "runs" / m.name).glob("fold*/history.csv"):
+            ratios.append(float(pd.read_csv(history)["seconds"].median()) / predicted)
+    return float(np.median(ratios)) if ratios else None
 
 
 def _eta(plan: planning.Plan, done: int, spent: float, started: float, deadline: float) -> str:

@@ -122,6 +122,15 @@ def test_the_plan_is_a_config_that_loads_with_the_symmetry_in_every_member(tmp_p
     assert "total" in planning.table(plan)
 
 
+def test_integer_labels_become_a_number_only_when_it_wins_on_both_scores():
+    counts = ({"rmse": 0.12, "accuracy": 0.985}, {"rmse": 0.03, "accuracy": 0.999})
+    digits = ({"rmse": 0.45, "accuracy": 0.990}, {"rmse": 0.40, "accuracy": 0.62})
+    assert planning.label_as_number(*counts) and not planning.label_as_number(*digits)
+    assert not planning.label_as_number({"rmse": 0.1, "accuracy": 0.9}, {"rmse": 0.1, "accuracy": 0.95})  # a tie
+    from pipeline.auto import _is_integer
+    assert [_is_integer(t) for t in ("3", "-1", "4.0", "4.5", "cat", "")] == [True, True, True, False, False, False]
+
+
 class _SlowTrack:
     """A track whose epochs take `seconds` each (the loop's time limit is what is tested)."""
 

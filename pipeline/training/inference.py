@@ -159,3 +159,22 @@ def _per_fold_frame(ids: pd.Series, folds: list[int], per_fold: list[np.ndarray]
     frame.insert(0, "id", np.tile(ids.to_numpy(), len(folds)))
     frame.insert(1, "fold", np.repeat(folds, len(ids)))
     return frame
+
+
+def fold_values(run_dir: Path, data: TrainingData, fold: int, task: str, rt: Runtime, batch_size: int = 256
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) numbers on a fold run's held-out rows, no TTA: the class value of highest probability and
+    the probability-weighted class value for single_label classes that are numbers (as columns 0 and 1), the
+    predicted value (both columns) for regression. `make auto` compares a classifier and a regression of one
+    integer label on these."""
+    model, meta = load_checkpoint(run_dir, data.folds_hash, data.classes)
+    model = rt.prepare(model)
+    held = (data.frame["fold"] == fold).to_numpy()
+    logits = view_logits(model, data.images[held], ["identity"], rt, meta["norm"], batch_size, 0)
+    truth = data.frame.loc[held, "label"].astype(float).to_numpy()
+    if task == "single_label":
+        values = np.array([float(c) for c in data.classes])
+        proba = torch.softmax(torch.from_numpy(np.asarray(logits[0], dtype=np.float32)), dim=1).numpy()
+        return np.stack([values[proba.argmax(1)], proba @ values], axis=1), truth
+    predicted = pooled(Head.from_meta(meta.get("head"), len(data.classes)), logits)[0][0].reshape(-1)
+    return np.stack([predicted, predicted], axis=1), truth

@@ -177,7 +177,7 @@ def plan(profile: Profile, speeds: dict[str, tuple[float, float]], budget_s: flo
         notes.append(f"epochs: {epochs}, not the {wanted} the rows call for: the budget affords no more")
     lr = 0.003
     members = pinned + [
-        Member(name=_member_name(b, member_size(b, profile.image_side, image_size), seed, symmetry),
+        Member(name=member_name(b, member_size(b, profile.image_side, image_size), seed, symmetry),
                backbone=b, image_size=member_size(b, profile.image_side, image_size), epochs=epochs, seed=seed,
                minutes=n_splits * (epochs * _fold_epoch(profile, speeds[b], n_splits, calibration) + RUN_OVERHEAD) / 60)
         for b, seed in chosen]
@@ -218,7 +218,14 @@ def _blend_seconds(members: int) -> float:
     return ENSEMBLE_SECONDS + ENSEMBLE_PER_MEMBER * members
 
 
-def _member_name(backbone: str, size: int, seed: int, symmetry: str) -> str:
+def label_as_number(as_classes: dict[str, float], as_number: dict[str, float]) -> bool:
+    """Integer labels: a number (regression) only when it beats the classifier on both the RMSE and the accuracy
+    of the same held-out rows' kind: a digit read as a number is a costly mistake, a count read as classes a small
+    one."""
+    return as_number["rmse"] < as_classes["rmse"] and as_number["accuracy"] >= as_classes["accuracy"]
+
+
+def member_name(backbone: str, size: int, seed: int, symmetry: str) -> str:
     return f"{backbone}-{size}px-{symmetry}" + ("" if seed == 42 else f"-s{seed}")
 
 
