@@ -125,7 +125,7 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     log.info(f"auto: plan ({plan_path}; `make folds train ensemble CONFIG={plan_path}` reproduces it)\n"
              + planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes))
     finished = _train_members(plan, plan_path, data, active, submissions, deadline, started, budget_s)
-    while finished:  # estimates were high: plan more members in the time left, at the epochs' real speed
+    while finished and not completed:  # estimates were high: more members in the time left, at the real speed
         calibration = _calibration(active, plan, profile, speeds) or decisions["calibration"]
         tried = [dataclasses.replace(m, minutes=0.0) for m in plan.members]
         more = planning.plan(profile, speeds, deadline - time.time(), image_size=size, symmetry=decisions["symmetry"],
