@@ -141,7 +141,9 @@ def ray_cluster():
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
-    env = {**_env(), "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    # HOME: Ray reads ~/.ray/auth_token when present, which switches its token authentication on for the servers but
+    # not for a client that was not told: the test's cluster must not depend on what a user keeps there
+    env = {**_env(), "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "HOME": temp}
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     starts = [[str(ray_bin), "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
                *common],
@@ -154,7 +156,7 @@ def ray_cluster():
             groups.append(proc.pid)
             out = proc.communicate(timeout=180)[0]
             assert proc.returncode == 0, out[-3000:]
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", env
     finally:
         for pgid in groups:
             try:
@@ -166,9 +168,13 @@ def ray_cluster():
 
 def test_a_ray_cluster_spreads_the_runs_over_its_nodes_to_the_same_weights(solo, ray_cluster, tmp_path: Path):
     data, _, expected = solo
+    address, env = ray_cluster
     work = tmp_path / "work"
-    out = _run(_cmd("train", data, work, f"runtime.cluster={ray_cluster}", "runtime.parallel_runs=2"))
-    assert f"train: 2 Ray tasks on {ray_cluster}, each 1 CPU(s)" in out, out[-3000:]
+    cmd = _cmd("train", data, work, f"runtime.cluster={address}", "runtime.parallel_runs=2")
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert f"train: 2 Ray tasks on {address}, each 1 CPU(s)" in out, out[-3000:]
     done = [line for line in out.splitlines() if "Ray tasks done on nodes" in line]
     assert done and len(done[0].split("nodes", 1)[1].split(",")) == 2, out[-3000:]  # one task on each node
     weights = {k: v for k, v in expected.items() if k.endswith(".safetensors")}
