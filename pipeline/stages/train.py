@@ -51,7 +51,7 @@ def run(ctx: Context) -> dict:
         settings = ectx.fold_settings()
         for fold in folds_to_train(ctx.cfg.train.folds, data.n_splits):
             jobs.append(schedule.fold_job(settings, exp.backbone, exp.name, fold, data))
-    if world == 1:
+    if world == 1 and not parallel.in_worker():
         workers = ctx.parallel_workers(sum(not job.done() for job in jobs))
         if workers:
             ctx.run_workers("train", workers)
