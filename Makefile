@@ -26,11 +26,17 @@ EXP ?=
 FOLD ?=
 USE_TUNED ?= 1
 JOBS ?= 1
+CLUSTER ?=
 STORAGE ?=
 PYTEST_ARGS ?=
 BUDGET ?=
 
 PIPE = $(PY) -m pipeline
+# JOBS given on the command line (or in the environment): that many runs at once for train, predict and rounds
+# (runtime.parallel_runs); otherwise the config's value stands.
+# CLUSTER=ray://head:10001: the runs as Ray tasks on that cluster (runtime.cluster).
+PARALLEL = $(if $(filter command line environment,$(origin JOBS)),"runtime.parallel_runs=$(JOBS)") \
+	$(if $(CLUSTER),"runtime.cluster=$(CLUSTER)")
 ARGS = --data "$(DATA)" --submissions "$(SUBMISSIONS)" $(if $(CONFIG),--config "$(CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES) \
 	$(if $(BACKBONE),"model.backbones=[$(BACKBONE)]") $(if $(EXP),"model.only=[$(EXP)]") $(if $(FOLD),"train.folds=[$(FOLD)]") $(if $(filter 0,$(USE_TUNED)),--no-tuned)
 # The embedded competitions are built on demand; any other DATA must already exist.
@@ -49,7 +55,7 @@ DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/tra
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=folder CONFIG=configs/x.yaml TASK=multi_label|regression (make demo) WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
+	@echo "  variables: JOBS=N CLUSTER=ray://host:port DATA=folder CONFIG=configs/x.yaml TASK=multi_label|regression (make demo) WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,14 +96,14 @@ clean-data: $(INSTALLED) $(DATA_DEP) ## clean stage: unreadable files, exact dup
 folds: $(INSTALLED) $(DATA_DEP) ## folds stage: StratifiedGroupKFold, duplicate groups kept in one fold
 	$(PIPE) folds $(ARGS)
 
-train: $(INSTALLED) $(DATA_DEP) ## train every experiment on every fold (EXP=name, BACKBONE=x, FOLD=k: just one)
-	$(PIPE) train $(ARGS)
+train: $(INSTALLED) $(DATA_DEP) ## train every experiment on every fold (JOBS=N runs at once, CLUSTER=ray://host:port; EXP=name, BACKBONE=x, FOLD=k: just one)
+	$(PIPE) train $(ARGS) $(PARALLEL)
 
-predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA (EXP=name: just one)
-	$(PIPE) predict $(ARGS)
+predict: $(INSTALLED) $(DATA_DEP) ## out-of-fold and test probabilities with TTA (JOBS=N at once; EXP=name: just one)
+	$(PIPE) predict $(ARGS) $(PARALLEL)
 
 rounds: $(INSTALLED) $(DATA_DEP) ## rounds 2, 3, ... of rounds.plan: pseudo-labels of the round before, leak-free
-	$(PIPE) rounds $(ARGS)
+	$(PIPE) rounds $(ARGS) $(PARALLEL)
 
 ensemble: $(INSTALLED) $(DATA_DEP) ## blend on OOF, print the CV score, write submissions/<competition>.csv
 	$(PIPE) ensemble $(ARGS)

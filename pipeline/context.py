@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline.core import experiments
 from pipeline.core.artifacts import write_text
@@ -18,7 +21,7 @@ from pipeline.core.experiments import Experiment
 from pipeline.data import cache
 from pipeline.data.competition import Competition, read_competition, resolve_task
 from pipeline.scoring import tasks
-from pipeline.training import tracking
+from pipeline.training import cluster, parallel, runtime, tracking
 from pipeline.training.fold import FoldSettings, TrainingData, load_training_data
 from pipeline.training.inference import PredictSettings
 
@@ -93,6 +96,47 @@ class Context:
     def save_config(self) -> Path:
         """The resolved config, beside the artifacts it produces."""
         return write_text(self.work_dir / "config.yaml", to_yaml(self.cfg))
+
+    def lock_path(self, name: str) -> Path:
+        """WORK/locks/<name>.lock: the lock of a stage that writes shared files (core/locks.py)."""
+        return self.work_dir / "locks" / f"{name}.lock"
+
+    def parallel_workers(self, runs: int) -> list[parallel.Worker]:
+        """The worker processes of runtime.parallel_runs for `runs` runs to do, planned on this machine's GPUs or
+        cores (no more workers than runs); none for one run or fewer, when one run at a time is asked for, or inside
+        a worker (a worker never starts workers). With runtime.cluster, one Ray task per run to do unless
+        runtime.parallel_runs caps them."""
+        rcfg = self.cfg.runtime
+        if parallel.in_worker():
+            return []
+        if rcfg.cluster:
+            n = runs if rcfg.parallel_runs == 1 else min(rcfg.parallel_runs, runs)
+            return [parallel.Worker(i + 1, rcfg.cluster_cpus, None) for i in range(n)]
+        n = min(rcfg.parallel_runs, runs)
+        if n <= 1:
+            return []
+        gpus = torch.cuda.device_count() if rcfg.device != "cpu" else 0
+        return parallel.plan(n, gpus, runtime.cores_per_process())
+
+    def run_workers(self, stage: str, workers: list[parallel.Worker]) -> None:
+        """`stage` in each worker process (or Ray task) on this WORK with this resolved config (a file beside the
+        locks, removed after), so every worker computes the same run keys as this process."""
+        work = self.work_dir.resolve()
+        path = work / "locks" / f"workers-{os.getpid()}.yaml"
+        write_text(path, to_yaml(self.cfg))
+        args = [stage, "--data", str(self.data_dir.resolve()), "--work", str(work), "--submissions",
+                str(self.submissions_dir.resolve()), "--config", str(path), "--no-tuned"]
+        rcfg = self.cfg.runtime
+        try:
+            if rcfg.cluster:
+                gpus = {"cpu": 0, "cuda": 1}.get(rcfg.device)  # auto: one when the cluster has GPUs
+                cluster.run_tasks(rcfg.cluster, args, len(workers), work, rcfg.cluster_cpus, gpus,
+                                  rcfg.cluster_memory_gb, stage, log.info)
+            else:
+                parallel.run_workers(args, workers, stage, log.info)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     # --- the typed arguments library functions take, made from this context --------------------------------
 

@@ -6,8 +6,9 @@ their outputs are complete and match, so any stage can be asked for directly and
 chain resumes. Before any of them runs, every stage of the chain checks what it can tell from the config and the
 task alone (`check`): a stage that cannot do this task refuses before the stages above it spend their time.
 `context` builds the stage's Context and merges the tuned parameters of
-WORK/tune/best.yaml unless told not to. Under torchrun the upstream stages run on rank 0 while the
-other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over these two.
+WORK/tune/best.yaml unless told not to. Stages that write files shared by the whole WORK run under a lock file
+(WORK/locks/<stage>.lock, core/locks.py), so several processes on one WORK take turns. Under torchrun the upstream
+stages run on rank 0 while the other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over these two.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from pipeline.context import Context
 from pipeline.core.config import load_config
+from pipeline.core.locks import Lock
 from pipeline.stages import autogluon, clean, detect, ensemble, folds, predict, rounds, train, tune
 from pipeline.stages import label_issues as labels
 from pipeline.training import distributed
@@ -32,6 +34,9 @@ STAGES: dict[str, Callable[[Context], object]] = {
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
             "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
+# stages that write files shared by the whole WORK (clean.csv, folds.csv, the ensemble, the submission): one process
+# at a time (WORK/locks/<stage>.lock)
+SHARED_WRITERS = {"clean", "folds", "ensemble", "labels", "autogluon", "detect"}
 # refusals that need no work, only the config and the task (read from the CSVs by Context)
 CHECKS: dict[str, Callable[[Context], None]] = {
     "clean": clean.check, "train": train.check, "rounds": rounds.check, "labels": labels.check, "tune": tune.check,
@@ -69,6 +74,18 @@ def run(stage: str, ctx: Context):
         ctx.save_config()
     if distributed.is_main():
         for before in chain(stage)[:-1]:
-            STAGES[before](ctx)
+            _locked(before, ctx)
     distributed.barrier()
+    if distributed.is_main():
+        return _locked(stage, ctx)
     return STAGES[stage](ctx)
+
+
+def _locked(name: str, ctx: Context):
+    """Run stage `name`, under WORK/locks/<name>.lock when it writes files shared by the whole WORK: a second
+    process waits (one line says for whom), then finds the stage's stamp up to date and skips. train, predict and
+    rounds lock each run instead (training/schedule.py); tune's workers share their Optuna study by design."""
+    if name not in SHARED_WRITERS:
+        return STAGES[name](ctx)
+    with Lock(ctx.lock_path(name), name, log.info):
+        return STAGES[name](ctx)

@@ -42,10 +42,12 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes fi
 # process of that pid runs on this host. Another host's files are left alone: WORK may be shared, and its pids are
 # not ours to look up.
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "host"
+HOST = _HOST  # this host, as temp names and lock files record it
 _TEMP = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.[A-Za-z0-9_]+\.tmp$")
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether a process of this pid runs on this host (the temp-file sweep and core/locks.py ask)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +69,7 @@ def sweep_dead_temps(path: Path) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         found = _TEMP.fullmatch(entry.name, len(prefix) - 1)
-        if found and found["host"] == _HOST and not _running(int(found["pid"])):
+        if found and found["host"] == _HOST and not pid_running(int(found["pid"])):
             with contextlib.suppress(FileNotFoundError):  # another writer swept it first
                 os.unlink(entry.path)
                 swept.append(Path(entry.path))

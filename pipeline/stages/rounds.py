@@ -25,10 +25,12 @@ from pipeline.core import experiments
 from pipeline.core.artifacts import fingerprint, read_json, write_csv, write_stamp
 from pipeline.core.config import PseudoConfig
 from pipeline.core.errors import PipelineError
+from pipeline.core.locks import Lock
 from pipeline.scoring import pseudo
 from pipeline.scoring.metrics import score
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
-from pipeline.training.fold import TrainingData, folds_to_train, train_fold
+from pipeline.training import parallel, runtime, schedule
+from pipeline.training.fold import TrainingData, folds_to_train
 from pipeline.training.inference import predict_experiment
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,10 @@ def run(ctx: Context) -> dict:
     plan = ctx.cfg.rounds.plan
     if not plan:
         return {}
+    workers = ctx.parallel_workers(ctx.cfg.runtime.parallel_runs)  # a round has several runs: start them all
+    if workers:
+        ctx.run_workers("rounds", workers)
+    runtime.set_threads(ctx.cfg.runtime.threads)
     cfg = ctx.cfg
     stamp = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     folds = folds_to_train(cfg.train.folds, stamp["n_splits"])
@@ -123,29 +129,37 @@ def run(ctx: Context) -> dict:
     for r, (spec, exps) in enumerate(zip(plan, experiments.round_experiments(cfg.model, cfg.train, cfg.predict, plan),
                                          strict=True), start=2):
         started = time.perf_counter()
-        rows, thresholds, blend_score = build_pseudo(ctx, previous, spec.pseudo, folds, stamp)
         folder = ctx.work_dir / "rounds" / f"round{r}"
-        write_csv(folder / "pseudo.csv", rows)
-        counts = rows.groupby("fold").size().reindex(folds, fill_value=0)
-        write_stamp(folder / "pseudo.json", fingerprint(rows.to_numpy().tolist()), round=r, made_from=previous,
-                    source=spec.pseudo.source, labels=spec.pseudo.labels,
-                    thresholds={str(k): t for k, t in thresholds.items()},
-                    rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
+        with Lock(ctx.lock_path(f"rounds-round{r}"), "rounds", log.info):  # pseudo.csv: one writer at a time
+            rows, thresholds, blend_score = build_pseudo(ctx, previous, spec.pseudo, folds, stamp)
+            write_csv(folder / "pseudo.csv", rows)
+            counts = rows.groupby("fold").size().reindex(folds, fill_value=0)
+            write_stamp(folder / "pseudo.json", fingerprint(rows.to_numpy().tolist()), round=r, made_from=previous,
+                        source=spec.pseudo.source, labels=spec.pseudo.labels,
+                        thresholds={str(k): t for k, t in thresholds.items()},
+                        rows_per_fold={str(k): int(n) for k, n in counts.items()}, previous_blend_oof=blend_score)
         log.info(f"rounds: round {r}: pseudo-labels from {'+'.join(previous)} ({spec.pseudo.source} source, previous "
               f"blend OOF {cfg.competition.metric} {blend_score:.4f}): "
               + ", ".join(f"fold {k} {counts[k]} rows at >= {thresholds[k]:.4f}" for k in folds))
         shared: dict = {}
+        trainings, predictions = [], []
         for exp in exps:
             ectx = ctx.for_experiment(exp)
             plain = ectx.training_data(shared)
             data = with_pseudo(ectx, plain, rows)
             settings = ectx.fold_settings()
-            for k in folds:
-                train_fold(settings, exp.backbone, k, data, name=exp.name)
-            results[exp.name] = predict_experiment(ectx.predict_settings(), exp.backbone, plain,
-                                                   ctx.competition.test["id"], test_paths, exp.name)["oof_score"]
+            trainings += [schedule.fold_job(settings, exp.backbone, exp.name, k, data) for k in folds]
+            psettings = ectx.predict_settings()
+            predictions.append(schedule.Job(
+                exp.name, exp.name, psettings.runs_root / exp.name / ".predict.lock", len(folds),
+                lambda s=psettings, e=exp, d=plain: predict_experiment(s, e.backbone, d, ctx.competition.test["id"],
+                                                                       test_paths, e.name)["oof_score"]))
+        # every process (workers too) waits for the round's runs: the next round's pseudo-labels need all of them
+        schedule.run_jobs(trainings, "rounds", log.info)
+        results.update(schedule.run_jobs(predictions, "rounds", log.info))
         log.info(f"rounds: round {r} done in {time.perf_counter() - started:.1f} s: OOF {cfg.competition.metric} "
               + ", ".join(f"{e.name} {results[e.name]:.4f}" for e in exps))
         previous = [e.name for e in exps]
-    ctx.write_experiments_table()
+    if not parallel.in_worker():
+        ctx.write_experiments_table()
     return results

@@ -13,8 +13,8 @@ import pandas as pd
 
 from pipeline.context import Context
 from pipeline.core.errors import PipelineError
-from pipeline.training import distributed, runtime
-from pipeline.training.fold import folds_to_train, train_fold
+from pipeline.training import distributed, parallel, runtime, schedule
+from pipeline.training.fold import folds_to_train
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +32,35 @@ def check(ctx: Context) -> None:
 
 
 def run(ctx: Context) -> dict:
-    """Every experiment on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first)."""
+    """Every experiment on every fold (the folds stage must be done: pipeline/orchestrate.py runs it first).
+
+    Each run is trained under its lock (training/schedule.py), longest first: a run another process holds is come
+    back to at the end. With runtime.parallel_runs=N, N worker processes train the runs first, then this process
+    checks each (all up to date, unless a worker died) and prints the table.
+    """
     _, world = distributed.setup()
     chosen = [(exp, ctx.for_experiment(exp)) for exp in ctx.selected_experiments()]
     if distributed.is_main():  # one process fills the image caches; the others wait
         for _, ectx in chosen:
             ectx.training_data()
     distributed.barrier()
-    runtime.set_threads(ctx.cfg.runtime.threads)
-    if world > 1 and distributed.is_main():
-        log.info(f"train: distributed over {world} processes ({distributed.backend()})")
     shared: dict = {}
-    results = {}
+    jobs = []
     for exp, ectx in chosen:
         data = ectx.training_data(shared)
         settings = ectx.fold_settings()
         for fold in folds_to_train(ctx.cfg.train.folds, data.n_splits):
-            results[(exp.name, fold)] = train_fold(settings, exp.backbone, fold, data, name=exp.name)["metric"]
-    if not distributed.is_main():
+            jobs.append(schedule.fold_job(settings, exp.backbone, exp.name, fold, data))
+    if world == 1 and not parallel.in_worker():
+        workers = ctx.parallel_workers(sum(not job.done() for job in jobs))
+        if workers:
+            ctx.run_workers("train", workers)
+    runtime.set_threads(ctx.cfg.runtime.threads)
+    if world > 1 and distributed.is_main():
+        log.info(f"train: distributed over {world} processes ({distributed.backend()})")
+    done = schedule.run_jobs(jobs, "train", distributed.say, wait=not parallel.in_worker(), locking=world == 1)
+    results = {job_key: meta["metric"] for job_key, meta in done.items()}
+    if not distributed.is_main() or parallel.in_worker():  # the parent of the workers prints the table
         return results
     table = pd.Series(results).unstack()
     table.columns = [f"fold{k}" for k in table.columns]
@@ -57,3 +68,4 @@ def run(ctx: Context) -> dict:
     log.info(f"train: best val {ctx.cfg.competition.metric} per experiment and fold\n{table}")
     ctx.write_experiments_table()
     return results
+

@@ -122,6 +122,24 @@ def training_rows(frame: pd.DataFrame, fold: int) -> np.ndarray:
     return rows
 
 
+def run_key(settings: FoldSettings, backbone: str, fold: int, data: TrainingData) -> str:
+    """The fingerprint of one (experiment, fold) training: everything that changes its weights."""
+    mcfg, tcfg = settings.model, settings.train
+    weights = file_digest(pretrained_file(mcfg.pretrained_path, backbone)) if mcfg.pretrained_path else None
+    unread = {"folds"} | ({"loss"} if settings.task == "single_label" else set())  # loss: numbers only
+    return fingerprint("train", data.folds_hash, data.images_key, backbone, fold, data.channels,
+                       settings.metric, mcfg.model_dump(exclude={"backbones", "only"}),
+                       tcfg.model_dump(exclude=unread),
+                       runtime.result_keys(settings.runtime), weights,
+                       *([data.pseudo_keys.get(fold)] if data.pseudo_keys is not None else []))  # rounds: this fold's
+
+
+def is_trained(settings: FoldSettings, backbone: str, fold: int, data: TrainingData, name: str | None = None) -> bool:
+    """Whether train_fold would skip this run (its stamp matches)."""
+    run_dir = settings.runs_root / (name or backbone) / f"fold{fold}"
+    return is_done(run_dir / "best.json", run_key(settings, backbone, fold, data))
+
+
 def train_fold(settings: FoldSettings, backbone: str, fold: int, data: TrainingData, on_epoch=None,
                name: str | None = None) -> dict:
     """Train one backbone on one fold (resuming from its last epoch); skipped when its stamp matches.
@@ -132,13 +150,7 @@ def train_fold(settings: FoldSettings, backbone: str, fold: int, data: TrainingD
     mcfg, tcfg = settings.model, settings.train
     label = name or backbone
     run_dir = settings.runs_root / label / f"fold{fold}"
-    weights = file_digest(pretrained_file(mcfg.pretrained_path, backbone)) if mcfg.pretrained_path else None
-    unread = {"folds"} | ({"loss"} if settings.task == "single_label" else set())  # loss: numbers only
-    fp = fingerprint("train", data.folds_hash, data.images_key, backbone, fold, data.channels,
-                     settings.metric, mcfg.model_dump(exclude={"backbones", "only"}),
-                     tcfg.model_dump(exclude=unread),
-                     runtime.result_keys(settings.runtime), weights,
-                     *([data.pseudo_keys.get(fold)] if data.pseudo_keys is not None else []))  # rounds: this fold's
+    fp = run_key(settings, backbone, fold, data)
     if is_done(run_dir / "best.json", fp):
         meta = read_json(run_dir / "best.json", "delete it and rerun `make train`")
         distributed.say(f"train: {label} fold {fold} up to date ({settings.metric} {meta['metric']:.4f})")

@@ -87,6 +87,24 @@ def _runs_key(out_dir: Path, folds: list[int]) -> list[tuple[str, str]]:
     return keys
 
 
+def predict_key(settings: PredictSettings, data: TrainingData, test_ids: pd.Series, test_paths: list[str],
+                name: str) -> str:
+    """The fingerprint of one experiment's predictions: its fold runs' stamps, the predict keys, the test set.
+    The OOF rows and training images are the runs' own inputs; batch_size changes speed, not the probabilities."""
+    folds = folds_to_train(settings.train_folds, data.n_splits)
+    return fingerprint("predict", _runs_key(settings.runs_root / name, folds),
+                       settings.predict.model_dump(exclude={"batch_size"}), settings.metric, test_ids.tolist(),
+                       content_key(test_paths))
+
+
+def is_predicted(settings: PredictSettings, data: TrainingData, test_ids: pd.Series, test_paths: list[str],
+                 name: str) -> bool:
+    """Whether predict_experiment would skip this experiment (its stamp matches and its files exist)."""
+    out_dir = settings.runs_root / name
+    outputs = [out_dir / f for f in ("oof.parquet", "test.parquet", "test_folds.parquet")]
+    return is_done(out_dir / "predict.json", predict_key(settings, data, test_ids, test_paths, name), outputs)
+
+
 def predict_experiment(settings: PredictSettings, backbone: str, data: TrainingData, test_ids: pd.Series,
                        test_paths: list[str], name: str | None = None) -> dict:
     """One experiment's predictions (`name` is its folder, default the backbone); skipped when its stamp matches."""
@@ -95,9 +113,7 @@ def predict_experiment(settings: PredictSettings, backbone: str, data: TrainingD
     out_dir = settings.runs_root / name
     outputs = [out_dir / f for f in ("oof.parquet", "test.parquet", "test_folds.parquet")]
     folds = folds_to_train(settings.train_folds, data.n_splits)
-    # the OOF rows and training images are the runs' own inputs; batch_size changes speed, not the probabilities
-    fp = fingerprint("predict", _runs_key(out_dir, folds), cfg.model_dump(exclude={"batch_size"}),
-                     settings.metric, test_ids.tolist(), content_key(test_paths))
+    fp = predict_key(settings, data, test_ids, test_paths, name)
     if is_done(out_dir / "predict.json", fp, outputs):
         log.info(f"predict: {name} up to date")
         return read_json(out_dir / "predict.json", "rerun `make predict`")

@@ -138,6 +138,15 @@ class RuntimeConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null: torch's default")
     eval_batch_factor: int = Field(2, ge=1, description="validation batches hold batch_size x this many images "
                                                         "(no gradients: more fit in memory)")
+    parallel_runs: int = Field(1, ge=1, description="runs (experiment folds, predictions) at once on this machine, "
+                                                    "in worker processes: one GPU each, or cores // N CPU threads each "
+                                                    "(make train JOBS=N)")
+    cluster: str | None = Field(None, description="Ray cluster address (ray://head:10001, or head:6379 on a cluster "
+                                                  "machine): the runs' workers become Ray tasks; every machine must "
+                                                  "mount WORK and DATA at the same paths (make train CLUSTER=...)")
+    cluster_cpus: int = Field(1, ge=1, description="CPUs each Ray task asks for, and its torch threads")
+    cluster_memory_gb: float | None = Field(None, gt=0, description="memory each Ray task asks for, in GiB; "
+                                                                    "null: none reserved")
 
 
 class TrainConfig(FitConfig):
