@@ -416,7 +416,7 @@ def _task_probe(decisions: dict, first: planning.Plan, base: dict, data: Path, c
         scores[task] = {"rmse": float(np.sqrt(np.mean((values[:, 1] - truth) ** 2))),
                         "accuracy": float(np.mean(np.clip(np.round(values[:, 0]), lo, hi) == truth))}
     cls, reg = scores["single_label"], scores["regression"]
-    task = "regression" if planning.label_as_number(cls, reg) else "single_label"
+    task = "regression" if planning.label_as_number(cls, reg, float(np.std(truth))) else "single_label"
     log.info(f"auto: on fold {PROBE_FOLD}, classes: rmse {cls['rmse']:.4f}, accuracy {cls['accuracy']:.4f}; a "
              f"number: rmse {reg['rmse']:.4f}, accuracy {reg['accuracy']:.4f}: the plan treats the label as "
              + ("a number (competition.task=regression)" if task == "regression" else "classes"))

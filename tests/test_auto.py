@@ -126,8 +126,10 @@ def test_the_plan_is_a_config_that_loads_with_the_symmetry_in_every_member(tmp_p
 def test_integer_labels_become_a_number_only_when_it_wins_on_both_scores():
     counts = ({"rmse": 0.12, "accuracy": 0.985}, {"rmse": 0.03, "accuracy": 0.999})
     digits = ({"rmse": 0.45, "accuracy": 0.990}, {"rmse": 0.40, "accuracy": 0.62})
-    assert planning.label_as_number(*counts) and not planning.label_as_number(*digits)
-    assert not planning.label_as_number({"rmse": 0.1, "accuracy": 0.9}, {"rmse": 0.1, "accuracy": 0.95})  # a tie
+    assert planning.label_as_number(*counts, 1.4) and not planning.label_as_number(*digits, 2.9)
+    assert not planning.label_as_number({"rmse": 0.1, "accuracy": 0.9}, {"rmse": 0.1, "accuracy": 0.95}, 1.4)  # tie
+    chance = ({"rmse": 2.86, "accuracy": 0.102}, {"rmse": 2.50, "accuracy": 0.104})  # runs that learnt nothing
+    assert not planning.label_as_number(*chance, 2.87)
     from pipeline.auto import _is_integer
     assert [_is_integer(t) for t in ("3", "-1", "4.0", "4.5", "cat", "")] == [True, True, True, False, False, False]
 

@@ -218,11 +218,17 @@ def _blend_seconds(members: int) -> float:
     return ENSEMBLE_SECONDS + ENSEMBLE_PER_MEMBER * members
 
 
-def label_as_number(as_classes: dict[str, float], as_number: dict[str, float]) -> bool:
-    """Integer labels: a number (regression) only when it beats the classifier on both the RMSE and the accuracy
-    of the same held-out rows' kind: a digit read as a number is a costly mistake, a count read as classes a small
-    one."""
-    return as_number["rmse"] < as_classes["rmse"] and as_number["accuracy"] >= as_classes["accuracy"]
+NUMBER_MARGIN = 0.9  # the regression's RMSE must be below this share of the classifier's
+LEARNT = 0.5  # ... and below this share of a constant prediction's (the truth's spread): runs that learnt little
+#               differ by noise, and noise must not turn classes into a number
+
+
+def label_as_number(as_classes: dict[str, float], as_number: dict[str, float], constant_rmse: float) -> bool:
+    """Integer labels: a number (regression) only when it beats the classifier clearly on the RMSE, at least ties it
+    on the accuracy, and learnt something: a digit read as a number is a costly mistake, a count read as classes a
+    small one."""
+    return (as_number["rmse"] < NUMBER_MARGIN * as_classes["rmse"] and as_number["rmse"] < LEARNT * constant_rmse
+            and as_number["accuracy"] >= as_classes["accuracy"])
 
 
 def member_name(backbone: str, size: int, seed: int, symmetry: str) -> str:
