@@ -1,7 +1,8 @@
 """Which stages run before a stage, and with which config: the one place that chains stages.
 
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds ->
-train -> predict -> rounds -> ensemble -> labels; tune and autogluon need folds; detect stands alone); they skip when
+train -> predict -> rounds -> ensemble -> labels; bundle follows ensemble, export train; tune and autogluon need
+folds; detect stands alone); they skip when
 their outputs are complete and match, so any stage can be asked for directly and an interrupted
 chain resumes. Before any of them runs, every stage of the chain checks what it can tell from the config and the
 task alone (`check`): a stage that cannot do this task refuses before the stages above it spend their time.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from pipeline.context import Context
 from pipeline.core.config import load_config
-from pipeline.stages import autogluon, clean, detect, ensemble, folds, predict, rounds, train, tune
+from pipeline.stages import autogluon, bundle, clean, detect, ensemble, export, folds, predict, rounds, train, tune
 from pipeline.stages import label_issues as labels
 from pipeline.training import distributed
 
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,
     "ensemble": ensemble.run, "labels": labels.run,
-    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run}
+    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run, "bundle": bundle.run, "export": export.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
-            "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
+            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "bundle": ("ensemble",), "export": ("train",)}
 # refusals that need no work, only the config and the task (read from the CSVs by Context)
 CHECKS: dict[str, Callable[[Context], None]] = {
     "clean": clean.check, "train": train.check, "rounds": rounds.check, "labels": labels.check, "tune": tune.check,

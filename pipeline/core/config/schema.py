@@ -239,6 +239,17 @@ class EnsembleConfig(Section):
                                                                                    "as sample_submission shows")
 
 
+class ExportConfig(Section):
+    experiment: str | None = Field(None, description="make export: the experiment whose fold model becomes ONNX; "
+                                                     "null: the first of model.backbones")
+    fold: int = Field(0, ge=0, description="make export: the fold model exported")
+    opset: int = Field(17, ge=9, description="ONNX opset of make export and of the bundle's ONNX files")
+    tolerance: float = Field(1e-4, gt=0, description="make export: largest abs difference of logits between "
+                                                     "onnxruntime and torch on the test images before it refuses")
+    bundle_onnx: bool = Field(False, description="make bundle: also write every fold model as ONNX, for "
+                                                 "predict.py --engine onnx")
+
+
 class TuneConfig(Section):
     space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys "
                                                                 "with int/float/log/categorical ranges")

@@ -16,6 +16,7 @@ from pipeline.core.config.schema import (
     CleanConfig,
     CompetitionConfig,
     EnsembleConfig,
+    ExportConfig,
     FoldsConfig,
     PredictConfig,
     PseudoConfig,
@@ -186,6 +187,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    export: ExportConfig = ExportConfig()
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
     detect: DetectConfig = DetectConfig()
