@@ -222,3 +222,46 @@ def test_bundle_predict_refuses_a_missing_test_image_in_one_line(tmp_path):
     with pytest.raises(bp.BundleError, match="column 'id' missing"):
         bp.read_ids(tmp_path / "test.csv", "id")
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.slow
+def test_distilled_student_learns_leak_free_is_scored_honestly_and_exports(single):
+    ctx, root = single
+    overrides = (*CHAIN, "ensemble.method=weights", "distill.backbone=resnet10t", "distill.epochs=1")
+    dctx = Context(load_config(None, tiny(*overrides)), ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
+    summary = orchestrate.run("distill", dctx)
+    assert summary["targets_from"] == {str(k): [f"runs/{n}/fold{k}" for n in summary["teachers"]] for k in (0, 1)}
+    table = pd.DataFrame(summary["table"])
+    assert len(table) == 5 and table["honest_score"].between(0, 1).all() and (table["ms_per_image"] > 0).all()
+    assert table["speedup"].iloc[1] > 2  # one view of one model against 2 members x 2 folds x 4 views
+    oof = pd.read_parquet(ctx.work_dir / "distill" / "runs" / "distill-resnet10t" / "oof.parquet")
+    assert len(oof) == 16 and oof.filter(like="p_").sum(axis=1).round(4).eq(1).all()
+    again = orchestrate.run("distill", dctx)  # nothing retrained or re-measured
+    assert again["table"] == summary["table"]
+    # the ensemble does not blend the student back into its own teacher
+    assert orchestrate.run("ensemble", dctx)["models"] == ["d2l_lenet", "resnet10t"]
+    exported = orchestrate.run("export", Context(load_config(None, tiny(*overrides,
+                                                                          "export.experiment=distill-resnet10t")),
+                                                 ctx.data_dir, ctx.work_dir, ctx.submissions_dir))
+    assert exported["max_abs_diff"] < 1e-4
+
+
+def test_fold_k_targets_never_read_fold_k_labels():
+    """fold_targets refits the blend on the other folds' OOF rows: fold 0's labels cannot move fold 0's targets."""
+    from pipeline.scoring.blend import WeightedBlend
+    from pipeline.training.distill import fold_targets
+
+    rng = np.random.default_rng(0)
+    oof = rng.dirichlet(np.ones(3), size=(2, 40))
+    teachers = rng.dirichlet(np.ones(3), size=(2, 10))
+    y, folds = rng.integers(0, 3, 40), np.repeat([0, 1], 20)
+    base = fold_targets(teachers, oof, y, folds, 0, WeightedBlend("log_loss"))
+    flipped = y.copy()
+    flipped[folds == 0] = (flipped[folds == 0] + 1) % 3
+    assert np.array_equal(fold_targets(teachers, oof, flipped, folds, 0, WeightedBlend("log_loss")), base)
+    other = y.copy()
+    other[folds == 1] = (other[folds == 1] + 1) % 3
+    assert not np.allclose(fold_targets(teachers, oof, other, folds, 0, WeightedBlend("log_loss")), base)
+    np.testing.assert_allclose(base.sum(1), 1, atol=1e-6)
+    sharp = fold_targets(teachers, oof, y, folds, 0, WeightedBlend("log_loss"), temperature=0.5)
+    assert (sharp.max(1) >= base.max(1) - 1e-7).all()  # T < 1 sharpens

@@ -2,7 +2,8 @@
 
 Writes WORK/export/<experiment>-fold<k>.onnx and export.json (the max abs difference of logits between torch and
 onnxruntime on every test image, and both engines' seconds); refuses when the difference is above
-export.tolerance. `export.experiment` and `export.fold` choose the model (default: the first experiment, fold 0).
+export.tolerance. `export.experiment` and `export.fold` choose the model (default: the first experiment, fold
+0); a student of `make distill` (distill-<backbone>) is found under WORK/distill/runs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def run(ctx: Context) -> dict:
     names = [e.name for e in ctx.selected_experiments()]
     name = cfg.experiment or names[0]
     run_dir = ctx.work_dir / "runs" / name / f"fold{cfg.fold}"
+    if not (run_dir / "best.json").is_file() and (ctx.work_dir / "distill" / "runs" / name).is_dir():
+        run_dir = ctx.work_dir / "distill" / "runs" / name / f"fold{cfg.fold}"  # a student of make distill
     if not (run_dir / "best.json").is_file():
-        known = [p.parent.name for p in (ctx.work_dir / "runs").glob("*/fold*/best.json")]
+        known = [p.parent.parent.name for root in ("runs", "distill/runs")
+                 for p in (ctx.work_dir / root).glob("*/fold*/best.json")]
         raise PipelineError(f"export.experiment={name} export.fold={cfg.fold}: no finished run in {run_dir}; "
                             f"choose one of {sorted(set(known)) or names} (and a trained fold), or run `make train`")
     folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")

@@ -250,6 +250,18 @@ class ExportConfig(Section):
                                                  "predict.py --engine onnx")
 
 
+class DistillConfig(Section):
+    backbone: str | None = Field(None, description="make distill: the student's backbone; null: the chosen blend's "
+                                                   "member with the fewest parameters")
+    image_size: int | None = Field(None, ge=8, description="the student's input size; null: train.image_size")
+    epochs: int | None = Field(None, ge=1, description="the student's epochs; null: train.epochs")
+    temperature: float = Field(1.0, gt=0, description="targets p^(1/T), renormalised (T < 1 sharpens)")
+    tta: list[str] = Field(["identity"], min_length=1, description="the student's test-time views (one view: "
+                                                                   "the fast single model)")
+    hard_baseline: bool = Field(True, description="also train the student's backbone on the hard labels, for the "
+                                                  "table's comparison")
+
+
 class TuneConfig(Section):
     space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys "
                                                                 "with int/float/log/categorical ranges")

@@ -15,6 +15,7 @@ from pipeline.core.config.schema import (
     AutoGluonConfig,
     CleanConfig,
     CompetitionConfig,
+    DistillConfig,
     EnsembleConfig,
     ExportConfig,
     FoldsConfig,
@@ -188,6 +189,7 @@ class Config(Section):
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
     detect: DetectConfig = DetectConfig()
