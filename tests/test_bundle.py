@@ -175,11 +175,11 @@ def test_onnx_export_matches_torch_and_the_bundle_runs_on_onnxruntime(single, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["multi_label", "regression"])
-def test_multi_label_and_regression_bundles_reproduce_the_submission(task, tmp_path):
+@pytest.mark.parametrize("task", ["multi_label", "regression", "ordinal"])
+def test_multi_label_regression_and_ordinal_bundles_reproduce_the_submission(task, tmp_path):
     data = make_task_folder(tmp_path / task, task, n_train=32, n_test=8)
-    extra = ("competition.task=multi_label", "competition.metric=f1_samples") if task == "multi_label" else (
-        "competition.task=regression",)
+    extra = {"multi_label": ("competition.task=multi_label", "competition.metric=f1_samples"),
+             "regression": ("competition.task=regression",), "ordinal": ("competition.task=ordinal",)}[task]
     ctx = _chain(tmp_path, data, *extra, "ensemble.method=weights")
     spec = json.loads((ctx.submissions_dir / f"{ctx.competition.name}-bundle" / "spec.json").read_text())
     if task == "multi_label":

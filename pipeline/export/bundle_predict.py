@@ -19,9 +19,11 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +107,13 @@ def resize(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_all(paths: list[Path], size: int, channels: int, max_pixels: int) -> np.ndarray:
-    """(N, size, size, channels) uint8, each image decoded once per (size, channels)."""
+    """(N, size, size, channels) uint8, each image decoded once per (size, channels), in threads (Pillow releases
+    the GIL while it decodes and resizes)."""
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        out[i] = resize(to_channels(load_image(p, max_pixels), channels), size)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for i, arr in enumerate(pool.map(lambda p: resize(to_channels(load_image(p, max_pixels), channels), size),
+                                         paths)):
+            out[i] = arr
     return out
 
 
