@@ -115,6 +115,7 @@ def test_single_label_bundle_reproduces_the_submission_without_the_pipeline(sing
     assert sorted(p.name for p in (bundle / "weights").iterdir()) == sorted(
         f"{m['name']}-fold{f['fold']}.safetensors" for m in spec["members"] for f in m["folds"])
     assert "import pipeline" not in (bundle / "predict.py").read_text()
+    assert spec["versions"]["torch"] == torch.__version__.split("+")[0] and spec["thresholds"] is None
     nb = json.loads(next(bundle.glob("*.ipynb")).read_text())
     assert "/kaggle/input/" in "".join(nb["cells"][1]["source"])
 
@@ -123,6 +124,8 @@ def test_single_label_bundle_reproduces_the_submission_without_the_pipeline(sing
     assert blocked.returncode != 0  # the bundle really runs without the pipeline
     _, out = _assert_parity(ctx, tmp_path, python, "user", "--batch-size", "4")
     assert "images/s" in out and "9 images" in out
+    assert subprocess.run([str(python), "-I", str(bundle / "predict.py"), "--data", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, cwd=tmp_path).stderr.startswith("error: ")  # one line
 
 
 @pytest.mark.slow

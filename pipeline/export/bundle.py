@@ -79,6 +79,14 @@ def check_blend(spec: dict, T: np.ndarray, expected: np.ndarray, source: Path, t
     return diff
 
 
+def versions() -> dict[str, str]:
+    """The versions of the packages predict.py uses, as they were when the bundle was made (it warns on others:
+    a timm release may rename a model's parameters)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "timm", "numpy", "pandas", "pillow")}
+
+
 def notebook(bundle_name: str, competition: str) -> dict:
     """A Kaggle notebook (nbformat 4) running the bundle, attached as a dataset, on the competition's test images."""
     source = [

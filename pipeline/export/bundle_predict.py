@@ -334,7 +334,7 @@ def submission_frame(spec: dict, ids: list[str], pred: np.ndarray, order: list[s
 def read_ids(path: Path, id_col: str) -> list[str]:
     if not path.is_file():
         raise BundleError(f"{path}: not found; pass --data the folder holding the competition's CSVs")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     if id_col not in frame.columns:
         raise BundleError(f"{path}: column '{id_col}' missing (columns {list(frame.columns)}); "
                           "the bundle was made for another competition")
@@ -352,6 +352,20 @@ def image_paths(data: Path, ids: list[str], spec: dict) -> list[Path]:
             raise BundleError(f"{path}: image of test id '{ident}' not found under --data {data}")
         out.append(path)
     return out
+
+
+def warn_versions(made_with: dict[str, str]) -> None:
+    """One line per package whose version differs from the bundle's (the weights may still load; if a timm model
+    fails to, install the version named here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, wanted in made_with.items():
+        try:
+            here = version(name)
+        except PackageNotFoundError:
+            continue
+        if here != wanted:
+            print(f"note: {name} {here} here, the bundle was made with {wanted}", file=sys.stderr)
 
 
 def pick_device(name: str) -> torch.device:
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         spec = json.loads((HERE / "spec.json").read_text())
+        warn_versions(spec.get("versions", {}))
         device = pick_device(args.device)
         start = time.perf_counter()
         ids, pred, n = predict(spec, args.data, args.batch_size, device, args.engine)

@@ -139,7 +139,7 @@ def run(ctx: Context) -> dict:
                       "sample_submission_csv": cfg.competition.sample_submission_csv,
                       "max_pixels": cfg.clean.max_pixels},
             "submission": _submission_spec(ctx), "members": members, "blend": blend_spec,
-            "thresholds": manifest.get("thresholds")}
+            "thresholds": manifest.get("thresholds"), "versions": bundle.versions()}
     onnx_writer = None
     if cfg.export.bundle_onnx:
         def onnx_writer(folder):
