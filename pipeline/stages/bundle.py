@@ -100,6 +100,7 @@ def run(ctx: Context) -> dict:
     runs = [models[n][2] / f"fold{k}" / f for n in names if n in by_name
             for k in read_json(models[n][2] / "predict.json", "run `make predict`")["folds"]
             for f in ("best.json", "best.safetensors")]
+    runs += [models[n][2] / "predict.json" for n in names if n in by_name]  # the TTA views kept
     fp = fingerprint("bundle", file_digest(weights_json), [file_digest(p) for p in runs if p.is_file()],
                      cfg.export.model_dump(), cfg.predict.model_dump(), comp.id_column, comp.classes,
                      cfg.competition.model_dump(), cfg.ensemble.output)
