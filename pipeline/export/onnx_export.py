@@ -70,7 +70,7 @@ def session(path: Path):
 
 def to_input(images: np.ndarray, norm: dict) -> np.ndarray:
     """uint8 NHWC -> normalised float32 NCHW, as runtime.to_input does on the CPU."""
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255.0)  # a copy: memmaps are read-only
     mean = torch.tensor(norm["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(norm["std"]).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous().numpy()
