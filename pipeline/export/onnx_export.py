@@ -22,12 +22,15 @@ import torch
 from pipeline.core.artifacts import atomic_write
 from pipeline.core.errors import PipelineError
 
+EXPORT_FIX = "export another experiment (export.experiment=...; a timm backbone exports at any size)"
 
-def export_onnx(model: torch.nn.Module, path: Path, in_chans: int, image_size: int, opset: int) -> bool:
+
+def export_onnx(model: torch.nn.Module, path: Path, in_chans: int, image_size: int, opset: int,
+                fix: str = EXPORT_FIX) -> bool:
     """Write `model` (eval mode, on the CPU) to `path` atomically, with a dynamic batch and, when the network allows
     it, a dynamic height and width; returns whether the size is dynamic. Adaptive pooling to a fixed grid (the d2l
     nets' AdaptiveAvgPool2d(5)) needs the input size when the graph is built, so such a net gets a graph for
-    `image_size` only (the bundle then writes one per TTA scale)."""
+    `image_size` only (the bundle then writes one per TTA scale). `fix` ends the one-line error."""
     model = model.cpu().eval()
     example = torch.zeros(2, in_chans, image_size, image_size)
 
@@ -51,8 +54,7 @@ def export_onnx(model: torch.nn.Module, path: Path, in_chans: int, image_size: i
             return False
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
         why = str(exc).splitlines()[0].split(". Please")[0]  # torch's first sentence, without its bug-report plea
-        raise PipelineError(f"{path}: ONNX export failed ({why}); export another experiment (export.experiment=...; "
-                            "a timm backbone exports at any size) or try another export.opset") from None
+        raise PipelineError(f"{path}: ONNX export failed ({why}); {fix} or try another export.opset") from None
 
 
 def view_sizes(image_size: int, views: list[str]) -> list[int]:

@@ -25,6 +25,8 @@ from pipeline.stages.ensemble import _prediction_arrays, find_predictions
 from pipeline.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
+# the bundle's ONNX files are optional: without them predict.py runs on torch
+ONNX_FIX = "set export.bundle_onnx=false (predict.py then runs on torch; the previous bundle is kept until then)"
 
 
 def _experiments_by_name(ctx: Context) -> dict[str, experiments.Experiment]:
@@ -152,14 +154,15 @@ def run(ctx: Context) -> dict:
                                                folds_meta["folds_hash"], folds_meta["classes"])
                     stem = f"onnx/{member['name']}-fold{fold['fold']}"
                     size, chans = member["image_size"], member["in_chans"]
-                    if export_onnx(model, folder / f"{stem}.onnx", chans, size, cfg.export.opset):
+                    if export_onnx(model, folder / f"{stem}.onnx", chans, size, cfg.export.opset, ONNX_FIX):
                         fold["onnx"] = {"any": f"{stem}.onnx"}
                         continue
                     fold["onnx"] = {str(size): f"{stem}.onnx"}
                     for side in view_sizes(size, member["tta"]["views"]):
                         if side != size:
                             fold["onnx"][str(side)] = f"{stem}-{side}px.onnx"
-                            export_onnx(model, folder / fold["onnx"][str(side)], chans, side, cfg.export.opset)
+                            export_onnx(model, folder / fold["onnx"][str(side)], chans, side, cfg.export.opset,
+                                        ONNX_FIX)
     bundle.write_bundle(out_dir, spec, files, onnx_writer)
     n_weights = sum(len(m["folds"]) for m in members)
     log.info(f"bundle: {out_dir}: {len(members)} members ({', '.join(m['name'] for m in members)}), {n_weights} "

@@ -147,8 +147,10 @@ def run(ctx: Context) -> dict:
                "temperature": cfg.distill.temperature, "table": table.to_dict(orient="records")}
     write_stamp(stamp, fp, **summary)
     metric = cfg.competition.metric
-    log.info(f"distill: {student.name} learnt the {manifest['chosen']} blend of {', '.join(used)} (fold k from the "
-             f"fold-k teachers only); honest OOF {metric} and {rt.device.type.upper()} milliseconds per image:\n"
+    row = (f"the {manifest['chosen']} row" if manifest["chosen"] in used
+           else f"the {manifest['chosen']} blend of {', '.join(used)}")
+    log.info(f"distill: {student.name} learnt {row} (fold k from the fold-k teachers only); honest OOF {metric} "
+             f"and {rt.device.type.upper()} milliseconds per image:\n"
              + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return summary
 
