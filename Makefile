@@ -51,7 +51,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels tune autogluon detect-data detect docs test lint postgres-server
+.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -113,6 +113,15 @@ auto: $(INSTALLED) $(DATA_DEP) ## profile, plan and run the whole chain within B
 
 labels: $(INSTALLED) $(DATA_DEP) ## label issues: cleanlab on the chosen blend's OOF (runs ensemble when needed)
 	$(PIPE) labels $(ARGS)
+
+bundle: $(INSTALLED) $(DATA_DEP) ## offline bundle of the chosen submission: weights, spec, predict.py, Kaggle notebook
+	$(PIPE) bundle $(ARGS)
+
+export: $(INSTALLED) $(DATA_DEP) ## ONNX of one fold model (export.experiment, export.fold), checked with onnxruntime
+	$(PIPE) export $(ARGS)
+
+distill: $(INSTALLED) $(DATA_DEP) ## one fast student on the ensemble's soft targets, leak-free; table vs ensemble and hard labels
+	$(PIPE) distill $(ARGS)
 
 tune: $(INSTALLED) $(DATA_DEP) ## Optuna study (JOBS=2 processes, STORAGE=url); best params feed later stages
 	$(PIPE) folds $(ARGS)

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITES_SUBMISSIONS = {"ensemble", "labels", "detect"}  # labels runs ensemble first
+WRITES_SUBMISSIONS = {"ensemble", "labels", "detect", "bundle"}  # labels and bundle run ensemble first
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 

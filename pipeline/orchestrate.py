@@ -1,10 +1,11 @@
 """Which stages run before a stage, and with which config: the one place that chains stages.
 
-Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds ->
-train -> predict -> rounds -> ensemble -> labels; tune and autogluon need folds; detect stands alone); they skip when
-their outputs are complete and match, so any stage can be asked for directly and an interrupted
-chain resumes. Before any of them runs, every stage of the chain checks what it can tell from the config and the
-task alone (`check`): a stage that cannot do this task refuses before the stages above it spend their time.
+Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds -> train ->
+predict -> rounds -> ensemble -> labels; bundle and distill follow ensemble, export train; tune and autogluon need
+folds; detect stands alone); they skip when their outputs are complete and match, so any stage can be asked for
+directly and an interrupted chain resumes. Before any of them runs, every stage of the chain checks what it can tell
+from the config and the task alone (`check`): a stage that cannot do this task refuses before the stages above it
+spend their time.
 `context` builds the stage's Context and merges the tuned parameters of
 WORK/tune/best.yaml unless told not to. Stages that write files shared by the whole WORK run under a lock file
 (WORK/locks/<stage>.lock, core/locks.py), so several processes on one WORK take turns. Under torchrun the upstream
@@ -21,7 +22,20 @@ from pathlib import Path
 from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.locks import Lock
-from pipeline.stages import autogluon, clean, detect, ensemble, folds, predict, rounds, train, tune
+from pipeline.stages import (
+    autogluon,
+    bundle,
+    clean,
+    detect,
+    distill,
+    ensemble,
+    export,
+    folds,
+    predict,
+    rounds,
+    train,
+    tune,
+)
 from pipeline.stages import label_issues as labels
 from pipeline.training import distributed
 
@@ -30,17 +44,19 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,
     "ensemble": ensemble.run, "labels": labels.run,
-    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run}
+    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run, "bundle": bundle.run, "export": export.run,
+    "distill": distill.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
-            "tune": ("folds",), "autogluon": ("folds",), "detect": ()}
+            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "bundle": ("ensemble",), "export": ("train",),
+            "distill": ("ensemble",)}
 # stages that write files shared by the whole WORK (clean.csv, folds.csv, the ensemble, the submission): one process
 # at a time (WORK/locks/<stage>.lock)
-SHARED_WRITERS = {"clean", "folds", "ensemble", "labels", "autogluon", "detect"}
+SHARED_WRITERS = {"clean", "folds", "ensemble", "labels", "autogluon", "detect", "bundle", "export", "distill"}
 # refusals that need no work, only the config and the task (read from the CSVs by Context)
 CHECKS: dict[str, Callable[[Context], None]] = {
     "clean": clean.check, "train": train.check, "rounds": rounds.check, "labels": labels.check, "tune": tune.check,
-    "autogluon": autogluon.check}
+    "autogluon": autogluon.check, "distill": distill.check}
 
 
 def chain(stage: str) -> list[str]:

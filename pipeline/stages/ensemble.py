@@ -34,8 +34,10 @@ def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[
     cfg = ctx.cfg
     later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)  # rounds 2, 3, ...
     configured = [f"runs/{e.name}" for e in ctx.selected_experiments() + [e for r in later for e in r]]
+    # the blend's own files, and the distilled students (they learnt from the blend: blending them back in would
+    # make their teacher depend on them), are not models to blend
     found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
-                   if "ensemble" not in p.relative_to(ctx.work_dir).parts)
+                   if not {"ensemble", "distill"} & set(p.relative_to(ctx.work_dir).parts))
     if not ctx.cfg.ensemble.include_other:
         found = [f for f in found if f in configured]
     models, reference = {}, None

@@ -248,6 +248,29 @@ class EnsembleConfig(Section):
                                                                                    "as sample_submission shows")
 
 
+class ExportConfig(Section):
+    experiment: str | None = Field(None, description="make export: the experiment whose fold model becomes ONNX; "
+                                                     "null: the first of model.backbones")
+    fold: int = Field(0, ge=0, description="make export: the fold model exported")
+    opset: int = Field(17, ge=9, description="ONNX opset of make export and of the bundle's ONNX files")
+    tolerance: float = Field(1e-4, gt=0, description="make export: largest abs difference of logits between "
+                                                     "onnxruntime and torch on the test images before it refuses")
+    bundle_onnx: bool = Field(False, description="make bundle: also write every fold model as ONNX, for "
+                                                 "predict.py --engine onnx")
+
+
+class DistillConfig(Section):
+    backbone: str | None = Field(None, description="make distill: the student's backbone; null: the chosen blend's "
+                                                   "member with the fewest parameters")
+    image_size: int | None = Field(None, ge=8, description="the student's input size; null: train.image_size")
+    epochs: int | None = Field(None, ge=1, description="the student's epochs; null: train.epochs")
+    temperature: float = Field(1.0, gt=0, description="targets p^(1/T), renormalised (T < 1 sharpens)")
+    tta: list[str] = Field(["identity"], min_length=1, description="the student's test-time views (one view: "
+                                                                   "the fast single model)")
+    hard_baseline: bool = Field(True, description="also train the student's backbone on the hard labels, for the "
+                                                  "table's comparison")
+
+
 class TuneConfig(Section):
     space: str = Field("configs/tune/default.yaml", description="YAML search space: dotted config keys "
                                                                 "with int/float/log/categorical ranges")

@@ -16,7 +16,9 @@ from pipeline.core.config.schema import (
     AutoGluonConfig,
     CleanConfig,
     CompetitionConfig,
+    DistillConfig,
     EnsembleConfig,
+    ExportConfig,
     FoldsConfig,
     PredictConfig,
     PseudoConfig,
@@ -187,6 +189,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    export: ExportConfig = ExportConfig()
+    distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
     autogluon: AutoGluonConfig = AutoGluonConfig()
     auto: AutoConfig = AutoConfig()

@@ -1,0 +1,171 @@
+"""Bundle stage: the chosen submission as an offline folder, submissions/<competition>-bundle/ (export/bundle.py).
+
+Reads WORK/ensemble/weights.json (the chosen row and its thresholds), the models' OOF and test files (to refit the
+chosen blend exactly; see export/bundle.py), each used experiment's predict.json (folds, TTA views kept, merge) and
+each fold's best.json and best.safetensors (backbone, head, input size, channels, normalisation). Skipped when the
+bundle's stamp (spec.json's fingerprint) matches all of these.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from pipeline.context import Context
+from pipeline.core import experiments
+from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
+from pipeline.core.errors import PipelineError
+from pipeline.export import bundle
+from pipeline.export.onnx_export import export_onnx, view_sizes
+from pipeline.scoring import submission, tasks
+from pipeline.scoring.blend import BlendSettings, SingleModel, blend_candidates
+from pipeline.stages.ensemble import _prediction_arrays, find_predictions
+from pipeline.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+# the bundle's ONNX files are optional: without them predict.py runs on torch
+ONNX_FIX = "set export.bundle_onnx=false (predict.py then runs on torch; the previous bundle is kept until then)"
+
+
+def _experiments_by_name(ctx: Context) -> dict[str, experiments.Experiment]:
+    cfg = ctx.cfg
+    later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)
+    return {e.name: e for e in ctx.selected_experiments() + [e for r in later for e in r]}
+
+
+def _refit(chosen: str, P: np.ndarray, y: np.ndarray, names: list[str], settings: BlendSettings):
+    """The chosen leaderboard row's blend, fitted on all OOF rows as the ensemble stage fits it."""
+    if chosen in names:
+        return SingleModel(names.index(chosen)).fit(P, y)
+    for candidate in blend_candidates(len(names), settings):
+        if candidate.name == chosen:
+            return candidate.fit(P, y)
+    raise PipelineError(f"WORK/ensemble/weights.json: chosen row '{chosen}' is no longer a blend of these models; "
+                        "run `make ensemble` again")
+
+
+def _member(ctx: Context, name: str, folder, exp: experiments.Experiment | None, folds_meta: dict) -> tuple[dict, dict]:
+    """(the member's spec, {bundle path: source file}) of one experiment."""
+    if exp is None or folder != ctx.work_dir / "runs" / name:
+        raise PipelineError(f"{folder}: predictions made outside the pipeline's runs (AutoGluon or another tool) "
+                            "have no weights to bundle; set ensemble.include_other=false and run `make ensemble "
+                            "bundle` again")
+    pred_meta = read_json(folder / "predict.json", "run `make predict`")
+    pc = exp.predict
+    folds, files = [], {}
+    for k in pred_meta["folds"]:
+        run_dir = folder / f"fold{k}"
+        _, meta = load_checkpoint(run_dir, folds_meta["folds_hash"], folds_meta["classes"])  # refuses a mismatch
+        rel = f"weights/{name}-fold{k}.safetensors"
+        files[rel] = run_dir / "best.safetensors"
+        head = meta.get("head") or {"task": "single_label", "n_out": len(folds_meta["classes"]), "loss": "ce",
+                                    "center": 0.0, "scale": 1.0}
+        folds.append({"fold": k, "weights": rel, "norm": meta["norm"], "head": head,
+                      "image_size": meta["image_size"], "in_chans": meta["in_chans"]})
+    sizes = {(f["image_size"], f["in_chans"]) for f in folds}
+    if len(sizes) != 1:
+        raise PipelineError(f"{folder}: its fold models differ in image size or channels {sorted(sizes)}; "
+                            "rerun `make train` for this experiment")
+    size, chans = sizes.pop()
+    spec = {"name": name, "backbone": pred_meta["backbone"], "image_size": size, "in_chans": chans,
+            "drop_rate": exp.model.drop_rate, "folds": folds,
+            "tta": {"views": pred_meta["tta"], "merge": pred_meta["tta_merge"], "seed": pc.tta_seed,
+                    "degrees": pc.tta_random_degrees, "scale": pc.tta_random_scale, "shift": pc.tta_random_shift}}
+    return spec, files
+
+
+def _submission_spec(ctx: Context) -> dict:
+    comp = ctx.competition
+    kind = submission.output_kind(comp, ctx.cfg.ensemble.output)
+    if comp.sample_submission is not None:
+        value_cols = [c for c in comp.sample_submission.columns if c != comp.id_column]
+    else:
+        value_cols = list(comp.classes) if kind == "probabilities" else [comp.label_column]
+    return {"kind": kind, "id_column": comp.id_column, "value_columns": value_cols}
+
+
+def run(ctx: Context) -> dict:
+    """Write submissions/<competition>-bundle/ for the ensemble's chosen submission (after the ensemble stage)."""
+    comp, cfg = ctx.competition, ctx.cfg
+    weights_json = ctx.work_dir / "ensemble" / "weights.json"
+    manifest = read_json(weights_json, "run `make ensemble`")
+    folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")
+    models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
+    names = list(models)
+    if names != manifest["models"]:
+        raise PipelineError(f"{weights_json}: made from models {manifest['models']}, WORK now holds {names}; "
+                            "run `make ensemble` again")
+    out_dir = ctx.submissions_dir / f"{comp.name}-bundle"
+    by_name = _experiments_by_name(ctx)
+    runs = [models[n][2] / f"fold{k}" / f for n in names if n in by_name
+            for k in read_json(models[n][2] / "predict.json", "run `make predict`")["folds"]
+            for f in ("best.json", "best.safetensors")]
+    runs += [models[n][2] / "predict.json" for n in names if n in by_name]  # the TTA views kept
+    fp = fingerprint("bundle", file_digest(weights_json), [file_digest(p) for p in runs if p.is_file()],
+                     cfg.export.model_dump(), cfg.predict.model_dump(), comp.id_column, comp.classes,
+                     cfg.competition.model_dump(), cfg.ensemble.output)
+    stamp = read_stamp(out_dir / "spec.json")
+    if stamp is not None and stamp.get("fingerprint") == fp and (out_dir / "predict.py").is_file():
+        log.info(f"bundle: up to date: {out_dir}")
+        return stamp
+
+    task, sep, metric = cfg.competition.task, cfg.competition.label_separator, cfg.competition.metric
+    P, T, test_ids = _prediction_arrays(models, folds_meta["classes"], task)
+    rows = next(iter(models.values()))[0]
+    y = tasks.truth(task, rows, folds_meta["classes"], sep)
+    e = cfg.ensemble
+    settings = BlendSettings(metric, e.objective, e.caruana_rounds, e.stack_c, e.thresholds,
+                             len(folds_meta["classes"]) if task == "ordinal" else None, e.stack_lightgbm)
+    fitted = _refit(manifest["chosen"], P, y, names, settings)
+    blend_spec = bundle.blend_spec(fitted, names, manifest["chosen"])
+    expected_file = ctx.work_dir / "ensemble" / "test.parquet"
+    expected = pd.read_parquet(expected_file).set_index("id").loc[test_ids, tasks.columns(task, comp.classes)]
+    diff = bundle.check_blend(blend_spec, T, expected.to_numpy(np.float64), expected_file)
+    keep = bundle.used_models(blend_spec)
+    blend_spec = bundle.restrict(blend_spec, keep)
+
+    members, files = [], {}
+    for i in keep:
+        name = names[i]
+        spec, member_files = _member(ctx, name, models[name][2], by_name.get(name), folds_meta)
+        members.append(spec)
+        files.update(member_files)
+    if cfg.clean.transfer_test_labels and (ctx.work_dir / "test_label_overrides.csv").exists():
+        log.info("bundle: clean.transfer_test_labels=true replaced some test labels by their training duplicate's; "
+                 "the bundle predicts every test image itself, so those rows may differ from the submission")
+    spec = {"fingerprint": fp, "format": 1, "competition": comp.name, "task": task, "classes": comp.classes,
+            "separator": comp.separator, "metric": metric, "honest_score": manifest.get("honest_score"),
+            "input": {"test_csv": cfg.competition.test_csv, "id_column": comp.id_column,
+                      "image_dir": cfg.competition.image_dir, "image_suffix": cfg.competition.image_suffix,
+                      "sample_submission_csv": cfg.competition.sample_submission_csv,
+                      "max_pixels": cfg.clean.max_pixels},
+            "submission": _submission_spec(ctx), "members": members, "blend": blend_spec,
+            "thresholds": manifest.get("thresholds"), "versions": bundle.versions()}
+    onnx_writer = None
+    if cfg.export.bundle_onnx:
+        def onnx_writer(folder):
+            """Every fold model as ONNX; a graph of fixed size (export_onnx) gets one file per size its views feed.
+            fold["onnx"] maps a side (or "any") to its file; spec.json is written after this."""
+            for member in members:
+                for fold in member["folds"]:
+                    model, _ = load_checkpoint(ctx.work_dir / "runs" / member["name"] / f"fold{fold['fold']}",
+                                               folds_meta["folds_hash"], folds_meta["classes"])
+                    stem = f"onnx/{member['name']}-fold{fold['fold']}"
+                    size, chans = member["image_size"], member["in_chans"]
+                    if export_onnx(model, folder / f"{stem}.onnx", chans, size, cfg.export.opset, ONNX_FIX):
+                        fold["onnx"] = {"any": f"{stem}.onnx"}
+                        continue
+                    fold["onnx"] = {str(size): f"{stem}.onnx"}
+                    for side in view_sizes(size, member["tta"]["views"]):
+                        if side != size:
+                            fold["onnx"][str(side)] = f"{stem}-{side}px.onnx"
+                            export_onnx(model, folder / fold["onnx"][str(side)], chans, side, cfg.export.opset,
+                                        ONNX_FIX)
+    bundle.write_bundle(out_dir, spec, files, onnx_writer)
+    n_weights = sum(len(m["folds"]) for m in members)
+    log.info(f"bundle: {out_dir}: {len(members)} members ({', '.join(m['name'] for m in members)}), {n_weights} "
+             f"weight files, blend {blend_spec['name']} ({blend_spec['how']}; reproduces WORK/ensemble/test.parquet "
+             f"to {diff:.1e}); run: python {out_dir / 'predict.py'} --data {ctx.data_dir} --out submission.csv")
+    return spec

@@ -1,0 +1,63 @@
+"""Knowledge distillation: one student learns the chosen ensemble's probabilities, leak-free per fold.
+
+The fold-k student validates on fold k's rows, so its targets may come only from models that never saw them: the
+fold-k models of every member (trained on the other folds), each over its kept TTA views, blended by the chosen
+blend refitted on the OOF rows of the other folds (as nested.nested_oof fits it). Those teachers predict the
+student's own training rows, which they were trained on: distillation from a teacher's view of its training set,
+the usual recipe. The all-fold ensemble would not do: its fold-j models (j != k) learnt fold k's labels, and their
+probabilities on fold k's neighbours would carry them into fold k's student (scoring/pseudo.py explains the same
+leak for pseudo-labels). So the student's OOF score is honest in the same sense as every member's.
+
+Targets are probability rows, optionally sharpened (p^(1/T), renormalised), learnt with the soft cross-entropy
+the trainer already uses for soft pseudo-labels (training/fold.py: TrainingData.soft).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.scoring.blend import Blend
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.inference import view_logits
+from pipeline.training.runtime import Runtime
+from pipeline.training.tta import merge
+
+
+def teacher_proba(run_dir: Path, images: np.ndarray, folds_hash: str, classes: list[str], views: list[str],
+                  how: str, rt: Runtime, batch_size: int, seed: int, ranges: dict) -> np.ndarray:
+    """(N, C) probabilities of one fold model over its kept TTA views, merged as the predict stage merges them."""
+    model, meta = load_checkpoint(run_dir, folds_hash, classes)
+    model = rt.prepare(model)
+    logits = view_logits(model, images, views, rt, meta["norm"], batch_size, seed, ranges)
+    return merge(logits, how).astype(np.float64)
+
+
+def fold_targets(teachers: np.ndarray, oof: np.ndarray, y: np.ndarray, folds: np.ndarray, fold: int, blend: Blend,
+                 temperature: float = 1.0) -> np.ndarray:
+    """Soft targets of the fold-`fold` student: `teachers` (n_members, N, C), the fold-k models' probabilities of
+    its training rows, blended by `blend` refitted on the OOF rows (`oof`, (n_members, n_oof, C)) of the other
+    folds only; then sharpened by 1/temperature and renormalised."""
+    other = folds != fold
+    fitted = blend.unfitted().fit(oof[:, other], y[other])
+    p = np.clip(fitted.predict(teachers), 1e-12, None)
+    if temperature != 1.0:
+        p = p ** (1.0 / temperature)
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def ms_per_image(run: Callable[[], object], n_images: int, repeats: int = 3) -> float:
+    """Median milliseconds per image of `run()` (a pass over n_images decoded images) over `repeats` runs, after
+    one warm-up run (lazy initialisation, caches)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            run()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times)) / max(1, n_images)
