@@ -41,6 +41,8 @@ from pipeline.context import Context
 from pipeline.core.artifacts import read_json, write_json, write_text
 from pipeline.core.config import duration_seconds, load_config
 from pipeline.core.errors import PipelineError
+from pipeline.data import labels
+from pipeline.detection.data import BOX
 from pipeline.training import planning, runtime, speed
 from pipeline.training.inference import fold_values
 from pipeline.training.loop import TimeUp, time_limit
@@ -120,8 +122,7 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     plan = planning.plan(profile, speeds, room, image_size=size, symmetry=decisions["symmetry"],
                          calibration=decisions["calibration"], pinned=kept, folds=decisions["n_splits"],
                          **settings)
-    write_text(plan_path, _plan_yaml(plan, base, decisions))
-    write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
+    _write_plan(plan, plan_path, auto_dir, base, decisions)
     log.info(f"auto: plan ({plan_path}; `make folds train ensemble CONFIG={plan_path}` reproduces it)\n"
              + planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes))
     finished = _train_members(plan, plan_path, data, active, submissions, deadline, started, budget_s)
@@ -132,13 +133,12 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
                              calibration=calibration, pinned=tried, folds=decisions["n_splits"], **settings)
         if len(more.members) == len(tried):
             break
-        plan = dataclasses.replace(more, members=plan.members + more.members[len(tried):])
-        write_text(plan_path, _plan_yaml(plan, base, decisions))
-        write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
+        added = dataclasses.replace(more, members=more.members[len(tried):])
+        plan = dataclasses.replace(more, members=plan.members + added.members)
+        _write_plan(plan, plan_path, auto_dir, base, decisions)
         log.info(f"auto: time left for more members (epochs take {calibration:.2f}x the measured steps' time)\n"
-                 + planning.table(dataclasses.replace(more, members=more.members[len(tried):])))
-        finished += _train_members(dataclasses.replace(more, members=more.members[len(tried):]), plan_path, data,
-                                   active, submissions, deadline, started, budget_s)
+                 + planning.table(added))
+        finished += _train_members(added, plan_path, data, active, submissions, deadline, started, budget_s)
     if not finished:
         raise PipelineError(f"auto: no member finished all {plan.n_splits} folds within the budget "
                             f"({budget_s / 60:.1f} min); give a larger BUDGET (a rerun keeps the trained folds)")
@@ -150,16 +150,13 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     return result
 
 
-BOX_COLUMNS = {"xmin", "ymin", "xmax", "ymax"}
-
-
 def _refuse_detection(data: Path) -> None:
     """A detection folder (boxes in train.csv) has no auto plan: one line naming the command that handles it."""
     try:
         header = set(pd.read_csv(data / "train.csv", nrows=0).columns)
     except (OSError, ValueError):
         return  # the clean stage names what is wrong with the folder
-    if BOX_COLUMNS <= header:
+    if set(BOX) <= header:
         raise PipelineError(f"{data / 'train.csv'}: boxes (xmin, ymin, xmax, ymax): a detection folder, which `make "
                             f"auto` does not plan yet; run `make detect DATA={data} CONFIG=configs/detect-small.yaml`")
 
@@ -350,7 +347,7 @@ _SYMMETRY_TEXT = {"none": "no flips", "hflip": "mirror flips", "d4": "flips and 
 
 # --- task probe: classes or a number ---------------------------------------------------------------------------
 
-INTEGER_CLASSES = (3, 20)  # integer labels with this many values may be a count or a grade as well as classes
+MIN_INTEGER_CLASSES = 3  # from this many integer values (up to labels.MAX_CLASS_INTEGERS) a count or grade is as likely
 
 
 def _integer_classes(ctx: Context, config: Path | None, overrides: list[str]) -> bool:
@@ -358,15 +355,8 @@ def _integer_classes(ctx: Context, config: Path | None, overrides: list[str]) ->
     if ctx.cfg.competition.task != "single_label" or load_config(config, overrides).competition.task != "auto":
         return False
     classes = ctx.competition.classes
-    return INTEGER_CLASSES[0] <= len(classes) <= INTEGER_CLASSES[1] and all(_is_integer(c) for c in classes)
-
-
-def _is_integer(text: str) -> bool:
-    """'3', '-1', '4.0': an integer, written as the CSV writer wrote it."""
-    try:
-        return float(text).is_integer()
-    except ValueError:
-        return False
+    return (MIN_INTEGER_CLASSES <= len(classes) <= labels.MAX_CLASS_INTEGERS
+            and all(labels.is_integer(c) for c in classes))
 
 
 def _active(ctx: Context, decisions: dict) -> Path:
@@ -440,6 +430,12 @@ def _kept_members(members_json: Path, work_dir: Path, decisions: dict) -> list[p
     """The members of the plan an earlier run wrote (their runs are kept or resume), with their remaining cost."""
     planned = _read(members_json) or [decisions["member"]]
     return [_remaining(m, work_dir, decisions["n_splits"]) for m in planned]
+
+
+def _write_plan(plan: planning.Plan, plan_path: Path, auto_dir: Path, base: dict, decisions: dict) -> None:
+    """plan.yaml (the config) and members.json (what a rerun keeps)."""
+    write_text(plan_path, _plan_yaml(plan, base, decisions))
+    write_json(auto_dir / "members.json", [m.__dict__ for m in plan.members])
 
 
 def _plan_yaml(plan: planning.Plan, base: dict, decisions: dict) -> str:

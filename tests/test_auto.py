@@ -131,8 +131,8 @@ def test_integer_labels_become_a_number_only_when_it_wins_on_both_scores():
     assert not planning.label_as_number({"rmse": 0.1, "accuracy": 0.9}, {"rmse": 0.1, "accuracy": 0.95}, 1.4)  # tie
     chance = ({"rmse": 2.86, "accuracy": 0.102}, {"rmse": 2.50, "accuracy": 0.104})  # runs that learnt nothing
     assert not planning.label_as_number(*chance, 2.87)
-    from pipeline.auto import _is_integer
-    assert [_is_integer(t) for t in ("3", "-1", "4.0", "4.5", "cat", "")] == [True, True, True, False, False, False]
+    from pipeline.data.labels import is_integer
+    assert [is_integer(t) for t in ("3", "-1", "4.0", "4.5", "cat", "")] == [True, True, True, False, False, False]
 
 
 class _SlowTrack:

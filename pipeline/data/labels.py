@@ -50,6 +50,12 @@ def _number(text: str) -> float | None:
         return None
 
 
+def is_integer(text: str) -> bool:
+    """'3', '-1', '4.0': an integer label, written as the CSV writer wrote it."""
+    number = _number(text)
+    return number is not None and np.isfinite(number) and number == int(number)
+
+
 def detect_task(labels: pd.Series, separator: str, lines: list[int] | None = None, csv: Path = Path("train.csv"),
                 column: str = "label") -> tuple[str, str]:
     """(task, reason) from a label column: tags when any label holds the separator, a number to regress when every
