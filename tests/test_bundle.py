@@ -247,6 +247,34 @@ def test_distilled_student_learns_leak_free_is_scored_honestly_and_exports(singl
                                                                           "export.experiment=distill-resnet10t")),
                                                  ctx.data_dir, ctx.work_dir, ctx.submissions_dir))
     assert exported["max_abs_diff"] < 1e-4
+    _student_bundles_reproduce_its_predictions(ctx, overrides, root)
+
+
+def _student_bundles_reproduce_its_predictions(ctx: Context, overrides: tuple, root: Path) -> None:
+    """export.bundle_of=student: the student alone, every fold model or one (export.bundle_folds), run without the
+    pipeline, gives the student's own test predictions back (test.parquet, or fold 0's rows of test_folds)."""
+    python = _isolated_python(root)
+    folder = ctx.work_dir / "distill" / "runs" / "distill-resnet10t"
+    per_fold = pd.read_parquet(folder / "test_folds.parquet")
+    for extra, suffix, expected in (
+            ((), "", pd.read_parquet(folder / "test.parquet").set_index("id")),
+            (("export.bundle_folds=[0]",), "-folds0", per_fold[per_fold["fold"] == 0].drop(columns="fold")
+             .set_index("id"))):
+        sctx = Context(load_config(None, tiny(*overrides, "export.bundle_of=student", *extra)), ctx.data_dir,
+                       ctx.work_dir, ctx.submissions_dir)
+        spec = orchestrate.run("bundle", sctx)
+        bundle = ctx.submissions_dir / f"{ctx.competition.name}-student-bundle{suffix}"
+        assert [m["name"] for m in spec["members"]] == ["distill-resnet10t"]
+        assert [f["fold"] for f in spec["members"][0]["folds"]] == ([0] if extra else [0, 1])
+        assert len(list((bundle / "weights").iterdir())) == (1 if extra else 2)
+        sub, proba, _ = _run_bundle(bundle, ctx.data_dir, root / f"student{suffix}", python)
+        proba = proba.astype({"id": str}).set_index("id").loc[expected.index]
+        assert float(np.abs(proba.to_numpy() - expected.to_numpy()).max()) < 1e-5
+        labels = np.asarray([c.removeprefix("p_") for c in expected.columns])[expected.to_numpy().argmax(1)]
+        assert sub.set_index(sub.columns[0]).loc[expected.index].iloc[:, 0].tolist() == labels.tolist()
+    # the ensemble's bundle is untouched by the student's
+    assert json.loads((ctx.submissions_dir / f"{ctx.competition.name}-bundle" / "spec.json").read_text())[
+        "members"][0]["name"] != "distill-resnet10t"
 
 
 def test_fold_k_targets_never_read_fold_k_labels():

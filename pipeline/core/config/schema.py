@@ -257,6 +257,12 @@ class ExportConfig(Section):
                                                      "onnxruntime and torch on the test images before it refuses")
     bundle_onnx: bool = Field(False, description="make bundle: also write every fold model as ONNX, for "
                                                  "predict.py --engine onnx")
+    bundle_of: Literal["ensemble", "student"] = Field(
+        "ensemble", description="make bundle: the ensemble's chosen submission (submissions/<competition>-bundle), "
+                                "or the distilled student alone (<competition>-student-bundle; after make distill)")
+    bundle_folds: list[int] | None = Field(None, description="make bundle: only these fold models of each member "
+                                                             "(e.g. [0]: one model per member, faster; its CSV then "
+                                                             "differs from the submission); null: every fold")
 
 
 class DistillConfig(Section):
