@@ -24,6 +24,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.registry import METRICS
 from pipeline.data import digits
 from pipeline.detection.bananas import build_bananas
+from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.detection.infer import score_submission
 from pipeline.scoring import submission
 
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=100, help="test images (hidden boxes in test_solution.csv)")
     p.add_argument("--max-rotation", type=float, default=20.0,
                    help="bananas turn by up to this many degrees either way")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-objects", parents=[common],
+                       help="build a multi-object detection competition: 128x128 textured scenes, 1-4 objects "
+                            "of 10 classes (shapes, or look-alike handwritten digits)")
+    p.add_argument("--out", type=Path, default=Path("data/objects"))
+    p.add_argument("--kind", choices=KINDS, default="digits")
+    p.add_argument("--train", type=int, default=1500)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--test", type=int, default=300, help="test images (hidden boxes in test_solution.csv)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("score-detection", parents=[common],
                        help="mAP of a detection submission against a hidden solution file")
@@ -159,6 +169,10 @@ def dispatch(args: argparse.Namespace) -> None:
         out = build_bananas(args.out, args.train, args.val, args.test, seed=args.seed, max_rotation=args.max_rotation)
         print(f"bananas: detection competition written to {out} "
               f"({args.train} train, {args.val} val, {args.test} test images)")
+    elif args.command == "make-objects":
+        out = build_shapes(args.out, args.train, args.val, args.test, seed=args.seed, kind=args.kind)
+        print(f"objects: {args.kind} detection competition written to {out} "
+              f"({args.train} train, {args.val} val, {args.test} test images; hidden boxes in test_solution.csv)")
     elif args.command == "score-detection":
         maps = score_submission(args.submission, args.solution)
         print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, "

@@ -18,7 +18,7 @@ from pipeline.detection.data import box_targets, read_detection
 from pipeline.detection.folds import assign_folds, image_groups, main_class
 from pipeline.detection.fusion import choose, fuse, wbf
 from pipeline.detection.infer import class_table
-from pipeline.detection.shapes import CLASSES, build_shapes
+from pipeline.detection.shapes import CLASSES, DIGITS, build_shapes, digit_pool
 from pipeline.detection.tinyssd import TinySSD
 
 
@@ -41,6 +41,24 @@ def test_shapes_folder_has_many_objects_and_classes_per_image_with_tight_boxes(t
     row = targets[0, :len(first)]
     assert [read.classes[int(c)] for c in row[:, 0]] == first["label"].tolist()
     assert torch.allclose(row[:, 1:] * 128, torch.tensor(first[["xmin", "ymin", "xmax", "ymax"]].to_numpy()).float())
+
+
+def test_digits_form_has_ten_look_alike_classes_from_disjoint_scans(tmp_path):
+    """kind=digits: the classes are the ten digits, every box holds its digit's pixels (tight, 24-64 px before the
+    scan's own margin), colours are not a class cue, and train never sees a scan that val or test use."""
+    data = build_shapes(tmp_path / "digits", n_train=40, n_val=4, n_test=4, seed=2, kind="digits")
+    train = pd.read_csv(data / "train.csv", dtype={"label": str})
+    assert set(train["label"]) <= set(DIGITS) and train["label"].nunique() >= 9
+    side = np.maximum(train["xmax"] - train["xmin"], train["ymax"] - train["ymin"])
+    assert side.min() >= 8 and side.max() <= 64
+    train_scans, _ = digit_pool("train")
+    test_scans, _ = digit_pool("test")
+    assert len(train_scans) + len(test_scans) == 1797
+    assert not {s.tobytes() for s in train_scans} & {s.tobytes() for s in test_scans}
+    read = read_detection(data, DetectDataConfig(), CompetitionConfig(), seed=0)
+    assert read.classes == sorted(set(train["label"]))
+    with pytest.raises(ValueError, match="kind"):
+        build_shapes(tmp_path / "bad", n_train=1, n_val=0, n_test=1, kind="letters")
 
 
 def test_auto_anchors_return_planted_sizes_and_ratios():

@@ -1,4 +1,4 @@
-"""A multi-object, multi-class detection competition, generated: several shapes per image, in several classes.
+"""A multi-object, multi-class detection competition, generated: several objects per image, in several classes.
 
 Each image (128x128 by default) is a textured background -- a smooth colour field overlaid with
 one of stripes, checks or blotches and pixel noise -- with 1-4 objects from 10 classes pasted on
@@ -6,7 +6,10 @@ it. A class is a shape with its own colour and pattern (jittered per object), so
 told apart by shape and colour together: disc, square, triangle, diamond, cross, ring, star,
 hexagon, bar and arrow. Objects are 24-64 px, placed so that no two overlap by more than
 `max_overlap` IoU; each tight box is measured from the pasted pixels (a later object may cover
-part of an earlier one, never most of it). Written in the bananas folder contract (bananas.py):
+part of an earlier one, never most of it). `kind="digits"` pastes handwritten digits instead (scikit-learn's bundled 8x8 scans, upscaled with
+smoothing): ten look-alike silhouettes in one random colour each, so only the outline names the class
+(3/5/8/9, 1/7, 4/9 confuse as in real fine-grained detection), and train, val and test draw their
+digits from disjoint scans. Written in the bananas folder contract (bananas.py):
 train.csv and val.csv with one row per box, test.csv, and the hidden test_solution.csv.
 Deterministic for a seed.
 """
@@ -22,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.core.artifacts import write_csv
 
+KINDS = ("shapes", "digits")
 CLASSES = ("disc", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "bar", "arrow")
 COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30), (200, 60, 200),
            (30, 200, 210), (250, 140, 20), (245, 245, 245), (120, 70, 30), (20, 20, 20))
@@ -92,6 +96,29 @@ def draw_object(rng: np.random.Generator, cls: int, w: int, h: int) -> Image.Ima
     return obj
 
 
+DIGITS = tuple(str(d) for d in range(10))
+
+
+def digit_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digit scans (N, 8, 8) in [0, 1] and their classes; test and val take every fifth scan, train
+    the others, so no scan is both trained on and detected."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing is downloaded
+
+    digits = load_digits()
+    held = np.arange(len(digits.target)) % 5 == 0
+    keep = ~held if split == "train" else held
+    return digits.images[keep] / 16.0, digits.target[keep]
+
+
+def draw_digit(rng: np.random.Generator, scan: np.ndarray, w: int, h: int) -> Image.Image:
+    """An RGBA digit filling a w x h box: the scan upscaled smoothly as the alpha of one random colour."""
+    alpha = Image.fromarray((scan * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    alpha = np.clip((np.asarray(alpha, dtype=np.float64) - 60) * 1.6, 0, 255).astype(np.uint8)
+    colour = rng.integers(0, 256, 3).astype(np.uint8)
+    rgba = np.concatenate([np.broadcast_to(colour, (h, w, 3)), alpha[..., None]], axis=2)
+    return Image.fromarray(np.ascontiguousarray(rgba), "RGBA")
+
+
 def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
     if iw <= 0 or ih <= 0:
@@ -101,31 +128,42 @@ def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 
 
 def sample(rng: np.random.Generator, size: int = 128, objects: tuple[int, int] = (1, 4),
-           side: tuple[int, int] = (24, 64), max_overlap: float = 0.1) -> tuple[Image.Image, list[tuple]]:
-    """One picture and its boxes [(class, xmin, ymin, xmax, ymax)] in pixels, tight around the pasted pixels."""
+           side: tuple[int, int] = (24, 64), max_overlap: float = 0.1,
+           digits: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Image.Image, list[tuple]]:
+    """One picture and its boxes [(class, xmin, ymin, xmax, ymax)] in pixels, tight around the pasted pixels;
+    `digits` (digit_pool) pastes digits instead of shapes."""
     im = Image.fromarray(np.clip(texture(rng, size), 0, 255).astype(np.uint8))
     placed: list[tuple] = []
     for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
         for _attempt in range(30):
             cls = int(rng.integers(len(CLASSES)))
             w = int(rng.integers(side[0], side[1] + 1))
-            aspect = 0.4 if CLASSES[cls] == "bar" else float(rng.uniform(0.8, 1.25))
+            aspect = 0.4 if CLASSES[cls] == "bar" and digits is None else float(rng.uniform(0.8, 1.25))
             h = int(np.clip(round(w * aspect), max(8, side[0] // 2), side[1]))
             x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
             if all(_iou((x, y, x + w, y + h), p[1:]) <= max_overlap for p in placed):
                 break
         else:
             continue  # no room left: fewer objects in this image
-        obj = draw_object(rng, cls, w, h)
-        im.paste(obj, (x, y), obj)
+        if digits is None:
+            obj = draw_object(rng, cls, w, h)
+        else:
+            scans, targets = digits
+            obj = draw_digit(rng, scans[rng.choice(np.nonzero(targets == cls)[0])], w, h)
         ys, xs = np.nonzero(np.asarray(obj)[..., 3] > 127)
+        if not len(xs):
+            continue  # a scan too faint to show at this size
+        im.paste(obj, (x, y), obj)
         placed.append((cls, x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1))
     return im, placed
 
 
 def build_shapes(out: Path, n_train: int = 1500, n_val: int = 200, n_test: int = 300, seed: int = 0,
-                 size: int = 128) -> Path:
-    """Write the competition folder (PNG images, train.csv, val.csv, test.csv, test_solution.csv)."""
+                 size: int = 128, kind: str = "shapes") -> Path:
+    """Write the competition folder (PNG images, train.csv, val.csv, test.csv, test_solution.csv) of `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: one of {KINDS}")
+    names = DIGITS if kind == "digits" else CLASSES
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -133,11 +171,12 @@ def build_shapes(out: Path, n_train: int = 1500, n_val: int = 200, n_test: int =
     tables = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         rows = []
+        pool = digit_pool(split) if kind == "digits" else None
         for i in range(n):
-            im, boxes = sample(rng, size)
+            im, boxes = sample(rng, size, digits=pool)
             name = f"images/{split}_{i:04d}.png"
             im.save(out / name)
-            rows += [{"image": name, "label": CLASSES[c], "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1}
+            rows += [{"image": name, "label": names[c], "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1}
                      for c, x0, y0, x1, y1 in boxes]
         tables[split] = pd.DataFrame(rows, columns=columns)
     write_csv(out / "train.csv", tables["train"])
