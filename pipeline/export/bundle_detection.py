@@ -21,6 +21,7 @@ A later step (e.g. classifying each kept box's crop) is one more entry in STEPS 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -366,8 +367,10 @@ def wbf(lists: list[dict], width: float, height: float, iou_thr: float, skip_thr
 def wbf_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[dict]]:
     fuse = _ensemble_boxes()
     sizes = inputs["sizes"]
-    return [[wbf([v[i] for v in lists], float(sizes[i, 0]), float(sizes[i, 1]), step["iou_thr"], step["skip_thr"],
-                 step["max_detections"], step["conf_type"], fuse) for i in range(len(sizes))]]
+    with warnings.catch_warnings():  # one line per zero-area box it skips (as the pipeline's fusion skipped them)
+        warnings.simplefilter("ignore", UserWarning)
+        return [[wbf([v[i] for v in lists], float(sizes[i, 0]), float(sizes[i, 1]), step["iou_thr"], step["skip_thr"],
+                     step["max_detections"], step["conf_type"], fuse) for i in range(len(sizes))]]
 
 
 def score_threshold_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[dict]]:
