@@ -51,7 +51,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect docs test lint postgres-server
+.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect detect-bundle docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -141,6 +141,9 @@ detect: $(INSTALLED) $(DETECT_DEP) ## detection track: TinySSD train -> evaluate
 	$(PIPE) detect --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
 	@if [ -f "$(DETECT_DATA)/test_solution.csv" ]; then \
 		$(PIPE) score-detection "$(SUBMISSIONS)/$$(basename "$(DETECT_DATA)").csv" "$(DETECT_DATA)/test_solution.csv"; fi
+
+detect-bundle: $(INSTALLED) $(DETECT_DEP) ## offline bundle of the detection submission (runs make detect when needed)
+	$(PIPE) bundle --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
 
 # The Optuna-on-PostgreSQL test starts its own server (initdb + pg_ctl): Debian's postgresql package when missing.
 postgres-server:

@@ -2,10 +2,10 @@
 
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds -> train ->
 predict -> rounds -> ensemble -> labels; bundle and distill follow ensemble, export train; tune and autogluon need
-folds; detect stands alone); they skip when their outputs are complete and match, so any stage can be asked for
-directly and an interrupted chain resumes. Before any of them runs, every stage of the chain checks what it can tell
-from the config and the task alone (`check`): a stage that cannot do this task refuses before the stages above it
-spend their time.
+folds; detect stands alone, and bundle follows it on a detection folder); they skip when their outputs are complete
+and match, so any stage can be asked for directly and an interrupted chain resumes. Before any of them runs, every
+stage of the chain checks what it can tell from the config and the task alone (`check`): a stage that cannot do this
+task refuses before the stages above it spend their time.
 `context` builds the stage's Context and merges the tuned parameters of
 WORK/tune/best.yaml unless told not to. Stages that write files shared by the whole WORK run under a lock file
 (WORK/locks/<stage>.lock, core/locks.py), so several processes on one WORK take turns. Under torchrun the upstream
@@ -25,6 +25,7 @@ from pipeline.core.locks import Lock
 from pipeline.stages import (
     autogluon,
     bundle,
+    bundle_detection,
     clean,
     detect,
     distill,
@@ -59,19 +60,31 @@ CHECKS: dict[str, Callable[[Context], None]] = {
     "autogluon": autogluon.check, "distill": distill.check}
 
 
-def chain(stage: str) -> list[str]:
-    """The stages to run for `stage`, upstream first, each once."""
+# a detection folder's stages: its bundle packs what detect wrote
+DETECTION_UPSTREAM = {**UPSTREAM, "bundle": ("detect",)}
+
+
+def chain(stage: str, detection: bool = False) -> list[str]:
+    """The stages to run for `stage`, upstream first, each once (`detection`: on a detection folder)."""
+    upstream = DETECTION_UPSTREAM if detection else UPSTREAM
     order: list[str] = []
-    for before in UPSTREAM[stage]:
-        order += [s for s in chain(before) if s not in order]
+    for before in upstream[stage]:
+        order += [s for s in chain(before, detection) if s not in order]
     return order + [stage]
+
+
+def _detection(stage: str, ctx_or_cfg, data: Path) -> bool:
+    """Whether `stage` runs on a detection folder as the detection track's (only bundle tells the two apart)."""
+    return stage == "bundle" and bundle_detection.is_detection(data, ctx_or_cfg.detect.data.train_csv)
 
 
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
             submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
-    resolve = stage != "detect"  # the detection track has no competition.task or metric to decide
-    ctx = Context(load_config(config, overrides), data, work, submissions, resolve=resolve)
+    cfg = load_config(config, overrides)
+    # the detection track has no competition.task or metric to decide
+    resolve = stage != "detect" and not _detection(stage, cfg, data)
+    ctx = Context(cfg, data, work, submissions, resolve=resolve)
     tuned = ctx.work_dir / "tune" / "best.yaml"
     if stage != "tune" and use_tuned and tuned.exists():
         log.info(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
@@ -81,7 +94,8 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
 
 def run(stage: str, ctx: Context):
     """Run `stage` after its upstream stages; returns the stage's own result."""
-    for name in chain(stage):  # on every rank: each refuses alike, none waits at a barrier for the others
+    stages = chain(stage, _detection(stage, ctx.cfg, ctx.data_dir))
+    for name in stages:  # on every rank: each refuses alike, none waits at a barrier for the others
         if name in CHECKS:
             CHECKS[name](ctx)
     distributed.setup()  # under torchrun: join the group first, so only rank 0 runs the upstream stages
@@ -89,7 +103,7 @@ def run(stage: str, ctx: Context):
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         ctx.save_config()
     if distributed.is_main():
-        for before in chain(stage)[:-1]:
+        for before in stages[:-1]:
             _locked(before, ctx)
     distributed.barrier()
     if distributed.is_main():

@@ -36,16 +36,16 @@ CHAIN = ("model.backbones=[d2l_lenet,resnet10t]", "predict.tta=[identity,hflip,s
          "predict.tta_policy=all", "train.epochs=2", "rounds.plan=[]")
 
 
-def _isolated_python(root: Path, allow: tuple[str, ...] = ()) -> Path:
-    """A venv's python that sees the project's third-party packages but not the pipeline, nor BLOCKED: a folder of
-    links to every other entry of the project's site-packages, named by one .pth line (a plain path: the .pth files
-    there, the editable install of the pipeline among them, stay inactive)."""
-    venv = root / f"venv-{'-'.join(allow) or 'plain'}"
+def _isolated_python(root: Path, allow: tuple[str, ...] = (), block: tuple[str, ...] = ()) -> Path:
+    """A venv's python that sees the project's third-party packages but not the pipeline, nor BLOCKED (nor `block`):
+    a folder of links to every other entry of the project's site-packages, named by one .pth line (a plain path: the
+    .pth files there, the editable install of the pipeline among them, stay inactive)."""
+    venv = root / f"venv-{'-'.join(allow + block) or 'plain'}"
     if not venv.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
         deps = venv / "deps"
         deps.mkdir()
-        blocked = {m for m in BLOCKED if m not in allow}
+        blocked = {m for m in BLOCKED + block if m not in allow}
         for entry in SITE.iterdir():
             top = entry.name.split(".")[0].split("-")[0]
             if top in blocked or entry.suffix == ".pth" or entry.name.startswith("__editable__"):

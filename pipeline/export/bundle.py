@@ -87,7 +87,7 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "timm", "numpy", "pandas", "pillow")}
 
 
-def notebook(bundle_name: str, competition: str) -> dict:
+def notebook(bundle_name: str, competition: str, needs: str = "torch, timm, numpy, pandas and Pillow") -> dict:
     """A Kaggle notebook (nbformat 4) running the bundle, attached as a dataset, on the competition's test images."""
     source = [
         "# Offline inference: the pipeline's submission, from its bundle (no internet needed)\n",
@@ -100,7 +100,7 @@ def notebook(bundle_name: str, competition: str) -> dict:
     cells = [
         {"cell_type": "markdown", "metadata": {}, "source": [
             f"Runs `predict.py` of `{bundle_name}` (made by `make bundle`) on the hidden test images and writes "
-            "`submission.csv`. It needs torch, timm, numpy, pandas and Pillow, which Kaggle images have."]},
+            f"`submission.csv`. It needs {needs}, which Kaggle images have."]},
         {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source},
     ]
     return {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
@@ -123,11 +123,12 @@ def write_bundle(out_dir: Path, spec: dict, files: dict[str, Path], onnx_writer=
         if onnx_writer is not None:
             onnx_writer(tmp)
         shutil.copyfile(TEMPLATE, tmp / "predict.py")
-        if any(m["backbone"].startswith("d2l_") for m in spec["members"]):
+        if any(m["backbone"].startswith("d2l_") for m in spec.get("members", [])):
             shutil.copyfile(CLASSIC_SOURCE, tmp / "classic.py")
         write_json(tmp / "spec.json", spec)
         name = out_dir.name
-        write_text(tmp / f"{name}.ipynb", json.dumps(notebook(name, spec["competition"]), indent=1) + "\n")
+        needs = ", ".join(spec["requires"]) if "requires" in spec else "torch, timm, numpy, pandas and Pillow"
+        write_text(tmp / f"{name}.ipynb", json.dumps(notebook(name, spec["competition"], needs), indent=1) + "\n")
         os.chmod(tmp, 0o755)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():

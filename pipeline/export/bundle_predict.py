@@ -9,8 +9,11 @@ the pipeline's own submission.
 
     python predict.py --data /kaggle/input/<competition> --out submission.csv [--batch-size 64]
                       [--device auto|cpu|cuda] [--engine torch|onnx] [--proba-out blended.csv]
+                      [--detections-out boxes.csv]
 
 `--engine onnx` runs the members' ONNX files with onnxruntime (bundles made with `export.bundle_onnx=true`).
+A detection bundle (spec task "detection") runs detection.py beside this file instead of the members and blend;
+it needs torchvision as well (Kaggle images have it).
 """
 
 from __future__ import annotations
@@ -391,6 +394,72 @@ def predict(spec: dict, data: Path, batch_size: int, device: torch.device, engin
     return ids, blend(P, spec["blend"]), len(paths)
 
 
+# --- detection: detection.py beside this file runs the spec's detection steps ----------------------------------------
+
+def _module(name: str, file: str):
+    sys.dont_write_bytecode = True  # the bundle folder may be read-only (a Kaggle dataset); no __pycache__ there
+    spec = importlib.util.spec_from_file_location(name, HERE / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def decode_detection(paths: list[Path], sides: list[int], max_pixels: int) -> tuple[dict, torch.Tensor]:
+    """({side: (N, 3, side, side) uint8}, (N, 2) width, height of each image as decoded): each file decoded once,
+    as the detection track's cache decodes it (3 channels, resized to the square side)."""
+    out = {s: np.empty((len(paths), s, s, 3), dtype=np.uint8) for s in sides}
+    sizes = np.empty((len(paths), 2), dtype=np.float32)
+
+    def one(path: Path):
+        arr = to_channels(load_image(path, max_pixels), 3)
+        return arr.shape[1], arr.shape[0], [resize(arr, s) for s in sides]
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for i, (w, h, arrays) in enumerate(pool.map(one, paths)):
+            sizes[i] = (w, h)
+            for s, arr in zip(sides, arrays, strict=True):
+                out[s][i] = arr
+    return {s: torch.from_numpy(a).permute(0, 3, 1, 2) for s, a in out.items()}, torch.from_numpy(sizes)
+
+
+def predict_detection(spec: dict, data: Path, batch_size: int, device: torch.device) -> tuple[list[str], list[dict]]:
+    """(test ids, the submitted detections of each test image: boxes in pixels, scores, 0-based labels)."""
+    try:
+        detection = _module("bundle_detection", "detection.py")
+    except ImportError as exc:
+        raise BundleError(f"detection bundles need torchvision beside torch ({exc}); pip install torchvision") from None
+    ids = read_ids(data / spec["input"]["test_csv"], spec["input"]["id_column"])
+    paths = image_paths(data, ids, spec)
+    sides = sorted({m["image_size"] for step in spec["detection"]["steps"] for m in step.get("models", [])})
+    images, sizes = decode_detection(paths, sides, spec["input"]["max_pixels"])
+    try:
+        found = detection.run_steps(spec, images, sizes, device, batch_size)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    return ids, found
+
+
+def detection_frames(spec: dict, ids: list[str], found: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the submission: image, PredictionString; every box at full precision: image, label, score, box)."""
+    detection = _module("bundle_detection", "detection.py")
+    sub = spec["submission"]
+    frame = pd.DataFrame({sub["id_column"]: ids,
+                          sub["value_columns"][0]: detection.prediction_strings(found, spec["classes"])})
+    rows = [(ident, spec["classes"][int(c)], float(s), *map(float, b))
+            for ident, d in zip(ids, found, strict=True)
+            for c, s, b in zip(d["labels"].tolist(), d["scores"].tolist(), d["boxes"].tolist(), strict=True)]
+    boxes = pd.DataFrame(rows, columns=["image", "label", "score", "xmin", "ymin", "xmax", "ymax"])
+    return frame, boxes
+
+
+def write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> None:
+    """Written beside, then renamed: a killed run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, **kwargs)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and the test images")
@@ -401,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--proba-out", type=Path, default=None,
                         help="also write the blended predictions before thresholds (id + one column each)")
+    parser.add_argument("--detections-out", type=Path, default=None,
+                        help="detection: also write every submitted box at full precision (one row per box)")
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1:
@@ -411,6 +482,19 @@ def main(argv: list[str] | None = None) -> int:
         warn_versions(spec.get("versions", {}))
         device = pick_device(args.device)
         start = time.perf_counter()
+        if spec["task"] == "detection":
+            if args.engine != "torch":
+                raise BundleError("--engine onnx: detection bundles run on torch only; use --engine torch")
+            ids, found = predict_detection(spec, args.data, args.batch_size, device)
+            frame, boxes = detection_frames(spec, ids, found)
+            write_csv(frame, args.out)
+            if args.detections_out:
+                write_csv(boxes, args.detections_out, float_format="%.9g")
+            took = time.perf_counter() - start
+            n_models = sum(len(m["folds"]) for step in spec["detection"]["steps"] for m in step.get("models", []))
+            print(f"bundle: {len(ids)} images, {n_models} detector(s) on {device}: {took:.2f} s, "
+                  f"{len(ids) / took:.1f} images/s; {len(boxes)} boxes; submission written to {args.out}")
+            return 0
         ids, pred, n = predict(spec, args.data, args.batch_size, device, args.engine)
         sample = args.data / spec["input"]["sample_submission_csv"]
         order = read_ids(sample, spec["submission"]["id_column"]) if sample.is_file() else ids

@@ -22,6 +22,7 @@ from pipeline.export import bundle, bundle_predict
 from pipeline.export.onnx_export import export_onnx, view_sizes
 from pipeline.scoring import submission, tasks
 from pipeline.scoring.blend import BlendSettings, SingleModel, blend_candidates
+from pipeline.stages import bundle_detection
 from pipeline.stages.ensemble import _prediction_arrays, find_predictions
 from pipeline.training.checkpoint import load_checkpoint
 
@@ -108,7 +109,10 @@ def _submission_spec(ctx: Context) -> dict:
 
 
 def run(ctx: Context) -> dict:
-    """Write the bundle of the ensemble's chosen submission, or of the distilled student (export.bundle_of)."""
+    """Write the bundle of the ensemble's chosen submission, or of the distilled student (export.bundle_of); for a
+    detection folder, of the detection track's submission (stages/bundle_detection.py)."""
+    if bundle_detection.is_detection(ctx.data_dir, ctx.cfg.detect.data.train_csv):
+        return bundle_detection.run(ctx)
     if ctx.cfg.export.bundle_of == "student":
         return _student_bundle(ctx)
     comp, cfg = ctx.competition, ctx.cfg

@@ -1,0 +1,250 @@
+"""Detection bundles (make bundle on a detection folder): the detection track's submitted detector, run as a user
+would run it -- without the pipeline, ensemble-boxes, torchmetrics or pycocotools, from another folder, offline --
+gives the pipeline's submission back; and each part of bundle_detection.py equals the module it restates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import orchestrate
+from pipeline.context import Context
+from pipeline.core.config import DecodeConfig, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.detection.data import Arrays
+from pipeline.detection.ensemble import above_score, fuse_chosen, view_detections
+from pipeline.detection.infer import Detector
+from pipeline.detection.shapes import build_shapes
+from pipeline.detection.torchvision_models import create
+from pipeline.export import bundle_detection as bd
+from pipeline.stages import bundle_detection
+from pipeline.training.runtime import Runtime
+
+from .test_bundle import _isolated_python, _offline
+
+# what a detection bundle must run without: the pipeline's own fusion and metric libraries
+NOT_NEEDED = ("ensemble_boxes", "torchmetrics", "pycocotools")
+FAST = ("detect.train.image_size=64", "detect.train.epochs=1", "detect.train.batch_size=8",
+        "detect.predict.gallery_images=0", "detect.predict.score_threshold=0.02", "runtime.device=cpu",
+        "runtime.threads=1", "tracking.backend=none")
+# two fold models, each seen plain, mirrored and at 1.25 times its size, fused by WBF
+FOLDS = ("detect.folds.n_splits=2", "detect.views.scales=[1.0,1.25]", "detect.fusion.iou=[0.5,0.6]",
+         "detect.fusion.skip=[0.01]")
+
+
+def _ctx(root: Path, data: Path, *overrides: str) -> Context:
+    return Context(load_config(None, [*FAST, *overrides]), data, root / "work", root / "subs", resolve=False)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detect-bundle")
+    return root, build_shapes(root / "shapes", n_train=16, n_val=4, n_test=6, seed=2)
+
+
+@pytest.fixture(scope="module")
+def folds(shapes):
+    root, data = shapes
+    ctx = _ctx(root, data, *FOLDS)
+    return ctx, orchestrate.run("bundle", ctx)
+
+
+def _run(bundle: Path, data: Path, cwd: Path, python: Path, *extra: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    cmd = [*_offline(), str(python), "-I", str(bundle / "predict.py"), "--data", str(data), "--out", "sub.csv",
+           "--detections-out", "boxes.csv", "--device", "cpu", "--threads", "1", *extra]
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return (pd.read_csv(cwd / "sub.csv", dtype=str, keep_default_na=False),
+            pd.read_csv(cwd / "boxes.csv", keep_default_na=False), res.stdout)
+
+
+def _boxes_frame(ids: list[str], found: list[dict], classes: list[str]) -> pd.DataFrame:
+    rows = [(i, classes[c], s, *b) for i, d in zip(ids, found, strict=True)
+            for c, s, b in zip(d["labels"].tolist(), d["scores"].tolist(), d["boxes"].tolist(), strict=True)]
+    return pd.DataFrame(rows, columns=["image", "label", "score", "xmin", "ymin", "xmax", "ymax"])
+
+
+def _assert_same_boxes(got: pd.DataFrame, expected: pd.DataFrame, tol: float = 1e-5) -> float:
+    """Same boxes in the same order with the same labels; scores and pixel coordinates within `tol`."""
+    assert len(got) == len(expected) > 0
+    assert got["image"].astype(str).tolist() == expected["image"].tolist()
+    assert got["label"].tolist() == expected["label"].tolist()
+    cols = ["score", "xmin", "ymin", "xmax", "ymax"]
+    diff = float(np.abs(got[cols].to_numpy(float) - expected[cols].to_numpy(float)).max())
+    assert diff < tol, diff
+    return diff
+
+
+@pytest.mark.slow
+def test_detection_bundle_reproduces_the_fused_submission_without_the_pipeline(folds, shapes, tmp_path):
+    ctx, spec = folds
+    root, data = shapes
+    bundle = ctx.submissions_dir / "shapes-bundle"
+    steps = spec["detection"]["steps"]
+    assert [s["step"] for s in steps] == ["detect", "wbf", "score_threshold"] and spec["task"] == "detection"
+    assert steps[0]["views"] == ["x1", "x1+hflip", "x1.25", "x1.25+hflip"] and steps[2]["threshold"] == 0.02
+    metrics = json.loads((ctx.work_dir / "detect" / "metrics.json").read_text())
+    assert {k: steps[1][k] for k in ("iou_thr", "skip_thr", "conf_type")} == {
+        k: metrics[k] for k in ("iou_thr", "skip_thr", "conf_type")}
+    assert sorted(p.name for p in (bundle / "weights").iterdir()) == ["tinyssd-fold0.safetensors",
+                                                                      "tinyssd-fold1.safetensors"]
+    assert "torchvision" in spec["requires"] and "timm" not in spec["requires"]
+    assert "import pipeline" not in (bundle / "detection.py").read_text()
+
+    python = _isolated_python(tmp_path, block=NOT_NEEDED)
+    for module in ("pipeline", *NOT_NEEDED):
+        assert subprocess.run([str(python), "-I", "-c", f"import {module}"], capture_output=True).returncode != 0
+    sub, boxes, out = _run(bundle, data, tmp_path / "user", python, "--batch-size", "4")
+    expected = pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False)
+    assert sub.equals(expected)  # every string of the submission, rounded as the pipeline rounds
+    assert "6 images" in out and "images/s" in out
+    # unrounded: the pipeline's own fusion of its cached views, against predict.py's from the images
+    run = torch.load(ctx.work_dir / "detect" / "tinyssd" / "detections.pt", weights_only=True)
+    test = pd.read_csv(data / "test.csv")["image"].tolist()
+    sizes = torch.tensor([Image.open(data / i).size for i in test], dtype=torch.float32)
+    fused = above_score(fuse_chosen(run["test"], sizes, metrics, 100), 0.02)
+    diff = _assert_same_boxes(boxes, _boxes_frame(test, fused, spec["classes"]))
+    # another batch size: the same boxes; a float32 ulp at 128 px is 7.6e-6, and the convolutions of a batch of one
+    # round differently from the pipeline's batch of 16, by an ulp or two
+    _, boxes_b1, _ = _run(bundle, data, tmp_path / "b1", python, "--batch-size", "1")
+    diff_b1 = _assert_same_boxes(boxes_b1, _boxes_frame(test, fused, spec["classes"]), tol=5e-5)
+    print(f"parity: max abs difference {diff:.1e} (batch 4), {diff_b1:.1e} (batch 1)")
+
+
+@pytest.mark.slow
+def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(folds, shapes, tmp_path):
+    ctx, spec = folds
+    root, data = shapes
+    assert orchestrate.run("bundle", ctx)["fingerprint"] == spec["fingerprint"]  # up to date: nothing rewritten
+    # a new score threshold: detect rewrites the submission, the bundle follows it
+    def scores() -> list[float]:
+        sub = pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False)
+        return [float(s) for p in sub["PredictionString"] for s in p.split()[1::6]]
+
+    before = scores()
+    cut = float(np.median(before))  # an untrained detector's scores bunch together: a cut among them
+    again = orchestrate.run("bundle", _ctx(root, data, *FOLDS, f"detect.predict.score_threshold={cut}"))
+    assert again["fingerprint"] != spec["fingerprint"] and again["detection"]["steps"][2]["threshold"] == cut
+    after = scores()
+    assert min(before) < cut - 5e-5 <= min(after) and 0 < len(after) < len(before)  # the CSV rounds to 4 decimals
+    # weights that this config did not train are refused before anything is packed
+    with pytest.raises(PipelineError, match=r"fold0/model.json: made with other data or detect settings"):
+        bundle_detection.run(_ctx(root, data, *FOLDS, "detect.train.lr=0.02"))
+    with pytest.raises(PipelineError, match=r"configuration 'tinyssd', this config's is 'other'"):
+        bundle_detection.run(_ctx(root, data, *FOLDS, "detect.folds.name=other"))
+    with pytest.raises(PipelineError, match=r"^export.bundle_onnx=true: .*set export.bundle_onnx=false$"):
+        bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_onnx=true"))
+    with pytest.raises(PipelineError, match=r"^export.bundle_folds: .*set export.bundle_folds=null$"):
+        bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_folds=[0]"))
+    # a blend of configurations: the other configuration's model settings are in no config the bundle reads
+    work = tmp_path / "work"
+    shutil.copytree(ctx.work_dir, work)
+    metrics = json.loads((work / "detect" / "metrics.json").read_text())
+    (work / "detect" / "metrics.json").write_text(json.dumps({**metrics, "submitted": "wbf models",
+                                                              "configurations": ["tinyssd", "lr2"]}))
+    blend = Context(load_config(None, [*FAST, *FOLDS, f"detect.predict.score_threshold={cut}"]), data, work,
+                    ctx.submissions_dir, resolve=False)
+    with pytest.raises(PipelineError, match=r"WBF blend of configurations \['tinyssd', 'lr2'\].*detect.folds.name"):
+        bundle_detection.run(blend)
+
+
+@pytest.mark.slow
+def test_one_model_bundle_with_mirror_tta_reproduces_the_submission(shapes, tmp_path):
+    """detect.folds.n_splits=1 (configs/bananas.yaml): one TinySSD, its anchors averaged with the mirror image's."""
+    _, data = shapes
+    ctx = _ctx(tmp_path, data, "detect.folds.n_splits=1", "detect.evaluate.tta=hflip")
+    spec = orchestrate.run("bundle", ctx)
+    steps = spec["detection"]["steps"]
+    assert [s["step"] for s in steps] == ["detect"] and steps[0]["tta"] == "hflip"
+    python = _isolated_python(tmp_path, block=NOT_NEEDED)
+    sub, boxes, _ = _run(ctx.submissions_dir / "shapes-bundle", data, tmp_path / "user", python)
+    assert sub.equals(pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False))
+    expected = pd.read_csv(ctx.work_dir / "detect" / "test_predictions.csv", dtype=str, keep_default_na=False)
+    assert sub.equals(expected) and len(boxes) > 0
+
+
+@pytest.mark.parametrize("family", ["tinyssd", "retinanet", "fcos", "ssdlite"])
+def test_each_detector_family_decodes_in_the_bundle_as_in_the_pipeline(family, tmp_path):
+    """Random weights of each family, its views plain, mirrored and scaled, decoded by the pipeline's Detector and
+    by bundle_detection.py's: the same boxes, scores and labels (the weights go through a safetensors file)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = create(family, 3, 64, "resnet10t", 64).eval()  # GroupNorm(32) of a 1x1 P7 needs 64 channels
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    model = {"family": family, "num_classes": 3, "image_size": 64, "backbone": "resnet10t", "fpn_channels": 64}
+    fold = {"weights": "w.safetensors", "anchor_sizes": getattr(net, "sizes", None),
+            "anchor_ratios": getattr(net, "ratios", None)}
+    old, bd.HERE = bd.HERE, tmp_path
+    try:
+        theirs_net = bd.build_detector(model, fold)
+    finally:
+        bd.HERE = old
+    images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)  # x0.75: 72 px, TinySSD's least is 64
+    sizes = torch.tensor([[64.0, 64.0], [100.0, 50.0], [37.0, 80.0]])
+    decode = DecodeConfig()
+    rt = Runtime(channels_last=True)
+    for tta in ("none", "hflip"):
+        ours = Detector(rt.prepare(net), decode, rt, tta)(images, sizes, 0.005, 2)
+        theirs = bd.Detector(theirs_net, decode.model_dump(), torch.device("cpu"), True, tta)(images, sizes, 0.005, 2)
+        _assert_same_boxes(_boxes_frame(["a", "b", "c"], theirs, list("xyz")),
+                           _boxes_frame(["a", "b", "c"], ours, list("xyz")))
+    for view in ("x0.75+hflip", "x1.25"):
+        ours = view_detections(net, decode, rt, Arrays(images, torch.zeros(3, 1, 5), sizes), view, 0.005, 1)
+        theirs = bd.view_detections(bd.Detector(theirs_net, decode.model_dump(), torch.device("cpu"), True), images,
+                                    sizes, view, 0.005, 2)
+        _assert_same_boxes(_boxes_frame(["a", "b", "c"], theirs, list("xyz")),
+                           _boxes_frame(["a", "b", "c"], ours, list("xyz")))
+
+
+def test_the_bundle_fuses_boxes_as_the_pipeline(tmp_path):
+    """bundle_detection's WBF step (ensemble-boxes' file copied beside it) equals fusion.fuse on random lists of a
+    non-square image, with each score rule; the score threshold keeps the same boxes as ensemble.above_score."""
+    from pipeline.detection.fusion import fuse
+    from pipeline.stages.bundle_detection import WBF_SOURCE
+
+    shutil.copyfile(WBF_SOURCE, tmp_path / "ensemble_boxes_wbf.py")
+    rng = np.random.default_rng(0)
+
+    def random_list(n):
+        xy = rng.uniform(0, 150, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 50, (n, 2))], 1).clip(0, [200, 100, 200, 100])
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(rng.uniform(0, 1, n),
+                                                                                           dtype=torch.float32),
+                "labels": torch.tensor(rng.integers(0, 3, n))}
+
+    lists = [[random_list(12), random_list(0)] for _ in range(4)]
+    sizes = torch.tensor([[200.0, 100.0], [200.0, 100.0]])
+    old, bd.HERE = bd.HERE, tmp_path
+    try:
+        for conf in ("avg", "max", "box_and_model_avg", "absent_model_aware_avg"):
+            step = {"iou_thr": 0.3, "skip_thr": 0.1, "conf_type": conf, "max_detections": 20}
+            ours = fuse(lists, sizes, 0.3, 0.1, 20, conf)
+            [theirs] = bd.wbf_step(step, lists, {"sizes": sizes})
+            _assert_same_boxes(_boxes_frame(["a", "b"], theirs, list("xyz")), _boxes_frame(["a", "b"], ours,
+                                                                                           list("xyz")))
+            cut = float(torch.cat([d["scores"] for d in ours]).median())
+            [kept] = bd.score_threshold_step({"threshold": cut}, [theirs], {})
+            _assert_same_boxes(_boxes_frame(["a", "b"], kept, list("xyz")),
+                               _boxes_frame(["a", "b"], above_score(ours, cut), list("xyz")))
+    finally:
+        bd.HERE = old
+
+
+def test_is_detection_tells_a_box_table_from_a_label_table(tmp_path):
+    (tmp_path / "train.csv").write_text("image,label,xmin,ymin,xmax,ymax\na.png,x,1,2,3,4\n")
+    assert bundle_detection.is_detection(tmp_path, "train.csv")
+    (tmp_path / "train.csv").write_text("image,label\na.png,x\n")
+    assert not bundle_detection.is_detection(tmp_path, "train.csv")
+    assert not bundle_detection.is_detection(tmp_path, "missing.csv")
+    assert orchestrate.chain("bundle", detection=True) == ["detect", "bundle"]
+    assert orchestrate.chain("bundle")[-2:] == ["ensemble", "bundle"]
