@@ -42,7 +42,7 @@ from pipeline.core.artifacts import read_json, write_json, write_text
 from pipeline.core.config import duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import labels
-from pipeline.detection.data import BOX
+from pipeline.detection.data import is_detection_folder
 from pipeline.training import planning, runtime, speed
 from pipeline.training.inference import fold_values
 from pipeline.training.loop import TimeUp, time_limit
@@ -152,11 +152,7 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
 
 def _refuse_detection(data: Path) -> None:
     """A detection folder (boxes in train.csv) has no auto plan: one line naming the command that handles it."""
-    try:
-        header = set(pd.read_csv(data / "train.csv", nrows=0).columns)
-    except (OSError, ValueError):
-        return  # the clean stage names what is wrong with the folder
-    if set(BOX) <= header:
+    if is_detection_folder(data):
         raise PipelineError(f"{data / 'train.csv'}: boxes (xmin, ymin, xmax, ymax): a detection folder, which `make "
                             f"auto` does not plan yet; run `make detect DATA={data} CONFIG=configs/detect-small.yaml`")
 

@@ -24,8 +24,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.registry import METRICS
 from pipeline.data import digits
 from pipeline.detection.bananas import build_bananas
-from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.detection.infer import score_submission
+from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.scoring import submission
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.locks import Lock
+from pipeline.detection.data import is_detection_folder
 from pipeline.stages import (
     autogluon,
     bundle,
-    bundle_detection,
     clean,
     detect,
     distill,
@@ -75,7 +75,7 @@ def chain(stage: str, detection: bool = False) -> list[str]:
 
 def _detection(stage: str, ctx_or_cfg, data: Path) -> bool:
     """Whether `stage` runs on a detection folder as the detection track's (only bundle tells the two apart)."""
-    return stage == "bundle" and bundle_detection.is_detection(data, ctx_or_cfg.detect.data.train_csv)
+    return stage == "bundle" and is_detection_folder(data, ctx_or_cfg.detect.data.train_csv)
 
 
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,

@@ -19,7 +19,7 @@ from pipeline import orchestrate
 from pipeline.context import Context
 from pipeline.core.config import DecodeConfig, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.detection.data import Arrays
+from pipeline.detection.data import Arrays, is_detection_folder
 from pipeline.detection.ensemble import above_score, fuse_chosen, view_detections
 from pipeline.detection.infer import Detector
 from pipeline.detection.shapes import build_shapes
@@ -242,9 +242,9 @@ def test_the_bundle_fuses_boxes_as_the_pipeline(tmp_path):
 
 def test_is_detection_tells_a_box_table_from_a_label_table(tmp_path):
     (tmp_path / "train.csv").write_text("image,label,xmin,ymin,xmax,ymax\na.png,x,1,2,3,4\n")
-    assert bundle_detection.is_detection(tmp_path, "train.csv")
+    assert is_detection_folder(tmp_path, "train.csv")
     (tmp_path / "train.csv").write_text("image,label\na.png,x\n")
-    assert not bundle_detection.is_detection(tmp_path, "train.csv")
-    assert not bundle_detection.is_detection(tmp_path, "missing.csv")
+    assert not is_detection_folder(tmp_path, "train.csv")
+    assert not is_detection_folder(tmp_path, "missing.csv")
     assert orchestrate.chain("bundle", detection=True) == ["detect", "bundle"]
     assert orchestrate.chain("bundle")[-2:] == ["ensemble", "bundle"]

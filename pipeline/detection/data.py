@@ -70,6 +70,16 @@ def image_size(path: str) -> tuple[int, int]:
     return (h, w) if orientation in ROTATED else (w, h)
 
 
+def is_detection_folder(data_dir: Path, train_csv: str = "train.csv") -> bool:
+    """Whether DATA is a detection folder: its train CSV has the box columns. False when the file is missing or
+    unreadable (the reader of either track then names what is wrong)."""
+    try:
+        header = pd.read_csv(Path(data_dir) / train_csv, nrows=0, encoding="utf-8-sig").columns
+    except (OSError, ValueError):
+        return False
+    return set(BOX) <= {str(c).strip() for c in header}
+
+
 def _image_column(frame: pd.DataFrame, csv: Path) -> str:
     for cand in ID_CANDIDATES:
         if cand in frame.columns:

@@ -6,10 +6,10 @@ it. A class is a shape with its own colour and pattern (jittered per object), so
 told apart by shape and colour together: disc, square, triangle, diamond, cross, ring, star,
 hexagon, bar and arrow. Objects are 24-64 px, placed so that no two overlap by more than
 `max_overlap` IoU; each tight box is measured from the pasted pixels (a later object may cover
-part of an earlier one, never most of it). `kind="digits"` pastes handwritten digits instead (scikit-learn's bundled 8x8 scans, upscaled with
-smoothing): ten look-alike silhouettes in one random colour each, so only the outline names the class
-(3/5/8/9, 1/7, 4/9 confuse as in real fine-grained detection), and train, val and test draw their
-digits from disjoint scans. Written in the bananas folder contract (bananas.py):
+part of an earlier one, never most of it). `kind="digits"` pastes handwritten digits instead
+(scikit-learn's bundled 8x8 scans, upscaled with smoothing): ten look-alike silhouettes in one random
+colour each, so only the outline names the class (3/5/8/9, 1/7, 4/9 confuse as in real fine-grained
+detection); train draws from other scans than val and test. Written in the bananas folder contract (bananas.py):
 train.csv and val.csv with one row per box, test.csv, and the hidden test_solution.csv.
 Deterministic for a seed.
 """

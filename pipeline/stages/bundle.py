@@ -18,6 +18,7 @@ from pipeline.core import experiments
 from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
 from pipeline.core.config import PredictConfig
 from pipeline.core.errors import PipelineError
+from pipeline.detection.data import is_detection_folder
 from pipeline.export import bundle, bundle_predict
 from pipeline.export.onnx_export import export_onnx, view_sizes
 from pipeline.scoring import submission, tasks
@@ -111,7 +112,7 @@ def _submission_spec(ctx: Context) -> dict:
 def run(ctx: Context) -> dict:
     """Write the bundle of the ensemble's chosen submission, or of the distilled student (export.bundle_of); for a
     detection folder, of the detection track's submission (stages/bundle_detection.py)."""
-    if bundle_detection.is_detection(ctx.data_dir, ctx.cfg.detect.data.train_csv):
+    if is_detection_folder(ctx.data_dir, ctx.cfg.detect.data.train_csv):
         return bundle_detection.run(ctx)
     if ctx.cfg.export.bundle_of == "student":
         return _student_bundle(ctx)

@@ -39,16 +39,6 @@ WBF_SOURCE = Path(ensemble_boxes.__file__).with_name("ensemble_boxes_wbf.py")
 AGAIN = "run `make detect` again with this config (or `make bundle` with the config that made the submission)"
 
 
-def is_detection(data_dir: Path, train_csv: str) -> bool:
-    """Whether DATA is a detection folder: its detection train CSV has box columns (xmin, ymin, xmax, ymax)."""
-    path = Path(data_dir) / train_csv
-    if not path.is_file():
-        return False
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        header = {c.strip().strip('"') for c in f.readline().strip().split(",")}
-    return {"xmin", "ymin", "xmax", "ymax"} <= header
-
-
 def _refuse_settings(ctx: Context) -> None:
     """The export keys a detection bundle cannot honour exactly."""
     e = ctx.cfg.export
