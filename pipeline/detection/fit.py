@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
@@ -205,7 +206,18 @@ class DetectionTrainer:
                 f"({row['seconds']:.0f} s)")
 
     def fit(self) -> list[dict]:
+        """With train.patience: stop after that many epochs without a better validation mAP@0.5 and end with the
+        best epoch's weights (best.safetensors); without it every epoch runs and the last weights stay."""
         saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)
+        patience = self.cfg.patience
         self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="detect:",
+                                 monitor="map_50" if patience else None, early_stopping=patience,
                                  diverged_fix="lower detect.train.lr")
+        if patience:
+            self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
         return self.history
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch whose weights the model ends with."""
+        return self.progress.best_epoch if self.cfg.patience else self.progress.epoch

@@ -9,6 +9,8 @@ never on test (choose()).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
@@ -31,8 +33,10 @@ def wbf(lists: list[dict], width: float, height: float, iou_thr: float, skip_thr
     labels = [d["labels"].numpy().tolist() for d in lists]
     if not any(boxes):
         return dict(EMPTY)
-    fused, fscores, flabels = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou_thr, skip_box_thr=skip_thr,
-                                                    conf_type=conf_type)
+    with warnings.catch_warnings():  # ensemble-boxes warns once per zero-area box it skips: pages of one fact
+        warnings.simplefilter("ignore", UserWarning)
+        fused, fscores, flabels = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou_thr,
+                                                        skip_box_thr=skip_thr, conf_type=conf_type)
     order = np.argsort(-fscores, kind="stable")[:max_detections]
     return {"boxes": torch.from_numpy(np.asarray(fused, dtype=np.float64).reshape(-1, 4)[order] * scale).float(),
             "scores": torch.from_numpy(np.asarray(fscores, dtype=np.float64)[order]).float(),

@@ -58,6 +58,7 @@ from pipeline.detection.ensemble import (
     choose_submission,
     configuration_name,
     fold_fusion,
+    fuse_chosen,
     view_detections,
     view_names,
 )
@@ -67,6 +68,7 @@ from pipeline.detection.infer import TTA, Detector, class_table, gallery, submis
 from pipeline.detection.tinyssd import TinySSD
 from pipeline.detection.torchvision_models import NAMES, create, load_pretrained, model_keys
 from pipeline.scoring import submission
+from pipeline.stages.detect_classifier import rename
 from pipeline.training import checkpoint, runtime, tracking
 from pipeline.training.plots import plot_panels
 from pipeline.training.runtime import Runtime
@@ -104,7 +106,9 @@ def model_choice(model: DetectModelConfig) -> dict:
 
 def train_inputs(cfg: DetectConfig) -> dict:
     """The sections the train step reads, as its key holds them (and its MLflow run's params)."""
-    return {"model": model_choice(cfg.model), "train": cfg.train.model_dump(), "augment": cfg.augment.model_dump(),
+    # patience null trains as before it existed: left out, so such detectors keep their keys
+    train = cfg.train.model_dump(exclude={"patience"} if cfg.train.patience is None else set())
+    return {"model": model_choice(cfg.model), "train": train, "augment": cfg.augment.model_dump(),
             "anchors": cfg.anchors.model_dump()}
 
 
@@ -181,7 +185,7 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
     # before the stamp (tracking.py)
     track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])
     final = history.iloc[-1]
-    summary = {**{c: float(final[c]) for c in terms}, "epochs": len(history),
+    summary = {**{c: float(final[c]) for c in terms}, "epochs": len(history), "best_epoch": trainer.best_epoch,
                "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
                "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
     write_stamp(out / "model.json", fp, classes=classes, summary=summary, anchor_sizes=sizes, anchor_ratios=ratios,
@@ -298,7 +302,7 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
     fused = fold_fusion(run, train.sizes, truth, val.sizes, val_truth, cfg.fusion, cfg.decode.max_detections)
     write_csv(root / name / "fusion_grid.csv", fused.grid)
     atomic_write(root / name / "detections.pt", lambda tmp: torch.save(run, tmp))
-    _submit_blend(ctx, data, train, val, test, truth, val_truth, run)
+    _submit_blend(ctx, data, train, val, test, truth, val_truth, run, fold)
 
 
 def _load_runs(root: Path, current: dict) -> list[dict]:
@@ -321,9 +325,10 @@ def _load_runs(root: Path, current: dict) -> list[dict]:
 
 
 def _submit_blend(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, truth: list[dict],
-                  val_truth: list[dict], current: dict) -> None:
+                  val_truth: list[dict], current: dict, fold: np.ndarray) -> None:
     """The leaderboard of every configuration in WORK, their WBF blend when there are several, and the submission
-    of the fusion with the best OOF mAP@0.5 (ensemble.choose_submission)."""
+    of the fusion with the best OOF mAP@0.5 (ensemble.choose_submission), renamed by the crop classifier when
+    detect.classifier.enabled (detect_classifier.py)."""
     cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
     runs = _load_runs(root, current)
     result = choose_submission(runs, train.sizes, truth, val.sizes, val_truth, test.sizes, cfg.fusion,
@@ -335,12 +340,22 @@ def _submit_blend(ctx: Context, data, train: Arrays, val: Arrays, test: Arrays, 
         log.info(f"detect: {len(runs)} configurations in {root}: submitting {chosen['name']} (OOF mAP@0.5 "
               f"{chosen['oof_scores']['map_50']:.4f}, the best of {result.candidates} fusions on OOF: "
               f"selection-optimistic)")
-    per_class = class_table(result.oof, truth, data.classes)
-    _write_fold_outputs(ctx, data, test, result.oof, result.test, result.board, per_class,
-                        {**chosen["choice"], "oof_map_50": chosen["oof_scores"]["map_50"],
-                         "oof_map": chosen["oof_scores"]["map"], "views": chosen["views"], "submitted": chosen["name"],
-                         "configurations": [r["name"] for r in runs], "folds": cfg.folds.n_splits,
-                         "fold_keys": {r["name"]: r["fold_keys"] for r in runs}, "val_source": data.val_source})
+    metrics = {**chosen["choice"], "oof_map_50": chosen["oof_scores"]["map_50"], "oof_map": chosen["oof_scores"]["map"],
+               "views": chosen["views"], "submitted": chosen["name"], "configurations": [r["name"] for r in runs],
+               "folds": cfg.folds.n_splits, "fold_keys": {r["name"]: r["fold_keys"] for r in runs},
+               "val_source": data.val_source}
+    if not cfg.classifier.enabled:
+        per_class = class_table(result.oof, truth, data.classes)
+        _write_fold_outputs(ctx, data, test, result.oof, result.test, result.board, per_class, metrics)
+        return
+    fused_val = fuse_chosen(chosen["val"], val.sizes, chosen["choice"], cfg.decode.max_detections) if len(val.sizes) \
+        else []
+    renamed = rename(ctx, data.key(), data.classes, fold, train, val, test, truth, val_truth,
+                     {"oof": result.oof, "val": fused_val, "test": result.test})
+    metrics |= renamed.metrics | {"oof_map_50": renamed.metrics["classifier"]["oof_map_50"],
+                                  "oof_map": renamed.metrics["classifier"]["oof_map"]}
+    _write_fold_outputs(ctx, data, test, renamed.oof, renamed.test, result.board + renamed.rows, renamed.per_class,
+                        metrics)
 
 
 def _write_fold_outputs(ctx: Context, data, test: Arrays, fused_oof: list[dict], fused_test: list[dict],

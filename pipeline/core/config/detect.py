@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.config.schema import FitConfig, Section, _own
+from pipeline.core.config.schema import FitConfig, Section, TrainConfig, _own
 
 
 class DetectDataConfig(Section):
@@ -60,6 +60,10 @@ class DetectTrainConfig(FitConfig):
                                                          "kept per positive anchor (the SSD paper: 3)")
     hflip: bool = _own("hflip", True, "random horizontal flips of images and their boxes")
     seed: int = _own("seed", 0, "seed of weights init, batch order, flips, the validation split and the folds")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation "
+                                                         "mAP@0.5 and keep the best epoch's weights (epochs is then "
+                                                         "the most it trains; the schedule still spans epochs); "
+                                                         "null: train every epoch, keep the last")
 
 
 class DetectAugmentConfig(Section):
@@ -145,6 +149,44 @@ class FusionConfig(Section):
                     "the share of lists that found the box, max keeps the best score")
 
 
+class CropTrainConfig(TrainConfig):
+    """The classification track's train section with defaults for small crops trained from scratch."""
+
+    image_size: int = Field(64, ge=8, description="crops are resized to image_size x image_size")
+    epochs: int = Field(20, ge=1, description="most training epochs per fold")
+    batch_size: int = Field(64, ge=1, description="crops per forward pass")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    early_stopping: int | None = Field(4, ge=1, description="stop after this many epochs without a better "
+                                                            "validation accuracy; null: never")
+    seed: int = Field(0, description="seed of weights init, batch order, augmentation and the boxes' jitter")
+
+
+class DetectClassifierConfig(Section):
+    enabled: bool = Field(False, description="folds.n_splits > 1: a second stage names the fused boxes: an image "
+                                             "classifier trained on crops of the training boxes, on the detector's "
+                                             "folds, combined with the detector by a rule chosen on OOF (nested)")
+    backbone: str = Field("resnet10t", description="the crop classifier's timm model")
+    pretrained_path: str | None = Field(None, description="local weights to fine-tune the classifier from; "
+                                                          "null: random init")
+    margin: float = Field(0.15, ge=0, le=1, description="context around each box, as a share of its longer side "
+                                                        "on each side of the square crop")
+    copies: int = Field(2, ge=0, description="jittered copies of each training box beside the exact one")
+    jitter: float = Field(0.1, ge=0, lt=0.5, description="the copies' centre shift and side scaling, as a share "
+                                                        "of the box")
+    boxes_per_image: int = Field(20, ge=1, description="the best fused boxes of each image that are renamed; the "
+                                                       "rest keep the detector's class")
+    top_k: int = Field(3, ge=1, description="classes emitted per renamed box (each scored by its share)")
+    weights: list[float] = Field([0.0, 0.25, 0.5, 0.75], min_length=1,
+                                 description="detector weights tried on OOF in r = (1 - w) classifier + w detector "
+                                             "(w = 1, the detector alone, is always a candidate)")
+    merge_iou: list[float] = Field([0.55], description="class-agnostic merges of the fused boxes tried on OOF "
+                                                       "before renaming (one box per object); unmerged is always "
+                                                       "tried")
+    train: CropTrainConfig = Field(CropTrainConfig(),
+                               description="the classifier's training (the classification track's train section; "
+                                           "hflip follows detect.train.hflip)")
+
+
 class DetectConfig(Section):
     data: DetectDataConfig = Field(DetectDataConfig(), description="the detection folder's files")
     model: DetectModelConfig = Field(DetectModelConfig(), description="the detector")
@@ -160,6 +202,8 @@ class DetectConfig(Section):
                                                                       "name in the blend")
     views: ViewsConfig = Field(ViewsConfig(), description="test-time views of each fold model, fused by WBF")
     fusion: FusionConfig = Field(FusionConfig(), description="Weighted Boxes Fusion thresholds tried on OOF")
+    classifier: DetectClassifierConfig = Field(DetectClassifierConfig(), description="the second stage: a crop "
+                                                                                     "classifier renaming the boxes")
 
 
 def _flat_keys() -> dict[str, str]:
