@@ -8,7 +8,7 @@ import pytest
 from pipeline.core.errors import PipelineError
 from pipeline.segmentation.rle import decode, decode_many, encode, encode_many
 
-from .segmentation_reference import blobs, loop_decode, loop_encode
+from .segmentation_reference import blobs, kernel_decode, loop_decode, loop_encode
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (4, 4), (5, 9), (16, 3), (32, 48), (101, 64)]
 
@@ -33,6 +33,7 @@ def test_round_trip_and_the_plain_loop_agree(shape):
         assert rle == loop_encode(mask)
         np.testing.assert_array_equal(decode(rle, shape), mask)
         np.testing.assert_array_equal(loop_decode(rle, shape), mask)
+        np.testing.assert_array_equal(kernel_decode(rle, shape), mask)
 
 
 def test_known_strings():
