@@ -7,7 +7,7 @@ vs a loop with one step per pixel of each run, and vs the run-by-run slice assig
 use (which checks nothing). All must agree; prints medians and the median ratio (and its spread) over
 interleaved rounds.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/rle.py [--repeats 7] [--size 1024] [--masks 4]
+    .venv/bin/python benchmarks/rle.py [--repeats 7] [--size 1024] [--masks 4]
 """
 
 from __future__ import annotations
