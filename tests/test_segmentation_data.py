@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import cli
 from pipeline.core.config import CompetitionConfig
 from pipeline.core.errors import PipelineError
+from pipeline.data.table import read_table
+from pipeline.segmentation import generate
 from pipeline.segmentation.data import read_segmentation
-from pipeline.segmentation.rle import encode
+from pipeline.segmentation.rle import decode, encode
 
 from .segmentation_reference import blobs
 
@@ -312,3 +315,41 @@ def test_empty_class_cell_in_the_long_form(tmp_path):
     _csv(tmp_path / "train.csv", ["ImageId", "ClassId", "EncodedPixels"], [["images/a.png", "", "1 3"]])
     assert _error(tmp_path) == (f"{tmp_path / 'train.csv'} line 2, column ClassId: empty class; every row names its "
                                 "class (leave only the mask cell empty for an empty mask)")
+
+
+# ---- the generated competition (python -m pipeline make-masks)
+
+
+def test_the_reader_reads_what_make_masks_writes(tmp_path):
+    out = tmp_path / "masks"
+    assert cli.main(["make-masks", "--out", str(out), "--train", "24", "--test", "6", "--seed", "3"]) == 0
+    data = _read(out)
+    assert (data.classes, data.mask_form, data.submission_form) == (list(generate.CLASSES), "wide", "wide")
+    assert data.submission_columns == ["ImageId", *generate.CLASSES]
+    assert (len(data.train), len(data.test)) == (24, 6)
+    assert set(data.train.heights) == set(data.train.widths) == {128}
+
+    rng = np.random.default_rng(3)  # the generator's draws, in the order it makes them: train, then test
+    expected = [generate.sample(rng) for _ in range(30)]
+    for i in range(24):
+        np.testing.assert_array_equal(np.asarray(Image.open(data.train.paths[i])), expected[i][0])
+        np.testing.assert_array_equal(data.masks(i), expected[i][1])
+    masks = np.stack([data.masks(i) for i in range(24)])
+    empty = ~masks.any(axis=(1, 2, 3))
+    assert 0 < empty.sum() < 24  # some images hold no object, most hold some
+    assert masks.sum(axis=1).max() == 1  # a pixel belongs to one class at most
+    assert all(masks[:, c].any() for c in range(3))
+
+    solution = read_table(generate.solution_path(out))
+    assert solution["ImageId"].tolist() == data.test.ids
+    for i, row in solution.iterrows():
+        got = np.stack([decode(row[c], (128, 128), f"solution line {i + 2}") for c in generate.CLASSES])
+        np.testing.assert_array_equal(got, expected[24 + i][1])
+    assert not generate.solution_path(out).is_relative_to(out)  # hidden: outside the competition folder
+
+
+def test_make_masks_is_deterministic(tmp_path):
+    a = generate.build_masks(tmp_path / "a", 5, 2, seed=7)
+    b = generate.build_masks(tmp_path / "b", 5, 2, seed=7)
+    assert (a / "train.csv").read_bytes() == (b / "train.csv").read_bytes()
+    assert (a / "images" / "test_00001.png").read_bytes() == (b / "images" / "test_00001.png").read_bytes()
