@@ -157,6 +157,33 @@ def test_long_sample_submission_fixes_the_form(tmp_path):
     assert data.sample_submission is not None and len(data.sample_submission) == 4
 
 
+def test_combined_id_and_class_column(tmp_path):
+    """Understanding Clouds: `Image_Label` holds '<image>_<class>', in train.csv and the sample submission."""
+    masks = _folder(tmp_path, "wide")
+    rows = [[f"images/{k}.png_{c}", encode(masks[k][ci])] for k in SIZES for ci, c in enumerate(CLASSES)]
+    _csv(tmp_path / "train.csv", ["Image_Label", "EncodedPixels"], rows)
+    _csv(tmp_path / "sample_submission.csv", ["Image_Label", "EncodedPixels"],
+         [[f"images/{t}.png_{c}", ""] for t in TEST for c in CLASSES])
+    data = _read(tmp_path)
+    assert (data.mask_form, data.submission_form, data.id_column) == ("combined", "combined", "ImageId")
+    assert data.submission_columns == ["Image_Label", "EncodedPixels"]
+    assert data.classes == ["boat", "ship"]
+    assert data.train.ids == [f"images/{k}.png" for k in SIZES]
+    assert data.train.lines == [2, 4, 6]
+    for i, k in enumerate(SIZES):
+        np.testing.assert_array_equal(data.masks(i), masks[k][::-1])
+    (tmp_path / "sample_submission.csv").unlink()
+    data = _read(tmp_path)
+    assert (data.submission_form, data.submission_columns) == ("combined", ["Image_Label", "EncodedPixels"])
+
+
+def test_combined_column_without_an_underscore(tmp_path):
+    _folder(tmp_path, "wide")
+    _csv(tmp_path / "train.csv", ["Image_Label", "EncodedPixels"], [["images/a.png_ship", "1 2"], ["b.png", "1 2"]])
+    assert _error(tmp_path) == (f"{tmp_path / 'train.csv'} line 3, column Image_Label: 'b.png' is not "
+                                "<image id>_<class>; write the image id, an underscore and the class")
+
+
 # ---- errors: one line each, naming the file, line and column, and the fix
 
 

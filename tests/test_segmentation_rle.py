@@ -51,6 +51,11 @@ def test_known_strings():
     assert encode(np.array([[0, 7], [255, 0]], np.uint8)) == "2 2"
 
 
+def test_encode_takes_one_2d_mask():
+    with pytest.raises(ValueError, match=r"a mask is \(height, width\), got shape \(2, 3, 4\)"):
+        encode(np.zeros((2, 3, 4), bool))
+
+
 def test_touching_runs_and_spacing_are_accepted():
     np.testing.assert_array_equal(decode("1 1 2 1", (1, 3)), [[1, 1, 0]])
     np.testing.assert_array_equal(decode("  1 1\t3  1\n", (1, 3)), [[1, 0, 1]])

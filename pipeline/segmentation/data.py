@@ -4,9 +4,10 @@ The masks of train.csv come in one of four forms (docs/segmentation.md):
 
 - wide: an id column and one RLE column per class (`image,ship,boat`); an empty cell is an empty mask. With a
   single mask column (Airbus Ship, TGS Salt), several rows of one id are that image's objects, joined.
-- long: one row per image and class, `ImageId,ClassId,EncodedPixels` (Severstal, Understanding Clouds);
-  rows of an image and class given more than once are joined, an image without a row for a class has an
-  empty mask for it.
+- long: one row per image and class, `ImageId,ClassId,EncodedPixels`; rows of an image and class given more
+  than once are joined, an image without a row for a class has an empty mask for it. `combined` is the same
+  with image and class in one column, `<id>_<class>` (`ImageId_ClassId` in Severstal's first release,
+  `Image_Label` in Understanding Clouds), split at its last underscore.
 - index PNGs: train.csv lists the ids only and `masks/<id stem>.png` holds each pixel's class index
   (0 = background, 1 = the first class, ...).
 - per-class PNGs: `masks/<id stem>_<class>.png`, one binary mask (0 and one other value) per image and class.
@@ -37,7 +38,8 @@ from pipeline.segmentation.rle import parse_runs, runs_to_mask
 
 CLASS_CANDIDATES = ("classid", "class_id", "class", "label", "category", "category_id")
 RLE_CANDIDATES = ("encodedpixels", "encoded_pixels", "rle", "rle_mask", "mask", "segmentation")
-FORMS = ("wide", "long", "index_png", "class_png")
+COMBINED_CANDIDATES = ("imageid_classid", "image_label", "imageid_label", "image_class", "image_classid")
+FORMS = ("wide", "long", "combined", "index_png", "class_png")
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,9 @@ class SegmentationData:
     train: Split
     test: Split
     mask_form: str  # one of FORMS: how train.csv (or masks/) gives the masks
-    submission_form: str  # "wide" or "long": the sample submission's form, else the one train.csv uses
-    submission_columns: list[str]  # the output header: id + class columns (wide), or id, class, RLE (long)
+    submission_form: str  # "wide", "long" or "combined": the sample submission's form, else train.csv's
+    submission_columns: list[str]  # the output header: id + class columns (wide), id, class, RLE (long),
+    # or <id>_<class>, RLE (combined)
     sample_submission: pd.DataFrame | None
     source: RunMasks | PngMasks = field(repr=False)
 
@@ -124,6 +127,32 @@ def _id_column(train: pd.DataFrame, test: pd.DataFrame, id_column: str | None, c
         raise PipelineError(f"{csvs[1]}: no column shared with {csvs[0].name} to use as image id; name the id column "
                             "alike in both files (e.g. 'ImageId') or set competition.id_column")
     return found
+
+
+def _combined_column(frame: pd.DataFrame, id_column: str | None) -> str | None:
+    """The `<id>_<class>` column of a long table written with image and class in one column: a table with such a
+    column and an RLE column, but no id column of its own and no class column."""
+    columns = list(frame.columns)
+    found = _find(columns, COMBINED_CANDIDATES)
+    separate = id_column in columns or _find(columns, CLASS_CANDIDATES) is not None
+    return found if found and not separate and _find(columns, RLE_CANDIDATES) else None
+
+
+def _split_combined(frame: pd.DataFrame, column: str, id_column: str, csv: Path) -> pd.DataFrame:
+    """The table with `column` split at its last '_': the image id into a new id_column, the class kept in
+    `column` (so errors about a class still name the file's column)."""
+    values = frame[column]
+    bad = (~values.str.contains("_", regex=False)).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PipelineError(f"{csv} line {line_of(frame, i)}, column {column}: '{values.iloc[i]}' is not "
+                            "<image id>_<class>; write the image id, an underscore and the class")
+    parts = values.str.rpartition("_")
+    out = frame.copy()
+    out[column] = parts[2].to_numpy()
+    out.insert(0, id_column, parts[0].to_numpy())
+    out.attrs["lines"] = frame.attrs.get("lines")
+    return out
 
 
 def _no_duplicates(frame: pd.DataFrame, column: str, csv: Path, fix: str) -> None:
@@ -210,17 +239,19 @@ def _check_classes(values: pd.Series, known: list[str] | None, frame: pd.DataFra
                                 f"header of {source}")
 
 
-def _sample_form(sample: pd.DataFrame, id_column: str, path: Path) -> tuple[str, str | None, str | None]:
-    """('wide', None, None) or ('long', class column, RLE column) from the sample submission's header."""
+def _sample_form(sample: pd.DataFrame, id_column: str, path: Path,
+                 combined: str | None) -> tuple[str, str | None, str | None]:
+    """('wide', None, None), or ('long' or 'combined', class column, RLE column) from the sample submission's
+    header (`combined`: its <id>_<class> column, already split)."""
     if id_column not in sample.columns:
         raise PipelineError(f"{path}: id column '{id_column}' missing; columns are {list(sample.columns)}")
     values = [c for c in sample.columns if c != id_column]
     if not values:
         raise PipelineError(f"{path}: only the id column '{id_column}'; add one RLE column per class (wide) or "
                             "the class and EncodedPixels columns (long)")
-    class_column, rle_column = _find(values, CLASS_CANDIDATES), _find(values, RLE_CANDIDATES)
+    class_column, rle_column = combined or _find(values, CLASS_CANDIDATES), _find(values, RLE_CANDIDATES)
     if class_column and rle_column:
-        return "long", class_column, rle_column
+        return "combined" if combined else "long", class_column, rle_column
     return "wide", None, None
 
 
@@ -348,24 +379,38 @@ def read_segmentation(root: Path, comp: CompetitionConfig, masks_dir: str = "mas
     for frame, csv in ((train, train_csv), (test, test_csv)):
         if frame.empty:
             raise PipelineError(f"{csv}: has a header but no rows; it needs one row per image")
-    id_column = _id_column(train, test, comp.id_column, (train_csv, test_csv))
+    combined = _combined_column(train, comp.id_column)
+    if combined:  # no id column shared with test.csv: the test's id column names the ids split off
+        id_column = comp.id_column or _find(list(test.columns), ID_CANDIDATES) or test.columns[0]
+        if id_column not in test.columns:
+            raise PipelineError(f"{test_csv}: column '{id_column}' (competition.id_column) missing; "
+                                f"columns are {list(test.columns)}")
+        train = _split_combined(train, combined, id_column, train_csv)
+    else:
+        id_column = _id_column(train, test, comp.id_column, (train_csv, test_csv))
     _no_duplicates(test, id_column, test_csv, "list each test image once")
     test_split = _split(test, np.arange(len(test)), id_column, root, comp, test_csv)
 
     sample_path = root / comp.sample_submission_csv
-    sample = read_table(sample_path) if sample_path.is_file() else None
-    sample_form = _sample_form(sample, id_column, sample_path) if sample is not None else None
-    known = _sample_classes(sample, sample_form, id_column, sample_path) if sample is not None else None
+    sample_raw = read_table(sample_path) if sample_path.is_file() else None
+    sample, sample_form, known = sample_raw, None, None
+    if sample_raw is not None:
+        sample_combined = _combined_column(sample_raw, id_column)
+        if sample_combined:
+            sample = _split_combined(sample_raw, sample_combined, id_column, sample_path)
+        sample_form = _sample_form(sample, id_column, sample_path, sample_combined)
+        known = _sample_classes(sample, sample_form, id_column, sample_path)
 
     own = [c for c in train.columns if c != id_column and c not in set(test.columns)]
-    class_column, rle_column = _find(own, CLASS_CANDIDATES), _find(own, RLE_CANDIDATES)
+    class_column, rle_column = combined or _find(own, CLASS_CANDIDATES), _find(own, RLE_CANDIDATES)
     first_rows = np.flatnonzero(~train[id_column].duplicated().to_numpy())
     if class_column and rle_column:
         _check_classes(train[class_column], known, train, class_column, train_csv, sample_path.name)
         classes = known or sort_classes(train[class_column].unique().tolist())
         split = _split(train, first_rows, id_column, root, comp, train_csv)
         source = _long(train, id_column, class_column, rle_column, classes, split, train_csv)
-        form, own_columns = "long", [id_column, class_column, rle_column]
+        form = "combined" if combined else "long"
+        own_columns = [combined, rle_column] if combined else [id_column, class_column, rle_column]
     elif own:
         if len(own) > 1:
             _no_duplicates(train, id_column, train_csv, "give each image one row with one RLE column per class")
@@ -384,9 +429,9 @@ def read_segmentation(root: Path, comp: CompetitionConfig, masks_dir: str = "mas
 
     if sample is not None:
         _check_sample(sample, sample_form, id_column, classes, test_split, sample_path)
-        submission_form, columns = sample_form[0], list(sample.columns)
+        submission_form, columns = sample_form[0], list(sample_raw.columns)
     else:
-        submission_form = "long" if form == "long" else "wide"
+        submission_form = form if form in ("long", "combined") else "wide"
         columns = own_columns
     return SegmentationData(root, list(classes), id_column, split, test_split, form, submission_form, columns,
-                            sample, source)
+                            sample_raw, source)
