@@ -198,29 +198,39 @@ def _mask_size_error(path: Path, got: tuple[int, ...], split: Split, i: int, csv
                          f"({csv.name} line {split.lines[i]}) is {w}x{h}; masks must have their image's size")
 
 
-def _runs_of_cells(cells: list[tuple[int, int, str, str]], split: Split, n_classes: int) -> RunMasks:
-    """cells: (image, class, RLE string, where) -> every run checked against its image's size."""
+def _runs_of_cells(cells: list[tuple[int, int, str, int, str]], split: Split, n_classes: int,
+                   csv: Path) -> RunMasks:
+    """cells: (image, class, RLE string, CSV line, CSV column) -> every run checked against its image's size."""
     runs: list[list[list[tuple[np.ndarray, np.ndarray]]]] = [[[] for _ in range(n_classes)] for _ in split.ids]
-    for image, cls, rle, where in cells:
+    for image, cls, rle, line, column in cells:
         if rle.strip():
-            runs[image][cls].append(parse_runs(rle, split.shape(image), where))
+            runs[image][cls].append(parse_runs(rle, split.shape(image), f"{csv} line {line}, column {column}"))
     return RunMasks(runs)
 
 
+def _column_lists(frame: pd.DataFrame, columns: list[str]) -> tuple[list[list[str]], list[int]]:
+    """Rows of `columns` as plain lists, and each row's line: a frame's columns are taken once, since every
+    pandas column access deep-copies the frame's attrs (the line numbers)."""
+    rows = frame[columns].to_numpy().tolist()
+    return rows, [line_of(frame, r) for r in range(len(frame))]
+
+
 def _wide(frame: pd.DataFrame, id_column: str, class_columns: list[str], split: Split, csv: Path) -> RunMasks:
-    row_image = pd.Index(split.ids).get_indexer(frame[id_column])
-    cells = [(int(row_image[r]), c, frame[col].iloc[r], f"{csv} line {line_of(frame, r)}, column {col}")
-             for r in range(len(frame)) for c, col in enumerate(class_columns)]
-    return _runs_of_cells(cells, split, len(class_columns))
+    rows, lines = _column_lists(frame, [id_column, *class_columns])
+    image_of = {ident: i for i, ident in enumerate(split.ids)}
+    cells = [(image_of[row[0]], c, rle, line, col) for row, line in zip(rows, lines, strict=True)
+             for c, (col, rle) in enumerate(zip(class_columns, row[1:], strict=True))]
+    return _runs_of_cells(cells, split, len(class_columns), csv)
 
 
 def _long(frame: pd.DataFrame, id_column: str, class_column: str, rle_column: str, classes: list[str],
           split: Split, csv: Path) -> RunMasks:
-    row_image = pd.Index(split.ids).get_indexer(frame[id_column])
-    index = {c: i for i, c in enumerate(classes)}
-    cells = [(int(row_image[r]), index[frame[class_column].iloc[r]], frame[rle_column].iloc[r],
-              f"{csv} line {line_of(frame, r)}, column {rle_column}") for r in range(len(frame))]
-    return _runs_of_cells(cells, split, len(classes))
+    rows, lines = _column_lists(frame, [id_column, class_column, rle_column])
+    image_of = {ident: i for i, ident in enumerate(split.ids)}
+    class_of = {c: i for i, c in enumerate(classes)}
+    cells = [(image_of[ident], class_of[cls], rle, line, rle_column)
+             for (ident, cls, rle), line in zip(rows, lines, strict=True)]
+    return _runs_of_cells(cells, split, len(classes), csv)
 
 
 def _check_classes(values: pd.Series, known: list[str] | None, frame: pd.DataFrame, column: str, csv: Path,
