@@ -337,6 +337,26 @@ def test_sample_submission_must_list_the_test_ids(tmp_path):
                                 "(test.csv line 3) and 0 more; the two files must list the same ids")
 
 
+def test_long_sample_submission_lists_every_class(tmp_path):
+    _folder(tmp_path, "wide")
+    rows = [[f"images/{t}.png", c, ""] for t in TEST for c in CLASSES]
+    _csv(tmp_path / "sample_submission.csv", ["ImageId", "ClassId", "EncodedPixels"], rows[:3])
+    assert _error(tmp_path) == (f"{tmp_path / 'sample_submission.csv'} line 4, column ImageId: image 'images/t2.png' "
+                                "has rows for 1 of the 2 classes ['ship', 'boat']; list each test image once per "
+                                "class")
+    _csv(tmp_path / "sample_submission.csv", ["ImageId", "ClassId", "EncodedPixels"], [*rows, rows[1]])
+    assert _error(tmp_path) == (f"{tmp_path / 'sample_submission.csv'} line 6, column ImageId: image 'images/t1.png' "
+                                "and class 'boat' appear twice; list each test image once per class")
+
+
+def test_combined_sample_names_its_own_column(tmp_path):
+    _folder(tmp_path, "wide")
+    _csv(tmp_path / "sample_submission.csv", ["Image_Label", "EncodedPixels"],
+         [[f"images/{t}.png_{c}", ""] for t in [*TEST, "t9"] for c in CLASSES])
+    assert _error(tmp_path) == (f"{tmp_path / 'sample_submission.csv'} line 6, column Image_Label: id "
+                                "'images/t9.png' is not in test.csv; the two files must list the same ids")
+
+
 def test_empty_class_cell_in_the_long_form(tmp_path):
     _folder(tmp_path, "long")
     _csv(tmp_path / "train.csv", ["ImageId", "ClassId", "EncodedPixels"], [["images/a.png", "", "1 3"]])

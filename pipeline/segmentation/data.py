@@ -1,6 +1,6 @@
 """Segmentation competition folder: train.csv with masks (as run-length encodings or PNG files), test.csv, images.
 
-The masks of train.csv come in one of four forms (docs/segmentation.md):
+The masks of train.csv come in one of these forms (docs/segmentation.md):
 
 - wide: an id column and one RLE column per class (`image,ship,boat`); an empty cell is an empty mask. With a
   single mask column (Airbus Ship, TGS Salt), several rows of one id are that image's objects, joined.
@@ -16,7 +16,7 @@ Every run and mask is checked when the folder is read (sizes against the image's
 class indices known), so a bad cell is one PipelineError naming the file, line, column and the fix before any
 training starts; the masks themselves are decoded on request (`SegmentationData.masks(i)`), since a whole
 competition's masks rarely fit in memory. sample_submission.csv, when present, fixes the output form: `wide`
-(one row per image, one RLE column per class) or `long` (one row per image and class).
+(one row per image, one RLE column per class), `long` (one row per image and class) or `combined`.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _split(frame: pd.DataFrame, rows: np.ndarray, id_column: str, root: Path, co
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask PNG's raw values as an (H, W) array: palette indices, gray levels or 0/1; a gray image saved as RGB
-    counts as gray. No EXIF rotation: mask files carry none, and their pixels line up with the image's as decoded."""
+    counts as gray. Read as stored, without EXIF rotation: a mask's pixels are those of its image as decoded."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -276,8 +276,9 @@ def _sample_classes(sample: pd.DataFrame, form: tuple[str, str | None, str | Non
 
 def _check_sample(sample: pd.DataFrame, form: tuple[str, str | None, str | None], id_column: str,
                   classes: list[str], test: Split, path: Path) -> None:
-    """The test ids once each (once per class in the long form), and the classes of train."""
+    """The test ids once each (once per class in the long forms), and the classes of train."""
     kind, class_column, _ = form
+    id_label = class_column if kind == "combined" else id_column  # the file's column that holds the id
     if kind == "wide":
         odd = [c for c in sample.columns if c != id_column and c not in classes]
         if odd:
@@ -290,13 +291,21 @@ def _check_sample(sample: pd.DataFrame, form: tuple[str, str | None, str | None]
         dup = pairs.duplicated().to_numpy()
         if dup.any():
             i = int(np.flatnonzero(dup)[0])
-            raise PipelineError(f"{path} line {line_of(sample, i)}, column {id_column}: image "
+            raise PipelineError(f"{path} line {line_of(sample, i)}, column {id_label}: image "
                                 f"'{sample[id_column].iloc[i]}' and class '{sample[class_column].iloc[i]}' appear "
                                 "twice; list each test image once per class")
+        per_image = sample.groupby(id_column, sort=False)[class_column].nunique()
+        short = per_image[per_image < len(classes)]
+        if len(short):
+            ident = short.index[0]
+            i = int(np.flatnonzero((sample[id_column] == ident).to_numpy())[0])
+            raise PipelineError(f"{path} line {line_of(sample, i)}, column {id_label}: image '{ident}' has rows for "
+                                f"{short.iloc[0]} of the {len(classes)} classes {classes}; list each test image "
+                                "once per class")
     extra = (~sample[id_column].isin(set(test.ids))).to_numpy()
     if extra.any():
         i = int(np.flatnonzero(extra)[0])
-        raise PipelineError(f"{path} line {line_of(sample, i)}, column {id_column}: id '{sample[id_column].iloc[i]}' "
+        raise PipelineError(f"{path} line {line_of(sample, i)}, column {id_label}: id '{sample[id_column].iloc[i]}' "
                             "is not in test.csv; the two files must list the same ids")
     listed = set(sample[id_column])
     missing = [i for i, ident in enumerate(test.ids) if ident not in listed]
