@@ -94,7 +94,7 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int],
                             "merge the two")
 
 
-def decode(rle: str, shape: tuple[int, int], where: str = "run-length encoding") -> np.ndarray:
+def decode(rle: str, shape: tuple[int, int], where: str = "RLE string") -> np.ndarray:
     """The (height, width) bool mask of an RLE string; PipelineError naming `where` when the string is bad."""
     starts, lengths = parse_runs(rle, shape, where)
     return runs_to_mask(starts, lengths, shape)
