@@ -27,6 +27,7 @@ from pipeline.detection.bananas import build_bananas
 from pipeline.detection.infer import score_submission
 from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.scoring import submission
+from pipeline.segmentation import generate as segmentation_generate
 
 
 def _output_options() -> argparse.ArgumentParser:
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1500)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--test", type=int, default=300, help="test images (hidden boxes in test_solution.csv)")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-masks", parents=[common],
+                       help="build a segmentation competition: 128x128 gray scenes, 0-3 soft-edged objects of 3 "
+                            "classes, masks as RLE (wide form; hidden test masks beside the folder)")
+    p.add_argument("--out", type=Path, default=Path("data/masks"))
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--test", type=int, default=100, help="test images (hidden masks in <out>_solution.csv)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("score-detection", parents=[common],
                        help="mAP of a detection submission against a hidden solution file")
@@ -173,6 +181,10 @@ def dispatch(args: argparse.Namespace) -> None:
         out = build_shapes(args.out, args.train, args.val, args.test, seed=args.seed, kind=args.kind)
         print(f"objects: {args.kind} detection competition written to {out} "
               f"({args.train} train, {args.val} val, {args.test} test images; hidden boxes in test_solution.csv)")
+    elif args.command == "make-masks":
+        out = segmentation_generate.build_masks(args.out, args.train, args.test, seed=args.seed)
+        print(f"masks: segmentation competition written to {out} ({args.train} train, {args.test} test images; "
+              f"hidden masks in {segmentation_generate.solution_path(out)})")
     elif args.command == "score-detection":
         maps = score_submission(args.submission, args.solution)
         print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, "

@@ -1,7 +1,8 @@
 """The package's layers: every import points down, and no modules import each other in a cycle.
 
-core < data < scoring < training < detection < export < context < stages < orchestrate < auto < cli. Library
-packages never reach the stages or the Context; jobs/ runs in another environment and imports nothing of the pipeline.
+core < data < scoring < training < detection < segmentation < export < context < stages < orchestrate < auto < cli.
+Library packages never reach the stages or the Context; jobs/ runs in another environment and imports nothing of the
+pipeline.
 Function-level imports count too: a lazy import is still an edge.
 """
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-LAYERS = ["core", "data", "scoring", "training", "detection", "export", "context", "stages", "orchestrate", "auto",
-          "cli"]
+LAYERS = ["core", "data", "scoring", "training", "detection", "segmentation", "export", "context", "stages",
+          "orchestrate", "auto", "cli"]
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -124,7 +125,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path: Path):
     assert cycles(graph) == [["pipeline.core.a", "pipeline.stages.b"]]
 
 
-@pytest.mark.parametrize("package", ["core", "data", "scoring", "training", "detection", "export"])
+@pytest.mark.parametrize("package", ["core", "data", "scoring", "training", "detection", "segmentation", "export"])
 def test_library_functions_do_not_take_the_context(package: str):
     """A library function's parameters never name the stage context (`ctx`)."""
     takes_ctx = []

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.core.errors import PipelineError
 
 MAX_PIXELS = 89_478_485  # Pillow's default limit (a 9459 x 9459 image); clean.max_pixels' default
+ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _HIGH_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -78,6 +79,17 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if arr.size == 0:
         raise PipelineError(f"{path}: image has no pixels")
     return arr
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) as the pixels will be decoded (EXIF rotation applied), read from the header only."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    return (h, w) if orientation in ROTATED else (w, h)
 
 
 def is_gray(arr: np.ndarray) -> bool:

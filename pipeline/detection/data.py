@@ -15,18 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.artifacts import content_key, fingerprint
 from pipeline.core.config import CompetitionConfig, DetectDataConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data.cache import cached_decode
 from pipeline.data.competition import ID_CANDIDATES, resolve_paths
+from pipeline.data.images import image_size
 from pipeline.data.labels import sort_classes
 from pipeline.data.table import line_of, read_table
 
 BOX = ["xmin", "ymin", "xmax", "ymax"]
-ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass
@@ -57,17 +56,6 @@ class DetectionData:
     def test_key(self) -> str:
         """Content key of the test split: its image ids in order and the bytes of its images."""
         return fingerprint(self.test.images["image"].tolist(), content_key(self.test.images["path"]))
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) as the pixels will be decoded (EXIF rotation applied), read from the header only."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
-    return (h, w) if orientation in ROTATED else (w, h)
 
 
 def is_detection_folder(data_dir: Path, train_csv: str = "train.csv") -> bool:
