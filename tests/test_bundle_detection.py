@@ -145,6 +145,8 @@ def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(fol
         bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_onnx=true"))
     with pytest.raises(PipelineError, match=r"^export.bundle_folds: .*set export.bundle_folds=null$"):
         bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_folds=[0]"))
+    with pytest.raises(PipelineError, match=r"^detect.classifier.enabled=true: .*detect.classifier.enabled=false$"):
+        bundle_detection.run(_ctx(root, data, *FOLDS, "detect.classifier.enabled=true"))
     # a blend of configurations: the other configuration's model settings are in no config the bundle reads
     work = tmp_path / "work"
     shutil.copytree(ctx.work_dir, work)

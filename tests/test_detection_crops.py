@@ -3,10 +3,14 @@ combination of classifier and detector, and the rule chosen on OOF with its nest
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.detection.crops import (
     agnostic_merge,
     choose_rule,
@@ -18,6 +22,7 @@ from pipeline.detection.crops import (
     training_crops,
     with_votes,
 )
+from pipeline.detection.shapes import build_shapes
 
 
 def _dets(boxes, scores, labels) -> dict:
@@ -114,3 +119,50 @@ def test_rule_is_chosen_on_oof_and_the_nested_figure_is_chosen_on_the_other_fold
     assert 0.2 < choice.oof["map_50"] < 0.8
     best = choose_rule({a: wrong, b: right}, truth, fold)
     assert best.rule == b and best.nested["map_50"] == pytest.approx(1.0) and best.oof["map_50"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_detect_with_the_crop_classifier_renames_boxes_and_keys_each_part(tmp_path, capsys):
+    """2 folds of a 1-epoch detector, a 2-epoch classifier on 16 px crops: its rows, rules and per-class table;
+    w = 1 unmerged reproduces the detector's fusion; a rerun trains nothing and a new margin retrains only the
+    classifier."""
+    data = build_shapes(tmp_path / "shapes", n_train=24, n_val=6, n_test=6, seed=2)
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    args = ["detect", "--data", str(data), "--work", str(work), "--submissions", str(subs),
+            "detect.train.image_size=64", "detect.train.epochs=1", "detect.train.batch_size=8",
+            "detect.folds.n_splits=2", "detect.predict.gallery_images=0", "detect.fusion.iou=[0.5]",
+            "detect.fusion.skip=[0.01]", "detect.fusion.conf=[avg]", "detect.classifier.enabled=true",
+            "detect.classifier.train.image_size=16", "detect.classifier.train.epochs=2",
+            "detect.classifier.weights=[0.0,0.5]", "detect.classifier.merge_iou=[0.5]",
+            "runtime.device=cpu", "runtime.threads=1", "tracking.backend=none"]
+    assert main(args) == 0
+    out = work / "detect"
+    board = pd.read_csv(out / "leaderboard.csv")
+    detector = board[board["entry"].str.startswith("tinyssd wbf folds x views")].iloc[0]
+    second = board[board["kind"] == "classifier"].iloc[0]
+    assert board["kind"].tolist()[-2:] == ["classifier", "classifier (nested)"]
+    rules = pd.read_csv(out / "crops" / "rules.csv")
+    assert len(rules) == 6 and set(rules["weight"]) == {0.0, 0.5, 1.0}  # 3 weights x (unmerged, merged at 0.5)
+    alone = rules[rules["rule"] == "detector alone"].iloc[0]
+    assert alone["oof_map_50"] == pytest.approx(detector["oof_map_50"], abs=1e-4)
+    assert second["oof_map_50"] == pytest.approx(rules["oof_map_50"].max(), abs=1e-4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classifier"]["rule"] in rules["rule"].tolist()
+    assert metrics["oof_map_50"] == pytest.approx(second["oof_map_50"], abs=1e-4)
+    assert len(metrics["classifier"]["nested_rules"]) == 2
+    per_class = pd.read_csv(out / "per_class.csv")
+    assert list(per_class.columns) == ["class", "boxes", "detector_ap_50", "detector_ap", "classifier_ap_50",
+                                       "classifier_ap", "val_detector_ap_50", "val_classifier_ap_50"]
+    for k in range(2):
+        assert json.loads((out / "crops" / "runs" / "resnet10t" / f"fold{k}" / "best.json").read_text())["fold"] == k
+    sub = pd.read_csv(subs / "shapes.csv", keep_default_na=False)
+    assert sub["image"].tolist() == pd.read_csv(data / "test.csv")["image"].tolist()
+    probs = (out / "crops" / "probs.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun trains and predicts nothing
+    printed = capsys.readouterr().out
+    assert printed.count("model up to date") == 2 and printed.count("train: resnet10t fold") == 2
+    assert printed.count("up to date (accuracy") == 2 and (out / "crops" / "probs.pt").stat().st_mtime_ns == probs
+    assert main(args + ["detect.classifier.margin=0.3"]) == 0  # the crops change: the classifier alone retrains
+    printed = capsys.readouterr().out
+    assert printed.count("model up to date") == 2 and "up to date (accuracy" not in printed

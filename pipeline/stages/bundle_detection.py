@@ -51,6 +51,10 @@ def _refuse_settings(ctx: Context) -> None:
     if e.bundle_onnx:
         raise PipelineError("export.bundle_onnx=true: detection bundles run on torch only (torchvision's detectors "
                             "and NMS); set export.bundle_onnx=false")
+    if ctx.cfg.detect.classifier.enabled:
+        raise PipelineError("detect.classifier.enabled=true: the submission's boxes are renamed by the crop "
+                            "classifier, which detection bundles do not carry; bundle the detector alone with "
+                            "detect.classifier.enabled=false")
 
 
 def _check(stamp: dict | None, expected: str, path: Path) -> dict:

@@ -181,6 +181,9 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
     renamed = class_table(oof, truth, classes)
     per_class = detector.rename(columns={"ap_50": "detector_ap_50", "ap": "detector_ap"})
     per_class["classifier_ap_50"], per_class["classifier_ap"] = renamed["ap_50"], renamed["ap"]
+    if val_truth:  # the holdout, never used for a choice
+        per_class["val_detector_ap_50"] = class_table(apply(alone, "val"), val_truth, classes)["ap_50"]
+        per_class["val_classifier_ap_50"] = class_table(val_dets, val_truth, classes)["ap_50"]
     oof_alone = map_or_nan(alone_oof, truth)
     log.info(f"detect: second stage ({backbone} on {size} px crops, {n_splits} folds): OOF mAP@0.5 detector alone "
              f"{oof_alone['map_50']:.4f}, {name} {choice.oof['map_50']:.4f} (chosen on OOF), nested "
