@@ -12,7 +12,8 @@ from pipeline.stages.detect import evaluate_key, predict_key, train_key, views_k
 # what each section's keys feed (folds and fusion are recomputed on every run; data is keyed by content)
 READERS = {"data": set(), "model": {"train"}, "train": {"train"}, "augment": {"train"}, "anchors": {"train"},
            "decode": {"evaluate", "predict", "views"}, "evaluate": {"evaluate", "views"}, "predict": {"predict"},
-           "folds": set(), "views": {"views"}, "fusion": set()}
+           "folds": set(), "views": {"views"}, "fusion": set(),
+           "classifier": set()}  # the second stage keys its own runs (test_detection_crops)
 EXCEPT = {("evaluate", "tta"): {"evaluate"}}  # the single model's TTA; the fold models' views are the views section
 # the steps whose keys hold a step's key (predict holds the TTA evaluate chose, not its key)
 AFTER = {"train": {"train", "evaluate", "predict", "views"}, "evaluate": {"evaluate"}, "predict": {"predict"},
@@ -32,8 +33,10 @@ def _other(field: str, value: Any, section: BaseModel) -> Any:
         return "ssdlite" if isinstance(section, DetectModelConfig) else "other"
     if isinstance(value, bool):
         return not value
+    if isinstance(value, BaseModel):
+        return value.model_copy(update={"epochs": value.epochs + 1})
     if value is None:
-        return 0.4 if "float" in str(annotation) else "x.csv"
+        return 0.4 if "float" in str(annotation) else 2 if "int" in str(annotation) else "x.csv"
     if isinstance(value, int):
         return value * 2 if value else 1
     if isinstance(value, float):
