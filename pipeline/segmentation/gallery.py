@@ -14,10 +14,11 @@ import numpy as np  # noqa: E402
 from pipeline.core.artifacts import atomic_write  # noqa: E402
 
 
-def gallery(images: np.ndarray, masks: np.ndarray, predicted: np.ndarray, ids: list[str], path: Path) -> None:
+def gallery(images: np.ndarray, masks: np.ndarray, predicted: np.ndarray, ids: list[str], classes: list[str],
+            path: Path) -> None:
     """Rows of image, true masks and predicted masks (classes in colours) for a few OOF images."""
     n = len(images)
-    colours = plt.get_cmap("tab10")(np.arange(masks.shape[1]))[:, :3]
+    colours = plt.get_cmap("tab10")(np.arange(masks.shape[1]) % 10)[:, :3]
 
     def paint(m: np.ndarray) -> np.ndarray:
         return np.clip(np.tensordot(m.astype(float).transpose(1, 2, 0), colours, axes=(2, 0)), 0, 1)
@@ -29,6 +30,8 @@ def gallery(images: np.ndarray, masks: np.ndarray, predicted: np.ndarray, ids: l
             ax.imshow(picture)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
+    names = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive", "cyan"]
+    fig.suptitle(", ".join(f"{c}: {names[j % 10]}" for j, c in enumerate(classes)), fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

@@ -45,7 +45,7 @@ def predict_views(model: torch.nn.Module, images: np.ndarray, views: tuple[str, 
     model.eval()
     batch = batch_size * runtime.eval_batch_factor
     for start in range(0, len(images), batch):
-        x = runtime.to_input(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2),
+        x = runtime.to_input(torch.from_numpy(np.array(images[start:start + batch])).permute(0, 3, 1, 2),
                              NORM)
         stacked = torch.cat([x.flip(FLIPS[v]) if FLIPS[v] else x for v in views])
         with runtime.autocasting():

@@ -131,6 +131,11 @@ def _write_npy(images: np.ndarray, model, views, batch: int, rt: Runtime, combin
     return write
 
 
+def _save_npy(array: np.ndarray, tmp: Path) -> None:
+    with open(tmp, "wb") as f:  # a path would get ".npy" appended by np.save, leaving the temp name empty
+        np.save(f, array)
+
+
 def _choose_views(fold_oof: list[np.ndarray], helds: list[np.ndarray], masks: np.ndarray, all_views: tuple[str, ...],
                   candidates: list[tuple[str, ...]]) -> tuple[tuple[str, ...], dict[str, float]]:
     """The view set with the best OOF Dice at threshold 0.5 (ties: the fewer views, tried first)."""
@@ -240,7 +245,7 @@ def run(ctx: Context) -> dict:
     oof_all = np.zeros((len(data.train), n_classes, size, size), np.uint8)
     for held, oof in zip(helds, fold_oof, strict=True):
         oof_all[held] = combine(oof[:, pick])
-    atomic_write(root / "oof.npy", lambda tmp: np.save(tmp, oof_all))
+    atomic_write(root / "oof.npy", partial(_save_npy, oof_all))
 
     test_images = cached_decode(cache, test_key, data.test.paths, size, 3, "segment-test")
     tests = [_predicted(root / f"fold{k}", "test", fingerprint("segment-test", fp, views, test_key),
@@ -264,7 +269,8 @@ def run(ctx: Context) -> dict:
     if n:
         shown = np.stack([np.stack([drop_small((oof_all[i, c] >= thresholds[c] * 255)[None], areas[c])[0]
                                     for c in range(n_classes)]) for i in range(n)])
-        gallery(np.asarray(images[:n]), np.asarray(masks[:n]), shown, data.train.ids[:n], root / "gallery_oof.png")
+        gallery(np.asarray(images[:n]), np.asarray(masks[:n]), shown, data.train.ids[:n], data.classes,
+                root / "gallery_oof.png")
 
     frame = _submission(ctx, data, tests, thresholds, areas)
     manifest = {"track": "segmentation", "model": f"{cfg.model.arch}-{cfg.model.encoder}", "folds": n_splits,
