@@ -118,22 +118,19 @@ def _predicted(out: Path, name: str, fp: str, predict) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _write_npy(images: np.ndarray, model, views, batch: int, rt: Runtime, combined: bool, n_classes: int,
-               size: int):
-    """A writer of images' uint8 probabilities into a .npy memmap, batch by batch (never all of them as floats)."""
-    shape = (len(images), n_classes, size, size) if combined else (len(images), len(views), n_classes, size, size)
+def _write_npy(images: np.ndarray, rows: np.ndarray | None, model, views, batch: int, rt: Runtime, combined: bool,
+               n_classes: int, size: int):
+    """A writer of the uint8 probabilities of images[rows] (all of them: None) into a .npy memmap, batch by batch
+    (never all of them as floats); the rows are read only when it runs."""
+    n = len(images) if rows is None else len(rows)
+    shape = (n, n_classes, size, size) if combined else (n, len(views), n_classes, size, size)
 
     def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        predict_views(model, images, views, batch, rt, out=out, combined=combined)
+        predict_views(model, images if rows is None else images[rows], views, batch, rt, out=out, combined=combined)
         out.flush()
 
     return write
-
-
-def _save_npy(array: np.ndarray, tmp: Path) -> None:
-    with open(tmp, "wb") as f:  # a path would get ".npy" appended by np.save, leaving the temp name empty
-        np.save(f, array)
 
 
 def _choose_views(fold_oof: list[np.ndarray], helds: list[np.ndarray], masks: np.ndarray, all_views: tuple[str, ...],
@@ -231,7 +228,7 @@ def run(ctx: Context) -> dict:
         out = root / f"fold{k}"
         model, fp, summary = _train(ctx, key, n_classes, images, masks, rest, held, rt, out, seed + k)
         oof = _predicted(out, "oof_views", fingerprint("segment-oof", fp, all_views),
-                         _write_npy(images[np.sort(held)], model, all_views, batch, rt, False, n_classes, size))
+                         _write_npy(images, np.sort(held), model, all_views, batch, rt, False, n_classes, size))
         fold_models.append((model, fp))
         helds.append(np.sort(held))
         fold_oof.append(oof)
@@ -242,14 +239,19 @@ def run(ctx: Context) -> dict:
     log.info("segment: OOF Dice by views (threshold 0.5): "
              + ", ".join(f"{v} {s:.4f}" for v, s in view_scores.items()) + f"; kept {'+'.join(views)}")
     pick = [all_views.index(v) for v in views]
-    oof_all = np.zeros((len(data.train), n_classes, size, size), np.uint8)
-    for held, oof in zip(helds, fold_oof, strict=True):
-        oof_all[held] = combine(oof[:, pick])
-    atomic_write(root / "oof.npy", partial(_save_npy, oof_all))
+
+    def assemble(tmp: Path) -> None:  # fold by fold into a memmap: one fold's maps in memory at a time
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(data.train), n_classes, size, size))
+        for held, oof in zip(helds, fold_oof, strict=True):
+            out[held] = combine(oof[:, pick])
+        out.flush()
+
+    atomic_write(root / "oof.npy", assemble)
+    oof_all = np.load(root / "oof.npy", mmap_mode="r")
 
     test_images = cached_decode(cache, test_key, data.test.paths, size, 3, "segment-test")
     tests = [_predicted(root / f"fold{k}", "test", fingerprint("segment-test", fp, views, test_key),
-                        _write_npy(test_images, model, views, batch, rt, True, n_classes, size))
+                        _write_npy(test_images, None, model, views, batch, rt, True, n_classes, size))
              for k, (model, fp) in enumerate(fold_models)]
 
     metrics, board = _choose_post(cfg, data.classes, oof_all, masks, fold, summaries)
