@@ -51,6 +51,7 @@ def test_segment_stage_submits_scores_nested_and_skips_finished_work(tmp_path, c
         oof = np.load(root / f"fold{k}" / "oof_views.npy")
         assert oof.shape == ((folds["fold"] == k).sum(), 2, 3, 32, 32) and oof.dtype == np.uint8  # plain, hflip
         assert np.load(root / f"fold{k}" / "test.npy").shape == (8, 3, 32, 32)
+        assert json.loads((root / f"fold{k}" / "mlflow.json").read_text())["run_id"]  # the fold's MLflow run
     oof_all = np.load(root / "oof.npy")
     assert oof_all.shape == (24, 3, 32, 32) and oof_all.any()
     assert not list(root.glob(".*tmp*"))  # no temp files left behind

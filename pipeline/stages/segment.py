@@ -4,7 +4,8 @@ pipeline/segmentation/ (reader, models, fit, infer, post, submit). Each step's k
 - folds: WORK/segment/folds.csv, stratified on which classes an image holds, duplicate groups of WORK/clean.csv
   kept together (recomputed on every run: the same seed gives the same folds).
 - per fold k, WORK/segment/fold<k>/:
-  - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.* (resume) and best.safetensors.
+  - train: model.safetensors, model.json (stamp), history.csv, curves.png, last.* (resume), best.safetensors and
+    mlflow.json (its MLflow run: params, per-epoch metrics, curves; pipeline/training/tracking.py).
     Key: the images' and masks' content, the images the fold holds out, segment.model, segment.train and the
     runtime keys that change results.
   - oof_views.npy (+ oof.json): uint8 probabilities of the held-out images, every view segment.views enables.
@@ -55,7 +56,7 @@ from pipeline.segmentation.metrics import dice
 from pipeline.segmentation.post import choose, drop_small, grid_scores, nested, to_masks
 from pipeline.segmentation.rle import encode
 from pipeline.segmentation.submit import build_frame, validate_segmentation
-from pipeline.training import checkpoint, runtime
+from pipeline.training import checkpoint, runtime, tracking
 from pipeline.training.plots import plot_panels
 from pipeline.training.runtime import Runtime
 
@@ -97,11 +98,21 @@ def _train(ctx: Context, key: str, n_classes: int, images: np.ndarray, masks: np
         log.info(f"segment: initialised the {models.load_pretrained(model, Path(cfg.model.pretrained_path))}")
     train_cfg = cfg.train.model_copy(update={"seed": seed})
     trainer = SegmentationTrainer(model, train_cfg, images, masks, rest, held, out, fp, rt)
-    history = pd.DataFrame(trainer.fit())
+    tcfg = ctx.cfg.tracking
+    params = {"model": f"{cfg.model.arch}-{cfg.model.encoder}", "fold": out.name,
+              **tracking.flatten({"segment": {"model": cfg.model.model_dump(), "train": train_cfg.model_dump()}})}
+    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
+                           params["model"], fp, params, {"stage": "segment"})
+    try:
+        history = pd.DataFrame(trainer.fit())
+    except BaseException as exc:
+        track.stop(exc)
+        raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
     plot_panels(history, {"loss": ["train_loss"], "validation Dice": ["val_dice"]}, out / "curves.png",
                 f"{cfg.model.arch} {cfg.model.encoder}, {out.name}")
+    track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])  # before the stamp
     best = history.loc[history["epoch"] == trainer.best_epoch].iloc[0]
     summary = {"epochs": len(history), "best_epoch": trainer.best_epoch, "val_dice": float(best["val_dice"]),
                "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
