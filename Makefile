@@ -45,17 +45,24 @@ DATA_DEP = $(if $(filter $(DIGITS) $(DIGITS)/,$(DATA)),$(DIGITS)/train.csv,$(if 
 DEMO_METRIC_multi_label := f1_samples
 DEMO_METRIC_regression := rmse
 
+# The segmentation track defaults to its generated competition (make-masks, 240 train / 60 test) unless DATA is given.
+MASKS := data/masks
+SEGMENT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(MASKS))
+SEGMENT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(MASKS) $(MASKS)/,$(SEGMENT_DATA)),configs/demo-segmentation.yaml,))
+SEGMENT_DEP = $(if $(filter $(MASKS) $(MASKS)/,$(SEGMENT_DATA)),$(MASKS)/train.csv,)
+DEMO_DEP = $(if $(filter segmentation,$(TASK)),$(MASKS)/train.csv,$(if $(TASK),data/collages_$(TASK)/train.csv,$(DIGITS)/train.csv))
+
 # The detection track defaults to its own embedded competition unless DATA is given.
 BANANAS := data/bananas
 DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(BANANAS))
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect detect-bundle docs test lint postgres-server
+.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect detect-bundle masks-data segment docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
-	@echo "  variables: JOBS=N CLUSTER=ray://host:port DATA=folder CONFIG=configs/x.yaml TASK=multi_label|regression (make demo) WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
+	@echo "  variables: JOBS=N CLUSTER=ray://host:port DATA=folder CONFIG=configs/x.yaml TASK=multi_label|regression|segmentation (make demo) WORK=dir OVERRIDES=\"train.epochs=3 model.backbones=[resnet18]\" BACKBONE=x EXP=name FOLD=k"
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,10 +88,13 @@ data: $(DIGITS)/train.csv ## build the embedded "digits" competition from scikit
 data/collages_%/train.csv: | $(INSTALLED)
 	$(PY) -m pipeline.data.collages --task $* --out data/collages_$*
 
-demo: $(INSTALLED) $(if $(TASK),data/collages_$(TASK)/train.csv,$(DIGITS)/train.csv) ## the whole chain on digits (TASK=multi_label|regression: on collages)
+demo: $(INSTALLED) $(DEMO_DEP) ## the whole chain on digits (TASK=multi_label|regression: on collages; TASK=segmentation: make segment on masks)
 ifeq ($(TASK),)
 	$(PIPE) ensemble --data $(DIGITS) --config configs/digits.yaml $(OVERRIDES)
 	$(PIPE) score submissions/digits.csv $(DIGITS)_solution.csv
+else ifeq ($(TASK),segmentation)
+	$(PIPE) segment --data $(MASKS) --config configs/demo-segmentation.yaml $(OVERRIDES)
+	$(PIPE) score-masks submissions/$(notdir $(MASKS)).csv $(MASKS)_solution.csv --data $(MASKS)
 else
 	$(PIPE) ensemble --data data/collages_$(TASK) --config configs/demo-$(subst _,-,$(TASK)).yaml $(OVERRIDES)
 	$(PIPE) score submissions/collages_$(TASK).csv data/collages_$(TASK)_solution.csv --metric $(DEMO_METRIC_$(TASK))
@@ -144,6 +154,16 @@ detect: $(INSTALLED) $(DETECT_DEP) ## detection track: TinySSD train -> evaluate
 
 detect-bundle: $(INSTALLED) $(DETECT_DEP) ## offline bundle of the detection submission (runs make detect when needed)
 	$(PIPE) bundle --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+
+$(MASKS)/train.csv: | $(INSTALLED)
+	$(PIPE) make-masks --out $(MASKS) --train 240 --test 60
+
+masks-data: $(MASKS)/train.csv ## build the generated segmentation competition (240 train / 60 test, 128x128, 3 classes)
+
+segment: $(INSTALLED) $(SEGMENT_DEP) ## segmentation track: smp U-Net per fold -> OOF Dice, thresholds nested -> RLE submission
+	$(PIPE) segment --data "$(SEGMENT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(SEGMENT_CONFIG),--config "$(SEGMENT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+	@if [ -f "$(patsubst %/,%,$(SEGMENT_DATA))_solution.csv" ]; then \
+		$(PIPE) score-masks "$(SUBMISSIONS)/$$(basename "$(SEGMENT_DATA)").csv" "$(patsubst %/,%,$(SEGMENT_DATA))_solution.csv" --data "$(SEGMENT_DATA)"; fi
 
 # The Optuna-on-PostgreSQL test starts its own server (initdb + pg_ctl): Debian's postgresql package when missing.
 postgres-server:

@@ -28,6 +28,8 @@ from pipeline.detection.infer import score_submission
 from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.scoring import submission
 from pipeline.segmentation import generate as segmentation_generate
+from pipeline.segmentation.submit import score_masks, validate_segmentation
+from pipeline.stages.segment import read_data as read_segmentation_data
 
 
 def _output_options() -> argparse.ArgumentParser:
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mAP of a detection submission against a hidden solution file")
     p.add_argument("submission", type=Path)
     p.add_argument("solution", type=Path)
+    p = sub.add_parser("score-masks", parents=[common],
+                       help="mean Dice of a segmentation submission against a hidden solution file (any mask form)")
+    p.add_argument("submission", type=Path)
+    p.add_argument("solution", type=Path)
+    p.add_argument("--data", type=Path, default=Path("data/masks"),
+                   help="the competition folder (the test images' sizes, the classes and the id column)")
+    p.add_argument("--config", type=Path, default=None)
     p = sub.add_parser("score", parents=[common],
                        help="score a label submission against a hidden solution file")
     p.add_argument("submission", type=Path)
@@ -103,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--data", type=Path, default=Path("data/digits"))
     p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--track", choices=("classification", "segmentation"), default="classification",
+                   help="segmentation: RLE masks in the sample submission's form (segment.data names the CSVs)")
     p = sub.add_parser("config", parents=[common],
                        help="print the resolved config (or the documented defaults)")
     p.add_argument("--config", type=Path, default=None)
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WRITES_SUBMISSIONS = {"ensemble", "labels", "detect", "bundle"}  # labels and bundle run ensemble first
+WRITES_SUBMISSIONS = {"ensemble", "labels", "detect", "segment", "bundle"}  # labels and bundle run ensemble first
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
@@ -189,9 +200,21 @@ def dispatch(args: argparse.Namespace) -> None:
         maps = score_submission(args.submission, args.solution)
         print(f"score: {args.submission} on the hidden solution: mAP@0.5 {maps['map_50']:.4f}, "
               f"COCO mAP {maps['map']:.4f}")
+    elif args.command == "score-masks":
+        data = read_segmentation_data(Context(load_config(args.config), args.data, resolve=False))
+        scores = score_masks(submission.read_submission(args.submission),
+                             submission.read_submission(args.solution, "solution"), data,
+                             (str(args.submission), str(args.solution)))
+        per_class = ", ".join(f"{c} {v:.4f}" for c, v in scores["per_class"].items())
+        print(f"score: mean Dice of {args.submission} on the hidden solution: {scores['dice']:.4f} ({per_class})")
     elif args.command == "score":
         value = submission.score_file(args.submission, args.solution, args.metric)
         print(f"score: {args.metric} of {args.submission} on the hidden solution: {value:.4f}")
+    elif args.command == "validate-submission" and args.track == "segmentation":
+        ctx = Context(load_config(args.config), args.data, resolve=False)
+        frame = submission.read_submission(args.file)
+        validate_segmentation(frame, str(args.file), read_segmentation_data(ctx))
+        print(f"{args.file}: valid segmentation submission for {ctx.name} ({len(frame)} rows)")
     elif args.command == "validate-submission":
         ctx = Context(load_config(args.config), args.data)
         frame = submission.read_submission(args.file)

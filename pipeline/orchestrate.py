@@ -2,7 +2,8 @@
 
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds -> train ->
 predict -> rounds -> ensemble -> labels; bundle and distill follow ensemble, export train; tune and autogluon need
-folds; detect stands alone, and bundle follows it on a detection folder); they skip when their outputs are complete
+folds; detect and segment stand alone, and bundle follows detect on a detection folder); they skip when their
+outputs are complete
 and match, so any stage can be asked for directly and an interrupted chain resumes. Before any of them runs, every
 stage of the chain checks what it can tell from the config and the task alone (`check`): a stage that cannot do this
 task refuses before the stages above it spend their time.
@@ -34,6 +35,7 @@ from pipeline.stages import (
     folds,
     predict,
     rounds,
+    segment,
     train,
     tune,
 )
@@ -45,15 +47,18 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, Callable[[Context], object]] = {
     "clean": clean.run, "folds": folds.run, "train": train.run, "predict": predict.run, "rounds": rounds.run,
     "ensemble": ensemble.run, "labels": labels.run,
-    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run, "bundle": bundle.run, "export": export.run,
+    "tune": tune.run, "autogluon": autogluon.run, "detect": detect.run, "segment": segment.run,
+    "bundle": bundle.run, "export": export.run,
     "distill": distill.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
-            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "bundle": ("ensemble",), "export": ("train",),
+            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "segment": (), "bundle": ("ensemble",),
+            "export": ("train",),
             "distill": ("ensemble",)}
 # stages that write files shared by the whole WORK (clean.csv, folds.csv, the ensemble, the submission): one process
 # at a time (WORK/locks/<stage>.lock)
-SHARED_WRITERS = {"clean", "folds", "ensemble", "labels", "autogluon", "detect", "bundle", "export", "distill"}
+SHARED_WRITERS = {"clean", "folds", "ensemble", "labels", "autogluon", "detect", "segment", "bundle", "export",
+                  "distill"}
 # refusals that need no work, only the config and the task (read from the CSVs by Context)
 CHECKS: dict[str, Callable[[Context], None]] = {
     "clean": clean.check, "train": train.check, "rounds": rounds.check, "labels": labels.check, "tune": tune.check,
@@ -82,8 +87,8 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
             submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
     cfg = load_config(config, overrides)
-    # the detection track has no competition.task or metric to decide
-    resolve = stage != "detect" and not _detection(stage, cfg, data)
+    # the detection and segmentation tracks have no competition.task or metric to decide
+    resolve = stage not in ("detect", "segment") and not _detection(stage, cfg, data)
     ctx = Context(cfg, data, work, submissions, resolve=resolve)
     tuned = ctx.work_dir / "tune" / "best.yaml"
     if stage != "tune" and use_tuned and tuned.exists():

@@ -44,12 +44,13 @@ def main_class(n_images: int, items: np.ndarray, labels: np.ndarray) -> np.ndarr
     return out
 
 
-def assign_folds(groups: np.ndarray, strata: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
-    """Fold index per image; images of one group always share a fold."""
+def assign_folds(groups: np.ndarray, strata: np.ndarray, n_splits: int, seed: int,
+                 key: str = "detect.folds.n_splits") -> np.ndarray:
+    """Fold index per image; images of one group always share a fold. `key` is the config key errors name."""
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise PipelineError(f"detect.folds.n_splits={n_splits} but the training images form only {n_groups} "
-                            f"independent groups (duplicates share a fold); lower detect.folds.n_splits")
+        raise PipelineError(f"{key}={n_splits} but the training images form only {n_groups} "
+                            f"independent groups (duplicates share a fold); lower {key}")
     fold = np.full(len(groups), -1)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), strata.astype(str), groups)):

@@ -3,8 +3,9 @@
 A classification submission has the columns and row order of sample_submission.csv (or id + label
 when there is none). It is validated before it is written: same ids, no missing, extra or duplicate
 ids, labels from the class set, probabilities finite and summing to 1. A detection submission
-(image, PredictionString) has every test image once and PredictionStrings that parse. Both tracks
-write through `write_submission`: checked, written atomically, with a manifest beside it and a
+(image, PredictionString) has every test image once and PredictionStrings that parse. A segmentation
+submission's check decodes RLE, a layer above this one, so it lives in pipeline/segmentation/submit.py. Every
+track writes through `write_submission`: checked, written atomically, with a manifest beside it and a
 timestamped copy in history/ so earlier submissions are never overwritten.
 
 Other tasks (pipeline/scoring/tasks.py): multi_label writes the tags over their thresholds joined by the
@@ -211,7 +212,7 @@ def validate_detection(frame: pd.DataFrame, source: str, images: list[str], clas
 
 def write_submission(frame: pd.DataFrame, out_dir: Path, name: str, manifest: dict,
                      check: Callable[[pd.DataFrame, str], None]) -> Path:
-    """The submission writer of both tracks: check(frame, path) raises on the first problem; then <name>.csv is written
+    """The submission writer of every track: check(frame, path) raises on the first problem; then <name>.csv is written
     atomically, a timestamped copy goes to history/ and <name>.manifest.json records what made it."""
     out_dir = Path(out_dir)
     path = out_dir / f"{name}.csv"

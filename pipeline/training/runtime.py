@@ -24,7 +24,7 @@ from pipeline.core.config import RuntimeConfig
 from pipeline.core.errors import PipelineError
 from pipeline.training import distributed
 
-Track = Literal["classification", "detection"]
+Track = Literal["classification", "detection", "segmentation"]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ differences from the defaults; dotted command-line overrides (`train.epochs=3`) 
 
 - schema.py: the sections and their keys
 - detect.py: the detection track's sections (`detect.*`)
+- segment.py: the segmentation track's sections (`segment.*`)
 - specs.py: experiment entries (`model.backbones`, `rounds.plan`) and `Config`, the whole tree
 - keys.py: every dotted key, and the suggestion an unknown key gets
 - loading.py: YAML files, dotted overrides, one-line errors, the defaults file and the config hash
@@ -56,6 +57,16 @@ from pipeline.core.config.schema import (
     TuneConfig,
     duration_seconds,
 )
+from pipeline.core.config.segment import (
+    SegmentConfig,
+    SegmentDataConfig,
+    SegmentFoldsConfig,
+    SegmentModelConfig,
+    SegmentPredictConfig,
+    SegmentThresholdsConfig,
+    SegmentTrainConfig,
+    SegmentViewsConfig,
+)
 from pipeline.core.config.specs import (
     NOT_OVERRIDDEN,
     SAFE_NAME,
@@ -76,7 +87,9 @@ __all__ = [
     "DetectTrainConfig",
     "DistillConfig", "EnsembleConfig", "Entry", "EvaluateConfig", "ExportConfig", "ExperimentSpec", "FitConfig",
     "FoldsConfig", "FusionConfig", "ModelConfig", "PredictConfig",
-    "PseudoConfig", "RoundSpec", "RoundsConfig", "RuntimeConfig", "Section", "SpecError", "TrackingConfig",
+    "PseudoConfig", "RoundSpec", "SegmentConfig", "SegmentDataConfig", "SegmentFoldsConfig", "SegmentModelConfig",
+    "SegmentPredictConfig", "SegmentThresholdsConfig", "SegmentTrainConfig", "SegmentViewsConfig", "RoundsConfig",
+    "RuntimeConfig", "Section", "SpecError", "TrackingConfig",
     "TrainConfig", "TuneConfig", "ViewsConfig", "config_hash", "defaults_yaml", "known_keys",
     "load_config", "parse_overrides", "read_yaml", "to_yaml",
 ]

@@ -28,6 +28,7 @@ from pipeline.core.config.schema import (
     TrainConfig,
     TuneConfig,
 )
+from pipeline.core.config.segment import SegmentConfig
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 NOT_OVERRIDDEN = {"model": {"backbones", "only"}, "train": {"folds"}}  # run selection, not part of an experiment
@@ -195,6 +196,7 @@ class Config(Section):
     autogluon: AutoGluonConfig = AutoGluonConfig()
     auto: AutoConfig = AutoConfig()
     detect: DetectConfig = DetectConfig()
+    segment: SegmentConfig = SegmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     rounds: RoundsConfig = RoundsConfig()

@@ -1,0 +1,128 @@
+"""Training of one segmentation model on in-memory images and masks: the segmentation track of the shared loop
+(pipeline/training/loop.py, which owns reseeding, resume from `last.*`, early stopping and the epoch lines).
+
+Images arrive decoded once and resized to image_size (pipeline/data/cache.py), masks as (N, C, S, S) uint8 at
+the same size; batches are cut from those arrays, flipped with their masks, and scored per epoch by the
+validation Dice the competition uses (mean over image-class pairs, 1 when both masks are empty).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from segmentation_models_pytorch.losses import DiceLoss
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from pipeline.core.config import SegmentTrainConfig
+from pipeline.segmentation.infer import predict_views
+from pipeline.segmentation.metrics import dice
+from pipeline.segmentation.models import NORM
+from pipeline.training import loop
+from pipeline.training.runtime import Runtime
+
+
+def flip_batch(images: torch.Tensor, masks: torch.Tensor, flip: torch.Tensor, dim: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip the images (B, C, H, W) and their masks along `dim` (-1: mirror, -2: upside down) where `flip` (B,)."""
+    where = flip[:, None, None, None]
+    return torch.where(where, images.flip(dim), images), torch.where(where, masks.flip(dim), masks)
+
+
+def loss_fn(kind: str):
+    """logits, targets (float 0/1) -> the training loss: soft Dice per class over the batch (smp's), BCE or both."""
+    soft_dice = DiceLoss("multilabel", from_logits=True)
+    if kind == "dice":
+        return soft_dice
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits
+    return lambda logits, target: soft_dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+@dataclass
+class SegmentationTrainer:
+    """`fit()` runs the shared loop and returns the history (train_loss, val_dice per epoch)."""
+
+    model: torch.nn.Module
+    cfg: SegmentTrainConfig
+    images: np.ndarray  # (N, S, S, 3) uint8, every training image (a memmap: rows are read per batch)
+    masks: np.ndarray  # (N, C, S, S) uint8 0/1
+    train_rows: np.ndarray  # the rows this model trains on
+    val_rows: np.ndarray  # and validates on
+    run_dir: Path
+    fingerprint: str
+    runtime: Runtime
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = -(-len(self.train_rows) // cfg.batch_size)
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.lr / 100, t_in_epochs=False)
+        self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
+        self.loss = loss_fn(cfg.loss)
+        self.progress = loop.Progress()
+        self.generator = torch.Generator()
+
+    def reseed(self, epoch: int, epoch_seed: int) -> None:
+        self.generator.manual_seed(epoch_seed)
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.sort(self.train_rows[idx.numpy()])  # sorted reads from a memmap; order within a batch is moot
+        images = torch.from_numpy(self.images[rows]).permute(0, 3, 1, 2)
+        masks = torch.from_numpy(self.masks[rows])
+        for enabled, dim in ((self.cfg.hflip, -1), (self.cfg.vflip, -2)):
+            if enabled:
+                images, masks = flip_batch(images, masks, torch.rand(len(rows), generator=self.generator) < 0.5, dim)
+        return images, masks
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        rt = self.runtime
+        order = torch.randperm(len(self.train_rows), generator=self.generator)
+        batches = order.split(self.cfg.batch_size)
+        total, seen, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(batches, desc=f"segment: epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
+        self.updater.start_epoch()
+        for i, idx in enumerate(bar, 1):
+            images, masks = self._batch(idx)
+            with rt.autocasting():
+                logits = self.model(rt.to_input(images, NORM))
+            loss = self.loss(logits.float(), rt.to_device(masks).float())
+            self.updater.backward(loss, i, len(batches))
+            total, seen = total + loss.detach() * len(idx), seen + len(idx)
+            if not bar.disable and bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        return {"train_loss": float(total) / seen}
+
+    def validate(self) -> dict[str, float]:
+        rows = np.sort(self.val_rows)
+        probs = predict_views(self.updater.evaluated, self.images[rows], ("identity",), self.cfg.batch_size,
+                              self.runtime, combined=True)
+        return {"val_dice": float(dice(probs >= 128, self.masks[rows].astype(bool)).mean())}
+
+    def end_epoch(self, epoch: int, monitored: float | None) -> None:
+        pass  # the schedule steps per update
+
+    def describe(self, row: dict) -> str:
+        return f"loss {row['train_loss']:.4f} | val Dice {row['val_dice']:.4f} ({row['seconds']:.0f} s)"
+
+    def fit(self) -> list[dict]:
+        """With train.patience: stop after that many epochs without a better validation Dice and end with the best
+        epoch's weights; without it every epoch runs and the last weights stay."""
+        saver = loop.CheckpointSaver(self.run_dir, self.fingerprint)
+        patience = self.cfg.patience
+        self.progress = loop.fit(self, saver, epochs=self.cfg.epochs, seed=self.cfg.seed, label="segment:",
+                                 monitor="val_dice", early_stopping=patience, diverged_fix="lower segment.train.lr")
+        if patience:
+            self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
+        return self.progress.history
+
+    @property
+    def best_epoch(self) -> int:
+        return self.progress.best_epoch if self.cfg.patience else self.progress.epoch
