@@ -17,6 +17,10 @@ Above orchestrate (it chains whole stage runs under plans it writes), below the 
 
 A rerun keeps the plan's members (finished ones cost nothing, an interrupted one resumes from its last epoch); after
 a run that ended, only a larger budget adds members, planned in the added time.
+
+A detection folder (box columns in train.csv) is profiled by the detect stage's reader, the planned detector and the
+crop classifier are timed on this device, detection/planning.py plans the detect keys for the budget (WORK/plan.yaml,
+which `make detect CONFIG=WORK/plan.yaml` reproduces), and the detect stage runs on it (_run_detection).
 """
 
 from __future__ import annotations
