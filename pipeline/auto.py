@@ -538,25 +538,27 @@ def _run_detection(data: Path, config: Path | None, overrides: list[str], work: 
     write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
     _print_detection_profile(profile, size, speeds, crop)
     plan_path, plan_json = ctx.work_dir / "plan.yaml", ctx.work_dir / "auto" / "detect_plan.json"
+    base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
+    base.pop("auto", None)
+    asked = {"facts": facts, "budget_seconds": budget_s, "config": base}
     kept = _read(plan_json)
-    if kept.get("facts") == facts and kept.get("budget_seconds") == budget_s and plan_path.exists():
+    if {k: kept.get(k) for k in asked} == asked and plan_path.exists():
         plan = detection_planning.DetectionPlan(**kept["plan"])
-        log.info(f"auto: the plan of the earlier run on this data and budget ({plan_path}); what it trained is kept")
+        log.info(f"auto: the plan of the earlier run on this data, config and budget ({plan_path}); what it trained "
+                 "is kept")
     else:
         left = deadline - time.time()
         plan = detection_planning.plan(profile, speeds, left, crop_speed=crop, reserve=ctx.cfg.auto.reserve)
         if plan.total_seconds > left:
-            raise PipelineError(f"auto.budget: {budget_s / 60:.1f} min leaves {max(left, 0):.0f} s after profiling, and one "
-                                f"epoch of one detector needs an estimated {plan.total_seconds:.0f} s; give a larger "
-                                "BUDGET")
-        base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
-        base.pop("auto", None)
-        base["detect"] = _merged(base.get("detect", {}), detection_planning.detect_section(plan))
+            raise PipelineError(f"auto.budget: {budget_s / 60:.1f} min leaves {max(left, 0):.0f} s after profiling, "
+                                f"and one epoch of one detector needs an estimated {plan.total_seconds:.0f} s; give a "
+                                "larger BUDGET")
+        planned = {**base, "detect": _merged(base.get("detect", {}), detection_planning.detect_section(plan))}
         head = [f"# make auto's plan for a detection folder: a normal config (`make detect CONFIG={plan_path}` "
                 "reproduces it)", *[f"# {n}" for n in plan.notes],
                 "# estimated seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in plan.seconds.items())]
-        write_text(plan_path, "\n".join(head) + "\n" + yaml.safe_dump(base, sort_keys=False))
-        write_json(plan_json, {"facts": facts, "budget_seconds": budget_s, "plan": dataclasses.asdict(plan)})
+        write_text(plan_path, "\n".join(head) + "\n" + yaml.safe_dump(planned, sort_keys=False))
+        write_json(plan_json, {**asked, "plan": dataclasses.asdict(plan)})
     end = time.time() + plan.total_seconds - plan.seconds["reserve"]
     log.info(f"auto: plan ({plan_path}; `make detect CONFIG={plan_path}` reproduces it)\n"
              + detection_planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes)

@@ -209,6 +209,9 @@ def test_a_detection_plan_buys_folds_epochs_and_the_classifier_with_the_budget()
     assert loose.backbone == "resnet10t" and loose.fpn_channels == 64 and loose.crop_size == 32
     assert (loose.image_size, loose.mosaic) == (128, 0.3)  # the shapes' own size; their objects keep mosaic
     assert "total" in detection_planning.table(loose)
+    for minutes in (3, 6, 12, 25, 45, 90, 240):  # the rule at every budget where one epoch of one model fits
+        plan = detection_planning.plan(shapes, CPU_DETECTOR, minutes * 60, crop_speed=CPU_CROPS)
+        assert plan.total_seconds <= minutes * 60 or (plan.n_splits, plan.epochs) == (1, 1), (minutes, plan)
     with pytest.raises(ValueError, match="measured speed"):
         detection_planning.plan(shapes, {"resnet50": (1.0, 1.0)}, 3600)
 
@@ -329,7 +332,8 @@ def test_auto_plans_a_detection_folder_within_its_budget_and_a_rerun_retrains_no
     folds = plan.detect.folds.n_splits
     assert len(list((work / "detect").glob("fcos-resnet10t/fold*/model.safetensors"))) == folds
     speeds = json.loads((work / "profile.json").read_text())["speeds"]
-    assert any(k.startswith("fcos-resnet10t-fpn64@128px") for k in speeds) and all(v["train"] > 0 for v in speeds.values())
+    assert any(k.startswith("fcos-resnet10t-fpn64@128px") for k in speeds)
+    assert all(v["train"] > 0 for v in speeds.values())
     frame = read_submission(Path(summary["submission"]))
     test_images = sorted(p.split(",")[0] for p in (data / "test.csv").read_text().splitlines()[1:])
     validate_detection(frame, summary["submission"], test_images, sorted({r.split(",")[1] for r in (
