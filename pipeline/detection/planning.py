@@ -189,7 +189,7 @@ def plan(profile: DetectionProfile, speeds: dict[str, tuple[float, float]], budg
         if epochs >= wanted or k == 1:
             n_splits = k
             break
-        notes.append(f"folds: not {k}: each of {k} fold models would train {epochs} epochs (wanted {wanted})")
+        notes.append(f"folds: not {k}: each of {k} fold models would train {epochs} epoch(s), not {wanted}")
     epochs = min(MAX_EPOCHS, max(1, epochs))
     after = _after_training(profile, n_splits, speed, fusion)
     classifier_epochs = 0
