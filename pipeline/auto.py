@@ -26,10 +26,12 @@ which `make detect CONFIG=WORK/plan.yaml` reproduces), and the detect stage runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data import labels
 from pipeline.detection import planning as detection_planning
 from pipeline.detection import speed as detection_speed
-from pipeline.detection.data import DetectionData, is_detection_folder, read_detection, split_arrays
+from pipeline.detection.data import Arrays, DetectionData, is_detection_folder, read_detection, split_arrays
 from pipeline.detection.torchvision_models import create
 from pipeline.training import planning, runtime, speed
 from pipeline.training.inference import fold_values
@@ -532,7 +534,8 @@ def _run_detection(data: Path, config: Path | None, overrides: list[str], work: 
     facts = dataclasses.asdict(profile)
     measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
     size = detection_planning.image_size(profile)
-    speeds = {backbone: _detector_speed(backbone, channels, size, found, ctx, rt, measured)
+    decoded = functools.cache(lambda: split_arrays(found.train, found.classes, ctx.work_dir / "cache", size, "train"))
+    speeds = {backbone: _detector_speed(backbone, channels, size, found.classes, decoded, rt, measured)
               for backbone, channels in detection_planning.detectors(profile.device)}
     crop = _crop_speed(profile, rt, measured) if profile.classes >= 2 else None
     write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
@@ -593,18 +596,18 @@ def _detection_profile(found: DetectionData, device: str) -> detection_planning.
         box_p10=float(np.percentile(share, 10)), box_median=float(np.median(share)), device=device)
 
 
-def _detector_speed(backbone: str, channels: int, size: int, found: DetectionData, ctx: Context,
+def _detector_speed(backbone: str, channels: int, size: int, classes: list[str], decoded: Callable[[], Arrays],
                     rt: runtime.Runtime, measured: dict) -> tuple[float, float]:
     """(training, validation) seconds per image of FCOS on `backbone` at `size`, measured once per machine setting
-    on the training images decoded at that size (the cache the detect stage then reads)."""
+    on the training images decoded at that size (`decoded`: once, into the cache the detect stage then reads)."""
     batch = detection_planning.BATCH_SIZE
-    key = (f"fcos-{backbone}-fpn{channels}@{size}px/b{batch}/{len(found.classes)}cls/{rt.device.type}/"
+    key = (f"fcos-{backbone}-fpn{channels}@{size}px/b{batch}/{len(classes)}cls/{rt.device.type}/"
            f"{torch.get_num_threads()}t")
     if key not in measured:
         t0 = time.perf_counter()
-        arrays = split_arrays(found.train, found.classes, ctx.work_dir / "cache", size, "train")
+        arrays = decoded()
         torch.manual_seed(0)
-        model = rt.prepare(create("fcos", len(found.classes), size, backbone, channels))
+        model = rt.prepare(create("fcos", len(classes), size, backbone, channels))
         train, validate = detection_speed.measure(model, arrays.images, arrays.targets, arrays.sizes, batch, 0.01, rt)
         measured[key] = {"train": train, "validate": validate}
         log.info(f"auto: measured fcos on {backbone} at {size} px: {1 / train:.0f} training and {1 / validate:.0f} "
