@@ -17,14 +17,16 @@ import torch
 import yaml
 from timm.scheduler import CosineLRScheduler
 
-from pipeline.core.config import duration_seconds, load_config
+from pipeline.core.config import RuntimeConfig, duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.digits import build_digits
 from pipeline.detection import planning as detection_planning
+from pipeline.detection import speed as detection_speed
 from pipeline.detection.planning import DetectionProfile
 from pipeline.detection.shapes import build_shapes
+from pipeline.detection.torchvision_models import create
 from pipeline.scoring.submission import read_submission, validate_detection
-from pipeline.training import loop, planning
+from pipeline.training import loop, planning, runtime
 from pipeline.training.planning import Member, Profile
 
 from .conftest import REPO
@@ -241,6 +243,16 @@ def test_one_class_has_no_crop_classifier_and_cuda_plans_a_larger_backbone_and_c
     assert loose.total_seconds <= 3600 and tight.total_seconds <= 8 * 60
     cpu = detection_planning.plan(detection_profile(), CPU_DETECTOR, 3600, crop_speed=CPU_CROPS)
     assert len(cpu.fusion["iou"]) * len(cpu.fusion["skip"]) * len(cpu.fusion["conf"]) == 4  # a small grid on CPU
+
+
+def test_a_detector_is_timed_on_its_own_losses_cycling_a_sample_smaller_than_its_batches():
+    rt = runtime.from_config(RuntimeConfig(device="cpu"), "detection")
+    torch.manual_seed(0)
+    model = rt.prepare(create("fcos", 2, 64, "resnet10t", 32))
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    targets = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.5]], [[1, 0.4, 0.3, 0.9, 0.8]], [[0, 0.2, 0.5, 0.6, 0.9]]])
+    train, validate = detection_speed.measure(model, images, targets, torch.full((3, 2), 64.0), 2, 0.01, rt, steps=2)
+    assert 0 < validate and 0 < train < 10  # seconds per image of a 64 px FCOS step on the CPU
 
 
 def test_the_detection_plan_is_a_config_the_detect_stage_reads(tmp_path: Path):
