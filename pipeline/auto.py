@@ -17,15 +17,21 @@ Above orchestrate (it chains whole stage runs under plans it writes), below the 
 
 A rerun keeps the plan's members (finished ones cost nothing, an interrupted one resumes from its last epoch); after
 a run that ended, only a larger budget adds members, planned in the added time.
+
+A detection folder (box columns in train.csv) is profiled by the detect stage's reader, the planned detector and the
+crop classifier are timed on this device, detection/planning.py plans the detect keys for the budget (WORK/plan.yaml,
+which `make detect CONFIG=WORK/plan.yaml` reproduces), and the detect stage runs on it (_run_detection).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +48,10 @@ from pipeline.core.artifacts import read_json, write_json, write_text
 from pipeline.core.config import duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import labels
-from pipeline.detection.data import is_detection_folder
+from pipeline.detection import planning as detection_planning
+from pipeline.detection import speed as detection_speed
+from pipeline.detection.data import Arrays, DetectionData, is_detection_folder, read_detection, split_arrays
+from pipeline.detection.torchvision_models import create
 from pipeline.training import planning, runtime, speed
 from pipeline.training.inference import fold_values
 from pipeline.training.loop import TimeUp, time_limit
@@ -60,7 +69,8 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
         budget: str | None = None) -> dict:
     """The whole chain inside the budget (auto.budget, or `budget` when given); returns the final summary."""
     started = time.time()
-    _refuse_detection(Path(data))
+    if is_detection_folder(Path(data)):
+        return _run_detection(Path(data), config, overrides, work, submissions, budget, started)
     overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]  # checked like any key
     ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False)
     budget_s = duration_seconds(ctx.cfg.auto.budget)
@@ -148,13 +158,6 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     result = _summary(ectx, started, budget_s, finished)
     write_json(auto_dir / "summary.json", result)
     return result
-
-
-def _refuse_detection(data: Path) -> None:
-    """A detection folder (boxes in train.csv) has no auto plan: one line naming the command that handles it."""
-    if is_detection_folder(data):
-        raise PipelineError(f"{data / 'train.csv'}: boxes (xmin, ymin, xmax, ymax): a detection folder, which `make "
-                            f"auto` does not plan yet; run `make detect DATA={data} CONFIG=configs/detect-small.yaml`")
 
 
 # --- profile -----------------------------------------------------------------------------------------------------
@@ -509,3 +512,140 @@ def _read(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+# --- detection folders --------------------------------------------------------------------------------------------
+
+def _run_detection(data: Path, config: Path | None, overrides: list[str], work: Path | None, submissions: Path,
+                   budget: str | None, started: float) -> dict:
+    """A detection folder: its profile, the planned detector's measured speed (and the crop classifier's), the
+    detect keys planned for the budget (detection/planning.py) in WORK/plan.yaml, then the detect stage on it."""
+    overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]
+    ctx = orchestrate.context("detect", config, overrides, data, work, submissions, use_tuned=False)
+    budget_s = duration_seconds(ctx.cfg.auto.budget)
+    deadline = started + budget_s
+    log.info(f"auto: detection folder; budget {budget_s / 60:.1f} min, ends by "
+             f"{time.strftime('%H:%M:%S', time.localtime(deadline))}")
+    runtime.set_threads(ctx.cfg.runtime.threads)
+    rt = runtime.from_config(ctx.cfg.runtime, "detection")
+    cfg = ctx.cfg.detect
+    found = read_detection(data, cfg.data, ctx.cfg.competition, cfg.train.seed, holdout=False)
+    profile = _detection_profile(found, rt.device.type)
+    facts = dataclasses.asdict(profile)
+    measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
+    size = detection_planning.image_size(profile)
+    decoded = functools.cache(lambda: split_arrays(found.train, found.classes, ctx.work_dir / "cache", size, "train"))
+    speeds = {backbone: _detector_speed(backbone, channels, size, found.classes, decoded, rt, measured)
+              for backbone, channels in detection_planning.detectors(profile.device)}
+    crop = _crop_speed(profile, rt, measured) if profile.classes >= 2 else None
+    write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
+    _print_detection_profile(profile, size, speeds, crop)
+    plan_path, plan_json = ctx.work_dir / "plan.yaml", ctx.work_dir / "auto" / "detect_plan.json"
+    base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
+    base.pop("auto", None)
+    asked = {"facts": facts, "budget_seconds": budget_s, "config": base}
+    kept = _read(plan_json)
+    if {k: kept.get(k) for k in asked} == asked and plan_path.exists():
+        plan = detection_planning.DetectionPlan(**kept["plan"])
+        log.info(f"auto: the plan of the earlier run on this data, config and budget ({plan_path}); what it trained "
+                 "is kept")
+    else:
+        left = deadline - time.time()
+        plan = detection_planning.plan(profile, speeds, left, crop_speed=crop, reserve=ctx.cfg.auto.reserve)
+        if plan.total_seconds > left:
+            raise PipelineError(f"auto.budget: {budget_s / 60:.1f} min leaves {max(left, 0):.0f} s after profiling, "
+                                f"and one epoch of one detector needs an estimated {plan.total_seconds:.0f} s; give a "
+                                "larger BUDGET")
+        planned = {**base, "detect": _merged(base.get("detect", {}), detection_planning.detect_section(plan))}
+        head = [f"# make auto's plan for a detection folder: a normal config (`make detect CONFIG={plan_path}` "
+                "reproduces it)", *[f"# {n}" for n in plan.notes],
+                "# estimated seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in plan.seconds.items())]
+        write_text(plan_path, "\n".join(head) + "\n" + yaml.safe_dump(planned, sort_keys=False))
+        write_json(plan_json, {**asked, "plan": dataclasses.asdict(plan)})
+    end = time.time() + plan.total_seconds - plan.seconds["reserve"]
+    log.info(f"auto: plan ({plan_path}; `make detect CONFIG={plan_path}` reproduces it)\n"
+             + detection_planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes)
+             + f"\nauto: ETA {(end - started) / 60:.1f} min in all, at {time.strftime('%H:%M:%S', time.localtime(end))}"
+               f" (budget {budget_s / 60:.1f} min)")
+    dctx = orchestrate.context("detect", plan_path, [], data, ctx.work_dir, submissions, use_tuned=False)
+    orchestrate.run("detect", dctx)
+    metrics = read_json(ctx.work_dir / "detect" / "metrics.json", "rerun `make auto`")
+    wall = time.time() - started
+    result = {"oof_map_50": metrics.get("oof_map_50", metrics.get("map_50")), "wall_seconds": round(wall, 1),
+              "budget_seconds": budget_s, "estimated_seconds": round(plan.total_seconds, 1),
+              "submission": str(dctx.submissions_dir / f"{dctx.name}.csv"), "plan": str(plan_path)}
+    write_json(ctx.work_dir / "auto" / "summary.json", result)
+    log.info(f"auto: done in {wall / 60:.1f} min of the {budget_s / 60:.1f} min budget; "
+             f"{'OOF' if plan.n_splits > 1 else 'validation'} mAP@0.5 {result['oof_map_50']:.4f}")
+    return result
+
+
+def _detection_profile(found: DetectionData, device: str) -> detection_planning.DetectionProfile:
+    """The training images' count and longer sides, their boxes' sides as a share of the image's (sqrt of the area
+    shares: what a square resize keeps), the classes and the other splits' sizes."""
+    images, boxes = found.train.images, found.train.boxes
+    width = images["width"].to_numpy(float)[boxes["item"].to_numpy(int)]
+    height = images["height"].to_numpy(float)[boxes["item"].to_numpy(int)]
+    area = (boxes["xmax"] - boxes["xmin"]).to_numpy(float) * (boxes["ymax"] - boxes["ymin"]).to_numpy(float)
+    share = np.sqrt(area / (width * height))
+    share = share[np.isfinite(share) & (share > 0)]
+    return detection_planning.DetectionProfile(
+        images=len(images), val_images=len(found.val.images), test_images=len(found.test.images),
+        classes=len(found.classes), boxes=len(share),
+        image_side=int(np.median(np.maximum(images["width"], images["height"]))),
+        box_p10=float(np.percentile(share, 10)), box_median=float(np.median(share)), device=device)
+
+
+def _detector_speed(backbone: str, channels: int, size: int, classes: list[str], decoded: Callable[[], Arrays],
+                    rt: runtime.Runtime, measured: dict) -> tuple[float, float]:
+    """(training, validation) seconds per image of FCOS on `backbone` at `size`, measured once per machine setting
+    on the training images decoded at that size (`decoded`: once, into the cache the detect stage then reads)."""
+    batch = detection_planning.BATCH_SIZE
+    key = (f"fcos-{backbone}-fpn{channels}@{size}px/b{batch}/{len(classes)}cls/{rt.device.type}/"
+           f"{torch.get_num_threads()}t")
+    if key not in measured:
+        t0 = time.perf_counter()
+        arrays = decoded()
+        torch.manual_seed(0)
+        model = rt.prepare(create("fcos", len(classes), size, backbone, channels))
+        train, validate = detection_speed.measure(model, arrays.images, arrays.targets, arrays.sizes, batch, 0.01, rt)
+        measured[key] = {"train": train, "validate": validate}
+        log.info(f"auto: measured fcos on {backbone} at {size} px: {1 / train:.0f} training and {1 / validate:.0f} "
+                 f"validated images/s ({time.perf_counter() - t0:.1f} s)")
+    return measured[key]["train"], measured[key]["validate"]
+
+
+def _crop_speed(profile: detection_planning.DetectionProfile, rt: runtime.Runtime,
+                measured: dict) -> tuple[float, float]:
+    """(training, prediction) seconds per crop of the crop classifier at its planned size (training/speed.py)."""
+    backbone, batch = detection_planning.CROP_BACKBONE, detection_planning.CROP_BATCH
+    size = detection_planning.CROP_SIZE.get(profile.device, detection_planning.CROP_SIZE["cpu"])
+    key = f"crops-{backbone}@{size}px/b{batch}/{profile.classes}cls/{rt.device.type}/{torch.get_num_threads()}t"
+    if key not in measured:
+        t0 = time.perf_counter()
+        s = speed.measure(backbone, size, 3, profile.classes, batch, rt)
+        measured[key] = {"train": s.train, "predict": s.predict}
+        log.info(f"auto: measured the crop classifier {backbone} at {size} px: {1 / s.train:.0f} training and "
+                 f"{1 / s.predict:.0f} predicted crops/s ({time.perf_counter() - t0:.1f} s)")
+    return measured[key]["train"], measured[key]["predict"]
+
+
+def _print_detection_profile(profile: detection_planning.DetectionProfile, size: int, speeds: dict,
+                             crop: tuple[float, float] | None) -> None:
+    lines = [f"  images: {profile.images} train ({profile.boxes} boxes, {profile.boxes_per_image:.1f} per image), "
+             f"{profile.val_images} val, {profile.test_images} test; {profile.classes} classes",
+             f"  longer side median {profile.image_side} px; box side / image side: 10th percentile "
+             f"{profile.box_p10:.3f}, median {profile.box_median:.3f}; planned size {size} px",
+             f"  speed on {profile.device} ({torch.get_num_threads()} threads), images/s training | validating:"]
+    lines += [f"    fcos {b:<16} {1 / t:>8.1f} | {1 / v:.1f}" for b, (t, v) in speeds.items()]
+    if crop:
+        lines.append(f"    crops {detection_planning.CROP_BACKBONE:<15} {1 / crop[0]:>8.1f} | {1 / crop[1]:.1f}")
+    log.info("auto: profile (detection folder)\n" + "\n".join(lines))
+
+
+def _merged(base: dict, planned: dict) -> dict:
+    """`base` with `planned`'s keys put in, section by section (the plan's keys win)."""
+    out = dict(base)
+    for key, value in planned.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

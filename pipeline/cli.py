@@ -24,6 +24,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.registry import METRICS
 from pipeline.data import digits
 from pipeline.detection.bananas import build_bananas
+from pipeline.detection.data import is_detection_folder
 from pipeline.detection.infer import score_submission
 from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.scoring import submission
@@ -176,7 +177,8 @@ def dispatch(args: argparse.Namespace) -> None:
             orchestrate.run(args.command, ctx)
     elif args.command == "auto":
         budget = [f"auto.budget={args.budget}"] if args.budget else []
-        ctx = orchestrate.context("clean", args.config, [*args.overrides, *budget], args.data, args.work,
+        first = "detect" if is_detection_folder(args.data) else "clean"  # a detection folder has no task to decide
+        ctx = orchestrate.context(first, args.config, [*args.overrides, *budget], args.data, args.work,
                                   args.submissions, use_tuned=False)
         check_folders(ctx, "ensemble")
         with disk_errors(ctx):

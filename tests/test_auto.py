@@ -1,8 +1,10 @@
-"""`make auto`: the planner as a pure function of a profile and a budget, the time limit of the training loop, and
-the whole chain on a tiny budget (ends on time with a valid submission; a rerun keeps what the first one trained)."""
+"""`make auto`: the planners (classification, detection) as pure functions of a profile and a budget, the time limit
+of the training loop, and the whole chain on a tiny budget for each track (ends on time with a valid submission; a
+rerun keeps what the first one trained)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -15,10 +17,16 @@ import torch
 import yaml
 from timm.scheduler import CosineLRScheduler
 
-from pipeline.core.config import duration_seconds, load_config
+from pipeline.core.config import RuntimeConfig, duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.digits import build_digits
-from pipeline.training import loop, planning
+from pipeline.detection import planning as detection_planning
+from pipeline.detection import speed as detection_speed
+from pipeline.detection.planning import DetectionProfile
+from pipeline.detection.shapes import build_shapes
+from pipeline.detection.torchvision_models import create
+from pipeline.scoring.submission import read_submission, validate_detection
+from pipeline.training import loop, planning, runtime
 from pipeline.training.planning import Member, Profile
 
 from .conftest import REPO
@@ -175,18 +183,99 @@ def test_a_time_limit_stops_a_fit_at_an_epoch_end_and_a_rerun_resumes_after_it(t
                     monitor="val", say=lambda s: None).epoch == 1  # no limit outside the block
 
 
-def test_a_detection_folder_is_refused_in_one_line_naming_make_detect(tmp_path: Path):
-    (tmp_path / "train.csv").write_text("image,label,xmin,ymin,xmax,ymax\na.png,cat,1,2,3,4\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(tmp_path), "--work",
-                          str(tmp_path / "w"), "--budget", "1m"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert "make detect" in out.stderr and "train.csv" in out.stderr
+def detection_profile(images=1500, classes=10, side=128, p10=0.2, device="cpu") -> DetectionProfile:
+    return DetectionProfile(images=images, val_images=200, test_images=300, classes=classes, boxes=int(2.5 * images),
+                            image_side=side, box_p10=p10, box_median=1.6 * p10, device=device)
+
+
+# seconds per image (training, validation) of FCOS at 128 px: resnet10t on one CPU thread (configs/detect-small.yaml's
+# ~30 s epochs of 1,200 images), and each CUDA backbone; the crop classifier's per 32 px crop (training, prediction)
+CPU_DETECTOR = {"resnet10t": (0.025, 0.012)}
+GPU_DETECTOR = {"resnet34": (0.004, 0.002), "resnet18": (0.0025, 0.0012), "resnet10t": (0.0015, 0.001)}
+CPU_CROPS, GPU_CROPS = (3e-3, 8e-4), (2e-4, 5e-5)
+
+
+def test_a_detection_plan_buys_folds_epochs_and_the_classifier_with_the_budget():
+    shapes = detection_profile()
+    loose = detection_planning.plan(shapes, CPU_DETECTOR, 4 * 3600, crop_speed=CPU_CROPS)
+    tight = detection_planning.plan(shapes, CPU_DETECTOR, 20 * 60, crop_speed=CPU_CROPS)
+    tiny = detection_planning.plan(shapes, CPU_DETECTOR, 5 * 60, crop_speed=CPU_CROPS)
+    assert (loose.n_splits, loose.epochs) == (5, detection_planning.MAX_EPOCHS) and loose.classifier_epochs >= 10
+    assert tight.n_splits == 3 and detection_planning.FLOOR_EPOCHS <= tight.epochs < loose.epochs
+    assert tight.classifier_epochs == 0 and any("no crop classifier" in n for n in tight.notes)
+    assert tiny.n_splits == 1 and tiny.classifier_epochs == 0 and tiny.epochs >= 1
+    assert any("not 5" in n for n in tight.notes) and any("not 3" in n for n in tiny.notes)
+    for plan, budget in ((loose, 4 * 3600), (tight, 20 * 60), (tiny, 5 * 60)):
+        assert plan.total_seconds <= budget, plan  # the estimate, reserve included, fits what it was given
+        assert plan.patience == detection_planning.PATIENCE and plan.seconds["reserve"] == 0.1 * budget
+    assert loose.backbone == "resnet10t" and loose.fpn_channels == 64 and loose.crop_size == 32
+    assert (loose.image_size, loose.mosaic) == (128, 0.3)  # the shapes' own size; their objects keep mosaic
+    assert "total" in detection_planning.table(loose)
+    for minutes in (3, 6, 12, 25, 45, 90, 240):  # the rule at every budget where one epoch of one model fits
+        plan = detection_planning.plan(shapes, CPU_DETECTOR, minutes * 60, crop_speed=CPU_CROPS)
+        assert plan.total_seconds <= minutes * 60 or (plan.n_splits, plan.epochs) == (1, 1), (minutes, plan)
+    with pytest.raises(ValueError, match="measured speed"):
+        detection_planning.plan(shapes, {"resnet50": (1.0, 1.0)}, 3600)
+
+
+def test_a_detection_plan_sizes_the_images_by_their_side_and_the_smallest_boxes():
+    small = detection_profile(side=1000, p10=0.01)
+    large = detection_profile(side=1000, p10=0.3)
+    assert detection_planning.image_size(small) == 512  # the images' 1024 px, capped on the CPU
+    assert detection_planning.image_size(dataclasses.replace(small, device="cuda")) == 1024
+    assert detection_planning.image_size(large) == 128  # a 30% box still spans 38 px at 128 px
+    assert detection_planning.image_size(detection_profile(side=100)) == 128  # a multiple of 32, no smaller
+    speeds = {"resnet10t": (0.025 * (512 / 128) ** 2, 0.012 * (512 / 128) ** 2)}
+    plan = detection_planning.plan(small, speeds, 4 * 3600, crop_speed=CPU_CROPS)
+    assert plan.image_size == 512 and plan.mosaic == 0.0 and any("small objects" in n for n in plan.notes)
+    assert detection_planning.plan(large, CPU_DETECTOR, 4 * 3600).mosaic == 0.3
+
+
+def test_one_class_has_no_crop_classifier_and_cuda_plans_a_larger_backbone_and_crops():
+    one = detection_planning.plan(detection_profile(classes=1), CPU_DETECTOR, 4 * 3600, crop_speed=CPU_CROPS)
+    assert one.classifier_epochs == 0 and any("one class" in n for n in one.notes)
+    gpu = detection_profile(device="cuda")
+    loose = detection_planning.plan(gpu, GPU_DETECTOR, 3600, crop_speed=GPU_CROPS)
+    tight = detection_planning.plan(gpu, GPU_DETECTOR, 8 * 60, crop_speed=GPU_CROPS)
+    assert (loose.backbone, loose.fpn_channels, loose.crop_size) == ("resnet34", 128, 64)
+    assert loose.n_splits == 5 and loose.classifier_epochs > 0 and loose.fusion["conf"] == ["avg", "max"]
+    assert tight.backbone in ("resnet18", "resnet10t") and any("backbone" in n for n in tight.notes)
+    assert loose.total_seconds <= 3600 and tight.total_seconds <= 8 * 60
+    cpu = detection_planning.plan(detection_profile(), CPU_DETECTOR, 3600, crop_speed=CPU_CROPS)
+    assert len(cpu.fusion["iou"]) * len(cpu.fusion["skip"]) * len(cpu.fusion["conf"]) == 4  # a small grid on CPU
+
+
+def test_a_detector_is_timed_on_its_own_losses_cycling_a_sample_smaller_than_its_batches():
+    rt = runtime.from_config(RuntimeConfig(device="cpu"), "detection")
+    torch.manual_seed(0)
+    model = rt.prepare(create("fcos", 2, 64, "resnet10t", 32))
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    targets = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.5]], [[1, 0.4, 0.3, 0.9, 0.8]], [[0, 0.2, 0.5, 0.6, 0.9]]])
+    train, validate = detection_speed.measure(model, images, targets, torch.full((3, 2), 64.0), 2, 0.01, rt, steps=2)
+    assert 0 < validate and 0 < train < 10  # seconds per image of a 64 px FCOS step on the CPU
+
+
+def test_the_detection_plan_is_a_config_the_detect_stage_reads(tmp_path: Path):
+    plan = detection_planning.plan(detection_profile(), CPU_DETECTOR, 4 * 3600, crop_speed=CPU_CROPS)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"competition": {"name": "x"},
+                                    "detect": detection_planning.detect_section(plan)}))
+    detect = load_config(path).detect
+    assert (detect.model.name, detect.model.backbone, detect.model.fpn_channels) == ("fcos", "resnet10t", 64)
+    assert (detect.folds.n_splits, detect.train.epochs, detect.train.patience) == (5, plan.epochs, 4)
+    assert detect.train.image_size == 128 and detect.classifier.enabled
+    assert (detect.classifier.train.image_size, detect.classifier.train.epochs) == (32, plan.classifier_epochs)
+    assert detect.fusion.iou == plan.fusion["iou"] and detect.views.scales == [1.0]
 
 
 def test_a_bad_budget_is_one_line(tmp_path: Path):
-    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(tmp_path), "--work",
-                          str(tmp_path / "w"), "--budget", "soon"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "90s, 25m or 2h" in out.stderr, out.stderr
+    detection = tmp_path / "boxes"
+    detection.mkdir()
+    (detection / "train.csv").write_text("image,label,xmin,ymin,xmax,ymax\na.png,cat,1,2,3,4\n")
+    for data in (tmp_path, detection):
+        out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(data), "--work",
+                              str(tmp_path / "w"), "--budget", "soon"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "90s, 25m or 2h" in out.stderr, out.stderr
 
 
 def _auto(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -227,3 +316,45 @@ def test_auto_on_a_tiny_budget_ends_on_time_with_a_valid_submission_and_a_rerun_
     assert not remeasured and "probe:" not in log  # speeds and the probe's decision are kept
     assert "epoch 1:" not in log  # nothing retrained
     assert (work / "ensemble" / "weights.json").stat().st_mtime_ns == first  # the ensemble is up to date
+
+
+def _auto_detect(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "pipeline", "auto", "--data", str(data), "--work", str(work),
+                          "--submissions", str(subs), "--budget", budget, "runtime.threads=1",
+                          "tracking.backend=none"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    return out, time.time() - t0
+
+
+@pytest.mark.slow
+def test_auto_plans_a_detection_folder_within_its_budget_and_a_rerun_retrains_nothing(tmp_path: Path):
+    data = build_shapes(tmp_path / "shapes", n_train=24, n_val=6, n_test=6, seed=2)
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    out, wall = _auto_detect(data, work, subs, "100s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert wall <= 100 * 1.1, f"{wall:.0f} s for a 100 s budget"
+    log = out.stderr + out.stdout
+    for shown in ("auto: profile (detection folder)", "auto: plan", "auto: ETA", "detect: epoch 1:", "auto: done"):
+        assert shown in log, shown
+    summary = json.loads((work / "auto" / "summary.json").read_text())
+    assert summary["estimated_seconds"] <= 100 and summary["wall_seconds"] <= 110
+    plan = load_config(work / "plan.yaml")  # a normal config: `make detect CONFIG=WORK/plan.yaml` reads it
+    assert plan.detect.model.name == "fcos" and plan.detect.train.image_size == 128
+    assert plan.detect.train.patience == detection_planning.PATIENCE and plan.runtime.threads == 1
+    folds = plan.detect.folds.n_splits
+    assert len(list((work / "detect").glob("fcos-resnet10t/fold*/model.safetensors"))) == folds
+    speeds = json.loads((work / "profile.json").read_text())["speeds"]
+    assert any(k.startswith("fcos-resnet10t-fpn64@128px") for k in speeds)
+    assert all(v["train"] > 0 for v in speeds.values())
+    frame = read_submission(Path(summary["submission"]))
+    test_images = sorted(p.split(",")[0] for p in (data / "test.csv").read_text().splitlines()[1:])
+    validate_detection(frame, summary["submission"], test_images, sorted({r.split(",")[1] for r in (
+        data / "train.csv").read_text().splitlines()[1:]}))
+    again, _ = _auto_detect(data, work, subs, "100s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr + again.stdout
+    assert "auto: measured" not in log and "epoch 1:" not in log  # speeds and every trained model are kept
+    assert log.count("model up to date") == folds and "the plan of the earlier run" in log
+    short, _ = _auto_detect(data, work, subs, "5s")
+    assert short.returncode == 2 and short.stderr.count("\n") == 1, short.stderr
+    assert "auto.budget" in short.stderr and "larger BUDGET" in short.stderr
