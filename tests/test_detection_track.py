@@ -1,5 +1,7 @@
 """Detection training, decoding, mAP, submission and the `detect` stage end to end."""
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -192,7 +194,9 @@ def test_detect_stage_learns_bananas_writes_pictures_and_a_valid_submission(tmp_
     assert metrics["tta"] in ("none", "hflip") and metrics["map_50"] == max(metrics["map_50_by_tta"].values())
     assert metrics["val_class_err"] < 0.01 and metrics["val_bbox_mae"] < history["val_bbox_mae"].iloc[0]
     # the process's peak memory so far (pytest's too, so no tight bound here; box voting's test bounds the cause)
-    assert metrics["peak_rss_gb"] > 0.1 and f"peak memory {metrics['peak_rss_gb']:.1f} GB" in capsys.readouterr().out
+    printed = re.search(r"peak memory (\d+\.\d) GB", capsys.readouterr().out)
+    # the line rounds to 0.1 GB: 1.95 may print either way of 2.0
+    assert metrics["peak_rss_gb"] > 0.1 and printed and abs(float(printed[1]) - metrics["peak_rss_gb"]) <= 0.05 + 1e-9
     for name in ("curves.png", "gallery_val.png", "gallery_test.png"):
         with Image.open(out / name) as im:
             assert im.width > 256 and im.height > 100
