@@ -125,11 +125,6 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
     for k in range(n_splits):
         train_fold(settings, backbone, k, tdata)
     run_keys = [run_key(settings, backbone, k, tdata) for k in range(n_splits)]
-    rt = runtime.from_config(ctx.cfg.runtime, "classification")
-    models = []
-    for k in range(n_splits):
-        model, meta = load_checkpoint(settings.runs_root / backbone / f"fold{k}", tdata.folds_hash, classes)
-        models.append((rt.prepare(model), meta["norm"]))
     views = ["identity", "hflip"] if cfg.train.hflip else ["identity"]
     n_classes, per_image, size = len(classes), ccfg.boxes_per_image, ccfg.train.image_size
     parts = {"oof": (train, ranked(fused["oof"])), "val": (val, ranked(fused["val"])),
@@ -143,7 +138,12 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
                       {str(m): {p: _boxes_digest(b, per_image) for p, b in v.items()} for m, v in variants.items()})
     if is_done(stamp, key, [path]):
         probs = torch.load(path, weights_only=False)
-    else:
+    else:  # the fold classifiers are loaded only when their probabilities are not cached
+        rt = runtime.from_config(ctx.cfg.runtime, "classification")
+        models = []
+        for k in range(n_splits):
+            model, meta = load_checkpoint(settings.runs_root / backbone / f"fold{k}", tdata.folds_hash, classes)
+            models.append((rt.prepare(model), meta["norm"]))
         probs = {}
         for merge, boxes in variants.items():
             for part, (arrays, _) in parts.items():
@@ -167,11 +167,12 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
         return combine(variants[merge][part], probs[(str(merge), part)], weight, ccfg.top_k,
                        cfg.decode.max_detections)
 
-    choice = choose_rule({r: apply(r, "oof") for r in rules}, truth, fold)
+    candidates = {r: apply(r, "oof") for r in rules}
+    choice = choose_rule(candidates, truth, fold)
     write_csv(ctx.work_dir / "detect" / "crops" / "rules.csv", choice.grid)
     alone, chosen = (1.0, None), choice.rule
-    oof, val_dets, test_dets = apply(chosen, "oof"), apply(chosen, "val"), apply(chosen, "test")
-    alone_oof = apply(alone, "oof")
+    oof, val_dets, test_dets = candidates[chosen], apply(chosen, "val"), apply(chosen, "test")
+    alone_oof = candidates[alone]
     name = rule_name(*chosen)
     rows = [{"entry": f"second stage: {name} (chosen on OOF)", "kind": "classifier", "views": "+".join(views),
              **prefixed("oof", choice.oof), **prefixed("val", map_or_nan(val_dets, val_truth))},
