@@ -41,6 +41,39 @@ def test_bare_ids_with_image_dir_and_suffix(comp_dir: Path):
     assert comp.train["id"].iloc[0] == "cat_0" and comp.train["path"].iloc[0].endswith("img/cat_0.png")
 
 
+def _split_folders(comp_dir: Path, suffix: bool) -> None:
+    """Kaggle's layout: train images in train_images/, test images in test/images/, bare ids in the CSVs."""
+    for name, folder in (("train.csv", "train_images"), ("test.csv", "test/images")):
+        frame = pd.read_csv(comp_dir / name, dtype=str, keep_default_na=False)
+        (comp_dir / folder).mkdir(parents=True)
+        for image in frame.image:
+            os.replace(comp_dir / image, comp_dir / folder / Path(image).name)
+    strip = (lambda f: f.assign(image=f.image.str.slice(4, -4))) if suffix else (
+        lambda f: f.assign(image=f.image.str.slice(4)))
+    for name in ("train.csv", "test.csv", "sample_submission.csv"):
+        _edit(comp_dir / name, strip)
+
+
+@pytest.mark.parametrize("suffix", [False, True])
+def test_bare_ids_find_their_split_folders(comp_dir: Path, suffix: bool, caplog):
+    _split_folders(comp_dir, suffix)
+    with caplog.at_level("INFO"):
+        comp = read_competition(comp_dir, CFG)
+    assert comp.train["path"].iloc[0] == str((comp_dir / "train_images" / "cat_0.png").resolve())
+    assert comp.test["path"].iloc[2] == str((comp_dir / "test" / "images" / "test_2.png").resolve())
+    assert comp.train["id"].iloc[0] == ("cat_0" if suffix else "cat_0.png")
+    assert "train.csv: images found in train_images/*" + (".png" if suffix else "") in caplog.text
+
+
+def test_an_id_in_two_folders_is_one_line(comp_dir: Path):
+    _split_folders(comp_dir, suffix=False)
+    (comp_dir / "extra").mkdir()
+    (comp_dir / "extra" / "cat_0.png").write_bytes((comp_dir / "train_images" / "cat_0.png").read_bytes())
+    with pytest.raises(PipelineError, match=r"^\S*train.csv line 2: image 'cat_0.png' is in several folders "
+                                            r"\(extra/cat_0.png, train_images/cat_0.png\); set competition.image_dir"):
+        read_competition(comp_dir, CFG)
+
+
 def test_explicit_columns(comp_dir: Path):
     _edit(comp_dir / "train.csv", lambda f: f.rename(columns={"image": "file", "label": "breed"}).assign(extra="x"))
     _edit(comp_dir / "test.csv", lambda f: f.rename(columns={"image": "file"}))

@@ -14,6 +14,7 @@ competition's train.csv) as extra training rows; only the clean stage reads them
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from pipeline.core.config import CompetitionConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data.labels import detect_task, read_labels
 from pipeline.data.table import line_of, read_table
+
+log = logging.getLogger(__name__)
 
 ID_CANDIDATES = ("image", "image_id", "id", "filename", "file_name", "file", "path", "image_path", "img", "name")
 LABEL_CANDIDATES = ("label", "labels", "target", "class", "category", "y")
@@ -80,15 +83,58 @@ def _detect_label(train: pd.DataFrame, test: pd.DataFrame, id_col: str, cfg: Com
                         "set competition.label_column")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+SEARCH_DEPTH = 2  # DATA/train_images/x.png and DATA/train/images/x.png: the layouts Kaggle folders use
+
+
+def image_folders(root: Path, ident: str) -> list[tuple[str, str]]:
+    """Each (folder relative to DATA, suffix) up to SEARCH_DEPTH levels down that holds the image `ident` names
+    (as a file name, or a file name without its image suffix).
+    Kaggle folders keep bare ids in their CSVs and the images in per-split folders (train_images/, test/images/),
+    which one competition.image_dir cannot express: each CSV finds its own folder from its first id."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < SEARCH_DEPTH else []
+        names = set(files)
+        if depth and ident in names:
+            found.add((rel, ""))
+        found.update((rel, s) for s in IMAGE_SUFFIXES if ident + s in names)
+    return sorted(found)
+
+
+def image_location(root: Path, first: str, cfg: CompetitionConfig, csv: Path, line: int) -> tuple[str, str]:
+    """(image_dir, image_suffix) a CSV's ids are read with: competition.image_dir and image_suffix when either is
+    set or the first id is a path from DATA, else the one subfolder that holds the first id's image
+    (image_folders); the bundles record the same pair."""
+    if cfg.image_dir or cfg.image_suffix or not first or (root / first).is_file():
+        return cfg.image_dir, cfg.image_suffix
+    found = image_folders(root, first)
+    if len(found) > 1:
+        raise PipelineError(f"{csv} line {line}: image '{first}' is in several folders ("
+                            + ", ".join(os.path.join(d, first + x) for d, x in found)
+                            + "); set competition.image_dir (and image_suffix) to the right one")
+    if not found:
+        return "", ""
+    log.info(f"{csv.name}: images found in {os.path.join(found[0][0], '*' + found[0][1])} "
+             "(competition.image_dir / image_suffix set this)")
+    return found[0]
+
+
 def resolve_paths(frame: pd.DataFrame, id_col: str, root: Path, cfg: CompetitionConfig, csv: Path) -> list[str]:
-    """Absolute paths that provably stay inside DATA (no '..', absolute paths or links out)."""
+    """Absolute paths that provably stay inside DATA (no '..', absolute paths or links out); ids are read in the
+    folder image_location gives."""
     real_root = root.resolve()
+    ids = [str(x) for x in frame[id_col]]
+    first = next((i for i, x in enumerate(ids) if x), 0)
+    image_dir, suffix = image_location(real_root, ids[first] if ids else "", cfg, csv, line_of(frame, first))
     out = []
     for i, ident in enumerate(frame[id_col]):
         line = line_of(frame, i)
         if ident == "":
             raise PipelineError(f"{csv} line {line}: empty '{id_col}'; every row needs an image id")
-        rel = os.path.join(cfg.image_dir, ident + cfg.image_suffix) if (cfg.image_dir or cfg.image_suffix) else ident
+        rel = os.path.join(image_dir, ident + suffix) if (image_dir or suffix) else ident
         if os.path.isabs(rel) or rel.startswith(("\\", "~")):
             raise PipelineError(f"{csv} line {line}: image path '{rel}' is absolute; paths must be relative to {root}")
         try:

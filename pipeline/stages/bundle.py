@@ -18,6 +18,7 @@ from pipeline.core import experiments
 from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
 from pipeline.core.config import PredictConfig
 from pipeline.core.errors import PipelineError
+from pipeline.data.competition import image_location
 from pipeline.detection.data import is_detection_folder
 from pipeline.export import bundle, bundle_predict
 from pipeline.export.onnx_export import export_onnx, view_sizes
@@ -234,11 +235,13 @@ def _write(ctx: Context, out_dir, fp: str, members: list[dict], files: dict, ble
     if cfg.clean.transfer_test_labels and (ctx.work_dir / "test_label_overrides.csv").exists():
         log.info("bundle: clean.transfer_test_labels=true replaced some test labels by their training duplicate's; "
                  "the bundle predicts every test image itself, so those rows may differ from the submission")
+    image_dir, image_suffix = image_location(ctx.data_dir.resolve(), str(comp.test["id"].iloc[0]), cfg.competition,
+                                             ctx.data_dir / cfg.competition.test_csv, 2)
     spec = {"fingerprint": fp, "format": 1, "competition": comp.name, "task": cfg.competition.task,
             "classes": comp.classes, "separator": comp.separator, "metric": cfg.competition.metric,
             "honest_score": honest_score,
             "input": {"test_csv": cfg.competition.test_csv, "id_column": comp.id_column,
-                      "image_dir": cfg.competition.image_dir, "image_suffix": cfg.competition.image_suffix,
+                      "image_dir": image_dir, "image_suffix": image_suffix,
                       "sample_submission_csv": cfg.competition.sample_submission_csv,
                       "max_pixels": cfg.clean.max_pixels},
             "submission": _submission_spec(ctx), "members": members, "blend": blend_spec,

@@ -25,7 +25,7 @@ import torch
 from pipeline.context import Context
 from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
 from pipeline.core.errors import PipelineError
-from pipeline.data.competition import ID_CANDIDATES
+from pipeline.data.competition import ID_CANDIDATES, image_location
 from pipeline.data.images import MAX_PIXELS
 from pipeline.detection.data import read_detection
 from pipeline.detection.ensemble import above_score, configuration_name, fuse_chosen
@@ -183,10 +183,12 @@ def run(ctx: Context) -> dict:
         log.info(f"bundle: up to date: {out_dir}")
         return stamp
     test_csv = ctx.data_dir / cfg.data.test_csv
-    id_column = next(c for c in pd.read_csv(test_csv, nrows=0).columns if c in ID_CANDIDATES)
+    test_ids = pd.read_csv(test_csv, dtype=str, keep_default_na=False, nrows=1)
+    id_column = next(c for c in test_ids.columns if c in ID_CANDIDATES)
+    image_dir, image_suffix = image_location(ctx.data_dir.resolve(), test_ids[id_column].iloc[0], comp, test_csv, 2)
     spec = {"fingerprint": fp, "format": 1, "competition": ctx.name, "task": "detection", "classes": data.classes,
-            "input": {"test_csv": cfg.data.test_csv, "id_column": id_column, "image_dir": comp.image_dir,
-                      "image_suffix": comp.image_suffix, "max_pixels": MAX_PIXELS},
+            "input": {"test_csv": cfg.data.test_csv, "id_column": id_column, "image_dir": image_dir,
+                      "image_suffix": image_suffix, "max_pixels": MAX_PIXELS},
             "submission": {"kind": "detection", "id_column": "image", "value_columns": ["PredictionString"],
                            "format": "label score xmin ymin xmax ymax per box, best first; score to 4 decimals, "
                                      "pixels to 1"},
