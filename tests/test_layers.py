@@ -9,6 +9,9 @@ Function-level imports count too: a lazy import is still an edge.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,15 @@ def test_library_functions_do_not_take_the_context(package: str):
                 if any(a.arg == "ctx" for a in node.args.args + node.args.kwonlyargs):
                     takes_ctx.append(f"{path.name}:{node.name}")
     assert takes_ctx == []
+
+
+def test_importing_the_pipeline_makes_no_network_call():
+    """albumentations asks PyPI for its version at import unless NO_ALBUMENTATIONS_UPDATE is set; pipeline sets it."""
+    code = ("import urllib.request, sys\n"
+            "def refuse(*a, **k):\n    sys.exit(3)\n"
+            "urllib.request.OpenerDirector.open = refuse\n"
+            "import pipeline, albumentations\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    code = code.replace("import pipeline, albumentations", "import albumentations")
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 3  # the check this guards against
