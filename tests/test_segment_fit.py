@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from pipeline.core.config import SegmentTrainConfig
 from pipeline.core.errors import PipelineError
-from pipeline.segmentation.fit import SegmentationTrainer, flip_batch, loss_fn
+from pipeline.segmentation.fit import SegmentationTrainer, flip_batch, loss_fn, post_processed_dice
+from pipeline.segmentation.metrics import dice
 from pipeline.segmentation.models import create, load_pretrained
 from pipeline.training.runtime import Runtime
 
@@ -60,6 +61,21 @@ def test_losses_are_low_for_the_right_answer_and_high_for_the_wrong_one():
     for kind in ("dice_bce", "dice", "bce"):
         loss = loss_fn(kind)
         assert float(loss(right, target)) < 0.01 and float(loss(wrong, target)) > 0.99, kind  # soft Dice: at most 1
+
+
+def test_the_monitor_prefers_a_learner_with_stray_pixels_to_the_empty_model():
+    """Half the images are empty: the empty model scores 0.5 at threshold 0.5, a model that finds the squares but
+    leaves 2x2 specks on the empty images scores less raw and far more once specks below 16 pixels are dropped."""
+    truth = np.zeros((10, 1, 32, 32), bool)
+    truth[5:, 0, 8:24, 8:24] = True
+    learner = np.zeros(truth.shape, np.uint8)
+    learner[5:, 0, 8:22, 8:24] = 230  # 14 of the 16 rows: Dice 0.933
+    learner[:5, 0, 3:5, 3:5] = 230
+    empty = np.zeros(truth.shape, np.uint8)
+    raw = [float(dice(p >= 128, truth).mean()) for p in (empty, learner)]
+    assert raw == [0.5, pytest.approx(0.5 * 28 / 30)]
+    assert post_processed_dice(empty, truth) == 0.5
+    assert post_processed_dice(learner, truth) == pytest.approx(0.5 + 0.5 * 28 / 30)
 
 
 def test_the_trainer_learns_bright_squares(tmp_path):

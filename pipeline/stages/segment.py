@@ -110,11 +110,11 @@ def _train(ctx: Context, key: str, n_classes: int, images: np.ndarray, masks: np
         raise
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
-    plot_panels(history, {"loss": ["train_loss"], "validation Dice": ["val_dice"]}, out / "curves.png",
+    plot_panels(history, {"loss": ["train_loss"], "validation Dice": ["val_dice", "val_dice_post"]}, out / "curves.png",
                 f"{cfg.model.arch} {cfg.model.encoder}, {out.name}")
     track.finish(history.to_dict("records"), [out / "history.csv", out / "curves.png"])  # before the stamp
     best = history.loc[history["epoch"] == trainer.best_epoch].iloc[0]
-    summary = {"epochs": len(history), "best_epoch": trainer.best_epoch, "val_dice": float(best["val_dice"]),
+    summary = {"epochs": len(history), "best_epoch": trainer.best_epoch, "val_dice": float(best["val_dice_post"]),
                "train_seconds": float(history["seconds"].sum()), "device": str(rt.device)}
     write_stamp(out / "model.json", fp, summary=summary)
     return model, fp, summary
