@@ -29,26 +29,30 @@ def _train(data: Path) -> pd.DataFrame:
 def planted(root: Path, corrupt: bool = True) -> tuple[Path, dict[str, str]]:
     """A generated folder (12 train images at 64 px) with planted copies of three training images that hold objects:
     a pixel-identical copy with the same masks, a JPEG re-encode with a 4-level brightness shift and the same masks,
-    and a pixel-identical copy whose masks are all empty; with `corrupt`, a truncated JPEG (its header still reads,
-    its pixels do not; a PNG's header read decodes the pixels for EXIF)."""
+    and a pixel-identical copy of an image holding two or more classes with the first one's mask emptied; with
+    `corrupt`, a truncated JPEG (its header still reads, its pixels do not; reading a PNG's EXIF decodes its pixels,
+    so the reader itself would refuse a truncated PNG)."""
     data = build_masks(root, n_train=12, n_test=4, seed=0, size=64)
     train = _train(data)
-    holding = train[(train[list(CLASSES)] != "").any(axis=1)]["ImageId"].tolist()
-    src = {EXACT: holding[0], NEAR: holding[1], OTHER: holding[2]}
+    held = (train[list(CLASSES)] != "").sum(axis=1)
+    several = train[held >= 2]["ImageId"].iloc[0]
+    holding = [i for i in train[held >= 1]["ImageId"] if i != several]
+    src = {EXACT: holding[0], NEAR: holding[1], OTHER: several}
+    cleared = next(c for c in CLASSES if train.set_index("ImageId").loc[several, c])
     shutil.copy(data / src[EXACT], data / EXACT)
     with Image.open(data / src[NEAR]) as im:
         Image.fromarray(np.clip(np.asarray(im, np.int16) + 4, 0, 255).astype(np.uint8)).save(data / NEAR, quality=92)
     shutil.copy(data / src[OTHER], data / OTHER)
     rows = [train[train.ImageId == src[EXACT]].assign(ImageId=EXACT),
             train[train.ImageId == src[NEAR]].assign(ImageId=NEAR),
-            train[train.ImageId == src[OTHER]].assign(ImageId=OTHER, **dict.fromkeys(CLASSES, ""))]
+            train[train.ImageId == src[OTHER]].assign(ImageId=OTHER, **{cleared: ""})]
     if corrupt:
-        src[CORRUPT] = holding[3]
-        with Image.open(data / holding[3]) as im:
+        src[CORRUPT] = holding[2]
+        with Image.open(data / holding[2]) as im:
             im.save(data / CORRUPT, quality=92)
         raw = (data / CORRUPT).read_bytes()
         (data / CORRUPT).write_bytes(raw[:len(raw) // 2])
-        rows.append(train[train.ImageId == holding[3]].assign(ImageId=CORRUPT))
+        rows.append(train[train.ImageId == holding[2]].assign(ImageId=CORRUPT))
     pd.concat([train, *rows]).to_csv(data / "train.csv", index=False)
     return data, src
 
@@ -57,10 +61,13 @@ def clean(data: Path, work: Path, *overrides: str) -> int:
     return main(["clean", "--data", str(data), "--work", str(work), "clean.workers=1", *overrides])
 
 
-def test_groups_conflicts_empty_shares_and_unreadable_images(tmp_path):
+def test_groups_conflicts_empty_shares_and_unreadable_images(tmp_path, caplog):
     data, src = planted(tmp_path / "masks")
     work = tmp_path / "work"
     assert clean(data, work) == 0
+    assert "clean: 1 training image cannot be decoded, e.g. train.csv line 17: " in caplog.text
+    assert f"1 duplicate pair of training images with masks that disagree (Dice below clean.mask_conflict_dice=0.8): " \
+           f"{src[OTHER]} ~ {OTHER}" in caplog.text
     table = pd.read_csv(work / "clean.csv", dtype={"id": str})
     assert list(table.columns) == ["id", "classes", "group", "path"]
     train = _train(data)
@@ -72,7 +79,8 @@ def test_groups_conflicts_empty_shares_and_unreadable_images(tmp_path):
     assert len(together) == 3  # three distinct groups of two
     assert table["group"].value_counts().max() == 2
     assert (table["group"].value_counts() == 2).sum() == 3  # every other image is a group of its own
-    assert table.set_index("id").loc[OTHER, "classes"] == "(empty)"
+    classes = table.set_index("id")["classes"]  # the copy holds its source's classes but the first
+    assert classes[OTHER] == "+".join(classes[src[OTHER]].split("+")[1:])
 
     dropped = pd.read_csv(work / "dropped.csv", keep_default_na=False)
     assert dropped["id"].tolist() == [CORRUPT]
@@ -87,8 +95,8 @@ def test_groups_conflicts_empty_shares_and_unreadable_images(tmp_path):
     assert (exact.kind, exact.mask_dice, exact.mask_conflict) == ("exact", 1.0, False)
     assert (near.kind, near.mask_dice, near.mask_conflict) == ("near", 1.0, False)
     assert (other.kind, other.mask_dice, other.mask_conflict) == ("exact", 0.0, True)
-    held = [c for c in CLASSES if train.set_index("ImageId").loc[src[OTHER], c]]
-    assert other.conflict_classes == "+".join(held)
+    first_held = next(c for c in CLASSES if train.set_index("ImageId").loc[src[OTHER], c])
+    assert other.conflict_classes == first_held  # the other classes' masks agree
 
     shares = pd.read_csv(work / "empty_masks.csv")
     n = len(train)  # every image of train.csv, the unreadable one too (its masks read)

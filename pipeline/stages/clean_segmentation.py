@@ -119,6 +119,12 @@ def run(ctx: Context) -> dict:
     log.info("clean: empty masks per class: " + ", ".join(f"{c} {s:.1%}" for c, s in empty_share.items())
              + f" of {len(data.train)} training images ({work / 'empty_masks.csv'})")
     _log_conflicts(dup, cfg.mask_conflict_dice, work)
+    if len(dropped):
+        first = dropped.iloc[0]
+        log.warning(f"clean: {len(dropped)} training image{'s' if len(dropped) > 1 else ''} cannot be decoded, e.g. "
+                    f"{ctx.cfg.segment.data.train_csv} line {first.line}: {first.reason}; the segment stage trains on "
+                    f"every image of {ctx.cfg.segment.data.train_csv}: replace the files or remove their rows (all in "
+                    f"{work / 'dropped.csv'})")
     return summary
 
 
