@@ -20,6 +20,7 @@ from pipeline.segmentation.data import is_segmentation_folder
 from pipeline.segmentation.generate import CLASSES, build_masks
 
 EXACT, NEAR, OTHER, CORRUPT = "images/copy.png", "images/near.jpg", "images/other_mask.png", "images/corrupt.jpg"
+FLAT = ("images/flat_a.png", "images/flat_b.png")
 
 
 def _train(data: Path) -> pd.DataFrame:
@@ -31,7 +32,7 @@ def planted(root: Path, corrupt: bool = True) -> tuple[Path, dict[str, str]]:
     a pixel-identical copy with the same masks, a JPEG re-encode with a 4-level brightness shift and the same masks,
     and a pixel-identical copy of an image holding two or more classes with the first one's mask emptied; with
     `corrupt`, a truncated JPEG (its header still reads, its pixels do not; reading a PNG's EXIF decodes its pixels,
-    so the reader itself would refuse a truncated PNG)."""
+    so the reader itself would refuse a truncated PNG); then two black images with empty masks."""
     data = build_masks(root, n_train=12, n_test=4, seed=0, size=64)
     train = _train(data)
     held = (train[list(CLASSES)] != "").sum(axis=1)
@@ -53,6 +54,9 @@ def planted(root: Path, corrupt: bool = True) -> tuple[Path, dict[str, str]]:
         raw = (data / CORRUPT).read_bytes()
         (data / CORRUPT).write_bytes(raw[:len(raw) // 2])
         rows.append(train[train.ImageId == holding[2]].assign(ImageId=CORRUPT))
+    for flat in FLAT:  # two black images with empty masks: kept, and not copies of each other
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / flat)
+        rows.append(pd.DataFrame({"ImageId": [flat], **{c: [""] for c in CLASSES}}))
     pd.concat([train, *rows]).to_csv(data / "train.csv", index=False)
     return data, src
 
@@ -108,6 +112,7 @@ def test_groups_conflicts_empty_shares_and_unreadable_images(tmp_path, caplog):
     stamp = json.loads((work / "clean.json").read_text())
     assert stamp["empty_share"] == pytest.approx(dict(zip(CLASSES, expected, strict=True)), abs=1e-6)
     assert (stamp["mask_conflicts"], stamp["unreadable"], stamp["kept"], stamp["duplicate_groups"]) == (1, 1, n - 1, 3)
+    assert stamp["flat"] == 2 and group[FLAT[0]] != group[FLAT[1]]  # kept, each its own example
 
 
 def test_cache_key_is_the_images_masks_and_clean_keys(tmp_path, caplog):
@@ -186,9 +191,10 @@ def test_segment_runs_clean_first_and_keeps_each_group_in_one_fold(tmp_path, cap
     data, src = planted(tmp_path / "masks", corrupt=False)
     work, subs = tmp_path / "work", tmp_path / "subs"
     args = ["segment", "--data", str(data), "--work", str(work), "--submissions", str(subs), "runtime.threads=1",
-            "clean.workers=1", "segment.train.image_size=32", "segment.train.epochs=1", "segment.train.batch_size=8",
+            "clean.workers=1", "segment.train.image_size=32", "segment.train.epochs=1", "segment.train.batch_size=32",
             "segment.folds.n_splits=2", "segment.predict.gallery_images=0", "segment.views.hflip=false",
             "tracking.backend=none"]
+    # batch_size 32: one batch per fold (a last batch of one image fails smp's BatchNorm in training)
     assert main(args) == 0
     assert (work / "clean.csv").is_file()
     folds = pd.read_csv(work / "segment" / "folds.csv", dtype={"image": str})
@@ -203,3 +209,10 @@ def test_segment_runs_clean_first_and_keeps_each_group_in_one_fold(tmp_path, cap
     assert main(args) == 0  # clean is up to date, and so is every fold model
     assert "clean: up to date" in caplog.text and "segment: epoch" not in caplog.text
     assert (work / "clean.json").read_text() == stamp
+    caplog.clear()  # a clean key: clean reruns, the near pair is no longer a group, and the folds follow
+    assert main([*args, "clean.near_duplicates=false"]) == 0
+    assert "clean: up to date" not in caplog.text
+    folds = pd.read_csv(work / "segment" / "folds.csv", dtype={"image": str})
+    group = dict(zip(folds["image"], folds["group"], strict=True))
+    assert group[NEAR] != group[src[NEAR]] and group[EXACT] == group[src[EXACT]]
+    assert folds["group"].nunique() == len(folds) - 2
