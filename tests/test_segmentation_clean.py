@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.segmentation.data import is_segmentation_folder
 from pipeline.segmentation.generate import CLASSES, build_masks
+from pipeline.segmentation.rle import decode
 
 EXACT, NEAR, OTHER, CORRUPT = "images/copy.png", "images/near.jpg", "images/other_mask.png", "images/corrupt.jpg"
 FLAT = ("images/flat_a.png", "images/flat_b.png")
@@ -135,6 +136,35 @@ def test_cache_key_is_the_images_masks_and_clean_keys(tmp_path, caplog):
     assert clean(data, work) == 0
     assert "clean: up to date" not in caplog.text
     assert json.loads((work / "clean.json").read_text())["mask_conflicts"] == 0
+
+
+def test_index_png_masks_are_read_and_keyed(tmp_path, caplog):
+    """The same folder with its masks as index PNGs (masks/<stem>.png, 0 background, 1.. the classes): the shares
+    come from the PNGs, and a changed mask file reruns clean."""
+    data, _ = planted(tmp_path / "masks", corrupt=False)
+    train = _train(data)
+    (data / "masks").mkdir()
+    for row in train.itertuples(index=False):
+        index = np.zeros((64, 64), np.uint8)
+        for c, cls in enumerate(CLASSES):
+            index[decode(getattr(row, cls), (64, 64))] = c + 1
+        Image.fromarray(index).save(data / "masks" / f"{Path(row.ImageId).stem}.png")
+    train[["ImageId"]].to_csv(data / "train.csv", index=False)
+    work = tmp_path / "work"
+    assert clean(data, work) == 0
+    shares = pd.read_csv(work / "empty_masks.csv")
+    assert shares["empty"].tolist() == [int((train[c] == "").sum()) for c in CLASSES]
+    assert json.loads((work / "clean.json").read_text())["mask_conflicts"] == 1
+    caplog.clear()
+    assert clean(data, work) == 0
+    assert "clean: up to date" in caplog.text
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / "masks" / f"{Path(OTHER).stem}.png")
+    caplog.clear()
+    assert clean(data, work) == 0
+    assert "clean: up to date" not in caplog.text
+    shares = pd.read_csv(work / "empty_masks.csv")
+    emptied = train.ImageId == OTHER
+    assert shares["empty"].tolist() == [int(((train[c] == "") | emptied).sum()) for c in CLASSES]
 
 
 def test_bad_input_is_one_line_naming_the_row(tmp_path):
