@@ -2,14 +2,14 @@
 
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds -> train ->
 predict -> rounds -> ensemble -> labels; bundle and distill follow ensemble, export train; tune and autogluon need
-folds; detect and segment stand alone, and bundle follows detect on a detection folder); they skip when their
-outputs are complete
-and match, so any stage can be asked for directly and an interrupted chain resumes. Before any of them runs, every
-stage of the chain checks what it can tell from the config and the task alone (`check`): a stage that cannot do this
-task refuses before the stages above it spend their time.
-`context` builds the stage's Context and merges the tuned parameters of
-WORK/tune/best.yaml unless told not to. Stages that write files shared by the whole WORK run under a lock file
-(WORK/locks/<stage>.lock, core/locks.py), so several processes on one WORK take turns. Under torchrun the upstream
+folds; segment follows clean, whose duplicate groups its folds keep together, and on a segmentation folder clean is
+stages/clean_segmentation.py; detect stands alone, and bundle follows detect on a detection folder); they skip when
+their outputs are complete and match, so any stage can be asked for directly and an interrupted chain resumes.
+Before any of them runs, every stage of the chain checks what it can tell from the config and the task alone
+(`check`): a stage that cannot do this task refuses before the stages above it spend their time. `context` builds
+the stage's Context and merges the tuned parameters of WORK/tune/best.yaml unless told not to. Stages that write
+files shared by the whole WORK run under a lock file (WORK/locks/<stage>.lock, core/locks.py), so several processes
+on one WORK take turns. Under torchrun the upstream
 stages run on rank 0 while the other ranks wait. `python -m pipeline STAGE` (cli.py) is a thin wrapper over these two.
 """
 
@@ -24,10 +24,12 @@ from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.locks import Lock
 from pipeline.detection.data import is_detection_folder
+from pipeline.segmentation.data import is_segmentation_folder
 from pipeline.stages import (
     autogluon,
     bundle,
     clean,
+    clean_segmentation,
     detect,
     distill,
     ensemble,
@@ -52,7 +54,7 @@ STAGES: dict[str, Callable[[Context], object]] = {
     "distill": distill.run}
 UPSTREAM = {"clean": (), "folds": ("clean",), "train": ("folds",), "predict": ("train",), "rounds": ("predict",),
             "ensemble": ("rounds",), "labels": ("ensemble",),
-            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "segment": (), "bundle": ("ensemble",),
+            "tune": ("folds",), "autogluon": ("folds",), "detect": (), "segment": ("clean",), "bundle": ("ensemble",),
             "export": ("train",),
             "distill": ("ensemble",)}
 # stages that write files shared by the whole WORK (clean.csv, folds.csv, the ensemble, the submission): one process
@@ -67,6 +69,9 @@ CHECKS: dict[str, Callable[[Context], None]] = {
 
 # a detection folder's stages: its bundle packs what detect wrote
 DETECTION_UPSTREAM = {**UPSTREAM, "bundle": ("detect",)}
+# a segmentation folder's clean reads masks, not labels
+SEGMENTATION_STAGES = {**STAGES, "clean": clean_segmentation.run}
+SEGMENTATION_CHECKS = {**CHECKS, "clean": clean_segmentation.check}
 
 
 def chain(stage: str, detection: bool = False) -> list[str]:
@@ -83,12 +88,22 @@ def _detection(stage: str, ctx_or_cfg, data: Path) -> bool:
     return stage == "bundle" and is_detection_folder(data, ctx_or_cfg.detect.data.train_csv)
 
 
+def _segmentation(stage: str, ctx_or_cfg, data: Path) -> bool:
+    """Whether `stage` runs on a segmentation folder: segment always (its clean is the segmentation clean), clean
+    when the folder holds masks (segment.data names its files)."""
+    if stage == "segment":
+        return True
+    files = ctx_or_cfg.segment.data
+    return stage == "clean" and is_segmentation_folder(data, files.train_csv, files.test_csv, files.masks_dir)
+
+
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
             submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
     cfg = load_config(config, overrides)
     # the detection and segmentation tracks have no competition.task or metric to decide
-    resolve = stage not in ("detect", "segment") and not _detection(stage, cfg, data)
+    resolve = stage not in ("detect", "segment") and not _detection(stage, cfg, data) \
+        and not _segmentation(stage, cfg, data)
     ctx = Context(cfg, data, work, submissions, resolve=resolve)
     tuned = ctx.work_dir / "tune" / "best.yaml"
     if stage != "tune" and use_tuned and tuned.exists():
@@ -100,27 +115,29 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
 def run(stage: str, ctx: Context):
     """Run `stage` after its upstream stages; returns the stage's own result."""
     stages = chain(stage, _detection(stage, ctx.cfg, ctx.data_dir))
+    segmentation = _segmentation(stage, ctx.cfg, ctx.data_dir)
+    table, checks = (SEGMENTATION_STAGES, SEGMENTATION_CHECKS) if segmentation else (STAGES, CHECKS)
     for name in stages:  # on every rank: each refuses alike, none waits at a barrier for the others
-        if name in CHECKS:
-            CHECKS[name](ctx)
+        if name in checks:
+            checks[name](ctx)
     distributed.setup()  # under torchrun: join the group first, so only rank 0 runs the upstream stages
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         ctx.save_config()
     if distributed.is_main():
         for before in stages[:-1]:
-            _locked(before, ctx)
+            _locked(before, ctx, table)
     distributed.barrier()
     if distributed.is_main():
-        return _locked(stage, ctx)
-    return STAGES[stage](ctx)
+        return _locked(stage, ctx, table)
+    return table[stage](ctx)
 
 
-def _locked(name: str, ctx: Context):
+def _locked(name: str, ctx: Context, table: dict[str, Callable[[Context], object]] = STAGES):
     """Run stage `name`, under WORK/locks/<name>.lock when it writes files shared by the whole WORK: a second
     process waits (one line says for whom), then finds the stage's stamp up to date and skips. train, predict and
     rounds lock each run instead (training/schedule.py); tune's workers share their Optuna study by design."""
     if name not in SHARED_WRITERS:
-        return STAGES[name](ctx)
+        return table[name](ctx)
     with Lock(ctx.lock_path(name), name, log.info):
-        return STAGES[name](ctx)
+        return table[name](ctx)

@@ -21,6 +21,7 @@ competition's masks rarely fit in memory. sample_submission.csv, when present, f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.config import CompetitionConfig
 from pipeline.core.errors import PipelineError
-from pipeline.data.competition import ID_CANDIDATES, resolve_paths
+from pipeline.data.competition import ID_CANDIDATES, LABEL_CANDIDATES, resolve_paths
 from pipeline.data.images import image_size, is_gray
 from pipeline.data.labels import sort_classes
 from pipeline.data.table import line_of, read_table
@@ -165,14 +166,23 @@ def _no_duplicates(frame: pd.DataFrame, column: str, csv: Path, fix: str) -> Non
 
 
 def _split(frame: pd.DataFrame, rows: np.ndarray, id_column: str, root: Path, comp: CompetitionConfig,
-           csv: Path) -> Split:
+           csv: Path, fix: str = "replace the file or remove the row") -> Split:
     """The images of `rows` of frame (each id once), with paths checked to stay inside DATA and sizes from the
-    image headers."""
+    image headers (`fix`: what an unreadable one's error says to do)."""
     part = frame.iloc[rows].reset_index(drop=True)
     part.attrs["lines"] = [line_of(frame, int(r)) for r in rows]
     paths = resolve_paths(part, id_column, root, comp, csv)
-    sizes = np.array([image_size(p) for p in paths], dtype=np.int64).reshape(-1, 2)
+    sizes = np.array([_image_size(p, csv, line, fix) for p, line in zip(paths, part.attrs["lines"], strict=True)],
+                     dtype=np.int64).reshape(-1, 2)
     return Split(part[id_column].tolist(), paths, sizes[:, 1], sizes[:, 0], list(part.attrs["lines"]))
+
+
+def _image_size(path: str, csv: Path, line: int, fix: str) -> tuple[int, int]:
+    """image_size, its error naming the CSV row that lists the image and the fix."""
+    try:
+        return image_size(path)
+    except PipelineError as exc:
+        raise PipelineError(f"{csv} line {line}: {exc}; {fix}") from None
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -408,7 +418,8 @@ def read_segmentation(root: Path, comp: CompetitionConfig, masks_dir: str = "mas
     else:
         id_column = _id_column(train, test, comp.id_column, (train_csv, test_csv))
     _no_duplicates(test, id_column, test_csv, "list each test image once")
-    test_split = _split(test, np.arange(len(test)), id_column, root, comp, test_csv)
+    test_split = _split(test, np.arange(len(test)), id_column, root, comp, test_csv,
+                        "every test image must be readable: replace the file")
 
     sample_path = root / comp.sample_submission_csv
     sample_raw = read_table(sample_path) if sample_path.is_file() else None
@@ -454,3 +465,30 @@ def read_segmentation(root: Path, comp: CompetitionConfig, masks_dir: str = "mas
         columns = own_columns
     return SegmentationData(root, list(classes), id_column, split, test_split, form, submission_form, columns,
                             sample_raw, source)
+
+
+_RLE = re.compile(r"\s*\d+\s+\d+(\s+\d+\s+\d+)*\s*")
+
+
+def is_segmentation_folder(root: Path, train_csv: str = "train.csv", test_csv: str = "test.csv",
+                           masks_dir: str = "masks") -> bool:
+    """Whether DATA holds masks in one of the forms read_segmentation reads: a mask column (by name, or a long or
+    combined table), only ids beside a masks/ folder, or class columns whose every filled cell is a run-length
+    encoding. A single column named like a classification label (label, target, ...) is a label, even when its values
+    are pairs of numbers (multi-label tags). False when a CSV is missing or unreadable (the reader then says why)."""
+    try:
+        train, test = read_table(Path(root) / train_csv), read_table(Path(root) / test_csv)
+    except (PipelineError, OSError):
+        return False
+    if _combined_column(train, None):
+        return True
+    own = [c for c in train.columns if c not in set(test.columns)]
+    if _find(own, RLE_CANDIDATES):
+        return True
+    if not own:
+        return (Path(root) / masks_dir).is_dir()
+    if len(own) == 1 and own[0].lower() in LABEL_CANDIDATES:
+        return False
+    cells = pd.concat([train[c] for c in own]).str.strip()
+    filled = cells[cells != ""]
+    return bool(len(filled)) and bool(filled.str.fullmatch(_RLE).all())

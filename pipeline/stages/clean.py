@@ -78,7 +78,7 @@ def _inputs_fingerprint(ctx: Context, extra: pd.DataFrame, source: embeddings.So
     images = content_key(pd.concat([comp.train.path, extra.path, comp.test.path]))
     csvs = [file_digest(ctx.data_dir / f) for f in (ccfg.train_csv, ccfg.test_csv)]
     csvs += [file_digest(Path(folder) / ccfg.train_csv) for folder in ccfg.extra]
-    unread = {"workers"} | (set() if ctx.cfg.clean.embeddings else EMBEDDING_KEYS)
+    unread = {"workers", "mask_conflict_dice"} | (set() if ctx.cfg.clean.embeddings else EMBEDDING_KEYS)
     clean_cfg = ctx.cfg.clean.model_dump(exclude=unread)
     return fingerprint("clean", csvs, images, ccfg.model_dump(include=READS), clean_cfg,
                        *([source.key()] if source is not None else []))

@@ -97,6 +97,9 @@ class CleanConfig(Section):
     label_issues: Literal["report", "drop", "relabel"] = Field(
         "report", description="rows in WORK/label_issues.csv (make labels): only report them, or have the next clean "
                               "drop them or give them the suggested label (then the CV is against cleaned labels)")
+    mask_conflict_dice: float = Field(0.8, ge=0, le=1, description="segmentation folders: duplicate training images "
+                                      "whose masks' Dice (the lowest over the classes) is below this are reported as "
+                                      "a mask conflict (duplicates.csv, never dropped)")
 
 
 class FoldsConfig(Section):
