@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from pipeline.core.config import SegmentTrainConfig
 from pipeline.core.errors import PipelineError
-from pipeline.segmentation.fit import SegmentationTrainer, flip_batch, loss_fn, post_processed_dice
+from pipeline.segmentation.fit import SegmentationTrainer, batches_of, flip_batch, loss_fn, post_processed_dice
 from pipeline.segmentation.metrics import dice
 from pipeline.segmentation.models import create, load_pretrained
 from pipeline.training.runtime import Runtime
@@ -76,6 +76,14 @@ def test_the_monitor_prefers_a_learner_with_stray_pixels_to_the_empty_model():
     assert raw == [0.5, pytest.approx(0.5 * 28 / 30)]
     assert post_processed_dice(empty, truth) == 0.5
     assert post_processed_dice(learner, truth) == pytest.approx(0.5 + 0.5 * 28 / 30)
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before(tmp_path):
+    assert [len(b) for b in batches_of(torch.arange(17), 8)] == [8, 9]
+    assert [len(b) for b in batches_of(torch.arange(18), 8)] == [8, 8, 2]
+    fit = trainer(tmp_path, 1, patience=None)
+    fit.train_rows = np.arange(17)  # 17 images in batches of 8: BatchNorm fails on a batch of one
+    assert fit.fit()[0]["epoch"] == 1
 
 
 def test_the_trainer_learns_bright_squares(tmp_path):

@@ -44,6 +44,15 @@ def post_processed_dice(probs: np.ndarray, truth: np.ndarray) -> float:
                           for c in range(truth.shape[1])]))
 
 
+def batches_of(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The epoch's batches of row positions; a last batch of one image joins the one before, because BatchNorm
+    cannot train on a single image (17 images in batches of 8 would fail in the third step)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def flip_batch(images: torch.Tensor, masks: torch.Tensor, flip: torch.Tensor, dim: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip the images (B, C, H, W) and their masks along `dim` (-1: mirror, -2: upside down) where `flip` (B,)."""
@@ -79,7 +88,7 @@ class SegmentationTrainer:
     def __post_init__(self) -> None:
         cfg = self.cfg
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = -(-len(self.train_rows) // cfg.batch_size)
+        steps = len(batches_of(torch.arange(len(self.train_rows)), cfg.batch_size))
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.lr / 100, t_in_epochs=False)
         self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
         self.loss = loss_fn(cfg.loss)
@@ -102,7 +111,7 @@ class SegmentationTrainer:
         self.model.train()
         rt = self.runtime
         order = torch.randperm(len(self.train_rows), generator=self.generator)
-        batches = order.split(self.cfg.batch_size)
+        batches = batches_of(order, self.cfg.batch_size)
         total, seen, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(batches, desc=f"segment: epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False, disable=None)
         self.updater.start_epoch()
