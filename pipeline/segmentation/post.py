@@ -9,6 +9,7 @@ submission) and the nested one (each fold scored with the choice made on the oth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,16 +63,18 @@ def choose(scores: np.ndarray, thresholds: list[float], min_areas: list[int], ro
     return Choice(float(thresholds[i]), int(min_areas[j]), float(means[i, j]))
 
 
-def nested(scores: np.ndarray, fold: np.ndarray, thresholds: list[float], min_areas: list[int]
-           ) -> tuple[np.ndarray, list[Choice]]:
+def nested(scores: np.ndarray | Mapping[int, np.ndarray], fold: np.ndarray, thresholds: list[float],
+           min_areas: list[int]) -> tuple[np.ndarray, list[Choice]]:
     """Per-image Dice where each fold's images are post-processed with the pair chosen on the other folds
-    (the honest figure), and those choices."""
-    honest = np.zeros(scores.shape[-1], np.float32)
+    (the honest figure), and those choices. `scores` is one table for every fold, or per fold the table to choose
+    and score it with (the maps of the blend chosen without that fold: blend.nested_blend)."""
+    honest = np.zeros(len(fold), np.float32)
     choices = []
     for k in np.unique(fold):
         held = fold == k
-        pick = choose(scores, thresholds, min_areas, np.flatnonzero(~held))
-        honest[held] = scores[thresholds.index(pick.threshold), min_areas.index(pick.min_area), held]
+        table = scores[int(k)] if isinstance(scores, Mapping) else scores
+        pick = choose(table, thresholds, min_areas, np.flatnonzero(~held))
+        honest[held] = table[thresholds.index(pick.threshold), min_areas.index(pick.min_area), held]
         choices.append(pick)
     return honest, choices
 
