@@ -128,5 +128,5 @@ def test_local_pretrained_weights_whole_or_encoder(tmp_path):
 
 
 def test_an_unknown_encoder_is_one_line():
-    with pytest.raises(PipelineError, match=r"segment.model: unet on encoder 'resnet_nope' cannot be built"):
+    with pytest.raises(PipelineError, match=r"segment.models: unet on encoder 'resnet_nope' cannot be built"):
         create("unet", "resnet_nope", 2)

@@ -46,18 +46,20 @@ def test_segment_stage_submits_scores_nested_and_skips_finished_work(tmp_path, c
     folds = pd.read_csv(root / "folds.csv")
     assert len(folds) == 24 and sorted(folds["fold"].unique()) == [0, 1]
     for k in (0, 1):
-        history = pd.read_csv(root / f"fold{k}" / "history.csv")
+        member = root / "unet-r18"  # the one default member's folder
+        history = pd.read_csv(member / f"fold{k}" / "history.csv")
         assert history["epoch"].tolist() == [1, 2] and history["val_dice"].between(0, 1).all()
-        oof = np.load(root / f"fold{k}" / "oof_views.npy")
+        oof = np.load(member / f"fold{k}" / "oof_views.npy")
         assert oof.shape == ((folds["fold"] == k).sum(), 2, 3, 32, 32) and oof.dtype == np.uint8  # plain, hflip
-        assert np.load(root / f"fold{k}" / "test.npy").shape == (8, 3, 32, 32)
-        assert json.loads((root / f"fold{k}" / "mlflow.json").read_text())["run_id"]  # the fold's MLflow run
+        assert np.load(member / f"fold{k}" / "test.npy").shape == (8, 3, 32, 32)
+        assert json.loads((member / f"fold{k}" / "mlflow.json").read_text())["run_id"]  # the fold's MLflow run
     oof_all = np.load(root / "oof.npy")
     assert oof_all.shape == (24, 3, 32, 32) and oof_all.any()
     assert not list(root.glob(".*tmp*"))  # no temp files left behind
     metrics = json.loads((root / "metrics.json").read_text())
-    assert metrics["views"] in (["identity"], ["identity", "hflip"])
-    assert metrics["view_scores"]["+".join(metrics["views"])] == max(metrics["view_scores"].values())
+    (single,) = metrics["members"]  # views are chosen per member
+    assert single["views"] in (["identity"], ["identity", "hflip"]) and metrics["weights"] == {"unet-r18": 1.0}
+    assert single["view_scores"]["+".join(single["views"])] == max(single["view_scores"].values())
     # chosen on all of OOF, so at least as high as on any fold with the choice of the other fold
     assert 0 <= metrics["nested_dice"] <= metrics["oof_dice_chosen"] <= 1
     assert metrics["oof_dice_chosen"] >= metrics["oof_dice_0.5"] - 1e-6  # (0.5, 0) is in the default grid
@@ -118,5 +120,64 @@ def test_segment_config_keys_are_checked():
     assert cfg.segment.train.epochs == 3 and cfg.segment.folds.n_splits == 2 and cfg.segment.views.vflip
     with pytest.raises(Exception, match=r"segment.train.epoch.*did you mean 'segment.train.epochs'"):
         load_config(None, ["segment.train.epoch=3"])
-    with pytest.raises(Exception, match="segment.model.arch"):
-        load_config(None, ["segment.model.arch=transformer"])
+    with pytest.raises(Exception, match="segment.models.0.arch"):
+        load_config(None, ["segment.models=[{arch: transformer}]"])
+    # the one-network key of before is an error that shows the list form
+    with pytest.raises(Exception, match=r"unknown config key 'segment.model.arch' \(segment.model became "
+                                        r"segment.models, a list of members: segment.models=\[\{name: unet-r18"):
+        load_config(None, ["segment.model.arch=fpn"])
+    cfg = load_config(None, ["segment.models=[{arch: fpn, encoder: tu-resnet10t}, {name: u, arch: unet}]"])
+    assert [m.label for m in cfg.segment.models] == ["fpn-tu-resnet10t", "u"]
+    with pytest.raises(Exception, match=r"segment.models\[1\]: name 'U' is also segment.models\[0\]'s"):
+        load_config(None, ["segment.models=[{name: u}, {name: U}]"])
+
+
+@pytest.mark.slow
+def test_segment_blends_members_and_retrains_only_the_member_that_changed(tmp_path, capsys):
+    data_dir = build_masks(tmp_path / "masks", n_train=24, n_test=8, seed=2, size=64)
+    work, subs = tmp_path / "work", tmp_path / "subs"
+    base = ["segment", "--data", str(data_dir), "--work", str(work), "--submissions", str(subs),
+            "runtime.threads=1", "tracking.backend=none", "segment.train.image_size=32", "segment.train.epochs=2",
+            "segment.train.batch_size=8", "segment.folds.n_splits=2", "segment.predict.gallery_images=0",
+            "segment.blend.steps=4"]
+    unet = "{name: unet-r18, arch: unet, encoder: resnet18}"
+    assert main([*base, f"segment.models=[{unet}]"]) == 0
+    assert capsys.readouterr().out.count("segment: epoch") == 4  # 1 member x 2 folds x 2 epochs
+
+    # a second member: only it trains; the first one's models are kept
+    assert main([*base, f"segment.models=[{unet}, {{name: fpn-b, arch: fpn, encoder: tu-resnet10t}}]"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("segment: epoch") == 4
+    assert printed.count("unet-r18/fold0 model up to date") == 1 and printed.count("model up to date") == 2
+    root = work / "segment"
+    metrics = json.loads((root / "metrics.json").read_text())
+    names = [m["name"] for m in metrics["members"]]
+    assert names == ["unet-r18", "fpn-b"]
+    assert set(metrics["weights"]) == set(names) and sum(metrics["weights"].values()) == pytest.approx(1)
+    alone = [m["oof_dice_0.5"] for m in metrics["members"]]
+    # each member alone is a candidate, so the chosen blend is at least as good on OOF at 0.5 as either
+    assert metrics["oof_dice_0.5"] >= max(alone) - 1e-9
+    assert len(metrics["candidates"]) == 5  # each alone, the mean, and 1/4, 3/4 (steps 4)
+    assert metrics["oof_dice_0.5"] == pytest.approx(max(c["oof_dice_0.5"] for c in metrics["candidates"]))
+    assert set(metrics["nested_weights"]) == {"fold0", "fold1"}
+    assert 0 <= metrics["nested_dice"] <= 1 and metrics["oof_dice_chosen"] >= metrics["oof_dice_0.5"] - 1e-6
+    board = pd.read_csv(root / "leaderboard.csv")
+    assert board["part"].tolist() == ["fold0", "fold1", "unet-r18", "unet-r18", "fpn-b", "fpn-b", "OOF", "OOF", "OOF"]
+    member_rows = board[board["part"] == "fpn-b"].set_index("scoring")["dice"]
+    assert member_rows["threshold 0.5"] == pytest.approx(alone[1])
+    assert member_rows["nested (honest)"] == pytest.approx(metrics["members"][1]["nested_dice"])
+    # test maps only for the members the blend uses
+    for name, w in metrics["weights"].items():
+        assert (root / name / "fold1" / "test.npy").exists() == (w > 0), name
+    manifest = json.loads((subs / "masks.manifest.json").read_text())
+    assert [m["name"] for m in manifest["members"]] == names and manifest["weights"] == metrics["weights"]
+    sub = read_table(subs / "masks.csv")
+    validate_segmentation(sub, "masks.csv", read_data(Context(load_config(None), data_dir, resolve=False)))
+    assert not list(root.rglob(".*tmp*"))
+
+    # the second member changed: it alone retrains
+    assert main([*base, f"segment.models=[{unet}, {{name: fpn-b, arch: fpn, encoder: resnet18}}]"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("segment: epoch") == 4 and "fpn-b/fold0 model up to date" not in printed
+    assert all(printed.count(f"unet-r18/fold{k} model up to date") == 1 for k in (0, 1))
+    assert json.loads((root / "metrics.json").read_text())["members"][1]["encoder"] == "resnet18"

@@ -70,7 +70,7 @@ def blend_scores(maps: Sequence[np.ndarray], truth: np.ndarray, weights: np.ndar
     """Dice at threshold 0.5 per (candidate, image, class) of the blends of maps (members' (N, C, S, S) uint8)
     against truth (N, C, S, S): (W, N, C). Each chunk of every member is read once for all candidates."""
     n = len(truth)
-    out = np.zeros((len(weights), n, truth.shape[1]), np.float32)
+    out = np.zeros((len(weights), n, truth.shape[1]))  # float64, as dice gives: the one-member figures unchanged
     for start in range(0, n, chunk):
         parts = [np.asarray(m[start:start + chunk]) for m in maps]
         t = np.asarray(truth[start:start + chunk]).astype(bool)
@@ -88,7 +88,7 @@ def choose_blend(scores: np.ndarray, rows: np.ndarray | None = None) -> int:
 def nested_blend(scores: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     """Per-image, per-class Dice (N, C) where each fold's images are scored with the blend chosen on the other
     folds, and those choices (fold -> candidate)."""
-    honest = np.zeros(scores.shape[1:], np.float32)
+    honest = np.zeros(scores.shape[1:])
     choices = {}
     for k in np.unique(fold):
         held = fold == k

@@ -27,14 +27,14 @@ def create(arch: str, encoder: str, n_classes: int, encoder_weights: str | None 
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights, in_channels=3,
                                 classes=n_classes)
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"segment.model: {arch} on encoder '{encoder}' cannot be built ({str(exc)[:160]}); "
+        raise PipelineError(f"segment.models: {arch} on encoder '{encoder}' cannot be built ({str(exc)[:160]}); "
                             "use an smp encoder (resnet18, efficientnet-b0) or a timm model as tu-<name>") from None
 
 
 def load_pretrained(model: torch.nn.Module, path: Path) -> str:
     """Load a state dict of the whole model (the segmentation head may be shaped for another class count and then
     keeps its random init) or of its encoder; returns what was loaded, in words."""
-    state = read_state_dict(path, "segment.model.pretrained_path")
+    state = read_state_dict(path, "segment.models pretrained_path")
     for part, root in (("whole model", model), ("encoder", model.encoder)):
         own = root.state_dict()
         for prefix in ("", "model.", "encoder."):
@@ -43,5 +43,5 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> str:
             if len(fits) >= 0.9 * len(own):
                 root.load_state_dict(fits, strict=False)
                 return f"{part} from {path} ({len(fits)} of {len(own)} tensors)"
-    raise PipelineError(f"segment.model.pretrained_path={path}: fits neither the model nor its encoder (too few "
+    raise PipelineError(f"segment.models pretrained_path {path}: fits neither the model nor its encoder (too few "
                         "tensors of matching name and shape); give a state dict of either")

@@ -58,10 +58,11 @@ from pipeline.core.config.schema import (
     duration_seconds,
 )
 from pipeline.core.config.segment import (
+    SegmentBlendConfig,
     SegmentConfig,
     SegmentDataConfig,
     SegmentFoldsConfig,
-    SegmentModelConfig,
+    SegmentMemberConfig,
     SegmentPredictConfig,
     SegmentThresholdsConfig,
     SegmentTrainConfig,
@@ -87,7 +88,8 @@ __all__ = [
     "DetectTrainConfig",
     "DistillConfig", "EnsembleConfig", "Entry", "EvaluateConfig", "ExportConfig", "ExperimentSpec", "FitConfig",
     "FoldsConfig", "FusionConfig", "ModelConfig", "PredictConfig",
-    "PseudoConfig", "RoundSpec", "SegmentConfig", "SegmentDataConfig", "SegmentFoldsConfig", "SegmentModelConfig",
+    "PseudoConfig", "RoundSpec", "SegmentBlendConfig", "SegmentConfig", "SegmentDataConfig", "SegmentFoldsConfig",
+    "SegmentMemberConfig",
     "SegmentPredictConfig", "SegmentThresholdsConfig", "SegmentTrainConfig", "SegmentViewsConfig", "RoundsConfig",
     "RuntimeConfig", "Section", "SpecError", "TrackingConfig",
     "TrainConfig", "TuneConfig", "ViewsConfig", "config_hash", "defaults_yaml", "known_keys",

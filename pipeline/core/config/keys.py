@@ -28,10 +28,19 @@ MOVED = {f"{track}.{key}": f"runtime.{key}" for track in ("train", "detect")
          for key in ("device", "amp", "amp_dtype", "channels_last", "compile", "num_workers", "threads")}
 
 
+# segment.model (one network) became segment.models (a list of members, blended); one key for one thing, so the old
+# one is an error that shows the new form rather than a second spelling to keep in sync
+REPLACED = {"segment.model": "segment.model became segment.models, a list of members: segment.models=[{name: "
+                             "unet-r18, arch: unet, encoder: resnet18}] (docs/segmentation.md)"}
+
+
 def suggestion(key: str, root: type[BaseModel]) -> str:
     """What to say after "unknown config key 'KEY'": the key it moved to, or the likely one among root's keys."""
     if key in MOVED:
         return f" (it moved to '{MOVED[key]}', shared by both tracks)"
+    replaced = next((v for k, v in REPLACED.items() if key == k or key.startswith(k + ".")), None)
+    if replaced:
+        return f" ({replaced})"
     flat = sectioned_detect_key(key)
     if flat:
         return f" (did you mean '{flat}'?)"

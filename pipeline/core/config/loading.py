@@ -206,7 +206,10 @@ def _key_lines(section: type[BaseModel], indent: str) -> list[str]:
             lines.append(f"{indent}{name}:  # {field.description}")
             lines += _key_lines(field.annotation, indent + "  ")
             continue
-        value = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
+        default = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in field.default] \
+            if isinstance(field.default, list) else field.default  # a list of entries (segment.models) as mappings
+        value = yaml.safe_dump(default, default_flow_style=True, sort_keys=False, width=1000
+                               ).strip().removesuffix("...").strip()
         lines.append(f"{indent}{name}: {value}  # {field.description}")
     return lines
 

@@ -14,7 +14,13 @@ from pydantic.fields import FieldInfo
 
 from pipeline.core.registry import METRICS, TASKS
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name: experiments, segmentation members
 VIEW_NAME = re.compile(r"^(identity|hflip|vflip|rot90|rot180|rot270|scale\d+(\.\d+)?|random\d+)$")
+
+
+class SpecError(ValueError):
+    """A bad entry of a list of specs (an experiment, a segmentation member); its message is already the whole
+    one-line error (see loading._one_line)."""
 
 
 class Section(BaseModel):

@@ -1,18 +1,19 @@
 """The segmentation track's config (`segment.*`), one section per part of the stage (pipeline/stages/segment.py),
 so that each step's cache key holds exactly the sections it reads:
 
-- a fold model: data's masks and images, model, train, folds (and which images the fold holds out)
+- a member's fold model: data's masks and images, that member's entry of models, train, folds (and which images
+  the fold holds out): changing or adding a member retrains no other
 - its out-of-fold and test probabilities: the model's key and views
-- views, thresholds and the submission: recomputed on every run from the stored probabilities (seconds)
+- views, the blend, thresholds and the submission: recomputed on every run from the stored probabilities
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.core.config.schema import Section, _own
+from pipeline.core.config.schema import SAFE_NAME, Section, SpecError, _own
 
 ARCHITECTURES = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet", "pan")
 
@@ -24,7 +25,11 @@ class SegmentDataConfig(Section):
     masks_dir: str = Field("masks", description="folder of mask PNGs inside DATA (the two PNG forms)")
 
 
-class SegmentModelConfig(Section):
+class SegmentMemberConfig(Section):
+    """One member of segment.models: a network trained on every fold, its maps blended with the others'."""
+
+    name: str | None = Field(None, description="its folder WORK/segment/<name> and its leaderboard rows; null: "
+                                                "<arch>-<encoder>")
     arch: Literal[ARCHITECTURES] = Field("unet", description="segmentation_models_pytorch architecture")
     encoder: str = Field("resnet18", description="its encoder: an smp name (resnet18, efficientnet-b0) or a timm "
                                                  "model as tu-<name> (tu-resnet10t)")
@@ -32,6 +37,10 @@ class SegmentModelConfig(Section):
                                                           "from the hub); null: random init")
     pretrained_path: str | None = Field(None, description="local state dict (.safetensors, .pt, .pth) of the whole "
                                                           "model or of its encoder, loaded before training")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.arch}-{self.encoder}"
 
 
 class SegmentTrainConfig(Section):
@@ -72,6 +81,12 @@ class SegmentThresholdsConfig(Section):
                                             "(scaled to each image's own size in the submission), tried on OOF Dice")
 
 
+class SegmentBlendConfig(Section):
+    steps: int = Field(10, ge=1, description="several members: weights tried on OOF Dice in multiples of 1/steps "
+                                             "(each member alone and the mean too); the blend and the "
+                                             "post-processing are nested over the folds")
+
+
 class SegmentPredictConfig(Section):
     chunk: int = Field(256, ge=1, description="test images turned into RLE at a time (bounds memory)")
     gallery_images: int = Field(6, ge=0, description="OOF images in gallery_oof.png (image, truth, prediction)")
@@ -79,10 +94,30 @@ class SegmentPredictConfig(Section):
 
 class SegmentConfig(Section):
     data: SegmentDataConfig = Field(SegmentDataConfig(), description="the segmentation folder's files")
-    model: SegmentModelConfig = Field(SegmentModelConfig(), description="the segmentation model")
+    models: list[SegmentMemberConfig] = Field(
+        [SegmentMemberConfig(name="unet-r18")], min_length=1,
+        description="the members, each {name, arch, encoder, encoder_weights, pretrained_path}, trained per fold; "
+                    "several: their maps blended (docs/segmentation.md)")
     train: SegmentTrainConfig = Field(SegmentTrainConfig(), description="training (AdamW, cosine)")
     folds: SegmentFoldsConfig = Field(SegmentFoldsConfig(), description="cross-validation folds")
     views: SegmentViewsConfig = Field(SegmentViewsConfig(), description="test-time flips, chosen on OOF")
     thresholds: SegmentThresholdsConfig = Field(SegmentThresholdsConfig(), description="post-processing grids "
                                                                                       "chosen on OOF, nested")
+    blend: SegmentBlendConfig = Field(SegmentBlendConfig(), description="the blend of several members, chosen "
+                                                                       "on OOF, nested")
     predict: SegmentPredictConfig = Field(SegmentPredictConfig(), description="submission and gallery")
+
+    @model_validator(mode="after")
+    def _member_names(self) -> SegmentConfig:
+        """A member's name is a safe folder name, one member's only (ignoring case, as some file systems do)."""
+        seen: dict[str, int] = {}
+        for i, member in enumerate(self.models):
+            name = member.label
+            if not SAFE_NAME.match(name):
+                raise SpecError(f"segment.models[{i}]: name {name!r} is not a safe folder name (letters, digits, "
+                                "'.', '_', '-'; up to 100 characters); rename it")
+            if name.lower() in seen:
+                raise SpecError(f"segment.models[{i}]: name {name!r} is also segment.models[{seen[name.lower()]}]'s; "
+                                "give one of them another name")
+            seen[name.lower()] = i
+        return self

@@ -3,7 +3,6 @@ named experiments, names unique across rounds; and `Config`, the whole tree, who
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 import yaml
@@ -12,6 +11,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 from pipeline.core.config.detect import DetectConfig
 from pipeline.core.config.keys import suggestion
 from pipeline.core.config.schema import (
+    SAFE_NAME,
     AutoConfig,
     AutoGluonConfig,
     CleanConfig,
@@ -24,18 +24,14 @@ from pipeline.core.config.schema import (
     PseudoConfig,
     RuntimeConfig,
     Section,
+    SpecError,
     TrackingConfig,
     TrainConfig,
     TuneConfig,
 )
 from pipeline.core.config.segment import SegmentConfig
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 NOT_OVERRIDDEN = {"model": {"backbones", "only"}, "train": {"folds"}}  # run selection, not part of an experiment
-
-
-class SpecError(ValueError):
-    """A bad experiment entry; its message is already the whole one-line error (see _one_line)."""
 
 
 class ExperimentSpec(Section):
