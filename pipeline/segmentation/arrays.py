@@ -18,9 +18,10 @@ from pipeline.segmentation.data import PngMasks, SegmentationData
 
 
 def masks_key(data: SegmentationData, train_csv: Path) -> str:
-    """What the masks are made of: train.csv's bytes, and the mask files' when they are PNGs."""
+    """What the masks are made of: train.csv's bytes, the mask files' when they are PNGs, and which training images
+    are read (the clean stage may leave unreadable ones out)."""
     files = [p for per_image in data.source.files for p in per_image] if isinstance(data.source, PngMasks) else []
-    return fingerprint(file_digest(train_csv), content_key(files) if files else None, data.classes)
+    return fingerprint(file_digest(train_csv), content_key(files) if files else None, data.classes, data.train.ids)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ competition's masks rarely fit in memory. sample_submission.csv, when present, f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,15 @@ class SegmentationData:
 
     def masks(self, i: int) -> np.ndarray:
         return self.source.masks(i, self.train.shape(i))
+
+    def only(self, rows: np.ndarray) -> SegmentationData:
+        """The folder with only these training images (their masks with them); the test images unchanged."""
+        rows = [int(i) for i in rows]
+        train = Split([self.train.ids[i] for i in rows], [self.train.paths[i] for i in rows],
+                      self.train.heights[rows], self.train.widths[rows], [self.train.lines[i] for i in rows])
+        source = (RunMasks([self.source.runs[i] for i in rows]) if isinstance(self.source, RunMasks)
+                  else replace(self.source, files=[self.source.files[i] for i in rows]))
+        return replace(self, train=train, source=source)
 
 
 def _find(columns: list[str], candidates: tuple[str, ...]) -> str | None:

@@ -15,8 +15,8 @@ pipeline/data/dedup.py). Then:
 - the share of empty masks per class, over every training image of train.csv, goes to empty_masks.csv, the stamp
   and the log.
 
-Nothing else is dropped: the segment stage trains on every image of train.csv and reads clean.csv only for the
-duplicate groups it keeps in one fold (its `image_groups`). Writes clean.csv (id, classes present, group, path),
+Nothing else is dropped: the segment stage trains on the images clean.csv lists and reads its duplicate groups,
+which it keeps in one fold (its `image_groups`). Writes clean.csv (id, classes present, group, path),
 duplicates.csv, dropped.csv, empty_masks.csv, report/clean.html and the stamp clean.json, whose key is what the stage
 reads: train.csv's and test.csv's bytes, the mask files' bytes, the classes, every image's bytes and the clean keys
 that change the result.
@@ -122,9 +122,8 @@ def run(ctx: Context) -> dict:
     if len(dropped):
         first = dropped.iloc[0]
         log.warning(f"clean: {len(dropped)} training image{'s' if len(dropped) > 1 else ''} cannot be decoded, e.g. "
-                    f"{ctx.cfg.segment.data.train_csv} line {first.line}: {first.reason}; the segment stage trains on "
-                    f"every image of {ctx.cfg.segment.data.train_csv}: replace the files or remove their rows (all in "
-                    f"{work / 'dropped.csv'})")
+                    f"{ctx.cfg.segment.data.train_csv} line {first.line}: {first.reason}; the segment stage leaves "
+                    f"them out: replace the files to train on them (all in {work / 'dropped.csv'})")
     return summary
 
 

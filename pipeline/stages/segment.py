@@ -72,6 +72,20 @@ def read_data(ctx: Context) -> SegmentationData:
     return read_segmentation(ctx.data_dir, comp, cfg.data.masks_dir)
 
 
+def readable(data: SegmentationData, clean: Path) -> SegmentationData:
+    """The training images the clean stage could decode: clean.csv lists every other one, and an image it left out
+    (WORK/dropped.csv) would stop the image cache."""
+    if not clean.is_file():
+        return data
+    kept = set(pd.read_csv(clean, dtype={"id": str}, usecols=["id"], keep_default_na=False)["id"])
+    rows = np.array([i for i, ident in enumerate(data.train.ids) if ident in kept], dtype=np.int64)
+    if len(rows) in (0, len(data.train)):  # none listed: a clean.csv of other images, which names nothing to skip
+        return data
+    log.warning(f"segment: {len(data.train) - len(rows)} training images the clean stage could not decode are left "
+                f"out ({clean.parent / 'dropped.csv'}); replace the files to train on them")
+    return data.only(rows)
+
+
 def model_inputs(member: SegmentMemberConfig, train: SegmentTrainConfig) -> dict:
     """What of a member changes its trained weights: its entry (not its name, which only names its folder), the
     pretrained file's bytes, and segment.train."""
@@ -320,7 +334,7 @@ def _text(members: list[Member], w: np.ndarray) -> str:
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg.segment
     runtime.set_threads(ctx.cfg.runtime.threads)
-    data = read_data(ctx)
+    data = readable(read_data(ctx), clean_csv(ctx.work_dir))
     log.info(f"segment: {len(data.train)} train images, {len(data.test)} test; classes {data.classes} "
              f"({data.mask_form} masks, {data.submission_form} submission)")
     rt = runtime.from_config(ctx.cfg.runtime, "segmentation")
