@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.context import Context
 from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 from pipeline.core.locks import Lock
 from pipeline.detection.data import is_detection_folder
 from pipeline.segmentation.data import is_segmentation_folder
@@ -93,14 +94,21 @@ def _segmentation(stage: str, ctx_or_cfg, data: Path) -> bool:
     when the folder holds masks (segment.data names its files)."""
     if stage == "segment":
         return True
-    files = ctx_or_cfg.segment.data
-    return stage == "clean" and is_segmentation_folder(data, files.train_csv, files.test_csv, files.masks_dir)
+    return stage == "clean" and _holds_masks(ctx_or_cfg, data)
+
+
+def _holds_masks(cfg, data: Path) -> bool:
+    files = cfg.segment.data
+    return is_segmentation_folder(data, files.train_csv, files.test_csv, files.masks_dir)
 
 
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
             submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
     cfg = load_config(config, overrides)
+    if stage not in ("clean", "detect", "segment") and _holds_masks(cfg, data):
+        raise PipelineError(f"{data}: its train.csv holds masks, and `{stage}` belongs to the classification track; "
+                            f"run `make segment DATA={data}` (or `make auto DATA={data}`)")
     # the detection and segmentation tracks have no competition.task or metric to decide
     resolve = stage not in ("detect", "segment") and not _detection(stage, cfg, data) \
         and not _segmentation(stage, cfg, data)

@@ -248,3 +248,13 @@ def test_segment_runs_clean_first_and_keeps_each_group_in_one_fold(tmp_path, cap
     group = dict(zip(folds["image"], folds["group"], strict=True))
     assert group[NEAR] != group[src[NEAR]] and group[EXACT] == group[src[EXACT]]
     assert folds["group"].nunique() == len(folds) - 2
+
+
+@pytest.mark.parametrize("stage", ["folds", "train", "ensemble", "bundle"])
+def test_classification_stages_on_a_mask_folder_are_one_line(tmp_path, stage, capsys):
+    data = build_masks(tmp_path / "masks", n_train=6, n_test=2, seed=0, size=32)
+    assert main([stage, "--data", str(data), "--work", str(tmp_path / "work")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {data}: its train.csv holds masks, and `{stage}` belongs to the classification track; "
+                   f"run `make segment DATA={data}` (or `make auto DATA={data}`)"]
+    assert not (tmp_path / "work" / "folds.csv").exists()
