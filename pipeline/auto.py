@@ -21,6 +21,11 @@ a run that ended, only a larger budget adds members, planned in the added time.
 A detection folder (box columns in train.csv) is profiled by the detect stage's reader, the planned detector and the
 crop classifier are timed on this device, detection/planning.py plans the detect keys for the budget (WORK/plan.yaml,
 which `make detect CONFIG=WORK/plan.yaml` reproduces), and the detect stage runs on it (_run_detection).
+
+A segmentation folder (masks in train.csv or a masks/ folder) is profiled by the segment stage's reader, the default
+member (segment.models' first) is timed on this device at candidate sizes, segmentation/planning.py plans the image
+size, folds and epochs for the budget (WORK/plan.yaml, which `make segment CONFIG=WORK/plan.yaml` reproduces), and the
+segment stage runs on it (_run_segmentation).
 """
 
 from __future__ import annotations
@@ -44,14 +49,22 @@ from PIL import Image
 
 from pipeline import orchestrate
 from pipeline.context import Context
-from pipeline.core.artifacts import read_json, write_json, write_text
-from pipeline.core.config import duration_seconds, load_config
+from pipeline.core.artifacts import content_key, read_json, write_json, write_text
+from pipeline.core.config import SegmentMemberConfig, SegmentTrainConfig, duration_seconds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import labels
+from pipeline.data.cache import cached_decode
+from pipeline.data.quality import clean_csv
 from pipeline.detection import planning as detection_planning
 from pipeline.detection import speed as detection_speed
 from pipeline.detection.data import Arrays, DetectionData, is_detection_folder, read_detection, split_arrays
 from pipeline.detection.torchvision_models import create
+from pipeline.segmentation import models as segmentation_models
+from pipeline.segmentation import planning as segmentation_planning
+from pipeline.segmentation import speed as segmentation_speed
+from pipeline.segmentation.arrays import resize_mask
+from pipeline.segmentation.data import SegmentationData, is_segmentation_folder
+from pipeline.stages import segment as segment_stage
 from pipeline.training import planning, runtime, speed
 from pipeline.training.inference import fold_values
 from pipeline.training.loop import TimeUp, time_limit
@@ -71,6 +84,9 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     started = time.time()
     if is_detection_folder(Path(data)):
         return _run_detection(Path(data), config, overrides, work, submissions, budget, started)
+    files = load_config(config, overrides).segment.data  # the names the segment stage reads the folder by
+    if is_segmentation_folder(Path(data), files.train_csv, files.test_csv, files.masks_dir):
+        return _run_segmentation(Path(data), config, overrides, work, submissions, budget, started)
     overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]  # checked like any key
     ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False)
     budget_s = duration_seconds(ctx.cfg.auto.budget)
@@ -649,3 +665,124 @@ def _merged(base: dict, planned: dict) -> dict:
     for key, value in planned.items():
         out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+# --- segmentation folders -----------------------------------------------------------------------------------------
+
+SPEED_IMAGES = 64  # training images decoded at each candidate size for the timed steps (cycled when fewer)
+
+
+def _run_segmentation(data: Path, config: Path | None, overrides: list[str], work: Path | None, submissions: Path,
+                      budget: str | None, started: float) -> dict:
+    """A segmentation folder: its profile, the default member's measured speed at candidate sizes, the segment keys
+    planned for the budget (segmentation/planning.py) in WORK/plan.yaml, then the segment stage on it."""
+    overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]
+    ctx = orchestrate.context("segment", config, overrides, data, work, submissions, use_tuned=False)
+    budget_s = duration_seconds(ctx.cfg.auto.budget)
+    deadline = started + budget_s
+    log.info(f"auto: segmentation folder; budget {budget_s / 60:.1f} min, ends by "
+             f"{time.strftime('%H:%M:%S', time.localtime(deadline))}")
+    orchestrate.run("clean", ctx)  # first: the profile and the timed steps read only images it could decode
+    runtime.set_threads(ctx.cfg.runtime.threads)
+    rt = runtime.from_config(ctx.cfg.runtime, "segmentation")
+    cfg = ctx.cfg.segment
+    found = segment_stage.readable(segment_stage.read_data(ctx), clean_csv(ctx.work_dir))
+    profile = _segmentation_profile(found, rt.device.type)
+    facts = dataclasses.asdict(profile)
+    measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
+    member = cfg.models[0]
+    speeds = {size: _segmenter_speed(member, size, found, cfg.train, ctx.work_dir / "cache", rt, measured)
+              for size in segmentation_planning.candidate_sizes(profile.image_side)}
+    write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
+    _print_segmentation_profile(profile, member.label, speeds)
+    plan_path, plan_json = ctx.work_dir / "plan.yaml", ctx.work_dir / "auto" / "segment_plan.json"
+    base = load_config(config, overrides).model_dump(mode="json", exclude_defaults=True)
+    base.pop("auto", None)
+    asked = {"facts": facts, "budget_seconds": budget_s, "config": base}
+    kept = _read(plan_json)
+    if {k: kept.get(k) for k in asked} == asked and plan_path.exists():
+        plan = segmentation_planning.SegmentationPlan(**kept["plan"])
+        log.info(f"auto: the plan of the earlier run on this data, config and budget ({plan_path}); what it trained "
+                 "is kept")
+    else:
+        left = deadline - time.time()
+        plan = segmentation_planning.plan(profile, speeds, left, reserve=ctx.cfg.auto.reserve)
+        if plan.total_seconds > left:
+            raise PipelineError(f"auto.budget: {budget_s / 60:.1f} min leaves {max(left, 0):.0f} s after profiling, "
+                                f"and one epoch on {plan.n_splits} folds needs an estimated {plan.total_seconds:.0f} "
+                                "s; give a larger BUDGET")
+        planned = {**base, "segment": _merged(base.get("segment", {}), segmentation_planning.segment_section(plan))}
+        per_size = ", ".join(f"{s} px {t:.4f} | {v:.4f}" for s, (t, v) in speeds.items())
+        head = [f"# make auto's plan for a segmentation folder: a normal config (`make segment CONFIG={plan_path}` "
+                "reproduces it)", *[f"# {n}" for n in plan.notes],
+                f"# measured seconds per image of {member.label} (training | validation) on {profile.device}, "
+                f"{torch.get_num_threads()} threads: {per_size}",
+                "# estimated seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in plan.seconds.items())
+                + f"; ETA {plan.total_seconds - plan.seconds['reserve']:.0f} s of the {left:.0f} s left"]
+        write_text(plan_path, "\n".join(head) + "\n" + yaml.safe_dump(planned, sort_keys=False))
+        write_json(plan_json, {**asked, "plan": dataclasses.asdict(plan)})
+    end = time.time() + plan.total_seconds - plan.seconds["reserve"]
+    log.info(f"auto: plan ({plan_path}; `make segment CONFIG={plan_path}` reproduces it)\n"
+             + segmentation_planning.table(plan) + "".join(f"\n  {n}" for n in plan.notes)
+             + f"\nauto: ETA {(end - started) / 60:.1f} min in all, at {time.strftime('%H:%M:%S', time.localtime(end))}"
+               f" (budget {budget_s / 60:.1f} min)")
+    sctx = orchestrate.context("segment", plan_path, [], data, ctx.work_dir, submissions, use_tuned=False)
+    metrics = orchestrate.run("segment", sctx)
+    wall = time.time() - started
+    result = {"nested_dice": metrics["nested_dice"], "oof_dice_chosen": metrics["oof_dice_chosen"],
+              "wall_seconds": round(wall, 1), "budget_seconds": budget_s,
+              "estimated_seconds": round(plan.total_seconds, 1),
+              "submission": str(sctx.submissions_dir / f"{sctx.name}.csv"), "plan": str(plan_path)}
+    write_json(ctx.work_dir / "auto" / "summary.json", result)
+    log.info(f"auto: done in {wall / 60:.1f} min of the {budget_s / 60:.1f} min budget; OOF Dice nested (honest) "
+             f"{result['nested_dice']:.4f}")
+    return result
+
+
+def _sample(n: int, k: int) -> list[int]:
+    """k of n rows, the same ones on every run."""
+    return sorted(np.random.default_rng(0).choice(n, min(k, n), replace=False).tolist())
+
+
+def _segmentation_profile(found: SegmentationData, device: str) -> segmentation_planning.SegmentationProfile:
+    """The training images' count and median longer side, the classes, the test images, and the share of training
+    images with no mask pixel (read on a sample of SIDE_SAMPLE: a mask decode costs more than a header)."""
+    train = found.train
+    empty = [not found.masks(i).any() for i in _sample(len(train), SIDE_SAMPLE)]
+    return segmentation_planning.SegmentationProfile(
+        images=len(train), test_images=len(found.test), classes=len(found.classes),
+        image_side=int(np.median(np.maximum(train.heights, train.widths))),
+        empty_share=round(float(np.mean(empty)), 4), device=device)
+
+
+def _segmenter_speed(member: SegmentMemberConfig, size: int, found: SegmentationData, train: SegmentTrainConfig,
+                     cache: Path, rt: runtime.Runtime, measured: dict) -> tuple[float, float]:
+    """(training, validation) seconds per image of `member` at `size`, measured once per machine setting on
+    SPEED_IMAGES real training images and their masks resized to that size."""
+    key = (f"{member.arch}-{member.encoder}@{size}px/b{train.batch_size}/{len(found.classes)}cls/{train.loss}/"
+           f"{rt.device.type}/{torch.get_num_threads()}t")
+    if key not in measured:
+        t0 = time.perf_counter()
+        rows = _sample(len(found.train), SPEED_IMAGES)
+        paths = [found.train.paths[i] for i in rows]
+        images = cached_decode(cache, content_key(paths), paths, size, 3, "segment-speed")
+        masks = np.stack([np.stack([resize_mask(m, size) for m in found.masks(i)]) for i in rows])
+        torch.manual_seed(0)
+        # random weights: the speed does not depend on them, and timing must not download any
+        model = rt.prepare(segmentation_models.create(member.arch, member.encoder, len(found.classes)))
+        t, v = segmentation_speed.measure(model, images, masks, train.batch_size, train.lr, train.loss, rt)
+        measured[key] = {"train": t, "validate": v}
+        log.info(f"auto: measured {member.label} at {size} px: {1 / t:.1f} training and {1 / v:.1f} validated "
+                 f"images/s ({time.perf_counter() - t0:.1f} s)")
+    return measured[key]["train"], measured[key]["validate"]
+
+
+def _print_segmentation_profile(profile: segmentation_planning.SegmentationProfile, label: str,
+                                speeds: dict[int, tuple[float, float]]) -> None:
+    lines = [f"  images: {profile.images} train, {profile.test_images} test; {profile.classes} classes; "
+             f"{profile.empty_share:.0%} of training images without a mask",
+             f"  longer side median {profile.image_side} px",
+             f"  speed of {label} on {profile.device} ({torch.get_num_threads()} threads), images/s training | "
+             "validating:"]
+    lines += [f"    {size:>4} px {1 / t:>8.1f} | {1 / v:.1f}" for size, (t, v) in speeds.items()]
+    log.info("auto: profile (segmentation folder)\n" + "\n".join(lines))

@@ -29,6 +29,7 @@ from pipeline.detection.infer import score_submission
 from pipeline.detection.shapes import KINDS, build_shapes
 from pipeline.scoring import submission
 from pipeline.segmentation import generate as segmentation_generate
+from pipeline.segmentation.data import is_segmentation_folder
 from pipeline.segmentation.submit import score_masks, validate_segmentation
 from pipeline.stages.segment import read_data as read_segmentation_data
 
@@ -177,7 +178,9 @@ def dispatch(args: argparse.Namespace) -> None:
             orchestrate.run(args.command, ctx)
     elif args.command == "auto":
         budget = [f"auto.budget={args.budget}"] if args.budget else []
-        first = "detect" if is_detection_folder(args.data) else "clean"  # a detection folder has no task to decide
+        # a detection or segmentation folder has no task to decide: its own track's context
+        first = ("detect" if is_detection_folder(args.data)
+                 else "segment" if is_segmentation_folder(args.data) else "clean")
         ctx = orchestrate.context(first, args.config, [*args.overrides, *budget], args.data, args.work,
                                   args.submissions, use_tuned=False)
         check_folders(ctx, "ensemble")
