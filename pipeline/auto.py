@@ -691,8 +691,14 @@ def _run_segmentation(data: Path, config: Path | None, overrides: list[str], wor
     facts = dataclasses.asdict(profile)
     measured = _read(ctx.work_dir / "profile.json").get("speeds", {})
     member = cfg.models[0]
+    sizes = segmentation_planning.candidate_sizes(profile.image_side)
+    threads = ctx.cfg.runtime.threads or _segmentation_threads(member, sizes[-1], found, cfg.train,
+                                                               ctx.work_dir / "cache", rt, measured)
+    if threads != torch.get_num_threads():  # the plan and the segment stage train with the faster setting
+        runtime.set_threads(threads)
+        overrides = [*overrides, f"runtime.threads={threads}"]
     speeds = {size: _segmenter_speed(member, size, found, cfg.train, ctx.work_dir / "cache", rt, measured)
-              for size in segmentation_planning.candidate_sizes(profile.image_side)}
+              for size in sizes}
     write_json(ctx.work_dir / "profile.json", {"facts": facts, "speeds": measured})
     _print_segmentation_profile(profile, member.label, speeds)
     plan_path, plan_json = ctx.work_dir / "plan.yaml", ctx.work_dir / "auto" / "segment_plan.json"
@@ -775,6 +781,26 @@ def _segmenter_speed(member: SegmentMemberConfig, size: int, found: Segmentation
         log.info(f"auto: measured {member.label} at {size} px: {1 / t:.1f} training and {1 / v:.1f} validated "
                  f"images/s ({time.perf_counter() - t0:.1f} s)")
     return measured[key]["train"], measured[key]["validate"]
+
+
+def _segmentation_threads(member: SegmentMemberConfig, size: int, found: SegmentationData, train: SegmentTrainConfig,
+                          cache: Path, rt: runtime.Runtime, measured: dict) -> int:
+    """On the CPU, torch's default threads or one thread, whichever trains `member` faster at `size` (the smallest
+    candidate: the cheapest to time) here; as _fastest_threads, because beside other busy processes one thread can
+    be several times faster."""
+    default = torch.get_num_threads()
+    if rt.device.type != "cpu" or default == 1:
+        return default
+    seconds = {}
+    for n in (default, 1):
+        torch.set_num_threads(n)
+        seconds[n] = _segmenter_speed(member, size, found, train, cache, rt, measured)[0]
+    torch.set_num_threads(default)
+    best = min(seconds, key=seconds.get)
+    if best != default:
+        log.info(f"auto: one CPU thread trains {seconds[default] / seconds[1]:.1f}x faster than {default} here (other "
+                 "processes share the cores): the plan sets runtime.threads=1")
+    return best
 
 
 def _print_segmentation_profile(profile: segmentation_planning.SegmentationProfile, label: str,

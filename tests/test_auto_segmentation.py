@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from pipeline import auto
 from pipeline.core.config import RuntimeConfig, load_config
 from pipeline.scoring.submission import read_submission
 from pipeline.segmentation import models, planning, speed
@@ -89,6 +91,23 @@ def test_a_segmenter_is_timed_on_its_own_steps_cycling_a_sample_smaller_than_its
     masks = (rng.random((3, 2, 64, 64)) < 0.2).astype(np.uint8)
     train, validate = speed.measure(model, images, masks, 2, 1e-3, "dice_bce", rt, steps=2)
     assert 0 < validate < train < 5  # a backward pass costs more than a forward one
+
+
+@pytest.mark.parametrize(("one", "expected"), [(0.1, 1), (0.3, 2)])
+def test_one_cpu_thread_is_planned_only_when_it_trains_faster_than_the_default(one, expected):
+    rt = runtime.from_config(RuntimeConfig(device="cpu"), "segmentation")
+    member, train = load_config(None).segment.models[0], load_config(None).segment.train
+    found = SimpleNamespace(classes=["a", "b"])  # the speeds are known: nothing is decoded or timed
+    key = "unet-resnet18@64px/b16/2cls/dice_bce/cpu/{}t"
+    measured = {key.format(2): {"train": 0.2, "validate": 0.05}, key.format(1): {"train": one, "validate": 0.05}}
+    default = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert auto._segmentation_threads(member, 64, found, train, Path("unused"), rt, measured) == expected
+        assert torch.get_num_threads() == 2  # the default is restored; the caller sets the chosen one
+    finally:
+        torch.set_num_threads(default)
+    assert len(measured) == 2
 
 
 def _auto(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
