@@ -154,7 +154,9 @@ class CropTrainConfig(TrainConfig):
 
     image_size: int = Field(64, ge=8, description="crops are resized to image_size x image_size")
     epochs: int = Field(20, ge=1, description="most training epochs per fold")
-    batch_size: int = Field(64, ge=1, description="crops per forward pass")
+    # 32, not 64: crops from scratch learn with the number of updates; on 1,500 digits images (fold 0 of 3,
+    # 12 epochs at 32 px) validation accuracy 0.75 at 64, 0.81 at 32, 0.81 at 16 for 1.4x the time of 32
+    batch_size: int = Field(32, ge=1, description="crops per forward pass")
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     early_stopping: int | None = Field(4, ge=1, description="stop after this many epochs without a better "
                                                             "validation accuracy; null: never")
