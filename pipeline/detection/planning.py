@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.core.config.detect import CropTrainConfig, DetectClassifierConfig, DetectDataConfig
 from pipeline.training.planning import CALIBRATION
 
 CPU_SIZE_CAP, CUDA_SIZE_CAP = 512, 1024  # a 512 px FCOS step on two cores is seconds per image already
@@ -39,10 +40,11 @@ CLASSIFIER_SHARE = 0.3  # of the training time, for the crop classifier's fold t
 CROP_MIN_EPOCHS, CROP_MAX_EPOCHS = 4, 20
 CROP_SIZE = {"cpu": 32, "cuda": 64}
 CROP_BACKBONE = "resnet10t"
-CROP_BATCH = 32  # detect.classifier.train.batch_size's default
-CROP_COPIES = 2  # detect.classifier.copies' default: each training box gives 1 + copies crops
-BOXES_NAMED = 20  # detect.classifier.boxes_per_image's default: the fused boxes per image the classifier names
-HOLDOUT_SHARE = 0.1  # detect.data.val_fraction's default: one model without val.csv holds this share out
+# the configuration's defaults, read from its models so that a changed default cannot leave a stale copy here
+CROP_BATCH = CropTrainConfig.model_fields["batch_size"].default
+CROP_COPIES = DetectClassifierConfig.model_fields["copies"].default  # each training box gives 1 + copies crops
+BOXES_NAMED = DetectClassifierConfig.model_fields["boxes_per_image"].default  # fused boxes per image renamed
+HOLDOUT_SHARE = DetectDataConfig.model_fields["val_fraction"].default  # one model without val.csv holds this out
 # seconds: a fold run's model building and files; a fold epoch's checkpoint writes; a crop classifier fold run's
 # set-up (the classification track's fold training); the stage's reading and writing (leaderboard, galleries)
 RUN_OVERHEAD, EPOCH_OVERHEAD, CROP_RUN_OVERHEAD, STAGE_OVERHEAD = 3.0, 0.2, 5.0, 10.0
