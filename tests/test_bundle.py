@@ -239,6 +239,11 @@ def test_distilled_student_learns_leak_free_is_scored_honestly_and_exports(singl
     assert table["speedup"].iloc[1] > 2  # one view of one model against 2 members x 2 folds x 4 views
     oof = pd.read_parquet(ctx.work_dir / "distill" / "runs" / "distill-resnet10t" / "oof.parquet")
     assert len(oof) == 16 and oof.filter(like="p_").sum(axis=1).round(4).eq(1).all()
+    # distill.test_images: the fold-k student also learns the 9 test images, the hard-label twin does not
+    for name, extra in (("distill-resnet10t", 9), ("hard-resnet10t", 0)):
+        for k in (0, 1):
+            best = json.loads((ctx.work_dir / "distill" / "runs" / name / f"fold{k}" / "best.json").read_text())
+            assert best["train_rows"] == int((oof["fold"] != k).sum()) + extra
     again = orchestrate.run("distill", dctx)  # nothing retrained or re-measured
     assert again["table"] == summary["table"]
     # the ensemble does not blend the student back into its own teacher

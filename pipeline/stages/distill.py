@@ -23,14 +23,16 @@ import pandas as pd
 
 from pipeline.context import Context
 from pipeline.core import experiments
-from pipeline.core.artifacts import file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
+from pipeline.core.artifacts import content_key, file_digest, fingerprint, is_done, read_json, write_csv, write_stamp
 from pipeline.core.config import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.export.bundle import blend_spec, used_models
 from pipeline.scoring import tasks
 from pipeline.scoring.blend import BlendSettings
+from pipeline.scoring.predictions import prob_columns
 from pipeline.stages.bundle import _experiments_by_name, _refit
 from pipeline.stages.ensemble import _prediction_arrays, find_predictions
+from pipeline.stages.rounds import with_pseudo
 from pipeline.training import runtime
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.distill import fold_targets, ms_per_image, teacher_proba
@@ -103,7 +105,8 @@ def run(ctx: Context) -> dict:
     fp = fingerprint("distill", file_digest(ctx.work_dir / "ensemble" / "weights.json"),
                      [file_digest(p) for p in teacher_files], cfg.distill.model_dump(), cfg.train.model_dump(),
                      cfg.model.model_dump(exclude={"backbones", "only"}),
-                     cfg.predict.model_dump(exclude={"batch_size"}), runtime.result_keys(cfg.runtime), folds)
+                     cfg.predict.model_dump(exclude={"batch_size"}), runtime.result_keys(cfg.runtime), folds,
+                     content_key(comp.test["path"]))  # the student predicts them (and learns them: test_images)
     if is_done(stamp, fp, [root / student.name / "oof.parquet", ctx.work_dir / "distill" / "table.csv"]):
         summary = read_json(stamp, "rerun `make distill`")
         log.info(f"distill: up to date ({stamp}); the table, measured when it ran:\n"
@@ -114,23 +117,41 @@ def run(ctx: Context) -> dict:
     data = sctx.training_data(shared)
     # OOF rows (sorted by id) -> rows of folds.csv: the teachers' blend is refitted on OOF rows, applied to frame rows
     member_data = {n: ctx.for_experiment(by_name[n]).training_data(shared) for n in used}
+    test_ids, test_paths = comp.test["id"], list(comp.test["path"])
+    member_test = {n: ctx.decoded_images(test_paths, by_name[n].train.image_size, member_data[n].channels, "test")
+                   for n in used} if cfg.distill.test_images else {}
     provenance = {}
     for k in folds:
         train_idx = training_rows(data.frame, k)
-        teachers = np.zeros((len(names), int(train_idx.sum()), len(classes)))
-        for n in used:
-            pm, pc = read_json(ctx.work_dir / "runs" / n / "predict.json", "run `make predict`"), by_name[n].predict
-            ranges = {"degrees": pc.tta_random_degrees, "scale": pc.tta_random_scale, "shift": pc.tta_random_shift}
-            teachers[names.index(n)] = teacher_proba(ctx.work_dir / "runs" / n / f"fold{k}",
-                                                     member_data[n].images[train_idx], folds_meta["folds_hash"],
-                                                     classes, pm["tta"], pm["tta_merge"], rt, pc.batch_size,
-                                                     pc.tta_seed, ranges)
-        soft = np.full((len(data.frame), len(classes)), np.nan, dtype=np.float32)
-        soft[train_idx] = fold_targets(teachers, P, y, fold_of, k, fitted, cfg.distill.temperature)
+
+        def targets(images_of: dict, k: int = k) -> np.ndarray:
+            """The fold-k teachers' blended, sharpened probabilities of the images `images_of` gives per member."""
+            teachers = np.zeros((len(names), len(next(iter(images_of.values()))), len(classes)))
+            for n in used:
+                pm, pc = read_json(ctx.work_dir / "runs" / n / "predict.json", "run `make predict`"), by_name[n].predict
+                ranges = {"degrees": pc.tta_random_degrees, "scale": pc.tta_random_scale, "shift": pc.tta_random_shift}
+                teachers[names.index(n)] = teacher_proba(ctx.work_dir / "runs" / n / f"fold{k}", images_of[n],
+                                                         folds_meta["folds_hash"], classes, pm["tta"],
+                                                         pm["tta_merge"], rt, pc.batch_size, pc.tta_seed, ranges)
+            return fold_targets(teachers, P, y, fold_of, k, fitted, cfg.distill.temperature)
+
+        train_soft = targets({n: member_data[n].images[train_idx] for n in used})
+        key = fingerprint(np.round(train_soft, 6).tolist())
+        kdata = data
+        if cfg.distill.test_images:  # test rows trained by the fold-k student only (rounds' pseudo-row machinery)
+            test_soft = targets(member_test)
+            rows = pd.DataFrame({"id": test_ids.astype(str).to_numpy(), "path": test_paths,
+                                 "label": np.asarray(classes, dtype=object)[test_soft.argmax(1)], "fold": k})
+            rows[prob_columns(classes)] = test_soft
+            kdata = with_pseudo(sctx, data, rows)
+            key = fingerprint(key, kdata.pseudo_keys[k])
+        soft = np.full((len(kdata.frame), len(classes)), np.nan, dtype=np.float32)
+        soft[:len(data.frame)][train_idx] = train_soft
+        if cfg.distill.test_images:
+            soft[len(data.frame):] = test_soft
         provenance[str(k)] = [f"runs/{n}/fold{k}" for n in used]
-        kdata = replace(data, soft=soft, pseudo_keys={k: fingerprint(np.round(soft[train_idx], 6).tolist())})
+        kdata = replace(kdata, soft=soft, pseudo_keys={k: key})
         train_fold(sctx.fold_settings(runs_root=root), student.backbone, k, kdata, name=student.name)
-    test_ids, test_paths = comp.test["id"], list(comp.test["path"])
     results = {"student": predict_experiment(replace(sctx.predict_settings(), runs_root=root), student.backbone,
                                              data, test_ids, test_paths, student.name)}
     hard = None

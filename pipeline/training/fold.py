@@ -201,6 +201,7 @@ def train_fold(settings: FoldSettings, backbone: str, fold: int, data: TrainingD
     write_text(run_dir / "config.yaml", settings.config_yaml)
     meta = {"experiment": label, "backbone": backbone, "fold": fold, "epoch": result["epoch"],
             "epochs_run": result["epochs_run"], "metric": result["metric"],
+            "train_rows": int(is_train.sum()),
             "metric_name": settings.metric, "greater_is_better": tasks.greater_is_better(settings.metric),
             "classes": data.classes, "folds_hash": data.folds_hash, "config_hash": config_hash(mcfg, tcfg),
             "in_chans": data.channels, "image_size": tcfg.image_size, "norm": norm, "drop_rate": mcfg.drop_rate,

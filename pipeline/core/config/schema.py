@@ -284,6 +284,9 @@ class DistillConfig(Section):
                                                                    "the fast single model)")
     hard_baseline: bool = Field(True, description="also train the student's backbone on the hard labels, for the "
                                                   "table's comparison")
+    test_images: bool = Field(True, description="the fold-k student also learns the fold-k teachers' blended "
+                                                "probabilities of the test images (unlabelled, so leak-free): "
+                                                "targets the teachers never trained on")
 
 
 class TuneConfig(Section):
