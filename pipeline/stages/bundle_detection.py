@@ -4,9 +4,12 @@ submitted detector as an offline folder, submissions/<competition>-bundle/.
 Reads what `make detect` wrote and checks that it made the submission with this config before packing it:
 - detect.folds.n_splits > 1: WORK/detect/metrics.json (the submitted configuration, its views, the WBF thresholds
   chosen on OOF), folds.csv, and per fold model fold<k>/model.json, model.safetensors and views.json, whose keys are
-  recomputed from the data and this config (stages/detect.py's train_key and views_key); then the fused test
-  detections, recomputed from <configuration>/detections.pt with the spec's WBF parameters and score threshold,
-  must give the submission CSV back string for string.
+  recomputed from the data and this config (stages/detect.py's train_key and views_key); with
+  detect.classifier.enabled, the rule chosen on OOF (metrics.json's "classifier") and each fold crop classifier's
+  best.json and best.safetensors, whose training key is recomputed too (detect_classifier.classifier_runs). Then
+  the fused test detections, recomputed from <configuration>/detections.pt with the spec's WBF parameters, renamed
+  with the spec's rule by the packed classifiers and cut at the score threshold, must give the submission CSV back
+  string for string.
 - detect.folds.n_splits = 1: model.json, model.safetensors, metrics.json (the TTA chosen on validation) and
   predict.json, whose keys (train, evaluate and predict keys) must all match this config.
 Skipped when the bundle's stamp (spec.json's fingerprint) matches all of these and the bundle's source files.
@@ -27,11 +30,12 @@ from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_st
 from pipeline.core.errors import PipelineError
 from pipeline.data.competition import ID_CANDIDATES, image_location
 from pipeline.data.images import MAX_PIXELS
-from pipeline.detection.data import read_detection
+from pipeline.detection.data import read_detection, split_arrays
 from pipeline.detection.ensemble import above_score, configuration_name, fuse_chosen
 from pipeline.detection.infer import submission_frame
 from pipeline.export import bundle, bundle_detection, bundle_predict
 from pipeline.stages.detect import evaluate_key, predict_key, train_key, views_key
+from pipeline.stages.detect_classifier import CROP_BATCH, classifier_runs, crop_views, rename_test
 from pipeline.training import runtime
 
 log = logging.getLogger(__name__)
@@ -51,10 +55,6 @@ def _refuse_settings(ctx: Context) -> None:
     if e.bundle_onnx:
         raise PipelineError("export.bundle_onnx=true: detection bundles run on torch only (torchvision's detectors "
                             "and NMS); set export.bundle_onnx=false")
-    if ctx.cfg.detect.classifier.enabled:
-        raise PipelineError("detect.classifier.enabled=true: the submission's boxes are renamed by the crop "
-                            "classifier, which detection bundles do not carry; bundle the detector alone with "
-                            "detect.classifier.enabled=false")
 
 
 def _check(stamp: dict | None, expected: str, path: Path) -> dict:
@@ -120,28 +120,73 @@ def _folds(ctx: Context, data, channels_last: bool) -> tuple[dict, dict, list[Pa
     steps = [{"step": "detect", "models": [model], "views": metrics["views"], "tta": "none", "decode": _decode(cfg),
               "score_threshold": cfg.evaluate.map_score_threshold, "channels_last": channels_last},
              {"step": "wbf", "iou_thr": metrics["iou_thr"], "skip_thr": metrics["skip_thr"],
-              "conf_type": metrics["conf_type"], "max_detections": cfg.decode.max_detections},
-             {"step": "score_threshold", "threshold": cfg.predict.score_threshold}]
-    _check_fusion(ctx, data, root / name / "detections.pt", steps)
+              "conf_type": metrics["conf_type"], "max_detections": cfg.decode.max_detections}]
+    fold = folds["fold"].to_numpy()
+    if cfg.classifier.enabled:
+        rename, rename_files, rename_read = _rename_step(ctx, data, fold, metrics, metrics_file)
+        steps += [rename] if rename else []
+        files, read = {**files, **rename_files}, read + rename_read
+    steps.append({"step": "score_threshold", "threshold": cfg.predict.score_threshold})
+    _check_fusion(ctx, data, root / name / "detections.pt", steps, fold)
     return {"configuration": name, "folds": cfg.folds.n_splits, "oof_map_50": metrics["oof_map_50"],
             "steps": steps}, files, read
 
 
-def _check_fusion(ctx: Context, data, detections_pt: Path, steps: list[dict]) -> None:
-    """The spec's WBF and score threshold applied to the fold models' cached test views must give the submission
-    back: so the numbers in the spec are the ones that made it."""
+def _rename_step(ctx: Context, data, fold, metrics: dict, metrics_file: Path) -> tuple[dict | None, dict, list[Path]]:
+    """(the spec's rename step, its weight files, the files read) of the second stage (detect_classifier.py): the
+    fold crop classifiers this config trained and the rule chosen on OOF; no step when the rule is the detector
+    alone (renaming then changes nothing)."""
+    cfg = ctx.cfg.detect
+    ccfg = cfg.classifier
+    chosen = metrics.get("classifier")
+    if chosen is None:
+        raise PipelineError(f"{metrics_file}: no second stage recorded (made with detect.classifier.enabled=false); "
+                            f"{AGAIN}")
+    if chosen["weight"] == 1 and chosen["merge_iou"] is None:
+        return None, {}, []
+    rt = runtime.from_config(ctx.cfg.runtime, "classification")
+    classifier = {"backbone": ccfg.backbone, "image_size": ccfg.train.image_size, "views": crop_views(ctx),
+                  "batch_size": CROP_BATCH, "channels_last": rt.channels_last, "folds": []}
+    files, read = {}, []
+    for k, (run_dir, key) in enumerate(classifier_runs(ctx, data.key(), data.classes, fold)):
+        meta = _check(read_stamp(run_dir / "best.json"), key, run_dir / "best.json")
+        rel = f"weights/classifier-{ccfg.backbone}-fold{k}.safetensors"
+        files[rel] = run_dir / "best.safetensors"
+        read += [run_dir / "best.json", run_dir / "best.safetensors"]
+        classifier["folds"].append({"fold": k, "weights": rel, "in_chans": meta["in_chans"],
+                                    "drop_rate": meta["drop_rate"], "norm": meta["norm"]})
+    step = {"step": "rename", "rule": chosen["rule"], "weight": chosen["weight"], "merge_iou": chosen["merge_iou"],
+            "n_classes": len(data.classes), "image_size": cfg.train.image_size,
+            "boxes_per_image": ccfg.boxes_per_image, "margin": ccfg.margin,
+            "top_k": ccfg.top_k, "max_detections": cfg.decode.max_detections, "classifier": classifier}
+    return step, files, read
+
+
+def _check_fusion(ctx: Context, data, detections_pt: Path, steps: list[dict], fold) -> None:
+    """The spec's WBF, rename (the bundled classifier weights on crops of the decoded test images) and score
+    threshold applied to the fold models' cached test views must give the submission back: so the numbers and
+    weights in the spec are the ones that made it."""
     run = torch.load(detections_pt, weights_only=True)
     sizes = torch.tensor(data.test.images[["width", "height"]].to_numpy(), dtype=torch.float32)
-    wbf, threshold = steps[1], steps[2]["threshold"]
+    by_name = {s["step"]: s for s in steps}
+    wbf, threshold = by_name["wbf"], by_name["score_threshold"]["threshold"]
     fused = fuse_chosen(run["test"], sizes, wbf, wbf["max_detections"])
+    rename = by_name.get("rename")
+    if rename is not None:
+        test = split_arrays(data.test, data.classes, ctx.work_dir / "cache", rename["image_size"], "test")
+        c = rename["classifier"]
+        fused = rename_test(ctx, data.key(), data.classes, fold, test, fused, rename["weight"], rename["merge_iou"],
+                            rename["boxes_per_image"], c["image_size"], rename["margin"], c["views"], rename["top_k"],
+                            rename["max_detections"])
     ours = submission_frame(data.test.images, above_score(fused, threshold), data.classes)
     path = ctx.submissions_dir / f"{ctx.name}.csv"
     if not path.is_file():
         raise PipelineError(f"{path}: the detection submission is missing; run `make detect`")
     theirs = pd.read_csv(path, dtype=str, keep_default_na=False)
     if not ours.astype(str).equals(theirs):
-        raise PipelineError(f"{path}: not the fusion of {detections_pt} with the WBF thresholds of metrics.json "
-                            f"and detect.predict.score_threshold={threshold}; {AGAIN}")
+        renamed = f", renamed by the crop classifiers ({rename['rule']})," if rename else ""
+        raise PipelineError(f"{path}: not the fusion of {detections_pt} with the WBF thresholds of metrics.json"
+                            f"{renamed} and detect.predict.score_threshold={threshold}; {AGAIN}")
 
 
 def _single(ctx: Context, data, channels_last: bool) -> tuple[dict, dict, list[Path]]:
@@ -164,6 +209,11 @@ def _single(ctx: Context, data, channels_last: bool) -> tuple[dict, dict, list[P
             {rel: root / "model.safetensors"}, read)
 
 
+def _renamed(detection: dict) -> dict | None:
+    """The spec's rename step, when it has one."""
+    return next((s for s in detection["steps"] if s["step"] == "rename"), None)
+
+
 def run(ctx: Context) -> dict:
     """Write the bundle of the detection track's submission."""
     _refuse_settings(ctx)
@@ -172,6 +222,7 @@ def run(ctx: Context) -> dict:
     channels_last = runtime.from_config(ctx.cfg.runtime, "detection").channels_last
     build = _single if cfg.folds.n_splits == 1 else _folds
     detection, files, read = build(ctx, data, channels_last)
+    rename = _renamed(detection)
     submission_csv = ctx.submissions_dir / f"{ctx.name}.csv"
     sources = [bundle_predict.__file__, bundle_detection.__file__, WBF_SOURCE]
     fp = fingerprint("bundle-detection", [file_digest(p) for p in read + [submission_csv]],
@@ -194,16 +245,21 @@ def run(ctx: Context) -> dict:
                                      "pixels to 1"},
             "detection": detection,
             "requires": ["torch", "torchvision", "numpy", "pandas", "pillow", "safetensors"]
-                        + (["timm"] if cfg.model.name in ("retinanet", "fcos") else []),
+                        + (["timm"] if cfg.model.name in ("retinanet", "fcos")
+                           or (rename and not rename["classifier"]["backbone"].startswith("d2l_")) else []),
             "versions": {**bundle.versions(), "torchvision": version("torchvision"),
                          "ensemble-boxes": version("ensemble-boxes")}}
     files = {**files, "detection.py": Path(bundle_detection.__file__), "ensemble_boxes_wbf.py": WBF_SOURCE}
+    if rename and rename["classifier"]["backbone"].startswith("d2l_"):  # the pipeline's own nets, pure torch
+        files["classic.py"] = bundle.CLASSIC_SOURCE
     bundle.write_bundle(out_dir, spec, files)
     n = sum(len(m["folds"]) for m in detection["steps"][0]["models"])
     log.info(f"bundle: {out_dir}: {detection['configuration']} ({cfg.model.name}, {n} weight file(s), views "
              f"{detection['steps'][0]['views']}, tta {detection['steps'][0]['tta']}"
              + (f", WBF iou {detection['steps'][1]['iou_thr']:g} skip {detection['steps'][1]['skip_thr']:g} "
                 f"{detection['steps'][1]['conf_type']}" if n > 1 else "")
+             + (f"; boxes renamed by {len(rename['classifier']['folds'])} {rename['classifier']['backbone']} "
+                f"crop classifier(s), {rename['rule']}" if rename else "")
              + f"); run: python {out_dir / 'predict.py'} --data {ctx.data_dir} --out submission.csv "
                "(needs torchvision)")
     return read_stamp(out_dir / "spec.json")
