@@ -156,7 +156,8 @@ def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(fol
                                                               "configurations": ["tinyssd", "lr2"]}))
     blend = Context(load_config(None, [*FAST, *FOLDS, f"detect.predict.score_threshold={cut}"]), data, work,
                     ctx.submissions_dir, resolve=False)
-    with pytest.raises(PipelineError, match=r"WBF blend of configurations \['tinyssd', 'lr2'\].*detect.folds.name"):
+    with pytest.raises(PipelineError, match=r"lr2/detections.pt: not found; run `make detect` with the config of "
+                                            r"configuration 'lr2', then with this one$"):
         bundle_detection.run(blend)
 
 
@@ -211,6 +212,55 @@ def test_detection_bundle_carries_the_crop_classifier_that_renamed_the_submissio
         bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.top_k=1"))
     with pytest.raises(PipelineError, match=r"fold0/best.json: made with other data or detect settings"):
         bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.train.lr=0.01"))
+
+
+@pytest.mark.slow
+def test_bundle_of_a_blend_of_configurations_runs_each_configurations_detectors(shapes, tmp_path, monkeypatch):
+    """Two configurations in one WORK (TinySSD at two learning rates) whose WBF blend is submitted: the bundle holds
+    a detect step per configuration, the other one's settings read from its detections.pt, and gives the blend's
+    submission back without the pipeline."""
+    from pipeline.detection import ensemble
+    from pipeline.stages import detect
+
+    _, data = shapes
+
+    def blend_wins(runs, *args):  # 1-epoch detectors score ~0 on OOF, where the blend need not win: made to win
+        return ensemble.choose_submission([{**r, "oof_scores": {"map_50": -1.0, "map": -1.0}} for r in runs], *args)
+
+    orchestrate.run("detect", _ctx(tmp_path, data, *FOLDS))
+    monkeypatch.setattr(detect, "choose_submission", blend_wins)
+    ctx = _ctx(tmp_path, data, *FOLDS, "detect.folds.name=lr2", "detect.train.lr=0.02")
+    spec = orchestrate.run("bundle", ctx)
+    metrics = json.loads((ctx.work_dir / "detect" / "metrics.json").read_text())
+    assert metrics["submitted"] == "wbf models" and metrics["configurations"] == ["lr2", "tinyssd"]
+    steps = spec["detection"]["steps"]
+    assert [s["step"] for s in steps] == ["detect", "detect", "wbf", "score_threshold"]
+    assert [s["models"][0]["name"] for s in steps[:2]] == ["lr2", "tinyssd"]
+    assert steps[0]["views"] == steps[1]["views"] == ["x1", "x1+hflip", "x1.25", "x1.25+hflip"]
+    bundle = ctx.submissions_dir / "shapes-bundle"
+    assert sorted(p.name for p in (bundle / "weights").iterdir()) == [
+        "lr2-fold0.safetensors", "lr2-fold1.safetensors", "tinyssd-fold0.safetensors", "tinyssd-fold1.safetensors"]
+    python = _isolated_python(tmp_path, block=NOT_NEEDED)
+    sub, boxes, out = _run(bundle, data, tmp_path / "user", python)
+    assert sub.equals(pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False))
+    assert "4 detector(s)" in out
+    # unrounded: the pipeline's fusion of both configurations' cached views
+    lists = [x for c in ("lr2", "tinyssd")
+             for x in torch.load(ctx.work_dir / "detect" / c / "detections.pt", weights_only=True)["test"]]
+    test = pd.read_csv(data / "test.csv")["image"].tolist()
+    sizes = torch.tensor([Image.open(data / i).size for i in test], dtype=torch.float32)
+    _assert_same_boxes(boxes, _boxes_frame(test, above_score(fuse_chosen(lists, sizes, metrics, 100), 0.02),
+                                           spec["classes"]))
+    # the blend belongs to the config whose run made it; the other's recorded settings must have trained its weights
+    with pytest.raises(PipelineError, match=r"WBF blend of configurations \['lr2', 'tinyssd'\] made by the run of "
+                                            r"'lr2', this config's is 'tinyssd'"):
+        bundle_detection.run(_ctx(tmp_path, data, *FOLDS))
+    other = ctx.work_dir / "detect" / "tinyssd" / "detections.pt"
+    run = torch.load(other, weights_only=True)
+    run["detect_config"]["train"]["lr"] = 0.05
+    torch.save(run, other)
+    with pytest.raises(PipelineError, match=r"tinyssd/fold0/model.json: made with other data or detect settings"):
+        bundle_detection.run(ctx)
 
 
 @pytest.mark.slow

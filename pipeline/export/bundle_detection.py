@@ -11,7 +11,8 @@ fusion.py, crops.py) and the whole against the pipeline's submission.
 spec["detection"]["steps"] is the chain run on the test images, each step a dict named by "step":
 
     detect           every fold model of every model, each test-time view: one detection list per (model, fold,
-                     view), decoded as the pipeline decodes them (score filter, class-aware NMS, box voting)
+                     view), decoded as the pipeline decodes them (score filter, class-aware NMS, box voting); a
+                     blend of configurations has one detect step per configuration, their lists in turn
     wbf              Weighted Boxes Fusion of those lists into one, with the thresholds chosen on OOF
     rename           the second stage (detect.classifier): the fused boxes, optionally merged class-agnostically,
                      renamed by the mean of the fold crop classifiers (timm, or the pipeline's d2l nets from
@@ -330,8 +331,9 @@ def view_detections(detector: Detector, images: torch.Tensor, sizes: torch.Tenso
 # --- the steps ------------------------------------------------------------------------------------------------------
 
 def detect_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[dict]]:
-    """One detection list per (model, fold model, view), in the order the pipeline fused them (model, fold, view)."""
-    out = []
+    """One detection list per (model, fold model, view), in the order the pipeline fused them (model, fold, view),
+    after those of the detect steps before it (a blend of configurations: one step each, as each has its views)."""
+    out = list(lists)
     for model in step["models"]:
         images, sizes = inputs["images"][model["image_size"]], inputs["sizes"]
         for fold in model["folds"]:
