@@ -19,13 +19,14 @@ from pipeline import orchestrate
 from pipeline.context import Context
 from pipeline.core.config import DecodeConfig, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.detection.data import Arrays, is_detection_folder
+from pipeline.detection.data import Arrays, is_detection_folder, read_detection, split_arrays
 from pipeline.detection.ensemble import above_score, fuse_chosen, view_detections
 from pipeline.detection.infer import Detector
 from pipeline.detection.shapes import build_shapes
 from pipeline.detection.torchvision_models import create
 from pipeline.export import bundle_detection as bd
 from pipeline.stages import bundle_detection
+from pipeline.stages.detect_classifier import rename_test
 from pipeline.training.runtime import Runtime
 
 from .test_bundle import _isolated_python, _offline
@@ -145,7 +146,7 @@ def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(fol
         bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_onnx=true"))
     with pytest.raises(PipelineError, match=r"^export.bundle_folds: .*set export.bundle_folds=null$"):
         bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_folds=[0]"))
-    with pytest.raises(PipelineError, match=r"^detect.classifier.enabled=true: .*detect.classifier.enabled=false$"):
+    with pytest.raises(PipelineError, match=r"metrics.json: no second stage recorded .*run `make detect` again"):
         bundle_detection.run(_ctx(root, data, *FOLDS, "detect.classifier.enabled=true"))
     # a blend of configurations: the other configuration's model settings are in no config the bundle reads
     work = tmp_path / "work"
@@ -155,8 +156,111 @@ def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(fol
                                                               "configurations": ["tinyssd", "lr2"]}))
     blend = Context(load_config(None, [*FAST, *FOLDS, f"detect.predict.score_threshold={cut}"]), data, work,
                     ctx.submissions_dir, resolve=False)
-    with pytest.raises(PipelineError, match=r"WBF blend of configurations \['tinyssd', 'lr2'\].*detect.folds.name"):
+    with pytest.raises(PipelineError, match=r"lr2/detections.pt: not found; run `make detect` with the config of "
+                                            r"configuration 'lr2', then with this one$"):
         bundle_detection.run(blend)
+
+
+# the second stage: 1-epoch resnet10t crop classifiers on 32 px crops of the same two folds
+CLASSIFIER = ("detect.classifier.enabled=true", "detect.classifier.train.image_size=32",
+              "detect.classifier.train.epochs=1", "detect.classifier.copies=1")
+
+
+@pytest.mark.slow
+def test_detection_bundle_carries_the_crop_classifier_that_renamed_the_submission(shapes, tmp_path):
+    """detect.classifier.enabled (configs/detect-small.yaml): the bundle renames the fused boxes with the fold crop
+    classifiers and the rule chosen on OOF, and gives the renamed submission back without the pipeline."""
+    _, data = shapes
+    ctx = _ctx(tmp_path, data, *FOLDS, *CLASSIFIER)
+    spec = orchestrate.run("bundle", ctx)
+    bundle = ctx.submissions_dir / "shapes-bundle"
+    steps = spec["detection"]["steps"]
+    assert [s["step"] for s in steps] == ["detect", "wbf", "rename", "score_threshold"]
+    metrics = json.loads((ctx.work_dir / "detect" / "metrics.json").read_text())
+    rename, chosen = steps[2], metrics["classifier"]
+    assert chosen["weight"] < 1  # the classifier names boxes here: a bundle without it would differ
+    assert {k: rename[k] for k in ("rule", "weight", "merge_iou")} == {k: chosen[k] for k in ("rule", "weight",
+                                                                                              "merge_iou")}
+    assert rename["classifier"]["views"] == ["identity", "hflip"] and rename["classifier"]["image_size"] == 32
+    assert sorted(p.name for p in (bundle / "weights").iterdir()) == [
+        "classifier-resnet10t-fold0.safetensors", "classifier-resnet10t-fold1.safetensors",
+        "tinyssd-fold0.safetensors", "tinyssd-fold1.safetensors"]
+    assert "timm" in spec["requires"]
+
+    python = _isolated_python(tmp_path, block=NOT_NEEDED)
+    sub, boxes, _ = _run(bundle, data, tmp_path / "user", python, "--batch-size", "4")
+    expected = pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False)
+    assert sub.equals(expected)
+    # the detector's own names are not the submission's: the rename step ran
+    run = torch.load(ctx.work_dir / "detect" / "tinyssd" / "detections.pt", weights_only=True)
+    test = pd.read_csv(data / "test.csv")["image"].tolist()
+    sizes = torch.tensor([Image.open(data / i).size for i in test], dtype=torch.float32)
+    fused = fuse_chosen(run["test"], sizes, metrics, 100)
+    detector = _boxes_frame(test, above_score(fused, 0.02), spec["classes"])
+    assert len(boxes) != len(detector) or boxes["label"].tolist() != detector["label"].tolist()
+    # unrounded: the pipeline's renaming of its fusion (the stage's parity check) against predict.py's
+    folds = pd.read_csv(ctx.work_dir / "detect" / "folds.csv")["fold"].to_numpy()
+    split = read_detection(data, ctx.cfg.detect.data, ctx.cfg.competition, 0, holdout=False)
+    arrays = split_arrays(split.test, spec["classes"], ctx.work_dir / "cache", 64, "test")
+    c = rename["classifier"]
+    renamed = rename_test(ctx, split.key(), spec["classes"], folds, arrays, fused, rename["weight"],
+                          rename["merge_iou"], rename["boxes_per_image"], c["image_size"], rename["margin"], c["views"],
+                          rename["top_k"], 100)
+    _assert_same_boxes(boxes, _boxes_frame(test, above_score(renamed, 0.02), spec["classes"]))
+    # a rule the submission was not made with is refused; so are classifiers this config did not train
+    with pytest.raises(PipelineError, match=r"shapes.csv: not the fusion .* renamed by the crop classifiers"):
+        bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.top_k=1"))
+    with pytest.raises(PipelineError, match=r"fold0/best.json: made with other data or detect settings"):
+        bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.train.lr=0.01"))
+
+
+@pytest.mark.slow
+def test_bundle_of_a_blend_of_configurations_runs_each_configurations_detectors(shapes, tmp_path, monkeypatch):
+    """Two configurations in one WORK (TinySSD at two learning rates) whose WBF blend is submitted: the bundle holds
+    a detect step per configuration, the other one's settings read from its detections.pt, and gives the blend's
+    submission back without the pipeline."""
+    from pipeline.detection import ensemble
+    from pipeline.stages import detect
+
+    _, data = shapes
+
+    def blend_wins(runs, *args):  # 1-epoch detectors score ~0 on OOF, where the blend need not win: made to win
+        return ensemble.choose_submission([{**r, "oof_scores": {"map_50": -1.0, "map": -1.0}} for r in runs], *args)
+
+    orchestrate.run("detect", _ctx(tmp_path, data, *FOLDS))
+    monkeypatch.setattr(detect, "choose_submission", blend_wins)
+    ctx = _ctx(tmp_path, data, *FOLDS, "detect.folds.name=lr2", "detect.train.lr=0.02")
+    spec = orchestrate.run("bundle", ctx)
+    metrics = json.loads((ctx.work_dir / "detect" / "metrics.json").read_text())
+    assert metrics["submitted"] == "wbf models" and metrics["configurations"] == ["lr2", "tinyssd"]
+    steps = spec["detection"]["steps"]
+    assert [s["step"] for s in steps] == ["detect", "detect", "wbf", "score_threshold"]
+    assert [s["models"][0]["name"] for s in steps[:2]] == ["lr2", "tinyssd"]
+    assert steps[0]["views"] == steps[1]["views"] == ["x1", "x1+hflip", "x1.25", "x1.25+hflip"]
+    bundle = ctx.submissions_dir / "shapes-bundle"
+    assert sorted(p.name for p in (bundle / "weights").iterdir()) == [
+        "lr2-fold0.safetensors", "lr2-fold1.safetensors", "tinyssd-fold0.safetensors", "tinyssd-fold1.safetensors"]
+    python = _isolated_python(tmp_path, block=NOT_NEEDED)
+    sub, boxes, out = _run(bundle, data, tmp_path / "user", python)
+    assert sub.equals(pd.read_csv(ctx.submissions_dir / "shapes.csv", dtype=str, keep_default_na=False))
+    assert "4 detector(s)" in out
+    # unrounded: the pipeline's fusion of both configurations' cached views
+    lists = [x for c in ("lr2", "tinyssd")
+             for x in torch.load(ctx.work_dir / "detect" / c / "detections.pt", weights_only=True)["test"]]
+    test = pd.read_csv(data / "test.csv")["image"].tolist()
+    sizes = torch.tensor([Image.open(data / i).size for i in test], dtype=torch.float32)
+    _assert_same_boxes(boxes, _boxes_frame(test, above_score(fuse_chosen(lists, sizes, metrics, 100), 0.02),
+                                           spec["classes"]))
+    # the blend belongs to the config whose run made it; the other's recorded settings must have trained its weights
+    with pytest.raises(PipelineError, match=r"WBF blend of configurations \['lr2', 'tinyssd'\] made by the run of "
+                                            r"'lr2', this config's is 'tinyssd'"):
+        bundle_detection.run(_ctx(tmp_path, data, *FOLDS))
+    other = ctx.work_dir / "detect" / "tinyssd" / "detections.pt"
+    run = torch.load(other, weights_only=True)
+    run["detect_config"]["train"]["lr"] = 0.05
+    torch.save(run, other)
+    with pytest.raises(PipelineError, match=r"tinyssd/fold0/model.json: made with other data or detect settings"):
+        bundle_detection.run(ctx)
 
 
 @pytest.mark.slow
@@ -240,6 +344,43 @@ def test_the_bundle_fuses_boxes_as_the_pipeline(tmp_path):
                                _boxes_frame(["a", "b"], above_score(ours, cut), list("xyz")))
     finally:
         bd.HERE = old
+
+
+def test_the_bundle_crops_merges_and_renames_as_the_second_stage():
+    """bundle_detection's copies of crops.py (crop, ranked, agnostic_merge, with_votes, combine) and of the detect
+    stage's classifier probabilities equal the pipeline's on random boxes of a batch and a random classifier."""
+    import timm
+
+    from pipeline.detection import crops
+    from pipeline.stages.detect_classifier import _probs
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    xy = torch.rand(9, 2) * 40
+    boxes = torch.cat((xy, xy + torch.rand(9, 2) * 20 + 1), 1)
+    index = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    for margin in (0.0, 0.15):
+        assert np.array_equal(bd.crop(images, index, boxes, 16, margin), crops.crop(images, index, boxes, 16, margin))
+    found = [{"boxes": boxes[index == i] * 2, "scores": torch.rand(int((index == i).sum())),
+              "labels": torch.randint(0, 4, (int((index == i).sum()),))} for i in range(3)]
+    found.append({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)})
+    ours, theirs = crops.ranked(found), bd.ranked(found)
+    for merged_ours, merged_theirs in ((crops.with_votes(ours, 4), bd.with_votes(theirs, 4)),
+                                       (crops.agnostic_merge(ours, 0.3, 4), bd.agnostic_merge(theirs, 0.3, 4))):
+        probs = [np.random.default_rng(i).dirichlet(np.ones(4), min(2, len(d["boxes"]))).astype(np.float32)
+                 for i, d in enumerate(merged_ours)]
+        for weight in (0.0, 0.5):
+            a = crops.combine(merged_ours, probs, weight, 3, 5)
+            b = bd.combine(merged_theirs, probs, weight, 3, 5)
+            for x, y in zip(a, b, strict=True):
+                assert all(torch.equal(x[k], y[k]) for k in ("boxes", "scores", "labels"))
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=4).eval()
+    cut = bd.crop(images, index, boxes, 16, 0.15)
+    norm = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    views = ["identity", "hflip"]
+    ours = _probs([(net, norm), (net, norm)], cut, index.numpy(), views, Runtime(), 4)
+    theirs = sum(bd.crop_probs(net, cut, norm, views, 4, torch.device("cpu"), False) / 2 for _ in range(2))
+    assert np.abs(ours - theirs).max() < 1e-6
 
 
 def test_is_detection_tells_a_box_table_from_a_label_table(tmp_path):

@@ -4,18 +4,22 @@ of its submission, written out again without the pipeline.
 `make bundle` copies this file verbatim into a detection bundle as detection.py (with ensemble-boxes' own
 ensemble_boxes_wbf.py beside it) and predict.py loads it for a spec of task "detection". It imports torch,
 torchvision (NMS, box IoU and the RetinaNet, FCOS and SSDlite detectors) and numpy; timm only for a RetinaNet or
-FCOS backbone. Never the pipeline: tests/test_bundle_detection.py checks each part against the module it restates
-(detection/tinyssd.py, torchvision_models.py, infer.py's Detector, boxes.py, ensemble.py's views, fusion.py) and the
-whole against the pipeline's submission.
+FCOS backbone or a crop classifier. Never the pipeline: tests/test_bundle_detection.py checks each part against the
+module it restates (detection/tinyssd.py, torchvision_models.py, infer.py's Detector, boxes.py, ensemble.py's views,
+fusion.py, crops.py) and the whole against the pipeline's submission.
 
 spec["detection"]["steps"] is the chain run on the test images, each step a dict named by "step":
 
     detect           every fold model of every model, each test-time view: one detection list per (model, fold,
-                     view), decoded as the pipeline decodes them (score filter, class-aware NMS, box voting)
+                     view), decoded as the pipeline decodes them (score filter, class-aware NMS, box voting); a
+                     blend of configurations has one detect step per configuration, their lists in turn
     wbf              Weighted Boxes Fusion of those lists into one, with the thresholds chosen on OOF
+    rename           the second stage (detect.classifier): the fused boxes, optionally merged class-agnostically,
+                     renamed by the mean of the fold crop classifiers (timm, or the pipeline's d2l nets from
+                     classic.py beside this file) combined with the detector by the rule chosen on OOF
     score_threshold  the boxes the submission keeps
 
-A later step (e.g. classifying each kept box's crop) is one more entry in STEPS and in the spec's list.
+A later step is one more entry in STEPS and in the spec's list.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms, box_iou, roi_align
 
 HERE = Path(__file__).resolve().parent
 TINYSSD_NORM = {"mean": [127.5] * 3, "std": [64.0] * 3}  # tinyssd.INPUT_NORM, on pixel values
@@ -327,8 +331,9 @@ def view_detections(detector: Detector, images: torch.Tensor, sizes: torch.Tenso
 # --- the steps ------------------------------------------------------------------------------------------------------
 
 def detect_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[dict]]:
-    """One detection list per (model, fold model, view), in the order the pipeline fused them (model, fold, view)."""
-    out = []
+    """One detection list per (model, fold model, view), in the order the pipeline fused them (model, fold, view),
+    after those of the detect steps before it (a blend of configurations: one step each, as each has its views)."""
+    out = list(lists)
     for model in step["models"]:
         images, sizes = inputs["images"][model["image_size"]], inputs["sizes"]
         for fold in model["folds"]:
@@ -377,7 +382,166 @@ def score_threshold_step(step: dict, lists: list[list[dict]], inputs: dict) -> l
     return [[{k: v[d["scores"] >= step["threshold"]] for k, v in d.items()} for d in found] for found in lists]
 
 
-STEPS = {"detect": detect_step, "wbf": wbf_step, "score_threshold": score_threshold_step}
+# --- the second stage: detection/crops.py and stages/detect_classifier.py, copied (the bundle runs without the
+# pipeline); tests/test_bundle_detection.py checks the copy against them -----------------------------------------
+
+def square_regions(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True).clamp(min=1.0) * (0.5 + margin)
+    return torch.cat((centre - half, centre + half), 1)
+
+
+def crop(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, size: int, margin: float,
+         chunk: int = 256) -> np.ndarray:
+    """(M, size, size, 3) uint8 square crops with context of `boxes` (xyxy in the pixels of `images`) of the images
+    `image_index`, outside the image black (crops.crop)."""
+    out = np.zeros((len(boxes), size, size, 3), dtype=np.uint8)
+    if not len(boxes):
+        return out
+    regions = square_regions(boxes.float(), margin)
+    for start in range(0, len(images), chunk):
+        rows = torch.nonzero((image_index >= start) & (image_index < start + chunk)).flatten()
+        if not len(rows):
+            continue
+        rois = torch.cat((image_index[rows, None].float() - start, regions[rows]), 1)
+        part = roi_align(images[start:start + chunk].float(), rois, (size, size), 1.0, sampling_ratio=2, aligned=True)
+        out[rows.numpy()] = part.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def ranked(detections: list[dict]) -> list[dict]:
+    out = []
+    for d in detections:
+        order = torch.argsort(d["scores"], descending=True, stable=True)
+        out.append({k: v[order] for k, v in d.items()})
+    return out
+
+
+def agnostic_merge(detections: list[dict], iou: float, n_classes: int) -> list[dict]:
+    """One box per object whatever its class: greedy clusters around the best unclaimed box, merged into their
+    score-weighted mean box with the best score and the score-weighted share of each class as `votes`."""
+    out = []
+    for d in detections:
+        boxes, scores, labels = d["boxes"].float(), d["scores"].float(), d["labels"].long()
+        free = torch.ones(len(boxes), dtype=torch.bool)
+        overlaps = box_iou(boxes, boxes) if len(boxes) else torch.zeros(0, 0)
+        merged, best, votes = [], [], []
+        for i in range(len(boxes)):
+            if not free[i]:
+                continue
+            members = free & (overlaps[i] >= iou)
+            members[i] = True
+            free &= ~members
+            weight = scores[members]
+            merged.append((boxes[members] * weight[:, None]).sum(0) / weight.sum().clamp(min=1e-12))
+            best.append(scores[i])
+            votes.append(torch.zeros(n_classes).index_add_(0, labels[members], weight) / weight.sum().clamp(min=1e-12))
+        if merged:
+            out.append({"boxes": torch.stack(merged), "scores": torch.stack(best), "votes": torch.stack(votes)})
+        else:
+            out.append({"boxes": boxes.reshape(0, 4), "scores": scores, "votes": torch.zeros(0, n_classes)})
+    return out
+
+
+def with_votes(detections: list[dict], n_classes: int) -> list[dict]:
+    return [{"boxes": d["boxes"].float(), "scores": d["scores"].float(),
+             "votes": F.one_hot(d["labels"].long(), n_classes).float()} for d in detections]
+
+
+def combine(boxes: list[dict], probs: list[np.ndarray], weight: float, top_k: int, max_detections: int,
+            floor: float = 0.01) -> list[dict]:
+    """Per box r = (1 - weight) * classifier + weight * detector votes; each of its top_k classes with r >= floor
+    one detection scored score * r; the best max_detections per image (crops.combine)."""
+    out = []
+    for d, p in zip(boxes, probs, strict=True):
+        votes = d["votes"].clone()
+        n = len(p)
+        if n:
+            votes[:n] = (1 - weight) * torch.as_tensor(p, dtype=torch.float32) + weight * votes[:n]
+        if not len(votes):
+            out.append({"boxes": d["boxes"].reshape(0, 4), "scores": d["scores"][:0], "labels": torch.zeros(0).long()})
+            continue
+        values, classes = votes.topk(min(top_k, votes.shape[1]), dim=1)
+        keep = values >= floor
+        rows = torch.nonzero(keep)[:, 0]
+        scores = d["scores"][rows] * values[keep]
+        order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
+        out.append({"boxes": d["boxes"][rows][order], "scores": scores[order], "labels": classes[keep][order]})
+    return out
+
+
+def build_classifier(classifier: dict, fold: dict, n_classes: int) -> nn.Module:
+    """One fold's crop classifier (training/models.build_model), its safetensors weights loaded, in eval mode."""
+    from safetensors.torch import load_file
+
+    backbone = classifier["backbone"]
+    if backbone.startswith("d2l_"):
+        spec = importlib.util.spec_from_file_location("bundle_classic", HERE / "classic.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        net = module.CLASSIC[backbone](n_classes, fold["in_chans"], fold["drop_rate"])
+    else:
+        import timm
+
+        net = timm.create_model(backbone, pretrained=False, num_classes=n_classes, in_chans=fold["in_chans"],
+                                drop_rate=fold["drop_rate"])
+    net.load_state_dict(load_file(str(HERE / fold["weights"])))
+    return net.eval()
+
+
+@torch.no_grad()
+def crop_probs(net: nn.Module, crops: np.ndarray, norm: dict, views: list[str], batch_size: int,
+               device: torch.device, channels_last: bool) -> np.ndarray:
+    """(M, C) probabilities of one classifier: the mean over its views (identity, hflip) of the softmax, the views
+    of a batch in one forward pass (training/tta.py's tta_logits, as the detect stage calls it)."""
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
+    flips = {"identity": lambda x: x, "hflip": lambda x: x.flip(-1)}
+    out = [[] for _ in views]
+    for start in range(0, len(crops), batch_size):
+        # NHWC permuted to NCHW: channels-last strided, as the pipeline's input is
+        x = torch.from_numpy(np.array(crops[start:start + batch_size])).permute(0, 3, 1, 2).to(device).float()
+        x = (x.div_(255.0) - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = net(torch.cat([flips[v](x) for v in views])).float().view(len(views), len(x), -1).cpu()
+        for i, part in enumerate(logits):
+            out[i].append(part)
+    logits = torch.stack([torch.cat(parts) for parts in out]).numpy()
+    return torch.softmax(torch.from_numpy(logits), -1).mean(0).numpy()
+
+
+def rename_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[dict]]:
+    """The fused boxes renamed (detect_classifier.rename with the rule chosen on OOF): crops of each image's best
+    boxes_per_image boxes named by the mean of the fold classifiers, combined with the detector's votes."""
+    [found] = lists
+    images, sizes, classifier = inputs["images"][step["image_size"]], inputs["sizes"], step["classifier"]
+    n_classes = int(step["n_classes"])
+    boxes = ranked(found)
+    boxes = with_votes(boxes, n_classes) if step["merge_iou"] is None else agnostic_merge(boxes, step["merge_iou"],
+                                                                                          n_classes)
+    side, per_image, parts, index = images.shape[-1], step["boxes_per_image"], [], []
+    for i, d in enumerate(boxes):
+        b = d["boxes"][:per_image].float()
+        parts.append(b / sizes[i].float().repeat(2) * side)
+        index += [i] * len(b)
+    index = np.asarray(index, dtype=np.int64)
+    probs = np.zeros((len(index), n_classes), dtype=np.float32)
+    if len(index):
+        crops = crop(images, torch.from_numpy(index), torch.cat(parts), classifier["image_size"], step["margin"])
+        for fold in classifier["folds"]:
+            net = build_classifier(classifier, fold, n_classes)
+            p = crop_probs(net, crops, fold["norm"], classifier["views"], classifier["batch_size"], inputs["device"],
+                           classifier["channels_last"])
+            probs += p / len(classifier["folds"])
+    per_image_probs = np.split(probs, np.cumsum(np.bincount(index, minlength=len(boxes)))[:-1])
+    return [combine(boxes, per_image_probs, step["weight"], step["top_k"], step["max_detections"])]
+
+
+STEPS = {"detect": detect_step, "wbf": wbf_step, "rename": rename_step, "score_threshold": score_threshold_step}
 
 
 def run_steps(spec: dict, images: dict[int, torch.Tensor], sizes: torch.Tensor, device: torch.device,

@@ -301,7 +301,9 @@ def _run_folds(ctx: Context, data, rt: Runtime, val: Arrays) -> None:
                        fingerprint(data.key(), names, fold.tolist()), data.test_key())
     fused = fold_fusion(run, train.sizes, truth, val.sizes, val_truth, cfg.fusion, cfg.decode.max_detections)
     write_csv(root / name / "fusion_grid.csv", fused.grid)
-    atomic_write(root / name / "detections.pt", lambda tmp: torch.save(run, tmp))
+    # the detect section beside its lists: the bundle of a blend rebuilds each configuration's detectors from it
+    saved = {**run, "detect_config": cfg.model_dump(mode="json")}
+    atomic_write(root / name / "detections.pt", lambda tmp: torch.save(saved, tmp))
     _submit_blend(ctx, data, train, val, test, truth, val_truth, run, fold)
 
 

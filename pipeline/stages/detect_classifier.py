@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ from pipeline.training.fold import FoldSettings, TrainingData, run_key, train_fo
 from pipeline.training.inference import view_logits
 
 log = logging.getLogger(__name__)
+CROP_BATCH = 256  # crops per forward pass (with their views); the bundle's rename step uses the same
 
 
 @dataclass
@@ -69,6 +71,14 @@ def _settings(ctx: Context) -> tuple[FoldSettings, str]:
     return settings, ccfg.backbone
 
 
+def _crop_set_keys(ctx: Context, data_key: str, fold: np.ndarray) -> tuple[str, str]:
+    """(the crops' key, the folds hash) of the classification set made from the training boxes."""
+    ccfg = ctx.cfg.detect.classifier
+    key = fingerprint("detect-crops", data_key, fold.tolist(), ccfg.train.image_size, ccfg.margin, ccfg.copies,
+                      ccfg.jitter, ccfg.train.seed)
+    return key, fingerprint("detect-crops-folds", data_key, fold.tolist())
+
+
 def _training_data(ctx: Context, data_key: str, classes: list[str], train: Arrays, fold: np.ndarray) -> TrainingData:
     ccfg = ctx.cfg.detect.classifier
     size = ccfg.train.image_size
@@ -77,13 +87,54 @@ def _training_data(ctx: Context, data_key: str, classes: list[str], train: Array
     frame = pd.DataFrame({"id": [f"box{i}" for i in range(len(crops.labels))],
                           "label": [classes[c] for c in crops.labels], "y": crops.labels, "fold": crops.fold,
                           "image": crops.image})
-    key = fingerprint("detect-crops", data_key, fold.tolist(), size, ccfg.margin, ccfg.copies, ccfg.jitter,
-                      ccfg.train.seed)
+    key, folds_hash = _crop_set_keys(ctx, data_key, fold)
     n_splits = int(fold.max()) + 1
     log.info(f"detect: classifier crops: {len(frame)} ({len(frame) // (1 + ccfg.copies)} boxes x {1 + ccfg.copies}) "
              f"at {size} px, {n_splits} folds")
-    folds_hash = fingerprint("detect-crops-folds", data_key, fold.tolist())
     return TrainingData(frame, crops.images, key, 3, classes, folds_hash, n_splits)
+
+
+def crop_views(ctx: Context) -> list[str]:
+    """The classifier's test-time views: mirrors only where they mean what they mean to the detector."""
+    return ["identity", "hflip"] if ctx.cfg.detect.train.hflip else ["identity"]
+
+
+def classifier_runs(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray) -> list[tuple[Path, str]]:
+    """Each fold classifier's run folder and the key its best.json carries when this config trained it (train_fold's
+    run_key), without making the crops."""
+    settings, backbone = _settings(ctx)
+    key, folds_hash = _crop_set_keys(ctx, data_key, fold)
+    n_splits = int(fold.max()) + 1
+    keyed = TrainingData(pd.DataFrame(), np.zeros(0, np.uint8), key, 3, classes, folds_hash, n_splits)
+    return [(settings.runs_root / backbone / f"fold{k}", run_key(settings, backbone, k, keyed))
+            for k in range(n_splits)]
+
+
+def _load_classifiers(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray,
+                      rt: runtime.Runtime) -> list[tuple[torch.nn.Module, dict]]:
+    """(model on the runtime's device, its input normalisation) of each fold classifier."""
+    settings, backbone = _settings(ctx)
+    _, folds_hash = _crop_set_keys(ctx, data_key, fold)
+    models = []
+    for k in range(int(fold.max()) + 1):
+        model, meta = load_checkpoint(settings.runs_root / backbone / f"fold{k}", folds_hash, classes)
+        models.append((rt.prepare(model), meta["norm"]))
+    return models
+
+
+def _probs(models: list[tuple[torch.nn.Module, dict]], crops: np.ndarray, index: np.ndarray, views: list[str],
+           rt: runtime.Runtime, n_classes: int, fold: np.ndarray | None = None) -> np.ndarray:
+    """(M, C) class probabilities of the crops (each classifier's views averaged): with `fold` (the OOF part) the
+    crops of fold k's images named by fold k's classifier alone, else the mean of the fold classifiers."""
+    out = np.zeros((len(index), n_classes), dtype=np.float32)
+    for k, (model, norm) in enumerate(models):
+        rows = np.nonzero(fold[index] == k)[0] if fold is not None else np.arange(len(index))
+        if not len(rows):
+            continue
+        logits = view_logits(model, crops[rows], views, rt, norm, CROP_BATCH, 0)
+        p = torch.softmax(torch.from_numpy(logits), -1).mean(0).numpy()
+        out[rows] += p if fold is not None else p / len(models)
+    return out
 
 
 def _boxes_digest(boxes: list[dict], per_image: int) -> str:
@@ -125,7 +176,7 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
     for k in range(n_splits):
         train_fold(settings, backbone, k, tdata)
     run_keys = [run_key(settings, backbone, k, tdata) for k in range(n_splits)]
-    views = ["identity", "hflip"] if cfg.train.hflip else ["identity"]
+    views = crop_views(ctx)
     n_classes, per_image, size = len(classes), ccfg.boxes_per_image, ccfg.train.image_size
     parts = {"oof": (train, ranked(fused["oof"])), "val": (val, ranked(fused["val"])),
              "test": (test, ranked(fused["test"]))}
@@ -140,22 +191,12 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
         probs = torch.load(path, weights_only=False)
     else:  # the fold classifiers are loaded only when their probabilities are not cached
         rt = runtime.from_config(ctx.cfg.runtime, "classification")
-        models = []
-        for k in range(n_splits):
-            model, meta = load_checkpoint(settings.runs_root / backbone / f"fold{k}", tdata.folds_hash, classes)
-            models.append((rt.prepare(model), meta["norm"]))
+        models = _load_classifiers(ctx, data_key, classes, fold, rt)
         probs = {}
         for merge, boxes in variants.items():
             for part, (arrays, _) in parts.items():
                 images, index = _crops(arrays.images, arrays.sizes, boxes[part], per_image, size, ccfg.margin)
-                out = np.zeros((len(index), n_classes), dtype=np.float32)
-                for k, (model, norm) in enumerate(models):
-                    rows = np.nonzero(fold[index] == k)[0] if part == "oof" else np.arange(len(index))
-                    if not len(rows):
-                        continue
-                    logits = view_logits(model, images[rows], views, rt, norm, 256, 0)
-                    p = torch.softmax(torch.from_numpy(logits), -1).mean(0).numpy()
-                    out[rows] += p if part == "oof" else p / n_splits
+                out = _probs(models, images, index, views, rt, n_classes, fold if part == "oof" else None)
                 probs[(str(merge), part)] = _split_by_image(out, index, len(arrays.images), n_classes)
         atomic_write(path, lambda tmp: torch.save(probs, tmp))
         write_stamp(stamp, key, folds=n_splits, views=views)
@@ -194,3 +235,18 @@ def rename(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, tr
                               "oof_map": choice.oof["map"], "oof_map_50_nested": choice.nested["map_50"],
                               "nested_rules": choice.nested_rules}}
     return Renamed(oof, val_dets, test_dets, rows, per_class, metrics)
+
+
+def rename_test(ctx: Context, data_key: str, classes: list[str], fold: np.ndarray, test: Arrays,
+                fused_test: list[dict], weight: float, merge_iou: float | None, per_image: int, size: int,
+                margin: float, views: list[str], top_k: int, max_detections: int) -> list[dict]:
+    """The fused test detections renamed by the rule (weight, merge_iou) as rename() names them, the probabilities
+    recomputed from the fold classifiers' checkpoints: the bundle stage checks its spec with it."""
+    n_classes = len(classes)
+    boxes = ranked(fused_test)
+    boxes = with_votes(boxes, n_classes) if merge_iou is None else agnostic_merge(boxes, merge_iou, n_classes)
+    rt = runtime.from_config(ctx.cfg.runtime, "classification")
+    models = _load_classifiers(ctx, data_key, classes, fold, rt)
+    crops, index = _crops(test.images, test.sizes, boxes, per_image, size, margin)
+    probs = _split_by_image(_probs(models, crops, index, views, rt, n_classes), index, len(test.images), n_classes)
+    return combine(boxes, probs, weight, top_k, max_detections)
