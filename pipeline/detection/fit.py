@@ -32,6 +32,8 @@ from pipeline.detection.torchvision_models import TorchvisionDetector
 from pipeline.training import loop
 from pipeline.training.runtime import Runtime
 
+WARMUP_FACTOR = 1e-3  # the warmup's first lr as a share of lr (torchvision's detection references)
+
 
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror the images where `flip` (B,) is true, with their boxes (x1, x2 -> 1 - x2, 1 - x1)."""
@@ -125,7 +127,12 @@ class DetectionTrainer:
                                     weight_decay=cfg.weight_decay)
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
-        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
+        total = cfg.epochs * self.steps
+        self.warmup_steps = min(round(cfg.warmup_epochs * self.steps), total - 1)
+        # warmup as a prefix: the lr reaches cfg.lr when it ends, and the cosine spans the updates after it
+        scheduler = CosineLRScheduler(optimizer, t_initial=total - self.warmup_steps, lr_min=lr_min,
+                                      warmup_t=self.warmup_steps, warmup_lr_init=cfg.lr * WARMUP_FACTOR,
+                                      warmup_prefix=True, t_in_epochs=False)
         self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
         self.negative_ratio = cfg.negative_ratio if cfg.loss == "ssd" else None
         self.torchvision = isinstance(self.model, TorchvisionDetector)
