@@ -67,6 +67,10 @@ class DetectTrainConfig(FitConfig):
                                                          "mAP@0.5 and keep the best epoch's weights (epochs is then "
                                                          "the most it trains; the schedule still spans epochs); "
                                                          "null: train every epoch, keep the last")
+    restart_dead_after: int | None = Field(2, ge=1, description="FCOS: when after this epoch (or the last, if "
+                                                              "sooner) validation mAP@0.5 is 0 and the GIoU box loss "
+                                                              ">= 0.999 (a dead regression ReLU never learns a box), "
+                                                              "restart once from scratch with seed + 1000; null: never")
 
 
 class DetectAugmentConfig(Section):
