@@ -115,6 +115,7 @@ def test_a_dead_fcos_restarts_once_with_another_seed_and_a_killed_restart_resume
     assert weights["net.head.regression_head.bbox_reg.bias"].abs().max() < 10  # not the dead first attempt's
     assert main(_detect(data, tmp_path / "a")) == 0
     assert "model up to date" in capsys.readouterr().out
+    assert main(["bundle", *_detect(data, tmp_path / "a")[1:]]) == 0  # it packs the restart's weights and keys
 
     # killed in the restart's third epoch: the rerun goes straight on with the restart, from its last epoch
     original, calls = DetectionTrainer.train_epoch, []

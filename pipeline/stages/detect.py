@@ -143,6 +143,12 @@ def _build(cfg: DetectConfig, n_classes: int, sizes: list[list[float]], ratios: 
 RESTART_SEED = 1000  # a restarted detector's seeds are its own plus this: far from the folds' seed + k
 
 
+def model_key(stamp: dict) -> str:
+    """The key of the weights a model.json stamps, which the later steps' keys hold: a restarted detector's own
+    (_train), else its training key."""
+    return stamp.get("model_key", stamp["fingerprint"])
+
+
 def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], Arrays], val: Arrays, rt: Runtime,
            out: Path, seed: int, extra: dict | None = None) -> tuple[torch.nn.Module, str, dict]:
     """Train one detector (or resume, or load when model.json matches); returns it, its key and the training
@@ -158,7 +164,7 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
         model = rt.prepare(_build(cfg, len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         log.info(f"detect: model up to date ({out / 'model.safetensors'})")
-        return model, stamp.get("model_key", fp), stamp["summary"]
+        return model, model_key(stamp), stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     arrays = train()
     sizes, ratios = anchors_for(cfg, arrays.targets)
@@ -177,11 +183,11 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
             write_stamp(out / "restart.json", fp, **restart)
             log.warning(f"detect: warning: {where} restarts from scratch with seed {seed + RESTART_SEED}: after "
                         f"epoch {dead.epoch}, {dead.reason}")
-    model_key = fp
+    weights_key = fp
     if restart is not None:
-        model_key = fingerprint(fp, "restart", restart["seed"])
+        weights_key = fingerprint(fp, "restart", restart["seed"])
         again = cfg.train.model_copy(update={"seed": cfg.train.seed + RESTART_SEED})
-        model, trainer, track = fit(again, model_key, restart["seed"], None)
+        model, trainer, track = fit(again, weights_key, restart["seed"], None)
         check = min(cfg.train.restart_dead_after or 1, len(trainer.history)) - 1
         if (reason := dead_reason(trainer.history[check], kind)) is not None:
             log.warning(f"detect: warning: {where} is dead after its restart too ({reason}); kept as it is, "
@@ -203,8 +209,8 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
     if restart is not None:  # what the kept weights come from, beside the numbers
         summary["restarted"] = {k: restart[k] for k in ("reason", "epoch", "seed")}
     write_stamp(out / "model.json", fp, classes=classes, summary=summary, anchor_sizes=sizes, anchor_ratios=ratios,
-                model_key=model_key, **(extra or {}))
-    return model, model_key, summary
+                model_key=weights_key, **(extra or {}))
+    return model, weights_key, summary
 
 
 def _fit(ctx: Context, classes: list[str], arrays: Arrays, val: Arrays, rt: Runtime, out: Path,
