@@ -9,6 +9,10 @@ batch order and flips) and the evaluation. torchvision's detectors (detect.model
 ssdlite: torchvision_models.py) run through the same epoch and evaluation; they compute their own
 losses, and d2l's class error and bbox MAE, defined on TinySSD's anchors, are not reported
 for them.
+
+Two guards against a detector that never learns a box: a linear learning-rate warmup (train.warmup_epochs), and
+`dead_reason`, which DetectionTrainer checks after epoch `dead_after` and raises DeadDetector on, so that the caller
+can restart the run from scratch with another seed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,32 @@ from pipeline.detection.tinyssd import outputs
 from pipeline.detection.torchvision_models import TorchvisionDetector
 from pipeline.training import loop
 from pipeline.training.runtime import Runtime
+
+WARMUP_FACTOR = 1e-3  # the warmup's first lr as a share of lr (torchvision's detection references)
+# FCOS's mean GIoU box loss this close to 1, with a validation mAP@0.5 of 0: a dead detector. Not any loss near 1:
+# a freshly initialised FCOS's tiny boxes score 0.999-1.001 too, for its first updates
+GIOU_DEAD = 1e-4
+
+
+def dead_reason(row: dict, kind: str) -> str | None:
+    """Why an epoch's history row shows a detector that will never learn a box, or None.
+
+    FCOS's regression head ends in a ReLU: once its output is negative at every location, no gradient reaches it,
+    every box is a point at its location, and the GIoU loss of such a point inside its true box is exactly 1 (IoU 0,
+    the enclosing box the true box). The other detectors' box outputs are linear and recover; for them a mAP of 0
+    alone is an ordinary slow start, not a dead end."""
+    giou = row.get("train_bbox_regression")
+    if kind != "fcos" or row.get("map_50", 1.0) > 0 or giou is None or abs(giou - 1) > GIOU_DEAD:
+        return None
+    return f"validation mAP@0.5 0 and GIoU box loss {giou:.5f} (1: every box a point): its box regression ReLU is dead"
+
+
+class DeadDetector(Exception):
+    """The detector is dead (dead_reason) after `epoch`; `row` is that epoch's training and validation columns."""
+
+    def __init__(self, reason: str, epoch: int, row: dict):
+        super().__init__(reason)
+        self.reason, self.epoch, self.row = reason, epoch, row
 
 
 def hflip(images: torch.Tensor, labels: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +148,7 @@ class DetectionTrainer:
     augment: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # batch index -> images, targets
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # the per-epoch validation's decoding
     evaluation: EvaluateConfig = field(default_factory=EvaluateConfig)  # and its mAP's score threshold
+    dead_after: int | None = None  # raise DeadDetector when dead_reason holds after this epoch (or the last)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -125,10 +156,17 @@ class DetectionTrainer:
                                     weight_decay=cfg.weight_decay)
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
-        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * self.steps, lr_min=lr_min, t_in_epochs=False)
+        total = cfg.epochs * self.steps
+        self.warmup_steps = min(round(cfg.warmup_epochs * self.steps), total - 1)
+        # warmup as a prefix: the lr reaches cfg.lr when it ends, and the cosine spans the updates after it
+        scheduler = CosineLRScheduler(optimizer, t_initial=total - self.warmup_steps, lr_min=lr_min,
+                                      warmup_t=self.warmup_steps, warmup_lr_init=cfg.lr * WARMUP_FACTOR,
+                                      warmup_prefix=True, t_in_epochs=False)
         self.updater = loop.Updater(self.model, optimizer, scheduler, grad_scaler=self.runtime.grad_scaler)
         self.negative_ratio = cfg.negative_ratio if cfg.loss == "ssd" else None
         self.torchvision = isinstance(self.model, TorchvisionDetector)
+        self.kind = self.model.kind if self.torchvision else "tinyssd"
+        self.row: dict[str, float] = {}  # the current epoch's training and validation columns (dead_reason)
         self.loss_terms: list[str] = []  # a torchvision detector's, named by the detector
         self.progress = loop.Progress()
         self.generator = torch.Generator()
@@ -169,10 +207,12 @@ class DetectionTrainer:
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         counts = counts.cpu()
         if self.torchvision:  # the mean of each loss term over the epoch's images
-            return {"train_loss": float(total) / seen} | {f"train_{k}": float(v) / seen
-                                                         for k, v in zip(self.loss_terms, counts, strict=True)}
-        return {"train_loss": float(total) / seen, "train_class_err": float(counts[0] / counts[1]),
-                "train_bbox_mae": float(counts[2] / counts[3])}
+            self.row = {"train_loss": float(total) / seen} | {f"train_{k}": float(v) / seen
+                                                             for k, v in zip(self.loss_terms, counts, strict=True)}
+        else:
+            self.row = {"train_loss": float(total) / seen, "train_class_err": float(counts[0] / counts[1]),
+                        "train_bbox_mae": float(counts[2] / counts[3])}
+        return self.row
 
     def _tinyssd_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss and d2l's error counts (error_counts)."""
@@ -189,11 +229,18 @@ class DetectionTrainer:
         return sum(losses[k] for k in self.loss_terms), terms
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.decode, self.runtime, self.val_x, self.val_y, self.val_sizes,
-                        self.cfg.batch_size, self.evaluation.map_score_threshold)["none"]
+        scores = evaluate(self.model, self.decode, self.runtime, self.val_x, self.val_y, self.val_sizes,
+                          self.cfg.batch_size, self.evaluation.map_score_threshold)["none"]
+        self.row = self.row | scores
+        return scores
 
     def end_epoch(self, epoch: int, monitored: float | None) -> None:
-        pass  # the schedule steps per update
+        """The schedule steps per update; this only checks for a dead detector, before the epoch is saved, so that
+        `last` never holds a dead epoch to resume from."""
+        if self.dead_after is not None and epoch == min(self.dead_after, self.cfg.epochs):
+            reason = dead_reason(self.row, self.kind)
+            if reason is not None:
+                raise DeadDetector(reason, epoch, self.row)
 
     def describe(self, row: dict) -> str:
         if self.torchvision:

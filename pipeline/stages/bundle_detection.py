@@ -38,7 +38,7 @@ from pipeline.detection.data import read_detection, split_arrays
 from pipeline.detection.ensemble import above_score, configuration_name, fuse_chosen, view_names
 from pipeline.detection.infer import submission_frame
 from pipeline.export import bundle, bundle_detection, bundle_predict
-from pipeline.stages.detect import evaluate_key, predict_key, train_key, views_key
+from pipeline.stages.detect import evaluate_key, model_key, predict_key, train_key, views_key
 from pipeline.stages.detect_classifier import CROP_BATCH, classifier_runs, crop_views, rename_test
 from pipeline.training import runtime
 
@@ -149,8 +149,9 @@ def _configuration(ctx: Context, data, cfg: DetectConfig, name: str, folds: pd.D
         out = root / name / f"fold{k}"
         held = folds.loc[folds["fold"] == k, "image"].tolist()
         key = fingerprint(data.key(), "fold", k, n_splits, held)
-        model_fp = train_key(cfg, key, cfg.train.seed + k, rt_keys)
-        stamp = _check(read_stamp(out / "model.json"), model_fp, out / "model.json")
+        stamp = _check(read_stamp(out / "model.json"), train_key(cfg, key, cfg.train.seed + k, rt_keys),
+                       out / "model.json")
+        model_fp = model_key(stamp)
         if fold_keys[k] != model_fp:
             raise PipelineError(f"{metrics_file}: its fold {k} model is not {out / 'model.safetensors'}; {AGAIN}")
         _check(read_stamp(out / "views.json"), views_key(cfg, model_fp, test_key), out / "views.json")
@@ -226,8 +227,10 @@ def _check_fusion(ctx: Context, data, detections_pts: list[Path], steps: list[di
 def _single(ctx: Context, data, channels_last: bool) -> tuple[dict, dict, list[Path]]:
     """(spec["detection"], files, the files read) of the one-model submission (detect.folds.n_splits = 1)."""
     cfg, root = ctx.cfg.detect, ctx.work_dir / "detect"
-    model_fp = train_key(cfg, data.key(), cfg.train.seed, runtime.result_keys(ctx.cfg.runtime))
-    stamp = _check(read_stamp(root / "model.json"), model_fp, root / "model.json")
+    stamp = _check(read_stamp(root / "model.json"), train_key(cfg, data.key(), cfg.train.seed,
+                                                              runtime.result_keys(ctx.cfg.runtime)),
+                   root / "model.json")
+    model_fp = model_key(stamp)
     metrics = _check(read_stamp(root / "metrics.json"), evaluate_key(cfg, model_fp), root / "metrics.json")
     _check(read_stamp(root / "predict.json"), predict_key(cfg, model_fp, metrics["tta"], data.test_key()),
            root / "predict.json")

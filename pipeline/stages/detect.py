@@ -46,7 +46,7 @@ from pipeline.core.artifacts import (
     write_json,
     write_stamp,
 )
-from pipeline.core.config import DetectConfig, DetectModelConfig, config_hash
+from pipeline.core.config import DetectConfig, DetectModelConfig, DetectTrainConfig, config_hash
 from pipeline.data.quality import clean_csv
 from pipeline.detection.anchors import auto_anchors, box_shapes
 from pipeline.detection.augment import BoxAugment, BoxAugmentSettings
@@ -62,7 +62,7 @@ from pipeline.detection.ensemble import (
     view_detections,
     view_names,
 )
-from pipeline.detection.fit import DetectionTrainer, evaluate
+from pipeline.detection.fit import DeadDetector, DetectionTrainer, dead_reason, evaluate
 from pipeline.detection.folds import assign_folds, image_groups, main_class
 from pipeline.detection.infer import TTA, Detector, class_table, gallery, submission_frame, targets_in_pixels
 from pipeline.detection.tinyssd import TinySSD
@@ -140,10 +140,23 @@ def _build(cfg: DetectConfig, n_classes: int, sizes: list[list[float]], ratios: 
     return create(model.name, n_classes, cfg.train.image_size, model.backbone, model.fpn_channels)
 
 
+RESTART_SEED = 1000  # a restarted detector's seeds are its own plus this: far from the folds' seed + k
+
+
+def model_key(stamp: dict) -> str:
+    """The key of the weights a model.json stamps, which the later steps' keys hold: a restarted detector's own
+    (_train), else its training key."""
+    return stamp.get("model_key", stamp["fingerprint"])
+
+
 def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], Arrays], val: Arrays, rt: Runtime,
            out: Path, seed: int, extra: dict | None = None) -> tuple[torch.nn.Module, str, dict]:
     """Train one detector (or resume, or load when model.json matches); returns it, its key and the training
-    summary. `train` decodes the training arrays only when training is needed (the biggest split)."""
+    summary. `train` decodes the training arrays only when training is needed (the biggest split).
+
+    A detector dead after train.restart_dead_after epochs (fit.dead_reason) is restarted once from scratch with
+    its seeds + RESTART_SEED. restart.json records the decision, so a resumed run goes straight on with the
+    restart, whose checkpoints carry their own key (the weights' key the later steps hold)."""
     cfg = ctx.cfg.detect
     fp = train_key(cfg, data_key, seed, runtime.result_keys(ctx.cfg.runtime))
     stamp = read_stamp(out / "model.json") or {}
@@ -151,30 +164,35 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
         model = rt.prepare(_build(cfg, len(classes), stamp["anchor_sizes"], stamp["anchor_ratios"]))
         model.load_state_dict(load_file(str(out / "model.safetensors")))
         log.info(f"detect: model up to date ({out / 'model.safetensors'})")
-        return model, fp, stamp["summary"]
+        return model, model_key(stamp), stamp["summary"]
     out.mkdir(parents=True, exist_ok=True)
     arrays = train()
     sizes, ratios = anchors_for(cfg, arrays.targets)
     kind = cfg.model.name
     if cfg.anchors.mode == "auto" and kind == "tinyssd":
         log.info(f"detect: anchors from the training boxes: sizes {sizes}, ratios {ratios}")
-    torch.manual_seed(seed)
-    model = rt.prepare(_build(cfg, len(classes), sizes, ratios))
-    if cfg.model.pretrained_path:  # before any training; a resumed run then loads its own last weights over these
-        log.info(f"detect: initialised from the {load_pretrained(model, cfg.model.pretrained_path)}")
-    settings = augment_settings(cfg)
-    augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
-    trainer = DetectionTrainer(model, cfg.train, arrays.images, arrays.targets, val.images, val.targets, val.sizes,
-                               out, fp, rt, augment, cfg.decode, cfg.evaluate)
-    tcfg = ctx.cfg.tracking
-    params = {"model": NAMES[kind], **tracking.flatten({"detect": train_inputs(cfg)}), **(extra or {})}
-    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
-                           kind, fp, params, {"stage": "detect"})
-    try:
-        history = pd.DataFrame(trainer.fit())
-    except BaseException as exc:
-        track.stop(exc)
-        raise
+    where = f"fold {extra['fold']}" if extra and "fold" in extra else "the detector"
+    fit = partial(_fit, ctx, classes, arrays, val, rt, out, sizes, ratios, extra)
+    restart = read_stamp(out / "restart.json")
+    if restart is None or restart.get("fingerprint") != fp:
+        restart = None
+        try:
+            model, trainer, track = fit(cfg.train, fp, seed, cfg.train.restart_dead_after)
+        except DeadDetector as dead:
+            restart = {"reason": dead.reason, "epoch": dead.epoch, "seed": seed + RESTART_SEED}
+            write_stamp(out / "restart.json", fp, **restart)
+            log.warning(f"detect: warning: {where} restarts from scratch with seed {seed + RESTART_SEED}: after "
+                        f"epoch {dead.epoch}, {dead.reason}")
+    weights_key = fp
+    if restart is not None:
+        weights_key = fingerprint(fp, "restart", restart["seed"])
+        again = cfg.train.model_copy(update={"seed": cfg.train.seed + RESTART_SEED})
+        model, trainer, track = fit(again, weights_key, restart["seed"], None)
+        check = min(cfg.train.restart_dead_after or 1, len(trainer.history)) - 1
+        if (reason := dead_reason(trainer.history[check], kind)) is not None:
+            log.warning(f"detect: warning: {where} is dead after its restart too ({reason}); kept as it is, "
+                        "try another detect.train.seed, a longer detect.train.warmup_epochs or a lower lr")
+    history = pd.DataFrame(trainer.history)
     checkpoint.save_weights(out / "model.safetensors", model)
     write_csv(out / "history.csv", history)
     terms = [c for c in history.columns if c.startswith("train_") and c != "train_loss"]  # TinySSD: d2l's
@@ -188,9 +206,39 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
     summary = {**{c: float(final[c]) for c in terms}, "epochs": len(history), "best_epoch": trainer.best_epoch,
                "train_seconds": float(history["seconds"].sum()), "device": str(rt.device),
                "peak_rss_gb": round(runtime.peak_rss_gb(), 2)}
+    if restart is not None:  # what the kept weights come from, beside the numbers
+        summary["restarted"] = {k: restart[k] for k in ("reason", "epoch", "seed")}
     write_stamp(out / "model.json", fp, classes=classes, summary=summary, anchor_sizes=sizes, anchor_ratios=ratios,
-                **(extra or {}))
-    return model, fp, summary
+                model_key=weights_key, **(extra or {}))
+    return model, weights_key, summary
+
+
+def _fit(ctx: Context, classes: list[str], arrays: Arrays, val: Arrays, rt: Runtime, out: Path,
+         sizes: list[list[float]], ratios: list[float], extra: dict | None, train_cfg: DetectTrainConfig, key: str,
+         seed: int, dead_after: int | None) -> tuple[torch.nn.Module, DetectionTrainer, tracking.Run]:
+    """One training run from `seed` (weights init and augmentation; train_cfg.seed: batch order) with checkpoints
+    under `key` and its MLflow run (finished by the caller, with the pictures); raises DeadDetector from
+    dead_after's check."""
+    cfg = ctx.cfg.detect
+    kind = cfg.model.name
+    torch.manual_seed(seed)
+    model = rt.prepare(_build(cfg, len(classes), sizes, ratios))
+    if cfg.model.pretrained_path:  # before any training; a resumed run then loads its own last weights over these
+        log.info(f"detect: initialised from the {load_pretrained(model, cfg.model.pretrained_path)}")
+    settings = augment_settings(cfg)
+    augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
+    trainer = DetectionTrainer(model, train_cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes,
+                               out, key, rt, augment, cfg.decode, cfg.evaluate, dead_after)
+    tcfg = ctx.cfg.tracking
+    params = {"model": NAMES[kind], **tracking.flatten({"detect": train_inputs(cfg)}), "seed": seed, **(extra or {})}
+    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
+                           kind, key, params, {"stage": "detect"})
+    try:
+        trainer.fit()
+    except BaseException as exc:
+        track.stop(exc)
+        raise
+    return model, trainer, track
 
 
 def _evaluate(ctx: Context, data, model: torch.nn.Module, rt: Runtime, val: Arrays, model_fp: str,
