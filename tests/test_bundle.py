@@ -301,3 +301,26 @@ def test_fold_k_targets_never_read_fold_k_labels():
     np.testing.assert_allclose(base.sum(1), 1, atol=1e-6)
     sharp = fold_targets(teachers, oof, y, folds, 0, WeightedBlend("log_loss"), temperature=0.5)
     assert (sharp.max(1) >= base.max(1) - 1e-7).all()  # T < 1 sharpens
+
+
+def test_the_distill_table_times_its_rows_interleaved_and_its_speedups_within_rounds(monkeypatch):
+    """A slow spell of the machine (round 3 here, 4x) falls on every row of that round, so the per-round speed-up
+    stays exact; the order alternates (A B C, C B A, ...) after one warm-up pass each."""
+    from pipeline.training import distill
+
+    clock, order, spell = [0.0], [], {3: 4.0}
+    cost = {"ensemble": 0.010, "student": 0.002, "twin": 0.004}
+
+    def run(name):
+        def call():
+            passes = len(order) // len(cost) - 1  # the round this pass belongs to (-1: warm-up)
+            order.append(name)
+            clock[0] += cost[name] * spell.get(passes, 1.0)
+        return call
+
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: clock[0])
+    speeds = distill.ms_per_image({n: run(n) for n in cost}, n_images=10, baseline="ensemble", repeats=5)
+    assert order[:3] == ["ensemble", "student", "twin"]
+    assert order[3:9] == ["ensemble", "student", "twin", "twin", "student", "ensemble"]
+    assert speeds["student"][1] == pytest.approx(5.0) and speeds["twin"][1] == pytest.approx(2.5)
+    assert speeds["ensemble"] == (pytest.approx(1.0), pytest.approx(1.0))  # 10 ms / 10 images; the spell is one round

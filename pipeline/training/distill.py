@@ -50,14 +50,22 @@ def fold_targets(teachers: np.ndarray, oof: np.ndarray, y: np.ndarray, folds: np
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
-def ms_per_image(run: Callable[[], object], n_images: int, repeats: int = 3) -> float:
-    """Median milliseconds per image of `run()` (a pass over n_images decoded images) over `repeats` runs, after
-    one warm-up run (lazy initialisation, caches)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            run()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times)) / max(1, n_images)
+def ms_per_image(runs: dict[str, Callable[[], object]], n_images: int, baseline: str,
+                 repeats: int = 5) -> dict[str, tuple[float, float]]:
+    """{name: (median milliseconds per image, median speed-up over `baseline`)} of each `runs[name]()` (a pass over
+    n_images decoded images), after one warm-up pass each (lazy initialisation, caches). The passes are interleaved,
+    every run once per round in alternating order, and each round's speed-up is a ratio within that round: on a
+    shared machine a slow spell then falls on both sides of a ratio instead of on one row of the table."""
+    names = list(runs)
+    with torch.no_grad():
+        for name in names:
+            runs[name]()
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                runs[name]()
+                seconds[name].append(time.perf_counter() - start)
+    base = np.asarray(seconds[baseline])
+    return {name: (1000.0 * float(np.median(t)) / max(1, n_images), float(np.median(base / np.asarray(t))))
+            for name, t in seconds.items()}

@@ -280,6 +280,9 @@ class DistillConfig(Section):
     image_size: int | None = Field(None, ge=8, description="the student's input size; null: train.image_size")
     epochs: int | None = Field(None, ge=1, description="the student's epochs; null: train.epochs")
     temperature: float = Field(1.0, gt=0, description="targets p^(1/T), renormalised (T < 1 sharpens)")
+    label_weight: float = Field(0.0, ge=0, le=1, description="a training row's target: this share of its one-hot "
+                                                             "label plus the rest of the teachers' probabilities "
+                                                             "(Hinton's mix; test rows have no label)")
     tta: list[str] = Field(["identity"], min_length=1, description="the student's test-time views (one view: "
                                                                    "the fast single model)")
     hard_baseline: bool = Field(True, description="also train the student's backbone on the hard labels, for the "
