@@ -324,3 +324,12 @@ def test_the_distill_table_times_its_rows_interleaved_and_its_speedups_within_ro
     assert order[3:9] == ["ensemble", "student", "twin", "twin", "student", "ensemble"]
     assert speeds["student"][1] == pytest.approx(5.0) and speeds["twin"][1] == pytest.approx(2.5)
     assert speeds["ensemble"] == (pytest.approx(1.0), pytest.approx(1.0))  # 10 ms / 10 images; the spell is one round
+
+
+def test_label_weight_mixes_the_one_hot_label_into_a_training_rows_target():
+    from pipeline.training.distill import with_labels
+
+    teachers = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=np.float32)
+    mixed = with_labels(teachers, np.array([1, 2]), 0.5)
+    np.testing.assert_allclose(mixed, [[0.3, 0.65, 0.05], [0.1, 0.1, 0.8]], atol=1e-7)
+    assert with_labels(teachers, np.array([1, 2]), 0.0) is teachers

@@ -35,7 +35,7 @@ from pipeline.stages.ensemble import _prediction_arrays, find_predictions
 from pipeline.stages.rounds import with_pseudo
 from pipeline.training import runtime
 from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.distill import fold_targets, ms_per_image, teacher_proba
+from pipeline.training.distill import fold_targets, ms_per_image, teacher_proba, with_labels
 from pipeline.training.fold import folds_to_train, train_fold, training_rows
 from pipeline.training.inference import predict_experiment, view_logits
 
@@ -137,9 +137,7 @@ def run(ctx: Context) -> dict:
             return fold_targets(teachers, P, y, fold_of, k, fitted, cfg.distill.temperature)
 
         train_soft = targets({n: member_data[n].images[train_idx] for n in used})
-        w = cfg.distill.label_weight
-        train_soft = (w * np.eye(len(classes), dtype=np.float32)[frame_y[train_idx]]
-                      + (1 - w) * train_soft) if w else train_soft
+        train_soft = with_labels(train_soft, frame_y[train_idx], cfg.distill.label_weight)
         key = fingerprint(np.round(train_soft, 6).tolist())
         kdata = data
         if cfg.distill.test_images:  # test rows trained by the fold-k student only (rounds' pseudo-row machinery)

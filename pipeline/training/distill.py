@@ -50,6 +50,15 @@ def fold_targets(teachers: np.ndarray, oof: np.ndarray, y: np.ndarray, folds: np
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
+def with_labels(targets: np.ndarray, labels: np.ndarray, weight: float) -> np.ndarray:
+    """Hinton's mix for labelled rows: `weight` of the one-hot label plus the rest of the teachers' probabilities
+    (`targets` (N, C), `labels` (N,) class indices)."""
+    if weight == 0:
+        return targets
+    onehot = np.eye(targets.shape[1], dtype=targets.dtype)[labels]
+    return (weight * onehot + (1 - weight) * targets).astype(targets.dtype)
+
+
 def ms_per_image(runs: dict[str, Callable[[], object]], n_images: int, baseline: str,
                  repeats: int = 5) -> dict[str, tuple[float, float]]:
     """{name: (median milliseconds per image, median speed-up over `baseline`)} of each `runs[name]()` (a pass over
