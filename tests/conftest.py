@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.digits import build_digits
@@ -132,3 +133,13 @@ def comp_dir(tmp_path: Path) -> Path:
 def small_digits(tmp_path_factory) -> Path:
     """400 real digits images as a competition folder (hidden solution beside it)."""
     return build_digits(tmp_path_factory.mktemp("digits") / "digits", limit=400)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch in one thread for the test: convolutions this small run fastest so, and on a busy machine two threads
+    made a detection training test 50x slower (32 s instead of 0.4 s per run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

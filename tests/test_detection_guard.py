@@ -16,14 +16,7 @@ from pipeline.detection.torchvision_models import build
 from pipeline.stages import detect as detect_stage
 from pipeline.training.runtime import Runtime
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convolutions this small run fastest in one thread (test_detection_models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tmp_path, **train) -> DetectionTrainer:

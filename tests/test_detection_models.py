@@ -24,14 +24,7 @@ from .conftest import interrupt_in_epoch
 SMALL = {"backbone": "resnet10t", "fpn_channels": 32}  # the smallest FPN detectors: these tests are about plumbing
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convolutions this small run in one thread: on a busy machine two threads made the training test 50x slower
-    (32 s instead of 0.4 s per run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

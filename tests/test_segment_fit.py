@@ -17,13 +17,7 @@ from pipeline.training.runtime import Runtime
 
 from .conftest import interrupt_in_epoch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bright_squares(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

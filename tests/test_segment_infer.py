@@ -11,13 +11,7 @@ from pipeline.segmentation.infer import combine, predict_views, view_sets
 from pipeline.segmentation.models import create
 from pipeline.training.runtime import Runtime
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import orchestrate
@@ -207,14 +206,6 @@ def test_segmentation_folders_are_told_from_classification_ones(tmp_path):
     assert not is_segmentation_folder(cls)
     (cls / "masks").mkdir()
     assert is_segmentation_folder(cls)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_segment_runs_clean_first_and_keeps_each_group_in_one_fold(tmp_path, caplog, one_thread):
