@@ -257,6 +257,11 @@ def test_detection_bundle_carries_the_crop_classifier_that_renamed_the_submissio
                           rename["merge_iou"], rename["boxes_per_image"], c["image_size"], rename["margin"], c["views"],
                           rename["top_k"], 100)
     _assert_same_boxes(boxes, _boxes_frame(test, above_score(renamed, 0.02), spec["classes"]))
+    # --engine onnx: the detectors in onnxruntime, the crop classifiers still on torch, the same renamed submission
+    orchestrate.run("bundle", _ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "export.bundle_onnx=true"))
+    onnx_python = _isolated_python(tmp_path, allow=("onnxruntime",), block=NOT_NEEDED)
+    sub_onnx, _, out = _run(bundle, data, tmp_path / "onnx", onnx_python, "--engine", "onnx", "--batch-size", "4")
+    assert sub_onnx.equals(expected) and "(onnx)" in out
     # a rule the submission was not made with is refused; so are classifiers this config did not train
     with pytest.raises(PipelineError, match=r"shapes.csv: not the fusion .* renamed by the crop classifiers"):
         bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.top_k=1"))
@@ -486,4 +491,5 @@ def test_is_detection_tells_a_box_table_from_a_label_table(tmp_path):
     assert not is_detection_folder(tmp_path, "train.csv")
     assert not is_detection_folder(tmp_path, "missing.csv")
     assert orchestrate.chain("bundle", detection=True) == ["detect", "bundle"]
+    assert orchestrate.chain("export", detection=True) == ["detect", "export"]
     assert orchestrate.chain("bundle")[-2:] == ["ensemble", "bundle"]
