@@ -58,7 +58,7 @@ DETECT_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),$(
 DETECT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),$(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),configs/bananas.yaml,))
 DETECT_DEP = $(if $(filter $(BANANAS) $(BANANAS)/,$(DETECT_DATA)),$(BANANAS)/train.csv,)
 
-.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect detect-bundle masks-data segment docs test lint postgres-server
+.PHONY: help install data demo auto clean-data folds train predict rounds ensemble labels bundle export distill tune autogluon detect-data detect detect-bundle detect-export masks-data segment docs test lint postgres-server
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -154,6 +154,9 @@ detect: $(INSTALLED) $(DETECT_DEP) ## detection track: TinySSD train -> evaluate
 
 detect-bundle: $(INSTALLED) $(DETECT_DEP) ## offline bundle of the detection submission (runs make detect when needed)
 	$(PIPE) bundle --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
+
+detect-export: $(INSTALLED) $(DETECT_DEP) ## ONNX of one detection fold model's network part (export.fold), checked with onnxruntime
+	$(PIPE) export --data "$(DETECT_DATA)" --submissions "$(SUBMISSIONS)" $(if $(DETECT_CONFIG),--config "$(DETECT_CONFIG)") $(if $(WORK),--work "$(WORK)") $(OVERRIDES)
 
 $(MASKS)/train.csv: | $(INSTALLED)
 	$(PIPE) make-masks --out $(MASKS) --train 240 --test 60

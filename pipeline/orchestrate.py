@@ -3,8 +3,9 @@
 Stage modules do their own work only. `run` first runs a stage's upstream stages (clean -> folds -> train ->
 predict -> rounds -> ensemble -> labels; bundle and distill follow ensemble, export train; tune and autogluon need
 folds; segment follows clean, whose duplicate groups its folds keep together, and on a segmentation folder clean is
-stages/clean_segmentation.py; detect stands alone, and bundle follows detect on a detection folder); they skip when
-their outputs are complete and match, so any stage can be asked for directly and an interrupted chain resumes.
+stages/clean_segmentation.py; detect stands alone, and bundle and export follow detect on a detection folder); they
+skip when their outputs are complete and match, so any stage can be asked for directly and an interrupted chain
+resumes.
 Before any of them runs, every stage of the chain checks what it can tell from the config and the task alone
 (`check`): a stage that cannot do this task refuses before the stages above it spend their time. `context` builds
 the stage's Context and merges the tuned parameters of WORK/tune/best.yaml unless told not to. Stages that write
@@ -68,8 +69,8 @@ CHECKS: dict[str, Callable[[Context], None]] = {
     "autogluon": autogluon.check, "distill": distill.check}
 
 
-# a detection folder's stages: its bundle packs what detect wrote
-DETECTION_UPSTREAM = {**UPSTREAM, "bundle": ("detect",)}
+# a detection folder's stages: its bundle packs what detect wrote, its export one of detect's fold models
+DETECTION_UPSTREAM = {**UPSTREAM, "bundle": ("detect",), "export": ("detect",)}
 # a segmentation folder's clean reads masks, not labels
 SEGMENTATION_STAGES = {**STAGES, "clean": clean_segmentation.run}
 SEGMENTATION_CHECKS = {**CHECKS, "clean": clean_segmentation.check}
@@ -85,8 +86,9 @@ def chain(stage: str, detection: bool = False) -> list[str]:
 
 
 def _detection(stage: str, ctx_or_cfg, data: Path) -> bool:
-    """Whether `stage` runs on a detection folder as the detection track's (only bundle tells the two apart)."""
-    return stage == "bundle" and is_detection_folder(data, ctx_or_cfg.detect.data.train_csv)
+    """Whether `stage` runs on a detection folder as the detection track's (only bundle and export tell the two
+    apart)."""
+    return stage in ("bundle", "export") and is_detection_folder(data, ctx_or_cfg.detect.data.train_csv)
 
 
 def _segmentation(stage: str, ctx_or_cfg, data: Path) -> bool:

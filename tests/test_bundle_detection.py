@@ -122,6 +122,58 @@ def test_detection_bundle_reproduces_the_fused_submission_without_the_pipeline(f
 
 
 @pytest.mark.slow
+def test_onnx_export_and_bundle_run_the_detectors_network_part_in_onnxruntime(folds, shapes, tmp_path):
+    """make export on a detection folder writes a fold detector's network part as ONNX, checked on the test images;
+    export.bundle_onnx=true: the bundle carries one graph per fold model and view side, and predict.py --engine onnx,
+    without the pipeline and without the detectors' weights, gives the submission back."""
+    import onnx
+
+    from pipeline.stages import export_detection
+
+    ctx, _ = folds
+    _, data = shapes
+    work, subs = tmp_path / "work", tmp_path / "subs"  # copies: the other tests read the fixture's bundle
+    shutil.copytree(ctx.work_dir, work)
+    shutil.copytree(ctx.submissions_dir, subs)
+
+    def octx(*extra: str) -> Context:
+        return Context(load_config(None, [*FAST, *FOLDS, "export.bundle_onnx=true", *extra]), data, work, subs,
+                       resolve=False)
+
+    result = orchestrate.run("export", octx("export.fold=1"))
+    assert result["onnx"] == str(work / "export" / "tinyssd-fold1.onnx") and result["images"] == 6
+    assert result["outputs"] == ["cls_logits", "bbox_preds"] and 0 <= result["max_abs_diff"] < 1e-4
+    graph = onnx.load(result["onnx"]).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 64, 64]
+    with pytest.raises(PipelineError, match=r"^export.fold=2: detect.folds.n_splits=2 has folds 0..1; choose"):
+        export_detection.run(octx("export.fold=2"))
+
+    spec = orchestrate.run("bundle", octx())
+    bundle = subs / "shapes-bundle"
+    for fold in spec["detection"]["steps"][0]["models"][0]["folds"]:
+        assert sorted(fold["onnx"]) == ["64", "80"]  # the views x1 and x1.25: one graph per side
+        assert all((bundle / g["file"]).is_file() and g["max_abs_diff"] < 1e-4 for g in fold["onnx"].values())
+    shutil.rmtree(bundle / "weights")  # the onnx engine must not need them: the graphs are the networks
+    python = _isolated_python(tmp_path, allow=("onnxruntime",), block=NOT_NEEDED)
+    sub, boxes, out = _run(bundle, data, tmp_path / "user", python, "--engine", "onnx", "--batch-size", "4")
+    # exact: the graphs' ~1e-6 differences from torch move no box across the CSV's rounding or an NMS decision here
+    assert sub.equals(pd.read_csv(subs / "shapes.csv", dtype=str, keep_default_na=False)) and "(onnx)" in out
+    run = torch.load(work / "detect" / "tinyssd" / "detections.pt", weights_only=True)
+    metrics = json.loads((work / "detect" / "metrics.json").read_text())
+    test = pd.read_csv(data / "test.csv")["image"].tolist()
+    sizes = torch.tensor([Image.open(data / i).size for i in test], dtype=torch.float32)
+    fused = above_score(fuse_chosen(run["test"], sizes, metrics, 100), 0.02)
+    diff = _assert_same_boxes(boxes, _boxes_frame(test, fused, spec["classes"]), tol=1e-4)
+    print(f"onnx parity: max abs difference {diff:.1e} of scores and pixels; graphs {result['max_abs_diff']:.1e}")
+    # a bundle without graphs says how to get them
+    res = subprocess.run([str(python), "-I", str(ctx.submissions_dir / "shapes-bundle" / "predict.py"), "--data",
+                          str(data), "--out", str(tmp_path / "x.csv"), "--engine", "onnx"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "export.bundle_onnx=true" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(folds, shapes, tmp_path):
     ctx, spec = folds
     root, data = shapes
@@ -142,8 +194,6 @@ def test_detection_bundle_key_covers_what_it_packs_and_refusals_are_one_line(fol
         bundle_detection.run(_ctx(root, data, *FOLDS, "detect.train.lr=0.02"))
     with pytest.raises(PipelineError, match=r"configuration 'tinyssd', this config's is 'other'"):
         bundle_detection.run(_ctx(root, data, *FOLDS, "detect.folds.name=other"))
-    with pytest.raises(PipelineError, match=r"^export.bundle_onnx=true: .*set export.bundle_onnx=false$"):
-        bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_onnx=true"))
     with pytest.raises(PipelineError, match=r"^export.bundle_folds: .*set export.bundle_folds=null$"):
         bundle_detection.run(_ctx(root, data, *FOLDS, "export.bundle_folds=[0]"))
     with pytest.raises(PipelineError, match=r"metrics.json: no second stage recorded .*run `make detect` again"):
@@ -207,6 +257,11 @@ def test_detection_bundle_carries_the_crop_classifier_that_renamed_the_submissio
                           rename["merge_iou"], rename["boxes_per_image"], c["image_size"], rename["margin"], c["views"],
                           rename["top_k"], 100)
     _assert_same_boxes(boxes, _boxes_frame(test, above_score(renamed, 0.02), spec["classes"]))
+    # --engine onnx: the detectors in onnxruntime, the crop classifiers still on torch, the same renamed submission
+    orchestrate.run("bundle", _ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "export.bundle_onnx=true"))
+    onnx_python = _isolated_python(tmp_path, allow=("onnxruntime",), block=NOT_NEEDED)
+    sub_onnx, _, out = _run(bundle, data, tmp_path / "onnx", onnx_python, "--engine", "onnx", "--batch-size", "4")
+    assert sub_onnx.equals(expected) and "(onnx)" in out
     # a rule the submission was not made with is refused; so are classifiers this config did not train
     with pytest.raises(PipelineError, match=r"shapes.csv: not the fusion .* renamed by the crop classifiers"):
         bundle_detection.run(_ctx(tmp_path, data, *FOLDS, *CLASSIFIER, "detect.classifier.top_k=1"))
@@ -312,6 +367,52 @@ def test_each_detector_family_decodes_in_the_bundle_as_in_the_pipeline(family, t
                            _boxes_frame(["a", "b", "c"], ours, list("xyz")))
 
 
+@pytest.mark.parametrize("family", ["tinyssd", "retinanet"])
+def test_the_detectors_network_part_exports_to_onnx_and_decodes_as_on_torch(family, tmp_path):
+    """Random weights: each graph's raw outputs match torch's within 1e-4 (two batch sizes: the batch is dynamic),
+    TinySSD gets one graph per view side, a torchvision detector one (its transform resizes every view); the bundle's
+    Detector on onnxruntime, built without the weights, finds the boxes the torch Detector finds."""
+    from safetensors.torch import save_file
+
+    from pipeline.export import onnx_detection as od
+
+    torch.manual_seed(0)
+    net = create(family, 3, 64, "resnet10t", 64).eval()
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    sides = od.graph_sides(net, 64, ["x1", "x1+hflip", "x1.25"])
+    assert sides == ([64, 80] if family == "tinyssd" else [64])
+    fold = {"weights": "w.safetensors", "anchor_sizes": getattr(net, "sizes", None),
+            "anchor_ratios": getattr(net, "ratios", None), "onnx": {}}
+    for side in sides:
+        check = od.export_checked(net, tmp_path / f"g{side}.onnx", side, 17, 1e-4, images, "fix")
+        assert check["images"] == 5 and check["max_abs_diff"] < 1e-4, check
+        fold["onnx"][str(side)] = {"file": f"g{side}.onnx", "feature_shapes": check["feature_shapes"]}
+        if family == "tinyssd":
+            net(od.network_input(net, od.at_side(images, side)))
+            assert check["feature_shapes"] == [list(s) for s in net.feature_shapes]
+    model = {"family": family, "num_classes": 3, "image_size": 64, "backbone": "resnet10t", "fpn_channels": 64}
+    cpu, decode = torch.device("cpu"), DecodeConfig().model_dump()
+    sizes = torch.tensor([[64.0, 64.0], [100.0, 50.0], [37.0, 80.0], [64.0, 64.0], [90.0, 40.0]])
+    old, bd.HERE = bd.HERE, tmp_path
+    try:
+        on_torch = bd.Detector(bd.build_detector(model, fold), decode, cpu, True)
+        for tta in ("none", "hflip"):
+            on_onnx = bd.Detector(bd.build_detector(model, fold, weights=False), decode, cpu, True, tta,
+                                  bd.OnnxNetwork(fold, cpu))
+            on_torch.tta = tta
+            _assert_same_boxes(_boxes_frame(list("abcde"), on_onnx(images, sizes, 0.005, 2), list("xyz")),
+                               _boxes_frame(list("abcde"), on_torch(images, sizes, 0.005, 2), list("xyz")), 1e-4)
+        on_torch.tta = on_onnx.tta = "none"
+        found = [bd.view_detections(d, images, sizes, "x1.25", 0.005, 2) for d in (on_onnx, on_torch)]
+        _assert_same_boxes(*(_boxes_frame(list("abcde"), f, list("xyz")) for f in found), 1e-4)
+        if family == "tinyssd":  # a side without a graph (torchvision's transform resizes every view to 64 px)
+            with pytest.raises(ValueError, match="no ONNX graph for 72 px inputs; rebuild the bundle"):
+                bd.view_detections(on_onnx, images, sizes, "x1.125", 0.005, 2)
+    finally:
+        bd.HERE = old
+
+
 def test_the_bundle_fuses_boxes_as_the_pipeline(tmp_path):
     """bundle_detection's WBF step (ensemble-boxes' file copied beside it) equals fusion.fuse on random lists of a
     non-square image, with each score rule; the score threshold keeps the same boxes as ensemble.above_score."""
@@ -390,4 +491,5 @@ def test_is_detection_tells_a_box_table_from_a_label_table(tmp_path):
     assert not is_detection_folder(tmp_path, "train.csv")
     assert not is_detection_folder(tmp_path, "missing.csv")
     assert orchestrate.chain("bundle", detection=True) == ["detect", "bundle"]
+    assert orchestrate.chain("export", detection=True) == ["detect", "export"]
     assert orchestrate.chain("bundle")[-2:] == ["ensemble", "bundle"]

@@ -4,9 +4,11 @@ of its submission, written out again without the pipeline.
 `make bundle` copies this file verbatim into a detection bundle as detection.py (with ensemble-boxes' own
 ensemble_boxes_wbf.py beside it) and predict.py loads it for a spec of task "detection". It imports torch,
 torchvision (NMS, box IoU and the RetinaNet, FCOS and SSDlite detectors) and numpy; timm only for a RetinaNet or
-FCOS backbone or a crop classifier. Never the pipeline: tests/test_bundle_detection.py checks each part against the
-module it restates (detection/tinyssd.py, torchvision_models.py, infer.py's Detector, boxes.py, ensemble.py's views,
-fusion.py, crops.py) and the whole against the pipeline's submission.
+FCOS backbone or a crop classifier; onnxruntime only under `--engine onnx` (bundles made with
+export.bundle_onnx=true), which runs each detector's network part from its graphs in onnx/ and everything else here
+as on torch (the crop classifiers stay on torch). Never the pipeline: tests/test_bundle_detection.py checks each
+part against the module it restates (detection/tinyssd.py, torchvision_models.py, infer.py's Detector, boxes.py,
+ensemble.py's views, fusion.py, crops.py) and the whole against the pipeline's submission.
 
 spec["detection"]["steps"] is the chain run on the test images, each step a dict named by "step":
 
@@ -202,13 +204,20 @@ class TorchvisionDetector(nn.Module):
         self.net = net
 
     @torch.no_grad()
-    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores (B, A, C + 1), column 0 the background, boxes (B, A, 4) in [0, 1]) of every anchor."""
+    def candidates(self, x: torch.Tensor, network=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class scores (B, A, C + 1), column 0 the background, boxes (B, A, 4) in [0, 1]) of every anchor;
+        `network` (an OnnxNetwork) runs backbone and head instead of torch."""
         net = self.net
         batch, _ = net.transform(list(x))
-        features = net.backbone(batch.tensors)
-        features = list(features.values()) if isinstance(features, dict) else [features]
-        head = net.head(features)
+        if network is None:
+            features = net.backbone(batch.tensors)
+            features = list(features.values()) if isinstance(features, dict) else [features]
+            head = net.head(features)
+        else:
+            outputs, shapes = network(batch.tensors)
+            head = dict(zip(HEAD_OUTPUTS[self.kind], outputs, strict=True))
+            # the anchor generators read only the shapes, dtype and device of the feature maps
+            features = [batch.tensors.new_empty((0, 0, h, w)) for h, w in shapes]
         anchors = torch.stack(net.anchor_generator(batch, features))
         logits, regression = head["cls_logits"].float(), head["bbox_regression"].float()
         b, a, _ = regression.shape
@@ -223,8 +232,9 @@ class TorchvisionDetector(nn.Module):
         return scores, (boxes.reshape(b, a, 4) / self.image_size).clamp(0, 1)
 
 
-def build_detector(model: dict, fold: dict) -> nn.Module:
-    """The network of one fold model, its safetensors weights loaded, in eval mode."""
+def build_detector(model: dict, fold: dict, weights: bool = True) -> nn.Module:
+    """The network of one fold model, its safetensors weights loaded (`weights`), in eval mode. Without them (the
+    onnx engine) only its parameter-free parts serve: torchvision's transform, anchor generator and box coder."""
     from safetensors.torch import load_file
 
     if model["family"] == "tinyssd":
@@ -232,8 +242,40 @@ def build_detector(model: dict, fold: dict) -> nn.Module:
     else:
         net = TorchvisionDetector(model["family"], model["num_classes"], model["image_size"], model["backbone"],
                                   model["fpn_channels"])
-    net.load_state_dict(load_file(str(HERE / fold["weights"])))
+    if weights:
+        net.load_state_dict(load_file(str(HERE / fold["weights"])))
     return net.eval()
+
+
+# the graphs' outputs (pipeline/export/onnx_detection.OUTPUTS); TinySSD's are cls_logits and bbox_preds
+HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
+                "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"), "ssdlite": ("cls_logits", "bbox_regression")}
+
+
+class OnnxNetwork:
+    """The network part of one fold model in onnxruntime (--engine onnx): fold["onnx"] maps an input side to its
+    graph (input `image`, the normalised batch; the raw per-anchor outputs, dynamic batch) and the feature map
+    shapes the anchors are made from. Decoding, NMS and fusion stay in torch, as on the torch engine."""
+
+    def __init__(self, fold: dict, device: torch.device):
+        import onnxruntime as ort
+
+        if not fold.get("onnx"):
+            raise ValueError("--engine onnx: this bundle has no ONNX files; rebuild it with "
+                             "`make bundle OVERRIDES=export.bundle_onnx=true` or use --engine torch")
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda"
+                     else ["CPUExecutionProvider"])
+        self.device = device
+        self.graphs = {int(side): (ort.InferenceSession(str(HERE / g["file"]), providers=providers),
+                                   [tuple(s) for s in g["feature_shapes"]]) for side, g in fold["onnx"].items()}
+
+    def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        graph = self.graphs.get(x.shape[-1])
+        if graph is None:
+            raise ValueError(f"spec.json: no ONNX graph for {x.shape[-1]} px inputs; rebuild the bundle")
+        sess, shapes = graph
+        outputs = sess.run(None, {"image": x.detach().cpu().contiguous().numpy()})
+        return [torch.from_numpy(o).to(self.device) for o in outputs], shapes
 
 
 # --- decoding: infer.py's Detector -------------------------------------------------------------------------------
@@ -241,8 +283,10 @@ def build_detector(model: dict, fold: dict) -> nn.Module:
 class Detector:
     """Per-image detections (boxes in pixels of the original image, scores, 0-based classes) of one fold model."""
 
-    def __init__(self, net: nn.Module, decode: dict, device: torch.device, channels_last: bool, tta: str = "none"):
+    def __init__(self, net: nn.Module, decode: dict, device: torch.device, channels_last: bool, tta: str = "none",
+                 network: OnnxNetwork | None = None):
         self.net, self.decode, self.device, self.channels_last, self.tta = net, decode, device, channels_last, tta
+        self.network = network  # --engine onnx: the network part in onnxruntime
         self.net.to(device)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -257,7 +301,15 @@ class Detector:
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def _tinyssd(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        anchors, cls_logits, bbox_preds = (t.float() for t in self.net(self.to_input(images, TINYSSD_NORM, 1.0)))
+        x = self.to_input(images, TINYSSD_NORM, 1.0)
+        if self.network is None:
+            anchors, cls_logits, bbox_preds = (t.float() for t in self.net(x))
+            self.feature_shapes = self.net.feature_shapes
+        else:
+            (cls_logits, bbox_preds), self.feature_shapes = self.network(x)
+            net = self.net
+            anchors = torch.cat([multibox_prior(h, w, net.sizes[i], net.ratios, device=x.device)
+                                 for i, (h, w) in enumerate(self.feature_shapes)], 1)
         b, a, _ = cls_logits.shape
         boxes = offset_inverse(anchors.reshape(1, a, 4), bbox_preds.float().reshape(b, a, 4)).clamp(0, 1)
         return cls_logits.float().softmax(-1), boxes
@@ -265,14 +317,14 @@ class Detector:
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.net, TorchvisionDetector):
             unit = {"mean": [0.0] * 3, "std": [1.0] * 3}
-            scores, boxes = self.net.candidates(self.to_input(images, unit, 255.0))
+            scores, boxes = self.net.candidates(self.to_input(images, unit, 255.0), self.network)
             if self.tta == "hflip":  # anchor grids not mirror-symmetric: the mirror's candidates appended
-                scores_m, boxes_m = self.net.candidates(self.to_input(images.flip(-1), unit, 255.0))
+                scores_m, boxes_m = self.net.candidates(self.to_input(images.flip(-1), unit, 255.0), self.network)
                 scores, boxes = torch.cat((scores, scores_m), 1), torch.cat((boxes, mirror_boxes(boxes_m)), 1)
             return scores, boxes
         probs, boxes = self._tinyssd(images)
         if self.tta == "hflip":  # TinySSD's grid is mirror-symmetric: averaged anchor by anchor
-            mirror = mirror_index(self.net.feature_shapes, self.net.anchors_per_pixel).to(probs.device)
+            mirror = mirror_index(self.feature_shapes, self.net.anchors_per_pixel).to(probs.device)
             probs_m, boxes_m = self._tinyssd(images.flip(-1))
             probs, boxes = (probs + probs_m[:, mirror]) / 2, (boxes + mirror_boxes(boxes_m[:, mirror])) / 2
         return probs, boxes
@@ -337,8 +389,10 @@ def detect_step(step: dict, lists: list[list[dict]], inputs: dict) -> list[list[
     for model in step["models"]:
         images, sizes = inputs["images"][model["image_size"]], inputs["sizes"]
         for fold in model["folds"]:
-            detector = Detector(build_detector(model, fold), step["decode"], inputs["device"],
-                                step["channels_last"], step.get("tta", "none"))
+            onnx = inputs.get("engine") == "onnx"
+            network = OnnxNetwork(fold, inputs["device"]) if onnx else None
+            detector = Detector(build_detector(model, fold, weights=not onnx), step["decode"], inputs["device"],
+                                step["channels_last"], step.get("tta", "none"), network)
             for view in step["views"]:
                 out.append(view_detections(detector, images, sizes, view, step["score_threshold"],
                                            inputs["batch_size"]))
@@ -545,10 +599,10 @@ STEPS = {"detect": detect_step, "wbf": wbf_step, "rename": rename_step, "score_t
 
 
 def run_steps(spec: dict, images: dict[int, torch.Tensor], sizes: torch.Tensor, device: torch.device,
-              batch_size: int) -> list[dict]:
+              batch_size: int, engine: str = "torch") -> list[dict]:
     """The spec's steps on (N, 3, S, S) uint8 images per input side S and their (N, 2) original widths, heights:
-    the submitted detections, one dict per image."""
-    inputs = {"images": images, "sizes": sizes, "device": device, "batch_size": batch_size}
+    the submitted detections, one dict per image. engine "onnx": the detectors' network parts in onnxruntime."""
+    inputs = {"images": images, "sizes": sizes, "device": device, "batch_size": batch_size, "engine": engine}
     lists: list[list[dict]] = []
     for step in spec["detection"]["steps"]:
         if step["step"] not in STEPS:

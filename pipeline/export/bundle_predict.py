@@ -11,7 +11,8 @@ the pipeline's own submission.
                       [--device auto|cpu|cuda] [--engine torch|onnx] [--proba-out blended.csv]
                       [--detections-out boxes.csv]
 
-`--engine onnx` runs the members' ONNX files with onnxruntime (bundles made with `export.bundle_onnx=true`).
+`--engine onnx` runs the members' ONNX files with onnxruntime (bundles made with `export.bundle_onnx=true`; a
+detection bundle's graphs are its detectors' network parts, the decoding and fusion stay in torch).
 A detection bundle (spec task "detection") runs detection.py beside this file instead of the members and blend;
 it needs torchvision as well (Kaggle images have it).
 """
@@ -422,8 +423,10 @@ def decode_detection(paths: list[Path], sides: list[int], max_pixels: int) -> tu
     return {s: torch.from_numpy(a).permute(0, 3, 1, 2) for s, a in out.items()}, torch.from_numpy(sizes)
 
 
-def predict_detection(spec: dict, data: Path, batch_size: int, device: torch.device) -> tuple[list[str], list[dict]]:
-    """(test ids, the submitted detections of each test image: boxes in pixels, scores, 0-based labels)."""
+def predict_detection(spec: dict, data: Path, batch_size: int, device: torch.device,
+                      engine: str = "torch") -> tuple[list[str], list[dict]]:
+    """(test ids, the submitted detections of each test image: boxes in pixels, scores, 0-based labels); engine
+    "onnx": the detectors' network parts in onnxruntime."""
     try:
         detection = _module("bundle_detection", "detection.py")
     except ImportError as exc:
@@ -433,9 +436,13 @@ def predict_detection(spec: dict, data: Path, batch_size: int, device: torch.dev
     sides = sorted({m["image_size"] for step in spec["detection"]["steps"] for m in step.get("models", [])})
     images, sizes = decode_detection(paths, sides, spec["input"]["max_pixels"])
     try:
-        found = detection.run_steps(spec, images, sizes, device, batch_size)
+        found = detection.run_steps(spec, images, sizes, device, batch_size, engine)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
+    except ImportError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        raise BundleError("--engine onnx needs onnxruntime; pip install onnxruntime, or use --engine torch") from None
     return ids, found
 
 
@@ -483,16 +490,14 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         start = time.perf_counter()
         if spec["task"] == "detection":
-            if args.engine != "torch":
-                raise BundleError("--engine onnx: detection bundles run on torch only; use --engine torch")
-            ids, found = predict_detection(spec, args.data, args.batch_size, device)
+            ids, found = predict_detection(spec, args.data, args.batch_size, device, args.engine)
             frame, boxes = detection_frames(spec, ids, found)
             write_csv(frame, args.out)
             if args.detections_out:
                 write_csv(boxes, args.detections_out, float_format="%.9g")
             took = time.perf_counter() - start
             n_models = sum(len(m["folds"]) for step in spec["detection"]["steps"] for m in step.get("models", []))
-            print(f"bundle: {len(ids)} images, {n_models} detector(s) on {device}: {took:.2f} s, "
+            print(f"bundle: {len(ids)} images, {n_models} detector(s) on {device} ({args.engine}): {took:.2f} s, "
                   f"{len(ids) / took:.1f} images/s; {len(boxes)} boxes; submission written to {args.out}")
             return 0
         ids, pred, n = predict(spec, args.data, args.batch_size, device, args.engine)

@@ -14,6 +14,9 @@ Reads what `make detect` wrote and checks that it made the submission with this 
   string for string.
 - detect.folds.n_splits = 1: model.json, model.safetensors, metrics.json (the TTA chosen on validation) and
   predict.json, whose keys (train, evaluate and predict keys) must all match this config.
+With export.bundle_onnx=true the bundle also carries each fold detector's network part as ONNX (export/
+onnx_detection.py; one graph per view side), each checked against torch on the first test images, for predict.py
+--engine onnx.
 Skipped when the bundle's stamp (spec.json's fingerprint) matches all of these and the bundle's source files.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import ensemble_boxes
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 
 from pipeline.context import Context
 from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
@@ -37,7 +41,7 @@ from pipeline.data.images import MAX_PIXELS
 from pipeline.detection.data import read_detection, split_arrays
 from pipeline.detection.ensemble import above_score, configuration_name, fuse_chosen, view_names
 from pipeline.detection.infer import submission_frame
-from pipeline.export import bundle, bundle_detection, bundle_predict
+from pipeline.export import bundle, bundle_detection, bundle_predict, onnx_detection
 from pipeline.stages.detect import evaluate_key, model_key, predict_key, train_key, views_key
 from pipeline.stages.detect_classifier import CROP_BATCH, classifier_runs, crop_views, rename_test
 from pipeline.training import runtime
@@ -45,6 +49,10 @@ from pipeline.training import runtime
 log = logging.getLogger(__name__)
 WBF_SOURCE = Path(ensemble_boxes.__file__).with_name("ensemble_boxes_wbf.py")
 AGAIN = "run `make detect` again with this config (or `make bundle` with the config that made the submission)"
+ONNX_FIX = "set export.bundle_onnx=false (detection.py then runs on torch; the previous bundle is kept until then)"
+# the test images each graph is checked on against torch: enough to catch an exporter fault, without a second
+# prediction of a large test set
+ONNX_CHECK_IMAGES = 64
 
 
 def _refuse_settings(ctx: Context) -> None:
@@ -56,9 +64,6 @@ def _refuse_settings(ctx: Context) -> None:
     if e.bundle_folds is not None:
         raise PipelineError("export.bundle_folds: a detection bundle keeps every fold model (the WBF thresholds were "
                             "chosen on all of them); set export.bundle_folds=null")
-    if e.bundle_onnx:
-        raise PipelineError("export.bundle_onnx=true: detection bundles run on torch only (torchvision's detectors "
-                            "and NMS); set export.bundle_onnx=false")
 
 
 def _check(stamp: dict | None, expected: str, path: Path) -> dict:
@@ -246,6 +251,36 @@ def _single(ctx: Context, data, channels_last: bool) -> tuple[dict, dict, list[P
             {rel: root / "model.safetensors"}, read)
 
 
+def _onnx_writer(ctx: Context, data, detection: dict, files: dict[str, Path]):
+    """export.bundle_onnx: a writer of each fold detector's network part as ONNX (onnx_detection.py), one graph per
+    input side its views feed, each checked against torch on the first test images; fold["onnx"] maps the side to
+    the graph and the feature map shapes its anchors are made from (spec.json is written after the writer)."""
+    opset, tolerance = ctx.cfg.export.opset, ctx.cfg.export.tolerance
+    test: dict[int, torch.Tensor] = {}
+
+    def write(folder: Path) -> None:
+        for step in (s for s in detection["steps"] if s["step"] == "detect"):
+            for model in step["models"]:
+                size = model["image_size"]
+                if size not in test:
+                    test[size] = split_arrays(data.test, data.classes, ctx.work_dir / "cache", size,
+                                              "test").images[:ONNX_CHECK_IMAGES]
+                for fold in model["folds"]:
+                    net = onnx_detection.build_network(model["family"], model["num_classes"], size, model["backbone"],
+                                                       model["fpn_channels"], fold["anchor_sizes"],
+                                                       fold["anchor_ratios"])
+                    net.load_state_dict(load_file(str(files[fold["weights"]])))
+                    stem = f"onnx/{model['name']}" + ("" if fold["fold"] is None else f"-fold{fold['fold']}")
+                    fold["onnx"] = {}
+                    for side in onnx_detection.graph_sides(net.eval(), size, step["views"]):
+                        rel = f"{stem}-{side}px.onnx"
+                        check = onnx_detection.export_checked(net, folder / rel, side, opset, tolerance, test[size],
+                                                              ONNX_FIX)
+                        fold["onnx"][str(side)] = {"file": rel, "feature_shapes": check["feature_shapes"],
+                                                   "max_abs_diff": check["max_abs_diff"]}
+    return write
+
+
 def _renamed(detection: dict) -> dict | None:
     """The spec's rename step, when it has one."""
     return next((s for s in detection["steps"] if s["step"] == "rename"), None)
@@ -262,7 +297,8 @@ def run(ctx: Context) -> dict:
     rename = _renamed(detection)
     families = {m["family"] for s in detection["steps"] if s["step"] == "detect" for m in s["models"]}
     submission_csv = ctx.submissions_dir / f"{ctx.name}.csv"
-    sources = [bundle_predict.__file__, bundle_detection.__file__, WBF_SOURCE]
+    sources = [bundle_predict.__file__, bundle_detection.__file__, WBF_SOURCE] \
+        + ([onnx_detection.__file__] if ctx.cfg.export.bundle_onnx else [])
     fp = fingerprint("bundle-detection", [file_digest(p) for p in read + [submission_csv]],
                      [file_digest(Path(p)) for p in sources], cfg.model_dump(), ctx.cfg.export.model_dump(),
                      comp.model_dump(), channels_last)
@@ -290,7 +326,8 @@ def run(ctx: Context) -> dict:
     files = {**files, "detection.py": Path(bundle_detection.__file__), "ensemble_boxes_wbf.py": WBF_SOURCE}
     if rename and rename["classifier"]["backbone"].startswith("d2l_"):  # the pipeline's own nets, pure torch
         files["classic.py"] = bundle.CLASSIC_SOURCE
-    bundle.write_bundle(out_dir, spec, files)
+    onnx = _onnx_writer(ctx, data, detection, files) if ctx.cfg.export.bundle_onnx else None
+    bundle.write_bundle(out_dir, spec, files, onnx)
     detects = [s for s in detection["steps"] if s["step"] == "detect"]
     n = sum(len(m["folds"]) for s in detects for m in s["models"])
     wbf = next((s for s in detection["steps"] if s["step"] == "wbf"), None)
@@ -301,5 +338,6 @@ def run(ctx: Context) -> dict:
              + (f"; boxes renamed by {len(rename['classifier']['folds'])} {rename['classifier']['backbone']} "
                 f"crop classifier(s), {rename['rule']}" if rename else "")
              + f"); {n} detector(s); run: python {out_dir / 'predict.py'} --data {ctx.data_dir} --out submission.csv "
-               "(needs torchvision)")
+               "(needs torchvision)" + ("; --engine onnx runs the detectors' network parts in onnxruntime"
+                                        if onnx else ""))
     return read_stamp(out_dir / "spec.json")

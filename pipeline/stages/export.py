@@ -3,7 +3,8 @@
 Writes WORK/export/<experiment>-fold<k>.onnx and export.json (the max abs difference of logits between torch and
 onnxruntime on every test image, and both engines' seconds); refuses when the difference is above
 export.tolerance. `export.experiment` and `export.fold` choose the model (default: the first experiment, fold
-0); a student of `make distill` (distill-<backbone>) is found under WORK/distill/runs.
+0); a student of `make distill` (distill-<backbone>) is found under WORK/distill/runs. On a detection folder the
+stage exports a fold detector's network part instead (stages/export_detection.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import logging
 from pipeline.context import Context
 from pipeline.core.artifacts import file_digest, fingerprint, is_done, read_json, write_stamp
 from pipeline.core.errors import PipelineError
+from pipeline.detection.data import is_detection_folder
 from pipeline.export.onnx_export import compare, export_onnx
+from pipeline.stages import export_detection
 from pipeline.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def run(ctx: Context) -> dict:
-    """ONNX of export.experiment's fold export.fold, compared with torch (after the train stage)."""
+    """ONNX of export.experiment's fold export.fold, compared with torch (after the train stage); on a detection
+    folder, of a fold detector's network part (stages/export_detection.py, after the detect stage)."""
+    if is_detection_folder(ctx.data_dir, ctx.cfg.detect.data.train_csv):
+        return export_detection.run(ctx)
     cfg = ctx.cfg.export
     names = [e.name for e in ctx.selected_experiments()]
     name = cfg.experiment or names[0]

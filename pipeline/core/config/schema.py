@@ -259,13 +259,15 @@ class EnsembleConfig(Section):
 
 class ExportConfig(Section):
     experiment: str | None = Field(None, description="make export: the experiment whose fold model becomes ONNX; "
-                                                     "null: the first of model.backbones")
+                                                     "null: the first of model.backbones (on a detection folder: "
+                                                     "the detect configuration, null: this config's)")
     fold: int = Field(0, ge=0, description="make export: the fold model exported")
     opset: int = Field(17, ge=9, description="ONNX opset of make export and of the bundle's ONNX files")
-    tolerance: float = Field(1e-4, gt=0, description="make export: largest abs difference of logits between "
+    tolerance: float = Field(1e-4, gt=0, description="make export (and a detection bundle's graphs): largest abs "
+                                                     "difference of logits (a detector's raw outputs) between "
                                                      "onnxruntime and torch on the test images before it refuses")
-    bundle_onnx: bool = Field(False, description="make bundle: also write every fold model as ONNX, for "
-                                                 "predict.py --engine onnx")
+    bundle_onnx: bool = Field(False, description="make bundle: also write every fold model (a detector's network "
+                                                 "part) as ONNX, for predict.py --engine onnx")
     bundle_of: Literal["ensemble", "student"] = Field(
         "ensemble", description="make bundle: the ensemble's chosen submission (submissions/<competition>-bundle), "
                                 "or the distilled student alone (<competition>-student-bundle; after make distill)")
