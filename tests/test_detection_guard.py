@@ -140,3 +140,17 @@ def test_a_healthy_fcos_does_not_restart(tmp_path, capsys):
     stamp = json.loads((out / "model.json").read_text())
     assert not (out / "restart.json").exists() and "restarted" not in stamp["summary"]
     assert stamp["model_key"] == stamp["fingerprint"]
+
+
+def test_a_short_run_warms_up_for_at_most_half_its_updates(tmp_path):
+    assert _trainer(tmp_path, epochs=1, warmup_epochs=1).warmup_steps == 1  # 3 updates: not all but the last
+    assert _trainer(tmp_path, epochs=2, warmup_epochs=1).warmup_steps == 3  # 6 updates: the epoch asked for
+
+
+def test_restart_dead_after_is_in_the_key_of_fcos_only():
+    from pipeline.core.config import DetectConfig
+
+    for name, changes in (("fcos", True), ("retinanet", False), ("tinyssd", False)):
+        keys = {detect_stage.train_key(DetectConfig(model={"name": name}, train={"restart_dead_after": after}),
+                                       "data", 0, {}) for after in (2, 3)}
+        assert (len(keys) == 2) == changes, name

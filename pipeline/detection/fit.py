@@ -157,7 +157,8 @@ class DetectionTrainer:
         self.steps = (len(self.train_x) + cfg.batch_size - 1) // cfg.batch_size
         lr_min = cfg.lr / 100 if cfg.schedule == "cosine" else cfg.lr
         total = cfg.epochs * self.steps
-        self.warmup_steps = min(round(cfg.warmup_epochs * self.steps), total - 1)
+        # at most half the run: a 1-epoch run still trains half its updates at the full lr
+        self.warmup_steps = min(round(cfg.warmup_epochs * self.steps), total // 2)
         # warmup as a prefix: the lr reaches cfg.lr when it ends, and the cosine spans the updates after it
         scheduler = CosineLRScheduler(optimizer, t_initial=total - self.warmup_steps, lr_min=lr_min,
                                       warmup_t=self.warmup_steps, warmup_lr_init=cfg.lr * WARMUP_FACTOR,
@@ -237,7 +238,9 @@ class DetectionTrainer:
     def end_epoch(self, epoch: int, monitored: float | None) -> None:
         """The schedule steps per update; this only checks for a dead detector, before the epoch is saved, so that
         `last` never holds a dead epoch to resume from."""
-        if self.dead_after is not None and epoch == min(self.dead_after, self.cfg.epochs):
+        # the earliest patience can stop a run whose mAP stays 0 is epoch 1 + patience: check by then
+        last = min(self.dead_after or 0, self.cfg.epochs, *([1 + self.cfg.patience] if self.cfg.patience else []))
+        if self.dead_after is not None and epoch == last:
             reason = dead_reason(self.row, self.kind)
             if reason is not None:
                 raise DeadDetector(reason, epoch, self.row)

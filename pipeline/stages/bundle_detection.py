@@ -30,6 +30,7 @@ from pathlib import Path
 import ensemble_boxes
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from pipeline.context import Context
@@ -136,7 +137,12 @@ def _recorded_config(detections_pt: Path, name: str) -> DetectConfig:
     if recorded is None:
         raise PipelineError(f"{detections_pt}: written before detect recorded its settings there; run `make detect` "
                             f"with the config of configuration '{name}', then with this one")
-    return DetectConfig.model_validate_json(json.dumps(recorded))
+    try:
+        return DetectConfig.model_validate_json(json.dumps(recorded))
+    except ValidationError as exc:  # a record of another version's schema: one line, not pydantic's report
+        raise PipelineError(f"{detections_pt}: its recorded detect settings do not fit this version's "
+                            f"({exc.error_count()} errors); run `make detect` with the config of configuration "
+                            f"'{name}', then with this one") from None
 
 
 def _configuration(ctx: Context, data, cfg: DetectConfig, name: str, folds: pd.DataFrame, fold_keys: list[str],
@@ -298,7 +304,8 @@ def run(ctx: Context) -> dict:
     families = {m["family"] for s in detection["steps"] if s["step"] == "detect" for m in s["models"]}
     submission_csv = ctx.submissions_dir / f"{ctx.name}.csv"
     sources = [bundle_predict.__file__, bundle_detection.__file__, WBF_SOURCE] \
-        + ([onnx_detection.__file__] if ctx.cfg.export.bundle_onnx else [])
+        + ([onnx_detection.__file__] if ctx.cfg.export.bundle_onnx else []) \
+        + ([bundle.CLASSIC_SOURCE] if rename and rename["classifier"]["backbone"].startswith("d2l_") else [])
     fp = fingerprint("bundle-detection", [file_digest(p) for p in read + [submission_csv]],
                      [file_digest(Path(p)) for p in sources], cfg.model_dump(), ctx.cfg.export.model_dump(),
                      comp.model_dump(), channels_last)

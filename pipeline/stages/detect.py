@@ -107,7 +107,9 @@ def model_choice(model: DetectModelConfig) -> dict:
 def train_inputs(cfg: DetectConfig) -> dict:
     """The sections the train step reads, as its key holds them (and its MLflow run's params)."""
     # patience null trains as before it existed: left out, so such detectors keep their keys
-    train = cfg.train.model_dump(exclude={"patience"} if cfg.train.patience is None else set())
+    # restart_dead_after acts on FCOS only: the other detectors keep their keys when it changes
+    train = cfg.train.model_dump(exclude=({"patience"} if cfg.train.patience is None else set())
+                                 | ({"restart_dead_after"} if cfg.model.name != "fcos" else set()))
     return {"model": model_choice(cfg.model), "train": train, "augment": cfg.augment.model_dump(),
             "anchors": cfg.anchors.model_dump()}
 
@@ -188,7 +190,8 @@ def _train(ctx: Context, data_key: str, classes: list[str], train: Callable[[], 
         weights_key = fingerprint(fp, "restart", restart["seed"])
         again = cfg.train.model_copy(update={"seed": cfg.train.seed + RESTART_SEED})
         model, trainer, track = fit(again, weights_key, restart["seed"], None)
-        check = min(cfg.train.restart_dead_after or 1, len(trainer.history)) - 1
+        check = min(cfg.train.restart_dead_after or 1, len(trainer.history),
+                    *([1 + cfg.train.patience] if cfg.train.patience else [])) - 1
         if (reason := dead_reason(trainer.history[check], kind)) is not None:
             log.warning(f"detect: warning: {where} is dead after its restart too ({reason}); kept as it is, "
                         "try another detect.train.seed, a longer detect.train.warmup_epochs or a lower lr")

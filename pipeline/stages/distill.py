@@ -2,13 +2,16 @@
 
 For each fold k: the fold-k models of the chosen blend's members predict the student's training rows over their
 kept TTA views, the blend (refitted on the other folds' OOF rows) turns them into soft targets, and the fold-k
-student learns them (train_fold with per-fold soft targets, the machinery of soft pseudo-labels). With
+student learns them (train_fold with per-fold soft targets, the machinery of soft pseudo-labels); with
+`distill.test_images` it also learns the same teachers' blended probabilities of every test image (fold-k pseudo
+rows: no label, so no leak), targets the teachers never trained on. With
 `distill.hard_baseline` the same backbone is trained on the hard labels too. Both are predicted like any experiment
 (OOF and test parquet files, honest OOF scores) under WORK/distill/runs/<name>/: outside WORK/runs, so the ensemble
 does not blend the student back into the teacher it learns from (its targets would then depend on itself). The
 table printed at the end compares the ensemble, the student and the hard-label model: honest score and
-milliseconds per image on this machine's device (decoded test images, every fold model and kept view each
-predicts with; the student deployed as one fold model, and as the mean of its fold models). Writes
+milliseconds per image on this machine's device (up to 1,024 decoded test images, every fold model and kept view
+each predicts with, the rows timed interleaved; the student deployed as one fold model, and as the mean of its fold
+models). Writes
 WORK/distill/{distill.json, table.csv}.
 """
 
@@ -141,7 +144,8 @@ def run(ctx: Context) -> dict:
         key = fingerprint(np.round(train_soft, 6).tolist())
         kdata = data
         if cfg.distill.test_images:  # test rows trained by the fold-k student only (rounds' pseudo-row machinery)
-            test_soft = targets(member_test)
+            # rounded as the training rows' key is: a resume on another device or batch size keeps its key
+            test_soft = np.round(targets(member_test), 6).astype(np.float32)
             rows = pd.DataFrame({"id": test_ids.astype(str).to_numpy(), "path": test_paths,
                                  "label": np.asarray(classes, dtype=object)[test_soft.argmax(1)], "fold": k})
             rows[prob_columns(classes)] = test_soft

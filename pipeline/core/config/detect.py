@@ -55,7 +55,8 @@ class DetectTrainConfig(FitConfig):
                                                                           "(d2l) or cosine down to lr/100")
     warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warmup from lr/1000 over this many "
                                                         "epochs' updates, then the schedule (torchvision's detection "
-                                                        "references: 1000 iterations from lr/1000); 0: none")
+                                                        "references: 1000 iterations from lr/1000), at most half "
+                                                        "of all updates; 0: none")
     loss: Literal["course", "ssd"] = Field("ssd", description="ssd (the SSD paper's): CE over positives + 3x as many "
                                                               "hard negatives and masked L1, per positive anchor; "
                                                               "course: mean CE over all anchors + mean masked L1")
@@ -69,7 +70,8 @@ class DetectTrainConfig(FitConfig):
                                                          "null: train every epoch, keep the last")
     restart_dead_after: int | None = Field(2, ge=1, description="FCOS: when after this epoch (or the last, if "
                                                               "sooner) validation mAP@0.5 is 0 and the GIoU box loss "
-                                                              ">= 0.999 (a dead regression ReLU never learns a box), "
+                                                              "is within 1e-4 of 1 (a dead regression ReLU never "
+                                                              "learns a box), "
                                                               "restart once from scratch with seed + 1000; null: never")
 
 

@@ -260,7 +260,7 @@ class EnsembleConfig(Section):
 class ExportConfig(Section):
     experiment: str | None = Field(None, description="make export: the experiment whose fold model becomes ONNX; "
                                                      "null: the first of model.backbones (on a detection folder: "
-                                                     "the detect configuration, null: this config's)")
+                                                     "null or this config's configuration name)")
     fold: int = Field(0, ge=0, description="make export: the fold model exported")
     opset: int = Field(17, ge=9, description="ONNX opset of make export and of the bundle's ONNX files")
     tolerance: float = Field(1e-4, gt=0, description="make export (and a detection bundle's graphs): largest abs "
