@@ -124,6 +124,7 @@ def run(ctx: Context) -> dict:
     member_test = {n: ctx.decoded_images(test_paths, by_name[n].train.image_size, member_data[n].channels, "test")
                    for n in used} if cfg.distill.test_images else {}
     frame_y = tasks.targets(task, data.frame, classes, cfg.competition.label_separator)  # class index per row
+    kept = {n: read_json(ctx.work_dir / "runs" / n / "predict.json", "run `make predict`") for n in used}
     provenance = {}
     for k in folds:
         train_idx = training_rows(data.frame, k)
@@ -132,31 +133,29 @@ def run(ctx: Context) -> dict:
             """The fold-k teachers' blended, sharpened probabilities of the images `images_of` gives per member."""
             teachers = np.zeros((len(names), len(next(iter(images_of.values()))), len(classes)))
             for n in used:
-                pm, pc = read_json(ctx.work_dir / "runs" / n / "predict.json", "run `make predict`"), by_name[n].predict
+                pc = by_name[n].predict
                 ranges = {"degrees": pc.tta_random_degrees, "scale": pc.tta_random_scale, "shift": pc.tta_random_shift}
                 teachers[names.index(n)] = teacher_proba(ctx.work_dir / "runs" / n / f"fold{k}", images_of[n],
-                                                         folds_meta["folds_hash"], classes, pm["tta"],
-                                                         pm["tta_merge"], rt, pc.batch_size, pc.tta_seed, ranges)
+                                                         folds_meta["folds_hash"], classes, kept[n]["tta"],
+                                                         kept[n]["tta_merge"], rt, pc.batch_size, pc.tta_seed, ranges)
             return fold_targets(teachers, P, y, fold_of, k, fitted, cfg.distill.temperature)
 
         train_soft = targets({n: member_data[n].images[train_idx] for n in used})
         train_soft = with_labels(train_soft, frame_y[train_idx], cfg.distill.label_weight)
         key = fingerprint(np.round(train_soft, 6).tolist())
-        kdata = data
         if cfg.distill.test_images:  # test rows trained by the fold-k student only (rounds' pseudo-row machinery)
             # rounded as the training rows' key is: a resume on another device or batch size keeps its key
             test_soft = np.round(targets(member_test), 6).astype(np.float32)
             rows = pd.DataFrame({"id": test_ids.astype(str).to_numpy(), "path": test_paths,
                                  "label": np.asarray(classes, dtype=object)[test_soft.argmax(1)], "fold": k})
             rows[prob_columns(classes)] = test_soft
-            kdata = with_pseudo(sctx, data, rows)
+            kdata = with_pseudo(sctx, data, rows)  # its soft holds the test rows' targets, NaN for the others
             key = fingerprint(key, kdata.pseudo_keys[k])
-        soft = np.full((len(kdata.frame), len(classes)), np.nan, dtype=np.float32)
-        soft[:len(data.frame)][train_idx] = train_soft
-        if cfg.distill.test_images:
-            soft[len(data.frame):] = test_soft
+        else:
+            kdata = replace(data, soft=np.full((len(data.frame), len(classes)), np.nan, dtype=np.float32))
+        kdata.soft[:len(data.frame)][train_idx] = train_soft
         provenance[str(k)] = [f"runs/{n}/fold{k}" for n in used]
-        kdata = replace(kdata, soft=soft, pseudo_keys={k: key})
+        kdata = replace(kdata, pseudo_keys={k: key})
         train_fold(sctx.fold_settings(runs_root=root), student.backbone, k, kdata, name=student.name)
     results = {"student": predict_experiment(replace(sctx.predict_settings(), runs_root=root), student.backbone,
                                              data, test_ids, test_paths, student.name)}
