@@ -167,6 +167,37 @@ def test_a_truncated_resume_file_restarts_the_run_with_one_line(tmp_path: Path, 
     assert checkpoint.load_last(tmp_path, "fp") is not None  # the first epoch rewrote it
 
 
+@pytest.mark.parametrize("killed", ["before the commit", "after the commit"])
+def test_a_kill_between_the_checkpoint_writes_resumes_from_the_last_committed_epoch(tmp_path: Path, killed: str,
+                                                                                    monkeypatch):
+    """The tensors and last.pt cannot be replaced together: a kill after the tensors' write resumes from the epoch
+    before (not from scratch), a kill after last.pt's from the new epoch; the next save settles what was left."""
+    tensors = {e: {"w": torch.full((3,), float(e))} for e in (1, 2, 3)}
+    checkpoint.save_last(tmp_path, tensors[1], {"h": 1}, 1, "fp")
+
+    class Killed(Exception):
+        pass
+
+    def kill(*_args, **_kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        if killed == "before the commit":
+            patch.setattr(checkpoint, "_torch_save", kill)
+        else:
+            patch.setattr(checkpoint, "_promote", kill)
+        with pytest.raises(Killed):
+            checkpoint.save_last(tmp_path, tensors[2], {"h": 2}, 2, "fp")
+    assert (tmp_path / "last.next.safetensors").exists()
+    resumed = 1 if killed == "before the commit" else 2
+    found, state = checkpoint.load_last(tmp_path, "fp")
+    assert state["epoch"] == state["h"] == resumed and found["w"].tolist() == [float(resumed)] * 3
+    checkpoint.save_last(tmp_path, tensors[3], {"h": 3}, 3, "fp")
+    assert not (tmp_path / "last.next.safetensors").exists()
+    found, state = checkpoint.load_last(tmp_path, "fp")
+    assert state["epoch"] == 3 and found["w"].tolist() == [3.0] * 3
+
+
 def test_out_of_memory_in_a_trial_keeps_its_traceback(comp_dir: Path, tmp_path: Path):
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")

@@ -2,9 +2,12 @@
 
 `last.safetensors` holds tensors only (weights, EMA weights) and `last.pt` the rest (optimizer,
 scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
-fingerprint; a pair that disagrees or belongs to another config is ignored, so a run killed at any
-moment restarts from its last finished epoch. A file that cannot be read (truncated, corrupted) is
-ignored too, with one line saying so: the run starts over and its first epoch overwrites it.
+fingerprint; a pair of another config is ignored. Two files cannot be replaced in one atomic step, so an
+epoch's tensors are first written to `last.next.safetensors`, then `last.pt` commits the epoch, then the
+tensors are renamed into place: a run killed at any moment resumes from its last committed epoch (a kill
+between the two writes used to leave a pair of two epochs, and the run restarted from epoch 1). A file
+that cannot be read (truncated, corrupted) is ignored, with one line saying so: the run starts over and
+its first epoch overwrites it.
 """
 
 from __future__ import annotations
@@ -58,16 +61,54 @@ def _torch_save(obj: object, tmp: Path) -> None:
         torch.save(obj, fh)
 
 
+# what torch.load and safe_open raise on missing, truncated or corrupted files
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
+LAST_TENSORS, NEXT_TENSORS, LAST_STATE = "last.safetensors", "last.next.safetensors", "last.pt"
+
+
+def _tensors_epoch(path: Path) -> str | None:
+    """The epoch a tensors file records, or None when it is missing or unreadable."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("epoch")
+    except UNREADABLE:
+        return None
+
+
+def _state(run_dir: Path) -> dict | None:
+    try:
+        state = torch.load(Path(run_dir) / LAST_STATE, map_location="cpu", weights_only=True)
+    except UNREADABLE:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _settle(run_dir: Path) -> None:
+    """Finish or drop the next tensors a killed save left behind: renamed into place when last.pt committed
+    their epoch, removed otherwise. Only after a kill is there anything to do."""
+    nxt = run_dir / NEXT_TENSORS
+    if not nxt.exists():
+        return
+    state = _state(run_dir)
+    if state is not None and _tensors_epoch(nxt) == str(state.get("epoch")):
+        _promote(run_dir)
+    else:
+        nxt.unlink()
+
+
 def save_last(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict, epoch: int, fingerprint: str) -> None:
+    run_dir = Path(run_dir)
+    _settle(run_dir)
     tensors = _on_host(tensors)
     meta = {"epoch": str(epoch), "fingerprint": fingerprint}
-    _write(run_dir / "last.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    _write(run_dir / NEXT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     state = {**state, "epoch": epoch, "fingerprint": fingerprint}
-    _write(run_dir / "last.pt", lambda tmp: _torch_save(state, tmp))
+    _write(run_dir / LAST_STATE, lambda tmp: _torch_save(state, tmp))  # the commit
+    _promote(run_dir)
 
 
-# what torch.load and safe_open raise on truncated or corrupted files
-UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError)
+def _promote(run_dir: Path) -> None:
+    os.replace(run_dir / NEXT_TENSORS, run_dir / LAST_TENSORS)
 
 
 def load_last(run_dir: Path, fingerprint: str,
@@ -77,11 +118,15 @@ def load_last(run_dir: Path, fingerprint: str,
     Missing files and a pair of another config or epoch are silently not used; an unreadable file
     is reported through `say` in one line, and the run restarts instead of failing on every rerun.
     """
-    pt, st = Path(run_dir) / "last.pt", Path(run_dir) / "last.safetensors"
-    if not (pt.exists() and st.exists()):
+    run_dir = Path(run_dir)
+    pt, st = run_dir / LAST_STATE, run_dir / LAST_TENSORS
+    nxt = run_dir / NEXT_TENSORS
+    if not (pt.exists() and (st.exists() or nxt.exists())):
         return None
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and _tensors_epoch(nxt) == str(state.get("epoch")):
+            st = nxt  # killed after the commit, before the rename: the next save renames it
         with safe_open(str(st), "pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
