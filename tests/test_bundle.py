@@ -333,3 +333,43 @@ def test_label_weight_mixes_the_one_hot_label_into_a_training_rows_target():
     mixed = with_labels(teachers, np.array([1, 2]), 0.5)
     np.testing.assert_allclose(mixed, [[0.3, 0.65, 0.05], [0.1, 0.1, 0.8]], atol=1e-7)
     assert with_labels(teachers, np.array([1, 2]), 0.0) is teachers
+
+
+def test_a_run_started_from_another_runs_weights_keys_them_and_refuses_another_model(tmp_path):
+    """FoldSettings.init_from (make distill's warm start): the run starts from the given fold run's weights and
+    norm (a near-zero learning rate keeps them), its key covers those weights, and weights of other classes are
+    refused in one line."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from pipeline.cli import main
+    from pipeline.training import fold as fold_module
+
+    comp = write_competition(tmp_path / "comp", n_per_class=6)
+    work = tmp_path / "work"
+    assert main(["train", "--data", str(comp), "--work", str(work), *tiny("train.folds=[0]")]) == 0
+    teacher = work / "runs" / "d2l_lenet" / "fold0"
+    ctx = Context(load_config(None, tiny("train.folds=[0]", "train.lr=1e-12")), comp, work)
+    data = ctx.training_data()
+    scratch = ctx.fold_settings(runs_root=tmp_path / "scratch")
+    warm = replace(ctx.fold_settings(runs_root=tmp_path / "warm"), init_from={0: teacher})
+    keys = {fold_module.run_key(s, "d2l_lenet", 0, data) for s in (scratch, warm)}
+    assert len(keys) == 2
+    for settings in (scratch, warm):
+        fold_module.train_fold(settings, "d2l_lenet", 0, data)
+    start = load_file(str(teacher / "best.safetensors"))
+    ends = {s: load_file(str(tmp_path / s / "d2l_lenet" / "fold0" / "best.safetensors")) for s in ("scratch", "warm")}
+    weights = [k for k, v in start.items() if v.ndim >= 2]
+    assert weights and all(torch.allclose(ends["warm"][k], start[k], atol=1e-6) for k in weights)
+    assert not any(torch.allclose(ends["scratch"][k], start[k], atol=1e-6) for k in weights)
+    started = json.loads((tmp_path / "warm" / "d2l_lenet" / "fold0" / "best.json").read_text())
+    assert started["norm"] == json.loads((teacher / "best.json").read_text())["norm"]
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    meta = json.loads((other / "best.json").read_text())
+    (other / "best.json").write_text(json.dumps({**meta, "classes": ["a", "b"]}))
+    with pytest.raises(PipelineError, match=r"other/best.json: starting weights of another classes \(\['a', 'b'\] "
+                                            r"!= \['cat', 'dog'\]\); start this run from scratch or retrain"):
+        fold_module.train_fold(replace(warm, runs_root=tmp_path / "w2", init_from={0: other}), "d2l_lenet", 0, data)

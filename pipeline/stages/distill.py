@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,22 @@ def _student(ctx: Context, by_name: dict, used: list[str], hard: bool) -> experi
     return experiments.Experiment(f"{'hard' if hard else 'distill'}-{backbone}", backbone, model, train, predict)
 
 
+def _starts(ctx: Context, by_name: dict, used: list[str], student: experiments.Experiment,
+            folds: list[int]) -> dict[int, Path] | None:
+    """distill.init=teacher: fold -> the fold-k run of the first used teacher of the student's backbone and image
+    size (its weights fit the student, and it trained on the fold-k student's rows only); None: random weights."""
+    if ctx.cfg.distill.init == "scratch":
+        return None
+    same = [n for n in used if by_name[n].backbone == student.backbone
+            and by_name[n].train.image_size == student.train.image_size]
+    if not same:
+        log.info(f"distill: no used teacher is {student.backbone} at {student.train.image_size} px; the student "
+                 "starts from random weights")
+        return None
+    log.info(f"distill: the fold-k student starts from {same[0]}'s fold-k weights")
+    return {k: ctx.work_dir / "runs" / same[0] / f"fold{k}" for k in folds}
+
+
 def run(ctx: Context) -> dict:
     """Train and score the student (and its hard-label twin), print the table (after the ensemble stage)."""
     check(ctx)
@@ -102,6 +119,9 @@ def run(ctx: Context) -> dict:
     root = ctx.work_dir / "distill" / "runs"
     folds = folds_to_train(cfg.train.folds, folds_meta["n_splits"])
     student = _student(ctx, by_name, used, hard=False)
+    starts = _starts(ctx, by_name, used, student, folds)
+    lr = cfg.distill.lr or (cfg.train.lr / 10 if starts else cfg.train.lr)
+    student = replace(student, train=student.train.model_copy(update={"lr": lr}))
     stamp = ctx.work_dir / "distill" / "distill.json"
     teacher_files = [ctx.work_dir / "runs" / n / f"fold{k}" / f for n in used for k in folds
                      for f in ("best.json", "best.safetensors")]
@@ -156,7 +176,8 @@ def run(ctx: Context) -> dict:
         kdata.soft[:len(data.frame)][train_idx] = train_soft
         provenance[str(k)] = [f"runs/{n}/fold{k}" for n in used]
         kdata = replace(kdata, pseudo_keys={k: key})
-        train_fold(sctx.fold_settings(runs_root=root), student.backbone, k, kdata, name=student.name)
+        train_fold(replace(sctx.fold_settings(runs_root=root), init_from=starts), student.backbone, k, kdata,
+                   name=student.name)
     results = {"student": predict_experiment(replace(sctx.predict_settings(), runs_root=root), student.backbone,
                                              data, test_ids, test_paths, student.name)}
     hard = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.core.artifacts import (
@@ -62,6 +63,13 @@ class FoldSettings:
     tracking: tracking.Settings
     competition: str  # the competition's name (a tracking tag)
     stage: str = "train"  # the tracking tag: train, or tune for trials
+    # fold -> a finished run folder of the same backbone, classes and channels whose best weights (head included)
+    # and input norm the fold's run starts from (make distill: the fold-k teacher, trained on the same rows)
+    init_from: dict[int, Path] | None = None
+
+
+def _init_run(settings: FoldSettings, fold: int) -> Path | None:
+    return (settings.init_from or {}).get(fold)
 
 
 @dataclass
@@ -126,6 +134,10 @@ def run_key(settings: FoldSettings, backbone: str, fold: int, data: TrainingData
     """The fingerprint of one (experiment, fold) training: everything that changes its weights."""
     mcfg, tcfg = settings.model, settings.train
     weights = file_digest(pretrained_file(mcfg.pretrained_path, backbone)) if mcfg.pretrained_path else None
+    init = _init_run(settings, fold)
+    if init is not None:  # its weights and the norm it trained with
+        start = read_json(init / "best.json", f"retrain {init}")
+        weights = [weights, file_digest(init / "best.safetensors"), start["norm"]]
     unread = {"folds"} | ({"loss"} if settings.task == "single_label" else set())  # loss: numbers only
     return fingerprint("train", data.folds_hash, data.images_key, backbone, fold, data.channels,
                        settings.metric, mcfg.model_dump(exclude={"backbones", "only"}),
@@ -167,6 +179,16 @@ def train_fold(settings: FoldSettings, backbone: str, fold: int, data: TrainingD
     model, fine_tuning = prepare_model(backbone, head.n_out, data.channels, pretrained=mcfg.pretrained,
                                        pretrained_path=mcfg.pretrained_path, drop_rate=mcfg.drop_rate,
                                        freeze_prefixes=mcfg.freeze, say=distributed.say)
+    init = _init_run(settings, fold)
+    if init is not None:
+        start = read_json(init / "best.json", f"retrain {init}")
+        own = {"backbone": backbone, "classes": data.classes, "in_chans": data.channels, "folds_hash": data.folds_hash}
+        other = [k for k in own if start[k] != own[k]]
+        if other:
+            raise PipelineError(f"{init}/best.json: starting weights of another {other[0]} ({start[other[0]]} != "
+                                f"{own[other[0]]}); start this run from scratch or retrain {init}")
+        model.load_state_dict(load_file(str(init / "best.safetensors")))
+        distributed.say(f"train: {label} fold {fold} starts from {init}")
     model = rt.prepare(model)
     cuda = rt.device.type == "cuda"
     if cuda:
@@ -174,7 +196,8 @@ def train_fold(settings: FoldSettings, backbone: str, fold: int, data: TrainingD
     net = model
     if distributed.world_size() > 1:
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
-    norm = input_norm(tcfg.normalize, fine_tuning, data.channels, data.input_stats())
+    norm = start["norm"] if init is not None else input_norm(tcfg.normalize, fine_tuning, data.channels,
+                                                                 data.input_stats())
     groups = param_groups(model, tcfg.lr, tcfg.weight_decay, mcfg.head_lr_mult if fine_tuning else 1.0)
     optimizer = make_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.momentum, tcfg.nesterov)
     train_y = y[is_train] if data.soft is None else \

@@ -289,6 +289,13 @@ class DistillConfig(Section):
                                                                    "the fast single model)")
     hard_baseline: bool = Field(True, description="also train the student's backbone on the hard labels, for the "
                                                   "table's comparison")
+    init: Literal["teacher", "scratch"] = Field("teacher", description="teacher: the fold-k student starts from "
+                                                "the fold-k weights of a used teacher of its backbone and image size "
+                                                "(trained on the same rows: leak-free), and learns the rest of the "
+                                                "ensemble from there; scratch, or no such teacher: random weights")
+    lr: float | None = Field(None, gt=0, description="the student's learning rate; null: train.lr, a tenth of it "
+                                                      "when the student starts from a teacher (a fine-tuning: the "
+                                                      "full rate undoes most of the start in its first epoch)")
     test_images: bool = Field(True, description="the fold-k student also learns the fold-k teachers' blended "
                                                 "probabilities of the test images (unlabelled, so leak-free): "
                                                 "targets the teachers never trained on")
