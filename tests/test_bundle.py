@@ -234,6 +234,10 @@ def test_distilled_student_learns_leak_free_is_scored_honestly_and_exports(singl
     dctx = Context(load_config(None, tiny(*overrides)), ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
     summary = orchestrate.run("distill", dctx)
     assert summary["targets_from"] == {str(k): [f"runs/{n}/fold{k}" for n in summary["teachers"]] for k in (0, 1)}
+    # distill.init=teacher: the fold-k student starts from the fold-k resnet10t teacher, at a tenth of train.lr
+    assert summary["teachers"] == ["d2l_lenet", "resnet10t"]
+    assert summary["starts_from"] == {str(k): f"runs/resnet10t/fold{k}" for k in (0, 1)}
+    assert summary["lr"] == pytest.approx(dctx.cfg.train.lr / 10)
     table = pd.DataFrame(summary["table"])
     assert len(table) == 5 and table["honest_score"].between(0, 1).all() and (table["ms_per_image"] > 0).all()
     assert table["speedup"].iloc[1] > 2  # one view of one model against 2 members x 2 folds x 4 views

@@ -191,6 +191,8 @@ def run(ctx: Context) -> dict:
     table = _table(ctx, manifest, used, by_name, student, hard, results, folds, folds_meta, rt, test_paths)
     write_csv(ctx.work_dir / "distill" / "table.csv", table)
     summary = {"student": student.name, "teachers": used, "blend": manifest["chosen"], "targets_from": provenance,
+               "starts_from": {str(k): str(p.relative_to(ctx.work_dir)) for k, p in (starts or {}).items()},
+               "lr": lr,
                "temperature": cfg.distill.temperature, "table": table.to_dict(orient="records")}
     write_stamp(stamp, fp, **summary)
     metric = cfg.competition.metric
