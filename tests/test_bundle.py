@@ -117,7 +117,7 @@ def test_single_label_bundle_reproduces_the_submission_without_the_pipeline(sing
     assert "import pipeline" not in (bundle / "predict.py").read_text()
     assert spec["versions"]["torch"] == torch.__version__.split("+")[0] and spec["thresholds"] is None
     nb = json.loads(next(bundle.glob("*.ipynb")).read_text())
-    assert "/kaggle/input/" in "".join(nb["cells"][1]["source"])
+    assert "/kaggle/input/" in "".join(nb["cells"][1]["source"]) and "onnx" not in json.dumps(nb)
 
     python = _isolated_python(tmp_path)
     blocked = subprocess.run([str(python), "-I", "-c", "import pipeline"], capture_output=True, cwd=tmp_path)
@@ -163,6 +163,8 @@ def test_onnx_export_matches_torch_and_the_bundle_runs_on_onnxruntime(single, tm
     spec = json.loads((ctx.submissions_dir / f"{ctx.competition.name}-bundle" / "spec.json").read_text())
     assert [m["name"] for m in spec["members"]] == ["resnet10t"] and spec["blend"]["how"] == "single"
     assert all(set(f["onnx"]) == {"any"} for f in spec["members"][0]["folds"])  # one graph for every size
+    nb = json.loads(next((ctx.submissions_dir / f"{ctx.competition.name}-bundle").glob("*.ipynb")).read_text())
+    assert "'--engine', 'onnx'" in "".join(nb["cells"][0]["source"])  # onnxruntime is optional: how to use it
     python = _isolated_python(tmp_path, allow=("onnxruntime",))
     bundle = ctx.submissions_dir / f"{ctx.competition.name}-bundle"
     sub, proba, out = _run_bundle(bundle, ctx.data_dir, tmp_path / "onnx", python, "--engine", "onnx",

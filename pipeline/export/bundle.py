@@ -87,8 +87,11 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "timm", "numpy", "pandas", "pillow")}
 
 
-def notebook(bundle_name: str, competition: str, needs: str = "torch, timm, numpy, pandas and Pillow") -> dict:
-    """A Kaggle notebook (nbformat 4) running the bundle, attached as a dataset, on the competition's test images."""
+def notebook(bundle_name: str, competition: str, needs: str = "torch, timm, numpy, pandas and Pillow",
+             onnx: bool = False) -> dict:
+    """A Kaggle notebook (nbformat 4) running the bundle, attached as a dataset, on the competition's test images;
+    `onnx`: the bundle carries ONNX graphs too, and the notebook says how to run them (onnxruntime is optional, so
+    it is not among the needs)."""
     source = [
         "# Offline inference: the pipeline's submission, from its bundle (no internet needed)\n",
         "import subprocess, sys\n",
@@ -100,7 +103,10 @@ def notebook(bundle_name: str, competition: str, needs: str = "torch, timm, nump
     cells = [
         {"cell_type": "markdown", "metadata": {}, "source": [
             f"Runs `predict.py` of `{bundle_name}` (made by `make bundle`) on the hidden test images and writes "
-            f"`submission.csv`. It needs {needs}, which Kaggle images have."]},
+            f"`submission.csv`. It needs {needs}, which Kaggle images have."
+            + (" The bundle also carries ONNX graphs: add `'--engine', 'onnx'` to the command to run them on "
+               "onnxruntime instead of torch (not on every Kaggle image: attach its wheel as a dataset and "
+               "`pip install` it offline)." if onnx else "")]},
         {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source},
     ]
     return {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
@@ -128,7 +134,8 @@ def write_bundle(out_dir: Path, spec: dict, files: dict[str, Path], onnx_writer=
         write_json(tmp / "spec.json", spec)
         name = out_dir.name
         needs = ", ".join(spec["requires"]) if "requires" in spec else "torch, timm, numpy, pandas and Pillow"
-        write_text(tmp / f"{name}.ipynb", json.dumps(notebook(name, spec["competition"], needs), indent=1) + "\n")
+        book = notebook(name, spec["competition"], needs, onnx=onnx_writer is not None)
+        write_text(tmp / f"{name}.ipynb", json.dumps(book, indent=1) + "\n")
         os.chmod(tmp, 0o755)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():
