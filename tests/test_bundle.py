@@ -379,3 +379,27 @@ def test_a_run_started_from_another_runs_weights_keys_them_and_refuses_another_m
     with pytest.raises(PipelineError, match=r"other/best.json: starting weights of another classes \(\['a', 'b'\] "
                                             r"!= \['cat', 'dog'\]\); start this run from scratch or retrain"):
         fold_module.train_fold(replace(warm, runs_root=tmp_path / "w2", init_from={0: other}), "d2l_lenet", 0, data)
+
+
+def test_the_student_starts_from_the_best_scoring_teacher_of_its_backbone_and_size(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from pipeline.stages.distill import _starts
+
+    def exp(backbone, size):
+        return NS(backbone=backbone, train=NS(image_size=size))
+
+    by_name = {"a": exp("resnet10t", 32), "b": exp("resnet10t", 32), "c": exp("resnet18", 32),
+               "d": exp("resnet10t", 64)}
+    student = exp("resnet10t", 32)
+    oof = {"a": 0.80, "b": 0.85, "c": 0.99, "d": 0.99}
+
+    def ctx(init, metric):
+        return NS(cfg=NS(distill=NS(init=init), competition=NS(metric=metric)), work_dir=tmp_path)
+
+    assert _starts(ctx("teacher", "accuracy"), by_name, list(by_name), student, [0, 1], oof) == {
+        k: tmp_path / "runs" / "b" / f"fold{k}" for k in (0, 1)}
+    assert _starts(ctx("teacher", "log_loss"), by_name, list(by_name), student, [0], oof) == {
+        0: tmp_path / "runs" / "a" / "fold0"}  # lower is better
+    assert _starts(ctx("teacher", "accuracy"), by_name, ["c", "d"], student, [0], oof) is None  # none fits
+    assert _starts(ctx("scratch", "accuracy"), by_name, list(by_name), student, [0], oof) is None

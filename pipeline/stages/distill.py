@@ -33,6 +33,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.export.bundle import blend_spec, used_models
 from pipeline.scoring import tasks
 from pipeline.scoring.blend import BlendSettings
+from pipeline.scoring.metrics import score
 from pipeline.scoring.predictions import prob_columns
 from pipeline.stages.bundle import _experiments_by_name, _refit
 from pipeline.stages.ensemble import _prediction_arrays, find_predictions
@@ -72,10 +73,11 @@ def _student(ctx: Context, by_name: dict, used: list[str], hard: bool) -> experi
     return experiments.Experiment(f"{'hard' if hard else 'distill'}-{backbone}", backbone, model, train, predict)
 
 
-def _starts(ctx: Context, by_name: dict, used: list[str], student: experiments.Experiment,
-            folds: list[int]) -> dict[int, Path] | None:
-    """distill.init=teacher: fold -> the fold-k run of the first used teacher of the student's backbone and image
-    size (its weights fit the student, and it trained on the fold-k student's rows only); None: random weights."""
+def _starts(ctx: Context, by_name: dict, used: list[str], student: experiments.Experiment, folds: list[int],
+            oof_score: dict[str, float]) -> dict[int, Path] | None:
+    """distill.init=teacher: fold -> the fold-k run of the used teacher of the student's backbone and image size
+    with the best OOF score (its weights fit the student, and it trained on the fold-k student's rows only); None:
+    random weights."""
     if ctx.cfg.distill.init == "scratch":
         return None
     same = [n for n in used if by_name[n].backbone == student.backbone
@@ -84,8 +86,10 @@ def _starts(ctx: Context, by_name: dict, used: list[str], student: experiments.E
         log.info(f"distill: no used teacher is {student.backbone} at {student.train.image_size} px; the student "
                  "starts from random weights")
         return None
-    log.info(f"distill: the fold-k student starts from {same[0]}'s fold-k weights")
-    return {k: ctx.work_dir / "runs" / same[0] / f"fold{k}" for k in folds}
+    sign = 1 if tasks.greater_is_better(ctx.cfg.competition.metric) else -1
+    best = max(same, key=lambda n: sign * oof_score[n])
+    log.info(f"distill: the fold-k student starts from {best}'s fold-k weights (OOF {oof_score[best]:.4f})")
+    return {k: ctx.work_dir / "runs" / best / f"fold{k}" for k in folds}
 
 
 def run(ctx: Context) -> dict:
@@ -119,7 +123,8 @@ def run(ctx: Context) -> dict:
     root = ctx.work_dir / "distill" / "runs"
     folds = folds_to_train(cfg.train.folds, folds_meta["n_splits"])
     student = _student(ctx, by_name, used, hard=False)
-    starts = _starts(ctx, by_name, used, student, folds)
+    oof_score = {n: score(cfg.competition.metric, y, P[names.index(n)]) for n in used}
+    starts = _starts(ctx, by_name, used, student, folds, oof_score)
     lr = cfg.distill.lr or (cfg.train.lr / 10 if starts else cfg.train.lr)
     student = replace(student, train=student.train.model_copy(update={"lr": lr}))
     stamp = ctx.work_dir / "distill" / "distill.json"
