@@ -236,10 +236,10 @@ def test_distilled_student_learns_leak_free_is_scored_honestly_and_exports(singl
     dctx = Context(load_config(None, tiny(*overrides)), ctx.data_dir, ctx.work_dir, ctx.submissions_dir)
     summary = orchestrate.run("distill", dctx)
     assert summary["targets_from"] == {str(k): [f"runs/{n}/fold{k}" for n in summary["teachers"]] for k in (0, 1)}
-    # distill.init=teacher: the fold-k student starts from the fold-k resnet10t teacher, at a tenth of train.lr
+    # distill.init=teacher: the fold-k student starts from the fold-k resnet10t teacher
     assert summary["teachers"] == ["d2l_lenet", "resnet10t"]
     assert summary["starts_from"] == {str(k): f"runs/resnet10t/fold{k}" for k in (0, 1)}
-    assert summary["lr"] == pytest.approx(dctx.cfg.train.lr / 10)
+    assert summary["lr"] == dctx.cfg.train.lr
     table = pd.DataFrame(summary["table"])
     assert len(table) == 5 and table["honest_score"].between(0, 1).all() and (table["ms_per_image"] > 0).all()
     assert table["speedup"].iloc[1] > 2  # one view of one model against 2 members x 2 folds x 4 views
@@ -403,3 +403,14 @@ def test_the_student_starts_from_the_best_scoring_teacher_of_its_backbone_and_si
         0: tmp_path / "runs" / "a" / "fold0"}  # lower is better
     assert _starts(ctx("teacher", "accuracy"), by_name, ["c", "d"], student, [0], oof) is None  # none fits
     assert _starts(ctx("scratch", "accuracy"), by_name, list(by_name), student, [0], oof) is None
+
+
+def test_the_student_trains_twice_the_teachers_epochs_unless_told(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from pipeline.stages.distill import _student
+
+    for extra, epochs in (((), 10), (("distill.epochs=3",), 3)):
+        ctx = NS(cfg=load_config(None, ["distill.backbone=resnet10t", "train.epochs=5", *extra]), work_dir=tmp_path)
+        for hard in (False, True):  # the hard-label twin gets the same budget
+            assert _student(ctx, {}, [], hard).train.epochs == epochs

@@ -67,7 +67,7 @@ def _student(ctx: Context, by_name: dict, used: list[str], hard: bool) -> experi
             sizes[name] = meta["n_params"] if meta else float("inf")
         backbone = by_name[min(used, key=lambda n: sizes[n])].backbone
     train = cfg.train.model_copy(update={"image_size": d.image_size or cfg.train.image_size,
-                                         "epochs": d.epochs or cfg.train.epochs})
+                                         "epochs": d.epochs or 2 * cfg.train.epochs})
     predict = PredictConfig(**{**cfg.predict.model_dump(), "tta": d.tta, "tta_policy": "all"})
     model = cfg.model.model_copy(update={"backbones": [backbone], "only": None})
     return experiments.Experiment(f"{'hard' if hard else 'distill'}-{backbone}", backbone, model, train, predict)
@@ -125,7 +125,7 @@ def run(ctx: Context) -> dict:
     student = _student(ctx, by_name, used, hard=False)
     oof_score = {n: score(cfg.competition.metric, y, P[names.index(n)]) for n in used}
     starts = _starts(ctx, by_name, used, student, folds, oof_score)
-    lr = cfg.distill.lr or (cfg.train.lr / 10 if starts else cfg.train.lr)
+    lr = cfg.distill.lr or cfg.train.lr
     student = replace(student, train=student.train.model_copy(update={"lr": lr}))
     stamp = ctx.work_dir / "distill" / "distill.json"
     teacher_files = [ctx.work_dir / "runs" / n / f"fold{k}" / f for n in used for k in folds

@@ -280,7 +280,9 @@ class DistillConfig(Section):
     backbone: str | None = Field(None, description="make distill: the student's backbone; null: the chosen blend's "
                                                    "member with the fewest parameters")
     image_size: int | None = Field(None, ge=8, description="the student's input size; null: train.image_size")
-    epochs: int | None = Field(None, ge=1, description="the student's epochs; null: train.epochs")
+    epochs: int | None = Field(None, ge=1, description="the student's (and its hard-label twin's) epochs; null: "
+                                                        "twice train.epochs (a student learns an ensemble's function "
+                                                        "slowly: patient distillation)")
     temperature: float = Field(1.0, gt=0, description="targets p^(1/T), renormalised (T < 1 sharpens)")
     label_weight: float = Field(0.0, ge=0, le=1, description="a training row's target: this share of its one-hot "
                                                              "label plus the rest of the teachers' probabilities "
@@ -293,9 +295,7 @@ class DistillConfig(Section):
                                                 "the fold-k weights of a used teacher of its backbone and image size "
                                                 "(trained on the same rows: leak-free), and learns the rest of the "
                                                 "ensemble from there; scratch, or no such teacher: random weights")
-    lr: float | None = Field(None, gt=0, description="the student's learning rate; null: train.lr, a tenth of it "
-                                                      "when the student starts from a teacher (a fine-tuning: the "
-                                                      "full rate undoes most of the start in its first epoch)")
+    lr: float | None = Field(None, gt=0, description="the student's learning rate; null: train.lr")
     test_images: bool = Field(True, description="the fold-k student also learns the fold-k teachers' blended "
                                                 "probabilities of the test images (unlabelled, so leak-free): "
                                                 "targets the teachers never trained on")
