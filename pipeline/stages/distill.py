@@ -4,7 +4,8 @@ For each fold k: the fold-k models of the chosen blend's members predict the stu
 kept TTA views, the blend (refitted on the other folds' OOF rows) turns them into soft targets, and the fold-k
 student learns them (train_fold with per-fold soft targets, the machinery of soft pseudo-labels); with
 `distill.test_images` it also learns the same teachers' blended probabilities of every test image (fold-k pseudo
-rows: no label, so no leak), targets the teachers never trained on. With
+rows: no label, so no leak), targets the teachers never trained on. With `distill.init=teacher` it starts from the
+fold-k weights of its best-scoring same-backbone teacher (trained on the same rows). With
 `distill.hard_baseline` the same backbone is trained on the hard labels too. Both are predicted like any experiment
 (OOF and test parquet files, honest OOF scores) under WORK/distill/runs/<name>/: outside WORK/runs, so the ensemble
 does not blend the student back into the teacher it learns from (its targets would then depend on itself). The
@@ -67,7 +68,8 @@ def _student(ctx: Context, by_name: dict, used: list[str], hard: bool) -> experi
             sizes[name] = meta["n_params"] if meta else float("inf")
         backbone = by_name[min(used, key=lambda n: sizes[n])].backbone
     train = cfg.train.model_copy(update={"image_size": d.image_size or cfg.train.image_size,
-                                         "epochs": d.epochs or 2 * cfg.train.epochs})
+                                         "epochs": d.epochs or 2 * cfg.train.epochs,
+                                         "lr": cfg.train.lr if hard else d.lr or cfg.train.lr})
     predict = PredictConfig(**{**cfg.predict.model_dump(), "tta": d.tta, "tta_policy": "all"})
     model = cfg.model.model_copy(update={"backbones": [backbone], "only": None})
     return experiments.Experiment(f"{'hard' if hard else 'distill'}-{backbone}", backbone, model, train, predict)
@@ -125,8 +127,6 @@ def run(ctx: Context) -> dict:
     student = _student(ctx, by_name, used, hard=False)
     oof_score = {n: score(cfg.competition.metric, y, P[names.index(n)]) for n in used}
     starts = _starts(ctx, by_name, used, student, folds, oof_score)
-    lr = cfg.distill.lr or cfg.train.lr
-    student = replace(student, train=student.train.model_copy(update={"lr": lr}))
     stamp = ctx.work_dir / "distill" / "distill.json"
     teacher_files = [ctx.work_dir / "runs" / n / f"fold{k}" / f for n in used for k in folds
                      for f in ("best.json", "best.safetensors")]
@@ -197,7 +197,7 @@ def run(ctx: Context) -> dict:
     write_csv(ctx.work_dir / "distill" / "table.csv", table)
     summary = {"student": student.name, "teachers": used, "blend": manifest["chosen"], "targets_from": provenance,
                "starts_from": {str(k): str(p.relative_to(ctx.work_dir)) for k, p in (starts or {}).items()},
-               "lr": lr,
+               "lr": student.train.lr,
                "temperature": cfg.distill.temperature, "table": table.to_dict(orient="records")}
     write_stamp(stamp, fp, **summary)
     metric = cfg.competition.metric

@@ -4,8 +4,7 @@
 scheduler, epoch, history), loadable with weights_only=True. Both carry the epoch and the run's
 fingerprint; a pair of another config is ignored. Two files cannot be replaced in one atomic step, so an
 epoch's tensors are first written to `last.next.safetensors`, then `last.pt` commits the epoch, then the
-tensors are renamed into place: a run killed at any moment resumes from its last committed epoch (a kill
-between the two writes used to leave a pair of two epochs, and the run restarted from epoch 1). A file
+tensors are renamed into place: a run killed at any moment resumes from its last committed epoch. A file
 that cannot be read (truncated, corrupted) is ignored, with one line saying so: the run starts over and
 its first epoch overwrites it.
 """
