@@ -20,7 +20,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.experiments import Experiment
 from pipeline.data import cache
 from pipeline.data.competition import Competition, read_competition, resolve_task
-from pipeline.scoring import tasks
+from pipeline.scoring import predictions, tasks
 from pipeline.training import cluster, parallel, runtime, tracking
 from pipeline.training.fold import FoldSettings, TrainingData, load_training_data
 from pipeline.training.inference import PredictSettings
@@ -79,6 +79,19 @@ class Context:
     def selected_experiments(self) -> list[Experiment]:
         """The experiments this run trains and predicts: all of model.backbones, or those model.only names."""
         return experiments.selected(self.cfg.model, self.cfg.train, self.cfg.predict)
+
+    def configured_experiments(self) -> dict[str, Experiment]:
+        """name -> experiment of every model this config makes: the selected experiments and the rounds' ones."""
+        cfg = self.cfg
+        later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)  # rounds 2, 3, ...
+        return {e.name: e for e in self.selected_experiments() + [e for r in later for e in r]}
+
+    def find_predictions(self, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
+        """name -> (OOF frame, test frame, folder) of the models the ensemble may blend (predictions.find_predictions):
+        this config's experiments, and with ensemble.include_other any other under WORK."""
+        configured = [f"runs/{name}" for name in self.configured_experiments()]
+        return predictions.find_predictions(self.work_dir, configured, self.cfg.ensemble.include_other, folds_hash,
+                                            classes)
 
     def write_experiments_table(self, honest: dict[str, float] | None = None) -> pd.DataFrame:
         """WORK/experiments.csv from what the stages wrote so far (experiments.write_table)."""
@@ -152,6 +165,13 @@ class Context:
         """folds.csv and the decoded images at this experiment's image size (`shared`: one per size)."""
         return load_training_data(self.work_dir, self.cfg.train.image_size, self.input_channels(),
                                   self.cfg.clean.max_pixels, shared)
+
+    def with_pseudo(self, plain: TrainingData, rows: pd.DataFrame) -> TrainingData:
+        """The training data of a round experiment or a student: `plain` plus `rows` of test images as pseudo rows
+        (TrainingData.with_pseudo), decoded at this experiment's size."""
+        test_paths = list(self.competition.test["path"])
+        test_images = self.decoded_images(test_paths, self.cfg.train.image_size, plain.channels, "test")
+        return plain.with_pseudo(rows, test_paths, test_images)
 
     def fold_settings(self, runs_root: Path | None = None, stage: str = "train") -> FoldSettings:
         """What train_fold reads of this (experiment's) context; runs_root replaces WORK/runs (tuning trials)."""

@@ -9,7 +9,6 @@ from pipeline.context import Context
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.scoring.predictions import prob_columns, write_parquet
-from pipeline.stages.ensemble import find_predictions
 
 CLASSES = ["cat", "dog"]
 
@@ -41,18 +40,18 @@ def test_other_predictions_in_work_are_blended_and_stale_ones_skipped(tmp_path: 
     _write_model(work / "old_split", "OTHER", seed=2)
     _write_model(work / "fewer_rows", "H", ids=("a", "b"), seed=3)
     _write_model(work / "ensemble", "H", seed=4)  # the stage's own output is never an input
-    models = find_predictions(_ctx(tmp_path), "H", CLASSES)
+    models = _ctx(tmp_path).find_predictions("H", CLASSES)
     assert list(models) == ["resnet18", "autogluon"]
     assert list(models["resnet18"][0]["id"]) == ["a", "b", "c", "d"]
     out = capsys.readouterr().out
     assert "skipped old_split" in out and "skipped fewer_rows" in out
-    assert list(find_predictions(_ctx(tmp_path, "ensemble.include_other=false"), "H", CLASSES)) == ["resnet18"]
+    assert list(_ctx(tmp_path, "ensemble.include_other=false").find_predictions("H", CLASSES)) == ["resnet18"]
 
 
 def test_a_configured_model_from_another_split_is_an_error(tmp_path: Path):
     _write_model(tmp_path / "work" / "runs" / "resnet18", "OLD")
     with pytest.raises(PipelineError, match="made on another split"):
-        find_predictions(_ctx(tmp_path), "NEW", CLASSES)
+        _ctx(tmp_path).find_predictions("NEW", CLASSES)
 
 
 def _softmax(z):

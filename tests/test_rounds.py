@@ -24,6 +24,7 @@ from pipeline.scoring.predictions import prob_columns, write_parquet
 from pipeline.stages import clean, rounds
 from pipeline.stages import folds as folds_stage
 from pipeline.training import fold as fold_module
+from pipeline.training.fold import PSEUDO_FOLD
 
 from .conftest import tiny, write_competition
 
@@ -84,9 +85,9 @@ def test_the_fold_k_model_of_round_2_learns_only_labels_of_fold_k_models(tmp_pat
     spec = ctx.cfg.rounds.plan[0]
     rows, thresholds, _ = rounds.build_pseudo(ctx, ["m"], spec.pseudo, list(range(N_FOLDS)), stamp)
     assert thresholds == {0: pytest.approx(0.9333333), 1: pytest.approx(0.9333333)}
-    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
+    data = ctx.with_pseudo(ctx.training_data(), rows)
     frame = data.frame
-    is_pseudo = frame["fold"] == rounds.PSEUDO_FOLD
+    is_pseudo = frame["fold"] == PSEUDO_FOLD
     test_ids = set(ctx.competition.test["id"].astype(str))
     for k in range(N_FOLDS):
         trained = frame[fold_module.training_rows(frame, k) & is_pseudo]
@@ -101,9 +102,9 @@ def test_a_fold_run_key_covers_its_own_pseudo_rows_only(tmp_path):
     ctx, stamp = _work(tmp_path, "fold", threshold=0.5)
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0, 1], stamp)
     plain = ctx.training_data()
-    before = rounds.with_pseudo(ctx, plain, rows).pseudo_keys
+    before = ctx.with_pseudo(plain, rows).pseudo_keys
     fewer = rows[~((rows["fold"] == 1) & (rows["id"] == rows["id"].iloc[-1]))]
-    after = rounds.with_pseudo(ctx, plain, fewer).pseudo_keys
+    after = ctx.with_pseudo(plain, fewer).pseudo_keys
     assert after[0] == before[0] and after[1] != before[1]
 
 
@@ -158,7 +159,7 @@ def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeyp
     vector, sharpened (p^2 renormalised), and nothing else; the competition rows keep their one-hot labels."""
     ctx, stamp = _work(tmp_path, source, labels="soft", temperature=0.5)
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, list(range(N_FOLDS)), stamp)
-    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
+    data = ctx.with_pseudo(ctx.training_data(), rows)
     seen = {}
 
     def instrumented(model, optimizer, cfg, fold_data, *args, **kwargs):
@@ -171,14 +172,14 @@ def test_soft_pseudo_labels_reach_the_fold_k_trainer_unchanged(tmp_path, monkeyp
         with pytest.raises(_Stop):
             fold_module.train_fold(ctx.fold_settings(), "d2l_lenet", k, data, name="m-r2")
         targets = seen["data"].train_y
-        own = frame[(frame["fold"] != k) & (frame["fold"] != rounds.PSEUDO_FOLD)]
+        own = frame[(frame["fold"] != k) & (frame["fold"] != PSEUDO_FOLD)]
         assert targets.shape == (len(own) + n_test, len(CLASSES)) and targets.dtype == np.float32
         planted = np.full(len(CLASSES), 0.1 / len(CLASSES))
         planted[k if source == "fold" else -1] += 0.9  # the fold-k models' vector, or the all-fold ensemble's
         sharp = planted ** 2 / (planted ** 2).sum()
         np.testing.assert_allclose(targets[len(own):], np.tile(sharp, (n_test, 1)), rtol=0, atol=1e-6)
         np.testing.assert_array_equal(targets[:len(own)], np.eye(len(CLASSES))[own["y"].to_numpy()])
-    hard = rounds.with_pseudo(ctx, ctx.training_data(), rows[pseudo.COLUMNS])
+    hard = ctx.with_pseudo(ctx.training_data(), rows[pseudo.COLUMNS])
     assert hard.soft is None and hard.pseudo_keys != data.pseudo_keys  # the targets are in the fold's key
 
 
@@ -197,7 +198,7 @@ def test_soft_targets_train(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "soft_cross_entropy", recording_loss)
     ctx, stamp = _work(tmp_path, "fold", labels="soft")
     rows, _, _ = rounds.build_pseudo(ctx, ["m"], ctx.cfg.rounds.plan[0].pseudo, [0], stamp)
-    data = rounds.with_pseudo(ctx, ctx.training_data(), rows)
+    data = ctx.with_pseudo(ctx.training_data(), rows)
     cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"epochs": 1, "warmup_epochs": 0.0})})
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"backend": "none"}),
                                  "runtime": cfg.runtime.model_copy(update={"device": "cpu", "threads": 1})})

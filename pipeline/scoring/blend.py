@@ -30,6 +30,7 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
+from pipeline.core.errors import PipelineError
 from pipeline.scoring.tasks import greater_is_better, kind_of, score
 
 EPS = 1e-15
@@ -392,3 +393,14 @@ def blend_candidates(n_models: int, settings: BlendSettings) -> list[Blend]:
         return [MeanBlend(), RankBlend(on_scale=True), *fitted]
     lightgbm = [LightGBMStack()] if settings.lightgbm and lightgbm_available() else []
     return [MeanBlend(), GeometricBlend(), RankBlend(), *fitted, LogisticStack(settings.stack_c), *lightgbm]
+
+
+def refit_chosen(chosen: str, P: np.ndarray, y: np.ndarray, names: list[str], settings: BlendSettings) -> Blend:
+    """The leaderboard row `chosen` (a model's name or a blend's), fitted on all OOF rows as the ensemble fits it."""
+    if chosen in names:
+        return SingleModel(names.index(chosen)).fit(P, y)
+    for candidate in blend_candidates(len(names), settings):
+        if candidate.name == chosen:
+            return candidate.fit(P, y)
+    raise PipelineError(f"WORK/ensemble/weights.json: chosen row '{chosen}' is no longer a blend of these models; "
+                        "run `make ensemble` again")

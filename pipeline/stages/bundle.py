@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline.context import Context
-from pipeline.core import experiments
 from pipeline.core.artifacts import file_digest, fingerprint, read_json, read_stamp
 from pipeline.core.config import PredictConfig
 from pipeline.core.errors import PipelineError
@@ -23,31 +22,14 @@ from pipeline.detection.data import is_detection_folder
 from pipeline.export import bundle, bundle_predict
 from pipeline.export.onnx_export import export_onnx, view_sizes
 from pipeline.scoring import submission, tasks
-from pipeline.scoring.blend import BlendSettings, SingleModel, blend_candidates
+from pipeline.scoring.blend import BlendSettings, refit_chosen
+from pipeline.scoring.predictions import prediction_arrays
 from pipeline.stages import bundle_detection
-from pipeline.stages.ensemble import _prediction_arrays, find_predictions
 from pipeline.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 # the bundle's ONNX files are optional: without them predict.py runs on torch
 ONNX_FIX = "set export.bundle_onnx=false (predict.py then runs on torch; the previous bundle is kept until then)"
-
-
-def _experiments_by_name(ctx: Context) -> dict[str, experiments.Experiment]:
-    cfg = ctx.cfg
-    later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)
-    return {e.name: e for e in ctx.selected_experiments() + [e for r in later for e in r]}
-
-
-def _refit(chosen: str, P: np.ndarray, y: np.ndarray, names: list[str], settings: BlendSettings):
-    """The chosen leaderboard row's blend, fitted on all OOF rows as the ensemble stage fits it."""
-    if chosen in names:
-        return SingleModel(names.index(chosen)).fit(P, y)
-    for candidate in blend_candidates(len(names), settings):
-        if candidate.name == chosen:
-            return candidate.fit(P, y)
-    raise PipelineError(f"WORK/ensemble/weights.json: chosen row '{chosen}' is no longer a blend of these models; "
-                        "run `make ensemble` again")
 
 
 def _member(name: str, folder, drop_rate: float, pc: PredictConfig, folds_meta: dict,
@@ -122,13 +104,13 @@ def run(ctx: Context) -> dict:
     weights_json = ctx.work_dir / "ensemble" / "weights.json"
     manifest = read_json(weights_json, "run `make ensemble`")
     folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")
-    models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
+    models = ctx.find_predictions(folds_meta["folds_hash"], folds_meta["classes"])
     names = list(models)
     if names != manifest["models"]:
         raise PipelineError(f"{weights_json}: made from models {manifest['models']}, WORK now holds {names}; "
                             "run `make ensemble` again")
     out_dir = ctx.submissions_dir / f"{comp.name}-bundle{_folds_suffix(only_folds)}"
-    by_name = _experiments_by_name(ctx)
+    by_name = ctx.configured_experiments()
     runs = [models[n][2] / f"fold{k}" / f for n in names if n in by_name
             for k in read_json(models[n][2] / "predict.json", "run `make predict`")["folds"]
             for f in ("best.json", "best.safetensors")]
@@ -142,13 +124,13 @@ def run(ctx: Context) -> dict:
         return stamp
 
     task, sep, metric = cfg.competition.task, cfg.competition.label_separator, cfg.competition.metric
-    P, T, test_ids = _prediction_arrays(models, folds_meta["classes"], task)
+    P, T, test_ids = prediction_arrays(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
     y = tasks.truth(task, rows, folds_meta["classes"], sep)
     e = cfg.ensemble
     settings = BlendSettings(metric, e.objective, e.caruana_rounds, e.stack_c, e.thresholds,
                              len(folds_meta["classes"]) if task == "ordinal" else None, e.stack_lightgbm)
-    fitted = _refit(manifest["chosen"], P, y, names, settings)
+    fitted = refit_chosen(manifest["chosen"], P, y, names, settings)
     blend_spec = bundle.blend_spec(fitted, names, manifest["chosen"])
     expected_file = ctx.work_dir / "ensemble" / "test.parquet"
     expected = pd.read_parquet(expected_file).set_index("id").loc[test_ids, tasks.columns(task, comp.classes)]

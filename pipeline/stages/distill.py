@@ -33,12 +33,9 @@ from pipeline.core.config import PredictConfig
 from pipeline.core.errors import PipelineError
 from pipeline.export.bundle import blend_spec, used_models
 from pipeline.scoring import tasks
-from pipeline.scoring.blend import BlendSettings
+from pipeline.scoring.blend import BlendSettings, refit_chosen
 from pipeline.scoring.metrics import score
-from pipeline.scoring.predictions import prob_columns
-from pipeline.stages.bundle import _experiments_by_name, _refit
-from pipeline.stages.ensemble import _prediction_arrays, find_predictions
-from pipeline.stages.rounds import with_pseudo
+from pipeline.scoring.predictions import prediction_arrays, prob_columns
 from pipeline.training import runtime
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.distill import fold_targets, ms_per_image, teacher_proba, with_labels
@@ -101,22 +98,22 @@ def run(ctx: Context) -> dict:
     manifest = read_json(ctx.work_dir / "ensemble" / "weights.json", "run `make ensemble`")
     folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")
     classes, task = folds_meta["classes"], cfg.competition.task
-    found = find_predictions(ctx, folds_meta["folds_hash"], classes)
+    found = ctx.find_predictions(folds_meta["folds_hash"], classes)
     missing = [n for n in manifest["models"] if n not in found]
     if missing:
         raise PipelineError(f"WORK/ensemble/weights.json: model {missing[0]} has no predictions now; run `make "
                             "ensemble` again")
     models = {n: found[n] for n in manifest["models"]}
     names = list(models)
-    P, T, _ = _prediction_arrays(models, classes, task)
+    P, T, _ = prediction_arrays(models, classes, task)
     rows = next(iter(models.values()))[0]
     y, fold_of = tasks.truth(task, rows, classes, cfg.competition.label_separator), rows["fold"].to_numpy()
     e = cfg.ensemble
     settings = BlendSettings(cfg.competition.metric, e.objective, e.caruana_rounds, e.stack_c, e.thresholds, None,
                              e.stack_lightgbm)
-    fitted = _refit(manifest["chosen"], P, y, names, settings)
+    fitted = refit_chosen(manifest["chosen"], P, y, names, settings)
     used = [names[i] for i in used_models(blend_spec(fitted, names, manifest["chosen"]))]
-    by_name = _experiments_by_name(ctx)
+    by_name = ctx.configured_experiments()
     others = [n for n in used if n not in by_name]
     if others:
         raise PipelineError(f"make distill: the teacher {others[0]} has no fold models in WORK/runs (AutoGluon or "
@@ -174,7 +171,7 @@ def run(ctx: Context) -> dict:
             rows = pd.DataFrame({"id": test_ids.astype(str).to_numpy(), "path": test_paths,
                                  "label": np.asarray(classes, dtype=object)[test_soft.argmax(1)], "fold": k})
             rows[prob_columns(classes)] = test_soft
-            kdata = with_pseudo(sctx, data, rows)  # its soft holds the test rows' targets, NaN for the others
+            kdata = sctx.with_pseudo(data, rows)  # its soft holds the test rows' targets, NaN for the others
             key = fingerprint(key, kdata.pseudo_keys[k])
         else:
             kdata = replace(data, soft=np.full((len(data.frame), len(classes)), np.nan, dtype=np.float32))

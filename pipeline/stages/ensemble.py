@@ -24,50 +24,9 @@ from pipeline.core.config import config_hash
 from pipeline.core.errors import PipelineError
 from pipeline.scoring import blend, nested, submission, tasks
 from pipeline.scoring.blend import BlendSettings
-from pipeline.scoring.predictions import read_parquet_meta, write_parquet
+from pipeline.scoring.predictions import prediction_arrays, read_parquet_meta, write_parquet
 
 log = logging.getLogger(__name__)
-
-
-def find_predictions(ctx: Context, folds_hash: str, classes: list[str]) -> dict[str, tuple]:
-    """name -> (oof frame sorted by id, test frame), for every usable pair of files under WORK."""
-    cfg = ctx.cfg
-    later = experiments.round_experiments(cfg.model, cfg.train, cfg.predict, cfg.rounds.plan)  # rounds 2, 3, ...
-    configured = [f"runs/{e.name}" for e in ctx.selected_experiments() + [e for r in later for e in r]]
-    # the blend's own files, and the distilled students (they learnt from the blend: blending them back in would
-    # make their teacher depend on them), are not models to blend
-    found = sorted(str(p.parent.relative_to(ctx.work_dir)) for p in ctx.work_dir.rglob("oof.parquet")
-                   if not {"ensemble", "distill"} & set(p.relative_to(ctx.work_dir).parts))
-    if not ctx.cfg.ensemble.include_other:
-        found = [f for f in found if f in configured]
-    models, reference = {}, None
-    for rel in configured + [f for f in found if f not in configured]:
-        folder = ctx.work_dir / rel
-        meta = read_parquet_meta(folder / "oof.parquet")
-        name = rel.removeprefix("runs/")
-        if (meta.get("folds_hash") != folds_hash or meta.get("classes") != classes
-                or not (folder / "test.parquet").exists()):
-            if rel in configured:
-                raise PipelineError(f"{folder}/oof.parquet: made on another split or class list; rerun `make predict`")
-            log.info(f"ensemble: skipped {rel}: made on another split or class list (or no test.parquet)")
-            continue
-        oof = pd.read_parquet(folder / "oof.parquet").sort_values("id", kind="stable").reset_index(drop=True)
-        if reference is not None and not oof["id"].equals(reference):
-            log.info(f"ensemble: skipped {rel}: its OOF rows differ from {configured[0]}'s (trained on other folds?)")
-            continue
-        reference = oof["id"] if reference is None else reference
-        models[name] = (oof, pd.read_parquet(folder / "test.parquet"), folder)
-    return models
-
-
-def _prediction_arrays(models: dict, classes: list[str], task: str = "single_label"
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(OOF predictions (n_models, n_rows, n_columns), test predictions in the first model's test order, test ids)."""
-    cols = tasks.columns(task, classes)
-    first_test = next(iter(models.values()))[1]
-    P = np.stack([m[0][cols].to_numpy(np.float64) for m in models.values()])
-    T = np.stack([m[1].set_index("id").loc[first_test["id"], cols].to_numpy(np.float64) for m in models.values()])
-    return P, T, first_test["id"].to_numpy()
 
 
 def _print_board(board: pd.DataFrame, metric: str, n_rows: int, n_folds: int, chosen: str) -> None:
@@ -95,7 +54,7 @@ def run(ctx: Context) -> dict:
     """Blend every model's predictions and write the submission (pipeline/orchestrate.py runs predict first)."""
     comp, cfg = ctx.competition, ctx.cfg.ensemble
     folds_meta = read_json(ctx.work_dir / "folds.json", "run `make folds`")
-    models = find_predictions(ctx, folds_meta["folds_hash"], folds_meta["classes"])
+    models = ctx.find_predictions(folds_meta["folds_hash"], folds_meta["classes"])
     overrides = ctx.work_dir / "test_label_overrides.csv"
     fp = inputs_key(ctx, models, folds_meta)
     stamp, sub_path = ctx.work_dir / "ensemble" / "weights.json", ctx.submissions_dir / f"{comp.name}.csv"
@@ -107,7 +66,7 @@ def run(ctx: Context) -> dict:
         return meta
     names, metric = list(models), ctx.cfg.competition.metric
     task, sep = ctx.cfg.competition.task, ctx.cfg.competition.label_separator
-    P, T, test_ids = _prediction_arrays(models, folds_meta["classes"], task)
+    P, T, test_ids = prediction_arrays(models, folds_meta["classes"], task)
     rows = next(iter(models.values()))[0]
     y, folds = tasks.truth(task, rows, folds_meta["classes"], sep), rows["fold"].to_numpy()
     settings = BlendSettings(metric, cfg.objective, cfg.caruana_rounds, cfg.stack_c, cfg.thresholds,

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
-import numpy as np
 import pandas as pd
 
 from pipeline.context import Context
@@ -30,12 +28,11 @@ from pipeline.scoring import pseudo
 from pipeline.scoring.metrics import score
 from pipeline.scoring.predictions import prob_columns, read_parquet_meta
 from pipeline.training import parallel, runtime, schedule
-from pipeline.training.fold import TrainingData, folds_to_train
+from pipeline.training.fold import folds_to_train
 from pipeline.training.inference import predict_experiment
 
 log = logging.getLogger(__name__)
 
-PSEUDO_FOLD = -2  # the fold of pseudo rows: never a validation fold; `pseudo_fold` says which model trains on them
 
 
 def _read_round(ctx: Context, names: list[str], folds_hash: str, source: str) -> tuple[list, list]:
@@ -75,31 +72,6 @@ def build_pseudo(ctx: Context, names: list[str], cfg: PseudoConfig, folds: list[
                                           cfg.max_per_class, cfg.labels, cfg.temperature)
     blend_score = score(ctx.cfg.competition.metric, oof["y"].to_numpy(), oof[prob_columns(classes)].to_numpy())
     return rows, thresholds, blend_score
-
-
-def with_pseudo(ctx: Context, plain: TrainingData, rows: pd.DataFrame) -> TrainingData:
-    """The training data of a round experiment: the competition's rows plus the pseudo rows (fold PSEUDO_FOLD,
-    `pseudo_fold` k), their test images at the experiment's size, and per fold the key of that fold's rows. The
-    input statistics stay the competition's own."""
-    norm = plain.input_stats()
-    test_paths = list(ctx.competition.test["path"])
-    position = {p: i for i, p in enumerate(test_paths)}
-    test_images = ctx.decoded_images(test_paths, ctx.cfg.train.image_size, plain.channels, "test")
-    index = {c: i for i, c in enumerate(plain.classes)}
-    added = pd.DataFrame({"id": rows["id"].astype(str), "path": rows["path"], "label": rows["label"].astype(str),
-                          "y": rows["label"].astype(str).map(index).to_numpy(), "fold": PSEUDO_FOLD,
-                          "pseudo_fold": rows["fold"].to_numpy()})
-    frame = pd.concat([plain.frame.assign(pseudo_fold=np.nan), added], ignore_index=True)
-    picked = np.asarray([position[p] for p in rows["path"]], dtype=int)
-    images = np.concatenate([np.asarray(plain.images), np.asarray(test_images)[picked]])
-    cols = [c for c in prob_columns(plain.classes) if c in rows.columns]  # soft labels: the target vectors
-    keys = {int(k): fingerprint(part[["id", "path", "label", *cols]].to_numpy().tolist())
-            for k, part in rows.groupby("fold")}
-    soft = None
-    if cols:  # one target row per frame row: NaN (the one-hot label) for the competition's rows
-        soft = np.full((len(frame), len(plain.classes)), np.nan, dtype=np.float32)
-        soft[len(plain.frame):] = rows[cols].to_numpy(np.float32)
-    return replace(plain, frame=frame, images=images, norm=norm, pseudo_keys=keys, soft=soft)
 
 
 def check(ctx: Context) -> None:
@@ -146,7 +118,7 @@ def run(ctx: Context) -> dict:
         for exp in exps:
             ectx = ctx.for_experiment(exp)
             plain = ectx.training_data(shared)
-            data = with_pseudo(ectx, plain, rows)
+            data = ectx.with_pseudo(plain, rows)
             settings = ectx.fold_settings()
             trainings += [schedule.fold_job(settings, exp.backbone, exp.name, k, data) for k in folds]
             psettings = ectx.predict_settings()

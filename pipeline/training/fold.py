@@ -9,7 +9,7 @@ with a `FoldSettings` (the experiment's resolved sections) and one `TrainingData
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from pipeline.core.config import ModelConfig, RuntimeConfig, TrainConfig, config
 from pipeline.core.errors import PipelineError
 from pipeline.data.cache import decoded_images
 from pipeline.scoring import pseudo, tasks
+from pipeline.scoring.predictions import prob_columns
 from pipeline.training import distributed, runtime, tracking
 from pipeline.training.batch_size import auto_batch_size
 from pipeline.training.heads import make_head
@@ -72,6 +73,9 @@ def _init_run(settings: FoldSettings, fold: int) -> Path | None:
     return (settings.init_from or {}).get(fold)
 
 
+PSEUDO_FOLD = -2  # the fold of pseudo rows: never a validation fold; `pseudo_fold` says which model trains on them
+
+
 @dataclass
 class TrainingData:
     """What every fold run of one image size shares: folds.csv, its stamp, the decoded images and, once computed,
@@ -94,6 +98,29 @@ class TrainingData:
         if self.norm is None:
             self.norm = dataset_norm(self.images)
         return self.norm
+
+    def with_pseudo(self, rows: pd.DataFrame, test_paths: list[str], test_images: np.ndarray) -> TrainingData:
+        """These rows plus pseudo rows (fold PSEUDO_FOLD; `pseudo_fold` k: only the fold-k model trains on them):
+        `rows` has id, path (a test image), label and fold k, and for soft labels the probability columns; the
+        images come from `test_images` (decoded at this data's size and channels, in `test_paths` order). Per fold the
+        key of that fold's pseudo rows; the input statistics stay the competition's own."""
+        norm = self.input_stats()
+        position = {p: i for i, p in enumerate(test_paths)}
+        index = {c: i for i, c in enumerate(self.classes)}
+        added = pd.DataFrame({"id": rows["id"].astype(str), "path": rows["path"], "label": rows["label"].astype(str),
+                              "y": rows["label"].astype(str).map(index).to_numpy(), "fold": PSEUDO_FOLD,
+                              "pseudo_fold": rows["fold"].to_numpy()})
+        frame = pd.concat([self.frame.assign(pseudo_fold=np.nan), added], ignore_index=True)
+        picked = np.asarray([position[p] for p in rows["path"]], dtype=int)
+        images = np.concatenate([np.asarray(self.images), np.asarray(test_images)[picked]])
+        cols = [c for c in prob_columns(self.classes) if c in rows.columns]  # soft labels: the target vectors
+        keys = {int(k): fingerprint(part[["id", "path", "label", *cols]].to_numpy().tolist())
+                for k, part in rows.groupby("fold")}
+        soft = None
+        if cols:  # one target row per frame row: NaN (the one-hot label) for the competition's rows
+            soft = np.full((len(frame), len(self.classes)), np.nan, dtype=np.float32)
+            soft[len(self.frame):] = rows[cols].to_numpy(np.float32)
+        return replace(self, frame=frame, images=images, norm=norm, pseudo_keys=keys, soft=soft)
 
 
 def load_training_data(work_dir: Path, image_size: int, channels: int, max_pixels: int,
