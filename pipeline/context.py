@@ -173,12 +173,17 @@ class Context:
         test_images = self.decoded_images(test_paths, self.cfg.train.image_size, plain.channels, "test")
         return plain.with_pseudo(rows, test_paths, test_images)
 
+    def tracking_settings(self) -> tracking.Settings:
+        """Where this run's training runs are logged (tracking.*; the experiment defaults to the competition's name)."""
+        track = self.cfg.tracking
+        return tracking.Settings(track.backend, track.uri, track.experiment or self.name, self.work_dir)
+
     def fold_settings(self, runs_root: Path | None = None, stage: str = "train") -> FoldSettings:
         """What train_fold reads of this (experiment's) context; runs_root replaces WORK/runs (tuning trials)."""
-        cfg, comp, track = self.cfg, self.cfg.competition, self.cfg.tracking
+        cfg, comp = self.cfg, self.cfg.competition
         return FoldSettings(cfg.model, cfg.train, cfg.runtime, comp.task, comp.metric, comp.label_separator,
                             runs_root or self.work_dir / "runs", to_yaml(cfg),
-                            tracking.Settings(track.backend, track.uri, track.experiment or self.name, self.work_dir),
+                            self.tracking_settings(),
                             self.name, stage)
 
     def predict_settings(self) -> PredictSettings:

@@ -232,9 +232,8 @@ def _fit(ctx: Context, classes: list[str], arrays: Arrays, val: Arrays, rt: Runt
     augment = BoxAugment(settings, arrays.images, arrays.targets, seed) if settings.active else None
     trainer = DetectionTrainer(model, train_cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes,
                                out, key, rt, augment, cfg.decode, cfg.evaluate, dead_after)
-    tcfg = ctx.cfg.tracking
     params = {"model": NAMES[kind], **tracking.flatten({"detect": train_inputs(cfg)}), "seed": seed, **(extra or {})}
-    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
+    track = tracking.start(ctx.tracking_settings(), out,
                            kind, key, params, {"stage": "detect"})
     try:
         trainer.fit()

@@ -37,7 +37,7 @@ from pipeline.detection.crops import (
 from pipeline.detection.data import Arrays
 from pipeline.detection.ensemble import map_or_nan, prefixed
 from pipeline.detection.infer import class_table
-from pipeline.training import runtime, tracking
+from pipeline.training import runtime
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.fold import FoldSettings, TrainingData, run_key, train_fold
 from pipeline.training.inference import view_logits
@@ -61,12 +61,12 @@ class Renamed:
 
 def _settings(ctx: Context) -> tuple[FoldSettings, str]:
     cfg = ctx.cfg.detect
-    ccfg, track = cfg.classifier, ctx.cfg.tracking
+    ccfg = cfg.classifier
     train = ccfg.train.model_copy(update={"hflip": cfg.train.hflip})  # mirrors mean what they mean to the detector
     model = ModelConfig(backbones=[ccfg.backbone], pretrained=False, pretrained_path=ccfg.pretrained_path)
     settings = FoldSettings(model, train, ctx.cfg.runtime, "single_label", "accuracy", " ",
                             ctx.work_dir / "detect" / "crops" / "runs", to_yaml(ctx.cfg),
-                            tracking.Settings(track.backend, track.uri, track.experiment or ctx.name, ctx.work_dir),
+                            ctx.tracking_settings(),
                             ctx.name, "detect")
     return settings, ccfg.backbone
 

@@ -128,10 +128,9 @@ def _train(ctx: Context, member: SegmentMemberConfig, key: str, n_classes: int, 
         log.info(f"segment: initialised the {models.load_pretrained(model, Path(member.pretrained_path))}")
     train_cfg = cfg.train.model_copy(update={"seed": seed})
     trainer = SegmentationTrainer(model, train_cfg, images, masks, rest, held, out, fp, rt)
-    tcfg = ctx.cfg.tracking
     params = {"model": f"{member.arch}-{member.encoder}", "member": member.label, "fold": out.name,
               **tracking.flatten({"segment": {"member": member.model_dump(), "train": train_cfg.model_dump()}})}
-    track = tracking.start(tracking.Settings(tcfg.backend, tcfg.uri, tcfg.experiment or ctx.name, ctx.work_dir), out,
+    track = tracking.start(ctx.tracking_settings(), out,
                            member.label, fp, params, {"stage": "segment"})
     try:
         history = pd.DataFrame(trainer.fit())
