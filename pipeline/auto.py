@@ -88,7 +88,7 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     if is_segmentation_folder(Path(data), files.train_csv, files.test_csv, files.masks_dir):
         return _run_segmentation(Path(data), config, overrides, work, submissions, budget, started)
     overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]  # checked like any key
-    ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False)
+    ctx = orchestrate.context("clean", config, overrides, data, work, submissions, use_tuned=False, use_plan=False)
     budget_s = duration_seconds(ctx.cfg.auto.budget)
     deadline = started + budget_s
     log.info(f"auto: budget {budget_s / 60:.1f} min, ends by {time.strftime('%H:%M:%S', time.localtime(deadline))}")
@@ -172,8 +172,7 @@ def run(data: Path, config: Path | None, overrides: list[str], work: Path | None
     ectx = orchestrate.context("ensemble", plan_path, only, data, active, submissions, use_tuned=False)
     orchestrate.run("ensemble", ectx)
     result = _summary(ectx, started, budget_s, finished)
-    write_json(auto_dir / "summary.json", result)
-    return result
+    return _write_summary(ctx.work_dir, result, plan_path, active, only)
 
 
 # --- profile -----------------------------------------------------------------------------------------------------
@@ -523,6 +522,17 @@ def _summary(ctx: Context, started: float, budget_s: float, finished: list[str])
     return result
 
 
+def _write_summary(work_dir: Path, result: dict, plan_path: Path, active: Path, overrides: list[str]) -> dict:
+    """WORK/auto/summary.json, with how later stages continue this run (orchestrate.later_stages): `make distill`,
+    `make bundle` or `make export` with the same DATA and WORK then run on the plan, not on the defaults."""
+    result = {**result, "later_stages": orchestrate.later_stages(work_dir, plan_path, active, overrides)}
+    write_json(work_dir / orchestrate.AUTO_SUMMARY, result)
+    elsewhere = f" in WORK {active}" if Path(active).resolve() != Path(work_dir).resolve() else ""
+    log.info(f"auto: later stages (make distill, bundle, export, labels) with this DATA and WORK run on this plan: "
+             f"{' '.join([str(plan_path), *overrides])}{elsewhere}")
+    return result
+
+
 def _read(path: Path):
     try:
         return json.loads(path.read_text())
@@ -537,7 +547,7 @@ def _run_detection(data: Path, config: Path | None, overrides: list[str], work: 
     """A detection folder: its profile, the planned detector's measured speed (and the crop classifier's), the
     detect keys planned for the budget (detection/planning.py) in WORK/plan.yaml, then the detect stage on it."""
     overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]
-    ctx = orchestrate.context("detect", config, overrides, data, work, submissions, use_tuned=False)
+    ctx = orchestrate.context("detect", config, overrides, data, work, submissions, use_tuned=False, use_plan=False)
     budget_s = duration_seconds(ctx.cfg.auto.budget)
     deadline = started + budget_s
     log.info(f"auto: detection folder; budget {budget_s / 60:.1f} min, ends by "
@@ -590,7 +600,7 @@ def _run_detection(data: Path, config: Path | None, overrides: list[str], work: 
     result = {"oof_map_50": metrics.get("oof_map_50", metrics.get("map_50")), "wall_seconds": round(wall, 1),
               "budget_seconds": budget_s, "estimated_seconds": round(plan.total_seconds, 1),
               "submission": str(dctx.submissions_dir / f"{dctx.name}.csv"), "plan": str(plan_path)}
-    write_json(ctx.work_dir / "auto" / "summary.json", result)
+    _write_summary(ctx.work_dir, result, plan_path, ctx.work_dir, [])
     log.info(f"auto: done in {wall / 60:.1f} min of the {budget_s / 60:.1f} min budget; "
              f"{'OOF' if plan.n_splits > 1 else 'validation'} mAP@0.5 {result['oof_map_50']:.4f}")
     return result
@@ -677,7 +687,7 @@ def _run_segmentation(data: Path, config: Path | None, overrides: list[str], wor
     """A segmentation folder: its profile, the default member's measured speed at candidate sizes, the segment keys
     planned for the budget (segmentation/planning.py) in WORK/plan.yaml, then the segment stage on it."""
     overrides = [*overrides, *([f"auto.budget={budget}"] if budget else [])]
-    ctx = orchestrate.context("segment", config, overrides, data, work, submissions, use_tuned=False)
+    ctx = orchestrate.context("segment", config, overrides, data, work, submissions, use_tuned=False, use_plan=False)
     budget_s = duration_seconds(ctx.cfg.auto.budget)
     deadline = started + budget_s
     log.info(f"auto: segmentation folder; budget {budget_s / 60:.1f} min, ends by "
@@ -739,7 +749,7 @@ def _run_segmentation(data: Path, config: Path | None, overrides: list[str], wor
               "wall_seconds": round(wall, 1), "budget_seconds": budget_s,
               "estimated_seconds": round(plan.total_seconds, 1),
               "submission": str(sctx.submissions_dir / f"{sctx.name}.csv"), "plan": str(plan_path)}
-    write_json(ctx.work_dir / "auto" / "summary.json", result)
+    _write_summary(ctx.work_dir, result, plan_path, ctx.work_dir, [])
     log.info(f"auto: done in {wall / 60:.1f} min of the {budget_s / 60:.1f} min budget; OOF Dice nested (honest) "
              f"{result['nested_dice']:.4f}")
     return result

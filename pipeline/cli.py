@@ -182,7 +182,7 @@ def dispatch(args: argparse.Namespace) -> None:
         first = ("detect" if is_detection_folder(args.data)
                  else "segment" if is_segmentation_folder(args.data) else "clean")
         ctx = orchestrate.context(first, args.config, [*args.overrides, *budget], args.data, args.work,
-                                  args.submissions, use_tuned=False)
+                                  args.submissions, use_tuned=False, use_plan=False)
         check_folders(ctx, "ensemble")
         with disk_errors(ctx):
             auto.run(args.data, args.config, args.overrides, args.work, args.submissions, args.budget)

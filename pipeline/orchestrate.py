@@ -16,6 +16,7 @@ stages run on rank 0 while the other ranks wait. `python -m pipeline STAGE` (cli
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -105,9 +106,19 @@ def _holds_masks(cfg, data: Path) -> bool:
 
 
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
-            submissions: Path = Path("submissions"), use_tuned: bool = True) -> Context:
-    """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself)."""
+            submissions: Path = Path("submissions"), use_tuned: bool = True, use_plan: bool = True) -> Context:
+    """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself). With
+    no config, a WORK that `make auto` planned (WORK/plan.yaml) runs on that plan: `make distill` or `make bundle`
+    after `make auto` continue its run instead of training the defaults' portfolio from scratch."""
     cfg = load_config(config, overrides)
+    if config is None and use_plan:
+        planned = auto_plan(Context(cfg, data, work, submissions, resolve=False).work_dir)
+        if planned is not None:
+            config, extra, work = planned
+            overrides = [*extra, *overrides]
+            log.info(f"config: {config} {' '.join(extra)}, the plan `make auto` ran in this WORK (CONFIG=... runs "
+                     "another config)")
+            cfg = load_config(config, overrides)
     if stage not in ("clean", "detect", "segment") and _holds_masks(cfg, data):
         raise PipelineError(f"{data}: its train.csv holds masks, and `{stage}` belongs to the classification track; "
                             f"run `make segment DATA={data}` (or `make auto DATA={data}`)")
@@ -120,6 +131,26 @@ def context(stage: str, config: Path | None, overrides: list[str], data: Path, w
         log.info(f"config: using tuned parameters from {tuned} (USE_TUNED=0 ignores them)")
         ctx = Context(load_config(config, overrides, tuned=tuned), data, work, submissions, resolve=resolve)
     return ctx
+
+
+AUTO_SUMMARY = Path("auto") / "summary.json"  # make auto's last word on a WORK, under it
+
+
+def later_stages(work_dir: Path, plan: Path, active: Path, overrides: list[str]) -> dict:
+    """How the stages after `make auto` continue its run (WORK/auto/summary.json's `later_stages`): the plan, the
+    overrides the run itself used (the members that finished) and the WORK it ran in, the paths relative to WORK."""
+    return {"config": os.path.relpath(plan, work_dir), "overrides": list(overrides),
+            "work": os.path.relpath(active, work_dir)}
+
+
+def auto_plan(work_dir: Path) -> tuple[Path, list[str], Path] | None:
+    """(config, overrides, WORK) of make auto's finished run in `work_dir` (later_stages), or None."""
+    try:
+        later = json.loads((work_dir / AUTO_SUMMARY).read_text())["later_stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    config = work_dir / later["config"]
+    return (config, list(later["overrides"]), work_dir / later["work"]) if config.is_file() else None
 
 
 def run(stage: str, ctx: Context):

@@ -316,6 +316,14 @@ def test_auto_on_a_tiny_budget_ends_on_time_with_a_valid_submission_and_a_rerun_
     assert not remeasured and "probe:" not in log  # speeds and the probe's decision are kept
     assert "epoch 1:" not in log  # nothing retrained
     assert (work / "ensemble" / "weights.json").stat().st_mtime_ns == first  # the ensemble is up to date
+    # a later stage with the same DATA and WORK and no config continues on the plan, the finished members only
+    later = subprocess.run([sys.executable, "-m", "pipeline", "ensemble", "--data", str(data), "--work", str(work),
+                            "--submissions", str(subs)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert later.returncode == 0, later.stderr[-3000:]
+    log = later.stderr + later.stdout
+    assert f"{work / 'plan.yaml'} model.only=[{','.join(summary['members'])}]" in log
+    assert "epoch 1:" not in log and "ensemble: up to date" in log
+    assert (work / "ensemble" / "weights.json").stat().st_mtime_ns == first
 
 
 def _auto_detect(data: Path, work: Path, subs: Path, budget: str) -> tuple[subprocess.CompletedProcess, float]:
