@@ -527,7 +527,7 @@ def _write_summary(work_dir: Path, result: dict, plan_path: Path, active: Path, 
     `make bundle` or `make export` with the same DATA and WORK then run on the plan, not on the defaults."""
     result = {**result, "later_stages": orchestrate.later_stages(work_dir, plan_path, active, overrides)}
     write_json(work_dir / orchestrate.AUTO_SUMMARY, result)
-    elsewhere = f" in WORK {active}" if Path(active).resolve() != Path(work_dir).resolve() else ""
+    elsewhere = f" in WORK {active}" if active.resolve() != work_dir.resolve() else ""
     log.info(f"auto: later stages (make distill, bundle, export, labels) with this DATA and WORK run on this plan: "
              f"{' '.join([str(plan_path), *overrides])}{elsewhere}")
     return result

@@ -108,8 +108,8 @@ def _holds_masks(cfg, data: Path) -> bool:
 def context(stage: str, config: Path | None, overrides: list[str], data: Path, work: Path | None = None,
             submissions: Path = Path("submissions"), use_tuned: bool = True, use_plan: bool = True) -> Context:
     """The resolved config and folders of a stage run; WORK/tune/best.yaml is merged in (not for tune itself). With
-    no config, a WORK that `make auto` planned (WORK/plan.yaml) runs on that plan: `make distill` or `make bundle`
-    after `make auto` continue its run instead of training the defaults' portfolio from scratch."""
+    no config, a WORK where `make auto` finished (auto_plan) runs on its plan, members and WORK: `make distill` or
+    `make bundle` after `make auto` continue its run instead of training the defaults' portfolio from scratch."""
     cfg = load_config(config, overrides)
     if config is None and use_plan:
         planned = auto_plan(Context(cfg, data, work, submissions, resolve=False).work_dir)

@@ -233,8 +233,7 @@ def _fit(ctx: Context, classes: list[str], arrays: Arrays, val: Arrays, rt: Runt
     trainer = DetectionTrainer(model, train_cfg, arrays.images, arrays.targets, val.images, val.targets, val.sizes,
                                out, key, rt, augment, cfg.decode, cfg.evaluate, dead_after)
     params = {"model": NAMES[kind], **tracking.flatten({"detect": train_inputs(cfg)}), "seed": seed, **(extra or {})}
-    track = tracking.start(ctx.tracking_settings(), out,
-                           kind, key, params, {"stage": "detect"})
+    track = tracking.start(ctx.tracking_settings(), out, kind, key, params, {"stage": "detect"})
     try:
         trainer.fit()
     except BaseException as exc:

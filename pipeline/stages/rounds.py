@@ -34,7 +34,6 @@ from pipeline.training.inference import predict_experiment
 log = logging.getLogger(__name__)
 
 
-
 def _read_round(ctx: Context, names: list[str], folds_hash: str, source: str) -> tuple[list, list]:
     """Each experiment's OOF frame and its test predictions: test_folds.parquet (source fold) or test.parquet."""
     oofs, tests = [], []

@@ -130,8 +130,7 @@ def _train(ctx: Context, member: SegmentMemberConfig, key: str, n_classes: int, 
     trainer = SegmentationTrainer(model, train_cfg, images, masks, rest, held, out, fp, rt)
     params = {"model": f"{member.arch}-{member.encoder}", "member": member.label, "fold": out.name,
               **tracking.flatten({"segment": {"member": member.model_dump(), "train": train_cfg.model_dump()}})}
-    track = tracking.start(ctx.tracking_settings(), out,
-                           member.label, fp, params, {"stage": "segment"})
+    track = tracking.start(ctx.tracking_settings(), out, member.label, fp, params, {"stage": "segment"})
     try:
         history = pd.DataFrame(trainer.fit())
     except BaseException as exc:
